@@ -1,0 +1,1 @@
+"""Triton kernels of fastode, shipped as `fastode.kernels` (see setup.py)."""
