@@ -1,0 +1,121 @@
+"""Concatsquash layers and MLPs (FFJORD's ``ConcatSquashLinear`` / ``ODEnet``) on top of the backends."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from . import backends as _backends
+from .functional import ACTIVATIONS
+
+__all__ = ["ConcatSquashLinear", "ConcatSquashMLP"]
+
+
+class ConcatSquashLinear(nn.Module):
+    """FFJORD's ``ConcatSquashLinear``: ``(W x + b) * sigmoid(gw t + gb) + bw t``.
+
+    Submodule names match FFJORD (``_layer``, ``_hyper_gate``, ``_hyper_bias``) so that FFJORD state dicts
+    load unchanged; initialisation is PyTorch's ``nn.Linear`` default, as in FFJORD.
+    """
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self._layer = nn.Linear(dim_in, dim_out)
+        self._hyper_bias = nn.Linear(1, dim_out, bias=False)
+        self._hyper_gate = nn.Linear(1, dim_out)
+
+    def params(self):
+        """The layer's ``(W, b, gw, gb, bw)`` tuple in the layout of :mod:`fastode.nn.functional`."""
+        return (
+            self._layer.weight,
+            self._layer.bias,
+            self._hyper_gate.weight.view(-1),
+            self._hyper_gate.bias,
+            self._hyper_bias.weight.view(-1),
+        )
+
+    def forward(self, t, x):
+        W, b, gw, gb, bw = self.params()
+        t = torch.as_tensor(t, dtype=x.dtype, device=x.device).reshape(())
+        return (x @ W.t() + b) * torch.sigmoid(gw * t + gb) + bw * t
+
+
+class ConcatSquashMLP(nn.Module):
+    """Concatsquash MLP ``dim -> hidden... -> dim`` with an activation after every layer but the last.
+
+    Usable directly as ``func(t, z)`` in :func:`fastode.odeint`. ``backend`` is ``"auto"`` (Triton on
+    CUDA, the C++ extension on CPU when built, else the PyTorch reference; the global
+    :func:`fastode.nn.set_backend` override applies) or a backend name. The backend used by the latest
+    call is in :attr:`last_backend`.
+
+    ``z`` may have leading batch dimensions ``(..., dim)``; they are flattened for the kernels.
+    """
+
+    def __init__(self, dim: int, hidden: Sequence[int] = (64, 64, 64), activation: str = "tanh",
+                 backend: str = "auto", noise: str = "gaussian"):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; choose one of {ACTIVATIONS}")
+        if noise not in ("gaussian", "rademacher"):
+            raise ValueError(f"noise must be 'gaussian' or 'rademacher', got {noise!r}")
+        self.dim = int(dim)
+        self.hidden = tuple(int(h) for h in hidden)
+        self.activation = activation
+        self.backend = _backends._check_name(backend)
+        self.noise = noise
+        dims = (self.dim,) + self.hidden + (self.dim,)
+        self.layers = nn.ModuleList(ConcatSquashLinear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.last_backend: str | None = None
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, hidden={self.hidden}, activation={self.activation!r}, backend={self.backend!r}"
+
+    def params(self):
+        """List of per-layer ``(W, b, gw, gb, bw)`` tuples."""
+        return [layer.params() for layer in self.layers]
+
+    def _prepare(self, t, z):
+        if z.shape[-1] != self.dim:
+            raise ValueError(f"z has last dimension {z.shape[-1]} but the MLP was built for dim={self.dim}")
+        z2 = z.reshape(-1, self.dim)
+        t = torch.as_tensor(t, dtype=z.dtype, device=z.device)
+        if t.numel() != 1:
+            raise ValueError(f"t must be a scalar time, got shape {tuple(t.shape)}")
+        t = t.reshape(())
+        params = self.params()
+        name, impl = _backends.select_backend(self.backend, t, z2, params, self.activation)
+        self.last_backend = name
+        return t, z2, params, impl
+
+    def forward(self, t, z):
+        t, z2, params, impl = self._prepare(t, z)
+        return impl.concatsquash_mlp(t, z2, params, self.activation).reshape(z.shape)
+
+    def sample_noise(self, z):
+        if self.noise == "rademacher":
+            return torch.randint(0, 2, z.shape, device=z.device).to(z.dtype) * 2 - 1
+        return torch.randn_like(z)
+
+    def forward_with_trace(self, t, z, e=None, exact: bool = False):
+        """``(f, trace, kinetic, jac_frob)``.
+
+        ``exact=False``: Hutchinson estimate ``trace = e^T (df/dz) e`` with the noise ``e`` (drawn from
+        ``self.noise`` when None; pass the same ``e`` for every stage of a solve, as FFJORD does),
+        ``kinetic = |f|^2`` and ``jac_frob = |e^T df/dz|^2`` per sample.
+        ``exact=True``: exact divergence; ``kinetic = |f|^2`` and ``jac_frob = None``.
+        Per-sample outputs have ``z``'s leading shape.
+        """
+        t, z2, params, impl = self._prepare(t, z)
+        lead = z.shape[:-1]
+        if exact:
+            f, trace = impl.concatsquash_mlp_exact_trace(t, z2, params, self.activation)
+            kinetic = (f * f).sum(-1)
+            return f.reshape(z.shape), trace.reshape(lead), kinetic.reshape(lead), None
+        if e is None:
+            e = self.sample_noise(z)
+        elif e.shape != z.shape:
+            raise ValueError(f"e has shape {tuple(e.shape)} but z has {tuple(z.shape)}; they must match")
+        f, _vjp, trace, kinetic, jac_frob = impl.concatsquash_mlp_hutchinson(
+            t, z2, e.reshape(-1, self.dim), params, self.activation)
+        return f.reshape(z.shape), trace.reshape(lead), kinetic.reshape(lead), jac_frob.reshape(lead)
