@@ -2,10 +2,78 @@
 
 `kernels/` (the Triton kernels) lives at the top of the repository, as in the design card, but ships
 inside the package as `fastode.kernels` so that it cannot collide with another top-level `kernels`.
+
+The C++ CPU backend (`csrc/` -> extension `fastode._C`) is optional:
+
+* it is built with torch's `BuildExtension` (ninja when installed) when torch is importable at build
+  time, i.e. with `pip install -e . --no-build-isolation` or `python setup.py build_ext --inplace`;
+* if torch is missing, a compiler is missing or the compile fails, setup prints why and installs the
+  pure-Python package; fastode then uses the PyTorch reference on the CPU (`fastode.cpp.build_info()`
+  says which);
+* `FASTODE_NO_EXT=1` skips the build on purpose.
+
+Flags: `-O3`, OpenMP, no `-march`: the hot element-wise loops carry GCC `target_clones` (x86-64-v4, v3,
+baseline) picked at load time, and the GEMMs go to the MKL inside libtorch, so one build runs on any
+x86-64 CPU. `FASTODE_NATIVE=1` adds `-march=native` for a local, non-portable build.
 """
+import os
+import sys
+
 from setuptools import find_packages, setup
 
 packages = find_packages(include=["fastode", "fastode.*"]) + ["fastode.kernels"]
+
+EXT_SOURCES = ["csrc/core.cpp", "csrc/bindings.cpp"]
+
+
+def _ext_message(msg: str) -> None:
+    bar = "=" * 78
+    sys.stderr.write(f"\n{bar}\nfastode: {msg}\nfastode: installing the pure-Python package; the CPU backend will be "
+                     f"the PyTorch reference.\n{bar}\n\n")
+
+
+def _extension_setup():
+    """(ext_modules, cmdclass) for the C++ extension, or ([], {}) when it cannot be built."""
+    if os.environ.get("FASTODE_NO_EXT", "0") not in ("", "0"):
+        _ext_message("FASTODE_NO_EXT is set: not building the C++ extension.")
+        return [], {}
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except Exception as exc:  # torch absent at build time (e.g. build isolation)
+        _ext_message(f"torch is not importable at build time ({exc}); to build the C++ backend install torch "
+                     "first and use `pip install --no-build-isolation -e .`.")
+        return [], {}
+
+    cflags = ["-O3", "-g0", "-fopenmp", "-DNDEBUG"]
+    if os.environ.get("FASTODE_NATIVE", "0") not in ("", "0"):
+        cflags.append("-march=native")
+    ext = CppExtension(
+        "fastode._C",
+        EXT_SOURCES,
+        include_dirs=[os.path.abspath("csrc")],
+        extra_compile_args={"cxx": cflags},
+        extra_link_args=["-fopenmp", "-ldl"],
+    )
+
+    class OptionalBuildExtension(BuildExtension):
+        """BuildExtension that reports a failed compile instead of failing the install."""
+
+        def run(self):
+            try:
+                super().run()
+            except Exception as exc:  # no compiler, compile error, ...
+                _ext_message(f"building the C++ extension failed: {type(exc).__name__}: {exc}")
+
+        def build_extension(self, ext):
+            try:
+                super().build_extension(ext)
+            except Exception as exc:
+                _ext_message(f"building the C++ extension {ext.name} failed: {type(exc).__name__}: {exc}")
+
+    return [ext], {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extension_setup()
 
 setup(
     name="fastode",
@@ -14,6 +82,8 @@ setup(
     python_requires=">=3.10",
     packages=packages,
     package_dir={"fastode.kernels": "kernels"},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
     install_requires=["torch>=2.4", "numpy", "scipy", "tqdm", "matplotlib"],
     extras_require={
         "triton": ["triton"],

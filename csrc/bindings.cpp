@@ -1,0 +1,435 @@
+// Python bindings of the fastode C++ core (module fastode._C): tensors in, tensors out.
+// Autograd lives in Python (fastode/cpp/), so this file only checks tensors and unpacks pointers.
+// Headers are kept minimal (no torch/extension.h) to keep the build short.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "fastode.h"
+
+namespace py = pybind11;
+using at::Tensor;
+using OptT = std::optional<Tensor>;
+
+namespace {
+
+void check(bool cond, const std::string& msg) {
+  if (!cond) throw std::invalid_argument("fastode._C: " + msg);
+}
+
+// Contiguous CPU tensor of the given dtype (no copy when it already is).
+Tensor prep(const Tensor& x, at::ScalarType dt, const char* name) {
+  check(x.defined(), std::string(name) + " is undefined");
+  check(x.device().is_cpu(), std::string(name) + " must be a CPU tensor");
+  check(x.scalar_type() == dt, std::string(name) + " has dtype " + std::string(c10::toString(x.scalar_type())) +
+                                   " but z has " + std::string(c10::toString(dt)) + "; use one dtype");
+  return x.contiguous();
+}
+OptT prep_opt(const OptT& x, at::ScalarType dt, const char* name) {
+  if (!x || !x->defined()) return std::nullopt;
+  return prep(*x, dt, name);
+}
+
+template <typename T>
+const T* cptr(const OptT& x) {
+  return x ? x->data_ptr<T>() : nullptr;
+}
+template <typename T>
+T* mptr(const OptT& x) {
+  return x ? x->data_ptr<T>() : nullptr;
+}
+
+fastode::Net make_net(const std::vector<Tensor>& params, int64_t D, int act) {
+  check(!params.empty() && params.size() % 5 == 0, "params must hold 5 tensors (W, b, gw, gb, bw) per layer");
+  fastode::Net net;
+  net.act = act;
+  net.dims.push_back(D);
+  for (size_t l = 0; l < params.size() / 5; ++l) {
+    const Tensor& W = params[5 * l];
+    check(W.dim() == 2 && W.size(1) == net.dims.back(), "layer " + std::to_string(l) + ": W has the wrong shape");
+    int64_t m = W.size(0);
+    for (int j = 1; j < 5; ++j)
+      check(params[5 * l + j].numel() == m, "layer " + std::to_string(l) + ": b/gw/gb/bw must have W.shape[0] elements");
+    net.dims.push_back(m);
+  }
+  check(net.dims.back() == D, "the last layer must output z's width");
+  return net;
+}
+
+template <typename T>
+fastode::Params<T> make_params(const std::vector<Tensor>& p) {
+  fastode::Params<T> r;
+  for (size_t l = 0; l < p.size() / 5; ++l) {
+    r.W.push_back(p[5 * l].data_ptr<T>());
+    r.b.push_back(p[5 * l + 1].data_ptr<T>());
+    r.gw.push_back(p[5 * l + 2].data_ptr<T>());
+    r.gb.push_back(p[5 * l + 3].data_ptr<T>());
+    r.bw.push_back(p[5 * l + 4].data_ptr<T>());
+  }
+  return r;
+}
+
+template <typename T>
+fastode::Grads<T> make_grads(std::vector<Tensor>& g) {
+  fastode::Grads<T> r;
+  for (size_t l = 0; l < g.size() / 5; ++l) {
+    r.W.push_back(g[5 * l].data_ptr<T>());
+    r.b.push_back(g[5 * l + 1].data_ptr<T>());
+    r.gw.push_back(g[5 * l + 2].data_ptr<T>());
+    r.gb.push_back(g[5 * l + 3].data_ptr<T>());
+    r.bw.push_back(g[5 * l + 4].data_ptr<T>());
+  }
+  return r;
+}
+
+std::vector<Tensor> prep_params(const std::vector<Tensor>& params, at::ScalarType dt) {
+  std::vector<Tensor> r;
+  r.reserve(params.size());
+  for (const auto& p : params) r.push_back(prep(p, dt, "parameter"));
+  return r;
+}
+
+fastode::Exec make_exec(int64_t tile) {
+  fastode::Exec ex;
+  ex.tile = tile > 0 ? tile : 64;
+  ex.nthreads = at::get_num_threads();
+  return ex;
+}
+
+Tensor empty_like_dt(std::vector<int64_t> shape, const Tensor& like) {
+  return at::empty(shape, like.options());
+}
+
+#define DISPATCH_FLOAT(dt, ...)                                                         \
+  [&] {                                                                                 \
+    if ((dt) == at::kFloat) {                                                           \
+      using scalar_t = float;                                                           \
+      return __VA_ARGS__();                                                             \
+    } else if ((dt) == at::kDouble) {                                                   \
+      using scalar_t = double;                                                          \
+      return __VA_ARGS__();                                                             \
+    }                                                                                   \
+    throw std::invalid_argument("fastode._C: only float32 and float64 are supported"); \
+  }()
+
+// ------------------------------------------------------------------------------------------------
+// MLP forward: returns (f, save); save is empty unless want_save.
+std::tuple<Tensor, Tensor> mlp_forward(double t, const Tensor& z_, const std::vector<Tensor>& params_, int act,
+                                       bool want_save, int64_t tile) {
+  check(z_.dim() == 2, "z must be (B, D)");
+  const auto dt = z_.scalar_type();
+  Tensor z = prep(z_, dt, "z");
+  auto params = prep_params(params_, dt);
+  const int64_t B = z.size(0), D = z.size(1);
+  auto net = make_net(params, D, act);
+  auto ex = make_exec(tile);
+  Tensor f = empty_like_dt({B, D}, z);
+  Tensor save = want_save ? empty_like_dt({fastode::mlp_save_size(net, B, 1, false, ex)}, z) : empty_like_dt({0}, z);
+  DISPATCH_FLOAT(dt, [&] {
+    auto p = make_params<scalar_t>(params);
+    fastode::mlp_forward<scalar_t>(net, p, t, B, z.data_ptr<scalar_t>(), f.data_ptr<scalar_t>(),
+                                   want_save ? save.data_ptr<scalar_t>() : nullptr, ex);
+  });
+  return {f, save};
+}
+
+// Probe forward. e: (K, B, D) or (B, D) (K = 1), or None for exact trace (basis, K = D).
+// Returns (f, vjp (K, B, D) or empty, trace, kinetic, jac_frob, save).
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> mlp_probe_forward(
+    double t, const Tensor& z_, const OptT& e_, const std::vector<Tensor>& params_, int act, bool want_vjp,
+    bool want_save, int64_t tile) {
+  check(z_.dim() == 2, "z must be (B, D)");
+  const auto dt = z_.scalar_type();
+  Tensor z = prep(z_, dt, "z");
+  OptT e = prep_opt(e_, dt, "e");
+  auto params = prep_params(params_, dt);
+  const int64_t B = z.size(0), D = z.size(1);
+  int K = int(D);
+  if (e) {
+    check(e->numel() % (B * D) == 0 && e->size(-1) == D && (e->dim() == 2 ? e->size(0) == B : e->size(1) == B),
+          "e must be (B, D) or (K, B, D) with z's B and D");
+    K = int(e->numel() / (B * D));
+  }
+  auto net = make_net(params, D, act);
+  auto ex = make_exec(tile);
+  Tensor f = empty_like_dt({B, D}, z);
+  Tensor vjp = want_vjp ? empty_like_dt({K, B, D}, z) : empty_like_dt({0}, z);
+  Tensor tr = empty_like_dt({B}, z), kin = empty_like_dt({B}, z), fr = empty_like_dt({B}, z);
+  Tensor save = want_save ? empty_like_dt({fastode::mlp_save_size(net, B, K, true, ex)}, z) : empty_like_dt({0}, z);
+  DISPATCH_FLOAT(dt, [&] {
+    auto p = make_params<scalar_t>(params);
+    fastode::mlp_probe_forward<scalar_t>(net, p, t, B, z.data_ptr<scalar_t>(), K, cptr<scalar_t>(e),
+                                         f.data_ptr<scalar_t>(), want_vjp ? vjp.data_ptr<scalar_t>() : nullptr,
+                                         tr.data_ptr<scalar_t>(), kin.data_ptr<scalar_t>(), fr.data_ptr<scalar_t>(),
+                                         want_save ? save.data_ptr<scalar_t>() : nullptr, ex);
+  });
+  return {f, vjp, tr, kin, fr, save};
+}
+
+// Backward of mlp_forward (probes = false) or mlp_probe_forward (probes = true).
+// Returns (gz or None, ge or None, param grads (list, empty unless need_params), gt or None).
+py::tuple mlp_backward(double t, const Tensor& z_, const OptT& e_, bool probes, const std::vector<Tensor>& params_,
+                       int act, const Tensor& save, const OptT& f_, const OptT& vjp_, const OptT& gf_,
+                       const OptT& gvjp_, const OptT& gtrace_, const OptT& gkin_, const OptT& gfrob_, bool need_z,
+                       bool need_e, bool need_params, bool need_t, int64_t tile) {
+  const auto dt = z_.scalar_type();
+  Tensor z = prep(z_, dt, "z");
+  OptT e = prep_opt(e_, dt, "e"), f = prep_opt(f_, dt, "f"), vjp = prep_opt(vjp_, dt, "vjp"),
+       gf = prep_opt(gf_, dt, "grad f"), gvjp = prep_opt(gvjp_, dt, "grad vjp"),
+       gtrace = prep_opt(gtrace_, dt, "grad trace"), gkin = prep_opt(gkin_, dt, "grad kinetic"),
+       gfrob = prep_opt(gfrob_, dt, "grad jac_frob");
+  if (vjp && vjp->numel() == 0) vjp = std::nullopt;
+  auto params = prep_params(params_, dt);
+  const int64_t B = z.size(0), D = z.size(1);
+  const int K = e ? int(e->numel() / (B * D)) : int(D);
+  auto net = make_net(params, D, act);
+  auto ex = make_exec(tile);
+  check(save.numel() == fastode::mlp_save_size(net, B, probes ? K : 1, probes, ex),
+        "saved activations do not match (tile size changed between forward and backward?)");
+  OptT gz, ge;
+  if (need_z) gz = empty_like_dt({B, D}, z);
+  if (need_e && e) ge = at::empty(e->sizes(), z.options());
+  std::vector<Tensor> gp;
+  if (need_params)
+    for (const auto& p : params) gp.push_back(at::zeros(p.sizes(), p.options()));
+  Tensor gt = at::zeros({}, z.options());
+  DISPATCH_FLOAT(dt, [&] {
+    auto p = make_params<scalar_t>(params);
+    fastode::Grads<scalar_t> g;
+    if (need_params) g = make_grads<scalar_t>(gp);
+    fastode::mlp_backward<scalar_t>(net, p, t, B, z.data_ptr<scalar_t>(), K, cptr<scalar_t>(e), probes,
+                                    save.data_ptr<scalar_t>(), cptr<scalar_t>(f), cptr<scalar_t>(vjp),
+                                    cptr<scalar_t>(gf), cptr<scalar_t>(gvjp), cptr<scalar_t>(gtrace),
+                                    cptr<scalar_t>(gkin), cptr<scalar_t>(gfrob), mptr<scalar_t>(gz),
+                                    mptr<scalar_t>(ge), need_params ? &g : nullptr,
+                                    need_t ? gt.data_ptr<scalar_t>() : nullptr, ex);
+  });
+  py::object pgz = gz ? py::cast(*gz) : py::none(), pge = ge ? py::cast(*ge) : py::none();
+  py::object pgt = need_t ? py::cast(gt) : py::none();
+  return py::make_tuple(pgz, pge, gp, pgt);
+}
+
+// ------------------------------------------------------------------------------------------------
+fastode::Tableau make_tableau(const std::vector<double>& c, const std::vector<double>& a, const std::vector<double>& b,
+                              const std::vector<double>& b_err) {
+  fastode::Tableau tb;
+  tb.s = int(c.size());
+  tb.c = c;
+  tb.a = a;
+  tb.b = b;
+  tb.b_err = b_err;
+  check(int(a.size()) == tb.s * tb.s && int(b.size()) == tb.s && (b_err.empty() || int(b_err.size()) == tb.s),
+        "tableau: c (s), a (s*s), b (s), b_err (s or empty) have inconsistent sizes");
+  return tb;
+}
+
+// Fused CNF RK step. Returns (z1, q1, ez, eq, kz, kq, sumsq (float64, D+NQ), save).
+py::tuple cnf_step_forward(double t0, double dtv, const Tensor& z0_, const Tensor& q0_, const OptT& e_,
+                           const OptT& kz0_, const OptT& kq0_, const std::vector<Tensor>& params_, int act,
+                           const std::vector<int>& rates, const std::vector<double>& c, const std::vector<double>& a,
+                           const std::vector<double>& b, const std::vector<double>& b_err,
+                           const std::vector<double>& atol, const std::vector<double>& rtol, bool want_stages,
+                           bool want_save, int64_t tile) {
+  check(z0_.dim() == 2, "z0 must be (B, D)");
+  const auto dt = z0_.scalar_type();
+  Tensor z0 = prep(z0_, dt, "z0");
+  const int64_t B = z0.size(0), D = z0.size(1), NQ = int64_t(rates.size());
+  Tensor q0 = prep(q0_, dt, "q0");
+  check(q0.numel() == B * NQ, "q0 must be (B, len(rates))");
+  OptT e = prep_opt(e_, dt, "e"), kz0 = prep_opt(kz0_, dt, "kz0"), kq0 = prep_opt(kq0_, dt, "kq0");
+  if (e) check(e->numel() == B * D, "e must have z0's shape");
+  check(bool(kz0) == bool(kq0) || NQ == 0, "give both kz0 and kq0 (first stage) or neither");
+  if (kz0) check(kz0->numel() == B * D && (NQ == 0 || kq0->numel() == B * NQ), "kz0/kq0 have the wrong shape");
+  auto params = prep_params(params_, dt);
+  fastode::CnfSpec spec;
+  spec.net = make_net(params, D, act);
+  spec.exact = !e;
+  spec.K = e ? 1 : int(D);
+  spec.rates = rates;
+  auto tab = make_tableau(c, a, b, b_err);
+  auto ex = make_exec(tile);
+  const bool has_err = !b_err.empty();
+  if (has_err) check(int64_t(atol.size()) == D + NQ && int64_t(rtol.size()) == D + NQ, "atol/rtol need D + NQ values");
+  Tensor z1 = empty_like_dt({B, D}, z0), q1 = empty_like_dt({B, NQ}, z0);
+  Tensor ez = has_err ? empty_like_dt({B, D}, z0) : empty_like_dt({0}, z0);
+  Tensor eq = has_err ? empty_like_dt({B, NQ}, z0) : empty_like_dt({0}, z0);
+  Tensor kz = want_stages ? empty_like_dt({tab.s, B, D}, z0) : empty_like_dt({0}, z0);
+  Tensor kq = want_stages ? empty_like_dt({tab.s, B, NQ}, z0) : empty_like_dt({0}, z0);
+  Tensor ss = at::zeros({D + NQ}, z0.options().dtype(at::kDouble));
+  Tensor save = want_save ? empty_like_dt({fastode::cnf_step_save_size(spec, tab, B, ex)}, z0) : empty_like_dt({0}, z0);
+  DISPATCH_FLOAT(dt, [&] {
+    auto p = make_params<scalar_t>(params);
+    fastode::CnfStepIn<scalar_t> in;
+    in.t0 = t0;
+    in.dt = dtv;
+    in.B = B;
+    in.z0 = z0.data_ptr<scalar_t>();
+    in.q0 = NQ ? q0.data_ptr<scalar_t>() : nullptr;
+    in.e = cptr<scalar_t>(e);
+    in.kz0 = cptr<scalar_t>(kz0);
+    in.kq0 = NQ ? cptr<scalar_t>(kq0) : nullptr;
+    in.atol = has_err ? atol.data() : nullptr;
+    in.rtol = has_err ? rtol.data() : nullptr;
+    fastode::CnfStepOut<scalar_t> out;
+    out.z1 = z1.data_ptr<scalar_t>();
+    out.q1 = NQ ? q1.data_ptr<scalar_t>() : nullptr;
+    out.ez = has_err ? ez.data_ptr<scalar_t>() : nullptr;
+    out.eq = has_err && NQ ? eq.data_ptr<scalar_t>() : nullptr;
+    out.kz = want_stages ? kz.data_ptr<scalar_t>() : nullptr;
+    out.kq = want_stages && NQ ? kq.data_ptr<scalar_t>() : nullptr;
+    out.sumsq = has_err ? ss.data_ptr<double>() : nullptr;
+    out.save = want_save ? save.data_ptr<scalar_t>() : nullptr;
+    fastode::cnf_step_forward<scalar_t>(spec, tab, p, in, out, ex);
+  });
+  return py::make_tuple(z1, q1, ez, eq, kz, kq, ss, save);
+}
+
+// Backward of the fused step. Returns (gz0, gq0, ge, gkz0, gkq0, param grads, gt0, gdt) with None for
+// what was not asked for.
+py::tuple cnf_step_backward(double t0, double dtv, const Tensor& z0_, const Tensor& q0_, const OptT& e_,
+                            const OptT& kz0_, const OptT& kq0_, const std::vector<Tensor>& params_, int act,
+                            const std::vector<int>& rates, const std::vector<double>& c,
+                            const std::vector<double>& a, const std::vector<double>& b,
+                            const std::vector<double>& b_err, const Tensor& save, const OptT& gz1_,
+                            const OptT& gq1_, const OptT& gez_, const OptT& geq_, const OptT& gkz_, const OptT& gkq_,
+                            bool need_z0, bool need_q0, bool need_e, bool need_k0, bool need_params, bool need_t0,
+                            bool need_dt, int64_t tile) {
+  const auto dt = z0_.scalar_type();
+  Tensor z0 = prep(z0_, dt, "z0");
+  const int64_t B = z0.size(0), D = z0.size(1), NQ = int64_t(rates.size());
+  Tensor q0 = prep(q0_, dt, "q0");
+  OptT e = prep_opt(e_, dt, "e"), kz0 = prep_opt(kz0_, dt, "kz0"), kq0 = prep_opt(kq0_, dt, "kq0");
+  auto params = prep_params(params_, dt);
+  fastode::CnfSpec spec;
+  spec.net = make_net(params, D, act);
+  spec.exact = !e;
+  spec.K = e ? 1 : int(D);
+  spec.rates = rates;
+  auto tab = make_tableau(c, a, b, b_err);
+  auto ex = make_exec(tile);
+  check(save.numel() == fastode::cnf_step_save_size(spec, tab, B, ex),
+        "saved activations do not match (tile size changed between forward and backward?)");
+  OptT gz1 = prep_opt(gz1_, dt, "grad z1"), gq1 = prep_opt(gq1_, dt, "grad q1"), gez = prep_opt(gez_, dt, "grad ez"),
+       geq = prep_opt(geq_, dt, "grad eq"), gkz = prep_opt(gkz_, dt, "grad kz"), gkq = prep_opt(gkq_, dt, "grad kq");
+  OptT gz0, gq0, ge, gkz0, gkq0;
+  if (need_z0) gz0 = empty_like_dt({B, D}, z0);
+  if (need_q0) gq0 = empty_like_dt({B, NQ}, z0);
+  if (need_e && e) ge = empty_like_dt({B, D}, z0);
+  if (need_k0 && kz0) {
+    gkz0 = empty_like_dt({B, D}, z0);
+    gkq0 = empty_like_dt({B, NQ}, z0);
+  }
+  std::vector<Tensor> gp;
+  if (need_params)
+    for (const auto& p : params) gp.push_back(at::zeros(p.sizes(), p.options()));
+  double gt0 = 0, gdt = 0;
+  DISPATCH_FLOAT(dt, [&] {
+    auto p = make_params<scalar_t>(params);
+    fastode::Grads<scalar_t> g;
+    if (need_params) g = make_grads<scalar_t>(gp);
+    fastode::CnfStepIn<scalar_t> in;
+    in.t0 = t0;
+    in.dt = dtv;
+    in.B = B;
+    in.z0 = z0.data_ptr<scalar_t>();
+    in.q0 = NQ ? q0.data_ptr<scalar_t>() : nullptr;
+    in.e = cptr<scalar_t>(e);
+    in.kz0 = cptr<scalar_t>(kz0);
+    in.kq0 = NQ ? cptr<scalar_t>(kq0) : nullptr;
+    fastode::CnfStepGradIn<scalar_t> gi;
+    gi.gz1 = cptr<scalar_t>(gz1);
+    gi.gq1 = NQ ? cptr<scalar_t>(gq1) : nullptr;
+    gi.gez = gez && gez->numel() ? cptr<scalar_t>(gez) : nullptr;
+    gi.geq = NQ && geq && geq->numel() ? cptr<scalar_t>(geq) : nullptr;
+    gi.gkz = gkz && gkz->numel() ? cptr<scalar_t>(gkz) : nullptr;
+    gi.gkq = NQ && gkq && gkq->numel() ? cptr<scalar_t>(gkq) : nullptr;
+    fastode::CnfStepGradOut<scalar_t> go;
+    go.gz0 = mptr<scalar_t>(gz0);
+    go.gq0 = NQ ? mptr<scalar_t>(gq0) : nullptr;
+    go.ge = mptr<scalar_t>(ge);
+    go.gkz0 = mptr<scalar_t>(gkz0);
+    go.gkq0 = NQ ? mptr<scalar_t>(gkq0) : nullptr;
+    go.grads = need_params ? &g : nullptr;
+    go.gt0 = need_t0 ? &gt0 : nullptr;
+    go.gdt = need_dt ? &gdt : nullptr;
+    fastode::cnf_step_backward<scalar_t>(spec, tab, p, in, save.data_ptr<scalar_t>(), gi, go, ex);
+  });
+  if (gq0 && NQ == 0) gq0 = std::nullopt;
+  auto opt = [](const OptT& x) { return x ? py::cast(*x) : py::none(); };
+  return py::make_tuple(opt(gz0), opt(gq0), opt(ge), opt(gkz0), opt(gkq0), gp,
+                        need_t0 ? py::cast(gt0) : py::none(), need_dt ? py::cast(gdt) : py::none());
+}
+
+// ------------------------------------------------------------------------------------------------
+// Generic RK helpers on flat tensors of one dtype.
+Tensor rk_combine(const Tensor& y0_, const std::vector<Tensor>& ks_, const std::vector<double>& w, double dtv) {
+  const auto dt = y0_.scalar_type();
+  Tensor y0 = prep(y0_, dt, "y0");
+  check(ks_.size() == w.size(), "one weight per stage");
+  std::vector<Tensor> ks;
+  for (const auto& k : ks_) {
+    ks.push_back(prep(k, dt, "k"));
+    check(ks.back().numel() == y0.numel(), "every k must have y0's number of elements");
+  }
+  Tensor out = at::empty(y0.sizes(), y0.options());
+  DISPATCH_FLOAT(dt, [&] {
+    std::vector<const scalar_t*> kp;
+    for (auto& k : ks) kp.push_back(k.data_ptr<scalar_t>());
+    fastode::rk_combine<scalar_t>(y0.numel(), y0.data_ptr<scalar_t>(), int(kp.size()), kp.data(), w.data(), dtv,
+                                  out.data_ptr<scalar_t>(), make_exec(0));
+  });
+  return out;
+}
+
+// Returns (y1, y_err or None, sum of squared scaled errors).
+py::tuple rk_epilogue(const Tensor& y0_, const std::vector<Tensor>& ks_, const std::vector<double>& b,
+                      const std::vector<double>& b_err, double dtv, double atol, double rtol) {
+  const auto dt = y0_.scalar_type();
+  Tensor y0 = prep(y0_, dt, "y0");
+  check(ks_.size() == b.size() && (b_err.empty() || b_err.size() == b.size()), "one weight per stage");
+  std::vector<Tensor> ks;
+  for (const auto& k : ks_) {
+    ks.push_back(prep(k, dt, "k"));
+    check(ks.back().numel() == y0.numel(), "every k must have y0's number of elements");
+  }
+  Tensor y1 = at::empty(y0.sizes(), y0.options());
+  OptT err;
+  if (!b_err.empty()) err = at::empty(y0.sizes(), y0.options());
+  double ss = 0;
+  DISPATCH_FLOAT(dt, [&] {
+    std::vector<const scalar_t*> kp;
+    for (auto& k : ks) kp.push_back(k.data_ptr<scalar_t>());
+    ss = fastode::rk_epilogue<scalar_t>(y0.numel(), y0.data_ptr<scalar_t>(), int(kp.size()), kp.data(), b.data(),
+                                        b_err.empty() ? nullptr : b_err.data(), dtv, atol, rtol,
+                                        y1.data_ptr<scalar_t>(), mptr<scalar_t>(err), make_exec(0));
+  });
+  return py::make_tuple(y1, err ? py::cast(*err) : py::none(), ss);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fastode C++ CPU kernels (fused concatsquash MLP, Hutchinson VJP, RK steps); see csrc/fastode.h";
+  m.def("act_code", &fastode::act_from_name, "activation name -> code");
+  m.def("gemm_backend", &fastode::gemm_backend);
+  m.def("set_gemm_backend", &fastode::set_gemm_backend);
+  m.def("mlp_forward", &mlp_forward);
+  m.def("mlp_probe_forward", &mlp_probe_forward);
+  m.def("mlp_backward", &mlp_backward);
+  m.def("cnf_step_forward", &cnf_step_forward);
+  m.def("cnf_step_backward", &cnf_step_backward);
+  m.def("rk_combine", &rk_combine);
+  m.def("rk_epilogue", &rk_epilogue);
+#ifdef _OPENMP
+  m.attr("openmp") = true;
+#else
+  m.attr("openmp") = false;
+#endif
+}

@@ -1,0 +1,1356 @@
+// fastode C++ core (see fastode.h). One translation unit, no torch headers.
+//
+// Performance notes
+// - Batches are cut into tiles of `Exec::tile` rows. A tile runs the whole MLP forward, the probe VJPs and
+//   (in a fused RK step) every stage before the next tile starts, so its intermediates stay in L1/L2.
+// - The GEMMs go to the process's BLAS (MKL inside libtorch_cpu) through sgemm_/dgemm_, limited to one
+//   thread per call (MKL_Set_Num_Threads_Local) so that results do not depend on the thread count;
+//   parallelism is OpenMP over chunks of tiles.
+// - Element-wise epilogues are compiled three times (x86-64-v4 / v3 / baseline) with GCC target_clones
+//   and picked at load time by the CPU, so one binary is portable and still uses AVX2/AVX-512.
+// - float32 tanh uses a rational approximation (|error| <= 3.5e-7 absolute, <= 6 ulp) that vectorises;
+//   float64 uses std::tanh and the other activations use libm (correct first, not the benchmark path).
+#include "fastode.h"
+
+#include <dlfcn.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <mutex>
+#include <stdexcept>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(FASTODE_NO_CLONES)
+#define FASTODE_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define FASTODE_CLONES
+#endif
+
+namespace fastode {
+
+int act_from_name(const std::string& name) {
+  if (name == "tanh") return kTanh;
+  if (name == "softplus") return kSoftplus;
+  if (name == "elu") return kElu;
+  if (name == "swish") return kSwish;
+  if (name == "identity") return kIdentity;
+  throw std::invalid_argument("fastode: unknown activation '" + name +
+                              "'; expected one of tanh, softplus, elu, swish, identity");
+}
+
+namespace {
+
+// ===================================================================================================
+// Activations: value, first and second derivative. d1/d2 get both the pre-activation a and h = act(a);
+// `needs_a` says whether a must be stored for the backward pass (tanh and identity need only h).
+inline float tanh_approx(float x) {
+  // Rational minimax approximation on [-7.9053, 7.9053] (beyond it tanh(x) rounds to +-1 in float).
+  const float lim = 7.90531110763549805f;
+  float xc = x < -lim ? -lim : (x > lim ? lim : x);
+  float x2 = xc * xc;
+  float p = -2.76076847742355e-16f;
+  p = p * x2 + 2.00018790482477e-13f;
+  p = p * x2 + -8.60467152213735e-11f;
+  p = p * x2 + 5.12229709037114e-08f;
+  p = p * x2 + 1.48572235717979e-05f;
+  p = p * x2 + 6.37261928875436e-04f;
+  p = p * x2 + 4.89352455891786e-03f;
+  p = p * xc;
+  float q = 1.19825839466702e-06f;
+  q = q * x2 + 1.18534705686654e-04f;
+  q = q * x2 + 2.26843463243900e-03f;
+  q = q * x2 + 4.89352518554385e-03f;
+  float r = p / q;
+  return std::fabs(x) < 0.0004f ? x : r;
+}
+inline double tanh_approx(double x) { return std::tanh(x); }
+
+template <typename T>
+inline T sigmoid(T x) {
+  return T(1) / (T(1) + std::exp(-x));
+}
+
+template <int ACT, typename T>
+struct ActF;
+template <typename T>
+struct ActF<kTanh, T> {
+  static constexpr bool needs_a = false;
+  static T f(T a) { return tanh_approx(a); }
+  static T d1(T, T h) { return T(1) - h * h; }
+  static T d2(T, T h) { return T(-2) * h * (T(1) - h * h); }
+};
+template <typename T>
+struct ActF<kIdentity, T> {
+  static constexpr bool needs_a = false;
+  static T f(T a) { return a; }
+  static T d1(T, T) { return T(1); }
+  static T d2(T, T) { return T(0); }
+};
+template <typename T>
+struct ActF<kSoftplus, T> {  // torch.nn.functional.softplus (beta 1, threshold 20)
+  static constexpr bool needs_a = true;
+  static T f(T a) { return a > T(20) ? a : std::log1p(std::exp(a)); }
+  // derivatives as in fastode.nn.functional.activation_grad: sigmoid(a) (no threshold)
+  static T d1(T a, T) { return sigmoid(a); }
+  static T d2(T a, T) {
+    T s = sigmoid(a);
+    return s * (T(1) - s);
+  }
+};
+template <typename T>
+struct ActF<kElu, T> {  // alpha 1
+  static constexpr bool needs_a = true;
+  static T f(T a) { return a > T(0) ? a : std::expm1(a); }
+  static T d1(T a, T) { return a > T(0) ? T(1) : std::exp(a); }
+  static T d2(T a, T) { return a > T(0) ? T(0) : std::exp(a); }
+};
+template <typename T>
+struct ActF<kSwish, T> {  // x * sigmoid(x)
+  static constexpr bool needs_a = true;
+  static T f(T a) { return a * sigmoid(a); }
+  static T d1(T a, T) {
+    T s = sigmoid(a);
+    return s * (T(1) + a * (T(1) - s));
+  }
+  static T d2(T a, T) {
+    T s = sigmoid(a);
+    return s * (T(1) - s) * (T(2) + a * (T(1) - T(2) * s));
+  }
+};
+
+// ===================================================================================================
+// Element-wise kernels (multi-versioned). Arrays are contiguous; `a` may be null when !needs_a.
+
+// x (R x m) holds h W'^T; x <- act(x + c), a <- x + c (if needs_a)
+template <int ACT, typename T>
+FASTODE_CLONES void ew_bias_act(int64_t R, int64_t m, T* __restrict x, const T* __restrict c,
+                                T* __restrict a) {
+  using A = ActF<ACT, T>;
+  for (int64_t i = 0; i < R; ++i) {
+    T* xi = x + i * m;
+    if constexpr (A::needs_a) {
+      T* ai = a + i * m;
+      for (int64_t j = 0; j < m; ++j) {
+        T v = xi[j] + c[j];
+        ai[j] = v;
+        xi[j] = A::f(v);
+      }
+    } else {
+      for (int64_t j = 0; j < m; ++j) xi[j] = A::f(xi[j] + c[j]);
+    }
+  }
+}
+
+template <typename T>
+FASTODE_CLONES void ew_bias(int64_t R, int64_t m, T* __restrict x, const T* __restrict c) {
+  for (int64_t i = 0; i < R; ++i)
+    for (int64_t j = 0; j < m; ++j) x[i * m + j] += c[j];
+}
+
+// g = p * act'(a)
+template <int ACT, typename T>
+FASTODE_CLONES void ew_mul_d1(int64_t n, const T* __restrict p, const T* __restrict a,
+                              const T* __restrict h, T* __restrict g) {
+  using A = ActF<ACT, T>;
+  for (int64_t i = 0; i < n; ++i) g[i] = p[i] * A::d1(A::needs_a ? a[i] : T(0), h[i]);
+}
+
+// pb = gb * act'(a);  acc += gb * p * act''(a)
+template <int ACT, typename T>
+FASTODE_CLONES void ew_bwd1(int64_t n, const T* __restrict gb, const T* __restrict p,
+                            const T* __restrict a, const T* __restrict h, T* __restrict pb,
+                            T* __restrict acc) {
+  using A = ActF<ACT, T>;
+  for (int64_t i = 0; i < n; ++i) {
+    T av = A::needs_a ? a[i] : T(0);
+    pb[i] = gb[i] * A::d1(av, h[i]);
+    acc[i] += gb[i] * p[i] * A::d2(av, h[i]);
+  }
+}
+
+// out = hb * act'(a) (+ acc)   (out may alias acc)
+template <int ACT, typename T>
+FASTODE_CLONES void ew_bwd2(int64_t n, const T* __restrict hb, const T* __restrict a,
+                            const T* __restrict h, const T* acc, T* out) {
+  using A = ActF<ACT, T>;
+  if (acc) {
+    for (int64_t i = 0; i < n; ++i) out[i] = hb[i] * A::d1(A::needs_a ? a[i] : T(0), h[i]) + acc[i];
+  } else {
+    for (int64_t i = 0; i < n; ++i) out[i] = hb[i] * A::d1(A::needs_a ? a[i] : T(0), h[i]);
+  }
+}
+
+// c[j] += sum_i x[i, j]
+template <typename T>
+FASTODE_CLONES void ew_colsum(int64_t R, int64_t m, const T* __restrict x, T* __restrict c) {
+  for (int64_t i = 0; i < R; ++i)
+    for (int64_t j = 0; j < m; ++j) c[j] += x[i * m + j];
+}
+
+// out = y0 + sum_j w[j] k[j] (flat)
+template <typename T>
+FASTODE_CLONES void ew_combine(int64_t n, const T* __restrict y0, int nk, const T* const* k,
+                               const T* w, T* __restrict out) {
+  if (nk == 0) {
+    if (out != y0) std::memcpy(out, y0, sizeof(T) * n);
+    return;
+  }
+  {
+    const T* __restrict k0 = k[0];
+    const T w0 = w[0];
+    for (int64_t i = 0; i < n; ++i) out[i] = y0[i] + w0 * k0[i];
+  }
+  for (int j = 1; j < nk; ++j) {
+    const T* __restrict kj = k[j];
+    const T wj = w[j];
+    if (wj == T(0)) continue;
+    for (int64_t i = 0; i < n; ++i) out[i] += wj * kj[i];
+  }
+}
+
+// out = sum_j w[j] k[j] (flat)
+template <typename T>
+FASTODE_CLONES void ew_lincomb(int64_t n, int nk, const T* const* k, const T* w, T* __restrict out) {
+  std::memset(out, 0, sizeof(T) * n);
+  for (int j = 0; j < nk; ++j) {
+    const T* __restrict kj = k[j];
+    const T wj = w[j];
+    if (wj == T(0)) continue;
+    for (int64_t i = 0; i < n; ++i) out[i] += wj * kj[i];
+  }
+}
+
+// sum of squared scaled error per column of (R x ncol) arrays; adds into ss[ncol]
+template <typename T>
+void ew_err_sumsq(int64_t R, int64_t ncol, const T* y0, const T* y1, const T* err, const double* atol,
+                  const double* rtol, double* ss) {
+  for (int64_t i = 0; i < R; ++i)
+    for (int64_t j = 0; j < ncol; ++j) {
+      int64_t idx = i * ncol + j;
+      double sc = atol[j] + rtol[j] * std::max(std::fabs(double(y0[idx])), std::fabs(double(y1[idx])));
+      double r = double(err[idx]) / sc;
+      ss[j] += r * r;
+    }
+}
+
+// ===================================================================================================
+// GEMM (row-major wrappers over column-major Fortran BLAS, or built-in loops).
+using sgemm_fn = void (*)(const char*, const char*, const int*, const int*, const int*, const float*,
+                          const float*, const int*, const float*, const int*, const float*, float*,
+                          const int*);
+using dgemm_fn = void (*)(const char*, const char*, const int*, const int*, const int*, const double*,
+                          const double*, const int*, const double*, const int*, const double*, double*,
+                          const int*);
+using set_threads_fn = int (*)(int);
+
+struct Blas {
+  sgemm_fn s = nullptr;
+  dgemm_fn d = nullptr;
+  set_threads_fn set_local = nullptr;  // MKL_Set_Num_Threads_Local, when the BLAS is MKL
+  bool use = false;
+};
+
+Blas load_blas() {
+  Blas b;
+  b.s = reinterpret_cast<sgemm_fn>(dlsym(RTLD_DEFAULT, "sgemm_"));
+  b.d = reinterpret_cast<dgemm_fn>(dlsym(RTLD_DEFAULT, "dgemm_"));
+  void* lib = nullptr;
+  if ((!b.s || !b.d) && std::getenv("FASTODE_BLAS_LIB")) {
+    lib = dlopen(std::getenv("FASTODE_BLAS_LIB"), RTLD_NOW | RTLD_GLOBAL);
+    if (lib) {
+      b.s = reinterpret_cast<sgemm_fn>(dlsym(lib, "sgemm_"));
+      b.d = reinterpret_cast<dgemm_fn>(dlsym(lib, "dgemm_"));
+    }
+  }
+  b.set_local = reinterpret_cast<set_threads_fn>(dlsym(lib ? lib : RTLD_DEFAULT, "MKL_Set_Num_Threads_Local"));
+  const char* force = std::getenv("FASTODE_GEMM");
+  b.use = b.s && b.d && !(force && std::string(force) == "fallback");
+  return b;
+}
+
+Blas& blas() {
+  static Blas b = load_blas();
+  return b;
+}
+
+// Keeps BLAS single-threaded in the calling thread for the lifetime of the guard.
+struct BlasThreadGuard {
+  int prev = -1;
+  BlasThreadGuard() {
+    if (blas().use && blas().set_local) prev = blas().set_local(1);
+  }
+  ~BlasThreadGuard() {
+    if (prev >= 0) blas().set_local(prev);
+  }
+};
+
+inline void blas_call(const char* ta, const char* tb, int m, int n, int k, float alpha, const float* a,
+                      int lda, const float* b, int ldb, float beta, float* c, int ldc) {
+  blas().s(ta, tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
+}
+inline void blas_call(const char* ta, const char* tb, int m, int n, int k, double alpha, const double* a,
+                      int lda, const double* b, int ldb, double beta, double* c, int ldc) {
+  blas().d(ta, tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
+}
+
+template <typename T>
+FASTODE_CLONES void fb_scale(int64_t M, int64_t N, T* C, int64_t ldc, T beta) {
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t j = 0; j < N; ++j) C[i * ldc + j] = beta == T(0) ? T(0) : beta * C[i * ldc + j];
+}
+// C (M x N) = A (M x K) B (K x N) + beta C
+template <typename T>
+FASTODE_CLONES void fb_nn(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
+                          int64_t ldb, T beta, T* C, int64_t ldc) {
+  fb_scale(M, N, C, ldc, beta);
+  for (int64_t i = 0; i < M; ++i) {
+    T* __restrict ci = C + i * ldc;
+    for (int64_t k = 0; k < K; ++k) {
+      const T a = A[i * lda + k];
+      const T* __restrict bk = B + k * ldb;
+      for (int64_t j = 0; j < N; ++j) ci[j] += a * bk[j];
+    }
+  }
+}
+// C (M x N) = A^T B + beta C, A (K x M), B (K x N)
+template <typename T>
+FASTODE_CLONES void fb_tn(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
+                          int64_t ldb, T beta, T* C, int64_t ldc) {
+  fb_scale(M, N, C, ldc, beta);
+  for (int64_t k = 0; k < K; ++k) {
+    const T* __restrict bk = B + k * ldb;
+    for (int64_t i = 0; i < M; ++i) {
+      const T a = A[k * lda + i];
+      T* __restrict ci = C + i * ldc;
+      for (int64_t j = 0; j < N; ++j) ci[j] += a * bk[j];
+    }
+  }
+}
+// C (M x N) = A B^T + beta C, A (M x K), B (N x K)
+template <typename T>
+FASTODE_CLONES void fb_nt(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
+                          int64_t ldb, T beta, T* C, int64_t ldc) {
+  for (int64_t i = 0; i < M; ++i) {
+    const T* __restrict ai = A + i * lda;
+    for (int64_t j = 0; j < N; ++j) {
+      const T* __restrict bj = B + j * ldb;
+      T s = 0;
+#pragma omp simd reduction(+ : s)
+      for (int64_t k = 0; k < K; ++k) s += ai[k] * bj[k];
+      C[i * ldc + j] = beta == T(0) ? s : s + beta * C[i * ldc + j];
+    }
+  }
+}
+
+bool g_use_blas_override_set = false;
+bool g_use_blas = true;
+
+inline bool use_blas() { return blas().use && (!g_use_blas_override_set || g_use_blas); }
+
+// Row-major C = A B^T (A: M x K, B: N x K)
+template <typename T>
+void gemm_nt(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
+             int64_t ldc, T beta) {
+  if (M == 0 || N == 0) return;
+  if (K == 0) return fb_scale(M, N, C, ldc, beta);
+  if (use_blas())
+    blas_call("T", "N", int(N), int(M), int(K), T(1), B, int(ldb), A, int(lda), beta, C, int(ldc));
+  else
+    fb_nt(M, N, K, A, lda, B, ldb, beta, C, ldc);
+}
+// Row-major C = A B (A: M x K, B: K x N)
+template <typename T>
+void gemm_nn(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
+             int64_t ldc, T beta) {
+  if (M == 0 || N == 0) return;
+  if (K == 0) return fb_scale(M, N, C, ldc, beta);
+  if (use_blas())
+    blas_call("N", "N", int(N), int(M), int(K), T(1), B, int(ldb), A, int(lda), beta, C, int(ldc));
+  else
+    fb_nn(M, N, K, A, lda, B, ldb, beta, C, ldc);
+}
+// Row-major C = A^T B (A: K x M, B: K x N)
+template <typename T>
+void gemm_tn(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
+             int64_t ldc, T beta) {
+  if (M == 0 || N == 0) return;
+  if (K == 0) return fb_scale(M, N, C, ldc, beta);
+  if (use_blas())
+    blas_call("N", "T", int(N), int(M), int(K), T(1), B, int(ldb), A, int(lda), beta, C, int(ldc));
+  else
+    fb_tn(M, N, K, A, lda, B, ldb, beta, C, ldc);
+}
+
+// ===================================================================================================
+// Thread-local scratch arena (grows, never shrinks; 64-byte aligned).
+struct Arena {
+  void* p = nullptr;
+  size_t n = 0;
+  ~Arena() { std::free(p); }
+  void* get(size_t bytes) {
+    if (bytes > n) {
+      std::free(p);
+      n = (bytes + 4095) / 4096 * 4096;
+      p = std::aligned_alloc(64, n);
+      if (!p) {
+        n = 0;
+        throw std::bad_alloc();
+      }
+    }
+    return p;
+  }
+};
+thread_local Arena t_arena;
+
+// Bump allocator: measure (base == nullptr) or carve.
+struct Bump {
+  char* base;
+  size_t off = 0;
+  explicit Bump(void* b) : base(static_cast<char*>(b)) {}
+  template <typename T>
+  T* take(int64_t n) {
+    size_t bytes = (size_t(std::max<int64_t>(n, 0)) * sizeof(T) + 63) / 64 * 64;
+    T* r = base ? reinterpret_cast<T*>(base + off) : nullptr;
+    off += bytes;
+    return r;
+  }
+};
+
+// ===================================================================================================
+// Parallel driver over chunks of tiles. Chunk boundaries depend only on the number of tiles.
+constexpr int kMaxChunks = 16;
+
+struct Tiling {
+  int64_t B, tile, ntiles;
+  int nchunks;
+  Tiling(int64_t B_, int64_t tile_) : B(B_), tile(std::max<int64_t>(tile_, 1)) {
+    ntiles = (B + tile - 1) / tile;
+    nchunks = int(std::min<int64_t>(ntiles, kMaxChunks));
+  }
+  int64_t chunk_begin(int c) const { return ntiles * c / nchunks; }
+  int64_t rows(int64_t t) const { return std::min(tile, B - t * tile); }
+};
+
+template <typename F>
+void run_chunks(const Tiling& tl, const Exec& ex, F&& fn) {
+  if (tl.nchunks == 0) return;
+#ifdef _OPENMP
+  if (ex.nthreads > 1 && tl.nchunks > 1) {
+    std::exception_ptr err;
+    std::mutex mu;
+#pragma omp parallel num_threads(ex.nthreads)
+    {
+      BlasThreadGuard guard;
+      int nt = omp_get_num_threads(), tid = omp_get_thread_num();
+      for (int c = tid; c < tl.nchunks; c += nt) {
+        try {
+          fn(c, tl.chunk_begin(c), tl.chunk_begin(c + 1));
+        } catch (...) {
+          std::lock_guard<std::mutex> lk(mu);
+          if (!err) err = std::current_exception();
+        }
+      }
+    }
+    if (err) std::rethrow_exception(err);
+    return;
+  }
+#endif
+  BlasThreadGuard guard;
+  for (int c = 0; c < tl.nchunks; ++c) fn(c, tl.chunk_begin(c), tl.chunk_begin(c + 1));
+}
+
+// ===================================================================================================
+// Gate folding: W'_l = diag(gate) W_l, c_l = b gate + bw t. Layout per layer: W' (m x n), c (m).
+// Gradient accumulators use the same layout.
+struct FoldLayout {
+  std::vector<int64_t> offW, offC;
+  int64_t size = 0;
+  explicit FoldLayout(const Net& net) {
+    for (int l = 0; l < net.L(); ++l) {
+      int64_t n = net.dims[l], m = net.dims[l + 1];
+      offW.push_back(size);
+      size += m * n;
+      offC.push_back(size);
+      size += m;
+    }
+  }
+};
+
+template <typename T>
+struct Folded {
+  std::vector<T> buf;
+  std::vector<double> gate;  // concatenated over layers
+  std::vector<int64_t> offG;
+  const FoldLayout* lay = nullptr;
+  const T* W(int l) const { return buf.data() + lay->offW[l]; }
+  const T* c(int l) const { return buf.data() + lay->offC[l]; }
+};
+
+template <typename T>
+void fold(const Net& net, const FoldLayout& fl, const Params<T>& p, double t, Folded<T>& out) {
+  out.lay = &fl;
+  out.buf.resize(fl.size);
+  out.gate.clear();
+  out.offG.clear();
+  const T tt = T(t);
+  for (int l = 0; l < net.L(); ++l) {
+    int64_t n = net.dims[l], m = net.dims[l + 1];
+    out.offG.push_back(int64_t(out.gate.size()));
+    T* Wp = out.buf.data() + fl.offW[l];
+    T* c = out.buf.data() + fl.offC[l];
+    for (int64_t j = 0; j < m; ++j) {
+      // gate computed in T from T(t), as the reference does (gw * t + gb in the parameters' dtype)
+      T pre = p.gw[l][j] * tt + p.gb[l][j];
+      double g = double(sigmoid<T>(pre));
+      out.gate.push_back(g);
+      for (int64_t k = 0; k < n; ++k) Wp[j * n + k] = T(g * double(p.W[l][j * n + k]));
+      c[j] = T(double(p.b[l][j]) * g + double(p.bw[l][j]) * double(tt));
+    }
+  }
+}
+
+// Adds the parameter gradients implied by accumulated dW', dc at time t; returns d/dt.
+template <typename T>
+double unfold(const Net& net, const FoldLayout& fl, const Params<T>& p, const Folded<T>& fo, double t,
+              const T* acc, const Grads<T>* g) {
+  double dt = 0;
+  const double tt = double(T(t));
+  for (int l = 0; l < net.L(); ++l) {
+    int64_t n = net.dims[l], m = net.dims[l + 1];
+    const T* dW = acc + fl.offW[l];
+    const T* dc = acc + fl.offC[l];
+    for (int64_t j = 0; j < m; ++j) {
+      double gate = fo.gate[fo.offG[l] + j];
+      double dgate = double(dc[j]) * double(p.b[l][j]);
+      for (int64_t k = 0; k < n; ++k) dgate += double(dW[j * n + k]) * double(p.W[l][j * n + k]);
+      double s = dgate * gate * (1.0 - gate);
+      if (g) {
+        for (int64_t k = 0; k < n; ++k) g->W[l][j * n + k] += T(gate * double(dW[j * n + k]));
+        g->b[l][j] += T(double(dc[j]) * gate);
+        g->bw[l][j] += T(double(dc[j]) * tt);
+        g->gw[l][j] += T(s * tt);
+        g->gb[l][j] += T(s);
+      }
+      dt += double(dc[j]) * double(p.bw[l][j]) + s * double(p.gw[l][j]);
+    }
+  }
+  return dt;
+}
+
+// ===================================================================================================
+// Saved-activation block of one tile (and, for RK steps, one stage).
+struct BlockLayout {
+  std::vector<int64_t> H, A, P;  // H[l], A[l] (l < L-1); P[k * (L-1) + l] = p_{l+1} of probe k
+  int64_t Z = -1, F = -1, V = -1, Q = -1;
+  int64_t size = 0;
+  BlockLayout(const Net& net, int64_t R, int K, bool storeA, bool storeP, bool rk, int64_t NQ) {
+    int L = net.L();
+    int64_t D = net.dims[0];
+    auto take = [&](int64_t n) {
+      int64_t o = size;
+      size += (n + 15) / 16 * 16;  // keep 64-byte alignment for float
+      return o;
+    };
+    for (int l = 0; l + 1 < L; ++l) H.push_back(take(R * net.dims[l + 1]));
+    if (storeA)
+      for (int l = 0; l + 1 < L; ++l) A.push_back(take(R * net.dims[l + 1]));
+    if (storeP)
+      for (int k = 0; k < K; ++k)
+        for (int l = 0; l + 1 < L; ++l) P.push_back(take(R * net.dims[l + 1]));
+    if (rk) {
+      Z = take(R * D);
+      F = take(R * D);
+      V = take(int64_t(K) * R * D);
+      Q = take(R * std::max<int64_t>(NQ, 1));
+    }
+  }
+};
+
+bool act_needs_a(int act) { return !(act == kTanh || act == kIdentity); }
+
+// Per-thread scratch of the tile kernels.
+template <typename T>
+struct TileWS {
+  T *T0, *T1, *T2, *PB0, *PB1, *GB, *AB, *HB, *G, *E;
+  std::vector<T*> Acc;
+  void carve(Bump& bp, const Net& net, int64_t R) {
+    int64_t w = *std::max_element(net.dims.begin(), net.dims.end());
+    T0 = bp.take<T>(R * w);
+    T1 = bp.take<T>(R * w);
+    T2 = bp.take<T>(R * w);
+    PB0 = bp.take<T>(R * w);
+    PB1 = bp.take<T>(R * w);
+    GB = bp.take<T>(R * w);
+    AB = bp.take<T>(R * w);
+    HB = bp.take<T>(R * w);
+    G = bp.take<T>(R * w);
+    E = bp.take<T>(R * net.dims[0]);
+    Acc.clear();
+    for (int l = 0; l + 1 < net.L(); ++l) Acc.push_back(bp.take<T>(R * net.dims[l + 1]));
+  }
+};
+
+// ===================================================================================================
+// Tile kernels for one activation.
+template <typename T, int ACT>
+struct Kern {
+  using AF = ActF<ACT, T>;
+  const Net& net;
+  int L;
+  int64_t D;
+  explicit Kern(const Net& n) : net(n), L(n.L()), D(n.dims[0]) {}
+
+  const T* Aptr(const T* blk, const BlockLayout& bl, int l) const {
+    return AF::needs_a ? blk + bl.A[l] : nullptr;
+  }
+
+  // f (R x D) = MLP(z); hidden activations into blk.
+  void forward(int64_t R, const T* z, const Folded<T>& fo, T* blk, const BlockLayout& bl, T* f) const {
+    const T* hin = z;
+    int64_t n = D;
+    for (int l = 0; l < L; ++l) {
+      int64_t m = net.dims[l + 1];
+      if (l + 1 < L) {
+        T* h = blk + bl.H[l];
+        gemm_nt<T>(R, m, n, hin, n, fo.W(l), n, h, m, T(0));
+        ew_bias_act<ACT, T>(R, m, h, fo.c(l), AF::needs_a ? blk + bl.A[l] : nullptr);
+        hin = h;
+        n = m;
+      } else {
+        gemm_nt<T>(R, m, n, hin, n, fo.W(l), n, f, m, T(0));
+        ew_bias<T>(R, m, f, fo.c(l));
+      }
+    }
+  }
+
+  // Probe input of probe k: e_k (R x D) or the k-th basis vector (built in ws.E).
+  const T* probe_e(int64_t R, const T* ek, int k, const TileWS<T>& ws) const {
+    if (ek) return ek;
+    std::fill(ws.E, ws.E + R * D, T(0));
+    for (int64_t r = 0; r < R; ++r) ws.E[r * D + k] = T(1);
+    return ws.E;
+  }
+
+  // vjp_k (R x D) = e_k^T J for probe k; p_{l} stored in blk when storeP.
+  void probe(int64_t R, const T* e, int k, const Folded<T>& fo, T* blk, const BlockLayout& bl,
+             bool storeP, T* vout, const TileWS<T>& ws) const {
+    const T* g = e;
+    int64_t mg = D;
+    T* gbufs[2] = {ws.T1, ws.T2};
+    int gi = 0;
+    for (int l = L - 1; l >= 1; --l) {
+      int64_t n = net.dims[l];
+      T* p = storeP ? blk + bl.P[k * (L - 1) + (l - 1)] : ws.T0;
+      gemm_nn<T>(R, n, mg, g, mg, fo.W(l), n, p, n, T(0));
+      T* gn = gbufs[gi];
+      gi ^= 1;
+      ew_mul_d1<ACT, T>(R * n, p, Aptr(blk, bl, l - 1), blk + bl.H[l - 1], gn);
+      g = gn;
+      mg = n;
+    }
+    gemm_nn<T>(R, D, mg, g, mg, fo.W(0), D, vout, D, T(0));
+  }
+
+  // Backward of one tile. Probe-chain gradients (gvjp, gtrace, gfrob) need storeP blocks.
+  // e(k) / v(k) return probe k's e (null: basis) and vjp; gvjp(k) its upstream gradient (or null).
+  template <typename EF, typename VF, typename GVF, typename GEF>
+  void backward(int64_t R, const T* z, int K, const Folded<T>& fo, const T* blk, const BlockLayout& bl,
+                const T* f, EF e_of, VF v_of, GVF gvjp_of, const T* gf, const T* gtrace,
+                const T* gkin, const T* gfrob, bool any_gvjp, T* gz, GEF ge_of, T* acc,
+                const FoldLayout& fl, bool want_params, const TileWS<T>& ws) const {
+    const bool chain = bl.P.size() > 0 && (any_gvjp || gtrace || gfrob);
+    for (int l = 0; l + 1 < L; ++l)
+      if (chain) std::fill(ws.Acc[l], ws.Acc[l] + R * net.dims[l + 1], T(0));
+    if (chain) {
+      for (int k = 0; k < K; ++k) {
+        const T* ek = probe_e(R, e_of(k), k, ws);
+        const T* vk = v_of(k);
+        const T* gvk = gvjp_of(k);
+        T* Pb = ws.PB0;
+        T* Pn = ws.PB1;
+        for (int64_t r = 0; r < R; ++r)
+          for (int64_t d = 0; d < D; ++d) {
+            T v = gvk ? gvk[r * D + d] : T(0);
+            if (gtrace) v += gtrace[r] * ek[r * D + d];
+            if (gfrob) v += T(2) * gfrob[r] * vk[r * D + d];
+            Pb[r * D + d] = v;
+          }
+        int64_t n = D;
+        T* gek = ge_of(k);
+        for (int l = 0; l < L; ++l) {
+          int64_t m = net.dims[l + 1];
+          const T* gl;
+          if (l + 1 < L) {
+            ew_mul_d1<ACT, T>(R * m, blk + bl.P[k * (L - 1) + l], Aptr(blk, bl, l), blk + bl.H[l], ws.G);
+            gl = ws.G;
+          } else {
+            gl = ek;
+          }
+          if (want_params) gemm_tn<T>(m, n, R, gl, m, Pb, n, acc + fl.offW[l], n, T(1));
+          if (l + 1 < L || gek) gemm_nt<T>(R, m, n, Pb, n, fo.W(l), n, ws.GB, m, T(0));
+          if (l + 1 < L) {
+            ew_bwd1<ACT, T>(R * m, ws.GB, blk + bl.P[k * (L - 1) + l], Aptr(blk, bl, l), blk + bl.H[l],
+                            Pn, ws.Acc[l]);
+            std::swap(Pb, Pn);
+            n = m;
+          } else if (gek) {
+            for (int64_t i = 0; i < R * D; ++i) gek[i] = ws.GB[i] + (gtrace ? gtrace[i / D] * vk[i] : T(0));
+          }
+        }
+      }
+    } else {
+      for (int k = 0; k < K; ++k) {
+        T* gek = ge_of(k);
+        if (!gek) continue;
+        const T* vk = v_of(k);
+        for (int64_t i = 0; i < R * D; ++i) gek[i] = gtrace && vk ? gtrace[i / D] * vk[i] : T(0);
+      }
+    }
+    // forward chain
+    T* Ab = ws.AB;
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t d = 0; d < D; ++d) {
+        T v = gf ? gf[r * D + d] : T(0);
+        if (gkin) v += T(2) * gkin[r] * f[r * D + d];
+        Ab[r * D + d] = v;
+      }
+    for (int l = L - 1; l >= 0; --l) {
+      int64_t n = net.dims[l], m = net.dims[l + 1];
+      const T* hl = l == 0 ? z : blk + bl.H[l - 1];
+      if (want_params) {
+        ew_colsum<T>(R, m, Ab, acc + fl.offC[l]);
+        gemm_tn<T>(m, n, R, Ab, m, hl, n, acc + fl.offW[l], n, T(1));
+      }
+      if (l > 0 || gz) {
+        T* Hb = l > 0 ? ws.HB : gz;
+        gemm_nn<T>(R, n, m, Ab, m, fo.W(l), n, Hb, n, T(0));
+        if (l > 0)
+          ew_bwd2<ACT, T>(R * n, Hb, Aptr(blk, bl, l - 1), blk + bl.H[l - 1], chain ? ws.Acc[l - 1] : nullptr,
+                          Ab);
+      }
+    }
+  }
+};
+
+template <typename T, typename F>
+void dispatch_act(const Net& net, F&& fn) {
+  switch (net.act) {
+    case kTanh:
+      return fn(Kern<T, kTanh>(net));
+    case kSoftplus:
+      return fn(Kern<T, kSoftplus>(net));
+    case kElu:
+      return fn(Kern<T, kElu>(net));
+    case kSwish:
+      return fn(Kern<T, kSwish>(net));
+    case kIdentity:
+      return fn(Kern<T, kIdentity>(net));
+    default:
+      throw std::invalid_argument("fastode: unknown activation code " + std::to_string(net.act));
+  }
+}
+
+void check_net(const Net& net) {
+  if (net.dims.size() < 2) throw std::invalid_argument("fastode: an MLP needs at least one layer");
+  if (net.dims.front() != net.dims.back())
+    throw std::invalid_argument("fastode: the MLP's output width must equal its input width");
+  for (int64_t d : net.dims)
+    if (d <= 0) throw std::invalid_argument("fastode: layer widths must be positive");
+}
+
+// Carve scratch twice: once to measure, once into the thread's arena.
+template <typename Carve>
+void with_scratch(Carve&& carve) {
+  Bump m(nullptr);
+  carve(m);
+  Bump b(t_arena.get(m.off));
+  carve(b);
+}
+
+template <typename T>
+inline void axpy(int64_t n, T a, const T* __restrict x, T* __restrict y) {
+  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+}
+template <typename T>
+inline double dot(int64_t n, const T* x, const T* y) {
+  double s = 0;
+  for (int64_t i = 0; i < n; ++i) s += double(x[i]) * double(y[i]);
+  return s;
+}
+
+}  // namespace
+
+// ===================================================================================================
+std::string gemm_backend() { return use_blas() ? "blas" : "fallback"; }
+
+std::string set_gemm_backend(const std::string& name) {
+  if (name == "auto") {
+    g_use_blas_override_set = false;
+  } else if (name == "blas") {
+    if (!blas().use) throw std::runtime_error("fastode: no BLAS (sgemm_/dgemm_) found in this process");
+    g_use_blas_override_set = true;
+    g_use_blas = true;
+  } else if (name == "fallback") {
+    g_use_blas_override_set = true;
+    g_use_blas = false;
+  } else {
+    throw std::invalid_argument("fastode: gemm backend must be 'auto', 'blas' or 'fallback'");
+  }
+  return gemm_backend();
+}
+
+// ===================================================================================================
+// MLP ops
+int64_t mlp_save_size(const Net& net, int64_t B, int K, bool probes, const Exec& ex) {
+  check_net(net);
+  Tiling tl(B, ex.tile);
+  BlockLayout bl(net, tl.tile, K, act_needs_a(net.act), probes, false, 0);
+  return tl.ntiles * bl.size;
+}
+
+template <typename T>
+void mlp_forward(const Net& net, const Params<T>& p, double t, int64_t B, const T* z, T* f, T* save,
+                 const Exec& ex) {
+  check_net(net);
+  const int64_t D = net.dims[0];
+  FoldLayout fl(net);
+  Folded<T> fo;
+  fold(net, fl, p, t, fo);
+  Tiling tl(B, ex.tile);
+  BlockLayout bl(net, tl.tile, 1, act_needs_a(net.act), false, false, 0);
+  dispatch_act<T>(net, [&](const auto& kern) {
+    run_chunks(tl, ex, [&](int, int64_t t0, int64_t t1) {
+      TileWS<T> ws;
+      T* blkws = nullptr;
+      with_scratch([&](Bump& b) {
+        ws.carve(b, net, tl.tile);
+        blkws = b.take<T>(bl.size);
+      });
+      for (int64_t ti = t0; ti < t1; ++ti) {
+        int64_t r0 = ti * tl.tile, R = tl.rows(ti);
+        T* blk = save ? save + ti * bl.size : blkws;
+        kern.forward(R, z + r0 * D, fo, blk, bl, f + r0 * D);
+      }
+    });
+  });
+}
+
+template <typename T>
+void mlp_probe_forward(const Net& net, const Params<T>& p, double t, int64_t B, const T* z, int K,
+                       const T* e, T* f, T* vjp, T* trace, T* kinetic, T* jac_frob, T* save,
+                       const Exec& ex) {
+  check_net(net);
+  const int64_t D = net.dims[0];
+  if (!e && K != D) throw std::invalid_argument("fastode: basis probes need K == D");
+  FoldLayout fl(net);
+  Folded<T> fo;
+  fold(net, fl, p, t, fo);
+  Tiling tl(B, ex.tile);
+  BlockLayout bl(net, tl.tile, K, act_needs_a(net.act), save != nullptr, false, 0);
+  dispatch_act<T>(net, [&](const auto& kern) {
+    run_chunks(tl, ex, [&](int, int64_t t0, int64_t t1) {
+      TileWS<T> ws;
+      T *blkws = nullptr, *V = nullptr, *FR = nullptr;
+      with_scratch([&](Bump& b) {
+        ws.carve(b, net, tl.tile);
+        blkws = b.take<T>(bl.size);
+        V = b.take<T>(tl.tile * D);
+        FR = b.take<T>(tl.tile);
+      });
+      for (int64_t ti = t0; ti < t1; ++ti) {
+        int64_t r0 = ti * tl.tile, R = tl.rows(ti);
+        T* blk = save ? save + ti * bl.size : blkws;
+        T* ft = f + r0 * D;
+        kern.forward(R, z + r0 * D, fo, blk, bl, ft);
+        if (kinetic)
+          for (int64_t r = 0; r < R; ++r) {
+            T s = 0;
+            for (int64_t d = 0; d < D; ++d) s += ft[r * D + d] * ft[r * D + d];
+            kinetic[r0 + r] = s;
+          }
+        T* tr = trace ? trace + r0 : nullptr;
+        T* fr = jac_frob ? jac_frob + r0 : FR;
+        if (tr) std::fill(tr, tr + R, T(0));
+        std::fill(fr, fr + R, T(0));
+        for (int k = 0; k < K; ++k) {
+          const T* ek = kern.probe_e(R, e ? e + k * B * D + r0 * D : nullptr, k, ws);
+          T* vk = vjp ? vjp + k * B * D + r0 * D : V;
+          kern.probe(R, ek, k, fo, blk, bl, save != nullptr, vk, ws);
+          for (int64_t r = 0; r < R; ++r) {
+            T st = 0, sf = 0;
+            for (int64_t d = 0; d < D; ++d) {
+              st += vk[r * D + d] * ek[r * D + d];
+              sf += vk[r * D + d] * vk[r * D + d];
+            }
+            if (tr) tr[r] += st;
+            fr[r] += sf;
+          }
+        }
+      }
+    });
+  });
+}
+
+template <typename T>
+void mlp_backward(const Net& net, const Params<T>& p, double t, int64_t B, const T* z, int K,
+                  const T* e, bool probes, const T* save, const T* f, const T* vjp, const T* gf,
+                  const T* gvjp, const T* gtrace, const T* gkin, const T* gfrob, T* gz, T* ge,
+                  const Grads<T>* grads, T* gt, const Exec& ex) {
+  check_net(net);
+  const int64_t D = net.dims[0];
+  if ((gfrob || (ge && gtrace)) && !vjp)
+    throw std::invalid_argument("fastode: mlp_backward needs the forward's vjp for these gradients");
+  if (gkin && !f) throw std::invalid_argument("fastode: mlp_backward needs f for the kinetic gradient");
+  FoldLayout fl(net);
+  Folded<T> fo;
+  fold(net, fl, p, t, fo);
+  Tiling tl(B, ex.tile);
+  BlockLayout bl(net, tl.tile, K, act_needs_a(net.act), probes, false, 0);
+  const bool want_params = grads || gt;
+  std::vector<T> accs(want_params ? size_t(tl.nchunks) * fl.size : 0, T(0));
+  dispatch_act<T>(net, [&](const auto& kern) {
+    run_chunks(tl, ex, [&](int c, int64_t t0, int64_t t1) {
+      TileWS<T> ws;
+      with_scratch([&](Bump& b) { ws.carve(b, net, tl.tile); });
+      T* acc = want_params ? accs.data() + size_t(c) * fl.size : nullptr;
+      for (int64_t ti = t0; ti < t1; ++ti) {
+        int64_t r0 = ti * tl.tile, R = tl.rows(ti);
+        auto off = [&](int k) { return k * B * D + r0 * D; };
+        kern.backward(
+            R, z + r0 * D, K, fo, save + ti * bl.size, bl, f ? f + r0 * D : nullptr,
+            [&](int k) { return e ? e + off(k) : nullptr; },
+            [&](int k) { return vjp ? vjp + off(k) : nullptr; },
+            [&](int k) { return gvjp ? gvjp + off(k) : nullptr; }, gf ? gf + r0 * D : nullptr,
+            gtrace ? gtrace + r0 : nullptr, gkin ? gkin + r0 : nullptr, gfrob ? gfrob + r0 : nullptr,
+            gvjp != nullptr, gz ? gz + r0 * D : nullptr, [&](int k) { return ge ? ge + off(k) : nullptr; },
+            acc, fl, want_params, ws);
+      }
+    });
+  });
+  if (want_params) {
+    T* acc0 = accs.data();
+    for (int c = 1; c < tl.nchunks; ++c) axpy<T>(fl.size, T(1), accs.data() + size_t(c) * fl.size, acc0);
+    double dt = unfold(net, fl, p, fo, t, acc0, grads);
+    if (gt) *gt = T(dt);
+  }
+}
+
+// ===================================================================================================
+// Generic RK combination and epilogue on flat vectors.
+constexpr int64_t kFlatTile = 1 << 14;
+
+template <typename T>
+void rk_combine(int64_t n, const T* y0, int nk, const T* const* k, const double* w, double dt, T* out,
+                const Exec& ex) {
+  std::vector<T> wt(nk);
+  for (int j = 0; j < nk; ++j) wt[j] = T(dt * w[j]);
+  Tiling tl(n, kFlatTile);
+  run_chunks(tl, ex, [&](int, int64_t t0, int64_t t1) {
+    std::vector<const T*> kp(nk);
+    for (int64_t ti = t0; ti < t1; ++ti) {
+      int64_t o = ti * tl.tile, len = tl.rows(ti);
+      for (int j = 0; j < nk; ++j) kp[j] = k[j] + o;
+      ew_combine<T>(len, y0 + o, nk, kp.data(), wt.data(), out + o);
+    }
+  });
+}
+
+template <typename T>
+double rk_epilogue(int64_t n, const T* y0, int nk, const T* const* k, const double* b,
+                   const double* b_err, double dt, double atol, double rtol, T* y1, T* y_err,
+                   const Exec& ex) {
+  std::vector<T> wb(nk), we(nk);
+  for (int j = 0; j < nk; ++j) {
+    wb[j] = T(dt * b[j]);
+    we[j] = b_err ? T(dt * b_err[j]) : T(0);
+  }
+  Tiling tl(n, kFlatTile);
+  std::vector<double> part(tl.ntiles, 0.0);
+  run_chunks(tl, ex, [&](int, int64_t t0, int64_t t1) {
+    std::vector<const T*> kp(nk);
+    std::vector<T> errbuf(b_err && !y_err ? tl.tile : 0);
+    for (int64_t ti = t0; ti < t1; ++ti) {
+      int64_t o = ti * tl.tile, len = tl.rows(ti);
+      for (int j = 0; j < nk; ++j) kp[j] = k[j] + o;
+      ew_combine<T>(len, y0 + o, nk, kp.data(), wb.data(), y1 + o);
+      if (b_err) {
+        T* err = y_err ? y_err + o : errbuf.data();
+        ew_lincomb<T>(len, nk, kp.data(), we.data(), err);
+        ew_err_sumsq<T>(len, 1, y0 + o, y1 + o, err, &atol, &rtol, &part[ti]);
+      }
+    }
+  });
+  double s = 0;
+  for (double v : part) s += v;
+  return s;
+}
+
+// ===================================================================================================
+// Fused CNF RK step.
+namespace {
+
+template <typename T>
+struct StepCtx {
+  const CnfSpec& spec;
+  const Tableau& tab;
+  const Net& net;
+  int s, K, L;
+  int64_t D, NQ, B;
+  FoldLayout fl;
+  std::vector<Folded<T>> folds;
+  std::vector<double> ts;
+  std::vector<T> Aw, Bw, Ew;  // dt-scaled coefficients
+  Tiling tl;
+  BlockLayout bl;
+  StepCtx(const CnfSpec& sp, const Tableau& tb, const Params<T>& p, double t0, double dt, int64_t B_,
+          const Exec& ex)
+      : spec(sp),
+        tab(tb),
+        net(sp.net),
+        s(tb.s),
+        K(sp.K),
+        L(sp.net.L()),
+        D(sp.net.dims[0]),
+        NQ(int64_t(sp.rates.size())),
+        B(B_),
+        fl(sp.net),
+        tl(B_, ex.tile),
+        bl(sp.net, tl.tile, sp.K, act_needs_a(sp.net.act), true, true, int64_t(sp.rates.size())) {
+    check_net(net);
+    if (s < 1 || int(tab.c.size()) != s || int(tab.a.size()) != s * s || int(tab.b.size()) != s ||
+        (tab.has_err() && int(tab.b_err.size()) != s))
+      throw std::invalid_argument("fastode: inconsistent tableau sizes");
+    if (sp.exact && sp.K != D) throw std::invalid_argument("fastode: exact trace needs K == D probes");
+    for (int r : sp.rates)
+      if (r < 0 || r > 3) throw std::invalid_argument("fastode: rate codes are 0..3");
+    folds.resize(s);
+    for (int i = 0; i < s; ++i) {
+      ts.push_back(t0 + tab.c[i] * dt);
+      fold(net, fl, p, ts[i], folds[i]);
+    }
+    Aw.resize(size_t(s) * s);
+    Bw.resize(s);
+    Ew.resize(s);
+    for (int i = 0; i < s; ++i) {
+      for (int j = 0; j < s; ++j) Aw[i * s + j] = T(dt * tab.a[i * s + j]);
+      Bw[i] = T(dt * tab.b[i]);
+      Ew[i] = tab.has_err() ? T(dt * tab.b_err[i]) : T(0);
+    }
+  }
+  bool has(int code) const {
+    for (int r : spec.rates)
+      if (r == code) return true;
+    return false;
+  }
+};
+
+template <typename T>
+struct StepWS {
+  TileWS<T> tw;
+  T *KZ, *KQ, *ZI, *TR, *KIN, *FR, *V, *blk, *ZB, *GE, *GTR, *GKIN, *GFR, *KB, *KQB, *TMP, *TMPQ, *EZ, *EQ;
+  void carve(Bump& b, const StepCtx<T>& c) {
+    int64_t R = c.tl.tile, Q = std::max<int64_t>(c.NQ, 1);
+    tw.carve(b, c.net, R);
+    KZ = b.take<T>(c.s * R * c.D);
+    KQ = b.take<T>(c.s * R * Q);
+    ZI = b.take<T>(R * c.D);
+    TR = b.take<T>(R);
+    KIN = b.take<T>(R);
+    FR = b.take<T>(R);
+    V = b.take<T>(int64_t(c.K) * R * c.D);
+    blk = b.take<T>(c.bl.size);
+    ZB = b.take<T>(c.s * R * c.D);
+    GE = b.take<T>(int64_t(c.K) * R * c.D);
+    GTR = b.take<T>(R);
+    GKIN = b.take<T>(R);
+    GFR = b.take<T>(R);
+    KB = b.take<T>(R * c.D);
+    KQB = b.take<T>(R * Q);
+    TMP = b.take<T>(R * c.D);
+    TMPQ = b.take<T>(R * Q);
+    EZ = b.take<T>(R * c.D);
+    EQ = b.take<T>(R * Q);
+  }
+};
+
+}  // namespace
+
+int64_t cnf_step_save_size(const CnfSpec& spec, const Tableau& tab, int64_t B, const Exec& ex) {
+  check_net(spec.net);
+  Tiling tl(B, ex.tile);
+  BlockLayout bl(spec.net, tl.tile, spec.K, act_needs_a(spec.net.act), true, true, int64_t(spec.rates.size()));
+  return tl.ntiles * tab.s * bl.size;
+}
+
+template <typename T>
+void cnf_step_forward(const CnfSpec& spec, const Tableau& tab, const Params<T>& p,
+                      const CnfStepIn<T>& in, const CnfStepOut<T>& out, const Exec& ex) {
+  StepCtx<T> c(spec, tab, p, in.t0, in.dt, in.B, ex);
+  const int s = c.s, K = c.K;
+  const int64_t D = c.D, NQ = c.NQ, B = c.B, ncol = D + NQ;
+  const bool want_err = tab.has_err() && (out.ez || out.eq || out.sumsq);
+  if (out.sumsq && tab.has_err() && (!in.atol || !in.rtol))
+    throw std::invalid_argument("fastode: the error norm needs atol and rtol per column");
+  std::vector<double> part(out.sumsq ? size_t(c.tl.ntiles) * ncol : 0, 0.0);
+  dispatch_act<T>(c.net, [&](const auto& kern) {
+    run_chunks(c.tl, ex, [&](int, int64_t t0, int64_t t1) {
+      StepWS<T> w;
+      with_scratch([&](Bump& b) { w.carve(b, c); });
+      for (int64_t ti = t0; ti < t1; ++ti) {
+        const int64_t r0 = ti * c.tl.tile, R = c.tl.rows(ti);
+        const T* z0 = in.z0 + r0 * D;
+        const T* q0 = NQ ? in.q0 + r0 * NQ : nullptr;
+        std::vector<const T*> kzp(s), kqp(s);
+        for (int i = 0; i < s; ++i) {
+          T* kzi = w.KZ + i * R * D;
+          T* kqi = w.KQ + i * R * NQ;
+          kzp[i] = kzi;
+          kqp[i] = kqi;
+          if (i == 0 && in.kz0) {
+            std::memcpy(kzi, in.kz0 + r0 * D, sizeof(T) * R * D);
+            if (NQ) std::memcpy(kqi, in.kq0 + r0 * NQ, sizeof(T) * R * NQ);
+            continue;
+          }
+          T* blk = out.save ? out.save + (ti * s + i) * c.bl.size : w.blk;
+          T* zi = out.save ? blk + c.bl.Z : w.ZI;
+          ew_combine<T>(R * D, z0, i, kzp.data(), c.Aw.data() + i * s, zi);
+          kern.forward(R, zi, c.folds[i], blk, c.bl, kzi);
+          std::fill(w.TR, w.TR + R, T(0));
+          std::fill(w.FR, w.FR + R, T(0));
+          for (int64_t r = 0; r < R; ++r) {
+            T sk = 0;
+            for (int64_t d = 0; d < D; ++d) sk += kzi[r * D + d] * kzi[r * D + d];
+            w.KIN[r] = sk;
+          }
+          const bool probes = c.has(0) || c.has(1) || c.has(3);
+          for (int k = 0; probes && k < K; ++k) {
+            const T* ek = kern.probe_e(R, in.e ? in.e + k * B * D + r0 * D : nullptr, k, w.tw);
+            T* vk = out.save ? blk + c.bl.V + k * R * D : w.V;
+            kern.probe(R, ek, k, c.folds[i], blk, c.bl, out.save != nullptr, vk, w.tw);
+            for (int64_t r = 0; r < R; ++r) {
+              T st = 0, sf = 0;
+              for (int64_t d = 0; d < D; ++d) {
+                st += vk[r * D + d] * ek[r * D + d];
+                sf += vk[r * D + d] * vk[r * D + d];
+              }
+              w.TR[r] += st;
+              w.FR[r] += sf;
+            }
+          }
+          for (int64_t r = 0; r < R; ++r)
+            for (int64_t j = 0; j < NQ; ++j) {
+              int code = spec.rates[j];
+              kqi[r * NQ + j] = code == 0 ? -w.TR[r] : code == 1 ? w.TR[r] : code == 2 ? w.KIN[r] : w.FR[r];
+            }
+          if (out.save) {
+            std::memcpy(blk + c.bl.F, kzi, sizeof(T) * R * D);
+            if (NQ) std::memcpy(blk + c.bl.Q, kqi, sizeof(T) * R * NQ);
+          }
+        }
+        T* z1 = out.z1 + r0 * D;
+        ew_combine<T>(R * D, z0, s, kzp.data(), c.Bw.data(), z1);
+        T* q1 = NQ ? out.q1 + r0 * NQ : nullptr;
+        if (NQ) ew_combine<T>(R * NQ, q0, s, kqp.data(), c.Bw.data(), q1);
+        if (want_err) {
+          T* ez = out.ez ? out.ez + r0 * D : w.EZ;
+          ew_lincomb<T>(R * D, s, kzp.data(), c.Ew.data(), ez);
+          T* eq = NQ ? (out.eq ? out.eq + r0 * NQ : w.EQ) : nullptr;
+          if (NQ) ew_lincomb<T>(R * NQ, s, kqp.data(), c.Ew.data(), eq);
+          if (out.sumsq) {
+            double* pt = part.data() + ti * ncol;
+            ew_err_sumsq<T>(R, D, z0, z1, ez, in.atol, in.rtol, pt);
+            if (NQ) ew_err_sumsq<T>(R, NQ, q0, q1, eq, in.atol + D, in.rtol + D, pt + D);
+          }
+        }
+        if (out.kz)
+          for (int i = 0; i < s; ++i) std::memcpy(out.kz + i * B * D + r0 * D, kzp[i], sizeof(T) * R * D);
+        if (out.kq && NQ)
+          for (int i = 0; i < s; ++i) std::memcpy(out.kq + i * B * NQ + r0 * NQ, kqp[i], sizeof(T) * R * NQ);
+      }
+    });
+  });
+  if (out.sumsq) {
+    for (int64_t j = 0; j < ncol; ++j) out.sumsq[j] = 0;
+    if (tab.has_err())
+      for (int64_t ti = 0; ti < c.tl.ntiles; ++ti)
+        for (int64_t j = 0; j < ncol; ++j) out.sumsq[j] += part[ti * ncol + j];
+  }
+}
+
+template <typename T>
+void cnf_step_backward(const CnfSpec& spec, const Tableau& tab, const Params<T>& p,
+                       const CnfStepIn<T>& in, const T* save, const CnfStepGradIn<T>& g,
+                       const CnfStepGradOut<T>& out, const Exec& ex) {
+  StepCtx<T> c(spec, tab, p, in.t0, in.dt, in.B, ex);
+  const int s = c.s, K = c.K;
+  const int64_t D = c.D, NQ = c.NQ, B = c.B;
+  const bool want_params = out.grads || out.gt0 || out.gdt;
+  const bool want_dt = out.gdt != nullptr;
+  std::vector<T> accs(want_params ? size_t(c.tl.nchunks) * s * c.fl.size : 0, T(0));
+  std::vector<double> dtpart(c.tl.ntiles, 0.0);
+  std::vector<T> araw(size_t(s) * s), braw(s), eraw(s);
+  for (int i = 0; i < s; ++i) {
+    for (int j = 0; j < s; ++j) araw[i * s + j] = T(tab.a[i * s + j]);
+    braw[i] = T(tab.b[i]);
+    eraw[i] = tab.has_err() ? T(tab.b_err[i]) : T(0);
+  }
+  dispatch_act<T>(c.net, [&](const auto& kern) {
+    run_chunks(c.tl, ex, [&](int ch, int64_t t0, int64_t t1) {
+      StepWS<T> w;
+      with_scratch([&](Bump& b) { w.carve(b, c); });
+      for (int64_t ti = t0; ti < t1; ++ti) {
+        const int64_t r0 = ti * c.tl.tile, R = c.tl.rows(ti);
+        auto blk_of = [&](int i) { return save + (ti * s + i) * c.bl.size; };
+        const bool fsal_in = in.kz0 != nullptr;
+        std::vector<const T*> kzp(s), kqp(s);
+        for (int i = 0; i < s; ++i) {
+          if (i == 0 && fsal_in) {
+            kzp[0] = in.kz0 + r0 * D;
+            kqp[0] = NQ ? in.kq0 + r0 * NQ : nullptr;
+          } else {
+            kzp[i] = blk_of(i) + c.bl.F;
+            kqp[i] = blk_of(i) + c.bl.Q;
+          }
+        }
+        const T* gz1 = g.gz1 ? g.gz1 + r0 * D : nullptr;
+        const T* gq1 = g.gq1 && NQ ? g.gq1 + r0 * NQ : nullptr;
+        const T* gez = g.gez ? g.gez + r0 * D : nullptr;
+        const T* geq = g.geq && NQ ? g.geq + r0 * NQ : nullptr;
+        T* get = out.ge ? out.ge : nullptr;
+        if (get)
+          for (int k = 0; k < K; ++k) std::fill(get + k * B * D + r0 * D, get + k * B * D + r0 * D + R * D, T(0));
+        double dtp = 0;
+        for (int i = s - 1; i >= 0; --i) {
+          // gradient of stage i's derivative
+          T* kb = w.KB;
+          std::fill(kb, kb + R * D, T(0));
+          if (gz1) axpy<T>(R * D, c.Bw[i], gz1, kb);
+          if (gez && tab.has_err()) axpy<T>(R * D, c.Ew[i], gez, kb);
+          if (g.gkz) axpy<T>(R * D, T(1), g.gkz + i * B * D + r0 * D, kb);
+          for (int m = i + 1; m < s; ++m)
+            if (c.Aw[m * s + i] != T(0) && !(m == 0)) axpy<T>(R * D, c.Aw[m * s + i], w.ZB + m * R * D, kb);
+          T* kqb = w.KQB;
+          if (NQ) {
+            std::fill(kqb, kqb + R * NQ, T(0));
+            if (gq1) axpy<T>(R * NQ, c.Bw[i], gq1, kqb);
+            if (geq && tab.has_err()) axpy<T>(R * NQ, c.Ew[i], geq, kqb);
+            if (g.gkq) axpy<T>(R * NQ, T(1), g.gkq + i * B * NQ + r0 * NQ, kqb);
+          }
+          T* zb = w.ZB + i * R * D;
+          if (i == 0 && fsal_in) {
+            if (out.gkz0) std::memcpy(out.gkz0 + r0 * D, kb, sizeof(T) * R * D);
+            if (out.gkq0 && NQ) std::memcpy(out.gkq0 + r0 * NQ, kqb, sizeof(T) * R * NQ);
+            std::fill(zb, zb + R * D, T(0));
+            continue;
+          }
+          T *gtr = nullptr, *gkin = nullptr, *gfr = nullptr;
+          for (int64_t j = 0; j < NQ; ++j) {
+            int code = spec.rates[j];
+            T*& dst = (code <= 1) ? gtr : code == 2 ? gkin : gfr;
+            T* buf = (code <= 1) ? w.GTR : code == 2 ? w.GKIN : w.GFR;
+            if (!dst) {
+              dst = buf;
+              std::fill(dst, dst + R, T(0));
+            }
+            const T sign = code == 0 ? T(-1) : T(1);
+            for (int64_t r = 0; r < R; ++r) dst[r] += sign * kqb[r * NQ + j];
+          }
+          const T* blk = blk_of(i);
+          const T* zi = blk + c.bl.Z;
+          T* acc = want_params ? accs.data() + (size_t(ch) * s + i) * c.fl.size : nullptr;
+          kern.backward(
+              R, zi, K, c.folds[i], blk, c.bl, blk + c.bl.F,
+              [&](int k) { return in.e ? in.e + k * B * D + r0 * D : nullptr; },
+              [&](int k) { return blk + c.bl.V + k * R * D; }, [&](int) { return (const T*)nullptr; }, kb,
+              gtr, gkin, gfr, false, zb, [&](int k) { return out.ge && in.e ? w.GE + k * R * D : nullptr; }, acc,
+              c.fl, want_params, w.tw);
+          if (out.ge && in.e)
+            for (int k = 0; k < K; ++k) axpy<T>(R * D, T(1), w.GE + k * R * D, get + k * B * D + r0 * D);
+          if (want_dt && i > 0) {
+            ew_lincomb<T>(R * D, i, kzp.data(), araw.data() + i * s, w.TMP);
+            dtp += dot<T>(R * D, zb, w.TMP);
+          }
+        }
+        if (out.gz0) {
+          T* gz0 = out.gz0 + r0 * D;
+          if (gz1)
+            std::memcpy(gz0, gz1, sizeof(T) * R * D);
+          else
+            std::fill(gz0, gz0 + R * D, T(0));
+          for (int i = 0; i < s; ++i) axpy<T>(R * D, T(1), w.ZB + i * R * D, gz0);
+        }
+        if (out.gq0 && NQ) {
+          T* gq0 = out.gq0 + r0 * NQ;
+          if (gq1)
+            std::memcpy(gq0, gq1, sizeof(T) * R * NQ);
+          else
+            std::fill(gq0, gq0 + R * NQ, T(0));
+        }
+        if (want_dt) {
+          if (gz1) {
+            ew_lincomb<T>(R * D, s, kzp.data(), braw.data(), w.TMP);
+            dtp += dot<T>(R * D, gz1, w.TMP);
+          }
+          if (gq1) {
+            ew_lincomb<T>(R * NQ, s, kqp.data(), braw.data(), w.TMPQ);
+            dtp += dot<T>(R * NQ, gq1, w.TMPQ);
+          }
+          if (gez && tab.has_err()) {
+            ew_lincomb<T>(R * D, s, kzp.data(), eraw.data(), w.TMP);
+            dtp += dot<T>(R * D, gez, w.TMP);
+          }
+          if (geq && tab.has_err()) {
+            ew_lincomb<T>(R * NQ, s, kqp.data(), eraw.data(), w.TMPQ);
+            dtp += dot<T>(R * NQ, geq, w.TMPQ);
+          }
+          dtpart[ti] = dtp;
+        }
+      }
+    });
+  });
+  double gt0 = 0, gdt = 0;
+  for (double v : dtpart) gdt += v;
+  if (want_params) {
+    for (int i = 0; i < s; ++i) {
+      T* acc0 = accs.data() + size_t(i) * c.fl.size;
+      for (int ch = 1; ch < c.tl.nchunks; ++ch)
+        axpy<T>(c.fl.size, T(1), accs.data() + (size_t(ch) * s + i) * c.fl.size, acc0);
+      double gti = unfold(c.net, c.fl, p, c.folds[i], c.ts[i], acc0, out.grads);
+      gt0 += gti;
+      gdt += tab.c[i] * gti;
+    }
+  }
+  if (out.gt0) *out.gt0 = gt0;
+  if (out.gdt) *out.gdt = gdt;
+}
+
+// ===================================================================================================
+// Explicit instantiations
+#define FASTODE_INSTANTIATE(T)                                                                          \
+  template void mlp_forward<T>(const Net&, const Params<T>&, double, int64_t, const T*, T*, T*,        \
+                               const Exec&);                                                            \
+  template void mlp_probe_forward<T>(const Net&, const Params<T>&, double, int64_t, const T*, int,     \
+                                     const T*, T*, T*, T*, T*, T*, T*, const Exec&);                    \
+  template void mlp_backward<T>(const Net&, const Params<T>&, double, int64_t, const T*, int, const T*, \
+                                bool, const T*, const T*, const T*, const T*, const T*, const T*,       \
+                                const T*, const T*, T*, T*, const Grads<T>*, T*, const Exec&);          \
+  template void rk_combine<T>(int64_t, const T*, int, const T* const*, const double*, double, T*,      \
+                              const Exec&);                                                             \
+  template double rk_epilogue<T>(int64_t, const T*, int, const T* const*, const double*, const double*, \
+                                 double, double, double, T*, T*, const Exec&);                          \
+  template void cnf_step_forward<T>(const CnfSpec&, const Tableau&, const Params<T>&,                  \
+                                    const CnfStepIn<T>&, const CnfStepOut<T>&, const Exec&);            \
+  template void cnf_step_backward<T>(const CnfSpec&, const Tableau&, const Params<T>&,                 \
+                                     const CnfStepIn<T>&, const T*, const CnfStepGradIn<T>&,            \
+                                     const CnfStepGradOut<T>&, const Exec&);
+
+FASTODE_INSTANTIATE(float)
+FASTODE_INSTANTIATE(double)
+
+}  // namespace fastode

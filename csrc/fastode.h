@@ -1,0 +1,173 @@
+// fastode C++ core: fused concatsquash-MLP kernels and fused Runge-Kutta steps for CNF dynamics.
+//
+// This header and core.cpp know nothing about torch or autograd (DESIGN.md, layer "kernels"): raw
+// row-major pointers, shapes and tableau coefficients passed in by the caller. bindings.cpp wraps them
+// for torch; tests/test_core.cpp tests them standalone (built by CMakeLists.txt, run by ctest).
+//
+// Notation (one concatsquash layer l, FFJORD's ConcatSquashLinear):
+//   gate_l = sigmoid(gw_l t + gb_l),  W'_l = diag(gate_l) W_l,  c_l = b_l gate_l + bw_l t
+//   a_l = h_l W'_l^T + c_l,  h_{l+1} = act(a_l) for l < L-1,  f = a_{L-1}.
+// A "probe" e gives the vector-Jacobian product vjp = e^T df/dz (Hutchinson: one probe per sample;
+// exact trace: the D basis vectors, e == nullptr). Per row:
+//   trace = sum_k <vjp_k, e_k>,  kinetic = |f|^2,  jac_frob = sum_k |vjp_k|^2.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace fastode {
+
+enum Act : int { kTanh = 0, kSoftplus = 1, kElu = 2, kSwish = 3, kIdentity = 4 };
+// Names as in fastode.nn.functional.ACTIVATIONS; throws std::invalid_argument for an unknown name.
+int act_from_name(const std::string& name);
+
+// Shape of an L-layer MLP: dims = {D, h_1, ..., h_{L-1}, D} (L = dims.size() - 1 >= 1).
+struct Net {
+  std::vector<int64_t> dims;
+  int act = kTanh;
+  int L() const { return static_cast<int>(dims.size()) - 1; }
+};
+
+// Parameters of every layer, in FFJORD's order: W (out, in), b, gw, gb, bw (out,), all contiguous.
+template <typename T>
+struct Params {
+  std::vector<const T*> W, b, gw, gb, bw;
+};
+// Parameter gradients, accumulated into (+=). Either all pointers are set or the struct is not passed.
+template <typename T>
+struct Grads {
+  std::vector<T*> W, b, gw, gb, bw;
+};
+
+// Execution: rows per tile, and whether OpenMP may be used (nthreads > 1). The result does not depend
+// on nthreads: tiles are grouped into a fixed number of chunks and partial sums are reduced in order.
+struct Exec {
+  int64_t tile = 64;
+  int nthreads = 1;
+};
+
+// ---------------------------------------------------------------------------------------------------
+// GEMM used by the kernels. "blas" = the process's Fortran BLAS (sgemm_/dgemm_ found with dlsym, e.g.
+// the MKL inside libtorch_cpu, or a library named by $FASTODE_BLAS_LIB); "fallback" = built-in loops.
+// set_gemm_backend("auto") picks blas when found. Returns the name in use.
+std::string gemm_backend();
+std::string set_gemm_backend(const std::string& name);
+
+// ---------------------------------------------------------------------------------------------------
+// Concatsquash MLP. Inputs are contiguous row-major; B rows; t is the (scalar) time.
+// Saved activations for the backward pass live in `save` (mlp_save_size elements; tile layout is
+// private to core.cpp and depends on exec.tile, which must be the same in the backward call).
+int64_t mlp_save_size(const Net& net, int64_t B, int K, bool probes, const Exec& ex);
+
+template <typename T>
+void mlp_forward(const Net& net, const Params<T>& p, double t, int64_t B, const T* z, T* f, T* save,
+                 const Exec& ex);
+
+// K probes: e is (K, B, D) (Hutchinson: K = 1), or nullptr for the D basis vectors (exact trace, K = D).
+// vjp (K, B, D), kinetic, jac_frob and save may be nullptr (not wanted).
+template <typename T>
+void mlp_probe_forward(const Net& net, const Params<T>& p, double t, int64_t B, const T* z, int K,
+                       const T* e, T* f, T* vjp, T* trace, T* kinetic, T* jac_frob, T* save,
+                       const Exec& ex);
+
+// Backward of mlp_forward (probes = false: only gf) or of mlp_probe_forward (probes = true).
+// Upstream gradients gf (B,D), gvjp (K,B,D), gtrace/gkin/gfrob (B,) may each be nullptr (zero).
+// Outputs (each may be nullptr): gz (B,D) overwritten, ge (K,B,D) overwritten, grads accumulated,
+// gt (scalar) overwritten.
+template <typename T>
+void mlp_backward(const Net& net, const Params<T>& p, double t, int64_t B, const T* z, int K,
+                  const T* e, bool probes, const T* save, const T* f, const T* vjp, const T* gf,
+                  const T* gvjp, const T* gtrace, const T* gkin, const T* gfrob, T* gz, T* ge,
+                  const Grads<T>* grads, T* gt, const Exec& ex);
+
+// ---------------------------------------------------------------------------------------------------
+// Explicit Runge-Kutta tableau (coefficients come from fastode.tableaus through the caller).
+struct Tableau {
+  int s = 0;
+  std::vector<double> c, a, b, b_err;  // a: s*s row-major (strictly lower triangular); b_err may be empty
+  bool has_err() const { return !b_err.empty(); }
+};
+
+// Generic stage combination on flat vectors of n elements: out = y0 + dt * sum_j w[j] * k[j].
+template <typename T>
+void rk_combine(int64_t n, const T* y0, int nk, const T* const* k, const double* w, double dt, T* out,
+                const Exec& ex);
+
+// Step epilogue: y1 = y0 + dt sum b_i k_i; y_err = dt sum b_err_i k_i (if b_err and y_err);
+// returns sum over elements of (y_err / (atol + rtol max(|y0|, |y1|)))^2 (0 without error estimate).
+template <typename T>
+double rk_epilogue(int64_t n, const T* y0, int nk, const T* const* k, const double* b,
+                   const double* b_err, double dt, double atol, double rtol, T* y1, T* y_err,
+                   const Exec& ex);
+
+// ---------------------------------------------------------------------------------------------------
+// Fused RK step of CNF dynamics:  dz/dt = f(t, z),  dq_j/dt = rate_j  for the NQ columns of q, where
+// rate code 0 = -trace, 1 = +trace, 2 = kinetic |f|^2, 3 = jac_frob.
+struct CnfSpec {
+  Net net;
+  int K = 1;              // probes (1 = Hutchinson with e; D = exact trace with e == nullptr)
+  bool exact = false;     // basis probes
+  std::vector<int> rates; // NQ codes
+};
+
+template <typename T>
+struct CnfStepIn {
+  double t0 = 0, dt = 0;
+  int64_t B = 0;
+  const T* z0 = nullptr;   // (B, D)
+  const T* q0 = nullptr;   // (B, NQ)
+  const T* e = nullptr;    // (K, B, D) or nullptr with exact
+  const T* kz0 = nullptr;  // FSAL: first stage given (B, D), (B, NQ); nullptr: evaluate it
+  const T* kq0 = nullptr;
+  // error control (used when the tableau has b_err): per column of [z | q], D + NQ values
+  const double* atol = nullptr;
+  const double* rtol = nullptr;
+};
+
+template <typename T>
+struct CnfStepOut {
+  T* z1 = nullptr;        // (B, D)
+  T* q1 = nullptr;        // (B, NQ)
+  T* ez = nullptr;        // (B, D) error estimate, or nullptr
+  T* eq = nullptr;        // (B, NQ)
+  T* kz = nullptr;        // all stages (s, B, D), or nullptr (needed for dense output / FSAL)
+  T* kq = nullptr;        // (s, B, NQ)
+  double* sumsq = nullptr;  // (D + NQ): per column sum of squared scaled error, or nullptr
+  T* save = nullptr;      // for the backward pass, cnf_step_save_size elements, or nullptr
+};
+
+int64_t cnf_step_save_size(const CnfSpec& spec, const Tableau& tab, int64_t B, const Exec& ex);
+
+template <typename T>
+void cnf_step_forward(const CnfSpec& spec, const Tableau& tab, const Params<T>& p,
+                      const CnfStepIn<T>& in, const CnfStepOut<T>& out, const Exec& ex);
+
+// Gradients flowing into the step outputs (each may be nullptr = zero).
+template <typename T>
+struct CnfStepGradIn {
+  const T* gz1 = nullptr;  // (B, D)
+  const T* gq1 = nullptr;  // (B, NQ)
+  const T* gez = nullptr;  // (B, D)
+  const T* geq = nullptr;  // (B, NQ)
+  const T* gkz = nullptr;  // (s, B, D): gradient of the returned stages
+  const T* gkq = nullptr;  // (s, B, NQ)
+};
+template <typename T>
+struct CnfStepGradOut {
+  T* gz0 = nullptr;   // (B, D)
+  T* gq0 = nullptr;   // (B, NQ)
+  T* ge = nullptr;    // (K, B, D)
+  T* gkz0 = nullptr;  // (B, D) when the first stage was given (FSAL)
+  T* gkq0 = nullptr;
+  const Grads<T>* grads = nullptr;
+  double* gt0 = nullptr;
+  double* gdt = nullptr;
+};
+
+template <typename T>
+void cnf_step_backward(const CnfSpec& spec, const Tableau& tab, const Params<T>& p,
+                       const CnfStepIn<T>& in, const T* save, const CnfStepGradIn<T>& g,
+                       const CnfStepGradOut<T>& out, const Exec& ex);
+
+}  // namespace fastode

@@ -1,0 +1,741 @@
+// Unit tests of the torch-free core (run by ctest): independent naive references in double precision
+// and central finite differences. Usage: test_core [group]   (no argument: every group)
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <random>
+#include <string>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "../fastode.h"
+
+using namespace fastode;
+
+static int g_failures = 0;
+#define CHECK(cond, ...)                                    \
+  do {                                                      \
+    if (!(cond)) {                                          \
+      ++g_failures;                                         \
+      std::printf("FAIL %s:%d: ", __FILE__, __LINE__);      \
+      std::printf(__VA_ARGS__);                             \
+      std::printf("\n");                                    \
+    }                                                       \
+  } while (0)
+
+static double max_rel(const std::vector<double>& a, const std::vector<double>& b) {
+  double num = 0, den = 1e-30;
+  for (size_t i = 0; i < a.size(); ++i) {
+    num = std::max(num, std::fabs(a[i] - b[i]));
+    den = std::max(den, std::fabs(b[i]));
+  }
+  return num / den;
+}
+template <typename T>
+static std::vector<double> todbl(const std::vector<T>& v) {
+  return std::vector<double>(v.begin(), v.end());
+}
+
+// ------------------------------------------------------------------------------------------------
+// A model: dims, activation, parameters in double (cast to T for the kernels).
+struct Model {
+  Net net;
+  std::vector<std::vector<double>> W, b, gw, gb, bw;
+  Model(std::vector<int64_t> dims, int act, unsigned seed) {
+    net.dims = dims;
+    net.act = act;
+    std::mt19937 rng(seed);
+    std::normal_distribution<double> nd(0.0, 1.0);
+    for (size_t l = 0; l + 1 < dims.size(); ++l) {
+      int64_t n = dims[l], m = dims[l + 1];
+      double sc = 1.0 / std::sqrt(double(n));
+      std::vector<double> w(m * n), bb(m), g1(m), g2(m), g3(m);
+      for (auto& x : w) x = sc * nd(rng);
+      for (auto& x : bb) x = 0.3 * nd(rng);
+      for (auto& x : g1) x = 0.8 * nd(rng);
+      for (auto& x : g2) x = 0.5 * nd(rng);
+      for (auto& x : g3) x = 0.4 * nd(rng);
+      W.push_back(w);
+      b.push_back(bb);
+      gw.push_back(g1);
+      gb.push_back(g2);
+      bw.push_back(g3);
+    }
+  }
+  int L() const { return net.L(); }
+  // flat view of all parameters for finite differences
+  std::vector<double*> flat() {
+    std::vector<double*> r;
+    for (int l = 0; l < L(); ++l)
+      for (auto* v : {&W[l], &b[l], &gw[l], &gb[l], &bw[l]})
+        for (auto& x : *v) r.push_back(&x);
+    return r;
+  }
+};
+
+template <typename T>
+struct TParams {
+  std::vector<std::vector<T>> W, b, gw, gb, bw;
+  Params<T> p;
+  explicit TParams(const Model& m) {
+    auto cv = [](const std::vector<double>& v) { return std::vector<T>(v.begin(), v.end()); };
+    for (int l = 0; l < m.L(); ++l) {
+      W.push_back(cv(m.W[l]));
+      b.push_back(cv(m.b[l]));
+      gw.push_back(cv(m.gw[l]));
+      gb.push_back(cv(m.gb[l]));
+      bw.push_back(cv(m.bw[l]));
+    }
+    for (int l = 0; l < m.L(); ++l) {
+      p.W.push_back(W[l].data());
+      p.b.push_back(b[l].data());
+      p.gw.push_back(gw[l].data());
+      p.gb.push_back(gb[l].data());
+      p.bw.push_back(bw[l].data());
+    }
+  }
+};
+template <typename T>
+struct TGrads {
+  std::vector<std::vector<T>> W, b, gw, gb, bw;
+  Grads<T> g;
+  explicit TGrads(const Model& m) {
+    for (int l = 0; l < m.L(); ++l) {
+      W.emplace_back(m.W[l].size(), T(0));
+      b.emplace_back(m.b[l].size(), T(0));
+      gw.emplace_back(m.b[l].size(), T(0));
+      gb.emplace_back(m.b[l].size(), T(0));
+      bw.emplace_back(m.b[l].size(), T(0));
+    }
+    for (int l = 0; l < m.L(); ++l) {
+      g.W.push_back(W[l].data());
+      g.b.push_back(b[l].data());
+      g.gw.push_back(gw[l].data());
+      g.gb.push_back(gb[l].data());
+      g.bw.push_back(bw[l].data());
+    }
+  }
+  std::vector<double> flat() const {
+    std::vector<double> r;
+    for (size_t l = 0; l < W.size(); ++l)
+      for (auto* v : {&W[l], &b[l], &gw[l], &gb[l], &bw[l]})
+        for (auto x : *v) r.push_back(double(x));
+    return r;
+  }
+};
+
+// ------------------------------------------------------------------------------------------------
+// Naive double reference (one row at a time).
+static double act_f(int act, double a) {
+  switch (act) {
+    case kTanh: return std::tanh(a);
+    case kSoftplus: return a > 20 ? a : std::log1p(std::exp(a));
+    case kElu: return a > 0 ? a : std::expm1(a);
+    case kSwish: return a / (1 + std::exp(-a));
+    default: return a;
+  }
+}
+static double act_d1(int act, double a) {
+  double s = 1 / (1 + std::exp(-a));
+  switch (act) {
+    case kTanh: return 1 - std::tanh(a) * std::tanh(a);
+    case kSoftplus: return s;
+    case kElu: return a > 0 ? 1 : std::exp(a);
+    case kSwish: return s * (1 + a * (1 - s));
+    default: return 1;
+  }
+}
+
+struct RowOut {
+  std::vector<double> f;
+  std::vector<std::vector<double>> vjp;  // per probe
+  double trace = 0, kin = 0, frob = 0;
+};
+
+static RowOut naive_row(const Model& m, double t, const double* z, const std::vector<std::vector<double>>& probes) {
+  int L = m.L();
+  std::vector<std::vector<double>> pre(L);
+  std::vector<double> h(z, z + m.net.dims[0]);
+  for (int l = 0; l < L; ++l) {
+    int64_t n = m.net.dims[l], o = m.net.dims[l + 1];
+    std::vector<double> a(o);
+    for (int64_t j = 0; j < o; ++j) {
+      double u = m.b[l][j];
+      for (int64_t k = 0; k < n; ++k) u += m.W[l][j * n + k] * h[k];
+      double g = 1 / (1 + std::exp(-(m.gw[l][j] * t + m.gb[l][j])));
+      a[j] = u * g + m.bw[l][j] * t;
+    }
+    pre[l] = a;
+    if (l + 1 < L)
+      for (auto& x : a) x = act_f(m.net.act, x);
+    h = a;
+  }
+  RowOut r;
+  r.f = h;
+  for (double x : h) r.kin += x * x;
+  for (const auto& e : probes) {
+    std::vector<double> g = e;  // gradient wrt a_{L-1}
+    for (int l = L - 1; l >= 0; --l) {
+      int64_t n = m.net.dims[l], o = m.net.dims[l + 1];
+      std::vector<double> p(n, 0.0);
+      for (int64_t j = 0; j < o; ++j) {
+        double gate = 1 / (1 + std::exp(-(m.gw[l][j] * t + m.gb[l][j])));
+        for (int64_t k = 0; k < n; ++k) p[k] += g[j] * gate * m.W[l][j * n + k];
+      }
+      if (l > 0)
+        for (int64_t k = 0; k < n; ++k) p[k] *= act_d1(m.net.act, pre[l - 1][k]);
+      g = p;
+    }
+    for (size_t d = 0; d < g.size(); ++d) {
+      r.trace += g[d] * e[d];
+      r.frob += g[d] * g[d];
+    }
+    r.vjp.push_back(g);
+  }
+  return r;
+}
+
+// ------------------------------------------------------------------------------------------------
+static std::vector<double> randn(size_t n, unsigned seed, double sc = 1.0) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<double> nd(0.0, sc);
+  std::vector<double> v(n);
+  for (auto& x : v) x = nd(rng);
+  return v;
+}
+
+template <typename T>
+static std::vector<T> cast(const std::vector<double>& v) {
+  return std::vector<T>(v.begin(), v.end());
+}
+
+// Forward values (f, vjp, trace, kinetic, jac_frob) against the naive reference.
+template <typename T>
+static void test_forward_values(int act, bool exact, int64_t B, int64_t tile, double tol) {
+  Model m({3, 16, 12, 3}, act, 7 + act);
+  TParams<T> tp(m);
+  const int64_t D = 3;
+  const int K = exact ? int(D) : 1;
+  const double t = 0.37;
+  auto z = randn(B * D, 11);
+  auto e = randn(B * D, 12);
+  std::vector<T> zt = cast<T>(z), et = cast<T>(e), f(B * D), vjp(K * B * D), tr(B), kin(B), fr(B);
+  Exec ex;
+  ex.tile = tile;
+  mlp_probe_forward<T>(m.net, tp.p, t, B, zt.data(), K, exact ? nullptr : et.data(), f.data(), vjp.data(),
+                       tr.data(), kin.data(), fr.data(), nullptr, ex);
+  std::vector<T> f2(B * D);
+  mlp_forward<T>(m.net, tp.p, t, B, zt.data(), f2.data(), nullptr, ex);
+  std::vector<double> rf, rv, rt, rk, rfr;
+  for (int64_t r = 0; r < B; ++r) {
+    std::vector<std::vector<double>> probes;
+    if (exact) {
+      for (int k = 0; k < K; ++k) {
+        std::vector<double> ek(D, 0.0);
+        ek[k] = 1;
+        probes.push_back(ek);
+      }
+    } else {
+      probes.push_back(std::vector<double>(e.begin() + r * D, e.begin() + (r + 1) * D));
+    }
+    RowOut o = naive_row(m, t, z.data() + r * D, probes);
+    rf.insert(rf.end(), o.f.begin(), o.f.end());
+    rt.push_back(o.trace);
+    rk.push_back(o.kin);
+    rfr.push_back(o.frob);
+  }
+  for (int k = 0; k < K; ++k)
+    for (int64_t r = 0; r < B; ++r) {
+      std::vector<std::vector<double>> probes;
+      std::vector<double> ek(D, 0.0);
+      if (exact)
+        ek[k] = 1;
+      else
+        ek.assign(e.begin() + r * D, e.begin() + (r + 1) * D);
+      probes.push_back(ek);
+      RowOut o = naive_row(m, t, z.data() + r * D, probes);
+      rv.insert(rv.end(), o.vjp[0].begin(), o.vjp[0].end());
+    }
+  CHECK(max_rel(todbl(f), rf) < tol, "f act=%d exact=%d B=%ld tile=%ld err=%g", act, exact, (long)B, (long)tile,
+        max_rel(todbl(f), rf));
+  CHECK(max_rel(todbl(f2), rf) < tol, "mlp_forward f act=%d err=%g", act, max_rel(todbl(f2), rf));
+  CHECK(max_rel(todbl(vjp), rv) < tol, "vjp act=%d exact=%d err=%g", act, exact, max_rel(todbl(vjp), rv));
+  CHECK(max_rel(todbl(tr), rt) < tol, "trace act=%d exact=%d err=%g", act, exact, max_rel(todbl(tr), rt));
+  CHECK(max_rel(todbl(kin), rk) < tol, "kinetic act=%d err=%g", act, max_rel(todbl(kin), rk));
+  CHECK(max_rel(todbl(fr), rfr) < tol, "jac_frob act=%d err=%g", act, max_rel(todbl(fr), rfr));
+}
+
+// Gradients of a random linear functional of every output, against central differences (double).
+static void test_backward_fd(int act, bool exact, int64_t B, int64_t tile) {
+  Model m({2, 9, 7, 2}, act, 21 + act);
+  const int64_t D = 2;
+  const int K = exact ? int(D) : 1;
+  double t = 0.61;
+  auto z = randn(B * D, 31);
+  auto e = randn(K * B * D, 32);
+  auto wf = randn(B * D, 33), wv = randn(K * B * D, 34), wt = randn(B, 35), wk = randn(B, 36),
+       wr = randn(B, 37);
+  Exec ex;
+  ex.tile = tile;
+  auto loss = [&](Model& mm, double tt, const std::vector<double>& zz, const std::vector<double>& ee) {
+    TParams<double> tp(mm);
+    std::vector<double> f(B * D), v(K * B * D), tr(B), kin(B), fr(B);
+    mlp_probe_forward<double>(mm.net, tp.p, tt, B, zz.data(), K, exact ? nullptr : ee.data(), f.data(), v.data(),
+                              tr.data(), kin.data(), fr.data(), nullptr, ex);
+    double s = 0;
+    for (int64_t i = 0; i < B * D; ++i) s += wf[i] * f[i];
+    for (int64_t i = 0; i < K * B * D; ++i) s += wv[i] * v[i];
+    for (int64_t i = 0; i < B; ++i) s += wt[i] * tr[i] + wk[i] * kin[i] + wr[i] * fr[i];
+    return s;
+  };
+  // analytic
+  TParams<double> tp(m);
+  std::vector<double> f(B * D), v(K * B * D), tr(B), kin(B), fr(B);
+  std::vector<double> save(mlp_save_size(m.net, B, K, true, ex));
+  mlp_probe_forward<double>(m.net, tp.p, t, B, z.data(), K, exact ? nullptr : e.data(), f.data(), v.data(),
+                            tr.data(), kin.data(), fr.data(), save.data(), ex);
+  std::vector<double> gz(B * D), ge(K * B * D);
+  TGrads<double> gr(m);
+  double gt = 0;
+  mlp_backward<double>(m.net, tp.p, t, B, z.data(), K, exact ? nullptr : e.data(), true, save.data(), f.data(),
+                       v.data(), wf.data(), wv.data(), wt.data(), wk.data(), wr.data(), gz.data(),
+                       exact ? nullptr : ge.data(), &gr.g, &gt, ex);
+  const double h = 1e-6;
+  // parameters
+  auto ptrs = m.flat();
+  std::vector<double> num;
+  for (double* q : ptrs) {
+    double o = *q;
+    *q = o + h;
+    double lp = loss(m, t, z, e);
+    *q = o - h;
+    double lm = loss(m, t, z, e);
+    *q = o;
+    num.push_back((lp - lm) / (2 * h));
+  }
+  CHECK(max_rel(gr.flat(), num) < 1e-6, "param grads act=%d exact=%d err=%g", act, exact, max_rel(gr.flat(), num));
+  // z
+  std::vector<double> numz;
+  for (int64_t i = 0; i < B * D; ++i) {
+    auto zp = z, zm = z;
+    zp[i] += h;
+    zm[i] -= h;
+    numz.push_back((loss(m, t, zp, e) - loss(m, t, zm, e)) / (2 * h));
+  }
+  CHECK(max_rel(gz, numz) < 1e-6, "z grad act=%d exact=%d err=%g", act, exact, max_rel(gz, numz));
+  // e
+  if (!exact) {
+    std::vector<double> nume;
+    for (int64_t i = 0; i < K * B * D; ++i) {
+      auto ep = e, em = e;
+      ep[i] += h;
+      em[i] -= h;
+      nume.push_back((loss(m, t, z, ep) - loss(m, t, z, em)) / (2 * h));
+    }
+    CHECK(max_rel(ge, nume) < 1e-6, "e grad act=%d err=%g", act, max_rel(ge, nume));
+  }
+  // t
+  double numt = (loss(m, t + h, z, e) - loss(m, t - h, z, e)) / (2 * h);
+  CHECK(std::fabs(gt - numt) < 1e-6 * std::max(1.0, std::fabs(numt)), "t grad act=%d exact=%d %g vs %g", act, exact,
+        gt, numt);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Fused CNF step against stages composed from mlp_probe_forward, and its backward against differences.
+static Tableau rk4_38() {  // the 3/8 rule (torchdiffeq's rk4); the tests own their coefficients
+  Tableau tb;
+  tb.s = 4;
+  tb.c = {0, 1.0 / 3, 2.0 / 3, 1};
+  tb.a = {0, 0, 0, 0, 1.0 / 3, 0, 0, 0, -1.0 / 3, 1, 0, 0, 1, -1, 1, 0};
+  tb.b = {0.125, 0.375, 0.375, 0.125};
+  return tb;
+}
+static Tableau heun_euler() {  // embedded 2(1) pair: tests the error estimate
+  Tableau tb;
+  tb.s = 2;
+  tb.c = {0, 1};
+  tb.a = {0, 0, 1, 0};
+  tb.b = {0.5, 0.5};
+  tb.b_err = {-0.5, 0.5};
+  return tb;
+}
+
+template <typename T>
+static void test_step_forward(const Tableau& tab, int64_t B, int64_t tile, double tol) {
+  Model m({2, 8, 8, 2}, kTanh, 41);
+  TParams<T> tp(m);
+  const int64_t D = 2;
+  CnfSpec spec;
+  spec.net = m.net;
+  spec.K = 1;
+  spec.rates = {0, 2, 3};
+  const int64_t NQ = 3;
+  auto z0 = randn(B * D, 51), q0 = randn(B * NQ, 52), e = randn(B * D, 53);
+  std::vector<T> z0t = cast<T>(z0), q0t = cast<T>(q0), et = cast<T>(e);
+  double t0 = 0.2, dt = 0.15;
+  std::vector<double> atol(D + NQ, 1e-3), rtol(D + NQ, 1e-2);
+  CnfStepIn<T> in;
+  in.t0 = t0;
+  in.dt = dt;
+  in.B = B;
+  in.z0 = z0t.data();
+  in.q0 = q0t.data();
+  in.e = et.data();
+  in.atol = atol.data();
+  in.rtol = rtol.data();
+  std::vector<T> z1(B * D), q1(B * NQ), ez(B * D), eq(B * NQ), kz(tab.s * B * D), kq(tab.s * B * NQ);
+  std::vector<double> ss(D + NQ);
+  CnfStepOut<T> out;
+  out.z1 = z1.data();
+  out.q1 = q1.data();
+  out.ez = tab.has_err() ? ez.data() : nullptr;
+  out.eq = tab.has_err() ? eq.data() : nullptr;
+  out.kz = kz.data();
+  out.kq = kq.data();
+  out.sumsq = ss.data();
+  Exec ex;
+  ex.tile = tile;
+  cnf_step_forward<T>(spec, tab, tp.p, in, out, ex);
+  // reference: stage by stage in double with mlp_probe_forward<double>
+  TParams<double> td(m);
+  int s = tab.s;
+  std::vector<std::vector<double>> KZ(s), KQ(s);
+  for (int i = 0; i < s; ++i) {
+    std::vector<double> zi = z0;
+    for (int j = 0; j < i; ++j)
+      for (int64_t x = 0; x < B * D; ++x) zi[x] += dt * tab.a[i * s + j] * KZ[j][x];
+    std::vector<double> f(B * D), v(B * D), tr(B), kin(B), fr(B);
+    mlp_probe_forward<double>(m.net, td.p, t0 + tab.c[i] * dt, B, zi.data(), 1, e.data(), f.data(), v.data(),
+                              tr.data(), kin.data(), fr.data(), nullptr, Exec());
+    KZ[i] = f;
+    KQ[i].resize(B * NQ);
+    for (int64_t r = 0; r < B; ++r) {
+      KQ[i][r * NQ + 0] = -tr[r];
+      KQ[i][r * NQ + 1] = kin[r];
+      KQ[i][r * NQ + 2] = fr[r];
+    }
+  }
+  std::vector<double> rz1 = z0, rq1 = q0, rez(B * D, 0.0), req(B * NQ, 0.0);
+  for (int i = 0; i < s; ++i) {
+    for (int64_t x = 0; x < B * D; ++x) rz1[x] += dt * tab.b[i] * KZ[i][x];
+    for (int64_t x = 0; x < B * NQ; ++x) rq1[x] += dt * tab.b[i] * KQ[i][x];
+    if (tab.has_err()) {
+      for (int64_t x = 0; x < B * D; ++x) rez[x] += dt * tab.b_err[i] * KZ[i][x];
+      for (int64_t x = 0; x < B * NQ; ++x) req[x] += dt * tab.b_err[i] * KQ[i][x];
+    }
+  }
+  CHECK(max_rel(todbl(z1), rz1) < tol, "step z1 err=%g", max_rel(todbl(z1), rz1));
+  CHECK(max_rel(todbl(q1), rq1) < tol, "step q1 err=%g", max_rel(todbl(q1), rq1));
+  std::vector<double> kzall;
+  for (int i = 0; i < s; ++i) kzall.insert(kzall.end(), KZ[i].begin(), KZ[i].end());
+  CHECK(max_rel(todbl(kz), kzall) < tol, "step stages err=%g", max_rel(todbl(kz), kzall));
+  if (tab.has_err()) {
+    CHECK(max_rel(todbl(ez), rez) < tol, "step ez err=%g", max_rel(todbl(ez), rez));
+    CHECK(max_rel(todbl(eq), req) < tol, "step eq err=%g", max_rel(todbl(eq), req));
+    std::vector<double> rss(D + NQ, 0.0);
+    for (int64_t r = 0; r < B; ++r)
+      for (int64_t j = 0; j < D + NQ; ++j) {
+        double y0 = j < D ? z0[r * D + j] : q0[r * NQ + j - D];
+        double y1 = j < D ? rz1[r * D + j] : rq1[r * NQ + j - D];
+        double er = j < D ? rez[r * D + j] : req[r * NQ + j - D];
+        double sc = 1e-3 + 1e-2 * std::max(std::fabs(y0), std::fabs(y1));
+        rss[j] += (er / sc) * (er / sc);
+      }
+    CHECK(max_rel(ss, rss) < 100 * tol, "step sumsq err=%g", max_rel(ss, rss));
+  }
+}
+
+static void test_step_backward_fd(const Tableau& tab, bool fsal_in, bool exact) {
+  Model m({2, 6, 5, 2}, kTanh, 61);
+  const int64_t B = 5, D = 2;
+  CnfSpec spec;
+  spec.net = m.net;
+  spec.K = exact ? 2 : 1;
+  spec.exact = exact;
+  spec.rates = {0, 2, 3};
+  const int64_t NQ = 3;
+  const int s = tab.s;
+  auto z0 = randn(B * D, 71), q0 = randn(B * NQ, 72), e = randn(B * D, 73);
+  auto kz0 = randn(B * D, 74), kq0 = randn(B * NQ, 75);
+  auto wz = randn(B * D, 76), wq = randn(B * NQ, 77), wez = randn(B * D, 78), weq = randn(B * NQ, 79);
+  auto wkz = randn(s * B * D, 80), wkq = randn(s * B * NQ, 81);
+  Exec ex;
+  ex.tile = 2;  // ragged tiles
+  auto run = [&](Model& mm, double t0, double dt, const std::vector<double>& z, const std::vector<double>& q,
+                 const std::vector<double>& ee, const std::vector<double>& k0, const std::vector<double>& kq0v,
+                 std::vector<double>* save, TParams<double>& tp) {
+    CnfStepIn<double> in;
+    in.t0 = t0;
+    in.dt = dt;
+    in.B = B;
+    in.z0 = z.data();
+    in.q0 = q.data();
+    in.e = exact ? nullptr : ee.data();
+    in.kz0 = fsal_in ? k0.data() : nullptr;
+    in.kq0 = fsal_in ? kq0v.data() : nullptr;
+    std::vector<double> z1(B * D), q1(B * NQ), ez(B * D), eq(B * NQ), kz(s * B * D), kq(s * B * NQ);
+    CnfStepOut<double> out;
+    out.z1 = z1.data();
+    out.q1 = q1.data();
+    out.ez = tab.has_err() ? ez.data() : nullptr;
+    out.eq = tab.has_err() ? eq.data() : nullptr;
+    out.kz = kz.data();
+    out.kq = kq.data();
+    out.save = save ? save->data() : nullptr;
+    cnf_step_forward<double>(spec, tab, tp.p, in, out, ex);
+    double L = 0;
+    for (int64_t i = 0; i < B * D; ++i) L += wz[i] * z1[i] + (tab.has_err() ? wez[i] * ez[i] : 0);
+    for (int64_t i = 0; i < B * NQ; ++i) L += wq[i] * q1[i] + (tab.has_err() ? weq[i] * eq[i] : 0);
+    for (int64_t i = 0; i < s * B * D; ++i) L += wkz[i] * kz[i];
+    for (int64_t i = 0; i < s * B * NQ; ++i) L += wkq[i] * kq[i];
+    return L;
+  };
+  auto loss = [&](Model& mm, double t0, double dt, const std::vector<double>& z, const std::vector<double>& q,
+                  const std::vector<double>& ee, const std::vector<double>& k0, const std::vector<double>& kq0v) {
+    TParams<double> tp(mm);
+    return run(mm, t0, dt, z, q, ee, k0, kq0v, nullptr, tp);
+  };
+  double t0 = 0.3, dt = 0.2;
+  TParams<double> tp(m);
+  std::vector<double> save(cnf_step_save_size(spec, tab, B, ex));
+  run(m, t0, dt, z0, q0, e, kz0, kq0, &save, tp);
+  CnfStepIn<double> in;
+  in.t0 = t0;
+  in.dt = dt;
+  in.B = B;
+  in.z0 = z0.data();
+  in.q0 = q0.data();
+  in.e = exact ? nullptr : e.data();
+  in.kz0 = fsal_in ? kz0.data() : nullptr;
+  in.kq0 = fsal_in ? kq0.data() : nullptr;
+  CnfStepGradIn<double> gi;
+  gi.gz1 = wz.data();
+  gi.gq1 = wq.data();
+  gi.gez = tab.has_err() ? wez.data() : nullptr;
+  gi.geq = tab.has_err() ? weq.data() : nullptr;
+  gi.gkz = wkz.data();
+  gi.gkq = wkq.data();
+  std::vector<double> gz0(B * D), gq0(B * NQ), ge(B * D), gkz0(B * D), gkq0(B * NQ);
+  TGrads<double> gr(m);
+  double gt0 = 0, gdt = 0;
+  CnfStepGradOut<double> go;
+  go.gz0 = gz0.data();
+  go.gq0 = gq0.data();
+  go.ge = exact ? nullptr : ge.data();
+  go.gkz0 = gkz0.data();
+  go.gkq0 = gkq0.data();
+  go.grads = &gr.g;
+  go.gt0 = &gt0;
+  go.gdt = &gdt;
+  cnf_step_backward<double>(spec, tab, tp.p, in, save.data(), gi, go, ex);
+  const double h = 1e-6;
+  auto fdvec = [&](std::vector<double>& v, std::function<double()> f) {
+    std::vector<double> r;
+    for (auto& x : v) {
+      double o = x;
+      x = o + h;
+      double lp = f();
+      x = o - h;
+      double lm = f();
+      x = o;
+      r.push_back((lp - lm) / (2 * h));
+    }
+    return r;
+  };
+  auto L = [&]() { return loss(m, t0, dt, z0, q0, e, kz0, kq0); };
+  std::vector<double> np;
+  for (double* q : m.flat()) {
+    double o = *q;
+    *q = o + h;
+    double lp = L();
+    *q = o - h;
+    double lm = L();
+    *q = o;
+    np.push_back((lp - lm) / (2 * h));
+  }
+  const char* tag = fsal_in ? "fsal" : "plain";
+  CHECK(max_rel(gr.flat(), np) < 1e-6, "step param grads (%s, s=%d, exact=%d) err=%g", tag, s, exact,
+        max_rel(gr.flat(), np));
+  auto nz = fdvec(z0, L);
+  CHECK(max_rel(gz0, nz) < 1e-6, "step z0 grad (%s) err=%g", tag, max_rel(gz0, nz));
+  auto nq = fdvec(q0, L);
+  CHECK(max_rel(gq0, nq) < 1e-6, "step q0 grad (%s) err=%g", tag, max_rel(gq0, nq));
+  if (!exact) {
+    auto ne = fdvec(e, L);
+    CHECK(max_rel(ge, ne) < 1e-6, "step e grad (%s) err=%g", tag, max_rel(ge, ne));
+  }
+  if (fsal_in) {
+    auto nk = fdvec(kz0, L);
+    CHECK(max_rel(gkz0, nk) < 1e-6, "step kz0 grad err=%g", max_rel(gkz0, nk));
+    auto nkq = fdvec(kq0, L);
+    CHECK(max_rel(gkq0, nkq) < 1e-6, "step kq0 grad err=%g", max_rel(gkq0, nkq));
+  }
+  double nt0 = (loss(m, t0 + h, dt, z0, q0, e, kz0, kq0) - loss(m, t0 - h, dt, z0, q0, e, kz0, kq0)) / (2 * h);
+  double ndt = (loss(m, t0, dt + h, z0, q0, e, kz0, kq0) - loss(m, t0, dt - h, z0, q0, e, kz0, kq0)) / (2 * h);
+  CHECK(std::fabs(gt0 - nt0) < 1e-6 * std::max(1.0, std::fabs(nt0)), "step t0 grad (%s) %g vs %g", tag, gt0, nt0);
+  CHECK(std::fabs(gdt - ndt) < 1e-6 * std::max(1.0, std::fabs(ndt)), "step dt grad (%s) %g vs %g", tag, gdt, ndt);
+}
+
+// ------------------------------------------------------------------------------------------------
+static void test_gemm_backends() {
+  // blas vs fallback: same forward to rounding (only meaningful when a BLAS is present)
+  std::string orig = gemm_backend();
+  Model m({2, 64, 64, 2}, kTanh, 3);
+  TParams<float> tp(m);
+  const int64_t B = 100;
+  auto z = cast<float>(randn(B * 2, 5)), e = cast<float>(randn(B * 2, 6));
+  std::vector<float> f1(B * 2), v1(B * 2), t1(B), f2(B * 2), v2(B * 2), t2(B);
+  set_gemm_backend("fallback");
+  mlp_probe_forward<float>(m.net, tp.p, 0.1, B, z.data(), 1, e.data(), f1.data(), v1.data(), t1.data(), nullptr,
+                           nullptr, nullptr, Exec());
+  set_gemm_backend("auto");
+  mlp_probe_forward<float>(m.net, tp.p, 0.1, B, z.data(), 1, e.data(), f2.data(), v2.data(), t2.data(), nullptr,
+                           nullptr, nullptr, Exec());
+  std::printf("  gemm backend in use: %s\n", gemm_backend().c_str());
+  CHECK(max_rel(todbl(f1), todbl(f2)) < 1e-5, "fallback vs %s f err=%g", orig.c_str(), max_rel(todbl(f1), todbl(f2)));
+  CHECK(max_rel(todbl(t1), todbl(t2)) < 1e-4, "fallback vs %s trace err=%g", orig.c_str(),
+        max_rel(todbl(t1), todbl(t2)));
+}
+
+static void test_threads_deterministic() {
+#ifdef _OPENMP
+  Model m({2, 64, 64, 64, 2}, kTanh, 9);
+  TParams<float> tp(m);
+  const int64_t B = 1000, D = 2;
+  Tableau tab = rk4_38();
+  CnfSpec spec;
+  spec.net = m.net;
+  spec.rates = {0};
+  auto z0 = cast<float>(randn(B * D, 1)), q0 = cast<float>(randn(B, 2)), e = cast<float>(randn(B * D, 3));
+  auto gz = cast<float>(randn(B * D, 4)), gq = cast<float>(randn(B, 5));
+  std::vector<std::vector<double>> results;
+  for (int nt : {1, 2}) {
+    omp_set_num_threads(nt);
+    Exec ex;
+    ex.nthreads = nt;
+    CnfStepIn<float> in;
+    in.t0 = 0.1;
+    in.dt = 0.05;
+    in.B = B;
+    in.z0 = z0.data();
+    in.q0 = q0.data();
+    in.e = e.data();
+    std::vector<float> z1(B * D), q1(B), save(cnf_step_save_size(spec, tab, B, ex));
+    CnfStepOut<float> out;
+    out.z1 = z1.data();
+    out.q1 = q1.data();
+    out.save = save.data();
+    cnf_step_forward<float>(spec, tab, tp.p, in, out, ex);
+    CnfStepGradIn<float> gi;
+    gi.gz1 = gz.data();
+    gi.gq1 = gq.data();
+    std::vector<float> gz0(B * D), gq0(B), ge(B * D);
+    TGrads<float> gr(m);
+    double gt0, gdt;
+    CnfStepGradOut<float> go;
+    go.gz0 = gz0.data();
+    go.gq0 = gq0.data();
+    go.ge = ge.data();
+    go.grads = &gr.g;
+    go.gt0 = &gt0;
+    go.gdt = &gdt;
+    cnf_step_backward<float>(spec, tab, tp.p, in, save.data(), gi, go, ex);
+    std::vector<double> all = todbl(z1);
+    for (auto* v : {&q1, &gz0, &ge}) all.insert(all.end(), v->begin(), v->end());
+    auto pf = gr.flat();
+    all.insert(all.end(), pf.begin(), pf.end());
+    all.push_back(gt0);
+    all.push_back(gdt);
+    results.push_back(all);
+  }
+  bool same = results[0] == results[1];
+  CHECK(same, "1 and 2 threads differ (max rel %g)", max_rel(results[0], results[1]));
+  omp_set_num_threads(1);
+#else
+  std::printf("  (built without OpenMP: thread test skipped)\n");
+#endif
+}
+
+static void test_rk_generic() {
+  const int64_t n = 40000;  // > one flat tile
+  auto y0 = randn(n, 1);
+  std::vector<std::vector<double>> k;
+  for (int j = 0; j < 3; ++j) k.push_back(randn(n, 10 + j));
+  const double* kp[3] = {k[0].data(), k[1].data(), k[2].data()};
+  double w[3] = {0.2, -0.5, 0.3}, b[3] = {1.0 / 6, 2.0 / 3, 1.0 / 6}, be[3] = {0.1, -0.2, 0.1};
+  double dt = 0.3;
+  std::vector<double> out(n), y1(n), err(n);
+  rk_combine<double>(n, y0.data(), 3, kp, w, dt, out.data(), Exec());
+  double ss = rk_epilogue<double>(n, y0.data(), 3, kp, b, be, dt, 1e-4, 1e-3, y1.data(), err.data(), Exec());
+  std::vector<double> rout(n), ry1(n), rerr(n);
+  double rss = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    rout[i] = y0[i];
+    ry1[i] = y0[i];
+    rerr[i] = 0;
+    for (int j = 0; j < 3; ++j) {
+      rout[i] += dt * w[j] * k[j][i];
+      ry1[i] += dt * b[j] * k[j][i];
+      rerr[i] += dt * be[j] * k[j][i];
+    }
+    double sc = 1e-4 + 1e-3 * std::max(std::fabs(y0[i]), std::fabs(ry1[i]));
+    rss += (rerr[i] / sc) * (rerr[i] / sc);
+  }
+  CHECK(max_rel(out, rout) < 1e-14, "rk_combine err=%g", max_rel(out, rout));
+  CHECK(max_rel(y1, ry1) < 1e-14, "rk_epilogue y1 err=%g", max_rel(y1, ry1));
+  CHECK(max_rel(err, rerr) < 1e-13, "rk_epilogue err err=%g", max_rel(err, rerr));
+  CHECK(std::fabs(ss - rss) < 1e-10 * rss, "rk_epilogue sumsq %g vs %g", ss, rss);
+}
+
+int main(int argc, char** argv) {
+  std::string only = argc > 1 ? argv[1] : "";
+  auto want = [&](const char* g) { return only.empty() || only == g; };
+#ifdef _OPENMP
+  omp_set_num_threads(1);
+#endif
+  if (want("forward")) {
+    std::printf("forward values\n");
+    for (int act : {kTanh, kSoftplus, kElu, kSwish, kIdentity}) {
+      for (bool exact : {false, true}) {
+        test_forward_values<double>(act, exact, 13, 4, 1e-12);
+        test_forward_values<float>(act, exact, 37, 16, 2e-5);
+      }
+    }
+    test_forward_values<float>(kTanh, false, 1, 64, 2e-5);
+    test_forward_values<float>(kTanh, false, 130, 64, 2e-5);
+  }
+  if (want("backward")) {
+    std::printf("backward vs finite differences\n");
+    for (int act : {kTanh, kSoftplus, kElu, kSwish, kIdentity})
+      for (bool exact : {false, true}) test_backward_fd(act, exact, 5, 2);
+  }
+  if (want("step")) {
+    std::printf("fused RK step\n");
+    test_step_forward<double>(rk4_38(), 11, 4, 1e-12);
+    test_step_forward<float>(rk4_38(), 70, 32, 2e-5);
+    test_step_forward<double>(heun_euler(), 9, 4, 1e-12);
+    test_step_backward_fd(rk4_38(), false, false);
+    test_step_backward_fd(heun_euler(), false, false);
+    test_step_backward_fd(heun_euler(), true, false);
+    test_step_backward_fd(rk4_38(), false, true);
+  }
+  if (want("gemm")) {
+    std::printf("gemm backends\n");
+    test_gemm_backends();
+  }
+  if (want("threads")) {
+    std::printf("threads\n");
+    test_threads_deterministic();
+  }
+  if (want("rk")) {
+    std::printf("rk combine / epilogue\n");
+    test_rk_generic();
+  }
+  std::printf(g_failures ? "%d FAILED\n" : "all passed\n", g_failures);
+  return g_failures ? 1 : 0;
+}

@@ -1,0 +1,69 @@
+"""The C++ CPU backend of fastode (extension ``fastode._C``, built from ``csrc/`` by setup.py).
+
+Importing this package never fails: when the extension is missing (no compiler at install time, or
+``FASTODE_NO_EXT=1``) :func:`available` is False, :func:`build_info` says why, and every function here
+runs its PyTorch reference instead.
+
+What it provides
+
+* Backend ``"cpp"`` of the concatsquash-MLP registry (:mod:`fastode.nn.backends`): the three functions
+  of :mod:`fastode.nn.functional` as autograd Functions over fused C++ kernels (forward, forward +
+  probe VJPs, and one backward pass for all of it, trace terms included). Registered on import when
+  the extension is built; ``"auto"`` then picks it for float32/float64 CPU tensors.
+* :func:`cnf_rk_step`: one explicit RK step of CNF dynamics (``dz/dt = f``, ``dlogp/dt = -trace``,
+  optional kinetic / Jacobian-Frobenius integrals) in a single C++ call, with its backward pass.
+* :func:`rk_combine`, :func:`rk_epilogue`: fused stage combination and step epilogue (solution, error
+  estimate and its squared-norm sum) for any tensors.
+
+Dispatch: ``backend="auto"`` (default) follows the global override of :func:`fastode.nn.set_backend` /
+``FASTODE_NN_BACKEND``; otherwise C++ for CPU float32/float64 tensors when built, else ``"torch"``.
+``backend="cpp"`` or ``"torch"`` forces one. :data:`last_backend` (read it as ``fastode.cpp.last_backend``)
+names the backend that ran the latest call of a function of this package; the MLP registry records
+its own in ``fastode.nn.backends.last_backend`` and ``ConcatSquashMLP.last_backend``.
+
+Threads: the kernels use ``torch.get_num_threads()`` OpenMP threads over tiles of the batch; results do
+not depend on the thread count. ``FASTODE_CPP_TILE`` sets the rows per tile (default 64).
+"""
+from __future__ import annotations
+
+import os
+
+from ._loader import available, build_info, ext
+from ._mlp import concatsquash_mlp, concatsquash_mlp_exact_trace, concatsquash_mlp_hutchinson, supports
+from ._rk import RATE_CODES, CnfStep, cnf_rk_step, rk_combine, rk_epilogue
+
+__all__ = [
+    "available",
+    "build_info",
+    "concatsquash_mlp",
+    "concatsquash_mlp_hutchinson",
+    "concatsquash_mlp_exact_trace",
+    "supports",
+    "cnf_rk_step",
+    "CnfStep",
+    "RATE_CODES",
+    "rk_combine",
+    "rk_epilogue",
+    "last_backend",
+]
+
+from . import _dispatch  # noqa: E402
+
+
+def __getattr__(name):  # live view of the dispatcher's record
+    if name == "last_backend":
+        return _dispatch.last_backend
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _register() -> None:
+    if not available():
+        return
+    from ..nn import backends as _backends
+    from . import _mlp
+
+    _backends.register_backend("cpp", _mlp)
+
+
+_register()
+del os

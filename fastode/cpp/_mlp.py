@@ -1,0 +1,144 @@
+"""Backend "cpp" of the concatsquash MLP: autograd Functions over the fused C++ kernels.
+
+Same signatures, outputs and input checks as :mod:`fastode.nn.functional` (the executable spec). Each
+function is one C++ call forward and one backward; the backward pass covers the gradients through the
+trace / kinetic / Jacobian-Frobenius outputs (second-order terms of the MLP) for the parameters, z, e
+and t. They are differentiable once (``create_graph=True`` double backward and ``torch.func``
+transforms are not supported; use backend "torch" for those, e.g. TayNODE's nested jvp).
+
+When called directly for tensors the C++ kernels cannot take (not CPU, other dtypes, or the extension
+is not built) they run the PyTorch reference instead; :data:`fastode.cpp.last_backend` says which ran.
+"""
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from ..nn import functional as _ref
+from . import _dispatch
+from ._loader import ext
+
+__all__ = ["concatsquash_mlp", "concatsquash_mlp_hutchinson", "concatsquash_mlp_exact_trace", "supports"]
+
+_ACT_CODES = {name: i for i, name in enumerate(("tanh", "softplus", "elu", "swish", "identity"))}
+
+
+def _flat(params):
+    return [p for layer in params for p in layer]
+
+
+def _param_grads(ctx, gp, first):
+    """Gradients for the flat parameter inputs starting at input index ``first``."""
+    n = len(ctx.needs_input_grad) - first
+    if not gp:
+        return [None] * n
+    return [g if ctx.needs_input_grad[first + i] else None for i, g in enumerate(gp)]
+
+
+class _MLP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t, z, act, tile, *flat):
+        need = any(ctx.needs_input_grad[:2]) or any(ctx.needs_input_grad[4:])
+        f, save = ext().mlp_forward(float(t), z, list(flat), act, need, tile)
+        if need:
+            ctx.save_for_backward(t, z, *flat)
+            ctx.buf = save
+        ctx.act, ctx.tile = act, tile
+        return f
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gf):
+        t, z, *flat = ctx.saved_tensors
+        nt, nz = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        npar = any(ctx.needs_input_grad[4:])
+        gz, _, gp, gt = ext().mlp_backward(float(t), z, None, False, flat, ctx.act, ctx.buf, None, None, gf, None,
+                                           None, None, None, nz, False, npar, nt, ctx.tile)
+        return (gt, gz, None, None, *_param_grads(ctx, gp, 4))
+
+
+class _Hutchinson(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t, z, e, act, tile, *flat):
+        need = any(ctx.needs_input_grad[:3]) or any(ctx.needs_input_grad[5:])
+        f, vjp, trace, kinetic, jac_frob, save = ext().mlp_probe_forward(float(t), z, e, list(flat), act, True, need,
+                                                                         tile)
+        vjp = vjp.view_as(z)
+        if need:
+            ctx.save_for_backward(t, z, e, f, vjp, *flat)
+            ctx.buf = save
+        ctx.act, ctx.tile = act, tile
+        ctx.set_materialize_grads(False)
+        return f, vjp, trace, kinetic, jac_frob
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gf, gvjp, gtrace, gkin, gfrob):
+        t, z, e, f, vjp, *flat = ctx.saved_tensors
+        nt, nz, ne = ctx.needs_input_grad[:3]
+        npar = any(ctx.needs_input_grad[5:])
+        if all(g is None for g in (gf, gvjp, gtrace, gkin, gfrob)):
+            return (None,) * len(ctx.needs_input_grad)
+        gz, ge, gp, gt = ext().mlp_backward(float(t), z, e, True, flat, ctx.act, ctx.buf, f, vjp, gf, gvjp, gtrace,
+                                            gkin, gfrob, nz, ne, npar, nt, ctx.tile)
+        return (gt, gz, ge, None, None, *_param_grads(ctx, gp, 5))
+
+
+class _ExactTrace(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t, z, act, tile, *flat):
+        need = any(ctx.needs_input_grad[:2]) or any(ctx.needs_input_grad[4:])
+        f, _, trace, _, _, save = ext().mlp_probe_forward(float(t), z, None, list(flat), act, False, need, tile)
+        if need:
+            ctx.save_for_backward(t, z, *flat)
+            ctx.buf = save
+        ctx.act, ctx.tile = act, tile
+        ctx.set_materialize_grads(False)
+        return f, trace
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gf, gtrace):
+        t, z, *flat = ctx.saved_tensors
+        nt, nz = ctx.needs_input_grad[:2]
+        npar = any(ctx.needs_input_grad[4:])
+        if gf is None and gtrace is None:
+            return (None,) * len(ctx.needs_input_grad)
+        gz, _, gp, gt = ext().mlp_backward(float(t), z, None, True, flat, ctx.act, ctx.buf, None, None, gf, None,
+                                           gtrace, None, None, nz, False, npar, nt, ctx.tile)
+        return (gt, gz, None, None, *_param_grads(ctx, gp, 4))
+
+
+def supports(t, z, params, activation) -> str | None:
+    """None when the C++ kernels can run this call, else why not (used by the backend registry)."""
+    if activation not in _ACT_CODES:
+        return f"unknown activation {activation!r}"
+    return _dispatch.cpp_unsupported(z, *(_flat(params) if params is not None else ()))
+
+
+def _use_cpp(t, z, params, activation, e=None) -> bool:
+    return activation in _ACT_CODES and _dispatch.prefer_cpp(t, z, e, *_flat(params)) == "cpp"
+
+
+def concatsquash_mlp(t, z: torch.Tensor, params, activation: str) -> torch.Tensor:
+    """``f(t, z)`` (see :func:`fastode.nn.functional.concatsquash_mlp`)."""
+    t = _ref.check_inputs(t, z, params, activation)
+    if not _use_cpp(t, z, params, activation):
+        return _ref.concatsquash_mlp(t, z, params, activation)
+    return _MLP.apply(t, z, _ACT_CODES[activation], _dispatch.tile_rows(), *_flat(params))
+
+
+def concatsquash_mlp_hutchinson(t, z: torch.Tensor, e: torch.Tensor, params, activation: str):
+    """``(f, vjp, trace, kinetic, jac_frob)`` (see :func:`fastode.nn.functional.concatsquash_mlp_hutchinson`)."""
+    t = _ref.check_inputs(t, z, params, activation, e)
+    if not _use_cpp(t, z, params, activation, e):
+        return _ref.concatsquash_mlp_hutchinson(t, z, e, params, activation)
+    return _Hutchinson.apply(t, z, e, _ACT_CODES[activation], _dispatch.tile_rows(), *_flat(params))
+
+
+def concatsquash_mlp_exact_trace(t, z: torch.Tensor, params, activation: str):
+    """``(f, trace)`` with the exact divergence, from D basis-vector VJPs sharing one forward pass."""
+    t = _ref.check_inputs(t, z, params, activation)
+    if not _use_cpp(t, z, params, activation):
+        return _ref.concatsquash_mlp_exact_trace(t, z, params, activation)
+    return _ExactTrace.apply(t, z, _ACT_CODES[activation], _dispatch.tile_rows(), *_flat(params))
