@@ -1,0 +1,192 @@
+"""The "triton" backend of the concatsquash MLP: autograd Functions over the fused kernels.
+
+Kernel -> launcher -> Function: the kernels and launchers live in ``fastode.kernels.concatsquash``; this
+module decides what to save (only the inputs ``t, z, e`` and the parameters: the backward kernel recomputes
+the forward in registers/scratch) and turns the kernel's packed gradients into per-parameter gradients.
+
+Importing this module registers the backend (``fastode.nn.backends`` imports it lazily); it fails to import
+when Triton is missing, which makes the backend unavailable and ``"auto"`` fall back.
+
+Limits: the Functions are differentiable once (``once_differentiable``): gradients through the trace and
+the RNODE terms are exact because the *backward kernel* contains the second-order terms, but you cannot
+differentiate the gradient again (use the "torch" backend for that). Parameter packing is cached per
+parameter version; parameters must be changed in place through autograd-visible ops (optimizers do), not
+through ``.data``.
+"""
+from __future__ import annotations
+
+import sys
+from collections import OrderedDict
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from fastode.kernels import concatsquash as _K
+from fastode.kernels._common import interpreter_active
+
+from . import functional as _F
+from .backends import register_backend
+
+__all__ = [
+    "concatsquash_mlp",
+    "concatsquash_mlp_hutchinson",
+    "concatsquash_mlp_exact_trace",
+    "supports",
+    "configure",
+    "clear_cache",
+]
+
+MAX_WIDTH = 1024
+
+CONFIG = {"BM": None, "CH": None, "max_programs": None, "num_warps": 4}
+
+
+def configure(**kw) -> None:
+    """Override launch parameters (``BM``, ``CH``, ``max_programs``, ``num_warps``); None = default."""
+    for k, v in kw.items():
+        if k not in CONFIG:
+            raise ValueError(f"unknown triton backend option {k!r}; options are {sorted(CONFIG)}")
+        CONFIG[k] = v
+
+
+_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
+_CACHE_SIZE = 8
+
+
+def clear_cache() -> None:
+    _CACHE.clear()
+
+
+def _config(D: int, widths, device):
+    cfg = _K.default_config(D, widths, device)
+    if CONFIG["BM"] is not None:
+        cfg["BM"] = CONFIG["BM"]
+    if CONFIG["CH"] is not None:
+        cfg["CH"] = CONFIG["CH"]
+        cfg["CD"] = min(cfg["CD"], CONFIG["CH"])
+    return cfg
+
+
+def _packed(params, CH: int, CD: int) -> _K.PackedParams:
+    # The cache entry keeps the tensors alive, so an equal data_ptr means the same storage; the version
+    # counter (shared by views) changes whenever the storage is modified in place.
+    key = tuple((p.data_ptr(), p._version, tuple(p.shape), tuple(p.stride())) for layer in params for p in layer)
+    key = key + (CH, CD, params[0][0].dtype, params[0][0].device)
+    hit = _CACHE.get(key)
+    if hit is not None:
+        _CACHE.move_to_end(key)
+        return hit[0]
+    packed = _K.PackedParams(params, CH, CD)
+    _CACHE[key] = (packed, [p for layer in params for p in layer])
+    while len(_CACHE) > _CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    return packed
+
+
+def supports(t, z, params, activation) -> str | None:
+    """None if the Triton kernels can run this call, else the reason."""
+    if z.dtype not in (torch.float32, torch.float64):
+        return f"dtype {z.dtype} (the kernels support float32 and float64)"
+    if z.device.type != "cuda" and not (z.device.type == "cpu" and interpreter_active()):
+        return f"device {z.device} (CUDA, or the CPU with TRITON_INTERPRET=1)"
+    for layer in params:
+        for p in layer:
+            if p.dtype != z.dtype or p.device != z.device:
+                return f"parameters ({p.dtype}, {p.device}) differ from z ({z.dtype}, {z.device})"
+    widest = max(max(layer[0].shape) for layer in params)
+    if widest > MAX_WIDTH:
+        return f"width {widest} > {MAX_WIDTH}"
+    return None
+
+
+def _unpack_grads(packed: _K.PackedParams, params, t, dW, dV, needs, need_t):
+    """Per-parameter gradients from the kernel's dW (L, P, P) and dV = [db, dLoss/ds, dLoss/dc] (L, 3, P)."""
+    V = packed.V
+    s = torch.sigmoid(V[:, 1] * t + V[:, 2])
+    dpre = dV[:, 1] * s * (1 - s)  # dLoss/d(gw t + gb)
+    out = []
+    for l, (W, *_rest) in enumerate(params):
+        o, i = W.shape
+        grads = (dW[l, :o, :i], dV[l, 0, :o], dpre[l, :o] * t, dpre[l, :o], dV[l, 2, :o] * t)
+        out.extend(g if n else None for g, n in zip(grads, needs[5 * l: 5 * l + 5]))
+    gt = None
+    if need_t:
+        gt = ((dpre * V[:, 1]).sum() + (dV[:, 2] * V[:, 3]).sum()).reshape(t.shape)
+    return out, gt
+
+
+class _ConcatSquash(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, mode, activation, t, z, e, *flat):
+        params = [flat[i:i + 5] for i in range(0, len(flat), 5)]
+        cfg = _config(z.shape[1], [p[0].shape[0] for p in params], z.device)
+        packed = _packed(params, cfg["CH"], cfg["CD"])
+        z = z.contiguous()
+        e = e.contiguous() if e is not None else None
+        f, vjp, tr, kin, fr = _K.concatsquash_fwd(t, z, e, packed, activation, mode, BM=cfg["BM"],
+                                                  max_progs=CONFIG["max_programs"], num_warps=CONFIG["num_warps"])
+        ctx.set_materialize_grads(False)
+        ctx.mode, ctx.activation, ctx.cfg, ctx.packed = mode, activation, cfg, packed
+        ctx.save_for_backward(t, z, e, *flat)
+        if mode == _K.MODE_F:
+            return f
+        if mode == _K.MODE_HUTCH:
+            return f, vjp, tr, kin, fr
+        return f, tr
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads):
+        t, z, e, *flat = ctx.saved_tensors
+        params = [flat[i:i + 5] for i in range(0, len(flat), 5)]
+        mode = ctx.mode
+        gf = gv = gtr = gkin = gfrob = None
+        if mode == _K.MODE_F:
+            (gf,) = grads
+        elif mode == _K.MODE_HUTCH:
+            gf, gv, gtr, gkin, gfrob = grads
+        else:
+            gf, gtr = grads
+        c = lambda g: g.contiguous() if g is not None else None  # noqa: E731
+        need_ge = mode == _K.MODE_HUTCH and ctx.needs_input_grad[4]
+        if all(g is None for g in (gf, gv, gtr, gkin, gfrob)):
+            return (None,) * (5 + len(flat))
+        gz, ge, dW, dV = _K.concatsquash_bwd(
+            t, z, e, ctx.packed, ctx.activation, mode, gf=c(gf), gv=c(gv), gtr=c(gtr), gkin=c(gkin),
+            gfrob=c(gfrob), need_ge=need_ge, BM=ctx.cfg["BM"], max_progs=CONFIG["max_programs"],
+            num_warps=CONFIG["num_warps"])
+        pgrads, gt = _unpack_grads(ctx.packed, params, t, dW, dV, ctx.needs_input_grad[5:],
+                                    ctx.needs_input_grad[2])
+        return (None, None, gt, gz if ctx.needs_input_grad[3] else None, ge) + tuple(pgrads)
+
+
+def _flat(params):
+    return [p for layer in params for p in layer]
+
+
+def _fallback(z) -> bool:
+    return z.shape[0] == 0
+
+
+def concatsquash_mlp(t, z, params, activation):
+    t = _F.check_inputs(t, z, params, activation)
+    if _fallback(z):
+        return _F.concatsquash_mlp(t, z, params, activation)
+    return _ConcatSquash.apply(_K.MODE_F, activation, t, z, None, *_flat(params))
+
+
+def concatsquash_mlp_hutchinson(t, z, e, params, activation):
+    t = _F.check_inputs(t, z, params, activation, e)
+    if _fallback(z):
+        return _F.concatsquash_mlp_hutchinson(t, z, e, params, activation)
+    return _ConcatSquash.apply(_K.MODE_HUTCH, activation, t, z, e, *_flat(params))
+
+
+def concatsquash_mlp_exact_trace(t, z, params, activation):
+    t = _F.check_inputs(t, z, params, activation)
+    if _fallback(z):
+        return _F.concatsquash_mlp_exact_trace(t, z, params, activation)
+    return _ConcatSquash.apply(_K.MODE_EXACT, activation, t, z, None, *_flat(params))
+
+
+register_backend("triton", sys.modules[__name__])
