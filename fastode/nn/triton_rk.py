@@ -1,0 +1,104 @@
+"""Autograd Functions over the fused RK kernels of ``fastode.kernels.rk`` (kernel -> launcher -> Function).
+
+* :func:`rk_stage(y, ks, coefs, dt)` = ``y + dt * sum_j coefs[j] * ks[j]``
+* :func:`rk_epilogue(y0, ks, b, b_err, dt, atol, rtol)` =
+  ``(y1, err, ratio_rms, ratio_max, ratio_rms_sample, ratio_max_sample)``
+
+Both are differentiable w.r.t. ``y``/``y0``, every ``k`` and a tensor ``dt`` (the backward passes are Triton
+kernels too). In :func:`rk_epilogue` the RMS ratios are differentiable (for error regularisers); the max
+ratios and ``atol``/``rtol`` are treated as constants. The coefficients are Python floats taken from
+:mod:`fastode.tableaus` by the caller. Differentiable once (no double backward).
+
+CUDA tensors (or CPU tensors under ``TRITON_INTERPRET=1``) only; the solver dispatches here only then.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from fastode.kernels import rk as _K
+
+__all__ = ["rk_stage", "rk_epilogue"]
+
+
+class _Stage(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, coefs, y, dt, *ks):
+        ctx.coefs = coefs
+        ctx.save_for_backward(dt, *ks)
+        return _K.rk_stage(y, ks, coefs, dt)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        dt, *ks = ctx.saved_tensors
+        need_k = any(ctx.needs_input_grad[3:])
+        need_dt = ctx.needs_input_grad[2]
+        if not (need_k or need_dt):
+            return (None, g, None) + (None,) * len(ks)
+        gks, gdt = _K.rk_stage_backward(g, ks, ctx.coefs, dt, need_dt)
+        gks = [gk if n else None for gk, n in zip(gks, ctx.needs_input_grad[3:])]
+        return (None, g, gdt.reshape(dt.shape) if gdt is not None else None, *gks)
+
+
+class _Epilogue(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, b, b_err, atol, rtol, y0, dt, *ks):
+        y1, err, rms_b, max_b, rms_s, max_s = _K.rk_epilogue(y0, ks, b, b_err, dt, atol, rtol)
+        ctx.b, ctx.b_err, ctx.atol, ctx.rtol = b, b_err, atol, rtol
+        ctx.set_materialize_grads(False)
+        if b_err is None:
+            ctx.save_for_backward(y0, dt, *ks)
+            ctx.n_saved = 0
+            return y1
+        ctx.mark_non_differentiable(max_b, max_s)
+        ctx.save_for_backward(rms_b, rms_s, y0, dt, *ks)
+        ctx.n_saved = 2
+        return y1, err, rms_b, max_b, rms_s, max_s
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads):
+        saved = ctx.saved_tensors
+        if ctx.n_saved:
+            rms_b, rms_s, y0, dt, *ks = saved
+            g1, ge, grb, _gmb, grs, _gms = grads
+        else:
+            y0, dt, *ks = saved
+            rms_b = rms_s = ge = grb = grs = None
+            (g1,) = grads
+        none = (None,) * (4 + 2 + len(ks))
+        if all(g is None for g in (g1, ge, grb, grs)):
+            return none
+        need_dt = ctx.needs_input_grad[5]
+        gy0, gks, gdt = _K.rk_epilogue_backward(
+            y0, ks, ctx.b, ctx.b_err, dt, ctx.atol, ctx.rtol, rms_b, rms_s, g1=g1, ge=ge, grb=grb, grs=grs,
+            need_dt=need_dt)
+        gks = [gk if n else None for gk, n in zip(gks, ctx.needs_input_grad[6:])]
+        return (None, None, None, None, gy0 if ctx.needs_input_grad[4] else None,
+                gdt.reshape(dt.shape) if gdt is not None else None, *gks)
+
+
+def _dt_tensor(dt, like):
+    if isinstance(dt, torch.Tensor):
+        return dt if dt.dtype == like.dtype and dt.device == like.device else dt.to(like)
+    return _K.as_device_scalar(dt, like)
+
+
+def rk_stage(y: torch.Tensor, ks: Sequence[torch.Tensor], coefs: Sequence[float], dt) -> torch.Tensor:
+    """``y + dt * sum_j coefs[j] * ks[j]`` fused into one kernel (differentiable)."""
+    coefs = tuple(float(c) for c in coefs)
+    if len(coefs) != len(ks):
+        raise ValueError(f"{len(ks)} stage derivatives but {len(coefs)} coefficients; they must match")
+    if all(c == 0.0 for c in coefs):
+        return y
+    return _Stage.apply(coefs, y, _dt_tensor(dt, y), *ks)
+
+
+def rk_epilogue(y0: torch.Tensor, ks: Sequence[torch.Tensor], b: Sequence[float], b_err, dt, atol=0.0, rtol=0.0):
+    """Fused step epilogue (differentiable); see the module docstring. ``b_err=None`` returns only ``y1``."""
+    b = tuple(float(x) for x in b)
+    b_err = tuple(float(x) for x in b_err) if b_err is not None else None
+    return _Epilogue.apply(b, b_err, atol, rtol, y0, _dt_tensor(dt, y0), *ks)
