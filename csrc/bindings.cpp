@@ -4,9 +4,13 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
 #include <ATen/ops/zeros.h>
 #include <torch/csrc/utils/pybind.h>
 
+#include <cstdlib>
+#include <map>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -89,6 +93,49 @@ fastode::Grads<T> make_grads(std::vector<Tensor>& g) {
   return r;
 }
 
+// Flat parameter mode: one contiguous tensor holding, per layer, W (m x n), b, gw, gb, bw.
+fastode::Net make_net_flat(const std::vector<int64_t>& dims, const Tensor& theta, int64_t D, int act) {
+  check(dims.size() >= 2 && dims.front() == D && dims.back() == D, "dims must be (D, hidden..., D) with z's D");
+  int64_t n = 0;
+  for (size_t l = 0; l + 1 < dims.size(); ++l) n += dims[l + 1] * dims[l] + 4 * dims[l + 1];
+  check(theta.numel() == n, "the flat parameter tensor has " + std::to_string(theta.numel()) +
+                                " elements but dims need " + std::to_string(n));
+  fastode::Net net;
+  net.dims = dims;
+  net.act = act;
+  return net;
+}
+
+template <typename T, typename P>
+void flat_pointers(T* base, const std::vector<int64_t>& dims, P& W, P& b, P& gw, P& gb, P& bw) {
+  for (size_t l = 0; l + 1 < dims.size(); ++l) {
+    int64_t n = dims[l], m = dims[l + 1];
+    W.push_back(base);
+    base += m * n;
+    b.push_back(base);
+    base += m;
+    gw.push_back(base);
+    base += m;
+    gb.push_back(base);
+    base += m;
+    bw.push_back(base);
+    base += m;
+  }
+}
+
+template <typename T>
+fastode::Params<T> make_params_flat(const Tensor& theta, const std::vector<int64_t>& dims) {
+  fastode::Params<T> r;
+  flat_pointers<const T, std::vector<const T*>>(theta.data_ptr<T>(), dims, r.W, r.b, r.gw, r.gb, r.bw);
+  return r;
+}
+template <typename T>
+fastode::Grads<T> make_grads_flat(Tensor& g, const std::vector<int64_t>& dims) {
+  fastode::Grads<T> r;
+  flat_pointers<T, std::vector<T*>>(g.data_ptr<T>(), dims, r.W, r.b, r.gw, r.gb, r.bw);
+  return r;
+}
+
 std::vector<Tensor> prep_params(const std::vector<Tensor>& params, at::ScalarType dt) {
   std::vector<Tensor> r;
   r.reserve(params.size());
@@ -105,6 +152,68 @@ fastode::Exec make_exec(int64_t tile) {
 
 Tensor empty_like_dt(std::vector<int64_t> shape, const Tensor& like) {
   return at::empty(shape, like.options());
+}
+
+// ------------------------------------------------------------------------------------------------
+// Caching pool for the saved-activation buffers of training steps. A training iteration allocates the
+// same few buffers (megabytes each) every iteration; fresh memory from the system costs a page fault per
+// 4 KiB on first touch, which was ~15% of a training iteration. Freed buffers are kept for reuse up to
+// FASTODE_CPP_POOL_MB (default 1024) megabytes; fastode.cpp.empty_cache() releases them.
+struct SavePool {
+  std::mutex mu;
+  std::multimap<size_t, void*> free_blocks;
+  size_t cached = 0;
+  size_t cap() {
+    static size_t c = [] {
+      const char* v = std::getenv("FASTODE_CPP_POOL_MB");
+      return size_t(v ? std::atoll(v) : 1024) << 20;
+    }();
+    return c;
+  }
+  void* get(size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lk(mu);
+      auto it = free_blocks.find(bytes);
+      if (it != free_blocks.end()) {
+        void* p = it->second;
+        free_blocks.erase(it);
+        cached -= bytes;
+        return p;
+      }
+    }
+    void* p = std::aligned_alloc(64, bytes);
+    if (!p) throw std::bad_alloc();
+    return p;
+  }
+  void put(void* p, size_t bytes) {
+    std::lock_guard<std::mutex> lk(mu);
+    if (cached + bytes > cap()) {
+      std::free(p);
+      return;
+    }
+    free_blocks.emplace(bytes, p);
+    cached += bytes;
+  }
+  size_t clear() {
+    std::lock_guard<std::mutex> lk(mu);
+    size_t n = cached;
+    for (auto& kv : free_blocks) std::free(kv.second);
+    free_blocks.clear();
+    cached = 0;
+    return n;
+  }
+};
+SavePool& save_pool() {
+  static SavePool* pool = new SavePool();  // never destroyed: buffers may be freed at interpreter exit
+  return *pool;
+}
+
+Tensor pooled_empty(int64_t n, const Tensor& like) {
+  const size_t esz = like.element_size();
+  const size_t bytes = (size_t(std::max<int64_t>(n, 1)) * esz + 65535) / 65536 * 65536;
+  void* p = save_pool().get(bytes);
+  return at::from_blob(
+      p, {n}, [bytes](void* q) { save_pool().put(q, bytes); }, like.options());
 }
 
 #define DISPATCH_FLOAT(dt, ...)                                                         \
@@ -131,7 +240,7 @@ std::tuple<Tensor, Tensor> mlp_forward(double t, const Tensor& z_, const std::ve
   auto net = make_net(params, D, act);
   auto ex = make_exec(tile);
   Tensor f = empty_like_dt({B, D}, z);
-  Tensor save = want_save ? empty_like_dt({fastode::mlp_save_size(net, B, 1, false, ex)}, z) : empty_like_dt({0}, z);
+  Tensor save = want_save ? pooled_empty(fastode::mlp_save_size(net, B, 1, false, ex), z) : empty_like_dt({0}, z);
   DISPATCH_FLOAT(dt, [&] {
     auto p = make_params<scalar_t>(params);
     fastode::mlp_forward<scalar_t>(net, p, t, B, z.data_ptr<scalar_t>(), f.data_ptr<scalar_t>(),
@@ -162,7 +271,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> mlp_probe_forward(
   Tensor f = empty_like_dt({B, D}, z);
   Tensor vjp = want_vjp ? empty_like_dt({K, B, D}, z) : empty_like_dt({0}, z);
   Tensor tr = empty_like_dt({B}, z), kin = empty_like_dt({B}, z), fr = empty_like_dt({B}, z);
-  Tensor save = want_save ? empty_like_dt({fastode::mlp_save_size(net, B, K, true, ex)}, z) : empty_like_dt({0}, z);
+  Tensor save = want_save ? pooled_empty(fastode::mlp_save_size(net, B, K, true, ex), z) : empty_like_dt({0}, z);
   DISPATCH_FLOAT(dt, [&] {
     auto p = make_params<scalar_t>(params);
     fastode::mlp_probe_forward<scalar_t>(net, p, t, B, z.data_ptr<scalar_t>(), K, cptr<scalar_t>(e),
@@ -232,8 +341,9 @@ fastode::Tableau make_tableau(const std::vector<double>& c, const std::vector<do
 
 // Fused CNF RK step. Returns (z1, q1, ez, eq, kz, kq, sumsq (float64, D+NQ), save).
 py::tuple cnf_step_forward(double t0, double dtv, const Tensor& z0_, const Tensor& q0_, const OptT& e_,
-                           const OptT& kz0_, const OptT& kq0_, const std::vector<Tensor>& params_, int act,
-                           const std::vector<int>& rates, const std::vector<double>& c, const std::vector<double>& a,
+                           const OptT& kz0_, const OptT& kq0_, const std::vector<Tensor>& params_,
+                           const std::vector<int64_t>& dims, int act, const std::vector<int>& rates,
+                           const std::vector<double>& c, const std::vector<double>& a,
                            const std::vector<double>& b, const std::vector<double>& b_err,
                            const std::vector<double>& atol, const std::vector<double>& rtol, bool want_stages,
                            bool want_save, int64_t tile) {
@@ -248,8 +358,10 @@ py::tuple cnf_step_forward(double t0, double dtv, const Tensor& z0_, const Tenso
   check(bool(kz0) == bool(kq0) || NQ == 0, "give both kz0 and kq0 (first stage) or neither");
   if (kz0) check(kz0->numel() == B * D && (NQ == 0 || kq0->numel() == B * NQ), "kz0/kq0 have the wrong shape");
   auto params = prep_params(params_, dt);
+  const bool flat = !dims.empty();
+  if (flat) check(params.size() == 1, "flat parameter mode takes one parameter tensor");
   fastode::CnfSpec spec;
-  spec.net = make_net(params, D, act);
+  spec.net = flat ? make_net_flat(dims, params[0], D, act) : make_net(params, D, act);
   spec.exact = !e;
   spec.K = e ? 1 : int(D);
   spec.rates = rates;
@@ -263,9 +375,9 @@ py::tuple cnf_step_forward(double t0, double dtv, const Tensor& z0_, const Tenso
   Tensor kz = want_stages ? empty_like_dt({tab.s, B, D}, z0) : empty_like_dt({0}, z0);
   Tensor kq = want_stages ? empty_like_dt({tab.s, B, NQ}, z0) : empty_like_dt({0}, z0);
   Tensor ss = at::zeros({D + NQ}, z0.options().dtype(at::kDouble));
-  Tensor save = want_save ? empty_like_dt({fastode::cnf_step_save_size(spec, tab, B, ex)}, z0) : empty_like_dt({0}, z0);
+  Tensor save = want_save ? pooled_empty(fastode::cnf_step_save_size(spec, tab, B, ex), z0) : empty_like_dt({0}, z0);
   DISPATCH_FLOAT(dt, [&] {
-    auto p = make_params<scalar_t>(params);
+    auto p = flat ? make_params_flat<scalar_t>(params[0], dims) : make_params<scalar_t>(params);
     fastode::CnfStepIn<scalar_t> in;
     in.t0 = t0;
     in.dt = dtv;
@@ -294,8 +406,9 @@ py::tuple cnf_step_forward(double t0, double dtv, const Tensor& z0_, const Tenso
 // Backward of the fused step. Returns (gz0, gq0, ge, gkz0, gkq0, param grads, gt0, gdt) with None for
 // what was not asked for.
 py::tuple cnf_step_backward(double t0, double dtv, const Tensor& z0_, const Tensor& q0_, const OptT& e_,
-                            const OptT& kz0_, const OptT& kq0_, const std::vector<Tensor>& params_, int act,
-                            const std::vector<int>& rates, const std::vector<double>& c,
+                            const OptT& kz0_, const OptT& kq0_, const std::vector<Tensor>& params_,
+                            const std::vector<int64_t>& dims, int act, const std::vector<int>& rates,
+                            const std::vector<double>& c,
                             const std::vector<double>& a, const std::vector<double>& b,
                             const std::vector<double>& b_err, const Tensor& save, const OptT& gz1_,
                             const OptT& gq1_, const OptT& gez_, const OptT& geq_, const OptT& gkz_, const OptT& gkq_,
@@ -307,8 +420,10 @@ py::tuple cnf_step_backward(double t0, double dtv, const Tensor& z0_, const Tens
   Tensor q0 = prep(q0_, dt, "q0");
   OptT e = prep_opt(e_, dt, "e"), kz0 = prep_opt(kz0_, dt, "kz0"), kq0 = prep_opt(kq0_, dt, "kq0");
   auto params = prep_params(params_, dt);
+  const bool flat = !dims.empty();
+  if (flat) check(params.size() == 1, "flat parameter mode takes one parameter tensor");
   fastode::CnfSpec spec;
-  spec.net = make_net(params, D, act);
+  spec.net = flat ? make_net_flat(dims, params[0], D, act) : make_net(params, D, act);
   spec.exact = !e;
   spec.K = e ? 1 : int(D);
   spec.rates = rates;
@@ -331,9 +446,9 @@ py::tuple cnf_step_backward(double t0, double dtv, const Tensor& z0_, const Tens
     for (const auto& p : params) gp.push_back(at::zeros(p.sizes(), p.options()));
   double gt0 = 0, gdt = 0;
   DISPATCH_FLOAT(dt, [&] {
-    auto p = make_params<scalar_t>(params);
+    auto p = flat ? make_params_flat<scalar_t>(params[0], dims) : make_params<scalar_t>(params);
     fastode::Grads<scalar_t> g;
-    if (need_params) g = make_grads<scalar_t>(gp);
+    if (need_params) g = flat ? make_grads_flat<scalar_t>(gp[0], dims) : make_grads<scalar_t>(gp);
     fastode::CnfStepIn<scalar_t> in;
     in.t0 = t0;
     in.dt = dtv;
@@ -427,6 +542,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("cnf_step_backward", &cnf_step_backward);
   m.def("rk_combine", &rk_combine);
   m.def("rk_epilogue", &rk_epilogue);
+  m.def("empty_cache", [] { return save_pool().clear(); }, "free the cached saved-activation buffers; returns bytes");
+  m.def("cached_bytes", [] {
+    std::lock_guard<std::mutex> lk(save_pool().mu);
+    return save_pool().cached;
+  });
 #ifdef _OPENMP
   m.attr("openmp") = true;
 #else

@@ -348,6 +348,115 @@ FASTODE_CLONES void fb_nt(int64_t M, int64_t N, int64_t K, const T* A, int64_t l
   }
 }
 
+// Thin GEMMs: one of the non-batch dimensions is at most kThin (the D-wide first and last layers of a
+// CNF MLP). BLAS spends microseconds of overhead on these; plain loops vectorised over the wide
+// dimension take a fraction of that. Small transposed copies go to a thread-local buffer.
+constexpr int64_t kThin = 8;
+
+template <typename T>
+T* thin_scratch(int64_t n) {
+  thread_local std::vector<T> buf;
+  if (int64_t(buf.size()) < n) buf.resize(n);
+  return buf.data();
+}
+
+// C (M x N) = A (M x K) B^T + beta C with K <= kThin; B is (N x K)
+template <typename T>
+FASTODE_CLONES void thin_nt_k(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,
+                              T beta, T* C, int64_t ldc) {
+  T* BT = thin_scratch<T>(K * N);  // (K x N)
+  for (int64_t j = 0; j < N; ++j)
+    for (int64_t k = 0; k < K; ++k) BT[k * N + j] = B[j * ldb + k];
+  for (int64_t i = 0; i < M; ++i) {
+    T* __restrict c = C + i * ldc;
+    const T* a = A + i * lda;
+    if (beta == T(0))
+      for (int64_t j = 0; j < N; ++j) c[j] = a[0] * BT[j];
+    else
+      for (int64_t j = 0; j < N; ++j) c[j] = beta * c[j] + a[0] * BT[j];
+    for (int64_t k = 1; k < K; ++k) {
+      const T ak = a[k];
+      const T* __restrict bk = BT + k * N;
+      for (int64_t j = 0; j < N; ++j) c[j] += ak * bk[j];
+    }
+  }
+}
+
+// C (M x N) = A (M x K) Bt^T + beta C with N <= kThin; Bt is (N x K) row-major (dot products)
+template <typename T>
+FASTODE_CLONES void thin_dots(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* Bt, int64_t ldb,
+                              T beta, T* C, int64_t ldc) {
+  for (int64_t i = 0; i < M; ++i) {
+    const T* __restrict a = A + i * lda;
+    for (int64_t j = 0; j < N; ++j) {
+      const T* __restrict b = Bt + j * ldb;
+      T s = 0;
+#pragma omp simd reduction(+ : s)
+      for (int64_t k = 0; k < K; ++k) s += a[k] * b[k];
+      C[i * ldc + j] = beta == T(0) ? s : beta * C[i * ldc + j] + s;
+    }
+  }
+}
+
+// C (M x N) = A (M x K) B (K x N) + beta C with K <= kThin
+template <typename T>
+FASTODE_CLONES void thin_nn_k(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,
+                              T beta, T* C, int64_t ldc) {
+  for (int64_t i = 0; i < M; ++i) {
+    T* __restrict c = C + i * ldc;
+    const T* a = A + i * lda;
+    if (beta == T(0))
+      for (int64_t j = 0; j < N; ++j) c[j] = a[0] * B[j];
+    else
+      for (int64_t j = 0; j < N; ++j) c[j] = beta * c[j] + a[0] * B[j];
+    for (int64_t k = 1; k < K; ++k) {
+      const T ak = a[k];
+      const T* __restrict bk = B + k * ldb;
+      for (int64_t j = 0; j < N; ++j) c[j] += ak * bk[j];
+    }
+  }
+}
+
+// C (M x N) = A^T B + beta C with A (K x M), B (K x N), M <= kThin
+template <typename T>
+FASTODE_CLONES void thin_tn_m(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,
+                              T beta, T* C, int64_t ldc) {
+  for (int64_t i = 0; i < M; ++i) {
+    T* __restrict c = C + i * ldc;
+    if (beta == T(0))
+      for (int64_t j = 0; j < N; ++j) c[j] = 0;
+    else if (beta != T(1))
+      for (int64_t j = 0; j < N; ++j) c[j] *= beta;
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    const T* __restrict bk = B + k * ldb;
+    for (int64_t i = 0; i < M; ++i) {
+      const T a = A[k * lda + i];
+      T* __restrict c = C + i * ldc;
+      for (int64_t j = 0; j < N; ++j) c[j] += a * bk[j];
+    }
+  }
+}
+
+// C (M x N) = A^T B + beta C with A (K x M), B (K x N), N <= kThin (accumulated transposed)
+template <typename T>
+FASTODE_CLONES void thin_tn_n(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,
+                              T beta, T* C, int64_t ldc) {
+  T* CT = thin_scratch<T>(N * M);  // (N x M)
+  std::fill(CT, CT + N * M, T(0));
+  for (int64_t k = 0; k < K; ++k) {
+    const T* __restrict ak = A + k * lda;
+    for (int64_t j = 0; j < N; ++j) {
+      const T b = B[k * ldb + j];
+      T* __restrict ct = CT + j * M;
+      for (int64_t i = 0; i < M; ++i) ct[i] += b * ak[i];
+    }
+  }
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t j = 0; j < N; ++j)
+      C[i * ldc + j] = (beta == T(0) ? T(0) : beta * C[i * ldc + j]) + CT[j * M + i];
+}
+
 bool g_use_blas_override_set = false;
 bool g_use_blas = true;
 
@@ -359,6 +468,8 @@ void gemm_nt(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* 
              int64_t ldc, T beta) {
   if (M == 0 || N == 0) return;
   if (K == 0) return fb_scale(M, N, C, ldc, beta);
+  if (K <= kThin) return thin_nt_k(M, N, K, A, lda, B, ldb, beta, C, ldc);
+  if (N <= kThin) return thin_dots(M, N, K, A, lda, B, ldb, beta, C, ldc);
   if (use_blas())
     blas_call("T", "N", int(N), int(M), int(K), T(1), B, int(ldb), A, int(lda), beta, C, int(ldc));
   else
@@ -370,6 +481,13 @@ void gemm_nn(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* 
              int64_t ldc, T beta) {
   if (M == 0 || N == 0) return;
   if (K == 0) return fb_scale(M, N, C, ldc, beta);
+  if (K <= kThin) return thin_nn_k(M, N, K, A, lda, B, ldb, beta, C, ldc);
+  if (N <= kThin) {
+    T* Bt = thin_scratch<T>(N * K);  // (N x K)
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t j = 0; j < N; ++j) Bt[j * K + k] = B[k * ldb + j];
+    return thin_dots(M, N, K, A, lda, Bt, K, beta, C, ldc);
+  }
   if (use_blas())
     blas_call("N", "N", int(N), int(M), int(K), T(1), B, int(ldb), A, int(lda), beta, C, int(ldc));
   else
@@ -381,6 +499,8 @@ void gemm_tn(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* 
              int64_t ldc, T beta) {
   if (M == 0 || N == 0) return;
   if (K == 0) return fb_scale(M, N, C, ldc, beta);
+  if (M <= kThin) return thin_tn_m(M, N, K, A, lda, B, ldb, beta, C, ldc);
+  if (N <= kThin) return thin_tn_n(M, N, K, A, lda, B, ldb, beta, C, ldc);
   if (use_blas())
     blas_call("N", "T", int(N), int(M), int(K), T(1), B, int(ldb), A, int(lda), beta, C, int(ldc));
   else
@@ -493,6 +613,11 @@ struct Folded {
 };
 
 template <typename T>
+FASTODE_CLONES void scale_row(int64_t n, T g, const T* __restrict W, T* __restrict out) {
+  for (int64_t k = 0; k < n; ++k) out[k] = g * W[k];
+}
+
+template <typename T>
 void fold(const Net& net, const FoldLayout& fl, const Params<T>& p, double t, Folded<T>& out) {
   out.lay = &fl;
   out.buf.resize(fl.size);
@@ -507,12 +632,31 @@ void fold(const Net& net, const FoldLayout& fl, const Params<T>& p, double t, Fo
     for (int64_t j = 0; j < m; ++j) {
       // gate computed in T from T(t), as the reference does (gw * t + gb in the parameters' dtype)
       T pre = p.gw[l][j] * tt + p.gb[l][j];
-      double g = double(sigmoid<T>(pre));
-      out.gate.push_back(g);
-      for (int64_t k = 0; k < n; ++k) Wp[j * n + k] = T(g * double(p.W[l][j * n + k]));
-      c[j] = T(double(p.b[l][j]) * g + double(p.bw[l][j]) * double(tt));
+      T g = sigmoid<T>(pre);
+      out.gate.push_back(double(g));
+      scale_row<T>(n, g, p.W[l] + j * n, Wp + j * n);
+      c[j] = p.b[l][j] * g + p.bw[l][j] * tt;
     }
   }
+}
+
+// out += g * x;  returns sum(x * W)
+template <typename T>
+FASTODE_CLONES T unfold_row(int64_t n, T g, const T* __restrict x, const T* __restrict W, T* __restrict out) {
+  T s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t k = 0; k < n; ++k) {
+    s += x[k] * W[k];
+    out[k] += g * x[k];
+  }
+  return s;
+}
+template <typename T>
+FASTODE_CLONES T dot_row(int64_t n, const T* __restrict x, const T* __restrict W) {
+  T s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t k = 0; k < n; ++k) s += x[k] * W[k];
+  return s;
 }
 
 // Adds the parameter gradients implied by accumulated dW', dc at time t; returns d/dt.
@@ -520,24 +664,24 @@ template <typename T>
 double unfold(const Net& net, const FoldLayout& fl, const Params<T>& p, const Folded<T>& fo, double t,
               const T* acc, const Grads<T>* g) {
   double dt = 0;
-  const double tt = double(T(t));
+  const T tt = T(t);
   for (int l = 0; l < net.L(); ++l) {
     int64_t n = net.dims[l], m = net.dims[l + 1];
     const T* dW = acc + fl.offW[l];
     const T* dc = acc + fl.offC[l];
     for (int64_t j = 0; j < m; ++j) {
-      double gate = fo.gate[fo.offG[l] + j];
-      double dgate = double(dc[j]) * double(p.b[l][j]);
-      for (int64_t k = 0; k < n; ++k) dgate += double(dW[j * n + k]) * double(p.W[l][j * n + k]);
-      double s = dgate * gate * (1.0 - gate);
+      const T gate = T(fo.gate[fo.offG[l] + j]);
+      T dgate = dc[j] * p.b[l][j];
+      dgate += g ? unfold_row<T>(n, gate, dW + j * n, p.W[l] + j * n, g->W[l] + j * n)
+                 : dot_row<T>(n, dW + j * n, p.W[l] + j * n);
+      const T sg = dgate * gate * (T(1) - gate);
       if (g) {
-        for (int64_t k = 0; k < n; ++k) g->W[l][j * n + k] += T(gate * double(dW[j * n + k]));
-        g->b[l][j] += T(double(dc[j]) * gate);
-        g->bw[l][j] += T(double(dc[j]) * tt);
-        g->gw[l][j] += T(s * tt);
-        g->gb[l][j] += T(s);
+        g->b[l][j] += dc[j] * gate;
+        g->bw[l][j] += dc[j] * tt;
+        g->gw[l][j] += sg * tt;
+        g->gb[l][j] += sg;
       }
-      dt += double(dc[j]) * double(p.bw[l][j]) + s * double(p.gw[l][j]);
+      dt += double(dc[j]) * double(p.bw[l][j]) + double(sg) * double(p.gw[l][j]);
     }
   }
   return dt;
@@ -962,33 +1106,40 @@ void rk_combine(int64_t n, const T* y0, int nk, const T* const* k, const double*
 }
 
 template <typename T>
-double rk_epilogue(int64_t n, const T* y0, int nk, const T* const* k, const double* b,
-                   const double* b_err, double dt, double atol, double rtol, T* y1, T* y_err,
-                   const Exec& ex) {
+void rk_epilogue(int64_t B, int64_t M, const T* y0, int nk, const T* const* k, const double* b,
+                 const double* b_err, double dt, const T* atol, double atol_s, const T* rtol, double rtol_s,
+                 T* y1, T* y_err, double* row_sumsq, double* row_max, const Exec& ex) {
   std::vector<T> wb(nk), we(nk);
   for (int j = 0; j < nk; ++j) {
     wb[j] = T(dt * b[j]);
     we[j] = b_err ? T(dt * b_err[j]) : T(0);
   }
-  Tiling tl(n, kFlatTile);
-  std::vector<double> part(tl.ntiles, 0.0);
+  // tiles of whole rows, about kFlatTile elements each
+  Tiling tl(B, std::max<int64_t>(1, kFlatTile / std::max<int64_t>(M, 1)));
   run_chunks(tl, ex, [&](int, int64_t t0, int64_t t1) {
     std::vector<const T*> kp(nk);
-    std::vector<T> errbuf(b_err && !y_err ? tl.tile : 0);
     for (int64_t ti = t0; ti < t1; ++ti) {
-      int64_t o = ti * tl.tile, len = tl.rows(ti);
+      int64_t r0 = ti * tl.tile, R = tl.rows(ti), o = r0 * M, len = R * M;
       for (int j = 0; j < nk; ++j) kp[j] = k[j] + o;
       ew_combine<T>(len, y0 + o, nk, kp.data(), wb.data(), y1 + o);
-      if (b_err) {
-        T* err = y_err ? y_err + o : errbuf.data();
-        ew_lincomb<T>(len, nk, kp.data(), we.data(), err);
-        ew_err_sumsq<T>(len, 1, y0 + o, y1 + o, err, &atol, &rtol, &part[ti]);
+      if (!b_err) continue;
+      T* err = y_err + o;
+      ew_lincomb<T>(len, nk, kp.data(), we.data(), err);
+      for (int64_t r = 0; r < R; ++r) {
+        double ss = 0, mx = 0;
+        for (int64_t c = 0; c < M; ++c) {
+          int64_t i = o + r * M + c;
+          double at = atol ? double(atol[i]) : atol_s, rt = rtol ? double(rtol[i]) : rtol_s;
+          double sc = at + rt * std::max(std::fabs(double(y0[i])), std::fabs(double(y1[i])));
+          double q = double(y_err[i]) / sc;
+          ss += q * q;
+          mx = std::max(mx, std::fabs(q));
+        }
+        row_sumsq[r0 + r] = ss;
+        row_max[r0 + r] = mx;
       }
     }
   });
-  double s = 0;
-  for (double v : part) s += v;
-  return s;
 }
 
 // ===================================================================================================

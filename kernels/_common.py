@@ -22,6 +22,27 @@ def interpreter_active() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+_POISON = os.environ.get("FASTODE_KERNEL_POISON", "0") not in ("", "0")
+
+
+def set_poison(flag: bool) -> None:
+    """Debug/test aid: launchers fill outputs and scratch buffers with NaN before the kernels write them."""
+    global _POISON
+    _POISON = bool(flag)
+
+
+def empty(shape, like: torch.Tensor) -> torch.Tensor:
+    """``torch.empty`` with ``like``'s dtype/device (NaN-filled when poisoning is on)."""
+    out = torch.empty(shape, dtype=like.dtype, device=like.device)
+    if _POISON:
+        out.fill_(float("nan"))
+    return out
+
+
+def empty_like(x: torch.Tensor) -> torch.Tensor:
+    return empty(x.shape, x)
+
+
 _SM_COUNT: dict = {}
 
 

@@ -29,13 +29,12 @@ tr J``, ``frob = |J|_F^2``).
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import ACT_CODES, DOT_PRECISION, act_d1, act_d2, act_fwd, max_programs
+from ._common import ACT_CODES, DOT_PRECISION, act_d1, act_d2, act_fwd, empty as _empty, max_programs
 
 MODE_F, MODE_HUTCH, MODE_EXACT = 0, 1, 2
 
@@ -534,22 +533,6 @@ class PackedParams:
                 V[l, 3, :o] = bw
         self.W, self.V = W, V
         self.dims = torch.tensor(widths, dtype=torch.int32, device=dev)
-
-
-_POISON = os.environ.get("FASTODE_KERNEL_POISON", "0") not in ("", "0")
-
-
-def set_poison(flag: bool) -> None:
-    """Debug/test aid: fill every output and scratch buffer with NaN before the kernels write them."""
-    global _POISON
-    _POISON = bool(flag)
-
-
-def _empty(shape, like: torch.Tensor):
-    out = torch.empty(shape, dtype=like.dtype, device=like.device)
-    if _POISON:
-        out.fill_(float("nan"))
-    return out
 
 
 def _grid(n_tiles: int, device, max_progs):

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import max_programs
+from ._common import empty, empty_like, max_programs
 
 
 # ------------------------------------------------------------------------------------------------
@@ -259,7 +259,7 @@ def rk_stage(y: torch.Tensor, ks: Sequence[torch.Tensor], coefs: Sequence[float]
         return y.clone()
     y = y.contiguous()
     dt_t = as_device_scalar(dt, y)
-    out = torch.empty_like(y)
+    out = empty_like(y)
     N = y.numel()
     rk_stage_kernel[(triton.cdiv(N, _STAGE_BLOCK),)](y, kk, dt_t, out, N, COEFS=cc, BLOCK=_STAGE_BLOCK)
     return out
@@ -275,10 +275,10 @@ def rk_stage_backward(g, ks, coefs, dt, need_dt: bool):
         return [torch.zeros_like(g) for _ in ks], (torch.zeros((), dtype=g.dtype, device=g.device) if need_dt else None)
     kk = tuple(ks[j].contiguous() for j in idx)
     cc = tuple(float(coefs[j]) for j in idx)
-    outs = tuple(torch.empty_like(g) for _ in idx)
+    outs = tuple(empty_like(g) for _ in idx)
     N = g.numel()
     nprog = triton.cdiv(N, _STAGE_BLOCK)
-    part = torch.empty(nprog, dtype=g.dtype, device=g.device) if need_dt else g
+    part = empty((nprog,), g) if need_dt else g
     rk_stage_bwd_kernel[(nprog,)](g, kk, dt_t, outs, part, N, COEFS=cc, NEED_DT=need_dt, BLOCK=_STAGE_BLOCK)
     for j, o in zip(idx, outs):
         gks[j] = o
@@ -347,15 +347,15 @@ def rk_epilogue(y0, ks, b, b_err, dt, atol=0.0, rtol=0.0, *, grid_split=None):
     dt_t = as_device_scalar(dt, y0)
     at, at_t = _tol_arg(atol, y0)
     rt, rt_t = _tol_arg(rtol, y0)
-    y1 = torch.empty_like(y0)
+    y1 = empty_like(y0)
     if has_err:
-        err = torch.empty_like(y0)
-        psq = torch.empty((n_c, B), dtype=y0.dtype, device=y0.device)
-        pmax = torch.empty((n_c, B), dtype=y0.dtype, device=y0.device)
-        rms_s = torch.empty(B, dtype=y0.dtype, device=y0.device)
-        max_s = torch.empty(B, dtype=y0.dtype, device=y0.device)
-        rms_b = torch.empty((), dtype=y0.dtype, device=y0.device)
-        max_b = torch.empty((), dtype=y0.dtype, device=y0.device)
+        err = empty_like(y0)
+        psq = empty((n_c, B), y0)
+        pmax = empty((n_c, B), y0)
+        rms_s = empty((B,), y0)
+        max_s = empty((B,), y0)
+        rms_b = empty((), y0)
+        max_b = empty((), y0)
         cnt = _counter(y0.device)
     else:
         err = psq = pmax = rms_s = max_s = rms_b = max_b = y1
@@ -386,9 +386,9 @@ def rk_epilogue_backward(y0, ks, b, b_err, dt, atol, rtol, rms_b, rms_s, g1=None
     dt_t = as_device_scalar(dt, y0)
     at, at_t = _tol_arg(atol, y0)
     rt, rt_t = _tol_arg(rtol, y0)
-    gy0 = torch.empty_like(y0)
-    gks = tuple(torch.empty_like(y0) for _ in ks)
-    part = torch.empty(n_r * n_c, dtype=y0.dtype, device=y0.device) if need_dt else y0
+    gy0 = empty_like(y0)
+    gks = tuple(empty_like(y0) for _ in ks)
+    part = empty((n_r * n_c,), y0) if need_dt else y0
     c = lambda g: g.contiguous() if g is not None else y0  # noqa: E731
     rk_epilogue_bwd_kernel[(n_r, n_c)](
         y0, ks, dt_t, at, rt, c(g1), c(ge), c(grb), c(grs),

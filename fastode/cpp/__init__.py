@@ -30,7 +30,7 @@ import os
 
 from ._loader import available, build_info, ext
 from ._mlp import concatsquash_mlp, concatsquash_mlp_exact_trace, concatsquash_mlp_hutchinson, supports
-from ._rk import RATE_CODES, CnfStep, cnf_rk_step, rk_combine, rk_epilogue
+from ._rk import RATE_CODES, CnfStep, CnfStepper, cnf_rk_step, rk_combine, rk_epilogue
 
 __all__ = [
     "available",
@@ -41,6 +41,8 @@ __all__ = [
     "supports",
     "cnf_rk_step",
     "CnfStep",
+    "CnfStepper",
+    "empty_cache",
     "RATE_CODES",
     "rk_combine",
     "rk_epilogue",
@@ -54,6 +56,11 @@ def __getattr__(name):  # live view of the dispatcher's record
     if name == "last_backend":
         return _dispatch.last_backend
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def empty_cache() -> int:
+    """Free the C++ backend's cached saved-activation buffers; returns the bytes released."""
+    return ext().empty_cache() if available() else 0
 
 
 def _register() -> None:

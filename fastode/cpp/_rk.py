@@ -1,0 +1,380 @@
+"""Fused Runge-Kutta steps: one call per CNF step (C++), with PyTorch references of the same maths.
+
+Tableau coefficients are never written here: they come from :mod:`fastode.tableaus` (a tableau object
+with ``c``, ``a``, ``b``, ``b_err``, or its name) and are passed to C++ as arguments.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from ..nn import functional as _ref
+from . import _dispatch
+from ._loader import ext
+
+__all__ = ["RATE_CODES", "CnfStep", "CnfStepper", "cnf_rk_step", "rk_combine", "rk_epilogue"]
+
+RATE_CODES = {"-trace": 0, "trace": 1, "kinetic": 2, "jac_frob": 3}
+"""Integrands of the extra CNF states ``q``: ``"-trace"`` (log-density change, FFJORD's sign),
+``"trace"``, ``"kinetic"`` (``|f|^2``) and ``"jac_frob"`` (``sum_k |e_k^T df/dz|^2``)."""
+
+_ACT_CODES = {name: i for i, name in enumerate(("tanh", "softplus", "elu", "swish", "identity"))}
+
+
+# ---------------------------------------------------------------------------------------------------
+def _tableau_lists(tableau):
+    """(c, a (s*s row-major), b, b_err or []) as python floats from a tableau object or name."""
+    if isinstance(tableau, str):
+        from ..tableaus import get_tableau
+
+        tableau = get_tableau(tableau)
+    c = [float(x) for x in tableau.c]
+    s = len(c)
+    a = [0.0] * (s * s)
+    for i, row in enumerate(tableau.a):
+        for j, v in enumerate(row):
+            a[i * s + j] = float(v)
+    b = [float(x) for x in tableau.b]
+    b_err = [float(x) for x in tableau.b_err] if getattr(tableau, "b_err", None) is not None else []
+    if len(b) != s or (b_err and len(b_err) != s) or len(tableau.a) > s:
+        raise ValueError(f"tableau {getattr(tableau, 'name', '?')!r} has inconsistent sizes")
+    for i in range(s):
+        for j in range(i, s):
+            if a[i * s + j] != 0.0:
+                raise ValueError("only explicit tableaus (strictly lower-triangular a) can be fused")
+    return c, a, b, b_err
+
+
+def _as_time_tensor(x, like: torch.Tensor) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        if x.numel() != 1:
+            raise ValueError(f"t0 and dt must be scalars, got shape {tuple(x.shape)}")
+        return x.reshape(())
+    return torch.tensor(float(x), dtype=torch.float64)
+
+
+def _per_column(v, n: int, name: str) -> list[float]:
+    if v is None:
+        raise ValueError(f"{name} is needed for the error estimate of an embedded tableau")
+    if isinstance(v, (int, float)):
+        return [float(v)] * n
+    if isinstance(v, torch.Tensor) and v.numel() == 1:
+        return [float(v)] * n
+    vals = [float(x) for x in v]
+    if len(vals) != n:
+        raise ValueError(f"{name} must be a number or one value per state column ({n}), got {len(vals)}")
+    return vals
+
+
+class CnfStep(NamedTuple):
+    """Result of :func:`cnf_rk_step`.
+
+    ``z1 (B, D)``, ``q1 (B, NQ)``: the state after the step. ``err_z``, ``err_q``: the error estimate
+    ``dt * sum(b_err_i k_i)`` (None for tableaus without one). ``kz (s, B, D)``, ``kq (s, B, NQ)``: every
+    stage (only with ``return_stages=True``; ``kz[-1], kq[-1]`` are the next step's first stage for FSAL
+    tableaus). ``error_sumsq (D + NQ,)`` float64, not differentiable: per column of ``[z | q]``, the sum
+    over the batch of ``(err / (atol + rtol * max(|y0|, |y1|)))**2`` (None without error estimate).
+    """
+
+    z1: torch.Tensor
+    q1: torch.Tensor
+    err_z: torch.Tensor | None
+    err_q: torch.Tensor | None
+    kz: torch.Tensor | None
+    kq: torch.Tensor | None
+    error_sumsq: torch.Tensor | None
+
+
+class _CnfStepFn(torch.autograd.Function):
+    """Inputs: t0, dt (floats or 0-dim tensors), z0, q0, e, kz0, kq0, spec, theta (flat parameters)."""
+
+    @staticmethod
+    def forward(ctx, t0, dt, z0, q0, e, kz0, kq0, spec, theta):
+        act, dims, rates, c, a, b, b_err, atol, rtol, want_stages, tile = spec
+        need = any(ctx.needs_input_grad)
+        z1, q1, ez, eq, kz, kq, ss, save = ext().cnf_step_forward(
+            float(t0), float(dt), z0, q0, e, kz0, kq0, [theta], dims, act, rates, c, a, b, b_err, atol, rtol,
+            want_stages, need, tile)
+        if need:
+            ctx.save_for_backward(z0, q0, e, kz0, kq0, theta)
+            ctx.times = (float(t0), float(dt), t0, dt)
+            ctx.buf = save
+        ctx.spec = spec
+        ctx.mark_non_differentiable(ss)
+        ctx.set_materialize_grads(False)
+        return z1, q1, ez, eq, kz, kq, ss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gz1, gq1, gez, geq, gkz, gkq, _gss):
+        act, dims, rates, c, a, b, b_err, atol, rtol, want_stages, tile = ctx.spec
+        z0, q0, e, kz0, kq0, theta = ctx.saved_tensors
+        t0f, dtf, t0, dt = ctx.times
+        n = ctx.needs_input_grad
+        gz0, gq0, ge, gkz0, gkq0, gp, gt0, gdt = ext().cnf_step_backward(
+            t0f, dtf, z0, q0, e, kz0, kq0, [theta], dims, act, rates, c, a, b, b_err, ctx.buf, gz1, gq1, gez,
+            geq, gkz, gkq, n[2], n[3], n[4], n[5] or n[6], n[8], n[0], n[1], tile)
+        gt0 = torch.tensor(gt0, dtype=t0.dtype) if n[0] else None
+        gdt = torch.tensor(gdt, dtype=dt.dtype) if n[1] else None
+        return (gt0, gdt, gz0 if n[2] else None, gq0 if n[3] else None, ge if n[4] else None,
+                gkz0 if n[5] else None, gkq0 if n[6] else None, None, gp[0] if n[8] else None)
+
+
+def _mlp_params(params, activation):
+    if hasattr(params, "params") and callable(params.params):  # a ConcatSquashMLP
+        activation = activation or params.activation
+        params = params.params()
+    if activation is None:
+        raise ValueError("activation is required when params is a list of layer tuples")
+    return params, activation
+
+
+class CnfStepper:
+    """Fused RK steps of one CNF solve, prepared once (the per-step call does no re-validation).
+
+    ``params``: a :class:`fastode.nn.ConcatSquashMLP` (its activation is used) or per-layer
+    ``(W, b, gw, gb, bw)`` tuples with ``activation``; they are read (and, on the C++ path, packed into
+    one flat tensor that autograd maps back to them) when the stepper is made, so make one per solve,
+    after the optimiser step. ``tableau``: a :class:`fastode.tableaus.ButcherTableau` or its name.
+    ``rates``: names from :data:`RATE_CODES`, one per column of ``q``. ``atol, rtol``: numbers or one per
+    column of ``[z | q]``, for ``error_sumsq`` (embedded tableaus only). ``backend``: "auto", "cpp",
+    "torch" (see :mod:`fastode.cpp`); :attr:`backend` is the one chosen.
+    """
+
+    def __init__(self, params, tableau, *, activation: str | None = None, rates: Sequence[str] = ("-trace",),
+                 atol=None, rtol=None, backend: str = "auto"):
+        params, activation = _mlp_params(params, activation)
+        if not params:
+            raise ValueError("params is empty: the MLP needs at least one layer (W, b, gw, gb, bw)")
+        W0 = params[0][0]
+        D = W0.shape[1]
+        _ref.check_inputs(0.0, W0.new_empty(0, D), params, activation)
+        self.rates = list(rates)
+        for r in self.rates:
+            if r not in RATE_CODES:
+                raise ValueError(f"unknown rate {r!r}; choose from {list(RATE_CODES)}")
+        self.params, self.activation, self.dim = params, activation, D
+        self.tableau = _tableau_lists(tableau)
+        c, a, b, b_err = self.tableau
+        ncol = D + len(self.rates)
+        self.atol = _per_column(atol, ncol, "atol") if b_err else []
+        self.rtol = _per_column(rtol, ncol, "rtol") if b_err else []
+        flat = [p for layer in params for p in layer]
+        self.backend = _dispatch.choose(backend, *flat)
+        if activation not in _ACT_CODES:
+            self.backend = "torch"
+        self._dtype, self._device = W0.dtype, W0.device
+        if self.backend == "cpp":
+            self.dims = [D] + [int(layer[0].shape[0]) for layer in params]
+            self.theta = torch.cat([p.reshape(-1) for p in flat])
+            self._spec = (_ACT_CODES[activation], self.dims, [RATE_CODES[r] for r in self.rates], c, a, b, b_err,
+                          self.atol, self.rtol)
+
+    def step(self, t0, dt, z0: torch.Tensor, q0: torch.Tensor, e: torch.Tensor | None = None, kz0=None, kq0=None,
+             return_stages: bool = False) -> CnfStep:
+        """One step from ``(z0 (B, D), q0 (B, NQ))`` at time ``t0`` with step ``dt`` (floats or 0-dim tensors).
+
+        ``e (B, D)``: Hutchinson noise (keep it fixed over the solve, as FFJORD does); ``None`` gives the
+        exact trace (D basis-vector VJPs). ``kz0, kq0``: the first stage when already known (FSAL: the
+        previous step's last stage). Differentiable (once) in ``t0, dt, z0, q0, e, kz0, kq0`` and the
+        parameters. Returns :class:`CnfStep`.
+        """
+        if z0.dim() != 2 or z0.shape[1] != self.dim:
+            raise ValueError(f"z0 must be (batch, {self.dim}), got shape {tuple(z0.shape)}")
+        B = z0.shape[0]
+        if q0.shape != (B, len(self.rates)):
+            raise ValueError(f"q0 must be (batch, len(rates)) = ({B}, {len(self.rates)}), got {tuple(q0.shape)}")
+        if e is not None and e.shape != z0.shape:
+            raise ValueError(f"e has shape {tuple(e.shape)} but z0 has {tuple(z0.shape)}; they must match")
+        if (kz0 is None) != (kq0 is None):
+            raise ValueError("give both kz0 and kq0 (the first stage) or neither")
+        if self.backend == "cpp" and z0.dtype == self._dtype and z0.device == self._device:
+            _dispatch.last_backend = "cpp"
+            spec = self._spec + (bool(return_stages), _dispatch.tile_rows())
+            z1, q1, ez, eq, kz, kq, ss = _CnfStepFn.apply(t0, dt, z0, q0, e, kz0, kq0, spec, self.theta)
+            if not self.tableau[3]:
+                ez = eq = ss = None
+            if not return_stages:
+                kz = kq = None
+            return CnfStep(z1, q1, ez, eq, kz, kq, ss)
+        _dispatch.last_backend = "torch"
+        return _cnf_step_torch(t0, dt, z0, q0, self.params, self.activation, self.tableau, e, self.rates, kz0, kq0,
+                               self.atol, self.rtol, return_stages)
+
+
+def cnf_rk_step(t0, dt, z0: torch.Tensor, q0: torch.Tensor, params, tableau, *, activation: str | None = None,
+                e: torch.Tensor | None = None, rates: Sequence[str] = ("-trace",), kz0=None, kq0=None, atol=None,
+                rtol=None, return_stages: bool = False, backend: str = "auto") -> CnfStep:
+    """One explicit RK step of the CNF dynamics ``dz/dt = f(t, z)``, ``dq_j/dt = rate_j`` (fused on CPU).
+
+    A one-off :class:`CnfStepper` (see it for the arguments); for the steps of a solve make the stepper
+    once and call :meth:`CnfStepper.step`, which avoids re-validating and re-packing the parameters.
+    """
+    stepper = CnfStepper(params, tableau, activation=activation, rates=rates, atol=atol, rtol=rtol, backend=backend)
+    return stepper.step(t0, dt, z0, q0, e, kz0, kq0, return_stages)
+
+
+def _cnf_rates_torch(t, z, params, activation, e, rates):
+    """Reference stage: f and the (B, NQ) rates, from fastode.nn.functional."""
+    B, D = z.shape
+    if e is None:  # exact: basis probes, as the C++ kernels do
+        probes = [torch.zeros_like(z).index_fill_(1, torch.tensor([k]), 1.0) for k in range(D)]
+    else:
+        probes = [e]
+    trace = frob = 0
+    for p in probes:
+        f, _vjp, tr, kin, fr = _ref.concatsquash_mlp_hutchinson(t, z, p, params, activation)
+        trace, frob = trace + tr, frob + fr
+    cols = {"-trace": -trace, "trace": trace, "kinetic": kin, "jac_frob": frob}
+    q = torch.stack([cols[r] for r in rates], -1) if rates else z.new_zeros(B, 0)
+    return f, q
+
+
+def _cnf_step_torch(t0, dt, z0, q0, params, activation, tab, e, rates, kz0, kq0, atol, rtol, return_stages):
+    c, a, b, b_err = tab
+    s = len(c)
+    kz, kq = [], []
+    for i in range(s):
+        if i == 0 and kz0 is not None:
+            kz.append(kz0)
+            kq.append(kq0)
+            continue
+        zi = z0
+        for j in range(i):
+            if a[i * s + j] != 0.0:
+                zi = zi + (dt * a[i * s + j]) * kz[j]
+        f, q = _cnf_rates_torch(t0 + c[i] * dt, zi, params, activation, e, rates)
+        kz.append(f)
+        kq.append(q)
+
+    def comb(y0, ks, w):
+        out = y0
+        for wi, k in zip(w, ks):
+            if wi != 0.0:
+                out = out + (dt * wi) * k
+        return out
+
+    z1, q1 = comb(z0, kz, b), comb(q0, kq, b)
+    ez = eq = ss = None
+    if b_err:
+        ez, eq = comb(torch.zeros_like(z0), kz, b_err), comb(torch.zeros_like(q0), kq, b_err)
+        y0 = torch.cat([z0, q0], -1).detach().double()
+        y1 = torch.cat([z1, q1], -1).detach().double()
+        err = torch.cat([ez, eq], -1).detach().double()
+        sc = torch.tensor(atol, dtype=torch.float64) + torch.tensor(rtol, dtype=torch.float64) * torch.maximum(
+            y0.abs(), y1.abs())
+        ss = ((err / sc) ** 2).sum(0)
+    if return_stages:
+        return CnfStep(z1, q1, ez, eq, torch.stack(kz), torch.stack(kq), ss)
+    return CnfStep(z1, q1, ez, eq, None, None, ss)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Generic stage combination / epilogue for any tensors of one shape.
+class _CombineFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y0, dt, w, *ks):
+        ctx.save_for_backward(dt, *ks)
+        ctx.w = w
+        return ext().rk_combine(y0, list(ks), w, float(dt))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        dt, *ks = ctx.saved_tensors
+        n = ctx.needs_input_grad
+        gdt = None
+        if n[1]:
+            gdt = sum(wi * (g * k).sum() for wi, k in zip(ctx.w, ks)).to(dt.dtype)
+        gks = [g * (float(dt) * wi) if n[3 + i] else None for i, wi in enumerate(ctx.w)]
+        return (g if n[0] else None, gdt, None, *gks)
+
+
+def rk_combine(y0: torch.Tensor, ks: Sequence[torch.Tensor], weights: Sequence[float], dt, *,
+               backend: str = "auto") -> torch.Tensor:
+    """``y0 + dt * sum_j weights[j] * ks[j]`` in one pass (a stage input of an RK step). Differentiable."""
+    ks = list(ks)
+    w = [float(x) for x in weights]
+    if len(w) != len(ks):
+        raise ValueError(f"{len(ks)} stages but {len(w)} weights")
+    dt_t = _as_time_tensor(dt, y0)
+    name = _dispatch.choose(backend, y0, *ks)
+    if name == "cpp" and all(k.shape == y0.shape for k in ks):
+        return _CombineFn.apply(y0, dt_t, w, *ks)
+    _dispatch.last_backend = "torch"
+    out = y0
+    for wi, k in zip(w, ks):
+        if wi != 0.0:
+            out = out + (dt * wi) * k
+    return out
+
+
+class _EpilogueFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y0, dt, spec, *ks):
+        b, b_err, atol, rtol = spec
+        y1, err, ss = ext().rk_epilogue(y0, list(ks), b, b_err, float(dt), atol, rtol)
+        ctx.save_for_backward(dt, *ks)
+        ctx.spec = spec
+        ctx.set_materialize_grads(False)
+        if err is None:
+            err = y0.new_zeros(0)
+        return y1, err, torch.tensor(ss, dtype=torch.float64)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gy1, gerr, _gss):
+        b, b_err, _, _ = ctx.spec
+        dt, *ks = ctx.saved_tensors
+        n = ctx.needs_input_grad
+        if gerr is not None and gerr.numel() == 0:
+            gerr = None
+        gks, gdt = [], 0.0
+        for i, k in enumerate(ks):
+            gk = None
+            if gy1 is not None:
+                gk = gy1 * (float(dt) * b[i])
+                if n[1]:
+                    gdt = gdt + b[i] * (gy1 * k).sum()
+            if gerr is not None and b_err:
+                ge = gerr * (float(dt) * b_err[i])
+                gk = ge if gk is None else gk + ge
+                if n[1]:
+                    gdt = gdt + b_err[i] * (gerr * k).sum()
+            gks.append(gk if n[3 + i] else None)
+        gdt = torch.as_tensor(gdt, dtype=dt.dtype) if n[1] else None
+        return (gy1 if n[0] else None, gdt, None, *gks)
+
+
+def rk_epilogue(y0: torch.Tensor, ks: Sequence[torch.Tensor], b: Sequence[float], b_err: Sequence[float] | None,
+                dt, atol: float = 0.0, rtol: float = 0.0, *, backend: str = "auto"):
+    """Step epilogue in one pass: ``(y1, y_err, error_sumsq)`` with ``y1 = y0 + dt sum b_i k_i``,
+    ``y_err = dt sum b_err_i k_i`` (None without ``b_err``) and ``error_sumsq`` (float64 0-dim, not
+    differentiable) the sum of ``(y_err / (atol + rtol max(|y0|, |y1|)))**2`` over all elements.
+    ``y1`` and ``y_err`` are differentiable."""
+    ks = list(ks)
+    b = [float(x) for x in b]
+    be = [float(x) for x in b_err] if b_err is not None else []
+    if len(b) != len(ks) or (be and len(be) != len(ks)):
+        raise ValueError(f"{len(ks)} stages but {len(b)} weights b / {len(be)} weights b_err")
+    dt_t = _as_time_tensor(dt, y0)
+    name = _dispatch.choose(backend, y0, *ks)
+    if name == "cpp" and all(k.shape == y0.shape for k in ks):
+        y1, err, ss = _EpilogueFn.apply(y0, dt_t, (b, be, float(atol), float(rtol)), *ks)
+        return y1, (err if be else None), ss
+    _dispatch.last_backend = "torch"
+    y1 = y0
+    for wi, k in zip(b, ks):
+        if wi != 0.0:
+            y1 = y1 + (dt * wi) * k
+    if not be:
+        return y1, None, torch.zeros((), dtype=torch.float64)
+    err = torch.zeros_like(y0)
+    for wi, k in zip(be, ks):
+        if wi != 0.0:
+            err = err + (dt * wi) * k
+    sc = atol + rtol * torch.maximum(y0.detach().abs(), y1.detach().abs()).double()
+    ss = ((err.detach().double() / sc) ** 2).sum()
+    return y1, err, ss
