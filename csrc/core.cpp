@@ -1493,8 +1493,9 @@ void cnf_step_backward(const CnfSpec& spec, const Tableau& tab, const Params<T>&
                                 const T*, const T*, T*, T*, const Grads<T>*, T*, const Exec&);          \
   template void rk_combine<T>(int64_t, const T*, int, const T* const*, const double*, double, T*,      \
                               const Exec&);                                                             \
-  template double rk_epilogue<T>(int64_t, const T*, int, const T* const*, const double*, const double*, \
-                                 double, double, double, T*, T*, const Exec&);                          \
+  template void rk_epilogue<T>(int64_t, int64_t, const T*, int, const T* const*, const double*,        \
+                               const double*, double, const T*, double, const T*, double, T*, T*,       \
+                               double*, double*, const Exec&);                                          \
   template void cnf_step_forward<T>(const CnfSpec&, const Tableau&, const Params<T>&,                  \
                                     const CnfStepIn<T>&, const CnfStepOut<T>&, const Exec&);            \
   template void cnf_step_backward<T>(const CnfSpec&, const Tableau&, const Params<T>&,                 \

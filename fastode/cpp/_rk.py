@@ -14,7 +14,7 @@ from ..nn import functional as _ref
 from . import _dispatch
 from ._loader import ext
 
-__all__ = ["RATE_CODES", "CnfStep", "CnfStepper", "cnf_rk_step", "rk_combine", "rk_epilogue"]
+__all__ = ["RATE_CODES", "CnfStep", "CnfStepper", "cnf_rk_step", "rk_stage", "rk_epilogue"]
 
 RATE_CODES = {"-trace": 0, "trace": 1, "kinetic": 2, "jac_frob": 3}
 """Integrands of the extra CNF states ``q``: ``"-trace"`` (log-density change, FFJORD's sign),
@@ -272,13 +272,40 @@ def _cnf_step_torch(t0, dt, z0, q0, params, activation, tab, e, rates, kz0, kq0,
 
 
 # ---------------------------------------------------------------------------------------------------
-# Generic stage combination / epilogue for any tensors of one shape.
-class _CombineFn(torch.autograd.Function):
+# Generic stage combination / epilogue for any tensors of one shape: the CPU counterparts of
+# fastode.nn.triton_rk (same signatures and outputs), with PyTorch references.
+def _ratio_tol(y0, y1, atol, rtol):
+    return atol + rtol * torch.maximum(y0.abs(), y1.abs())
+
+
+def _safe_sqrt(x):
+    """sqrt with value and gradient 0 at 0 (as the Triton kernels do), instead of an infinite gradient."""
+    pos = x > 0
+    return torch.where(pos, torch.where(pos, x, torch.ones_like(x)).sqrt(), torch.zeros_like(x))
+
+
+def _epilogue_torch(y0, ks, b, b_err, dt, atol, rtol):
+    """Reference (plain autograd) of :func:`rk_epilogue`; also the backward of the fused version."""
+    sb = sum(bi * k for bi, k in zip(b, ks) if bi != 0.0)
+    y1 = y0 + dt * sb if not isinstance(sb, int) else y0.clone()
+    if b_err is None:
+        return y1
+    se = sum(ei * k for ei, k in zip(b_err, ks) if ei != 0.0)
+    err = dt * se if not isinstance(se, int) else torch.zeros_like(y0)
+    r = err / _ratio_tol(y0, y1, atol, rtol)
+    B = 1 if y0.dim() <= 1 else y0.shape[0]
+    rows = r.reshape(B, -1)
+    rms_s = _safe_sqrt(rows.pow(2).mean(1))
+    max_s = rows.detach().abs().amax(1)
+    return y1, err, _safe_sqrt(r.pow(2).mean()), max_s.max(), rms_s, max_s
+
+
+class _StageFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, y0, dt, w, *ks):
+    def forward(ctx, coefs, y, dt, *ks):
+        ctx.coefs = coefs
         ctx.save_for_backward(dt, *ks)
-        ctx.w = w
-        return ext().rk_combine(y0, list(ks), w, float(dt))
+        return ext().rk_combine(y, list(ks), list(coefs), float(dt))
 
     @staticmethod
     @once_differentiable
@@ -286,95 +313,96 @@ class _CombineFn(torch.autograd.Function):
         dt, *ks = ctx.saved_tensors
         n = ctx.needs_input_grad
         gdt = None
-        if n[1]:
-            gdt = sum(wi * (g * k).sum() for wi, k in zip(ctx.w, ks)).to(dt.dtype)
-        gks = [g * (float(dt) * wi) if n[3 + i] else None for i, wi in enumerate(ctx.w)]
-        return (g if n[0] else None, gdt, None, *gks)
-
-
-def rk_combine(y0: torch.Tensor, ks: Sequence[torch.Tensor], weights: Sequence[float], dt, *,
-               backend: str = "auto") -> torch.Tensor:
-    """``y0 + dt * sum_j weights[j] * ks[j]`` in one pass (a stage input of an RK step). Differentiable."""
-    ks = list(ks)
-    w = [float(x) for x in weights]
-    if len(w) != len(ks):
-        raise ValueError(f"{len(ks)} stages but {len(w)} weights")
-    dt_t = _as_time_tensor(dt, y0)
-    name = _dispatch.choose(backend, y0, *ks)
-    if name == "cpp" and all(k.shape == y0.shape for k in ks):
-        return _CombineFn.apply(y0, dt_t, w, *ks)
-    _dispatch.last_backend = "torch"
-    out = y0
-    for wi, k in zip(w, ks):
-        if wi != 0.0:
-            out = out + (dt * wi) * k
-    return out
+        if n[2]:
+            gdt = sum(c * (g * k).sum() for c, k in zip(ctx.coefs, ks)).to(dt.dtype).reshape(dt.shape)
+        gks = [g * (float(dt) * c) if n[3 + i] else None for i, c in enumerate(ctx.coefs)]
+        return (None, g if n[1] else None, gdt, *gks)
 
 
 class _EpilogueFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, y0, dt, spec, *ks):
-        b, b_err, atol, rtol = spec
-        y1, err, ss = ext().rk_epilogue(y0, list(ks), b, b_err, float(dt), atol, rtol)
-        ctx.save_for_backward(dt, *ks)
-        ctx.spec = spec
+    def forward(ctx, b, b_err, atol, rtol, y0, dt, *ks):
+        at = atol if isinstance(atol, torch.Tensor) else None
+        rt = rtol if isinstance(rtol, torch.Tensor) else None
+        y1, err, ss, mx = ext().rk_epilogue(y0, list(ks), list(b), list(b_err) if b_err is not None else [],
+                                            float(dt), at, 0.0 if at is not None else float(atol), rt,
+                                            0.0 if rt is not None else float(rtol))
+        ctx.b, ctx.b_err, ctx.atol, ctx.rtol = b, b_err, atol, rtol
+        ctx.save_for_backward(y0, dt, *ks)
         ctx.set_materialize_grads(False)
-        if err is None:
-            err = y0.new_zeros(0)
-        return y1, err, torch.tensor(ss, dtype=torch.float64)
+        if b_err is None:
+            return y1
+        B = ss.numel()
+        M = y0.numel() // max(B, 1)
+        rms_s = (ss / max(M, 1)).sqrt().to(y0.dtype)
+        max_s = mx.to(y0.dtype)
+        rms_b = (ss.sum() / max(y0.numel(), 1)).sqrt().to(y0.dtype)
+        max_b = max_s.max() if B else y0.new_zeros(())
+        ctx.mark_non_differentiable(max_b, max_s)
+        return y1, err, rms_b, max_b, rms_s, max_s
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, gy1, gerr, _gss):
-        b, b_err, _, _ = ctx.spec
-        dt, *ks = ctx.saved_tensors
+    def backward(ctx, *grads):
+        y0, dt, *ks = ctx.saved_tensors
+        if ctx.b_err is None:
+            wanted = [(0, grads[0])]
+        else:
+            wanted = [(i, g) for i, g in enumerate(grads) if g is not None and i in (0, 1, 2, 4)]
         n = ctx.needs_input_grad
-        if gerr is not None and gerr.numel() == 0:
-            gerr = None
-        gks, gdt = [], 0.0
-        for i, k in enumerate(ks):
-            gk = None
-            if gy1 is not None:
-                gk = gy1 * (float(dt) * b[i])
-                if n[1]:
-                    gdt = gdt + b[i] * (gy1 * k).sum()
-            if gerr is not None and b_err:
-                ge = gerr * (float(dt) * b_err[i])
-                gk = ge if gk is None else gk + ge
-                if n[1]:
-                    gdt = gdt + b_err[i] * (gerr * k).sum()
-            gks.append(gk if n[3 + i] else None)
-        gdt = torch.as_tensor(gdt, dtype=dt.dtype) if n[1] else None
-        return (gy1 if n[0] else None, gdt, None, *gks)
+        none = (None,) * len(n)
+        if not wanted or all(g is None for _, g in wanted):
+            return none
+        # The epilogue is element-wise: its backward is the reference's, by autograd (no extra C++ kernel).
+        with torch.enable_grad():
+            inputs = [x.detach().requires_grad_(bool(n[j])) for j, x in ((4, y0), (5, dt))]
+            kd = [k.detach().requires_grad_(bool(n[6 + i])) for i, k in enumerate(ks)]
+            out = _epilogue_torch(inputs[0], kd, ctx.b, ctx.b_err, inputs[1], ctx.atol, ctx.rtol)
+            out = (out,) if ctx.b_err is None else out
+            outs = [out[i] for i, g in wanted if g is not None]
+            gouts = [g for _, g in wanted if g is not None]
+            req = [x for x in inputs + kd if x.requires_grad]
+            gs = iter(torch.autograd.grad(outs, req, gouts, allow_unused=True)) if req else iter(())
+        res = [next(gs) if x.requires_grad else None for x in inputs + kd]
+        return (None, None, None, None, *res)
 
 
-def rk_epilogue(y0: torch.Tensor, ks: Sequence[torch.Tensor], b: Sequence[float], b_err: Sequence[float] | None,
-                dt, atol: float = 0.0, rtol: float = 0.0, *, backend: str = "auto"):
-    """Step epilogue in one pass: ``(y1, y_err, error_sumsq)`` with ``y1 = y0 + dt sum b_i k_i``,
-    ``y_err = dt sum b_err_i k_i`` (None without ``b_err``) and ``error_sumsq`` (float64 0-dim, not
-    differentiable) the sum of ``(y_err / (atol + rtol max(|y0|, |y1|)))**2`` over all elements.
-    ``y1`` and ``y_err`` are differentiable."""
+def rk_stage(y: torch.Tensor, ks: Sequence[torch.Tensor], coefs: Sequence[float], dt, *,
+             backend: str = "auto") -> torch.Tensor:
+    """``y + dt * sum_j coefs[j] * ks[j]`` in one pass (differentiable); CPU twin of
+    :func:`fastode.nn.triton_rk.rk_stage`."""
     ks = list(ks)
-    b = [float(x) for x in b]
-    be = [float(x) for x in b_err] if b_err is not None else []
-    if len(b) != len(ks) or (be and len(be) != len(ks)):
-        raise ValueError(f"{len(ks)} stages but {len(b)} weights b / {len(be)} weights b_err")
-    dt_t = _as_time_tensor(dt, y0)
-    name = _dispatch.choose(backend, y0, *ks)
-    if name == "cpp" and all(k.shape == y0.shape for k in ks):
-        y1, err, ss = _EpilogueFn.apply(y0, dt_t, (b, be, float(atol), float(rtol)), *ks)
-        return y1, (err if be else None), ss
+    coefs = tuple(float(c) for c in coefs)
+    if len(coefs) != len(ks):
+        raise ValueError(f"{len(ks)} stage derivatives but {len(coefs)} coefficients; they must match")
+    if all(c == 0.0 for c in coefs):
+        return y
+    name = _dispatch.choose(backend, y, *ks)
+    if name == "cpp" and all(k.shape == y.shape for k in ks):
+        return _StageFn.apply(coefs, y, _as_time_tensor(dt, y), *ks)
     _dispatch.last_backend = "torch"
-    y1 = y0
-    for wi, k in zip(b, ks):
-        if wi != 0.0:
-            y1 = y1 + (dt * wi) * k
-    if not be:
-        return y1, None, torch.zeros((), dtype=torch.float64)
-    err = torch.zeros_like(y0)
-    for wi, k in zip(be, ks):
-        if wi != 0.0:
-            err = err + (dt * wi) * k
-    sc = atol + rtol * torch.maximum(y0.detach().abs(), y1.detach().abs()).double()
-    ss = ((err.detach().double() / sc) ** 2).sum()
-    return y1, err, ss
+    return y + dt * sum(c * k for c, k in zip(coefs, ks) if c != 0.0)
+
+
+def rk_epilogue(y0: torch.Tensor, ks: Sequence[torch.Tensor], b: Sequence[float], b_err, dt, atol=0.0, rtol=0.0, *,
+                backend: str = "auto"):
+    """Fused step epilogue; CPU twin of :func:`fastode.nn.triton_rk.rk_epilogue` (same outputs).
+
+    ``y1 = y0 + dt sum b_i k_i``; with ``b_err``: ``(y1, err, ratio_rms, ratio_max, ratio_rms_sample,
+    ratio_max_sample)`` where ``err = dt sum b_err_i k_i``, ``r = err / (atol + rtol max(|y0|, |y1|))``,
+    ``ratio_rms`` = RMS of r (torchdiffeq's norm), ``*_sample`` over each row of the leading dimension.
+    ``atol``/``rtol``: numbers or tensors of ``y0``'s shape. Without ``b_err`` only ``y1`` is returned.
+    Differentiable in ``y0``, the ``k``, a tensor ``dt`` and through the RMS ratios (the max ratios are
+    not differentiable).
+    """
+    ks = list(ks)
+    b = tuple(float(x) for x in b)
+    b_err = tuple(float(x) for x in b_err) if b_err is not None else None
+    if len(b) != len(ks) or (b_err is not None and len(b_err) != len(ks)):
+        raise ValueError(f"{len(ks)} stages but {len(b)} weights b / {len(b_err or ())} weights b_err")
+    tol_tensors = [x for x in (atol, rtol) if isinstance(x, torch.Tensor)]
+    name = _dispatch.choose(backend, y0, *ks, *tol_tensors)
+    if name == "cpp" and all(k.shape == y0.shape for k in ks) and all(x.shape == y0.shape for x in tol_tensors):
+        return _EpilogueFn.apply(b, b_err, atol, rtol, y0, _as_time_tensor(dt, y0), *ks)
+    _dispatch.last_backend = "torch"
+    return _epilogue_torch(y0, ks, b, b_err, dt, atol, rtol)
