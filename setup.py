@@ -10,7 +10,8 @@ The C++ CPU backend (`csrc/` -> extension `fastode._C`) is optional:
 * if torch is missing, a compiler is missing or the compile fails, setup prints why and installs the
   pure-Python package; fastode then uses the PyTorch reference on the CPU (`fastode.cpp.build_info()`
   says which);
-* `FASTODE_NO_EXT=1` skips the build on purpose.
+* `FASTODE_NO_EXT=1` skips the build on purpose; `FASTODE_REQUIRE_EXT=1` makes a failed build an error
+  (CI: csrc/ci_build_and_test.sh).
 
 Flags: `-O3`, OpenMP, no `-march`: the hot element-wise loops carry GCC `target_clones` (x86-64-v4, v3,
 baseline) picked at load time, and the GEMMs go to the MKL inside libtorch, so one build runs on any
@@ -26,7 +27,12 @@ packages = find_packages(include=["fastode", "fastode.*"]) + ["fastode.kernels"]
 EXT_SOURCES = ["csrc/core.cpp", "csrc/bindings.cpp"]
 
 
+REQUIRE_EXT = os.environ.get("FASTODE_REQUIRE_EXT", "0") not in ("", "0")
+
+
 def _ext_message(msg: str) -> None:
+    if REQUIRE_EXT:
+        raise RuntimeError(f"fastode: {msg} (FASTODE_REQUIRE_EXT is set)")
     bar = "=" * 78
     sys.stderr.write(f"\n{bar}\nfastode: {msg}\nfastode: installing the pure-Python package; the CPU backend will be "
                      f"the PyTorch reference.\n{bar}\n\n")
@@ -62,12 +68,16 @@ def _extension_setup():
             try:
                 super().run()
             except Exception as exc:  # no compiler, compile error, ...
+                if REQUIRE_EXT:
+                    raise
                 _ext_message(f"building the C++ extension failed: {type(exc).__name__}: {exc}")
 
         def build_extension(self, ext):
             try:
                 super().build_extension(ext)
             except Exception as exc:
+                if REQUIRE_EXT:
+                    raise
                 _ext_message(f"building the C++ extension {ext.name} failed: {type(exc).__name__}: {exc}")
 
     return [ext], {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}
