@@ -26,6 +26,7 @@ import time
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     raise RuntimeError("fastode.kernels.compile_only needs TRITON_INTERPRET unset (run it in a fresh process)")
 
+import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
@@ -98,8 +99,9 @@ def compile_one(kernel, types: dict, constexprs: dict, arch: int = 90, num_warps
 
 def _csq_fwd(dtype: str, mode: int, L: int, D: int, width: int, BM: int, act="tanh", CH=None, num_warps=4,
              arch=90):
-    cfg = CS.default_config(D, [width], None)
+    cfg = CS.default_config(D, [width], getattr(torch, dtype))
     CH = CH or cfg["CH"]
+    BM = BM or cfg["BM"]
     CD = min(cfg["CD"], CH)
     P = max(16, -(-width // CH) * CH, -(-D // CD) * CD)
     p = "*" + _TY[dtype]
@@ -114,8 +116,9 @@ def _csq_fwd(dtype: str, mode: int, L: int, D: int, width: int, BM: int, act="ta
 
 def _csq_bwd(dtype: str, mode: int, L: int, D: int, width: int, BM: int, act="tanh", CH=None, num_warps=4,
              arch=90):
-    cfg = CS.default_config(D, [width], None)
+    cfg = CS.default_config(D, [width], getattr(torch, dtype))
     CH = CH or cfg["CH"]
+    BM = BM or cfg["BM"]
     CD = min(cfg["CD"], CH)
     P = max(16, -(-width // CH) * CH, -(-D // CD) * CD)
     p = "*" + _TY[dtype]
@@ -161,7 +164,7 @@ def _rk_records(dtype: str, arch: int):
     recs.append(rec)
     idx, _, bc, ec = RK._active(list(range(len(b))), b, b_err)
     m = len(idx)
-    BR, BC = RK._epi_blocks(64)
+    BR, BC = RK._epi_blocks(64, getattr(torch, dtype))
     types = dict(y0_ptr=p, ks=(p,) * m, dt_ptr=p, atol_ptr=p, rtol_ptr=p, y1_ptr=p, err_ptr=p, psq_ptr=p,
                  pmax_ptr=p, rms_s_ptr=p, max_s_ptr=p, rms_b_ptr=p, max_b_ptr=p, cnt_ptr="*i32", B="i32", M="i32",
                  split_w="i32")
@@ -194,8 +197,9 @@ def compile_all(arch: int = 90, quick: bool = False, log=None) -> list[dict]:
     for dtype in dtypes:
         # the FFJORD toy model: 2 -> 64 -> 64 -> 64 -> 2, tanh
         for mode in (CS.MODE_F, CS.MODE_HUTCH, CS.MODE_EXACT):
-            add(_csq_fwd, dtype, mode, 4, 2, 64, 32)
-            add(_csq_bwd, dtype, mode, 4, 2, 64, 32)
+            add(_csq_fwd, dtype, mode, 4, 2, 64, None)
+            if not quick or mode == CS.MODE_HUTCH:
+                add(_csq_bwd, dtype, mode, 4, 2, 64, None)
         for rec in _rk_records(dtype, arch):
             recs.append(rec)
             if log:

@@ -500,11 +500,16 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-def default_config(D: int, widths, device: torch.device) -> dict:
-    """Tile sizes: BM rows per tile, CH hidden chunk, CD chunk of the D-wide side (all >= 16)."""
+def default_config(D: int, widths, dtype=torch.float32) -> dict:
+    """Tile sizes: BM rows per tile, CH hidden chunk, CD chunk of the D-wide side (all >= 16).
+
+    BM=32/CH=32 keeps the float32 kernels at <= 168 registers with (almost) no spills on sm_90
+    (bench/results/kernels_sm90_registers.json; BM=64/CH=64 spills ~16 KB in the backward); float64
+    needs twice the registers per value, hence BM=16.
+    """
     CH = 32 if max(widths) > 16 else 16
     CD = min(max(16, _next_pow2(D)), CH)
-    return {"BM": 32, "CH": CH, "CD": CD}
+    return {"BM": 16 if dtype == torch.float64 else 32, "CH": CH, "CD": CD}
 
 
 class PackedParams:

@@ -320,9 +320,12 @@ def _epi_grid(B: int, M: int, device, BR: int, BC: int):
     return n_r, n_c, split_w
 
 
-def _epi_blocks(M: int):
+def _epi_blocks(M: int, dtype=torch.float32):
+    # 1024 float32 / 512 float64 elements per tile (8 / 4 per thread at 4 warps): the backward keeps ~10
+    # tile-sized temporaries live; larger tiles spill on sm_90 (bench/results/kernels_sm90_registers.json)
+    n = 512 if dtype == torch.float64 else 1024
     BC = min(256, max(16, triton.next_power_of_2(M)))
-    BR = max(1, min(64, 2048 // BC))
+    BR = max(1, min(64, n // BC))
     return BR, BC
 
 
@@ -336,7 +339,7 @@ def rk_epilogue(y0, ks, b, b_err, dt, atol=0.0, rtol=0.0, *, grid_split=None):
     y0 = y0.contiguous()
     ks = tuple(k.contiguous() for k in ks)
     B, M = _layout(y0)
-    BR, BC = _epi_blocks(M) if grid_split is None else grid_split[:2]
+    BR, BC = _epi_blocks(M, y0.dtype) if grid_split is None else grid_split[:2]
     if grid_split is None:
         n_r, n_c, split_w = _epi_grid(B, M, y0.device, BR, BC)
     else:
@@ -375,7 +378,7 @@ def rk_epilogue_backward(y0, ks, b, b_err, dt, atol, rtol, rms_b, rms_s, g1=None
     y0 = y0.contiguous()
     ks = tuple(k.contiguous() for k in ks)
     B, M = _layout(y0)
-    BR, BC = _epi_blocks(M) if grid_split is None else grid_split[:2]
+    BR, BC = _epi_blocks(M, y0.dtype) if grid_split is None else grid_split[:2]
     if grid_split is None:
         n_r, n_c, split_w = _epi_grid(B, M, y0.device, BR, BC)
     else:

@@ -57,8 +57,8 @@ def clear_cache() -> None:
     _CACHE.clear()
 
 
-def _config(D: int, widths, device):
-    cfg = _K.default_config(D, widths, device)
+def _config(D: int, widths, dtype):
+    cfg = _K.default_config(D, widths, dtype)
     if CONFIG["BM"] is not None:
         cfg["BM"] = CONFIG["BM"]
     if CONFIG["CH"] is not None:
@@ -119,7 +119,7 @@ class _ConcatSquash(torch.autograd.Function):
     @staticmethod
     def forward(ctx, mode, activation, t, z, e, *flat):
         params = [flat[i:i + 5] for i in range(0, len(flat), 5)]
-        cfg = _config(z.shape[1], [p[0].shape[0] for p in params], z.device)
+        cfg = _config(z.shape[1], [p[0].shape[0] for p in params], z.dtype)
         packed = _packed(params, cfg["CH"], cfg["CD"])
         z = z.contiguous()
         e = e.contiguous() if e is not None else None
