@@ -63,7 +63,8 @@ def activation_grad(name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor
     if name == "tanh":
         return 1.0 - y * y
     if name == "softplus":
-        return torch.sigmoid(x)
+        # torch's softplus is linear above its threshold (20): derivative exactly 1 there
+        return torch.where(x > 20.0, torch.ones_like(x), torch.sigmoid(x))
     if name == "elu":
         return torch.where(x > 0, torch.ones_like(x), y + 1.0)  # exp(x) = elu(x) + 1 for x <= 0
     if name == "swish":
