@@ -155,7 +155,7 @@ def _rk_records(dtype: str, arch: int):
     coefs = tuple(c for c in row if c != 0.0)
     n = len(coefs)
     types = dict(y_ptr=p, ks=(p,) * n, dt_ptr=p, out_ptr=p, N="i32")
-    rec = compile_one(RK.rk_stage_kernel, types, dict(COEFS=coefs, BLOCK=RK._STAGE_BLOCK), arch)
+    rec = compile_one(RK.rk_stage_kernel, types, dict(COEFS=coefs, HAS_Y=True, BLOCK=RK._STAGE_BLOCK), arch)
     rec["config"] = dict(dtype=dtype, tableau=name, stages=n)
     recs.append(rec)
     types = dict(g_ptr=p, ks=(p,) * n, dt_ptr=p, gks=(p,) * n, part_ptr=p, N="i32")
@@ -168,15 +168,21 @@ def _rk_records(dtype: str, arch: int):
     types = dict(y0_ptr=p, ks=(p,) * m, dt_ptr=p, atol_ptr=p, rtol_ptr=p, y1_ptr=p, err_ptr=p, psq_ptr=p,
                  pmax_ptr=p, rms_s_ptr=p, max_s_ptr=p, rms_b_ptr=p, max_b_ptr=p, cnt_ptr="*i32", B="i32", M="i32",
                  split_w="i32")
-    cx = dict(BCOEF=bc, ECOEF=ec, ATOL_T=False, RTOL_T=True, HAS_ERR=True, BR=BR, BC=BC, RB=256)
+    cx = dict(BCOEF=bc, ECOEF=ec, ATOL_T=False, RTOL_T=True, HAS_ERR=True, PRECOMP=False, BR=BR, BC=BC, RB=256)
     rec = compile_one(RK.rk_epilogue_kernel, types, cx, arch)
     rec["config"] = dict(dtype=dtype, tableau=name, stages=m, BR=BR, BC=BC)
+    recs.append(rec)
+    types2 = dict(types, ks=(p, p))
+    cx = dict(BCOEF=(0.0, 0.0), ECOEF=(0.0, 0.0), ATOL_T=True, RTOL_T=False, HAS_ERR=True, PRECOMP=True, BR=BR, BC=BC,
+              RB=256)
+    rec = compile_one(RK.rk_epilogue_kernel, types2, cx, arch)
+    rec["config"] = dict(dtype=dtype, variant="error_ratio only", BR=BR, BC=BC)
     recs.append(rec)
     types = dict(y0_ptr=p, ks=(p,) * m, dt_ptr=p, atol_ptr=p, rtol_ptr=p, g1_ptr=p, ge_ptr=p, grb_ptr=p,
                  grs_ptr=p, rms_b_ptr=p, rms_s_ptr=p, gy0_ptr=p, gks=(p,) * m, part_ptr=p, B="i32", M="i32",
                  split_w="i32")
     cx = dict(BCOEF=bc, ECOEF=ec, ATOL_T=False, RTOL_T=True, HAS_G1=True, HAS_GE=True, HAS_GRB=True, HAS_GRS=True,
-              NEED_DT=True, BR=BR, BC=BC)
+              NEED_DT=True, PRECOMP=False, BR=BR, BC=BC)
     rec = compile_one(RK.rk_epilogue_bwd_kernel, types, cx, arch)
     rec["config"] = dict(dtype=dtype, tableau=name, stages=m, BR=BR, BC=BC)
     recs.append(rec)

@@ -30,15 +30,19 @@ from ._common import empty, empty_like, max_programs
 # kernels
 # ------------------------------------------------------------------------------------------------
 @triton.jit
-def rk_stage_kernel(y_ptr, ks, dt_ptr, out_ptr, N, COEFS: tl.constexpr, BLOCK: tl.constexpr):
+def rk_stage_kernel(y_ptr, ks, dt_ptr, out_ptr, N, COEFS: tl.constexpr, HAS_Y: tl.constexpr, BLOCK: tl.constexpr):
+    """out = y + dt * sum_j COEFS[j] * k_j (without y when HAS_Y is False)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < N
-    acc = tl.zeros((BLOCK,), dtype=y_ptr.dtype.element_ty)
+    acc = tl.zeros((BLOCK,), dtype=out_ptr.dtype.element_ty)
     for j in tl.static_range(len(ks)):
         acc += COEFS[j] * tl.load(ks[j] + offs, mask=m, other=0.0)
     dt = tl.load(dt_ptr)
-    y = tl.load(y_ptr + offs, mask=m, other=0.0)
-    tl.store(out_ptr + offs, y + dt * acc, mask=m)
+    if HAS_Y:
+        out = tl.load(y_ptr + offs, mask=m, other=0.0) + dt * acc
+    else:
+        out = dt * acc
+    tl.store(out_ptr + offs, out, mask=m)
 
 
 @triton.jit
@@ -91,8 +95,12 @@ def rk_epilogue_kernel(y0_ptr, ks, dt_ptr, atol_ptr, rtol_ptr, y1_ptr, err_ptr,
                        psq_ptr, pmax_ptr, rms_s_ptr, max_s_ptr, rms_b_ptr, max_b_ptr, cnt_ptr,
                        B, M, split_w,
                        BCOEF: tl.constexpr, ECOEF: tl.constexpr, ATOL_T: tl.constexpr, RTOL_T: tl.constexpr,
-                       HAS_ERR: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, RB: tl.constexpr):
-    """Grid (row blocks, column splits). y viewed as (B, M)."""
+                       HAS_ERR: tl.constexpr, PRECOMP: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
+                       RB: tl.constexpr):
+    """Grid (row blocks, column splits). y viewed as (B, M).
+
+    PRECOMP: ks = (y1, err) are given (the error-ratio reduction only; nothing is stored but the ratios).
+    """
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
     dtype = y0_ptr.dtype.element_ty
@@ -109,12 +117,17 @@ def rk_epilogue_kernel(y0_ptr, ks, dt_ptr, atol_ptr, rtol_ptr, y1_ptr, err_ptr,
         m = rmask[:, None] & (cols < c_end)[None, :]
         offs = rows64[:, None] * M + cols[None, :]
         y0 = tl.load(y0_ptr + offs, mask=m, other=0.0)
-        sb, se = _combos(ks, offs, m, BCOEF, ECOEF, dtype, BR, BC)
-        y1 = y0 + dt * sb
-        tl.store(y1_ptr + offs, y1, mask=m)
-        if HAS_ERR:
+        if PRECOMP:
+            y1 = tl.load(ks[0] + offs, mask=m, other=0.0)
+            err = tl.load(ks[1] + offs, mask=m, other=0.0)
+        else:
+            sb, se = _combos(ks, offs, m, BCOEF, ECOEF, dtype, BR, BC)
+            y1 = y0 + dt * sb
+            tl.store(y1_ptr + offs, y1, mask=m)
             err = dt * se
-            tl.store(err_ptr + offs, err, mask=m)
+            if HAS_ERR:
+                tl.store(err_ptr + offs, err, mask=m)
+        if HAS_ERR:
             tol, rtol = _tolerance(y0, y1, atol_ptr, rtol_ptr, offs, m, ATOL_T, RTOL_T)
             r = tl.where(m, err / tol, 0.0)
             sq += tl.sum(r * r, axis=1)
@@ -153,8 +166,12 @@ def rk_epilogue_bwd_kernel(y0_ptr, ks, dt_ptr, atol_ptr, rtol_ptr, g1_ptr, ge_pt
                            B, M, split_w,
                            BCOEF: tl.constexpr, ECOEF: tl.constexpr, ATOL_T: tl.constexpr, RTOL_T: tl.constexpr,
                            HAS_G1: tl.constexpr, HAS_GE: tl.constexpr, HAS_GRB: tl.constexpr,
-                           HAS_GRS: tl.constexpr, NEED_DT: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
-    """Backward of rk_epilogue_kernel w.r.t. y0, every k_i and dt (RMS outputs; max outputs are not differentiable)."""
+                           HAS_GRS: tl.constexpr, NEED_DT: tl.constexpr, PRECOMP: tl.constexpr,
+                           BR: tl.constexpr, BC: tl.constexpr):
+    """Backward of rk_epilogue_kernel w.r.t. y0, every k_i and dt (RMS outputs; max outputs are not differentiable).
+
+    PRECOMP: ks = (y1, err) were inputs; gks = (dLoss/dy1, dLoss/derr), gy0 gets the tolerance term only.
+    """
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
     dtype = y0_ptr.dtype.element_ty
@@ -177,8 +194,13 @@ def rk_epilogue_bwd_kernel(y0_ptr, ks, dt_ptr, atol_ptr, rtol_ptr, g1_ptr, ge_pt
         m = rmask[:, None] & (cols < c_end)[None, :]
         offs = rows64[:, None] * M + cols[None, :]
         y0 = tl.load(y0_ptr + offs, mask=m, other=0.0)
-        sb, se = _combos(ks, offs, m, BCOEF, ECOEF, dtype, BR, BC)
-        y1 = y0 + dt * sb
+        if PRECOMP:
+            y1 = tl.load(ks[0] + offs, mask=m, other=0.0)
+            err = tl.load(ks[1] + offs, mask=m, other=0.0)
+        else:
+            sb, se = _combos(ks, offs, m, BCOEF, ECOEF, dtype, BR, BC)
+            y1 = y0 + dt * sb
+            err = dt * se
         gy1 = tl.zeros((BR, BC), dtype=dtype)
         gerr = tl.zeros((BR, BC), dtype=dtype)
         gy0 = tl.zeros((BR, BC), dtype=dtype)
@@ -187,7 +209,6 @@ def rk_epilogue_bwd_kernel(y0_ptr, ks, dt_ptr, atol_ptr, rtol_ptr, g1_ptr, ge_pt
         if HAS_GE:
             gerr += tl.load(ge_ptr + offs, mask=m, other=0.0)
         if HAS_GRB or HAS_GRS:
-            err = dt * se
             tol, rtol = _tolerance(y0, y1, atol_ptr, rtol_ptr, offs, m, ATOL_T, RTOL_T)
             r = tl.where(m, err / tol, 0.0)
             gr = tl.zeros((BR, BC), dtype=dtype)
@@ -204,12 +225,17 @@ def rk_epilogue_bwd_kernel(y0_ptr, ks, dt_ptr, atol_ptr, rtol_ptr, g1_ptr, ge_pt
             sg1 = tl.where(y1 > 0, 1.0, tl.where(y1 < 0, -1.0, 0.0))
             gy1 += gtol * rtol * (1.0 - w0) * sg1
             gy0 += gtol * rtol * w0 * sg0
-        gy0 += gy1
-        tl.store(gy0_ptr + offs, gy0, mask=m)
-        for j in tl.static_range(len(ks)):
-            tl.store(gks[j] + offs, dt * (BCOEF[j] * gy1 + ECOEF[j] * gerr), mask=m)
-        if NEED_DT:
-            pdt += gy1 * sb + gerr * se
+        if PRECOMP:
+            tl.store(gy0_ptr + offs, gy0, mask=m)
+            tl.store(gks[0] + offs, gy1, mask=m)
+            tl.store(gks[1] + offs, gerr, mask=m)
+        else:
+            gy0 += gy1
+            tl.store(gy0_ptr + offs, gy0, mask=m)
+            for j in tl.static_range(len(ks)):
+                tl.store(gks[j] + offs, dt * (BCOEF[j] * gy1 + ECOEF[j] * gerr), mask=m)
+            if NEED_DT:
+                pdt += gy1 * sb + gerr * se
     if NEED_DT:
         pid = pid_r * tl.num_programs(1) + pid_c
         tl.store(part_ptr + pid, tl.sum(tl.sum(pdt, axis=1), axis=0))
@@ -252,16 +278,19 @@ def _nonzero(ks, coefs):
     return tuple(p[0].contiguous() for p in pairs), tuple(p[1] for p in pairs)
 
 
-def rk_stage(y: torch.Tensor, ks: Sequence[torch.Tensor], coefs: Sequence[float], dt) -> torch.Tensor:
-    """``y + dt * sum_j coefs[j] * ks[j]`` (one launch; zero coefficients skipped). ``dt``: 0-dim tensor or float."""
+def rk_stage(y, ks: Sequence[torch.Tensor], coefs: Sequence[float], dt) -> torch.Tensor:
+    """``y + dt * sum_j coefs[j] * ks[j]`` (one launch; zero coefficients skipped); ``y=None`` drops the ``y``
+    term (an error estimate). ``dt``: 0-dim tensor or float."""
     kk, cc = _nonzero(ks, coefs)
+    like = ks[0] if y is None else y
     if not kk:
-        return y.clone()
-    y = y.contiguous()
-    dt_t = as_device_scalar(dt, y)
-    out = empty_like(y)
-    N = y.numel()
-    rk_stage_kernel[(triton.cdiv(N, _STAGE_BLOCK),)](y, kk, dt_t, out, N, COEFS=cc, BLOCK=_STAGE_BLOCK)
+        return torch.zeros_like(like) if y is None else y.clone()
+    y = y.contiguous() if y is not None else None
+    dt_t = as_device_scalar(dt, like)
+    out = empty_like(like)
+    N = like.numel()
+    rk_stage_kernel[(triton.cdiv(N, _STAGE_BLOCK),)](y if y is not None else out, kk, dt_t, out, N, COEFS=cc,
+                                                     HAS_Y=y is not None, BLOCK=_STAGE_BLOCK)
     return out
 
 
@@ -329,6 +358,55 @@ def _epi_blocks(M: int, dtype=torch.float32):
     return BR, BC
 
 
+def _grid_for(y0, grid_split):
+    B, M = _layout(y0)
+    BR, BC = _epi_blocks(M, y0.dtype) if grid_split is None else grid_split[:2]
+    if grid_split is None:
+        n_r, n_c, split_w = _epi_grid(B, M, y0.device, BR, BC)
+    else:
+        split_w = grid_split[2]
+        n_r, n_c = triton.cdiv(B, BR), triton.cdiv(M, split_w)
+    return B, M, BR, BC, n_r, n_c, split_w
+
+
+def _ratio_buffers(B, n_c, y0):
+    return (empty((n_c, B), y0), empty((n_c, B), y0), empty((B,), y0), empty((B,), y0), empty((), y0),
+            empty((), y0))
+
+
+def rk_error_ratio(y_err, y0, y1, atol=0.0, rtol=0.0, *, grid_split=None):
+    """One launch: ``r = y_err / (atol + rtol * max(|y0|, |y1|))`` reduced to
+    ``(ratio_rms, ratio_max, ratio_rms_sample, ratio_max_sample)`` (torchdiffeq's RMS norm, and the max)."""
+    y0, y1, y_err = y0.contiguous(), y1.contiguous(), y_err.contiguous()
+    B, M, BR, BC, n_r, n_c, split_w = _grid_for(y0, grid_split)
+    at, at_t = _tol_arg(atol, y0)
+    rt, rt_t = _tol_arg(rtol, y0)
+    psq, pmax, rms_s, max_s, rms_b, max_b = _ratio_buffers(B, n_c, y0)
+    rk_epilogue_kernel[(n_r, n_c)](
+        y0, (y1, y_err), as_device_scalar(1.0, y0), at, rt, y0, y0, psq, pmax, rms_s, max_s, rms_b, max_b,
+        _counter(y0.device), B, M, split_w, BCOEF=(0.0, 0.0), ECOEF=(0.0, 0.0), ATOL_T=at_t, RTOL_T=rt_t,
+        HAS_ERR=True, PRECOMP=True, BR=BR, BC=BC, RB=256,
+    )
+    return rms_b, max_b, rms_s, max_s
+
+
+def rk_error_ratio_backward(y_err, y0, y1, atol, rtol, rms_b, rms_s, grb=None, grs=None, grid_split=None):
+    """Gradients of the RMS ratios of :func:`rk_error_ratio`: ``(g_y_err, g_y0, g_y1)``."""
+    y0, y1, y_err = y0.contiguous(), y1.contiguous(), y_err.contiguous()
+    B, M, BR, BC, n_r, n_c, split_w = _grid_for(y0, grid_split)
+    at, at_t = _tol_arg(atol, y0)
+    rt, rt_t = _tol_arg(rtol, y0)
+    gy0, gy1, gerr = empty_like(y0), empty_like(y0), empty_like(y0)
+    c = lambda g: g.contiguous() if g is not None else y0  # noqa: E731
+    rk_epilogue_bwd_kernel[(n_r, n_c)](
+        y0, (y1, y_err), as_device_scalar(1.0, y0), at, rt, y0, y0, c(grb), c(grs), c(rms_b), c(rms_s), gy0,
+        (gy1, gerr), y0, B, M, split_w, BCOEF=(0.0, 0.0), ECOEF=(0.0, 0.0), ATOL_T=at_t, RTOL_T=rt_t,
+        HAS_G1=False, HAS_GE=False, HAS_GRB=grb is not None, HAS_GRS=grs is not None, NEED_DT=False, PRECOMP=True,
+        BR=BR, BC=BC,
+    )
+    return gerr, gy0, gy1
+
+
 def rk_epilogue(y0, ks, b, b_err, dt, atol=0.0, rtol=0.0, *, grid_split=None):
     """One launch: ``(y1, err, ratio_rms, ratio_max, ratio_rms_sample, ratio_max_sample)``.
 
@@ -338,13 +416,7 @@ def rk_epilogue(y0, ks, b, b_err, dt, atol=0.0, rtol=0.0, *, grid_split=None):
     """
     y0 = y0.contiguous()
     ks = tuple(k.contiguous() for k in ks)
-    B, M = _layout(y0)
-    BR, BC = _epi_blocks(M, y0.dtype) if grid_split is None else grid_split[:2]
-    if grid_split is None:
-        n_r, n_c, split_w = _epi_grid(B, M, y0.device, BR, BC)
-    else:
-        split_w = grid_split[2]
-        n_r, n_c = triton.cdiv(B, BR), triton.cdiv(M, split_w)
+    B, M, BR, BC, n_r, n_c, split_w = _grid_for(y0, grid_split)
     has_err = b_err is not None
     idx, ks, bc, ec = _active(ks, b, b_err)
     dt_t = as_device_scalar(dt, y0)
@@ -353,19 +425,13 @@ def rk_epilogue(y0, ks, b, b_err, dt, atol=0.0, rtol=0.0, *, grid_split=None):
     y1 = empty_like(y0)
     if has_err:
         err = empty_like(y0)
-        psq = empty((n_c, B), y0)
-        pmax = empty((n_c, B), y0)
-        rms_s = empty((B,), y0)
-        max_s = empty((B,), y0)
-        rms_b = empty((), y0)
-        max_b = empty((), y0)
-        cnt = _counter(y0.device)
+        psq, pmax, rms_s, max_s, rms_b, max_b = _ratio_buffers(B, n_c, y0)
     else:
         err = psq = pmax = rms_s = max_s = rms_b = max_b = y1
-        cnt = _counter(y0.device)
     rk_epilogue_kernel[(n_r, n_c)](
-        y0, ks, dt_t, at, rt, y1, err, psq, pmax, rms_s, max_s, rms_b, max_b, cnt,
-        B, M, split_w, BCOEF=bc, ECOEF=ec, ATOL_T=at_t, RTOL_T=rt_t, HAS_ERR=has_err, BR=BR, BC=BC, RB=256,
+        y0, ks, dt_t, at, rt, y1, err, psq, pmax, rms_s, max_s, rms_b, max_b, _counter(y0.device),
+        B, M, split_w, BCOEF=bc, ECOEF=ec, ATOL_T=at_t, RTOL_T=rt_t, HAS_ERR=has_err, PRECOMP=False, BR=BR, BC=BC,
+        RB=256,
     )
     if not has_err:
         return y1, None, None, None, None, None
@@ -377,13 +443,7 @@ def rk_epilogue_backward(y0, ks, b, b_err, dt, atol, rtol, rms_b, rms_s, g1=None
     """Gradients of :func:`rk_epilogue` through ``y1``, ``err`` and the RMS ratios: ``(gy0, [gk_i], gdt)``."""
     y0 = y0.contiguous()
     ks = tuple(k.contiguous() for k in ks)
-    B, M = _layout(y0)
-    BR, BC = _epi_blocks(M, y0.dtype) if grid_split is None else grid_split[:2]
-    if grid_split is None:
-        n_r, n_c, split_w = _epi_grid(B, M, y0.device, BR, BC)
-    else:
-        split_w = grid_split[2]
-        n_r, n_c = triton.cdiv(B, BR), triton.cdiv(M, split_w)
+    B, M, BR, BC, n_r, n_c, split_w = _grid_for(y0, grid_split)
     n_stages = len(ks)
     idx, ks, bc, ec = _active(ks, b, b_err)
     dt_t = as_device_scalar(dt, y0)
@@ -398,7 +458,7 @@ def rk_epilogue_backward(y0, ks, b, b_err, dt, atol, rtol, rms_b, rms_s, g1=None
         rms_b if rms_b is not None else y0, rms_s if rms_s is not None else y0, gy0, gks, part,
         B, M, split_w, BCOEF=bc, ECOEF=ec, ATOL_T=at_t, RTOL_T=rt_t,
         HAS_G1=g1 is not None, HAS_GE=ge is not None, HAS_GRB=grb is not None, HAS_GRS=grs is not None,
-        NEED_DT=need_dt, BR=BR, BC=BC,
+        NEED_DT=need_dt, PRECOMP=False, BR=BR, BC=BC,
     )
     all_gks = [None] * n_stages
     for j, g in zip(idx, gks):

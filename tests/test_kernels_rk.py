@@ -13,7 +13,7 @@ pytestmark = [KMARK, pytest.mark.skipif(SKIP_REASON is not None, reason=SKIP_REA
 if SKIP_REASON is None:
     from fastode.kernels import _common as KC
     from fastode.kernels import rk as K
-    from fastode.nn.triton_rk import rk_epilogue, rk_stage
+    from fastode.nn.triton_rk import rk_epilogue, rk_error_ratio, rk_stage
 
 tdq_rk = pytest.importorskip("torchdiffeq._impl.rk_common")
 tdq_misc = pytest.importorskip("torchdiffeq._impl.misc")
@@ -170,3 +170,31 @@ def test_every_fastode_tableau():
         else:
             for a, b in zip(got, ref):
                 torch.testing.assert_close(a, b, **tol(torch.float64), msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_error_ratio_alone_values_and_grads(dtype):
+    g = torch.Generator().manual_seed(3)
+    mk = lambda: torch.randn(9, 40, generator=g, dtype=torch.float64).to(dtype=dtype, device=KDEV).requires_grad_()  # noqa
+    y_err, y0, y1 = mk(), mk(), mk()
+    atol = (torch.rand(9, 40, generator=g, dtype=torch.float64) + 0.1).to(dtype=dtype, device=KDEV)
+    rtol = 1e-2
+    got = rk_error_ratio(y_err, y0, y1, atol, rtol)
+    r = y_err / (atol + rtol * torch.max(y0.abs(), y1.abs()))
+    ref = (r.pow(2).mean().sqrt(), r.abs().max(), r.pow(2).mean(1).sqrt(), r.abs().amax(1))
+    torch.testing.assert_close(got[0], tdq_misc._compute_error_ratio(y_err, rtol, atol, y0, y1, tdq_misc._rms_norm))
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, **tol(dtype))
+    w = torch.randn(9, dtype=dtype, device=KDEV)
+    g1 = torch.autograd.grad(got[0] * 0.3 + (got[2] * w).sum(), [y_err, y0, y1])
+    g2 = torch.autograd.grad(ref[0] * 0.3 + (ref[2] * w).sum(), [y_err, y0, y1])
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=tol(dtype)["rtol"] * 10, atol=tol(dtype)["atol"] * 10)
+
+
+def test_stage_without_y_is_the_error_estimate():
+    ks = [torch.randn(33, 2, device=KDEV, requires_grad=True) for _ in range(3)]
+    got = rk_stage(None, ks, [0.5, -0.25], 0.1)
+    torch.testing.assert_close(got, 0.1 * (0.5 * ks[0] - 0.25 * ks[1]))
+    (g,) = torch.autograd.grad(got.sum(), ks[0])
+    torch.testing.assert_close(g, torch.full_like(g, 0.05))

@@ -3,6 +3,7 @@
 * :func:`rk_stage(y, ks, coefs, dt)` = ``y + dt * sum_j coefs[j] * ks[j]``
 * :func:`rk_epilogue(y0, ks, b, b_err, dt, atol, rtol)` =
   ``(y1, err, ratio_rms, ratio_max, ratio_rms_sample, ratio_max_sample)``
+* :func:`rk_error_ratio(y_err, y0, y1, atol, rtol)` = ``(ratio_rms, ratio_max, ratio_rms_sample, ratio_max_sample)``
 
 Both are differentiable w.r.t. ``y``/``y0``, every ``k`` and a tensor ``dt`` (the backward passes are Triton
 kernels too). In :func:`rk_epilogue` the RMS ratios are differentiable (for error regularisers); the max
@@ -20,7 +21,7 @@ from torch.autograd.function import once_differentiable
 
 from fastode.kernels import rk as _K
 
-__all__ = ["rk_stage", "rk_epilogue"]
+__all__ = ["rk_stage", "rk_epilogue", "rk_error_ratio"]
 
 
 class _Stage(torch.autograd.Function):
@@ -36,11 +37,12 @@ class _Stage(torch.autograd.Function):
         dt, *ks = ctx.saved_tensors
         need_k = any(ctx.needs_input_grad[3:])
         need_dt = ctx.needs_input_grad[2]
+        g_y = g if ctx.needs_input_grad[1] else None
         if not (need_k or need_dt):
-            return (None, g, None) + (None,) * len(ks)
+            return (None, g_y, None) + (None,) * len(ks)
         gks, gdt = _K.rk_stage_backward(g, ks, ctx.coefs, dt, need_dt)
         gks = [gk if n else None for gk, n in zip(gks, ctx.needs_input_grad[3:])]
-        return (None, g, gdt.reshape(dt.shape) if gdt is not None else None, *gks)
+        return (None, g_y, gdt.reshape(dt.shape) if gdt is not None else None, *gks)
 
 
 class _Epilogue(torch.autograd.Function):
@@ -81,20 +83,49 @@ class _Epilogue(torch.autograd.Function):
                 gdt.reshape(dt.shape) if gdt is not None else None, *gks)
 
 
+class _ErrorRatio(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, atol, rtol, y_err, y0, y1):
+        rms_b, max_b, rms_s, max_s = _K.rk_error_ratio(y_err, y0, y1, atol, rtol)
+        ctx.atol, ctx.rtol = atol, rtol
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(max_b, max_s)
+        ctx.save_for_backward(y_err, y0, y1, rms_b, rms_s)
+        return rms_b, max_b, rms_s, max_s
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grb, _gmb, grs, _gms):
+        if grb is None and grs is None:
+            return (None,) * 5
+        y_err, y0, y1, rms_b, rms_s = ctx.saved_tensors
+        ge, g0, g1 = _K.rk_error_ratio_backward(y_err, y0, y1, ctx.atol, ctx.rtol, rms_b, rms_s, grb=grb, grs=grs)
+        n = ctx.needs_input_grad
+        return None, None, ge if n[2] else None, g0 if n[3] else None, g1 if n[4] else None
+
+
 def _dt_tensor(dt, like):
     if isinstance(dt, torch.Tensor):
         return dt if dt.dtype == like.dtype and dt.device == like.device else dt.to(like)
     return _K.as_device_scalar(dt, like)
 
 
-def rk_stage(y: torch.Tensor, ks: Sequence[torch.Tensor], coefs: Sequence[float], dt) -> torch.Tensor:
-    """``y + dt * sum_j coefs[j] * ks[j]`` fused into one kernel (differentiable)."""
+def rk_stage(y, ks: Sequence[torch.Tensor], coefs: Sequence[float], dt) -> torch.Tensor:
+    """``y + dt * sum_j coefs[j] * ks[j]`` fused into one kernel (differentiable). ``coefs`` may be shorter
+    than ``ks`` (the first ``len(coefs)`` stages are used); ``y=None`` gives ``dt * sum_j coefs[j] * ks[j]``."""
     coefs = tuple(float(c) for c in coefs)
-    if len(coefs) != len(ks):
-        raise ValueError(f"{len(ks)} stage derivatives but {len(coefs)} coefficients; they must match")
+    if len(coefs) > len(ks):
+        raise ValueError(f"{len(coefs)} coefficients but only {len(ks)} stage derivatives")
+    ks = tuple(ks[:len(coefs)])
     if all(c == 0.0 for c in coefs):
-        return y
-    return _Stage.apply(coefs, y, _dt_tensor(dt, y), *ks)
+        return y if y is not None else torch.zeros_like(ks[0])
+    return _Stage.apply(coefs, y, _dt_tensor(dt, ks[0]), *ks)
+
+
+def rk_error_ratio(y_err: torch.Tensor, y0: torch.Tensor, y1: torch.Tensor, atol=0.0, rtol=0.0):
+    """``r = y_err / (atol + rtol * max(|y0|, |y1|))`` reduced in one launch to ``(rms, max, rms per sample,
+    max per sample)``; the RMS values are differentiable w.r.t. ``y_err``, ``y0``, ``y1``."""
+    return _ErrorRatio.apply(atol, rtol, y_err, y0, y1)
 
 
 def rk_epilogue(y0: torch.Tensor, ks: Sequence[torch.Tensor], b: Sequence[float], b_err, dt, atol=0.0, rtol=0.0):
