@@ -210,7 +210,8 @@ class SavedTensorMeter:
             self.peak_bytes = max(self.peak_bytes, self.current)
         else:
             entry[1] += 1
-        return SavedTensorMeter._Handle(self, key, tensor)
+        # detach(): a saved *output* would otherwise form a cycle tensor -> grad_fn -> handle -> tensor
+        return SavedTensorMeter._Handle(self, key, tensor.detach())
 
     @staticmethod
     def _unpack(handle):
@@ -373,3 +374,14 @@ def markdown_table(rows: Iterable[Mapping], columns: Sequence[str] | Mapping[str
 def geomean(xs: Iterable[float]) -> float:
     xs = [x for x in xs if x is not None and x > 0 and math.isfinite(x)]
     return math.exp(sum(map(math.log, xs)) / len(xs)) if xs else float("nan")
+
+
+# ----------------------------------------------------------------------------------------------- peers
+def fastode_odeint():
+    """``(fastode.odeint, None)`` when usable, else ``(None, reason)`` -- bench scripts skip fastode rows
+    (and say why in their output) instead of failing while the solver is under construction."""
+    try:
+        import fastode
+        return fastode.odeint, None
+    except Exception as exc:  # noqa: BLE001
+        return None, f"fastode.odeint unavailable: {type(exc).__name__}: {exc}"

@@ -81,6 +81,8 @@ struct ActF;
 template <typename T>
 struct ActF<kTanh, T> {
   static constexpr bool needs_a = false;
+  static constexpr bool store_g = true;  // act''/act' = -2h: the backward needs only g = p * act'
+  static T r(T, T h) { return T(-2) * h; }
   static T f(T a) { return tanh_approx(a); }
   static T d1(T, T h) { return T(1) - h * h; }
   static T d2(T, T h) { return T(-2) * h * (T(1) - h * h); }
@@ -88,6 +90,8 @@ struct ActF<kTanh, T> {
 template <typename T>
 struct ActF<kIdentity, T> {
   static constexpr bool needs_a = false;
+  static constexpr bool store_g = true;
+  static T r(T, T) { return T(0); }
   static T f(T a) { return a; }
   static T d1(T, T) { return T(1); }
   static T d2(T, T) { return T(0); }
@@ -95,6 +99,8 @@ struct ActF<kIdentity, T> {
 template <typename T>
 struct ActF<kSoftplus, T> {  // torch.nn.functional.softplus (beta 1, threshold 20)
   static constexpr bool needs_a = true;
+  static constexpr bool store_g = true;  // act''/act' = 1 - sigmoid(a)
+  static T r(T a, T) { return T(1) - sigmoid(a); }
   static T f(T a) { return a > T(20) ? a : std::log1p(std::exp(a)); }
   // derivatives as in fastode.nn.functional.activation_grad: sigmoid(a) (no threshold)
   static T d1(T a, T) { return sigmoid(a); }
@@ -106,6 +112,8 @@ struct ActF<kSoftplus, T> {  // torch.nn.functional.softplus (beta 1, threshold 
 template <typename T>
 struct ActF<kElu, T> {  // alpha 1
   static constexpr bool needs_a = true;
+  static constexpr bool store_g = true;  // act''/act' = 0 (a > 0) or 1
+  static T r(T a, T) { return a > T(0) ? T(0) : T(1); }
   static T f(T a) { return a > T(0) ? a : std::expm1(a); }
   static T d1(T a, T) { return a > T(0) ? T(1) : std::exp(a); }
   static T d2(T a, T) { return a > T(0) ? T(0) : std::exp(a); }
@@ -113,6 +121,8 @@ struct ActF<kElu, T> {  // alpha 1
 template <typename T>
 struct ActF<kSwish, T> {  // x * sigmoid(x)
   static constexpr bool needs_a = true;
+  static constexpr bool store_g = false;  // act' has zeros: keep p and recompute g
+  static T r(T, T) { return T(0); }
   static T f(T a) { return a * sigmoid(a); }
   static T d1(T a, T) {
     T s = sigmoid(a);
@@ -126,6 +136,8 @@ struct ActF<kSwish, T> {  // x * sigmoid(x)
 
 // ===================================================================================================
 // Element-wise kernels (multi-versioned). Arrays are contiguous; `a` may be null when !needs_a.
+// The probe VJP saves, per hidden layer, either g = p * act'(a) (store_g: act''/act' is a function of
+// (a, h), so the backward needs only g) or p (swish).
 
 // x (R x m) holds h W'^T; x <- act(x + c), a <- x + c (if needs_a)
 template <int ACT, typename T>
@@ -161,16 +173,19 @@ FASTODE_CLONES void ew_mul_d1(int64_t n, const T* __restrict p, const T* __restr
   for (int64_t i = 0; i < n; ++i) g[i] = p[i] * A::d1(A::needs_a ? a[i] : T(0), h[i]);
 }
 
-// pb = gb * act'(a);  acc += gb * p * act''(a)
+// pb = gb * act'(a);  acc += gb * p * act''(a)   (x = g = p act' when store_g, else x = p)
 template <int ACT, typename T>
-FASTODE_CLONES void ew_bwd1(int64_t n, const T* __restrict gb, const T* __restrict p,
+FASTODE_CLONES void ew_bwd1(int64_t n, const T* __restrict gb, const T* __restrict x,
                             const T* __restrict a, const T* __restrict h, T* __restrict pb,
                             T* __restrict acc) {
   using A = ActF<ACT, T>;
   for (int64_t i = 0; i < n; ++i) {
     T av = A::needs_a ? a[i] : T(0);
     pb[i] = gb[i] * A::d1(av, h[i]);
-    acc[i] += gb[i] * p[i] * A::d2(av, h[i]);
+    if constexpr (A::store_g)
+      acc[i] += gb[i] * x[i] * A::r(av, h[i]);
+    else
+      acc[i] += gb[i] * x[i] * A::d2(av, h[i]);
   }
 }
 
@@ -690,7 +705,7 @@ double unfold(const Net& net, const FoldLayout& fl, const Params<T>& p, const Fo
 // ===================================================================================================
 // Saved-activation block of one tile (and, for RK steps, one stage).
 struct BlockLayout {
-  std::vector<int64_t> H, A, P;  // H[l], A[l] (l < L-1); P[k * (L-1) + l] = p_{l+1} of probe k
+  std::vector<int64_t> H, A, P;  // H[l], A[l] (l < L-1); P[k * (L-1) + l]: g_l or p_{l+1} of probe k
   int64_t Z = -1, F = -1, V = -1, Q = -1;
   int64_t size = 0;
   BlockLayout(const Net& net, int64_t R, int K, bool storeA, bool storeP, bool rk, int64_t NQ) {
@@ -790,9 +805,10 @@ struct Kern {
     int gi = 0;
     for (int l = L - 1; l >= 1; --l) {
       int64_t n = net.dims[l];
-      T* p = storeP ? blk + bl.P[k * (L - 1) + (l - 1)] : ws.T0;
+      T* slot = storeP ? blk + bl.P[k * (L - 1) + (l - 1)] : nullptr;
+      T* p = slot && !AF::store_g ? slot : ws.T0;
       gemm_nn<T>(R, n, mg, g, mg, fo.W(l), n, p, n, T(0));
-      T* gn = gbufs[gi];
+      T* gn = slot && AF::store_g ? slot : gbufs[gi];
       gi ^= 1;
       ew_mul_d1<ACT, T>(R * n, p, Aptr(blk, bl, l - 1), blk + bl.H[l - 1], gn);
       g = gn;
@@ -831,8 +847,13 @@ struct Kern {
           int64_t m = net.dims[l + 1];
           const T* gl;
           if (l + 1 < L) {
-            ew_mul_d1<ACT, T>(R * m, blk + bl.P[k * (L - 1) + l], Aptr(blk, bl, l), blk + bl.H[l], ws.G);
-            gl = ws.G;
+            const T* slot = blk + bl.P[k * (L - 1) + l];
+            if constexpr (AF::store_g) {
+              gl = slot;
+            } else {
+              ew_mul_d1<ACT, T>(R * m, slot, Aptr(blk, bl, l), blk + bl.H[l], ws.G);
+              gl = ws.G;
+            }
           } else {
             gl = ek;
           }

@@ -1,0 +1,176 @@
+"""One command for fastode's benchmarks: ``python bench/run.py [--quick]``.
+
+Runs the work-precision sweep (``work_precision.py``) and the gradient-mode comparison
+(``gradient_modes.py``) with a progress bar, single-threaded, and writes to ``bench/results/``
+(or ``--out``):
+
+    work_precision.json / .md, work_precision_<problem>.png    error vs NFE and vs wall time
+    gradient_modes.json / .md, gradient_modes.png              time + peak memory vs number of steps
+    SUMMARY.md                                                  headline numbers, machine, versions, load
+
+``--quick`` (about 2 minutes) uses fewer problems, tolerances and step counts; the full run takes
+about 10-15 minutes on a 2-core machine.  Every file records the machine, library versions, the git
+commit and the load average, because timings on a shared machine are only comparable within one run.
+"""
+from __future__ import annotations
+
+import os
+
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):  # before importing torch
+    os.environ[_var] = "1"
+
+import argparse  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+import gradient_modes  # noqa: E402
+import work_precision  # noqa: E402
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="task", dynamic_ncols=True)
+
+
+def plot_gradient_modes(result: dict, out_dir: Path, meta: dict | None = None) -> Path | None:
+    rows = [r for r in result["rows"] if r["method"] == "rk4" and not r.get("failure") and r.get("time_s")]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    colors = {"fastode": "tab:red", "torchdiffeq": "tab:blue", "torchode": "tab:green"}
+    styles = {"direct": "-", "odeint": "-", "checkpoint": "--", "adjoint": ":", "odeint_adjoint": ":"}
+    for peer in dict.fromkeys((r["library"], r["mode"]) for r in rows):
+        rs = sorted((r for r in rows if (r["library"], r["mode"]) == peer), key=lambda r: r["steps"])
+        kw = dict(color=colors.get(peer[0]), ls=styles.get(peer[1], "-"), marker="o", ms=4, label=" ".join(peer))
+        axes[0].plot([r["steps"] for r in rs], [r["time_s"] for r in rs], **kw)
+        mem = [(r["steps"], r["peak_rss_bytes"] / 2**20) for r in rs if r.get("peak_rss_bytes") is not None]
+        if mem:
+            axes[1].plot(*zip(*mem), **kw)
+    for ax, yl in zip(axes, ("forward+backward time [s] (median)", "peak RSS growth [MiB]")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("rk4 steps")
+        ax.set_ylabel(yl)
+        ax.grid(True, which="both", alpha=0.25)
+    axes[1].legend(fontsize=8)
+    cfg = result["config"]
+    title = (f"gradient modes: neural ODE, batch {cfg['batch']}, dim {cfg['dim']}, hidden {cfg['hidden']}, "
+             "float32, CPU 1 thread")
+    if meta:
+        title += f"; load {meta['loadavg_1_5_15'][0]}"
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path = out_dir / "gradient_modes.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def summary(meta: dict, wp: dict | None, gm: dict | None) -> str:
+    lines = ["# fastode benchmark summary", "", common.metadata_markdown(meta), ""]
+    if wp is not None:
+        lines += ["## Work-precision (forward solves, float64, rtol = atol)", ""]
+        if any(k.startswith("fastode") for k in wp["skipped"]):
+            lines += [f"fastode was not measured: {next(v for k, v in wp['skipped'].items() if k.startswith('fastode'))}", ""]
+        for peer, pm in (("torchdiffeq", "dopri5"), ("torchdiffeq", "bosh3"), ("torchode", "dopri5"),
+                         ("scipy", "RK45")):
+            method = work_precision.PAIR.get(pm, pm)
+            rs = work_precision.ratios(wp, peer, pm, method)
+            if not rs:
+                continue
+            err = common.geomean(r["peer_error"] / r["fastode_error"] for r in rs if r["fastode_error"])
+            lines.append(f"- fastode {method} vs {peer} {pm}, same tolerance: {peer} takes "
+                         f"x{common.geomean(r['time_ratio'] for r in rs):.2f} the wall time "
+                         f"(range {min(r['time_ratio'] for r in rs):.2f}-{max(r['time_ratio'] for r in rs):.2f}) "
+                         f"and x{common.geomean(r['nfe_ratio'] for r in rs):.2f} the RHS evaluations; "
+                         f"its error is x{err:.2f} fastode's (geometric means over {len(rs)} problem/tolerance pairs)")
+        lines += ["", "Plots: `work_precision_<problem>.png`; full table: `work_precision.md`.", ""]
+    if gm is not None:
+        lines += ["## Gradient modes (neural ODE, forward + backward, float32)", ""]
+        rows = [r for r in gm["rows"] if not r.get("failure") and r.get("time_s")]
+        for config in dict.fromkeys(r["config"] for r in rows):
+            rs = [r for r in rows if r["config"] == config]
+            lines.append(f"- {config}: " + "; ".join(
+                f"{r['library']} {r['mode']} {1e3 * r['time_s']:.0f} ms, "
+                f"{common.fmt((r.get('peak_rss_bytes') or float('nan')) / 2**20)} MiB"
+                for r in rs))
+        by = {(r["config"], r["library"], r["mode"]): r for r in rows}
+        for config in dict.fromkeys(r["config"] for r in rows):
+            for (a, b) in ((("fastode", "direct"), ("torchdiffeq", "odeint")),
+                           (("fastode", "adjoint"), ("torchdiffeq", "odeint_adjoint")),
+                           (("fastode", "checkpoint"), ("fastode", "direct"))):
+                ra, rb = by.get((config, *a)), by.get((config, *b))
+                if ra and rb:
+                    mem = ""
+                    if ra.get("peak_rss_bytes") and rb.get("peak_rss_bytes"):
+                        mem = f", peak RSS x{ra['peak_rss_bytes'] / rb['peak_rss_bytes']:.2f}"
+                    lines.append(f"  - {config}: {' '.join(a)} / {' '.join(b)}: time "
+                                 f"x{ra['time_s'] / rb['time_s']:.2f}{mem}")
+        worst = [(r["grad_rel_diff"], r) for r in rows if r["library"] == "fastode" and r["mode"] == "checkpoint"]
+        if worst:
+            d, r = max(worst, key=lambda x: x[0])
+            lines.append(f"- fastode checkpoint vs direct gradients: max relative difference {d:.1e} ({r['config']})")
+        if gm["skipped"]:
+            lines.append("- not measured: " + ", ".join(f"{p} ({', '.join(cs)})" for p, cs in gm["skipped"].items()))
+        lines += ["", "Full table: `gradient_modes.md`; plot: `gradient_modes.png`.", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description="fastode benchmarks (work-precision + gradient modes)")
+    ap.add_argument("--quick", action="store_true", help="about 2 minutes instead of about 15")
+    ap.add_argument("--smoke", action="store_true", help="seconds; for tests/test_bench_smoke.py")
+    ap.add_argument("--only", choices=("work_precision", "gradient_modes"), help="run one part")
+    ap.add_argument("--out", type=Path, default=common.RESULTS_DIR, help="output folder")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    profile = "smoke" if args.smoke else "quick" if args.quick else "full"
+    common.pin_threads(1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = common.metadata(profile=profile)
+    t0 = time.perf_counter()
+    wp = gm = None
+    if args.only in (None, "work_precision"):
+        cfg = work_precision.PROFILES[profile]
+        bar = _progress(len(cfg["problems"]) * len(cfg["tols"]), "work-precision", not args.no_progress)
+        wp = work_precision.run_work_precision(profile, progress=bar)
+        if bar is not None:
+            bar.close()
+    if args.only in (None, "gradient_modes"):
+        bar = _progress(gradient_modes.n_tasks(profile), "gradient modes", not args.no_progress)
+        gm = gradient_modes.run_gradient_modes(profile, progress=bar)
+        if bar is not None:
+            bar.close()
+    meta["loadavg_end"] = common.loadavg()
+    meta["elapsed_s"] = round(time.perf_counter() - t0, 1)
+    head = common.metadata_markdown(meta) + f"\n- elapsed: {meta['elapsed_s']} s, profile: {profile}\n\n"
+    files = []
+    if wp is not None:
+        files.append(common.write_json(args.out / "work_precision.json", {"meta": meta, **wp}))
+        files.append(common.write_text(args.out / "work_precision.md", head + work_precision.markdown(wp)))
+        files += work_precision.plot(wp, args.out, meta)
+    if gm is not None:
+        files.append(common.write_json(args.out / "gradient_modes.json", {"meta": meta, **gm}))
+        files.append(common.write_text(args.out / "gradient_modes.md", head + gradient_modes.markdown(gm)))
+        png = plot_gradient_modes(gm, args.out, meta)
+        if png:
+            files.append(png)
+    files.append(common.write_text(args.out / "SUMMARY.md", summary(meta, wp, gm)))
+    print(f"wrote {len(files)} files to {args.out} in {meta['elapsed_s']} s "
+          f"(load average {meta['loadavg_1_5_15']} -> {meta['loadavg_end']})")
+    return {"meta": meta, "work_precision": wp, "gradient_modes": gm, "files": [str(f) for f in files]}
+
+
+if __name__ == "__main__":
+    main()

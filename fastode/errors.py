@@ -1,0 +1,82 @@
+"""Exception classes of fastode.
+
+Every error says what was wrong and what to do about it. torchdiffeq signals most bad input with
+``AssertionError`` (and a few cases with ``ValueError``/``TypeError``); each fastode class subclasses the
+matching built-in *and* ``AssertionError`` where torchdiffeq used an ``assert``, so code written for
+torchdiffeq (``except AssertionError`` / ``except ValueError``) keeps catching them.
+
+================================  ======================================  ==================================
+class                              bases                                   raised for
+================================  ======================================  ==================================
+``FastodeError``                   ``Exception``                           (common base, never raised alone)
+``InvalidTimeError``               ``ValueError``, ``AssertionError``      ``t`` not 1-D, not strictly monotone,
+                                                                           not a tensor, non-finite
+``TimeDtypeError``                 ``TypeError``                           ``t`` not floating point
+``InvalidMethodError``             ``ValueError``                          unknown ``method``
+``InvalidOptionError``             ``ValueError``, ``AssertionError``      bad option values / combinations
+``InvalidStateError``              ``ValueError``, ``AssertionError``      ``y0`` of the wrong type, non-finite
+                                                                           ``y0``, bad tolerances
+``FuncOutputError``                ``RuntimeError``, ``AssertionError``    ``func`` returned the wrong type,
+                                                                           shape or dtype
+``NonFiniteError``                 ``RuntimeError``, ``AssertionError``    NaN/inf in the state or in ``func``'s
+                                                                           output during the solve
+``StepSizeUnderflowError``         ``RuntimeError``, ``AssertionError``    adaptive step size underflow
+``MaxStepsExceededError``          ``RuntimeError``, ``AssertionError``    ``max_num_steps`` reached
+================================  ======================================  ==================================
+"""
+from __future__ import annotations
+
+__all__ = [
+    "FastodeError", "InvalidTimeError", "TimeDtypeError", "InvalidMethodError", "InvalidOptionError",
+    "InvalidStateError", "FuncOutputError", "NonFiniteError", "StepSizeUnderflowError",
+    "MaxStepsExceededError", "STEP_FAILURE_REMEDIES",
+]
+
+
+class FastodeError(Exception):
+    """Base class of every fastode exception."""
+
+
+class InvalidTimeError(FastodeError, ValueError, AssertionError):
+    """The time argument ``t`` is malformed (not a 1-D tensor, not strictly monotone, non-finite)."""
+
+
+class TimeDtypeError(FastodeError, TypeError):
+    """``t`` is not a floating-point tensor (torchdiffeq raises ``TypeError`` here too)."""
+
+
+class InvalidMethodError(FastodeError, ValueError):
+    """Unknown ``method`` name."""
+
+
+class InvalidOptionError(FastodeError, ValueError, AssertionError):
+    """An option has a bad value, or options conflict."""
+
+
+class InvalidStateError(FastodeError, ValueError, AssertionError):
+    """``y0`` (or the tolerances that go with it) is malformed or non-finite."""
+
+
+class FuncOutputError(FastodeError, RuntimeError, AssertionError):
+    """``func(t, y)`` returned something that is not a tensor shaped like ``y``."""
+
+
+class NonFiniteError(FastodeError, RuntimeError, AssertionError):
+    """The state or ``func``'s output became NaN/inf during the solve."""
+
+
+class StepSizeUnderflowError(FastodeError, RuntimeError, AssertionError):
+    """The adaptive step size became too small to advance time (torchdiffeq: 'underflow in dt')."""
+
+
+class MaxStepsExceededError(FastodeError, RuntimeError, AssertionError):
+    """The solver hit ``max_num_steps`` (torchdiffeq: 'max_num_steps exceeded')."""
+
+
+STEP_FAILURE_REMEDIES = (
+    "Possible remedies: (1) the problem may be stiff or the vector field rough: use smoother activations "
+    "(softplus/tanh/swish instead of ReLU), weight decay or a kinetic/Jacobian regulariser; (2) loosen rtol/atol; "
+    "(3) set options={'min_step': ...} to force progress with a minimum step size; (4) use a fixed-step solver "
+    "(method='rk4', options={'step_size': ...}); (5) check func for NaN/inf or discontinuities (use step_t/jump_t "
+    "for known kinks and jumps)."
+)

@@ -1,0 +1,138 @@
+"""Continuous normalizing flows (FFJORD-style CNFs), their regularisers and training accelerators.
+
+API contract (used by ``fastode.train``; keep stable)
+=====================================================
+
+Conventions
+-----------
+* Data ``x`` sit at ``t = 0``, the latent ``z`` at ``t = T`` (FFJORD). ``transform`` integrates 0 -> T,
+  ``inverse`` integrates T -> 0.
+* Every flow returns ``logdet = log|det d(output)/d(input)|`` per sample (normalising-flow convention),
+  so ``log p(x) = base.log_prob(z) + logdet`` and log-determinants of stacked blocks add. For a CNF
+  block ``logdet = +int_0^T tr(df/dz) dt`` in the forward direction and ``-int_0^T tr(df/dz) dt`` in the
+  inverse one.
+* Log-densities are in nats, summed over dimensions; the loss is the batch mean.
+* Regulariser values are *per sample* tensors ``(B,)`` (RNODE, TayNODE) or per-batch scalars
+  ``()`` (error-estimate regularisers), summed over CNF blocks.
+
+Solvers
+-------
+``Solver(method="dopri5", rtol=1e-5, atol=1e-5, step_size=None, options=None, gradient="direct",
+backend="auto")``: one solver configuration. ``step_size`` is a shortcut for ``options["step_size"]``
+(fixed-grid methods). ``gradient`` is ``"direct"`` (backprop through the discrete solve =
+discretise-optimise), ``"checkpoint"`` (same gradient, less memory) or ``"adjoint"`` (optimise-discretise).
+``backend``: ``"fastode"`` (:func:`fastode.odeint`), ``"torchdiffeq"``, or ``"auto"`` (fastode when its
+``odeint`` is importable). Regulariser states are always excluded from step-size control (custom ``norm``).
+
+Building blocks
+---------------
+``CNF(dynamics, T=0.5, learn_T=False, T_parametrization="sqrt", trace="hutchinson", noise="gaussian",
+method="dopri5", rtol=1e-5, atol=1e-5, step_size=None, options=None, gradient="direct",
+train_solver=None, eval_solver=None, eval_trace="exact", regularizers=(), base=None)``
+    ``dynamics``: a :class:`fastode.nn.ConcatSquashMLP`, a :class:`TimeVaryingConcatSquashMLP`, or any
+    module ``f(t, z)``; modules with ``forward_with_trace(t, z, e=None, exact=False) -> (f, trace,
+    kinetic, jac_frob)`` use it (fused kernels), others go through autograd.
+    The keyword solver arguments build ``train_solver`` when it is not given; ``eval_solver`` defaults to
+    the train solver. ``module.training`` picks the solver *and* the trace: training uses ``trace``,
+    evaluation uses ``eval_trace`` (exact by default; ``None`` = same as training).
+    ``regularizers``: names, :class:`Regularizer` objects or a ``{name: weight}`` dict (see below);
+    integrated only in training mode and only in the forward (data -> latent) direction.
+
+    * ``forward(x, reverse=False, noise=None) -> FlowOutput(out, logdet, reg)`` (a NamedTuple).
+    * ``transform(x, noise=None) -> (z, logdet)``, ``inverse(z, noise=None) -> (x, logdet)``.
+    * ``log_prob(x, noise=None) -> (B,)``; ``log_prob_and_reg(x, noise=None) -> (logp, reg)``.
+    * ``sample(n, noise=None, generator=None) -> (n, D)``; ``sample_with_log_prob(n) -> (x, logp)``.
+    * ``inverse_error(x) -> scalar``: batch mean of ``||f^-1(f(x)) - x||_2`` (Onken & Ruthotto eq. 17).
+    * ``T`` (tensor property), ``set_T(value)``, ``end_time_parameters()``, ``network_parameters()``.
+    * ``set_train_solver(...)``, ``set_eval_solver(...)`` (``Solver`` or its keyword arguments),
+      ``solver`` (the active one), ``with flow.using_solver(solver, trace=None): ...`` (temporary override,
+      e.g. a re-discretisation sweep).
+    * ``nfe`` (function evaluations counted since ``reset_nfe()``, including regulariser steps),
+      ``last_stats`` (the latest solve's :class:`fastode.SolveStats` when the fastode backend is used).
+
+    ``noise`` (Hutchinson probe vectors): ``None`` draws one vector per sample per solve (Gaussian or
+    Rademacher), fixed across every RK stage, step and the backward pass; a tensor of ``x``'s shape uses
+    it; a ``torch.Generator`` draws from it.
+
+``SequentialFlow(blocks, base=None)``: stacks CNF blocks (and any flow with the same ``forward``
+signature). Same methods as ``CNF``; ``noise`` may be a list with one entry per block (or one tensor used
+by every block); ``set_eval_solver``/``set_train_solver``/``using_solver`` apply to every CNF block.
+
+``StandardNormal(dim)``: the base distribution (``log_prob(z)``, ``sample(n, generator=None)``).
+
+``build_flow(dim, hidden=(64, 64, 64), activation="tanh", num_blocks=1, T=0.5, learn_T=True,
+time_varying=None, nn_backend="auto", **cnf_kwargs) -> SequentialFlow``: FFJORD's ``build_model``;
+``time_varying=k`` uses Disc-Opt weights on ``k`` control times (:class:`TimeVaryingConcatSquashMLP`).
+
+Regularisers (each a per-sample integrand integrated as an extra state, or a solver-error term)
+--------------------------------------------------------------------------------------------------
+``KineticEnergy(weight)`` ``"kinetic"``: ``int_0^T ||f||^2 dt`` (RNODE, paper form: sum over dims, no 1/2).
+``JacobianFrobenius(weight)`` ``"jacobian_frobenius"`` (alias ``"jf"``): ``int_0^T ||e^T df/dz||^2 dt`` with
+the trace's own probe ``e`` (free with the Hutchinson VJP; an extra VJP when the trace is exact).
+``TaylorOrder(order, weight)`` ``"r2"``/``"r3"``: TayNODE ``int_0^T ||d^K z/dt^K||^2 dt`` (exact total
+derivatives by nested forward-mode ``torch.func.jvp``).
+``GlobalError(weight)`` ``"global_error"``: ``sum_j E_j |dt_j|`` over the accepted steps of the solve
+(discretise-optimise through the adaptive solver; needs the fastode backend, ``gradient="direct"``).
+``LocalError(weight, mode="unbiased"|"biased", method=None)`` ``"local_error"`` / ``"local_error_biased"``:
+Pal et al. (2023), one embedded RK step from ``t_reg``; ``E_est(t_reg) * |dt|``.
+``density_loss(flow, x, noise=None) -> (loss, info)``: ``-mean log p(x) + sum_r weight_r * mean(reg_r)``;
+``info`` holds floats ``nll``, each regulariser's mean, ``nfe``.
+
+TO-FLOW (learnable end time)
+----------------------------
+``EndTimeOptimizer(flow, lr=1e-2, alpha=0.1, eps=0.1, mode="alternate"|"joint", t0=0.0)``: Adam on the
+end times only, temporal regularisation ``alpha*|T|`` and the clip ``T in [t0+eps, 2*T0-t0-eps]``.
+``network_parameters(flow)`` gives every other parameter (build the theta optimiser from it).
+Per iteration: ``loss.backward(); opt.step()`` then ``t_opt.step()`` (joint: uses the same backward) or
+``t_opt.alternate_step(loss_fn)`` (coordinate descent: a new forward/backward with theta frozen).
+
+Disc-Opt (Onken & Ruthotto)
+---------------------------
+``TimeVaryingConcatSquashMLP(dim, hidden, activation, control_times=None, num_controls=2, T=1.0,
+backend="auto")``: weights ``theta(t)`` given at control times, linearly interpolated (constant outside);
+``refine(num_controls)`` prolongs to a finer control grid.
+``MultilevelLevel(iterations, method="rk4", step_size=None, rtol=None, atol=None, lr=None,
+num_controls=None)``, ``multilevel_schedule(...)``, ``apply_level(flow, level, optimizer=None)``,
+``multilevel_train(flow, levels, train_fn, optimizer=None)``: coarse-to-fine training, warm-started.
+"""
+from . import regularizers
+from .cnf import (
+    CNF,
+    Flow,
+    FlowOutput,
+    SequentialFlow,
+    StandardNormal,
+    build_flow,
+    density_loss,
+    draw_noise,
+    functional_dynamics,
+)
+from .discopt import (
+    MultilevelLevel,
+    TimeVaryingConcatSquashMLP,
+    apply_level,
+    multilevel_schedule,
+    multilevel_train,
+)
+from .end_time import EndTimeOptimizer, clip_end_time, end_time_parameters, network_parameters
+from .regularizers import (
+    REGULARIZER_NAMES,
+    GlobalError,
+    JacobianFrobenius,
+    KineticEnergy,
+    LocalError,
+    Regularizer,
+    TaylorOrder,
+    parse_regularizers,
+    taylor_derivative,
+)
+from .solver import FIXED_GRID_METHODS, Solver, fastode_odeint_available
+
+__all__ = [
+    "CNF", "Flow", "FlowOutput", "SequentialFlow", "StandardNormal", "build_flow", "density_loss", "draw_noise",
+    "functional_dynamics", "MultilevelLevel", "TimeVaryingConcatSquashMLP", "apply_level", "multilevel_schedule",
+    "multilevel_train", "EndTimeOptimizer", "clip_end_time", "end_time_parameters", "network_parameters",
+    "REGULARIZER_NAMES", "GlobalError", "JacobianFrobenius", "KineticEnergy", "LocalError", "Regularizer",
+    "TaylorOrder", "parse_regularizers", "taylor_derivative", "regularizers", "FIXED_GRID_METHODS", "Solver",
+    "fastode_odeint_available",
+]

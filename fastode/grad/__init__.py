@@ -1,0 +1,1 @@
+"""Gradient modes: checkpoint (discrete adjoint with recomputation) and adjoint (continuous)."""

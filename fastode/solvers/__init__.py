@@ -1,0 +1,78 @@
+"""Solver registry: ``SOLVERS[name] -> solver class``.
+
+The Runge-Kutta solvers are imported eagerly. The Adams solvers (``explicit_adams``, ``implicit_adams``,
+``fixed_adams``; module ``fastode.solvers.adams``) and ``scipy_solver`` (``fastode.solvers.scipy_solver``) are
+imported on first use, so that a missing or broken module only raises (with the reason) when that method is
+requested.
+"""
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+
+from .base import ODEFunc, Perturb, Solver
+from .fixed_grid import FIXED_GRID_SOLVERS, FixedGridSolver
+from .rk_adaptive import ADAPTIVE_SOLVERS, DEFAULT_MAX_NUM_STEPS, RKAdaptiveSolver
+from .rk_step import RKStep, combine_stages, error_ratio, rk_step
+
+__all__ = ["SOLVERS", "Solver", "ODEFunc", "Perturb", "RKAdaptiveSolver", "FixedGridSolver", "rk_step", "RKStep",
+           "combine_stages", "error_ratio", "DEFAULT_MAX_NUM_STEPS", "get_solver"]
+
+# name -> (module, class name) for solvers imported lazily
+_LAZY = {
+    "explicit_adams": (".adams", "AdamsBashforth"),
+    "implicit_adams": (".adams", "AdamsBashforthMoulton"),
+    "fixed_adams": (".adams", "AdamsBashforthMoulton"),   # torchdiffeq's backwards-compatible alias
+    "scipy_solver": (".scipy_solver", "ScipyWrapperODESolver"),
+}
+
+
+class _SolverTable(Mapping):
+    """Read-only mapping name -> solver class that imports the lazy entries on access."""
+
+    def __init__(self):
+        self._eager = {}
+        self._eager.update(ADAPTIVE_SOLVERS)
+        self._eager.update(FIXED_GRID_SOLVERS)
+        order = ["dopri8", "dopri5", "tsit5", "bosh3", "fehlberg2", "adaptive_heun", "euler", "midpoint", "heun2",
+                 "heun3", "rk4", "rk4_classic", "explicit_adams", "implicit_adams", "fixed_adams", "scipy_solver"]
+        self._names = [n for n in order if n in self._eager or n in _LAZY]
+
+    def __getitem__(self, name):
+        if name in self._eager:
+            return self._eager[name]
+        if name not in _LAZY:
+            raise KeyError(name)
+        mod_name, cls_name = _LAZY[name]
+        try:
+            mod = importlib.import_module(mod_name, __name__)
+            cls = getattr(mod, cls_name)
+        except Exception as exc:
+            raise ImportError(f"method {name!r} is unavailable: importing {cls_name} from "
+                              f"fastode.solvers{mod_name} failed ({type(exc).__name__}: {exc}). The Runge-Kutta "
+                              f"methods ({', '.join(self._eager)}) do not depend on it.") from exc
+        return cls
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self):
+        return len(self._names)
+
+    def __contains__(self, name):
+        return name in self._eager or name in _LAZY
+
+
+SOLVERS = _SolverTable()
+
+
+def get_solver(name: str):
+    """``SOLVERS[name]`` with a helpful error for unknown names."""
+    from ..errors import InvalidMethodError
+    if name not in SOLVERS:
+        import difflib
+        close = difflib.get_close_matches(str(name), list(SOLVERS), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise InvalidMethodError('Invalid method "{}". Must be one of {}.{}'.format(
+            name, '{"' + '", "'.join(SOLVERS) + '"}', hint))
+    return SOLVERS[name]

@@ -1,0 +1,260 @@
+"""Fixed-grid explicit Runge-Kutta loop (euler, midpoint, heun2, heun3, rk4 (3/8 rule), rk4_classic).
+
+torchdiffeq semantics: the grid is ``t`` itself unless ``step_size`` (uniform grid with a shorter last step,
+computed in ``t``'s dtype exactly as torchdiffeq) or ``grid_constructor(func, y0, t) -> grid`` is given; outputs
+between grid points use ``interp="linear"`` (default) or ``"cubic"`` (Hermite; one extra NFE per output);
+``perturb=True`` evaluates the first stage at ``nextafter(t0, +inf)`` and stages at ``c == 1`` at
+``nextafter(t1, -inf)``. Stage times are computed in the grid's dtype and cast to the state's real dtype.
+
+fastode addition: ``check_finite=True`` (default) records per step, without host synchronisation, whether
+the state stayed finite and raises :class:`~fastode.errors.NonFiniteError` naming the first step whose result is
+NaN/inf (torchdiffeq propagates NaNs silently). ``check_finite=False`` turns this off.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from ..errors import InvalidOptionError, MaxStepsExceededError, NonFiniteError
+from ..events import find_event
+from ..interp import hermite_cubic, linear
+from ..tableaus import TABLEAUS, ButcherTableau
+from .base import Perturb, Solver, _null_callback, real_dtype, state_time_value
+from .rk_step import rk_step
+
+__all__ = ["FixedGridSolver", "FIXED_GRID_SOLVERS", "MAX_EVENT_ITERS"]
+
+MAX_EVENT_ITERS = 20000
+
+
+def _grid_from_step_size(step_size):
+    def _grid_constructor(func, y0, t):
+        start_time = t[0]
+        end_time = t[-1]
+        niters = torch.ceil((end_time - start_time) / step_size + 1).item()
+        t_infer = torch.arange(0, niters, dtype=t.dtype, device=t.device) * step_size + start_time
+        t_infer[-1] = t[-1]
+        return t_infer
+    return _grid_constructor
+
+
+class FixedGridSolver(Solver):
+    """Fixed-grid RK solver for any tableau."""
+
+    adaptive = False
+    tableau: ButcherTableau
+
+    def __init__(self, func, y0, rtol=None, atol=None, step_size=None, grid_constructor=None, interp="linear",
+                 perturb=False, check_finite=True, norm=None, **unused_kwargs):
+        super().__init__(func, y0, rtol, atol, norm=norm, **unused_kwargs)
+        cls = type(self)
+        self.rdtype = real_dtype(y0)
+        self.order = self.tableau.order
+        if step_size is not None:
+            if isinstance(step_size, torch.Tensor):
+                step_size = step_size.item()
+            try:
+                ok = float(step_size) > 0 and math.isfinite(float(step_size))
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise InvalidOptionError(f"{cls.__name__}: step_size must be a positive finite number (its "
+                                         f"magnitude; decreasing t is handled automatically), got {step_size!r}")
+        self.step_size = step_size
+        if interp not in ("linear", "cubic"):
+            raise ValueError(f"Unknown interpolation method {interp}; {cls.__name__} supports interp='linear' "
+                             f"(default) or 'cubic'")
+        self.interp = interp
+        self.perturb = bool(perturb)
+        self.check_finite = check_finite
+        if step_size is None:
+            self.grid_constructor = grid_constructor if grid_constructor is not None else (lambda f, y0, t: t)
+        else:
+            if grid_constructor is not None:
+                raise ValueError("step_size and grid_constructor are mutually exclusive arguments.")
+            self.grid_constructor = _grid_from_step_size(step_size)
+
+    @classmethod
+    def valid_callbacks(cls):
+        return {'callback_step'}
+
+    def _describe(self, t):
+        return float(self.func.describe_time(t))
+
+    def _rounder(self, dtype):
+        if dtype == torch.float64:
+            return float
+        if dtype == torch.float32:
+            return lambda v: float(np.float32(v))
+        return lambda v: float(torch.tensor(v, dtype=dtype))
+
+    def _stage_times(self, t0, dt, t1, rnd, grad_times=None):
+        """Times ``func`` sees for each stage (grid dtype arithmetic, cast to the state dtype, perturbed)."""
+        out = []
+        dev = self.y0.device
+        for i, c in enumerate(self.tableau.c):
+            p = Perturb.NONE
+            if self.perturb:
+                if i == 0:
+                    p = Perturb.NEXT
+                elif c == 1.0:
+                    p = Perturb.PREV
+            if grad_times is not None:
+                g0, gdt, g1 = grad_times
+                tt = g0 if c == 0 else (g1 if c == 1.0 else g0 + gdt * c)
+                tt = tt.to(self.rdtype)
+                if p:
+                    tt = tt + (torch.nextafter(tt.detach(), torch.full((), math.inf * p, dtype=self.rdtype,
+                                                                          device=dev)) - tt.detach())
+                out.append(tt)
+                continue
+            v = t0 if c == 0 else (t1 if c == 1.0 else rnd(t0 + rnd(c * dt)))
+            out.append(torch.full((), state_time_value(v, self.rdtype, p), dtype=self.rdtype, device=dev))
+        return out
+
+    def _grid(self, t):
+        grid = self.grid_constructor(self.func, self.y0, t)
+        if not isinstance(grid, torch.Tensor) or grid.dim() != 1 or len(grid) < 1:
+            raise InvalidOptionError(f"{type(self).__name__}: the time grid must be a 1-D tensor, got "
+                                     f"{type(grid).__name__}{'' if not isinstance(grid, torch.Tensor) else tuple(grid.shape)}")
+        g_host = grid.detach().to("cpu", torch.float64).tolist()
+        t_host = t.detach().to("cpu", torch.float64).tolist()
+        if not (g_host[0] == t_host[0] and g_host[-1] == t_host[-1]):
+            raise InvalidOptionError(
+                f"{type(self).__name__}: the time grid must start at t[0] and end at t[-1] (grid[0]={g_host[0]}, "
+                f"grid[-1]={g_host[-1]}, t[0]={t_host[0]}, t[-1]={t_host[-1]}); fix grid_constructor")
+        if any(b < a for a, b in zip(g_host[:-1], g_host[1:])):
+            raise InvalidOptionError(f"{type(self).__name__}: the time grid must be non-decreasing (in the "
+                                     f"integration direction); fix grid_constructor")
+        return grid, g_host, t_host
+
+    def integrate(self, t):
+        grid, g_host, t_host = self._grid(t)
+        rnd = self._rounder(grid.dtype)
+        need_grad = torch.is_grad_enabled() and (grid.requires_grad or t.requires_grad)
+        tab = self.tableau
+        stats = self.stats
+        solution = [self.y0]
+        flags = []
+        j = 1
+        y0 = self.y0
+        n_t = len(t_host)
+        for i in range(len(g_host) - 1):
+            t0, t1 = g_host[i], g_host[i + 1]
+            dt = rnd(t1 - t0)
+            if need_grad:
+                g0, g1 = grid[i], grid[i + 1]
+                gdt = g1 - g0
+                tc = self._stage_times(t0, dt, t1, rnd, (g0, gdt, g1))
+                dt_arg = gdt.to(self.rdtype)
+            else:
+                tc = self._stage_times(t0, dt, t1, rnd)
+                dt_arg = state_time_value(dt, self.rdtype) if grid.dtype != self.rdtype else dt
+            if self.func.callback_step is not _null_callback:
+                self.func.callback_step(grid[i], y0, grid[i + 1] - grid[i])
+            step = rk_step(self.func, t0, y0, None, dt_arg, tab, tc=tc)
+            y1 = step.y1
+            if self.check_finite:
+                flags.append(torch.isfinite(y1.detach()).all())
+            stats.num_steps += 1
+            stats.num_accepted_steps += 1
+            stats.step_ts.append(t0)
+            stats.step_sizes.append(t1 - t0)
+            while j < n_t and t1 >= t_host[j]:
+                solution.append(self._output(t, j, t_host[j], t0, t1, y0, y1, step.k[0], dt_arg, rnd, grid, i,
+                                             need_grad))
+                j += 1
+            y0 = y1
+        if flags:
+            self._check_flags(flags, g_host)
+        return torch.stack(solution)
+
+    def _output(self, t, j, tj, t0, t1, y0, y1, f0, dt_arg, rnd, grid, i, need_grad):
+        if self.interp == "linear":
+            if tj == t0 and not need_grad:
+                return y0
+            if tj == t1 and not need_grad:
+                return y1
+            if need_grad:
+                slope = (t[j] - grid[i]) / (grid[i + 1] - grid[i])
+            else:
+                slope = state_time_value(rnd((tj - t0) / rnd(t1 - t0)), self.rdtype)
+            return linear(y0, y1, slope)
+        # cubic Hermite: one more evaluation of func at the end of the step, per output (torchdiffeq)
+        f1 = self.func(torch.full((), state_time_value(t1, self.rdtype), dtype=self.rdtype, device=y0.device)
+                       if not need_grad else grid[i + 1].to(self.rdtype), y1)
+        if need_grad:
+            h = ((t[j] - grid[i]) / (grid[i + 1] - grid[i])).to(self.rdtype)
+        else:
+            h = state_time_value(rnd((tj - t0) / rnd(t1 - t0)), self.rdtype)
+        return hermite_cubic(y0, f0, y1, f1, dt_arg, h)
+
+    def _check_flags(self, flags, g_host):
+        ok = torch.stack(flags)
+        if bool(ok.all()):
+            return
+        first = int((~ok).nonzero()[0, 0])
+        ta, tb = self._describe(g_host[first]), self._describe(g_host[first + 1])
+        raise NonFiniteError(
+            f"the solution became NaN/inf in the step from t={ta} to t={tb} ({type(self).__name__}, step "
+            f"{first} of the grid). func may return NaN/inf there, or the step is too large for a stable explicit "
+            f"method: reduce step_size, use an adaptive method (e.g. method='dopri5'), or regularise the dynamics. "
+            f"Pass options={{'check_finite': False}} to skip this check.")
+
+    def integrate_until_event(self, t0, event_fn):
+        if self.step_size is None:
+            raise InvalidOptionError("Event handling for fixed step solvers currently requires `step_size` to be "
+                                     "provided in options.")
+        t0 = t0.reshape(()).to(self.rdtype)
+        y0 = self.y0
+        dt = float(self.step_size)
+        sign0 = torch.sign(event_fn(t0, y0))
+        itr = 0
+        tab = self.tableau
+        while True:
+            itr += 1
+            t1 = t0 + dt
+            tc = self._stage_times(float(t0), dt, float(t1), self._rounder(self.rdtype),
+                                   (t0, torch.as_tensor(dt, dtype=self.rdtype, device=y0.device), t1))
+            step = rk_step(self.func, t0, y0, None, dt, tab, tc=tc)
+            y1 = step.y1
+            self.stats.num_steps += 1
+            self.stats.num_accepted_steps += 1
+            sign1 = torch.sign(event_fn(t1, y1))
+            if sign0 != sign1:
+                f0 = step.k[0]
+                if self.interp == "linear":
+                    interp_fn = lambda t, t0=t0, t1=t1, y0=y0, y1=y1: linear(y0, y1, (t - t0) / (t1 - t0))
+                else:
+                    f1 = self.func(t1, y1)
+                    interp_fn = lambda t, t0=t0, t1=t1, y0=y0, y1=y1, f0=f0, f1=f1: hermite_cubic(
+                        y0, f0, y1, f1, t1 - t0, (t - t0) / (t1 - t0))
+                atol = self.atol if not isinstance(self.atol, torch.Tensor) else self.atol.min()
+                event_time, y1 = find_event(interp_fn, sign0, t0, t1, event_fn, float(atol))
+                break
+            t0, y0 = t1, y1
+            if itr >= MAX_EVENT_ITERS:
+                raise MaxStepsExceededError(
+                    f"Reached maximum number of iterations {MAX_EVENT_ITERS}: the event did not occur within "
+                    f"{MAX_EVENT_ITERS} steps of size {dt} (the solver reached t={self._describe(float(t1))}). "
+                    f"Check that event_fn changes sign at the event, or use a larger step_size.")
+        return event_time, torch.stack([self.y0, y1], dim=0)
+
+
+def _make(name, cls_name):
+    return type(cls_name, (FixedGridSolver,), {"tableau": TABLEAUS[name], "order": TABLEAUS[name].order,
+                                                "name": name,
+                                                "__doc__": f"Fixed-grid RK solver '{name}' (see FixedGridSolver)."})
+
+
+Euler = _make("euler", "Euler")
+Midpoint = _make("midpoint", "Midpoint")
+Heun2 = _make("heun2", "Heun2")
+Heun3 = _make("heun3", "Heun3")
+RK4 = _make("rk4", "RK4")
+RK4Classic = _make("rk4_classic", "RK4Classic")
+
+FIXED_GRID_SOLVERS = {"euler": Euler, "midpoint": Midpoint, "heun2": Heun2, "heun3": Heun3, "rk4": RK4,
+                      "rk4_classic": RK4Classic}

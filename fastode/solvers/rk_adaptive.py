@@ -1,0 +1,514 @@
+"""Adaptive explicit Runge-Kutta loop (dopri8, dopri5, tsit5, bosh3, fehlberg2, adaptive_heun).
+
+With default options a solve takes exactly torchdiffeq 0.2.5's steps (same NFE): Hairer-Norsett-Wanner
+initial step, error ratio ``rms(err / (atol + rtol*max(|y0|, |y1|)))``, step factor
+``min(ifactor, max(safety / r**(1/order), 1 if r < 1 else dfactor))``, stages at ``c == 1`` evaluated at
+``nextafter(t1, -inf)`` in the state dtype, the last stage reused as the next step's first (for every method,
+as torchdiffeq does), overshoot of output times and torchdiffeq's quartic interpolation.
+
+The clock (``t0``, ``dt``, ``t1``) is kept on the host as Python floats rounded to the time dtype (option
+``dtype``, default float64), so step-size control costs one host synchronisation per step (reading the error
+ratio) and no device-side scalar bookkeeping. Step sizes are constants of the computation (not
+differentiated); the clock is ``t[0] + constant`` so gradients w.r.t. ``t`` are exact for the discrete solve.
+
+Options (torchdiffeq's): ``first_step``, ``safety``, ``ifactor``, ``dfactor``, ``min_step``, ``max_step``,
+``max_num_steps``, ``step_t``, ``jump_t``, ``dtype``, ``norm``. fastode additions (opt-in):
+
+* ``max_num_steps``: default :data:`DEFAULT_MAX_NUM_STEPS` (= 10000) step attempts per output interval
+  (torchdiffeq: 2**31 - 1, which in practice hangs); exceeding it raises
+  :class:`~fastode.errors.MaxStepsExceededError`.
+* ``interp="quartic"`` (default, torchdiffeq's) or ``"dense"``: the method's own continuous extension
+  (tsit5, dopri5, dopri8) for output times inside a step.
+* ``land_on=None`` (default: overshoot and interpolate), ``"end"`` (shorten the last step to land exactly on
+  ``t[-1]``) or ``"all"`` (land exactly on every output time; no interpolation).
+"""
+from __future__ import annotations
+
+import bisect
+import math
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ..errors import (InvalidOptionError, MaxStepsExceededError, NonFiniteError, StepSizeUnderflowError,
+                      STEP_FAILURE_REMEDIES)
+from ..events import find_event
+from ..interp import quartic_eval, quartic_fit, tableau_dense
+from ..tableaus import TABLEAUS, ButcherTableau
+from .base import Perturb, Solver, _null_callback, real_dtype, state_time_value
+from .rk_step import error_ratio, rk_step
+
+__all__ = ["RKAdaptiveSolver", "DEFAULT_MAX_NUM_STEPS", "ADAPTIVE_SOLVERS"]
+
+DEFAULT_MAX_NUM_STEPS = 10_000
+
+
+def _scalar_option(name, value, cls):
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise InvalidOptionError(f"{cls.__name__}: option {name!r} must be a scalar, got a tensor of shape "
+                                     f"{tuple(value.shape)}")
+        value = value.item()
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise InvalidOptionError(f"{cls.__name__}: option {name!r} must be a number, got {value!r}") from None
+
+
+def _tvals(name, value, cls):
+    """step_t / jump_t as a sorted host list of floats."""
+    if value is None:
+        return None
+    try:
+        arr = torch.as_tensor(value).detach().to("cpu", torch.float64).reshape(-1)
+    except Exception:
+        raise InvalidOptionError(f"{cls.__name__}: option {name!r} must be a 1-D tensor or a sequence of times, "
+                                 f"got {value!r}") from None
+    return arr.tolist()
+
+
+class RKAdaptiveSolver(Solver):
+    """Adaptive RK solver for any tableau with an error estimate (``tableau.b_err``)."""
+
+    adaptive = True
+    tableau: ButcherTableau
+
+    def __init__(self, func, y0, rtol, atol, min_step=0, max_step=float('inf'), first_step=None, step_t=None,
+                 jump_t=None, safety=0.9, ifactor=10.0, dfactor=0.2, max_num_steps=DEFAULT_MAX_NUM_STEPS,
+                 dtype=torch.float64, interp="quartic", land_on=None, norm=None, **unused_kwargs):
+        super().__init__(func, y0, rtol, atol, norm=norm, **unused_kwargs)
+        cls = type(self)
+        self.rdtype = real_dtype(y0)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise InvalidOptionError(f"{cls.__name__}: option 'dtype' must be a floating torch.dtype (the dtype of "
+                                     f"time-like quantities), got {dtype!r}")
+        self.time_dtype = torch.promote_types(dtype, self.rdtype)
+        self.rtol = self._tol(rtol)
+        self.atol = self._tol(atol)
+        self.min_step = _scalar_option("min_step", min_step, cls)
+        self.max_step = _scalar_option("max_step", max_step, cls)
+        self.first_step = None if first_step is None else _scalar_option("first_step", first_step, cls)
+        self.safety = _scalar_option("safety", safety, cls)
+        self.ifactor = _scalar_option("ifactor", ifactor, cls)
+        self.dfactor = _scalar_option("dfactor", dfactor, cls)
+        if not (self.min_step >= 0 and self.max_step > 0 and self.min_step <= self.max_step):
+            raise InvalidOptionError(f"{cls.__name__}: need 0 <= min_step <= max_step and max_step > 0, got "
+                                     f"min_step={self.min_step}, max_step={self.max_step}")
+        if self.first_step is not None and not (self.first_step > 0 and math.isfinite(self.first_step)):
+            raise InvalidOptionError(f"{cls.__name__}: first_step must be a positive finite number, got "
+                                     f"{self.first_step} (for decreasing t give its magnitude)")
+        if not (self.safety > 0 and self.ifactor > 0 and self.dfactor > 0):
+            raise InvalidOptionError(f"{cls.__name__}: safety, ifactor and dfactor must be positive, got "
+                                     f"safety={self.safety}, ifactor={self.ifactor}, dfactor={self.dfactor}")
+        if isinstance(max_num_steps, torch.Tensor):
+            max_num_steps = max_num_steps.item()
+        if max_num_steps is None or not (max_num_steps >= 1):
+            raise InvalidOptionError(f"{cls.__name__}: max_num_steps must be a positive integer, got {max_num_steps!r}")
+        self.max_num_steps = max_num_steps
+        self.step_t = _tvals("step_t", step_t, cls)
+        self.jump_t = _tvals("jump_t", jump_t, cls)
+        if interp not in ("quartic", "dense"):
+            raise InvalidOptionError(f"{cls.__name__}: interp must be 'quartic' (torchdiffeq's interpolant) or "
+                                     f"'dense' (the method's own continuous extension), got {interp!r}")
+        if interp == "dense" and self.tableau.dense is None:
+            have = [n for n, t in TABLEAUS.items() if t.dense is not None]
+            raise InvalidOptionError(f"{cls.__name__}: interp='dense' needs a method with its own dense output "
+                                     f"({', '.join(have)}); use interp='quartic' with this method")
+        self.interp = interp
+        if land_on not in (None, "end", "all"):
+            raise InvalidOptionError(f"{cls.__name__}: land_on must be None (overshoot and interpolate, as "
+                                     f"torchdiffeq), 'end' (land exactly on t[-1]) or 'all' (land on every output "
+                                     f"time), got {land_on!r}")
+        self.land_on = land_on
+        self.record_errors = False   # set by odeint when statistics are requested
+        self.record_steps = None     # list to append (t0, t1, y0, y1, k, dt) of accepted steps (odeint_dense)
+        self.order = self.tableau.order
+        if self.time_dtype == torch.float64:
+            self._round = float
+        else:
+            np_t = np.float32 if self.time_dtype == torch.float32 else None
+            if np_t is not None:
+                self._round = lambda v: float(np_t(v))
+            else:
+                td = self.time_dtype
+                self._round = lambda v: float(torch.tensor(v, dtype=td))
+
+    @classmethod
+    def valid_callbacks(cls):
+        return {'callback_step', 'callback_accept_step', 'callback_reject_step'}
+
+    def _tol(self, tol):
+        if isinstance(tol, torch.Tensor):
+            if tol.numel() == 1 and tol.dim() == 0:
+                return float(tol)
+            return tol.to(device=self.y0.device, dtype=torch.promote_types(self.time_dtype, tol.dtype)
+                          if tol.is_floating_point() else self.time_dtype)
+        return float(tol)
+
+    # ------------------------------------------------------------------------------------------ time helpers
+    def _time(self, value, perturb=0, c=0.0):
+        """Tensor ``func`` sees for clock value ``value`` (state real dtype, differentiable w.r.t. t)."""
+        out = torch.full((), state_time_value(value, self.rdtype, perturb), dtype=self.rdtype,
+                         device=self.y0.device)
+        g = self._grad_offset(c)
+        return out if g is None else out + g.to(self.rdtype)
+
+    def _grad_offset(self, c=0.0):
+        """Zero-valued tensor carrying d(clock + c*dt)/d(t) for the current step (None without t-gradients)."""
+        if self._anchor is None:
+            return None
+        g = self._anchor - self._anchor.detach()
+        if c and self._dt_grad is not None:
+            g = g + c * (self._dt_grad - self._dt_grad.detach())
+        return g
+
+    def _clock(self, value):
+        """Clock value as a time-dtype tensor (differentiable w.r.t. t[0])."""
+        out = torch.full((), value, dtype=self.time_dtype, device=self.y0.device)
+        if self._anchor is not None:
+            out = out + (self._anchor - self._anchor.detach()).to(self.time_dtype)
+        return out
+
+    def _stage_value(self, t0, dt, c):
+        """``t0 + c*dt`` computed in the state's real dtype (torchdiffeq computes stage times there)."""
+        if self.rdtype == torch.float64:
+            return t0 + c * dt
+        if self.rdtype == torch.float32:
+            f = np.float32
+            return float(f(t0) + f(c) * f(dt))
+        td = self.rdtype
+        return float(torch.tensor(t0, dtype=td) + torch.tensor(c, dtype=td) * torch.tensor(dt, dtype=td))
+
+    def _describe(self, t):
+        return float(self.func.describe_time(t))
+
+    # ------------------------------------------------------------------------------------------ integration
+    def _setup_time(self, t):
+        self._anchor = None
+        self._t_tensor = None
+        if isinstance(t, torch.Tensor) and t.requires_grad and torch.is_grad_enabled():
+            self._t_tensor = t.to(self.time_dtype)
+            self._anchor = self._t_tensor[0]
+        self._dt_grad = None
+        return [self._round(v) for v in t.detach().to("cpu", torch.float64).reshape(-1).tolist()]
+
+    def integrate(self, t):
+        t_host = self._setup_time(t)
+        self._before_integrate(t_host[0])
+        solution = [self.y0]
+        n = len(t_host)
+        for i in range(1, n):
+            target = None
+            if self.land_on == "all" or (self.land_on == "end" and i == n - 1):
+                target = i
+            solution.append(self._advance(t_host, i, target))
+        return torch.stack(solution)
+
+    def _before_integrate(self, t0):
+        self.t0 = self.t1 = t0
+        self.y = self.y0
+        self.f = self.func(self._time(t0), self.y0)
+        if self.first_step is None:
+            self.dt = self._select_initial_step(t0, self.y0, self.f)
+        else:
+            self.dt = self._round(self.first_step)
+        self.last = None
+        self._interp_cache = None
+        self._nonfinite = None
+
+        def prep(vals):
+            if vals is None:
+                return []
+            return sorted(self._round(v) for v in vals if v >= t0)
+
+        self._step_ts = prep(self.step_t)
+        self._jump_ts = prep(self.jump_t)
+        if set(self._step_ts) & set(self._jump_ts):
+            raise ValueError("`step_t` and `jump_t` must not have any repeated elements between them.")
+        self._next_step = min(bisect.bisect(self._step_ts, t0), len(self._step_ts) - 1)
+        self._next_jump = min(bisect.bisect(self._jump_ts, t0), len(self._jump_ts) - 1)
+
+    def _select_initial_step(self, t0, y0, f0):
+        """Hairer, Norsett & Wanner (II.4) heuristic, as torchdiffeq (``order`` = method order - 1); one sync."""
+        with torch.no_grad():
+            y0 = y0.detach()
+            f0 = f0.detach()
+            dtype = y0.dtype
+            device = y0.device
+            rtol, atol = self.rtol, self.atol
+            scale = atol + torch.abs(y0) * rtol
+            norm = lambda x: torch.as_tensor(self.norm(x), device=device)
+            d0 = norm(y0 / scale).abs()
+            d1 = norm(f0 / scale).abs()
+            small = (d0 < 1e-5) | (d1 < 1e-5)
+            h0 = torch.where(small, torch.tensor(1e-6, dtype=d0.dtype, device=device), 0.01 * d0 / d1).abs()
+            h0 = h0.to(self.rdtype) if not dtype.is_complex else h0
+            y1 = y0 + h0 * f0
+            t_h = (torch.full((), t0, dtype=self.time_dtype, device=device) + h0).to(self.rdtype)
+            f1 = self.func(t_h, y1).detach()
+            d2 = torch.abs(norm((f1 - f0) / scale) / h0)
+            tiny = (d1 <= 1e-15) & (d2 <= 1e-15)
+            h1 = torch.where(tiny, torch.maximum(torch.tensor(1e-6, dtype=h0.dtype, device=device), h0 * 1e-3),
+                             (0.01 / torch.maximum(d1, d2)) ** (1. / float(self.order)))
+            h1 = h1.abs()
+            dt = float(torch.minimum(100 * h0, h1.to(h0.dtype)).to(self.time_dtype))
+        if not math.isfinite(dt) or dt <= 0:
+            self._raise_initial_step_failure(t0, y0, f0, f1, dt)
+        return self._round(dt)
+
+    def _raise_initial_step_failure(self, t0, y0, f0, f1, dt):
+        tu = self._describe(t0)
+        if not bool(torch.isfinite(f0).all()):
+            raise NonFiniteError(f"func returned NaN/inf at the initial time t={tu} (y0 is finite). Check func "
+                                 f"for divisions by zero, log of non-positive numbers or overflowing exponentials.")
+        if not bool(torch.isfinite(f1).all()):
+            raise NonFiniteError(f"func returned NaN/inf while selecting the initial step near t={tu}. "
+                                 f"Pass options={{'first_step': ...}} or check func. " + STEP_FAILURE_REMEDIES)
+        raise StepSizeUnderflowError(f"could not select an initial step at t={tu} (got {dt}); pass "
+                                     f"options={{'first_step': ...}}. " + STEP_FAILURE_REMEDIES)
+
+    def _advance(self, t_host, i, target):
+        next_t = t_host[i]
+        n_steps = 0
+        while next_t > self.t1:
+            if n_steps >= self.max_num_steps:
+                self._raise_max_steps(t_host[i - 1], next_t)
+            self._adaptive_step(t_host, target)
+            n_steps += 1
+        return self._interpolate(next_t, i)
+
+    def _raise_max_steps(self, ta, tb):
+        raise MaxStepsExceededError(
+            f"max_num_steps exceeded ({self.max_num_steps}>={self.max_num_steps}): {self.max_num_steps} step attempts "
+            f"did not reach t={self._describe(tb)} from t={self._describe(ta)}; the solver is at "
+            f"t={self._describe(self.t1)} with step size {self.dt:.3g}. If the problem genuinely needs more steps, "
+            f"raise options={{'max_num_steps': ...}} (it counts attempts per output interval); otherwise the "
+            f"problem is likely stiff or func is rough. " + STEP_FAILURE_REMEDIES)
+
+    def _adaptive_step(self, t_host, target):
+        """One attempted step from (self.t1, self.y, self.f) with proposed size self.dt."""
+        tab = self.tableau
+        t0, y0, f0 = self.t1, self.y, self.f
+        dt = self.dt
+        if not math.isfinite(dt):
+            dt = self.min_step
+        dt = min(max(dt, self.min_step), self.max_step)
+        if self.func.callback_step is not _null_callback:
+            self.func.callback_step(self._clock(t0), y0, torch.tensor(dt, dtype=self.time_dtype, device=y0.device))
+        t1 = self._round(t0 + dt)
+        if not t1 > t0:
+            self._raise_underflow(t0, dt)
+
+        # ---- respect prescribed grid points (torchdiffeq's step_t / jump_t logic) and landing targets
+        clipped = False
+        on_step_t = False
+        if self._step_ts:
+            nst = self._step_ts[self._next_step]
+            on_step_t = t0 < nst < t1
+            if on_step_t:
+                t1 = nst
+                dt = self._round(t1 - t0)
+                clipped = True
+        on_jump_t = False
+        if self._jump_ts:
+            njt = self._jump_ts[self._next_jump]
+            on_jump_t = t0 < njt < t0 + dt
+            if on_jump_t:
+                on_step_t = False
+                t1 = njt
+                dt = self._round(t1 - t0)
+                clipped = True
+        dt_unclipped = dt
+        landed = False
+        if target is not None:
+            tt = t_host[target]
+            if t1 >= tt or (tt - t1 <= 0.01 * dt and tt - t0 <= self.max_step):
+                t1 = tt
+                dt = self._round(t1 - t0)
+                landed = clipped = True
+
+        # ---- differentiable step size when t requires grad and the step was shortened to a time point
+        self._dt_grad = None
+        if self._anchor is not None and clipped:
+            end = self._t_tensor[target] if landed else torch.full((), t1, dtype=self.time_dtype,
+                                                                    device=y0.device)
+            self._dt_grad = end - self._clock(t0)
+        dt_state = state_time_value(dt, self.rdtype)
+        if self._dt_grad is not None:
+            dt_arg = torch.full((), dt_state, dtype=self.rdtype, device=y0.device) + \
+                (self._dt_grad - self._dt_grad.detach()).to(self.rdtype)
+        else:
+            dt_arg = dt_state
+
+        tc = [None] + [self._stage_time(t0, dt, t1, c) for c in tab.c[1:]]  # k[0] = f0 is reused
+        step = rk_step(self.func, t0, y0, f0, dt_arg, tab, tc=tc)
+
+        # ---- error ratio (one host sync per step)
+        if self.record_errors:
+            ratio = error_ratio(step.y_err, y0, step.y1, self.rtol, self.atol, self.norm)
+        else:
+            with torch.no_grad():
+                ratio = error_ratio(step.y_err, y0, step.y1, self.rtol, self.atol, self.norm)
+        r = float(ratio)
+        finite = math.isfinite(r)
+        accept = r <= 1
+        if dt > self.max_step:
+            accept = False
+        if dt <= self.min_step:
+            accept = True
+            if not finite:
+                self._raise_nonfinite(t0, dt, y0, step, forced=True)
+        if not finite and self._nonfinite is None:
+            self._nonfinite = (t0, dt, y0, step)
+
+        stats = self.stats
+        stats.num_steps += 1
+        if accept:
+            if self.func.callback_accept_step is not _null_callback:
+                self.func.callback_accept_step(self._clock(t0), y0,
+                                               torch.tensor(dt, dtype=self.time_dtype, device=y0.device))
+            f1 = step.k[-1]
+            if on_step_t and self._next_step != len(self._step_ts) - 1:
+                self._next_step += 1
+            if on_jump_t:
+                if self._next_jump != len(self._jump_ts) - 1:
+                    self._next_jump += 1
+                # just passed a discontinuity of f: re-evaluate f on the far side of it
+                self._dt_grad = None
+                f1 = self.func(self._time(t1, Perturb.NEXT), step.y1)
+            self.last = (t0, t1, y0, step.y1, step.k, dt_arg, dt_state)
+            self._interp_cache = None
+            if self.record_steps is not None:
+                self.record_steps.append(self.last)
+            self.t0, self.t1, self.y, self.f = t0, t1, step.y1, f1
+            self._nonfinite = None
+            stats.num_accepted_steps += 1
+            stats.step_ts.append(t0)
+            stats.step_sizes.append(t1 - t0)
+            if self.record_errors:
+                stats.step_errors.append(ratio)
+        else:
+            if self.func.callback_reject_step is not _null_callback:
+                self.func.callback_reject_step(self._clock(t0), y0,
+                                               torch.tensor(dt, dtype=self.time_dtype, device=y0.device))
+            stats.num_rejected_steps += 1
+        dt_next = self._optimal_step_size(dt, r)
+        if landed and accept:
+            dt_next = max(dt_next, dt_unclipped)
+        self.dt = min(max(dt_next, self.min_step), self.max_step)
+
+    def _stage_time(self, t0, dt, t1, c):
+        if c == 1.0:
+            # always evaluate just before the end of the step, in case of a discontinuity there
+            return self._time(t1, Perturb.PREV, c)
+        return self._time(self._stage_value(t0, dt, c), 0, c)
+
+    def _optimal_step_size(self, dt, r):
+        if r == 0:
+            return dt * self.ifactor
+        if not math.isfinite(r):
+            return dt * min(self.dfactor, 1.0) if r != r else dt * min(self.ifactor, max(0.0, self.dfactor))
+        dfactor = 1.0 if r < 1 else self.dfactor
+        factor = min(self.ifactor, max(self.safety / r ** (1. / self.order), dfactor))
+        return dt * factor
+
+    def _raise_underflow(self, t0, dt):
+        if self._nonfinite is not None:
+            t0n, dtn, y0n, stepn = self._nonfinite
+            self._raise_nonfinite(t0n, dtn, y0n, stepn, forced=False)
+        raise StepSizeUnderflowError(
+            f"underflow in dt {dt}: the adaptive step size became too small to advance time at "
+            f"t={self._describe(t0)} (rtol={self.rtol}, atol={self.atol}). " + STEP_FAILURE_REMEDIES)
+
+    def _raise_nonfinite(self, t0, dt, y0, step, forced):
+        tu = self._describe(t0)
+        if not bool(torch.isfinite(y0).all()):
+            raise NonFiniteError(f"non-finite values in state `y` at t={tu}. " + STEP_FAILURE_REMEDIES)
+        where = ""
+        for i, k in enumerate(step.k):
+            if not bool(torch.isfinite(k).all()):
+                where = (f" func returned NaN/inf in stage {i} of the step from t={tu} (stage time "
+                         f"t={self._describe(self._stage_value(t0, dt, self.tableau.c[i]))}).")
+                break
+        how = ("it was accepted because dt <= min_step" if forced else
+               "shrinking the step did not help until the step size underflowed")
+        raise NonFiniteError(f"the solution became NaN/inf in the step from t={tu} with dt={dt:.3g} ({how}).{where} "
+                             + STEP_FAILURE_REMEDIES)
+
+    # ------------------------------------------------------------------------------------------ dense output
+    def _interpolate(self, next_t, i):
+        t0, t1, y0, y1, k, dt_arg, dt_state = self.last
+        if self.land_on is not None and next_t == t1:
+            return y1
+        if self._anchor is not None:
+            x = ((self._t_tensor[i] - self._clock(t0)) / (self._clock(t1) - self._clock(t0))).to(self.rdtype)
+        else:
+            x = self._x(next_t, t0, t1)
+        return self._eval_step(self.last, x)
+
+    def _x(self, t, t0, t1):
+        x = self._round((t - t0) / self._round(t1 - t0)) if self.time_dtype != torch.float64 else \
+            (t - t0) / (t1 - t0)
+        return state_time_value(x, self.rdtype)
+
+    def _eval_step(self, last, x):
+        t0, t1, y0, y1, k, dt_arg, dt_state = last
+        if self.interp == "dense":
+            return tableau_dense(self.tableau, y0, k, dt_arg, x)
+        if self._interp_cache is None or self._interp_cache[0] is not last:
+            self._interp_cache = (last, quartic_fit(y0, y1, k, dt_arg, self.tableau.c_mid))
+        return quartic_eval(self._interp_cache[1], x)
+
+    # ------------------------------------------------------------------------------------------ events
+    def integrate_until_event(self, t0, event_fn):
+        t0 = t0.reshape(-1)
+        t_host = self._setup_time(t0)
+        self._before_integrate(t_host[0])
+        event_t, y1 = self._advance_until_event(event_fn)
+        return event_t, torch.stack([self.y0, y1], dim=0)
+
+    def _advance_until_event(self, event_fn):
+        tt = lambda v: torch.full((), v, dtype=self.time_dtype, device=self.y0.device)
+        if event_fn(tt(self.t1), self.y) == 0:
+            return tt(self.t1), self.y
+        n_steps = 0
+        sign0 = torch.sign(event_fn(tt(self.t1), self.y))
+        start = self.t1
+        while sign0 == torch.sign(event_fn(tt(self.t1), self.y)):
+            if n_steps >= self.max_num_steps:
+                raise MaxStepsExceededError(
+                    f"max_num_steps exceeded ({n_steps}>={self.max_num_steps}): the event did not occur within "
+                    f"{self.max_num_steps} step attempts after t={self._describe(start)} (the solver reached "
+                    f"t={self._describe(self.t1)}). Raise options={{'max_num_steps': ...}} or check event_fn: it "
+                    f"must change sign at the event.")
+            self._adaptive_step(None, None)
+            n_steps += 1
+        last = self.last
+        lt0, lt1 = last[0], last[1]
+
+        def interp_fn(t):
+            x = ((t - lt0) / (lt1 - lt0)).to(self.rdtype)
+            return self._eval_step(last, x)
+
+        atol = self.atol if isinstance(self.atol, float) else float(torch.as_tensor(self.atol).min())
+        return find_event(interp_fn, sign0, tt(lt0), tt(lt1), event_fn, atol)
+
+
+def _make(name, cls_name):
+    return type(cls_name, (RKAdaptiveSolver,), {"tableau": TABLEAUS[name], "order": TABLEAUS[name].order,
+                                                 "name": name,
+                                                 "__doc__": f"Adaptive RK solver '{name}' (see RKAdaptiveSolver)."})
+
+
+Dopri8Solver = _make("dopri8", "Dopri8Solver")
+Dopri5Solver = _make("dopri5", "Dopri5Solver")
+Tsit5Solver = _make("tsit5", "Tsit5Solver")
+Bosh3Solver = _make("bosh3", "Bosh3Solver")
+Fehlberg2 = _make("fehlberg2", "Fehlberg2")
+AdaptiveHeunSolver = _make("adaptive_heun", "AdaptiveHeunSolver")
+
+ADAPTIVE_SOLVERS = {
+    "dopri8": Dopri8Solver, "dopri5": Dopri5Solver, "tsit5": Tsit5Solver, "bosh3": Bosh3Solver,
+    "fehlberg2": Fehlberg2, "adaptive_heun": AdaptiveHeunSolver,
+}

@@ -1,0 +1,103 @@
+"""One explicit Runge-Kutta step from a tableau (DESIGN.md, "Contract: one RK step").
+
+``rk_step`` is used by the adaptive loop, the fixed-grid loop, the checkpointed backward pass and the local
+error regulariser in ``fastode.flows``. It is plain, differentiable PyTorch; the two hot pieces are small,
+separately named functions so that fused kernels can replace them:
+
+* :func:`combine_stages` -- ``y0 + dt * sum_j coeffs[j] * k[j]`` (stage inputs, the solution, the error
+  estimate (with ``y0=None``) and dense output are all this one operation);
+* :func:`error_ratio` -- ``norm(y_err / (atol + rtol * max(|y0|, |y1|)))`` (the step-size controller's input).
+"""
+from __future__ import annotations
+
+from collections import namedtuple
+from typing import Callable, List, Optional, Sequence, Union
+
+import torch
+
+from ..tableaus import ButcherTableau
+from .base import time_tensor
+
+__all__ = ["RKStep", "rk_step", "combine_stages", "error_ratio", "stage_times"]
+
+RKStep = namedtuple("RKStep", "y1 y_err k f1")
+RKStep.__doc__ = """Result of :func:`rk_step`.
+
+y1: the propagated solution at t0 + dt. y_err: dt * sum_i b_err_i k_i (None for fixed-step tableaus).
+k: list of the s stage derivatives (k[0] = f0). f1: k[-1] for FSAL tableaus (= f(t1, y1)), else None.
+"""
+
+Scalar = Union[float, torch.Tensor]
+
+
+def combine_stages(y0: Optional[torch.Tensor], dt: Scalar, coeffs: Sequence, k: Sequence[torch.Tensor]
+                   ) -> torch.Tensor:
+    """``y0 + dt * sum_j coeffs[j] * k[j]`` over ``j < len(coeffs)``; zero coefficients are skipped.
+
+    ``dt`` is a Python float or a 0-dim tensor (differentiable step size); ``coeffs`` are Python floats or
+    0-dim tensors. ``y0=None`` returns just ``dt * sum_j coeffs[j] * k[j]`` (e.g. the error estimate).
+    """
+    acc = y0
+    python = isinstance(dt, float) or isinstance(dt, int)
+    for j, a in enumerate(coeffs):
+        if isinstance(a, (float, int)):
+            if a == 0:
+                continue
+            if python:
+                acc = k[j] * (a * dt) if acc is None else torch.add(acc, k[j], alpha=a * dt)
+                continue
+        term = k[j] * (a * dt)
+        acc = term if acc is None else acc + term
+    if acc is None:
+        acc = torch.zeros_like(k[0]) if y0 is None else y0
+    return acc
+
+
+def error_ratio(y_err: torch.Tensor, y0: torch.Tensor, y1: torch.Tensor, rtol, atol,
+                norm: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``norm(y_err / (atol + rtol * max(|y0|, |y1|)))`` as a non-negative 0-dim tensor (torchdiffeq's
+    ``_compute_error_ratio``)."""
+    error_tol = atol + rtol * torch.max(y0.abs(), y1.abs())
+    r = norm(y_err / error_tol)
+    return r.abs() if isinstance(r, torch.Tensor) else torch.as_tensor(abs(r), device=y0.device)
+
+
+def stage_times(t0: float, dt: float, like: torch.Tensor, tableau: ButcherTableau) -> List[torch.Tensor]:
+    """Unperturbed stage times ``t0 + c_i * dt`` as the 0-dim tensors ``func`` receives."""
+    return [time_tensor(t0 + c * dt, like) for c in tableau.c]
+
+
+def rk_step(func: Callable, t0: Scalar, y0: torch.Tensor, f0: Optional[torch.Tensor], dt: Scalar,
+            tableau: ButcherTableau, *, tc: Optional[Sequence[torch.Tensor]] = None) -> RKStep:
+    """Take one explicit RK step of size ``dt`` from ``(t0, y0)``.
+
+    Args:
+        func: ``func(t, y) -> dy/dt``.
+        t0: start time (float or 0-dim tensor); only used when ``tc`` is None.
+        y0: state at ``t0``.
+        f0: ``func(t0, y0)`` if already known (FSAL reuse), else None (then evaluated at ``tc[0]``).
+        dt: step size (float or 0-dim tensor; a tensor makes the step differentiable w.r.t. it).
+        tableau: the method.
+        tc: optional stage times (one 0-dim tensor per stage, exactly what ``func`` is called with); the
+            solver loops pass these to apply torchdiffeq's time conventions (``nextafter`` at c=1, time dtype).
+    Returns:
+        :data:`RKStep` ``(y1, y_err, k, f1)``.
+    """
+    if tc is None:
+        if isinstance(t0, torch.Tensor) or isinstance(dt, torch.Tensor):
+            tc = [(t0 + c * dt) for c in tableau.c]
+        else:
+            tc = stage_times(float(t0), float(dt), y0, tableau)
+    k = [func(tc[0], y0) if f0 is None else f0]
+    yi = y0
+    for i in range(1, tableau.stages):
+        yi = combine_stages(y0, dt, tableau.a[i], k)
+        k.append(func(tc[i], yi))
+    if tableau.fsal:
+        y1 = yi  # the last stage is evaluated at y1 (its row of a equals b)
+        f1 = k[-1]
+    else:
+        y1 = combine_stages(y0, dt, tableau.b, k)
+        f1 = None
+    y_err = None if tableau.b_err is None else combine_stages(None, dt, tableau.b_err, k)
+    return RKStep(y1, y_err, k, f1)

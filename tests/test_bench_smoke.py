@@ -1,0 +1,79 @@
+"""Smoke test of the benchmark harness (bench/): structure of the outputs only, never speed.
+
+Runs ``python bench/run.py --smoke`` (seconds: one analytic problem, two tolerances, tiny neural ODE)
+in a subprocess, so that its thread pinning does not leak into the other tests, and one memory worker.
+"""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+
+import common  # noqa: E402
+
+
+def test_run_smoke_writes_results(tmp_path):
+    proc = subprocess.run([sys.executable, str(BENCH / "run.py"), "--smoke", "--no-progress", "--out",
+                           str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for name in ("work_precision.json", "work_precision.md", "work_precision_linear.png",
+                 "gradient_modes.json", "gradient_modes.md", "SUMMARY.md"):
+        assert (tmp_path / name).stat().st_size > 0, name
+
+    wp = json.loads((tmp_path / "work_precision.json").read_text())
+    for key in ("git_commit", "machine", "versions", "loadavg_1_5_15", "loadavg_end", "threads"):
+        assert key in wp["meta"]
+    assert wp["meta"]["threads"]["torch.get_num_threads"] == 1
+    for lib in ("python", "torch", "fastode", "torchdiffeq", "torchode", "scipy"):
+        assert lib in wp["meta"]["versions"]
+    assert wp["references"]["linear"]["reference_error"] < 1e-10
+    libs = {r["library"] for r in wp["records"]}
+    assert {"torchdiffeq", "torchode", "scipy"} <= libs
+    assert "fastode" in libs or any(k.startswith("fastode") for k in wp["skipped"])
+    for r in wp["records"]:
+        assert set(r) >= {"problem", "library", "method", "rtol", "error", "nfe", "time_s", "failure"}
+        if r["failure"] is None:
+            assert r["nfe"] > 0 and r["time_s"] > 0 and r["error"] >= 0
+
+    gm = json.loads((tmp_path / "gradient_modes.json").read_text())
+    ok = [r for r in gm["rows"] if not r.get("failure")]
+    assert ok
+    for r in ok:
+        assert set(r) >= {"config", "library", "mode", "time_s", "peak_rss_bytes", "saved_peak_bytes",
+                          "nfe_fwd", "nfe_bwd", "grad_rel_diff"}
+        assert r["nfe_fwd"] > 0
+    assert "| config | peer |" in (tmp_path / "gradient_modes.md").read_text()
+    assert "git commit" in (tmp_path / "SUMMARY.md").read_text()
+
+
+def test_memory_worker_subprocess():
+    spec = {"peer": "torchdiffeq:odeint", "config": {"batch": 8, "dim": 2, "hidden": 8, "gain": 1.0,
+                                                      "method": "rk4", "steps": 3}}
+    proc = subprocess.run([sys.executable, str(BENCH / "gradient_modes.py"), "--worker", json.dumps(spec)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["peak_rss_bytes"] >= 0 and out["saved_peak_bytes"] > 0
+    assert (out["nfe_fwd"], out["nfe_bwd"]) == (12, 0)
+
+
+def test_harness_helpers():
+    calls = []
+    t = common.time_alternating({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                                repeats=3, warmup=1)
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warm-up, then rotated order
+    assert all(len(x.samples) == 3 and x.median >= 0 for x in t.values())
+    table = common.markdown_table([{"x": 1, "y": 2.5e-7}], {"x": "X", "y": "Y"})
+    assert table.splitlines()[0] == "| X | Y |" and "2.50e-07" in table
+
+    torch = pytest.importorskip("torch")
+    w = torch.randn(64, 64, requires_grad=True)
+    meter = common.SavedTensorMeter()
+    with meter:
+        y = torch.tanh(torch.randn(128, 64) @ w)  # saves the input (32 KiB), w, and tanh's output
+        y.sum().backward()
+    assert meter.peak_bytes >= 128 * 64 * 4 and meter.current == 0

@@ -1,0 +1,86 @@
+"""Data-parallel training through torch.distributed: two CPU processes (gloo) launched with torchrun.
+
+The workers (this file run as a script under torchrun) build the model and batches with fastode.train's own
+code (``init_distributed``, ``BatchSource``, ``build_model``, ``wrap_for_training``), take one DDP backward
+on their halves of the batch, and save the averaged gradients and the two halves. The test recomputes the
+gradient in one process on the combined batch and compares. The workers then run a short end-to-end
+``train`` so that the distributed training loop, evaluation and report are exercised too.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ARGS = ["--data", "8gaussians", "--dims", "8-8", "--method", "rk4", "--step-size", "0.25", "--batch-size", "16",
+        "--dtype", "float64", "--trace", "exact", "--kinetic", "0.1", "--T-mode", "joint", "--threads", "1",
+        "--toy-val-size", "32", "--toy-test-size", "32", "--test-batch-size", "32", "--no-progress", "--no-plot"]
+
+
+def _worker(out_dir):
+    import torch.distributed as dist
+
+    from fastode import train as T
+
+    args = T.parse_args(ARGS + ["--save", os.path.join(out_dir, "run"), "--niters", "3", "--val-every", "2"])
+    info = T.init_distributed("cpu")
+    assert info.distributed and info.world_size == 2 and info.backend == "gloo"
+    torch.set_num_threads(1)
+    torch.manual_seed(args.seed)
+    source = T.BatchSource(args, info)
+    flow = T.build_model(args, source.dim).to(torch.float64)
+    module = T.wrap_for_training(flow, info)
+    assert isinstance(module, torch.nn.parallel.DistributedDataParallel)
+    x = torch.as_tensor(source.batch(0), dtype=torch.float64)
+    loss, _ = T.loss_and_info(module, x)
+    loss.backward()
+    halves = [torch.empty_like(x) for _ in range(2)]
+    dist.all_gather(halves, x)
+    if info.rank == 0:
+        torch.save({"grads": {n: p.grad.clone() for n, p in flow.named_parameters()},
+                    "batch": torch.cat(halves), "loss0": loss.detach()}, os.path.join(out_dir, "ddp.pt"))
+    dist.barrier()
+    T.train(args, info)
+    # the processes stayed in sync: identical weights after training
+    flat = torch.cat([p.detach().reshape(-1) for p in flow.parameters()])
+    gathered = [torch.empty_like(flat) for _ in range(2)]
+    dist.all_gather(gathered, flat)
+    if info.rank == 0:
+        torch.save({"same": bool(torch.equal(gathered[0], gathered[1]))}, os.path.join(out_dir, "sync.pt"))
+    dist.destroy_process_group()
+
+
+def test_ddp_gradients_equal_single_process_gradients(tmp_path):
+    torchrun = shutil.which("torchrun")
+    cmd = ([torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]) + [
+        "--standalone", "--nnodes", "1", "--nproc-per-node", "2", __file__, str(tmp_path)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    saved = torch.load(tmp_path / "ddp.pt", weights_only=False)
+
+    from fastode import train as T
+
+    args = T.parse_args(ARGS + ["--save", str(tmp_path / "single")])
+    torch.manual_seed(args.seed)
+    flow = T.build_model(args, 2).to(torch.float64)
+    module = T.wrap_for_training(flow, T.DistInfo())
+    batch = saved["batch"]
+    assert batch.shape == (16, 2)
+    assert not torch.equal(batch[:8], batch[8:])  # the processes trained on different data
+    loss, _ = T.loss_and_info(module, batch)
+    loss.backward()
+    for name, p in flow.named_parameters():
+        torch.testing.assert_close(saved["grads"][name], p.grad, rtol=1e-10, atol=1e-12, msg=name)
+    assert "_T_raw" in "".join(saved["grads"])  # the end time is learned and its gradient averaged too
+
+    report = json.load(open(tmp_path / "run" / "report.json"))
+    assert report["world_size"] == 2 and report["iterations"] == 3
+    assert torch.load(tmp_path / "sync.pt", weights_only=False)["same"]
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1])
