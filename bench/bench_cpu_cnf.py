@@ -11,9 +11,10 @@ Peers, on the same weights and the same noise (torchdiffeq's copy of the module 
 
 * ``torchdiffeq``: ``torchdiffeq.odeint`` over FFJORD's ODE function (the PyTorch reference MLP and the
   trace from ``torch.autograd.grad``, as FFJORD computes it);
-* ``fastode``: one fused C++ call per RK step and one per step backward (:class:`fastode.cpp.CnfStepper`);
-  the fixed grid / adaptive loop around it follows torchdiffeq's stepping (same steps; the number of
-  function evaluations is recorded for both).
+* ``fastode``: :class:`fastode.cpp.CnfStepper` -- training: the whole rk4 grid in one fused C++ call and
+  one for its backward (:meth:`~fastode.cpp.CnfStepper.solve`); inference: one fused call per dopri5 step
+  (:meth:`~fastode.cpp.CnfStepper.step`) inside torchdiffeq's step-size control (same initial step,
+  controller and end-point interpolation, so the same steps; the NFE is recorded for both).
 
 Timing: medians of repeated runs, peers interleaved (bench/common.py), machine load recorded. The matmul
 floor is the FLOP count of the GEMMs an iteration needs at the GEMM rate measured on this machine for the
@@ -110,18 +111,23 @@ def td_loglik(mlp, x):
 
 
 # ---------------------------------------------------------------------------------------------- fastode
+def rk4_grid(t0: float, t1: float, step: float) -> list[float]:
+    """torchdiffeq's fixed grid for ``step_size`` (the last point clipped to t1)."""
+    n = math.ceil((t1 - t0) / step + 1)
+    ts = [t0 + i * step for i in range(n)]
+    ts[-1] = t1
+    return ts
+
+
 def fo_train_iter(mlp, opt, x, e):
-    stepper = fc.CnfStepper(mlp, "rk4")  # one per solve: packs the current parameters once
-    z, q = x, torch.zeros(x.shape[0], 1)
-    n = round(T_END / STEP)
-    for i in range(n):
-        r = stepper.step(i * STEP, STEP, z, q, e)
-        z, q = r.z1, r.q1
+    stepper = fc.CnfStepper(mlp, "rk4")  # one per solve
+    ts = rk4_grid(0.0, T_END, STEP)
+    z, q = stepper.solve(ts, x, torch.zeros(x.shape[0], 1), e)  # the 10 steps: one C++ call each way
     loss = -(std_normal_logprob(z) - q[:, 0]).mean()
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
-    return loss.detach(), 4 * n
+    return loss.detach(), 4 * (len(ts) - 1)
 
 
 def _mixed_norm(parts):

@@ -46,9 +46,9 @@ PEERS = ["fastode:direct", "fastode:checkpoint", "fastode:adjoint", "torchdiffeq
          "torchdiffeq:odeint_adjoint", "torchode:AutoDiffAdjoint", "torchode:BacksolveAdjoint"]
 
 PROFILES = {
-    # smoke: memory measured in-process (no subprocess per peer), for tests/test_bench_smoke.py only
-    "smoke": dict(batch=16, dim=4, hidden=16, gain=3.0, steps=[4], dopri5=True, tol=1e-5, repeats=2,
-                  budget_s=1.0, subprocess=False),
+    # smoke (tests/test_bench_smoke.py only): one memory measurement in a subprocess, the rest in-process
+    "smoke": dict(batch=16, dim=4, hidden=16, gain=3.0, steps=[4], dopri5=True, tol=1e-3, repeats=2,
+                  budget_s=1.0, max_subprocesses=1),
     "quick": dict(batch=256, dim=16, hidden=64, gain=3.0, steps=[10, 40], dopri5=True, tol=1e-6, repeats=3,
                   budget_s=3.0),
     "full": dict(batch=256, dim=16, hidden=64, gain=3.0, steps=[10, 40, 160, 640], dopri5=True, tol=1e-6,
@@ -205,7 +205,7 @@ def measure_memory(peer: str, c: dict, timeout: float = 300) -> dict:
 # ----------------------------------------------------------------------------------------------- driver
 def run_gradient_modes(profile: str = "quick", *, progress=None, log=print) -> dict:
     cfg = PROFILES[profile]
-    rows, skipped = [], {}
+    rows, skipped, n_sub = [], {}, 0
     for c in configs(cfg):
         runners, grads, nfes, failures = {}, {}, {}, {}
         for peer in PEERS:
@@ -231,7 +231,8 @@ def run_gradient_modes(profile: str = "quick", *, progress=None, log=print) -> d
                    "failure": failures.get(peer)}
             if peer in ok:
                 tm = timings[peer]
-                if cfg.get("subprocess", True):
+                if n_sub < cfg.get("max_subprocesses", 10**9):
+                    n_sub += 1
                     mem = measure_memory(peer, c)
                 else:
                     try:
@@ -278,6 +279,7 @@ def markdown(result: dict) -> str:
                                                "rss": "peak RSS [MiB]", "saved": "saved tensors [MiB]",
                                                "nfe": "NFE fwd / bwd", "grad": "grad diff",
                                                "ref": "grad reference"}))
+    lines += ["", pivot(result), ""]
     for r in result["rows"]:
         if r.get("memory_failure"):
             lines.append(f"- memory measurement failed for {r['config']} {r['library']} {r['mode']}: "
@@ -286,6 +288,22 @@ def markdown(result: dict) -> str:
         lines += ["", "Skipped: " + "; ".join(
             f"{peer} ({', '.join(cs)}): {next(iter(cs.values()))}" for peer, cs in result["skipped"].items())]
     return "\n".join(lines) + "\n"
+
+
+def pivot(result: dict) -> str:
+    """rk4 rows as a peer x steps table: 'peak RSS MiB / time ms' (memory growth vs number of steps)."""
+    rows = [r for r in result["rows"] if r["method"] == "rk4" and not r.get("failure") and r.get("time_s")]
+    steps = sorted({r["steps"] for r in rows})
+    table = []
+    for peer in dict.fromkeys((r["library"], r["mode"]) for r in rows):
+        row = {"peer": " ".join(peer)}
+        for r in rows:
+            if (r["library"], r["mode"]) == peer:
+                rss = r.get("peak_rss_bytes")
+                row[r["steps"]] = f"{common.fmt(None if rss is None else rss / 2**20)} / {common.fmt(1e3 * r['time_s'])}"
+        table.append(row)
+    return ("rk4, peak RSS growth [MiB] / forward+backward time [ms] vs number of steps:\n\n"
+            + common.markdown_table(table, {"peer": "peer", **{n: f"{n} steps" for n in steps}}))
 
 
 def main(argv=None):

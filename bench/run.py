@@ -95,11 +95,25 @@ def summary(meta: dict, wp: dict | None, gm: dict | None) -> str:
                          f"(range {min(r['time_ratio'] for r in rs):.2f}-{max(r['time_ratio'] for r in rs):.2f}) "
                          f"and x{common.geomean(r['nfe_ratio'] for r in rs):.2f} the RHS evaluations; "
                          f"its error is x{err:.2f} fastode's (geometric means over {len(rs)} problem/tolerance pairs)")
+        peers = (("torchdiffeq", "dopri5"), ("torchode", "dopri5"), ("scipy", "RK45"))
+        table = []
+        for problem in wp["references"]:
+            row = {"problem": problem}
+            for peer, pm in peers:
+                rs = [r for r in work_precision.ratios(wp, peer, pm) if r["problem"] == problem]
+                if rs:
+                    row[peer] = common.geomean(r["time_ratio"] for r in rs)
+            table.append(row)
+        if any(len(r) > 1 for r in table):
+            lines += ["", "Wall time of the peer / wall time of fastode dopri5 at the same tolerance (geometric "
+                      "mean over tolerances; > 1: fastode is faster):", "",
+                      common.markdown_table(table, {"problem": "problem", **{p: f"{p} {m}" for p, m in peers}})]
         lines += ["", "Plots: `work_precision_<problem>.png`; full table: `work_precision.md`.", ""]
     if gm is not None:
         lines += ["## Gradient modes (neural ODE, forward + backward, float32)", ""]
         rows = [r for r in gm["rows"] if not r.get("failure") and r.get("time_s")]
-        for config in dict.fromkeys(r["config"] for r in rows):
+        lines += [gradient_modes.pivot(gm), ""]
+        for config in dict.fromkeys(r["config"] for r in rows if r["method"] != "rk4"):
             rs = [r for r in rows if r["config"] == config]
             lines.append(f"- {config}: " + "; ".join(
                 f"{r['library']} {r['mode']} {1e3 * r['time_s']:.0f} ms, "
@@ -108,19 +122,23 @@ def summary(meta: dict, wp: dict | None, gm: dict | None) -> str:
         by = {(r["config"], r["library"], r["mode"]): r for r in rows}
         for config in dict.fromkeys(r["config"] for r in rows):
             for (a, b) in ((("fastode", "direct"), ("torchdiffeq", "odeint")),
+                           (("fastode", "checkpoint"), ("torchdiffeq", "odeint")),
                            (("fastode", "adjoint"), ("torchdiffeq", "odeint_adjoint")),
                            (("fastode", "checkpoint"), ("fastode", "direct"))):
                 ra, rb = by.get((config, *a)), by.get((config, *b))
                 if ra and rb:
                     mem = ""
                     if ra.get("peak_rss_bytes") and rb.get("peak_rss_bytes"):
-                        mem = f", peak RSS x{ra['peak_rss_bytes'] / rb['peak_rss_bytes']:.2f}"
-                    lines.append(f"  - {config}: {' '.join(a)} / {' '.join(b)}: time "
-                                 f"x{ra['time_s'] / rb['time_s']:.2f}{mem}")
+                        mem = f"; its peak RSS is x{ra['peak_rss_bytes'] / rb['peak_rss_bytes']:.2f} of the latter's"
+                    lines.append(f"- {config}: {' '.join(a)} vs {' '.join(b)}: speed-up "
+                                 f"x{rb['time_s'] / ra['time_s']:.2f}{mem}")
         worst = [(r["grad_rel_diff"], r) for r in rows if r["library"] == "fastode" and r["mode"] == "checkpoint"]
         if worst:
             d, r = max(worst, key=lambda x: x[0])
             lines.append(f"- fastode checkpoint vs direct gradients: max relative difference {d:.1e} ({r['config']})")
+        failed = {f"{r['library']} {r['mode']}": r["failure"] for r in gm["rows"] if r.get("failure")}
+        for peer, why in failed.items():
+            lines.append(f"- {peer} failed: {why[:160]}")
         if gm["skipped"]:
             lines.append("- not measured: " + ", ".join(f"{p} ({', '.join(cs)})" for p, cs in gm["skipped"].items()))
         lines += ["", "Full table: `gradient_modes.md`; plot: `gradient_modes.png`.", ""]

@@ -93,49 +93,6 @@ fastode::Grads<T> make_grads(std::vector<Tensor>& g) {
   return r;
 }
 
-// Flat parameter mode: one contiguous tensor holding, per layer, W (m x n), b, gw, gb, bw.
-fastode::Net make_net_flat(const std::vector<int64_t>& dims, const Tensor& theta, int64_t D, int act) {
-  check(dims.size() >= 2 && dims.front() == D && dims.back() == D, "dims must be (D, hidden..., D) with z's D");
-  int64_t n = 0;
-  for (size_t l = 0; l + 1 < dims.size(); ++l) n += dims[l + 1] * dims[l] + 4 * dims[l + 1];
-  check(theta.numel() == n, "the flat parameter tensor has " + std::to_string(theta.numel()) +
-                                " elements but dims need " + std::to_string(n));
-  fastode::Net net;
-  net.dims = dims;
-  net.act = act;
-  return net;
-}
-
-template <typename T, typename P>
-void flat_pointers(T* base, const std::vector<int64_t>& dims, P& W, P& b, P& gw, P& gb, P& bw) {
-  for (size_t l = 0; l + 1 < dims.size(); ++l) {
-    int64_t n = dims[l], m = dims[l + 1];
-    W.push_back(base);
-    base += m * n;
-    b.push_back(base);
-    base += m;
-    gw.push_back(base);
-    base += m;
-    gb.push_back(base);
-    base += m;
-    bw.push_back(base);
-    base += m;
-  }
-}
-
-template <typename T>
-fastode::Params<T> make_params_flat(const Tensor& theta, const std::vector<int64_t>& dims) {
-  fastode::Params<T> r;
-  flat_pointers<const T, std::vector<const T*>>(theta.data_ptr<T>(), dims, r.W, r.b, r.gw, r.gb, r.bw);
-  return r;
-}
-template <typename T>
-fastode::Grads<T> make_grads_flat(Tensor& g, const std::vector<int64_t>& dims) {
-  fastode::Grads<T> r;
-  flat_pointers<T, std::vector<T*>>(g.data_ptr<T>(), dims, r.W, r.b, r.gw, r.gb, r.bw);
-  return r;
-}
-
 std::vector<Tensor> prep_params(const std::vector<Tensor>& params, at::ScalarType dt) {
   std::vector<Tensor> r;
   r.reserve(params.size());
@@ -341,9 +298,8 @@ fastode::Tableau make_tableau(const std::vector<double>& c, const std::vector<do
 
 // Fused CNF RK step. Returns (z1, q1, ez, eq, kz, kq, sumsq (float64, D+NQ), save).
 py::tuple cnf_step_forward(double t0, double dtv, const Tensor& z0_, const Tensor& q0_, const OptT& e_,
-                           const OptT& kz0_, const OptT& kq0_, const std::vector<Tensor>& params_,
-                           const std::vector<int64_t>& dims, int act, const std::vector<int>& rates,
-                           const std::vector<double>& c, const std::vector<double>& a,
+                           const OptT& kz0_, const OptT& kq0_, const std::vector<Tensor>& params_, int act,
+                           const std::vector<int>& rates, const std::vector<double>& c, const std::vector<double>& a,
                            const std::vector<double>& b, const std::vector<double>& b_err,
                            const std::vector<double>& atol, const std::vector<double>& rtol, bool want_stages,
                            bool want_save, int64_t tile) {
@@ -358,10 +314,8 @@ py::tuple cnf_step_forward(double t0, double dtv, const Tensor& z0_, const Tenso
   check(bool(kz0) == bool(kq0) || NQ == 0, "give both kz0 and kq0 (first stage) or neither");
   if (kz0) check(kz0->numel() == B * D && (NQ == 0 || kq0->numel() == B * NQ), "kz0/kq0 have the wrong shape");
   auto params = prep_params(params_, dt);
-  const bool flat = !dims.empty();
-  if (flat) check(params.size() == 1, "flat parameter mode takes one parameter tensor");
   fastode::CnfSpec spec;
-  spec.net = flat ? make_net_flat(dims, params[0], D, act) : make_net(params, D, act);
+  spec.net = make_net(params, D, act);
   spec.exact = !e;
   spec.K = e ? 1 : int(D);
   spec.rates = rates;
@@ -377,7 +331,7 @@ py::tuple cnf_step_forward(double t0, double dtv, const Tensor& z0_, const Tenso
   Tensor ss = at::zeros({D + NQ}, z0.options().dtype(at::kDouble));
   Tensor save = want_save ? pooled_empty(fastode::cnf_step_save_size(spec, tab, B, ex), z0) : empty_like_dt({0}, z0);
   DISPATCH_FLOAT(dt, [&] {
-    auto p = flat ? make_params_flat<scalar_t>(params[0], dims) : make_params<scalar_t>(params);
+    auto p = make_params<scalar_t>(params);
     fastode::CnfStepIn<scalar_t> in;
     in.t0 = t0;
     in.dt = dtv;
@@ -406,9 +360,8 @@ py::tuple cnf_step_forward(double t0, double dtv, const Tensor& z0_, const Tenso
 // Backward of the fused step. Returns (gz0, gq0, ge, gkz0, gkq0, param grads, gt0, gdt) with None for
 // what was not asked for.
 py::tuple cnf_step_backward(double t0, double dtv, const Tensor& z0_, const Tensor& q0_, const OptT& e_,
-                            const OptT& kz0_, const OptT& kq0_, const std::vector<Tensor>& params_,
-                            const std::vector<int64_t>& dims, int act, const std::vector<int>& rates,
-                            const std::vector<double>& c,
+                            const OptT& kz0_, const OptT& kq0_, const std::vector<Tensor>& params_, int act,
+                            const std::vector<int>& rates, const std::vector<double>& c,
                             const std::vector<double>& a, const std::vector<double>& b,
                             const std::vector<double>& b_err, const Tensor& save, const OptT& gz1_,
                             const OptT& gq1_, const OptT& gez_, const OptT& geq_, const OptT& gkz_, const OptT& gkq_,
@@ -420,10 +373,8 @@ py::tuple cnf_step_backward(double t0, double dtv, const Tensor& z0_, const Tens
   Tensor q0 = prep(q0_, dt, "q0");
   OptT e = prep_opt(e_, dt, "e"), kz0 = prep_opt(kz0_, dt, "kz0"), kq0 = prep_opt(kq0_, dt, "kq0");
   auto params = prep_params(params_, dt);
-  const bool flat = !dims.empty();
-  if (flat) check(params.size() == 1, "flat parameter mode takes one parameter tensor");
   fastode::CnfSpec spec;
-  spec.net = flat ? make_net_flat(dims, params[0], D, act) : make_net(params, D, act);
+  spec.net = make_net(params, D, act);
   spec.exact = !e;
   spec.K = e ? 1 : int(D);
   spec.rates = rates;
@@ -446,9 +397,9 @@ py::tuple cnf_step_backward(double t0, double dtv, const Tensor& z0_, const Tens
     for (const auto& p : params) gp.push_back(at::zeros(p.sizes(), p.options()));
   double gt0 = 0, gdt = 0;
   DISPATCH_FLOAT(dt, [&] {
-    auto p = flat ? make_params_flat<scalar_t>(params[0], dims) : make_params<scalar_t>(params);
+    auto p = make_params<scalar_t>(params);
     fastode::Grads<scalar_t> g;
-    if (need_params) g = flat ? make_grads_flat<scalar_t>(gp[0], dims) : make_grads<scalar_t>(gp);
+    if (need_params) g = make_grads<scalar_t>(gp);
     fastode::CnfStepIn<scalar_t> in;
     in.t0 = t0;
     in.dt = dtv;
@@ -480,6 +431,88 @@ py::tuple cnf_step_backward(double t0, double dtv, const Tensor& z0_, const Tens
   auto opt = [](const OptT& x) { return x ? py::cast(*x) : py::none(); };
   return py::make_tuple(opt(gz0), opt(gq0), opt(ge), opt(gkz0), opt(gkq0), gp,
                         need_t0 ? py::cast(gt0) : py::none(), need_dt ? py::cast(gdt) : py::none());
+}
+
+// Fixed-grid solve over the times ts. Returns (zT, qT, save).
+std::tuple<Tensor, Tensor, Tensor> cnf_grid_forward(const std::vector<double>& ts, const Tensor& z0_, const Tensor& q0_,
+                                                    const OptT& e_, const std::vector<Tensor>& params_, int act,
+                                                    const std::vector<int>& rates, const std::vector<double>& c,
+                                                    const std::vector<double>& a, const std::vector<double>& b,
+                                                    bool want_save, int64_t tile) {
+  check(z0_.dim() == 2, "z0 must be (B, D)");
+  check(ts.size() >= 1, "the time grid needs at least one time");
+  const auto dt = z0_.scalar_type();
+  Tensor z0 = prep(z0_, dt, "z0");
+  const int64_t B = z0.size(0), D = z0.size(1), NQ = int64_t(rates.size());
+  Tensor q0 = prep(q0_, dt, "q0");
+  check(q0.numel() == B * NQ, "q0 must be (B, len(rates))");
+  OptT e = prep_opt(e_, dt, "e");
+  if (e) check(e->numel() == B * D, "e must have z0's shape");
+  auto params = prep_params(params_, dt);
+  fastode::CnfSpec spec;
+  spec.net = make_net(params, D, act);
+  spec.exact = !e;
+  spec.K = e ? 1 : int(D);
+  spec.rates = rates;
+  auto tab = make_tableau(c, a, b, {});
+  auto ex = make_exec(tile);
+  const int nsteps = int(ts.size()) - 1;
+  Tensor zT = empty_like_dt({B, D}, z0), qT = empty_like_dt({B, NQ}, z0);
+  Tensor save = want_save ? pooled_empty(fastode::cnf_grid_save_size(spec, tab, B, nsteps, ex), z0)
+                          : empty_like_dt({0}, z0);
+  DISPATCH_FLOAT(dt, [&] {
+    auto p = make_params<scalar_t>(params);
+    fastode::cnf_grid_forward<scalar_t>(spec, tab, p, ts.data(), nsteps, B, z0.data_ptr<scalar_t>(),
+                                        NQ ? q0.data_ptr<scalar_t>() : nullptr, cptr<scalar_t>(e),
+                                        zT.data_ptr<scalar_t>(), NQ ? qT.data_ptr<scalar_t>() : nullptr,
+                                        want_save ? save.data_ptr<scalar_t>() : nullptr, ex);
+  });
+  return {zT, qT, save};
+}
+
+// Backward of cnf_grid_forward. Returns (gz0, gq0, ge, param grads, gts (list of floats)) with None for what
+// was not asked for.
+py::tuple cnf_grid_backward(const std::vector<double>& ts, const Tensor& z0_, const OptT& e_,
+                            const std::vector<Tensor>& params_, int act, const std::vector<int>& rates,
+                            const std::vector<double>& c, const std::vector<double>& a, const std::vector<double>& b,
+                            const Tensor& save, const OptT& gzT_, const OptT& gqT_, bool need_z0, bool need_q0,
+                            bool need_e, bool need_params, bool need_ts, int64_t tile) {
+  const auto dt = z0_.scalar_type();
+  Tensor z0 = prep(z0_, dt, "z0");
+  const int64_t B = z0.size(0), D = z0.size(1), NQ = int64_t(rates.size());
+  OptT e = prep_opt(e_, dt, "e");
+  auto params = prep_params(params_, dt);
+  fastode::CnfSpec spec;
+  spec.net = make_net(params, D, act);
+  spec.exact = !e;
+  spec.K = e ? 1 : int(D);
+  spec.rates = rates;
+  auto tab = make_tableau(c, a, b, {});
+  auto ex = make_exec(tile);
+  const int nsteps = int(ts.size()) - 1;
+  check(save.numel() == fastode::cnf_grid_save_size(spec, tab, B, nsteps, ex),
+        "saved activations do not match (tile size changed between forward and backward?)");
+  OptT gzT = prep_opt(gzT_, dt, "grad zT"), gqT = prep_opt(gqT_, dt, "grad qT");
+  OptT gz0, gq0, ge;
+  if (need_z0) gz0 = empty_like_dt({B, D}, z0);
+  if (need_q0) gq0 = NQ && gqT ? empty_like_dt({B, NQ}, z0) : at::zeros({B, NQ}, z0.options());
+  if (need_e && e) ge = empty_like_dt({B, D}, z0);
+  std::vector<Tensor> gp;
+  if (need_params)
+    for (const auto& p : params) gp.push_back(at::zeros(p.sizes(), p.options()));
+  std::vector<double> gts(need_ts ? ts.size() : 0);
+  DISPATCH_FLOAT(dt, [&] {
+    auto p = make_params<scalar_t>(params);
+    fastode::Grads<scalar_t> g;
+    if (need_params) g = make_grads<scalar_t>(gp);
+    fastode::cnf_grid_backward<scalar_t>(spec, tab, p, ts.data(), nsteps, B, cptr<scalar_t>(e),
+                                         save.data_ptr<scalar_t>(), cptr<scalar_t>(gzT),
+                                         NQ ? cptr<scalar_t>(gqT) : nullptr, mptr<scalar_t>(gz0),
+                                         NQ && gqT ? mptr<scalar_t>(gq0) : nullptr, mptr<scalar_t>(ge),
+                                         need_params ? &g : nullptr, need_ts ? gts.data() : nullptr, ex);
+  });
+  auto opt = [](const OptT& x) { return x ? py::cast(*x) : py::none(); };
+  return py::make_tuple(opt(gz0), opt(gq0), opt(ge), gp, need_ts ? py::cast(gts) : py::none());
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -553,6 +586,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("mlp_backward", &mlp_backward);
   m.def("cnf_step_forward", &cnf_step_forward);
   m.def("cnf_step_backward", &cnf_step_backward);
+  m.def("cnf_grid_forward", &cnf_grid_forward);
+  m.def("cnf_grid_backward", &cnf_grid_backward);
   m.def("rk_combine", &rk_combine);
   m.def("rk_epilogue", &rk_epilogue);
   m.def("empty_cache", [] { return save_pool().clear(); }, "free the cached saved-activation buffers; returns bytes");

@@ -171,4 +171,19 @@ void cnf_step_backward(const CnfSpec& spec, const Tableau& tab, const Params<T>&
                        const CnfStepIn<T>& in, const T* save, const CnfStepGradIn<T>& g,
                        const CnfStepGradOut<T>& out, const Exec& ex);
 
+// Fixed-grid solve: the steps between consecutive times ts[0..nsteps] in one call (no error control).
+// Forward: (z0, q0) -> (zT, qT), saving every step for the backward (cnf_grid_save_size elements).
+// Backward: gradients of (zT, qT) -> z0, q0, e, parameters (accumulated) and every grid time (gts, nsteps+1,
+// overwritten).
+int64_t cnf_grid_save_size(const CnfSpec& spec, const Tableau& tab, int64_t B, int nsteps, const Exec& ex);
+
+template <typename T>
+void cnf_grid_forward(const CnfSpec& spec, const Tableau& tab, const Params<T>& p, const double* ts, int nsteps,
+                      int64_t B, const T* z0, const T* q0, const T* e, T* zT, T* qT, T* save, const Exec& ex);
+
+template <typename T>
+void cnf_grid_backward(const CnfSpec& spec, const Tableau& tab, const Params<T>& p, const double* ts, int nsteps,
+                       int64_t B, const T* e, const T* save, const T* gzT, const T* gqT, T* gz0, T* gq0, T* ge,
+                       const Grads<T>* grads, double* gts, const Exec& ex);
+
 }  // namespace fastode

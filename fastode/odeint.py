@@ -37,7 +37,7 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, even
             ``"<Solver>: Unexpected arguments {...}"``. Options given without ``method`` go to the default
             'dopri5'; keys dopri5 does not understand additionally trigger a warning that names them.
             Adaptive RK: ``first_step, safety, ifactor, dfactor, min_step, max_step, step_t, jump_t, dtype,
-            norm, max_num_steps`` (default 10000 attempts per output interval, then
+            norm, max_num_steps`` (default 100000 attempts per output interval, then
             :class:`~fastode.errors.MaxStepsExceededError`) and the opt-in ``interp="dense"`` (the method's own
             continuous extension; tsit5/dopri5/dopri8) and ``land_on="end"|"all"`` (land exactly on ``t[-1]`` /
             on every output time instead of overshooting and interpolating).

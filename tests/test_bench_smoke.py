@@ -1,7 +1,7 @@
 """Smoke test of the benchmark harness (bench/): structure of the outputs only, never speed.
 
 Runs ``python bench/run.py --smoke`` (seconds: one analytic problem, two tolerances, tiny neural ODE)
-in a subprocess, so that its thread pinning does not leak into the other tests, and one memory worker.
+in a subprocess, so that its thread pinning does not leak into the other tests.
 """
 import json
 import subprocess
@@ -46,19 +46,10 @@ def test_run_smoke_writes_results(tmp_path):
         assert set(r) >= {"config", "library", "mode", "time_s", "peak_rss_bytes", "saved_peak_bytes",
                           "nfe_fwd", "nfe_bwd", "grad_rel_diff"}
         assert r["nfe_fwd"] > 0
+    first = ok[0]  # measured in a subprocess (bench/gradient_modes.py --worker)
+    assert first["peak_rss_bytes"] >= 0 and first["nfe_bwd"] >= 0 and "memory_failure" not in first
     assert "| config | peer |" in (tmp_path / "gradient_modes.md").read_text()
     assert "git commit" in (tmp_path / "SUMMARY.md").read_text()
-
-
-def test_memory_worker_subprocess():
-    spec = {"peer": "torchdiffeq:odeint", "config": {"batch": 8, "dim": 2, "hidden": 8, "gain": 1.0,
-                                                      "method": "rk4", "steps": 3}}
-    proc = subprocess.run([sys.executable, str(BENCH / "gradient_modes.py"), "--worker", json.dumps(spec)],
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out["peak_rss_bytes"] >= 0 and out["saved_peak_bytes"] > 0
-    assert (out["nfe_fwd"], out["nfe_bwd"]) == (12, 0)
 
 
 def test_harness_helpers():

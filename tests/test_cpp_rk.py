@@ -163,3 +163,28 @@ def test_rk_stage_and_epilogue_match_reference(dtype, shape):
         _compare(res["cpp"][0], res["torch"][0], dtype)
         _compare(res["cpp"][1], res["torch"][1], dtype)
     assert fc.rk_epilogue(y0, ks, tab.b, None, 0.1).shape == y0.shape
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("exact", [False, True])
+def test_grid_solve_matches_reference(dtype, exact):
+    """A whole fixed-grid solve in one call (torchdiffeq's rk4 grid with a learned end time T) equals the
+    reference steps, gradients included (parameters, x, e and T through the grid)."""
+    m = _model(dtype, hidden=(32, 32))
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(67, 2, generator=g, dtype=dtype)
+    e = None if exact else torch.randn(67, 2, generator=g, dtype=dtype)
+
+    def run(backend):
+        xs = x.clone().requires_grad_()
+        es = None if e is None else e.clone().requires_grad_()
+        T = torch.tensor(0.47, dtype=torch.float64, requires_grad=True)
+        ts = torch.cat([torch.arange(0, 0.47, 0.05, dtype=torch.float64), T.reshape(1)])  # last step shorter
+        st = fc.CnfStepper(m, "rk4", rates=("-trace", "kinetic"), backend=backend)
+        zT, qT = st.solve(ts, xs, torch.zeros(67, 2, dtype=dtype), es)
+        assert fc.last_backend == backend
+        loss = (zT ** 2).sum() + qT[:, 0].sum() + 0.1 * qT[:, 1].sum()
+        leaves = [xs, T] + ([es] if es is not None else []) + list(m.parameters())
+        return [zT, qT] + list(torch.autograd.grad(loss, leaves))
+
+    _compare(run("cpp"), run("torch"), dtype)

@@ -192,3 +192,20 @@ def test_empty_batch_falls_back():
     params = make_params(2, (16,), torch.float32)
     z = torch.zeros(0, 2, device=KDEV)
     assert TB.concatsquash_mlp(0.0, z, params, "tanh").shape == (0, 2)
+
+
+def test_double_backward_ffjord_style_autograd_hutchinson():
+    # FFJORD's divergence_approx differentiates f with create_graph=True, then the loss backpropagates
+    # through that VJP: the Function falls back to differentiating the reference for the backward graph
+    dtype = torch.float64
+    params = make_params(2, (16,), dtype)
+    t, z, e = inputs(11, 2, dtype)
+    flat = [p for layer in params for p in layer]
+
+    def hutch(impl):
+        f = impl.concatsquash_mlp(t, z, params, "swish")
+        (vjp,) = torch.autograd.grad(f, z, e, create_graph=True)
+        loss = (vjp * e).sum() + (f * f).sum()
+        return torch.autograd.grad(loss, [t, z] + flat)
+
+    assert_close_list(hutch(TB), hutch(F), dtype, "double backward")

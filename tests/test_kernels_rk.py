@@ -198,3 +198,22 @@ def test_stage_without_y_is_the_error_estimate():
     torch.testing.assert_close(got, 0.1 * (0.5 * ks[0] - 0.25 * ks[1]))
     (g,) = torch.autograd.grad(got.sum(), ks[0])
     torch.testing.assert_close(g, torch.full_like(g, 0.05))
+
+
+def test_double_backward_through_stage_and_epilogue():
+    y0 = torch.randn(6, 3, dtype=torch.float64, device=KDEV, requires_grad=True)
+    ks = [torch.randn(6, 3, dtype=torch.float64, device=KDEV, requires_grad=True) for _ in B_SOL]
+    dt = torch.tensor(0.2, dtype=torch.float64, device=KDEV, requires_grad=True)
+
+    def go(stage, epi):
+        yi = stage(y0, ks[:3], BETA[2], dt)
+        out = epi(y0, ks[:-1] + [yi * yi], B_SOL, B_ERR, dt, 1e-3, 1e-2)
+        loss = (out[0] ** 2).sum() + out[2]
+        (g,) = torch.autograd.grad(loss, dt, create_graph=True)
+        return torch.autograd.grad(g, [y0, dt] + ks[:-1])
+
+    ref_stage = lambda y, kk, c, d: y + d * sum(ci * k for ci, k in zip(c, kk))  # noqa: E731
+    got = go(rk_stage, rk_epilogue)
+    ref = go(ref_stage, ref_epilogue)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

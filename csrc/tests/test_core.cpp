@@ -581,6 +581,102 @@ static void test_step_backward_fd(const Tableau& tab, bool fsal_in, bool exact) 
   CHECK(std::fabs(gdt - ndt) < 1e-6 * std::max(1.0, std::fabs(ndt)), "step dt grad (%s) %g vs %g", tag, gdt, ndt);
 }
 
+// Fixed-grid solve: equals chained steps; backward against central differences (incl. grid times).
+static void test_grid_solve() {
+  Model m({2, 6, 5, 2}, kTanh, 91);
+  const int64_t B = 5, D = 2, NQ = 2;
+  Tableau tab = rk4_38();
+  CnfSpec spec;
+  spec.net = m.net;
+  spec.rates = {0, 2};
+  std::vector<double> ts = {0.0, 0.1, 0.25, 0.3};
+  const int nsteps = 3;
+  auto z0 = randn(B * D, 92), q0 = randn(B * NQ, 93), e = randn(B * D, 94);
+  auto wz = randn(B * D, 95), wq = randn(B * NQ, 96);
+  Exec ex;
+  ex.tile = 2;
+  auto solve = [&](Model& mm, const std::vector<double>& tt, const std::vector<double>& z,
+                   const std::vector<double>& q, const std::vector<double>& ee, std::vector<double>* save,
+                   std::vector<double>* zT, std::vector<double>* qT) {
+    TParams<double> tp(mm);
+    std::vector<double> zo(B * D), qo(B * NQ);
+    cnf_grid_forward<double>(spec, tab, tp.p, tt.data(), nsteps, B, z.data(), q.data(), ee.data(), zo.data(),
+                             qo.data(), save ? save->data() : nullptr, ex);
+    if (zT) *zT = zo;
+    if (qT) *qT = qo;
+    double L = 0;
+    for (int64_t i = 0; i < B * D; ++i) L += wz[i] * zo[i];
+    for (int64_t i = 0; i < B * NQ; ++i) L += wq[i] * qo[i];
+    return L;
+  };
+  // forward = chained steps
+  std::vector<double> zT, qT;
+  solve(m, ts, z0, q0, e, nullptr, &zT, &qT);
+  {
+    TParams<double> tp(m);
+    std::vector<double> z = z0, q = q0;
+    for (int n = 0; n < nsteps; ++n) {
+      std::vector<double> z1(B * D), q1(B * NQ);
+      CnfStepIn<double> in;
+      in.t0 = ts[n];
+      in.dt = ts[n + 1] - ts[n];
+      in.B = B;
+      in.z0 = z.data();
+      in.q0 = q.data();
+      in.e = e.data();
+      CnfStepOut<double> out;
+      out.z1 = z1.data();
+      out.q1 = q1.data();
+      cnf_step_forward<double>(spec, tab, tp.p, in, out, ex);
+      z = z1;
+      q = q1;
+    }
+    CHECK(max_rel(zT, z) < 1e-15 && max_rel(qT, q) < 1e-15, "grid forward != chained steps");
+  }
+  // backward
+  TParams<double> tp(m);
+  std::vector<double> save(cnf_grid_save_size(spec, tab, B, nsteps, ex));
+  solve(m, ts, z0, q0, e, &save, nullptr, nullptr);
+  std::vector<double> gz0(B * D), gq0(B * NQ), ge(B * D), gts(nsteps + 1);
+  TGrads<double> gr(m);
+  cnf_grid_backward<double>(spec, tab, tp.p, ts.data(), nsteps, B, e.data(), save.data(), wz.data(), wq.data(),
+                            gz0.data(), gq0.data(), ge.data(), &gr.g, gts.data(), ex);
+  const double h = 1e-6;
+  auto L = [&]() { return solve(m, ts, z0, q0, e, nullptr, nullptr, nullptr); };
+  auto fd = [&](std::vector<double>& v) {
+    std::vector<double> r;
+    for (auto& x : v) {
+      double o = x;
+      x = o + h;
+      double lp = L();
+      x = o - h;
+      double lm = L();
+      x = o;
+      r.push_back((lp - lm) / (2 * h));
+    }
+    return r;
+  };
+  std::vector<double> np;
+  for (double* q : m.flat()) {
+    double o = *q;
+    *q = o + h;
+    double lp = L();
+    *q = o - h;
+    double lm = L();
+    *q = o;
+    np.push_back((lp - lm) / (2 * h));
+  }
+  CHECK(max_rel(gr.flat(), np) < 1e-6, "grid param grads err=%g", max_rel(gr.flat(), np));
+  auto nz = fd(z0);
+  CHECK(max_rel(gz0, nz) < 1e-6, "grid z0 grad err=%g", max_rel(gz0, nz));
+  auto nq = fd(q0);
+  CHECK(max_rel(gq0, nq) < 1e-6, "grid q0 grad err=%g", max_rel(gq0, nq));
+  auto ne = fd(e);
+  CHECK(max_rel(ge, ne) < 1e-6, "grid e grad err=%g", max_rel(ge, ne));
+  auto nt = fd(ts);
+  CHECK(max_rel(gts, nt) < 1e-6, "grid time grads err=%g", max_rel(gts, nt));
+}
+
 // ------------------------------------------------------------------------------------------------
 static void test_gemm_backends() {
   // blas vs fallback: same forward to rounding (only meaningful when a BLAS is present)
@@ -728,6 +824,7 @@ int main(int argc, char** argv) {
     test_step_backward_fd(heun_euler(), false, false);
     test_step_backward_fd(heun_euler(), true, false);
     test_step_backward_fd(rk4_38(), false, true);
+    test_grid_solve();
   }
   if (want("gemm")) {
     std::printf("gemm backends\n");

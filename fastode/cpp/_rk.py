@@ -88,17 +88,17 @@ class CnfStep(NamedTuple):
 
 
 class _CnfStepFn(torch.autograd.Function):
-    """Inputs: t0, dt (floats or 0-dim tensors), z0, q0, e, kz0, kq0, spec, theta (flat parameters)."""
+    """Inputs: t0, dt (floats or 0-dim tensors), z0, q0, e, kz0, kq0, spec, *params (5 per layer)."""
 
     @staticmethod
-    def forward(ctx, t0, dt, z0, q0, e, kz0, kq0, spec, theta):
-        act, dims, rates, c, a, b, b_err, atol, rtol, want_stages, tile = spec
+    def forward(ctx, t0, dt, z0, q0, e, kz0, kq0, spec, *params):
+        act, rates, c, a, b, b_err, atol, rtol, want_stages, tile = spec
         need = any(ctx.needs_input_grad)
         z1, q1, ez, eq, kz, kq, ss, save = ext().cnf_step_forward(
-            float(t0), float(dt), z0, q0, e, kz0, kq0, [theta], dims, act, rates, c, a, b, b_err, atol, rtol,
+            float(t0), float(dt), z0, q0, e, kz0, kq0, list(params), act, rates, c, a, b, b_err, atol, rtol,
             want_stages, need, tile)
         if need:
-            ctx.save_for_backward(z0, q0, e, kz0, kq0, theta)
+            ctx.save_for_backward(z0, q0, e, kz0, kq0, *params)
             ctx.times = (float(t0), float(dt), t0, dt)
             ctx.buf = save
         ctx.spec = spec
@@ -109,43 +109,88 @@ class _CnfStepFn(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, gz1, gq1, gez, geq, gkz, gkq, _gss):
-        act, dims, rates, c, a, b, b_err, atol, rtol, want_stages, tile = ctx.spec
-        z0, q0, e, kz0, kq0, theta = ctx.saved_tensors
+        act, rates, c, a, b, b_err, atol, rtol, want_stages, tile = ctx.spec
+        z0, q0, e, kz0, kq0, *params = ctx.saved_tensors
         t0f, dtf, t0, dt = ctx.times
         n = ctx.needs_input_grad
         gz0, gq0, ge, gkz0, gkq0, gp, gt0, gdt = ext().cnf_step_backward(
-            t0f, dtf, z0, q0, e, kz0, kq0, [theta], dims, act, rates, c, a, b, b_err, ctx.buf, gz1, gq1, gez,
-            geq, gkz, gkq, n[2], n[3], n[4], n[5] or n[6], n[8], n[0], n[1], tile)
+            t0f, dtf, z0, q0, e, kz0, kq0, params, act, rates, c, a, b, b_err, ctx.buf, gz1, gq1, gez,
+            geq, gkz, gkq, n[2], n[3], n[4], n[5] or n[6], any(n[8:]), n[0], n[1], tile)
         gt0 = torch.tensor(gt0, dtype=t0.dtype) if n[0] else None
         gdt = torch.tensor(gdt, dtype=dt.dtype) if n[1] else None
+        grads = [g if n[8 + i] else None for i, g in enumerate(gp)] if gp else [None] * len(params)
         return (gt0, gdt, gz0 if n[2] else None, gq0 if n[3] else None, ge if n[4] else None,
-                gkz0 if n[5] else None, gkq0 if n[6] else None, None, gp[0] if n[8] else None)
+                gkz0 if n[5] else None, gkq0 if n[6] else None, None, *grads)
+
+
+class _CnfGridFn(torch.autograd.Function):
+    """Fixed-grid solve. Inputs: ts (list of floats), ts_t (tensor of the times or None), z0, q0, e, spec,
+    *params. Outputs: zT, qT."""
+
+    @staticmethod
+    def forward(ctx, ts, ts_t, z0, q0, e, spec, *params):
+        act, rates, c, a, b, tile = spec
+        need = any(ctx.needs_input_grad)
+        zT, qT, save = ext().cnf_grid_forward(ts, z0, q0, e, list(params), act, rates, c, a, b, need, tile)
+        if need:
+            ctx.save_for_backward(z0, e, *params)
+            ctx.ts, ctx.buf = ts, save
+        ctx.spec = spec
+        ctx.set_materialize_grads(False)
+        return zT, qT
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gzT, gqT):
+        act, rates, c, a, b, tile = ctx.spec
+        z0, e, *params = ctx.saved_tensors
+        n = ctx.needs_input_grad
+        gz0, gq0, ge, gp, gts = ext().cnf_grid_backward(ctx.ts, z0, e, params, act, rates, c, a, b, ctx.buf, gzT,
+                                                        gqT, n[2], n[3], n[4], any(n[6:]), n[1], tile)
+        gts = torch.tensor(gts, dtype=torch.float64) if n[1] else None
+        grads = [g if n[6 + i] else None for i, g in enumerate(gp)] if gp else [None] * len(params)
+        return (None, gts, gz0 if n[2] else None, gq0 if n[3] else None, ge if n[4] else None, None, *grads)
 
 
 def _mlp_params(params, activation):
+    """(reference layer tuples, raw tensors for the C++ kernels, activation).
+
+    For a ConcatSquashMLP the kernels get the parameters themselves (the (out, 1) gate and time-bias
+    weights need no reshaping: the kernels read them as vectors), which keeps view nodes out of the graph.
+    """
+    raw = None
     if hasattr(params, "params") and callable(params.params):  # a ConcatSquashMLP
         activation = activation or params.activation
+        layers = getattr(params, "layers", None)
+        try:
+            raw = [p for l in layers for p in (l._layer.weight, l._layer.bias, l._hyper_gate.weight,
+                                               l._hyper_gate.bias, l._hyper_bias.weight)]
+        except (AttributeError, TypeError):
+            raw = None
         params = params.params()
     if activation is None:
         raise ValueError("activation is required when params is a list of layer tuples")
-    return params, activation
+    if raw is None:
+        raw = [p for layer in params for p in layer]
+    return params, raw, activation
 
 
 class CnfStepper:
     """Fused RK steps of one CNF solve, prepared once (the per-step call does no re-validation).
 
     ``params``: a :class:`fastode.nn.ConcatSquashMLP` (its activation is used) or per-layer
-    ``(W, b, gw, gb, bw)`` tuples with ``activation``; they are read (and, on the C++ path, packed into
-    one flat tensor that autograd maps back to them) when the stepper is made, so make one per solve,
-    after the optimiser step. ``tableau``: a :class:`fastode.tableaus.ButcherTableau` or its name.
-    ``rates``: names from :data:`RATE_CODES`, one per column of ``q``. ``atol, rtol``: numbers or one per
-    column of ``[z | q]``, for ``error_sumsq`` (embedded tableaus only). ``backend``: "auto", "cpp",
-    "torch" (see :mod:`fastode.cpp`); :attr:`backend` is the one chosen.
+    ``(W, b, gw, gb, bw)`` tuples with ``activation``; they are read when the stepper is made, so make one
+    per solve. ``tableau``: a :class:`fastode.tableaus.ButcherTableau` or its name. ``rates``: names from
+    :data:`RATE_CODES`, one per column of ``q``. ``atol, rtol``: numbers or one per column of ``[z | q]``,
+    for ``error_sumsq`` (embedded tableaus only). ``backend``: "auto", "cpp", "torch" (see
+    :mod:`fastode.cpp`); :attr:`backend` is the one chosen.
+
+    :meth:`step` takes one step; :meth:`solve` a whole fixed grid in one C++ call (and one backward).
     """
 
     def __init__(self, params, tableau, *, activation: str | None = None, rates: Sequence[str] = ("-trace",),
                  atol=None, rtol=None, backend: str = "auto"):
-        params, activation = _mlp_params(params, activation)
+        params, raw, activation = _mlp_params(params, activation)
         if not params:
             raise ValueError("params is empty: the MLP needs at least one layer (W, b, gw, gb, bw)")
         W0 = params[0][0]
@@ -155,22 +200,28 @@ class CnfStepper:
         for r in self.rates:
             if r not in RATE_CODES:
                 raise ValueError(f"unknown rate {r!r}; choose from {list(RATE_CODES)}")
-        self.params, self.activation, self.dim = params, activation, D
+        self.params, self.raw, self.activation, self.dim = params, raw, activation, D
         self.tableau = _tableau_lists(tableau)
         c, a, b, b_err = self.tableau
         ncol = D + len(self.rates)
         self.atol = _per_column(atol, ncol, "atol") if b_err else []
         self.rtol = _per_column(rtol, ncol, "rtol") if b_err else []
-        flat = [p for layer in params for p in layer]
-        self.backend = _dispatch.choose(backend, *flat)
+        self.backend = _dispatch.choose(backend, *raw)
         if activation not in _ACT_CODES:
             self.backend = "torch"
         self._dtype, self._device = W0.dtype, W0.device
-        if self.backend == "cpp":
-            self.dims = [D] + [int(layer[0].shape[0]) for layer in params]
-            self.theta = torch.cat([p.reshape(-1) for p in flat])
-            self._spec = (_ACT_CODES[activation], self.dims, [RATE_CODES[r] for r in self.rates], c, a, b, b_err,
-                          self.atol, self.rtol)
+        self._tile = _dispatch.tile_rows()
+        self._codes = (_ACT_CODES.get(activation), [RATE_CODES[r] for r in self.rates])
+
+    def _check(self, z0, q0, e):
+        if z0.dim() != 2 or z0.shape[1] != self.dim:
+            raise ValueError(f"z0 must be (batch, {self.dim}), got shape {tuple(z0.shape)}")
+        B = z0.shape[0]
+        if q0.shape != (B, len(self.rates)):
+            raise ValueError(f"q0 must be (batch, len(rates)) = ({B}, {len(self.rates)}), got {tuple(q0.shape)}")
+        if e is not None and e.shape != z0.shape:
+            raise ValueError(f"e has shape {tuple(e.shape)} but z0 has {tuple(z0.shape)}; they must match")
+        return self.backend == "cpp" and z0.dtype == self._dtype and z0.device == self._device
 
     def step(self, t0, dt, z0: torch.Tensor, q0: torch.Tensor, e: torch.Tensor | None = None, kz0=None, kq0=None,
              return_stages: bool = False) -> CnfStep:
@@ -181,20 +232,16 @@ class CnfStepper:
         previous step's last stage). Differentiable (once) in ``t0, dt, z0, q0, e, kz0, kq0`` and the
         parameters. Returns :class:`CnfStep`.
         """
-        if z0.dim() != 2 or z0.shape[1] != self.dim:
-            raise ValueError(f"z0 must be (batch, {self.dim}), got shape {tuple(z0.shape)}")
-        B = z0.shape[0]
-        if q0.shape != (B, len(self.rates)):
-            raise ValueError(f"q0 must be (batch, len(rates)) = ({B}, {len(self.rates)}), got {tuple(q0.shape)}")
-        if e is not None and e.shape != z0.shape:
-            raise ValueError(f"e has shape {tuple(e.shape)} but z0 has {tuple(z0.shape)}; they must match")
+        use_cpp = self._check(z0, q0, e)
         if (kz0 is None) != (kq0 is None):
             raise ValueError("give both kz0 and kq0 (the first stage) or neither")
-        if self.backend == "cpp" and z0.dtype == self._dtype and z0.device == self._device:
+        if use_cpp:
             _dispatch.last_backend = "cpp"
-            spec = self._spec + (bool(return_stages), _dispatch.tile_rows())
-            z1, q1, ez, eq, kz, kq, ss = _CnfStepFn.apply(t0, dt, z0, q0, e, kz0, kq0, spec, self.theta)
-            if not self.tableau[3]:
+            c, a, b, b_err = self.tableau
+            spec = (self._codes[0], self._codes[1], c, a, b, b_err, self.atol, self.rtol, bool(return_stages),
+                    self._tile)
+            z1, q1, ez, eq, kz, kq, ss = _CnfStepFn.apply(t0, dt, z0, q0, e, kz0, kq0, spec, *self.raw)
+            if not b_err:
                 ez = eq = ss = None
             if not return_stages:
                 kz = kq = None
@@ -202,6 +249,30 @@ class CnfStepper:
         _dispatch.last_backend = "torch"
         return _cnf_step_torch(t0, dt, z0, q0, self.params, self.activation, self.tableau, e, self.rates, kz0, kq0,
                                self.atol, self.rtol, return_stages)
+
+    def solve(self, ts, z0: torch.Tensor, q0: torch.Tensor, e: torch.Tensor | None = None):
+        """Steps between consecutive times of the grid ``ts`` (a sequence of floats or a 1-D tensor, which
+        may require grad); returns ``(zT, qT)`` at ``ts[-1]``. On the C++ backend the whole solve is one
+        call forward and one backward (no error estimate; use :meth:`step` for adaptive solves)."""
+        use_cpp = self._check(z0, q0, e)
+        ts_t = ts if isinstance(ts, torch.Tensor) else None
+        times = [float(x) for x in (ts.detach().reshape(-1).tolist() if ts_t is not None else ts)]
+        if len(times) < 1:
+            raise ValueError("the time grid needs at least one time")
+        if use_cpp:
+            _dispatch.last_backend = "cpp"
+            c, a, b, _ = self.tableau
+            spec = (self._codes[0], self._codes[1], c, a, b, self._tile)
+            ts_in = ts_t.reshape(-1) if ts_t is not None and ts_t.requires_grad else None
+            return _CnfGridFn.apply(times, ts_in, z0, q0, e, spec, *self.raw)
+        z, q = z0, q0
+        for i in range(len(times) - 1):
+            t0 = ts_t.reshape(-1)[i] if ts_t is not None else times[i]
+            dt = (ts_t.reshape(-1)[i + 1] - ts_t.reshape(-1)[i]) if ts_t is not None else times[i + 1] - times[i]
+            r = self.step(t0, dt, z, q, e)
+            z, q = r.z1, r.q1
+        _dispatch.last_backend = "torch"
+        return z, q
 
 
 def cnf_rk_step(t0, dt, z0: torch.Tensor, q0: torch.Tensor, params, tableau, *, activation: str | None = None,

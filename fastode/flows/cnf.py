@@ -603,11 +603,17 @@ class SequentialFlow(Flow):
         return FlowOutput(h, logdet, reg)
 
 
-def density_loss(flow: Flow, x: torch.Tensor, noise=None):
+def density_loss(flow: Flow, x: torch.Tensor, noise=None, module: nn.Module | None = None):
     """``loss = -mean log p(x) + sum_r weight_r * mean(reg_r)``. Returns ``(loss, info)`` with float entries
-    ``nll``, each regulariser's batch mean, and ``nfe`` (of this call)."""
+    ``nll``, each regulariser's batch mean, and ``nfe`` (of this call).
+
+    ``module``: what to call for the forward pass instead of ``flow`` -- pass the
+    ``DistributedDataParallel`` wrapper of ``flow`` so that its gradient hooks run (``flow`` is still used
+    for the base distribution, the weights and the NFE count).
+    """
     n0 = flow.nfe
-    logp, reg = flow.log_prob_and_reg(x, noise=noise)
+    out = (module if module is not None else flow)(x, noise=noise)
+    logp, reg = flow.base.log_prob(out.out) + out.logdet, out.reg
     nll = -logp.mean()
     loss = nll
     weights = flow.regularizer_weights()

@@ -8,6 +8,7 @@ reference in tests and as a fallback while fastode's solver core is unavailable)
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -122,13 +123,28 @@ def fastode_odeint_available() -> bool:
         return False
 
 
+def _fastode_supports(gradient: str) -> bool:
+    if not fastode_odeint_available():
+        return False
+    module = {"adjoint": "fastode.grad.adjoint", "checkpoint": "fastode.grad.checkpoint"}.get(gradient)
+    if module is None:
+        return True
+    try:
+        importlib.import_module(module)
+    except Exception:
+        return False
+    return True
+
+
 def resolve_backend(solver: Solver) -> str:
+    """``"fastode"`` or ``"torchdiffeq"``: ``"auto"`` picks fastode when :func:`fastode.odeint` (and, for
+    ``gradient="adjoint"``/``"checkpoint"``, its gradient module) is importable."""
     if solver.backend != "auto":
-        if solver.backend == "fastode" and not fastode_odeint_available():
-            raise RuntimeError("backend='fastode' was requested but fastode.odeint is not importable; "
-                               "use backend='torchdiffeq' or 'auto'")
+        if solver.backend == "fastode" and not _fastode_supports(solver.gradient):
+            raise RuntimeError(f"backend='fastode' was requested but fastode.odeint with gradient={solver.gradient!r} "
+                               "is not importable; use backend='torchdiffeq' or 'auto'")
         return solver.backend
-    return "fastode" if fastode_odeint_available() else "torchdiffeq"
+    return "fastode" if _fastode_supports(solver.gradient) else "torchdiffeq"
 
 
 def _rms(x: torch.Tensor) -> torch.Tensor:
@@ -157,8 +173,13 @@ def solve(func, y0: tuple, t: torch.Tensor, solver: Solver, norm: Callable, want
     if backend == "fastode":
         import fastode
 
+        kwargs = {}
+        if solver.gradient == "adjoint":
+            for name in ("adjoint_rtol", "adjoint_atol", "adjoint_options"):
+                if getattr(solver, name) is not None:
+                    kwargs[name] = getattr(solver, name)
         out = fastode.odeint(func, y0, t, rtol=solver.rtol, atol=solver.atol, method=solver.method,
-                             options=options, gradient=solver.gradient, return_stats=True)
+                             options=options, gradient=solver.gradient, return_stats=True, **kwargs)
         sol, stats = out
         return tuple(sol), stats
     import torchdiffeq
@@ -232,7 +253,7 @@ def rk_step_tuple(func, t0: torch.Tensor, y0: tuple, f0: tuple, dt: torch.Tensor
     def unflat(v):
         return tuple(p.reshape(s) for p, s in zip(torch.split(v, numels), shapes))
 
-    def ffunc(t, v):
+    def ffunc(t, v, perturb=None):  # torchdiffeq passes perturb=; stage times are used unperturbed
         return flat(func(t, unflat(v)))
 
     v0, g0 = flat(y0), flat(f0)

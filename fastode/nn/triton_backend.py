@@ -7,11 +7,13 @@ the forward in registers/scratch) and turns the kernel's packed gradients into p
 Importing this module registers the backend (``fastode.nn.backends`` imports it lazily); it fails to import
 when Triton is missing, which makes the backend unavailable and ``"auto"`` fall back.
 
-Limits: the Functions are differentiable once (``once_differentiable``): gradients through the trace and
-the RNODE terms are exact because the *backward kernel* contains the second-order terms, but you cannot
-differentiate the gradient again (use the "torch" backend for that). Parameter packing is cached per
-parameter version; parameters must be changed in place through autograd-visible ops (optimizers do), not
-through ``.data``.
+Gradients: the backward kernel contains the second-order terms of the MLP, so gradients through the trace
+and the RNODE terms take one backward launch. When a graph of the backward itself is requested
+(``create_graph=True``, e.g. FFJORD-style ``autograd.grad(f, z, e, create_graph=True)`` on
+:func:`concatsquash_mlp`), the backward is instead computed by differentiating the PyTorch reference, so
+higher derivatives are always available (at reference speed). Parameter packing is cached per parameter
+version; parameters must be changed in place through autograd-visible ops (optimizers do), not through
+``.data``.
 """
 from __future__ import annotations
 
@@ -19,7 +21,6 @@ import sys
 from collections import OrderedDict
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from fastode.kernels import concatsquash as _K
 from fastode.kernels._common import interpreter_active
@@ -135,11 +136,15 @@ class _ConcatSquash(torch.autograd.Function):
         return f, tr
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, *grads):
         t, z, e, *flat = ctx.saved_tensors
         params = [flat[i:i + 5] for i in range(0, len(flat), 5)]
         mode = ctx.mode
+        if torch.is_grad_enabled():  # create_graph=True: differentiable backward through the reference
+            ref = {_K.MODE_F: lambda: (_F.concatsquash_mlp(t, z, params, ctx.activation),),
+                   _K.MODE_HUTCH: lambda: _F.concatsquash_mlp_hutchinson(t, z, e, params, ctx.activation),
+                   _K.MODE_EXACT: lambda: _F.concatsquash_mlp_exact_trace(t, z, params, ctx.activation)}[mode]
+            return (None, None) + reference_backward(ref, [t, z, e, *flat], grads, ctx.needs_input_grad[2:])
         gf = gv = gtr = gkin = gfrob = None
         if mode == _K.MODE_F:
             (gf,) = grads
@@ -158,6 +163,21 @@ class _ConcatSquash(torch.autograd.Function):
         pgrads, gt = _unpack_grads(ctx.packed, params, t, dW, dV, ctx.needs_input_grad[5:],
                                     ctx.needs_input_grad[2])
         return (None, None, gt, gz if ctx.needs_input_grad[3] else None, ge) + tuple(pgrads)
+
+
+def reference_backward(ref_fn, inputs, grads, needs):
+    """Gradients of ``ref_fn()`` (differentiable torch ops of ``inputs``) with a graph (double backward)."""
+    with torch.enable_grad():
+        outs = ref_fn()
+        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None]
+        wanted = [i for i, (x, n) in enumerate(zip(inputs, needs)) if n and x is not None]
+        res = [None] * len(inputs)
+        if pairs and wanted:
+            got = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in wanted], [g for _, g in pairs],
+                                      create_graph=True, allow_unused=True)
+            for i, g in zip(wanted, got):
+                res[i] = g
+    return tuple(res)
 
 
 def _flat(params):

@@ -5,10 +5,11 @@
   ``(y1, err, ratio_rms, ratio_max, ratio_rms_sample, ratio_max_sample)``
 * :func:`rk_error_ratio(y_err, y0, y1, atol, rtol)` = ``(ratio_rms, ratio_max, ratio_rms_sample, ratio_max_sample)``
 
-Both are differentiable w.r.t. ``y``/``y0``, every ``k`` and a tensor ``dt`` (the backward passes are Triton
-kernels too). In :func:`rk_epilogue` the RMS ratios are differentiable (for error regularisers); the max
-ratios and ``atol``/``rtol`` are treated as constants. The coefficients are Python floats taken from
-:mod:`fastode.tableaus` by the caller. Differentiable once (no double backward).
+All are differentiable w.r.t. ``y``/``y0``, every ``k`` and a tensor ``dt`` (the backward passes are Triton
+kernels too; with ``create_graph=True`` the backward differentiates the equivalent torch formulas instead,
+so higher derivatives work). The RMS ratios are differentiable (for error regularisers); the max ratios
+and ``atol``/``rtol`` are treated as constants. The coefficients are Python floats taken from
+:mod:`fastode.tableaus` by the caller.
 
 CUDA tensors (or CPU tensors under ``TRITON_INTERPRET=1``) only; the solver dispatches here only then.
 """
@@ -17,9 +18,10 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from fastode.kernels import rk as _K
+
+from .triton_backend import reference_backward
 
 __all__ = ["rk_stage", "rk_epilogue", "rk_error_ratio"]
 
@@ -32,9 +34,12 @@ class _Stage(torch.autograd.Function):
         return _K.rk_stage(y, ks, coefs, dt)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, g):
         dt, *ks = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            gy = g if ctx.needs_input_grad[1] else None
+            ref = lambda: (dt * sum(c * k for c, k in zip(ctx.coefs, ks)),)  # noqa: E731
+            return (None, gy) + reference_backward(ref, [dt, *ks], (g,), ctx.needs_input_grad[2:])
         need_k = any(ctx.needs_input_grad[3:])
         need_dt = ctx.needs_input_grad[2]
         g_y = g if ctx.needs_input_grad[1] else None
@@ -61,7 +66,6 @@ class _Epilogue(torch.autograd.Function):
         return y1, err, rms_b, max_b, rms_s, max_s
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, *grads):
         saved = ctx.saved_tensors
         if ctx.n_saved:
@@ -72,6 +76,16 @@ class _Epilogue(torch.autograd.Function):
             rms_b = rms_s = ge = grb = grs = None
             (g1,) = grads
         none = (None,) * (4 + 2 + len(ks))
+        if torch.is_grad_enabled():
+            def ref():
+                y1 = y0 + dt * sum(c * k for c, k in zip(ctx.b, ks))
+                if ctx.b_err is None:
+                    return (y1,)
+                err = dt * sum(c * k for c, k in zip(ctx.b_err, ks))
+                rb, _, rs, _ = _torch_ratio(err, y0, y1, ctx.atol, ctx.rtol)
+                return y1, err, rb, rs
+            gs = (g1,) if ctx.b_err is None else (g1, ge, grb, grs)
+            return (None,) * 4 + reference_backward(ref, [y0, dt, *ks], gs, ctx.needs_input_grad[4:])
         if all(g is None for g in (g1, ge, grb, grs)):
             return none
         need_dt = ctx.needs_input_grad[5]
@@ -94,14 +108,25 @@ class _ErrorRatio(torch.autograd.Function):
         return rms_b, max_b, rms_s, max_s
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grb, _gmb, grs, _gms):
         if grb is None and grs is None:
             return (None,) * 5
         y_err, y0, y1, rms_b, rms_s = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            def ref():
+                rb, _, rs, _ = _torch_ratio(y_err, y0, y1, ctx.atol, ctx.rtol)
+                return rb, rs
+            return (None, None) + reference_backward(ref, [y_err, y0, y1], (grb, grs), ctx.needs_input_grad[2:])
         ge, g0, g1 = _K.rk_error_ratio_backward(y_err, y0, y1, ctx.atol, ctx.rtol, rms_b, rms_s, grb=grb, grs=grs)
         n = ctx.needs_input_grad
         return None, None, ge if n[2] else None, g0 if n[3] else None, g1 if n[4] else None
+
+
+def _torch_ratio(err, y0, y1, atol, rtol):
+    """The error-ratio reductions in plain torch (used for double backward)."""
+    r = err / (atol + rtol * torch.max(y0.abs(), y1.abs()))
+    rr = r.reshape(y0.shape[0] if y0.dim() > 1 else 1, -1)
+    return r.pow(2).mean().sqrt(), r.abs().max(), rr.pow(2).mean(1).sqrt(), rr.abs().amax(1)
 
 
 def _dt_tensor(dt, like):

@@ -142,6 +142,14 @@ class ODEFunc:
             f = f.to(self.dtype)
         return f
 
+    def call_raw(self, t, y):
+        """Evaluate (and count) without casting the output to the state dtype."""
+        if self.backward:
+            self.stats.num_fevals_backward += 1
+        else:
+            self.stats.num_fevals += 1
+        return self.base(t, y)
+
     def _bad_output(self, t, f):
         try:
             tv = float(self.describe_time(float(t)))

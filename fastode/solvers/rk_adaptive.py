@@ -14,7 +14,7 @@ differentiated); the clock is ``t[0] + constant`` so gradients w.r.t. ``t`` are 
 Options (torchdiffeq's): ``first_step``, ``safety``, ``ifactor``, ``dfactor``, ``min_step``, ``max_step``,
 ``max_num_steps``, ``step_t``, ``jump_t``, ``dtype``, ``norm``. fastode additions (opt-in):
 
-* ``max_num_steps``: default :data:`DEFAULT_MAX_NUM_STEPS` (= 10000) step attempts per output interval
+* ``max_num_steps``: default :data:`DEFAULT_MAX_NUM_STEPS` (= 100000) step attempts per output interval
   (torchdiffeq: 2**31 - 1, which in practice hangs); exceeding it raises
   :class:`~fastode.errors.MaxStepsExceededError`.
 * ``interp="quartic"`` (default, torchdiffeq's) or ``"dense"``: the method's own continuous extension
@@ -41,7 +41,7 @@ from .rk_step import error_ratio, rk_step
 
 __all__ = ["RKAdaptiveSolver", "DEFAULT_MAX_NUM_STEPS", "ADAPTIVE_SOLVERS"]
 
-DEFAULT_MAX_NUM_STEPS = 10_000
+DEFAULT_MAX_NUM_STEPS = 100_000
 
 
 def _scalar_option(name, value, cls):
@@ -124,6 +124,9 @@ class RKAdaptiveSolver(Solver):
         self.record_errors = False   # set by odeint when statistics are requested
         self.record_steps = None     # list to append (t0, t1, y0, y1, k, dt) of accepted steps (odeint_dense)
         self.order = self.tableau.order
+        # 0-dim real states: torchdiffeq's 0-dim float64 tolerances promote the error ratio and the initial-step
+        # heuristic to float64; reproduced so that scalar problems take the same steps
+        self._promote_0dim = y0.dim() == 0 and not y0.is_complex()
         if self.time_dtype == torch.float64:
             self._round = float
         else:
@@ -234,6 +237,10 @@ class RKAdaptiveSolver(Solver):
         with torch.no_grad():
             y0 = y0.detach()
             f0 = f0.detach()
+            if self._promote_0dim:
+                # torchdiffeq: 0-dim float64 tolerances promote a 0-dim state's heuristic to float64 (func even
+                # receives the float64 trial state); reproduced for identical steps
+                y0, f0 = y0.to(self.time_dtype), f0.to(self.time_dtype)
             dtype = y0.dtype
             device = y0.device
             rtol, atol = self.rtol, self.atol
@@ -243,10 +250,14 @@ class RKAdaptiveSolver(Solver):
             d1 = norm(f0 / scale).abs()
             small = (d0 < 1e-5) | (d1 < 1e-5)
             h0 = torch.where(small, torch.tensor(1e-6, dtype=d0.dtype, device=device), 0.01 * d0 / d1).abs()
-            h0 = h0.to(self.rdtype) if not dtype.is_complex else h0
+            if not self._promote_0dim:
+                h0 = h0.to(self.rdtype) if not dtype.is_complex else h0
             y1 = y0 + h0 * f0
-            t_h = (torch.full((), t0, dtype=self.time_dtype, device=device) + h0).to(self.rdtype)
-            f1 = self.func(t_h, y1).detach()
+            t_h = torch.full((), t0, dtype=self.time_dtype, device=device) + h0
+            if self._promote_0dim:
+                f1 = self.func.call_raw(t_h, y1).detach().to(y1.dtype)
+            else:
+                f1 = self.func(t_h.to(self.rdtype), y1).detach()
             d2 = torch.abs(norm((f1 - f0) / scale) / h0)
             tiny = (d1 <= 1e-15) & (d2 <= 1e-15)
             h1 = torch.where(tiny, torch.maximum(torch.tensor(1e-6, dtype=h0.dtype, device=device), h0 * 1e-3),
@@ -345,12 +356,17 @@ class RKAdaptiveSolver(Solver):
         step = rk_step(self.func, t0, y0, f0, dt_arg, tab, tc=tc)
 
         # ---- error ratio (one host sync per step)
+        y_err, e0, e1 = step.y_err, y0, step.y1
+        if self._promote_0dim:
+            # torchdiffeq keeps its tolerances as 0-dim float64 tensors, which promote a 0-dim state's error
+            # computation to float64; reproduce that so scalar problems take the same steps
+            y_err, e0, e1 = y_err.to(self.time_dtype), e0.to(self.time_dtype), e1.to(self.time_dtype)
         if self.record_errors:
-            ratio = error_ratio(step.y_err, y0, step.y1, self.rtol, self.atol, self.norm)
+            ratio = error_ratio(y_err, e0, e1, self.rtol, self.atol, self.norm)
         else:
             with torch.no_grad():
-                ratio = error_ratio(step.y_err, y0, step.y1, self.rtol, self.atol, self.norm)
-        r = float(ratio)
+                ratio = error_ratio(y_err, e0, e1, self.rtol, self.atol, self.norm)
+        r = float(ratio.detach())
         finite = math.isfinite(r)
         accept = r <= 1
         if dt > self.max_step:

@@ -10,6 +10,7 @@ separately named functions so that fused kernels can replace them:
 """
 from __future__ import annotations
 
+import functools
 from collections import namedtuple
 from typing import Callable, List, Optional, Sequence, Union
 
@@ -30,27 +31,42 @@ k: list of the s stage derivatives (k[0] = f0). f1: k[-1] for FSAL tableaus (= f
 Scalar = Union[float, torch.Tensor]
 
 
+@functools.lru_cache(maxsize=512)
+def _coef_tensor(coeffs: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.tensor(coeffs, dtype=torch.float64).to(dtype=dtype, device=device)
+
+
 def combine_stages(y0: Optional[torch.Tensor], dt: Scalar, coeffs: Sequence, k: Sequence[torch.Tensor]
                    ) -> torch.Tensor:
-    """``y0 + dt * sum_j coeffs[j] * k[j]`` over ``j < len(coeffs)``; zero coefficients are skipped.
+    """``y0 + dt * sum_j coeffs[j] * k[j]`` over ``j < len(coeffs)``.
 
-    ``dt`` is a Python float or a 0-dim tensor (differentiable step size); ``coeffs`` are Python floats or
-    0-dim tensors. ``y0=None`` returns just ``dt * sum_j coeffs[j] * k[j]`` (e.g. the error estimate).
+    Computed as torchdiffeq does, ``y0 + torch.sum(stack(k) * (coeffs * dt), dim=-1)`` with the coefficients and
+    ``dt`` rounded to the state's real dtype, so that adaptive solves reproduce torchdiffeq's accept/reject
+    decisions bit for bit (the reduction tree of ``torch.sum`` decides rounding, and float32 error estimates are
+    sensitive to it). The stacked copy is a temporary: autograd does not keep it.
+
+    ``dt`` is a Python float or a 0-dim tensor (differentiable step size); ``coeffs`` are Python floats (or 0-dim
+    tensors, e.g. dense-output weights at a differentiable ``theta``). ``y0=None`` returns just
+    ``dt * sum_j coeffs[j] * k[j]`` (the error estimate).
     """
-    acc = y0
-    python = isinstance(dt, float) or isinstance(dt, int)
-    for j, a in enumerate(coeffs):
-        if isinstance(a, (float, int)):
-            if a == 0:
-                continue
-            if python:
-                acc = k[j] * (a * dt) if acc is None else torch.add(acc, k[j], alpha=a * dt)
-                continue
-        term = k[j] * (a * dt)
-        acc = term if acc is None else acc + term
-    if acc is None:
-        acc = torch.zeros_like(k[0]) if y0 is None else y0
-    return acc
+    n = len(coeffs)
+    if n == 0:
+        return torch.zeros_like(k[0]) if y0 is None else y0
+    ref = k[0]
+    rdtype = ref.real.dtype if ref.is_complex() else ref.dtype
+    if all(isinstance(a, (float, int)) for a in coeffs):
+        w = _coef_tensor(tuple(float(a) for a in coeffs), rdtype, ref.device)
+    else:
+        w = torch.stack([torch.as_tensor(a, dtype=rdtype, device=ref.device).reshape(()) for a in coeffs])
+    if isinstance(dt, torch.Tensor):
+        w = w * dt.to(rdtype)
+    else:
+        w = w * torch.full((), float(dt), dtype=rdtype, device=ref.device)
+    if n == 1:
+        acc = k[0] * w[0]
+    else:
+        acc = torch.sum(torch.stack(list(k[:n]), dim=-1) * w, dim=-1)
+    return acc if y0 is None else y0 + acc
 
 
 def error_ratio(y_err: torch.Tensor, y0: torch.Tensor, y1: torch.Tensor, rtol, atol,
@@ -68,7 +84,8 @@ def stage_times(t0: float, dt: float, like: torch.Tensor, tableau: ButcherTablea
 
 
 def rk_step(func: Callable, t0: Scalar, y0: torch.Tensor, f0: Optional[torch.Tensor], dt: Scalar,
-            tableau: ButcherTableau, *, tc: Optional[Sequence[torch.Tensor]] = None) -> RKStep:
+            tableau: ButcherTableau, *, tc: Optional[Sequence[torch.Tensor]] = None,
+            combine: Callable = combine_stages) -> RKStep:
     """Take one explicit RK step of size ``dt`` from ``(t0, y0)``.
 
     Args:
@@ -91,13 +108,13 @@ def rk_step(func: Callable, t0: Scalar, y0: torch.Tensor, f0: Optional[torch.Ten
     k = [func(tc[0], y0) if f0 is None else f0]
     yi = y0
     for i in range(1, tableau.stages):
-        yi = combine_stages(y0, dt, tableau.a[i], k)
+        yi = combine(y0, dt, tableau.a[i], k)
         k.append(func(tc[i], yi))
     if tableau.fsal:
         y1 = yi  # the last stage is evaluated at y1 (its row of a equals b)
         f1 = k[-1]
     else:
-        y1 = combine_stages(y0, dt, tableau.b, k)
+        y1 = combine(y0, dt, tableau.b, k)
         f1 = None
-    y_err = None if tableau.b_err is None else combine_stages(None, dt, tableau.b_err, k)
+    y_err = None if tableau.b_err is None else combine(None, dt, tableau.b_err, k)
     return RKStep(y1, y_err, k, f1)
