@@ -141,13 +141,15 @@ def test_batch_source_is_deterministic_and_sharded():
     np.testing.assert_array_equal(one.batch(3), T.BatchSource(args, T.DistInfo(0, 1)).batch(3))
 
 
-@pytest.mark.parametrize("cmd", [[sys.executable, "-m", "fastode.train", "--help"],
-                                 [sys.executable, "-m", "fastode", "train", "--help"],
-                                 [sys.executable, "-m", "fastode", "demo", "--help"]])
-def test_entry_points(cmd):
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert "usage" in out.stdout
+def test_entry_points():
+    import shutil
+
+    console = shutil.which("fastode")
+    for cmd in ([sys.executable, "-m", "fastode.train", "--help"],
+                [console, "demo", "--help"] if console else [sys.executable, "-m", "fastode", "demo", "--help"]):
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert "usage" in out.stdout
 
 
 def test_main_command_runs(tmp_path):
