@@ -141,9 +141,15 @@ class _ConcatSquash(torch.autograd.Function):
         params = [flat[i:i + 5] for i in range(0, len(flat), 5)]
         mode = ctx.mode
         if torch.is_grad_enabled():  # create_graph=True: differentiable backward through the reference
-            ref = {_K.MODE_F: lambda: (_F.concatsquash_mlp(t, z, params, ctx.activation),),
-                   _K.MODE_HUTCH: lambda: _F.concatsquash_mlp_hutchinson(t, z, e, params, ctx.activation),
-                   _K.MODE_EXACT: lambda: _F.concatsquash_mlp_exact_trace(t, z, params, ctx.activation)}[mode]
+            act, mode_ = ctx.activation, mode
+
+            def ref(t, z, e, *flat):
+                ps = [flat[i:i + 5] for i in range(0, len(flat), 5)]
+                if mode_ == _K.MODE_F:
+                    return (_F.concatsquash_mlp(t, z, ps, act),)
+                if mode_ == _K.MODE_HUTCH:
+                    return _F.concatsquash_mlp_hutchinson(t, z, e, ps, act)
+                return _F.concatsquash_mlp_exact_trace(t, z, ps, act)
             return (None, None) + reference_backward(ref, [t, z, e, *flat], grads, ctx.needs_input_grad[2:])
         gf = gv = gtr = gkin = gfrob = None
         if mode == _K.MODE_F:
@@ -166,9 +172,16 @@ class _ConcatSquash(torch.autograd.Function):
 
 
 def reference_backward(ref_fn, inputs, grads, needs):
-    """Gradients of ``ref_fn()`` (differentiable torch ops of ``inputs``) with a graph (double backward)."""
+    """Local gradients of ``ref_fn(*inputs)`` (torch ops) with a graph, for double backward.
+
+    ``ref_fn`` is evaluated on aliases (views) of the inputs and differentiated w.r.t. the aliases, so that
+    only the paths through this Function are counted (an input that depends on another input, e.g. a stage
+    value computed from ``y0``, must not add its upstream path here), while the result stays a
+    differentiable function of the original inputs.
+    """
     with torch.enable_grad():
-        outs = ref_fn()
+        inputs = [x.view_as(x) if x is not None else None for x in inputs]
+        outs = ref_fn(*inputs)
         pairs = [(o, g) for o, g in zip(outs, grads) if g is not None]
         wanted = [i for i, (x, n) in enumerate(zip(inputs, needs)) if n and x is not None]
         res = [None] * len(inputs)

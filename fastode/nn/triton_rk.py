@@ -38,7 +38,7 @@ class _Stage(torch.autograd.Function):
         dt, *ks = ctx.saved_tensors
         if torch.is_grad_enabled():
             gy = g if ctx.needs_input_grad[1] else None
-            ref = lambda: (dt * sum(c * k for c, k in zip(ctx.coefs, ks)),)  # noqa: E731
+            ref = lambda dt, *ks: (dt * sum(c * k for c, k in zip(ctx.coefs, ks)),)  # noqa: E731
             return (None, gy) + reference_backward(ref, [dt, *ks], (g,), ctx.needs_input_grad[2:])
         need_k = any(ctx.needs_input_grad[3:])
         need_dt = ctx.needs_input_grad[2]
@@ -77,7 +77,7 @@ class _Epilogue(torch.autograd.Function):
             (g1,) = grads
         none = (None,) * (4 + 2 + len(ks))
         if torch.is_grad_enabled():
-            def ref():
+            def ref(y0, dt, *ks):
                 y1 = y0 + dt * sum(c * k for c, k in zip(ctx.b, ks))
                 if ctx.b_err is None:
                     return (y1,)
@@ -113,7 +113,7 @@ class _ErrorRatio(torch.autograd.Function):
             return (None,) * 5
         y_err, y0, y1, rms_b, rms_s = ctx.saved_tensors
         if torch.is_grad_enabled():
-            def ref():
+            def ref(y_err, y0, y1):
                 rb, _, rs, _ = _torch_ratio(y_err, y0, y1, ctx.atol, ctx.rtol)
                 return rb, rs
             return (None, None) + reference_backward(ref, [y_err, y0, y1], (grb, grs), ctx.needs_input_grad[2:])
