@@ -99,14 +99,14 @@ struct ActF<kIdentity, T> {
 template <typename T>
 struct ActF<kSoftplus, T> {  // torch.nn.functional.softplus (beta 1, threshold 20)
   static constexpr bool needs_a = true;
-  static constexpr bool store_g = true;  // act''/act' = 1 - sigmoid(a)
-  static T r(T a, T) { return T(1) - sigmoid(a); }
+  static constexpr bool store_g = true;  // act''/act' = 1 - sigmoid(a) (0 above the threshold)
+  static T r(T a, T) { return a > T(20) ? T(0) : T(1) - sigmoid(a); }
   static T f(T a) { return a > T(20) ? a : std::log1p(std::exp(a)); }
-  // derivatives as in fastode.nn.functional.activation_grad: sigmoid(a) (no threshold)
-  static T d1(T a, T) { return sigmoid(a); }
+  // derivatives as in fastode.nn.functional.activation_grad: linear above the threshold 20
+  static T d1(T a, T) { return a > T(20) ? T(1) : sigmoid(a); }
   static T d2(T a, T) {
     T s = sigmoid(a);
-    return s * (T(1) - s);
+    return a > T(20) ? T(0) : s * (T(1) - s);
   }
 };
 template <typename T>

@@ -260,3 +260,19 @@ def test_setup_without_compiler_installs_pure_python(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "installing the pure-Python package" in out.stderr
     assert not list((tmp_path / "fastode").glob("_C*.so"))
+
+
+def test_softplus_above_threshold_matches_reference():
+    """torch's softplus is linear above 20; the reference's derivatives follow it, so must the kernels."""
+    m = _model("softplus", torch.float64)
+    with torch.no_grad():
+        m.layers[0]._layer.bias[::2] = 30.0  # half of the first layer's units far above the threshold
+        m.layers[0]._hyper_gate.bias[:] = 5.0
+    P = m.params()
+    z = torch.randn(9, 2, dtype=torch.float64, requires_grad=True)
+    e = torch.randn(9, 2, dtype=torch.float64)
+    res = []
+    for mod in (fc, F):
+        h = mod.concatsquash_mlp_hutchinson(0.3, z, e, P, "softplus")
+        res.append(list(h) + list(_loss_and_grads(h, [z] + _flat(P))))
+    _close(res[0], res[1], torch.float64)

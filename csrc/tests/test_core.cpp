@@ -144,7 +144,7 @@ static double act_d1(int act, double a) {
   double s = 1 / (1 + std::exp(-a));
   switch (act) {
     case kTanh: return 1 - std::tanh(a) * std::tanh(a);
-    case kSoftplus: return s;
+    case kSoftplus: return a > 20 ? 1 : s;
     case kElu: return a > 0 ? 1 : std::exp(a);
     case kSwish: return s * (1 + a * (1 - s));
     default: return 1;
