@@ -34,14 +34,15 @@ def rk_stage_kernel(y_ptr, ks, dt_ptr, out_ptr, N, COEFS: tl.constexpr, HAS_Y: t
     """out = y + dt * sum_j COEFS[j] * k_j (without y when HAS_Y is False)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < N
+    dt = tl.load(dt_ptr)
+    # torchdiffeq's rounding: weights fl(a_j * dt) in the state dtype, then sum_j k_j * w_j, then + y
     acc = tl.zeros((BLOCK,), dtype=out_ptr.dtype.element_ty)
     for j in tl.static_range(len(ks)):
-        acc += COEFS[j] * tl.load(ks[j] + offs, mask=m, other=0.0)
-    dt = tl.load(dt_ptr)
+        acc += tl.load(ks[j] + offs, mask=m, other=0.0) * (COEFS[j] * dt)
     if HAS_Y:
-        out = tl.load(y_ptr + offs, mask=m, other=0.0) + dt * acc
+        out = tl.load(y_ptr + offs, mask=m, other=0.0) + acc
     else:
-        out = dt * acc
+        out = acc
     tl.store(out_ptr + offs, out, mask=m)
 
 
@@ -77,16 +78,23 @@ def _tolerance(y0, y1, atol_ptr, rtol_ptr, offs, m, ATOL_T: tl.constexpr, RTOL_T
 
 
 @triton.jit
-def _combos(ks, offs, m, BCOEF: tl.constexpr, ECOEF: tl.constexpr, dtype: tl.constexpr, BR: tl.constexpr,
-            BC: tl.constexpr):
+def _combos(ks, offs, m, dt, BCOEF: tl.constexpr, ECOEF: tl.constexpr, dtype: tl.constexpr, BR: tl.constexpr,
+            BC: tl.constexpr, SCALED: tl.constexpr):
+    """sum_j c_j k_j for both weight sets; SCALED: sum_j k_j * fl(c_j * dt) (torchdiffeq's rounding)."""
     sb = tl.zeros((BR, BC), dtype=dtype)
     se = tl.zeros((BR, BC), dtype=dtype)
     for j in tl.static_range(len(ks)):
         kj = tl.load(ks[j] + offs, mask=m, other=0.0)
         if BCOEF[j] != 0.0:
-            sb += BCOEF[j] * kj
+            if SCALED:
+                sb += kj * (BCOEF[j] * dt)
+            else:
+                sb += BCOEF[j] * kj
         if ECOEF[j] != 0.0:
-            se += ECOEF[j] * kj
+            if SCALED:
+                se += kj * (ECOEF[j] * dt)
+            else:
+                se += ECOEF[j] * kj
     return sb, se
 
 
@@ -121,10 +129,9 @@ def rk_epilogue_kernel(y0_ptr, ks, dt_ptr, atol_ptr, rtol_ptr, y1_ptr, err_ptr,
             y1 = tl.load(ks[0] + offs, mask=m, other=0.0)
             err = tl.load(ks[1] + offs, mask=m, other=0.0)
         else:
-            sb, se = _combos(ks, offs, m, BCOEF, ECOEF, dtype, BR, BC)
-            y1 = y0 + dt * sb
+            sb, err = _combos(ks, offs, m, dt, BCOEF, ECOEF, dtype, BR, BC, True)
+            y1 = y0 + sb
             tl.store(y1_ptr + offs, y1, mask=m)
-            err = dt * se
             if HAS_ERR:
                 tl.store(err_ptr + offs, err, mask=m)
         if HAS_ERR:
@@ -198,9 +205,10 @@ def rk_epilogue_bwd_kernel(y0_ptr, ks, dt_ptr, atol_ptr, rtol_ptr, g1_ptr, ge_pt
             y1 = tl.load(ks[0] + offs, mask=m, other=0.0)
             err = tl.load(ks[1] + offs, mask=m, other=0.0)
         else:
-            sb, se = _combos(ks, offs, m, BCOEF, ECOEF, dtype, BR, BC)
-            y1 = y0 + dt * sb
-            err = dt * se
+            sbt, err = _combos(ks, offs, m, dt, BCOEF, ECOEF, dtype, BR, BC, True)
+            y1 = y0 + sbt
+            if NEED_DT:
+                sb, se = _combos(ks, offs, m, dt, BCOEF, ECOEF, dtype, BR, BC, False)
         gy1 = tl.zeros((BR, BC), dtype=dtype)
         gerr = tl.zeros((BR, BC), dtype=dtype)
         gy0 = tl.zeros((BR, BC), dtype=dtype)
