@@ -3,8 +3,10 @@
 Same signatures, outputs and input checks as :mod:`fastode.nn.functional` (the executable spec). Each
 function is one C++ call forward and one backward; the backward pass covers the gradients through the
 trace / kinetic / Jacobian-Frobenius outputs (second-order terms of the MLP) for the parameters, z, e
-and t. They are differentiable once (``create_graph=True`` double backward and ``torch.func``
-transforms are not supported; use backend "torch" for those, e.g. TayNODE's nested jvp).
+and t. When a graph of the backward is requested (``create_graph=True``, e.g. FFJORD's
+``autograd.grad(f, z, e, create_graph=True)``), the backward differentiates the PyTorch reference instead,
+so higher derivatives are available (at reference speed), as in the "triton" backend. ``torch.func``
+transforms (jvp/vmap) are not supported; use backend "torch" for those (e.g. TayNODE's nested jvp).
 
 When called directly for tensors the C++ kernels cannot take (not CPU, other dtypes, or the extension
 is not built) they run the PyTorch reference instead; :data:`fastode.cpp.last_backend` says which ran.
@@ -12,7 +14,6 @@ is not built) they run the PyTorch reference instead; :data:`fastode.cpp.last_ba
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from ..nn import functional as _ref
 from . import _dispatch
@@ -20,11 +21,40 @@ from ._loader import ext
 
 __all__ = ["concatsquash_mlp", "concatsquash_mlp_hutchinson", "concatsquash_mlp_exact_trace", "supports"]
 
-_ACT_CODES = {name: i for i, name in enumerate(("tanh", "softplus", "elu", "swish", "identity"))}
+_ACT_CODES = {name: i for i, name in enumerate(("tanh", "softplus", "elu", "swish", "identity"))}  # C++ codes
 
 
 def _flat(params):
     return [p for layer in params for p in layer]
+
+
+def _reference_backward(ref_fn, inputs, grads, needs):
+    """Gradients of ``ref_fn(*inputs)`` (the PyTorch reference) with a graph, for double backward.
+
+    Evaluated on aliases of the inputs so that only the paths through this Function are counted.
+    (Same approach as ``fastode.nn.triton_backend.reference_backward``, which cannot be imported without
+    Triton.)
+    """
+    with torch.enable_grad():
+        inputs = [x.view_as(x) if isinstance(x, torch.Tensor) else x for x in inputs]
+        outs = ref_fn(*inputs)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None]
+        wanted = [i for i, (x, n) in enumerate(zip(inputs, needs)) if n and isinstance(x, torch.Tensor)]
+        res = [None] * len(inputs)
+        if pairs and wanted:
+            got = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in wanted], [g for _, g in pairs],
+                                      create_graph=True, allow_unused=True)
+            for i, g in zip(wanted, got):
+                res[i] = g
+    return res
+
+
+def _layers(flat):
+    return [flat[i:i + 5] for i in range(0, len(flat), 5)]
+
+
+_ACT_NAMES = ("tanh", "softplus", "elu", "swish", "identity")
 
 
 def _param_grads(ctx, gp, first):
@@ -47,9 +77,14 @@ class _MLP(torch.autograd.Function):
         return f
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, gf):
         t, z, *flat = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True
+            act = _ACT_NAMES[ctx.act]
+            g = _reference_backward(lambda t, z, *fl: _ref.concatsquash_mlp(t, z, _layers(fl), act), [t, z, *flat],
+                                    (gf,), [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+                                            *ctx.needs_input_grad[4:]])
+            return (g[0], g[1], None, None, *g[2:])
         nt, nz = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         npar = any(ctx.needs_input_grad[4:])
         gz, _, gp, gt = ext().mlp_backward(float(t), z, None, False, flat, ctx.act, ctx.buf, None, None, gf, None,
@@ -72,9 +107,15 @@ class _Hutchinson(torch.autograd.Function):
         return f, vjp, trace, kinetic, jac_frob
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, gf, gvjp, gtrace, gkin, gfrob):
         t, z, e, f, vjp, *flat = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True
+            act = _ACT_NAMES[ctx.act]
+            n = ctx.needs_input_grad
+            g = _reference_backward(
+                lambda t, z, e, *fl: _ref.concatsquash_mlp_hutchinson(t, z, e, _layers(fl), act), [t, z, e, *flat],
+                (gf, gvjp, gtrace, gkin, gfrob), [n[0], n[1], n[2], *n[5:]])
+            return (g[0], g[1], g[2], None, None, *g[3:])
         nt, nz, ne = ctx.needs_input_grad[:3]
         npar = any(ctx.needs_input_grad[5:])
         if all(g is None for g in (gf, gvjp, gtrace, gkin, gfrob)):
@@ -97,9 +138,15 @@ class _ExactTrace(torch.autograd.Function):
         return f, trace
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, gf, gtrace):
         t, z, *flat = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True
+            act = _ACT_NAMES[ctx.act]
+            n = ctx.needs_input_grad
+            g = _reference_backward(
+                lambda t, z, *fl: _ref.concatsquash_mlp_exact_trace(t, z, _layers(fl), act), [t, z, *flat],
+                (gf, gtrace), [n[0], n[1], *n[4:]])
+            return (g[0], g[1], None, None, *g[2:])
         nt, nz = ctx.needs_input_grad[:2]
         npar = any(ctx.needs_input_grad[4:])
         if gf is None and gtrace is None:
