@@ -208,10 +208,10 @@ FASTODE_CLONES void ew_colsum(int64_t R, int64_t m, const T* __restrict x, T* __
     for (int64_t j = 0; j < m; ++j) c[j] += x[i * m + j];
 }
 
-// out = y0 + sum_j w[j] k[j] (flat)
+// out = y0 + sum_j w[j] k[j] (flat), summed in torchdiffeq's order: (sum_j w_j k_j) + y0
 template <typename T>
-FASTODE_CLONES void ew_combine(int64_t n, const T* __restrict y0, int nk, const T* const* k,
-                               const T* w, T* __restrict out) {
+FASTODE_CLONES void ew_combine(int64_t n, const T* __restrict y0, int nk, const T* const* k, const T* w,
+                               T* __restrict out) {
   if (nk == 0) {
     if (out != y0) std::memcpy(out, y0, sizeof(T) * n);
     return;
@@ -219,7 +219,7 @@ FASTODE_CLONES void ew_combine(int64_t n, const T* __restrict y0, int nk, const 
   {
     const T* __restrict k0 = k[0];
     const T w0 = w[0];
-    for (int64_t i = 0; i < n; ++i) out[i] = y0[i] + w0 * k0[i];
+    for (int64_t i = 0; i < n; ++i) out[i] = w0 * k0[i];
   }
   for (int j = 1; j < nk; ++j) {
     const T* __restrict kj = k[j];
@@ -227,6 +227,7 @@ FASTODE_CLONES void ew_combine(int64_t n, const T* __restrict y0, int nk, const 
     if (wj == T(0)) continue;
     for (int64_t i = 0; i < n; ++i) out[i] += wj * kj[i];
   }
+  for (int64_t i = 0; i < n; ++i) out[i] += y0[i];
 }
 
 // out = sum_j w[j] k[j] (flat)
