@@ -82,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-size", type=int, default=2000)
     p.add_argument("--npts", type=int, default=120, help="density grid resolution per side in the PNG")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch.set_num_threads for both trainers (0: torch's default); one thread suits this small "
+                        "model and keeps the comparison stable on a busy machine")
     p.add_argument("--out", default=os.path.join("runs", "demo"), help="results directory")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True)

@@ -663,7 +663,8 @@ def train(args, dist_info: DistInfo | None = None) -> dict:
 
         done = itr + 1
         if done % args.val_every == 0 or done == args.niters:
-            val_nll, val_nfe, _ = evaluate_nll(flow, source.val, args.test_batch_size, device, dtype, dist_info)
+            val_nll, val_nfe, _ = evaluate_nll(flow, source.shard(source.val), args.test_batch_size, device, dtype,
+                                               dist_info)
             history["val"].append({"iteration": done, "nll": val_nll, "nfe": val_nfe})
             if val_nll < best_val:
                 best_val, best_itr, bad_checks = val_nll, done, 0

@@ -51,25 +51,25 @@ def _run(odeint_fn, f, method, *, t_grad, reverse=False, options=None, adjoint_o
 
 
 PARITY_CASES = [
-    ("dopri5", None, None),
-    ("dopri5", None, {"norm": "seminorm"}),
-    ("bosh3", None, None),
-    ("rk4", {"step_size": 0.1}, None),
-    ("implicit_adams", {"step_size": 0.1}, None),
+    ("dopri5", None, None, 1e-6),
+    ("dopri5", None, {"norm": "seminorm"}, 1e-6),
+    ("bosh3", None, None, 1e-4),
+    ("rk4", {"step_size": 0.1}, None, 1e-6),
+    ("implicit_adams", {"step_size": 0.1}, None, 1e-6),
 ]
 
 
-@pytest.mark.parametrize("method,options,adjoint_options", PARITY_CASES)
+@pytest.mark.parametrize("method,options,adjoint_options,rtol", PARITY_CASES)
 @pytest.mark.parametrize("t_grad", [False, True])
 @pytest.mark.parametrize("reverse", [False, True])
-def test_parity_with_torchdiffeq(method, options, adjoint_options, t_grad, reverse):
+def test_parity_with_torchdiffeq(method, options, adjoint_options, rtol, t_grad, reverse):
     f = Net()
+    kw = dict(t_grad=t_grad, reverse=reverse, options=options, adjoint_options=adjoint_options, rtol=rtol,
+              atol=rtol * 1e-2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        a = _run(torchdiffeq.odeint_adjoint, f, method, t_grad=t_grad, reverse=reverse, options=options,
-                 adjoint_options=adjoint_options)
-        b = _run(odeint_adjoint, f, method, t_grad=t_grad, reverse=reverse, options=options,
-                 adjoint_options=adjoint_options)
+        a = _run(torchdiffeq.odeint_adjoint, f, method, **kw)
+        b = _run(odeint_adjoint, f, method, **kw)
     assert (a["y"] - b["y"]).abs().max() < 1e-12
     assert (a["y0"] - b["y0"]).abs().max() < 1e-12
     if t_grad:
@@ -154,7 +154,7 @@ def test_t_gradient_vs_finite_differences():
         def val(d):
             tt = t.detach().clone()
             tt[i] += d
-            return fastode.odeint(f, y0, tt, rtol=1e-12, atol=1e-14).sum()
+            return fastode.odeint(f, y0, tt, rtol=1e-11, atol=1e-12).sum()
         fd.append((val(eps) - val(-eps)) / (2 * eps))
     assert torch.allclose(g, torch.stack(fd), rtol=1e-5, atol=1e-5)
 
@@ -289,7 +289,8 @@ def test_double_backward_is_a_clear_error():
     t = torch.tensor([0.0, 1.0], dtype=torch.float64)
     y = odeint_adjoint(f, y0, t)
     (g,) = torch.autograd.grad(y.sum(), y0, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable|differentiate twice"):
+    assert g.requires_grad
+    with pytest.raises(RuntimeError, match="does not support higher-order derivatives"):
         g.sum().backward()
 
 

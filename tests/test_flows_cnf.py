@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from fastode.flows import CNF, SequentialFlow, Solver, StandardNormal, build_flow, fastode_odeint_available
+from fastode.flows import CNF, KineticEnergy, SequentialFlow, Solver, StandardNormal, build_flow, fastode_odeint_available
 from fastode.nn import ConcatSquashMLP
 
 DT = torch.float64
@@ -168,6 +168,7 @@ def test_inverse_error_small_for_fine_solver_and_larger_for_coarse():
         for p in flow.dynamics.parameters():
             p.mul_(3.0)
     x = torch.randn(200, 2)
+    flow.regularizers = (KineticEnergy(),)  # ignored by inverse_error (no divergence integrated)
     with torch.no_grad():
         coarse = flow.train().inverse_error(x).item()
         fine = flow.eval().inverse_error(x).item()
@@ -282,3 +283,38 @@ def test_build_flow_and_input_validation():
         Solver(options={"norm": None})
     with pytest.raises(ValueError, match="noise"):
         flow(torch.randn(4, 3), noise=torch.randn(4, 2))
+
+
+def _fused_backends():
+    from fastode.nn import available_backends
+
+    out = []
+    if "cpp" in available_backends():
+        out.append("cpp")
+    if torch.cuda.is_available() and "triton" in available_backends():
+        out.append(pytest.param("triton", marks=pytest.mark.gpu))
+    return out
+
+
+@pytest.mark.parametrize("backend", _fused_backends())
+@pytest.mark.parametrize("time_varying", [False, True])
+def test_fused_nn_backends_match_reference_through_flow_and_regularizers(backend, time_varying):
+    from fastode.flows import TimeVaryingConcatSquashMLP
+
+    dev = "cuda" if backend == "triton" else "cpu"
+    dt = torch.float32 if backend == "triton" else torch.float64
+    x, e = torch.randn(8, 2, dtype=dt, device=dev), torch.randn(8, 2, dtype=dt, device=dev)
+    res = []
+    for b in ("torch", backend):
+        torch.manual_seed(1)
+        m = (TimeVaryingConcatSquashMLP(2, (16, 16), num_controls=2, backend=b, init="independent") if time_varying
+             else ConcatSquashMLP(2, (16, 16), backend=b)).to(dev, dt)
+        flow = CNF(m, T=0.5, method="rk4", step_size=0.25, regularizers=["kinetic", "jf", "r2"]).to(dev, dt)
+        o = flow(x, noise=e)
+        loss = -(flow.base.log_prob(o.out) + o.logdet).mean() + sum(v.mean() for v in o.reg.values())
+        res.append((loss, torch.autograd.grad(loss, list(m.parameters())), m.last_backend))
+    assert res[1][2] == backend
+    tol = dict(rtol=1e-4, atol=1e-5) if dt == torch.float32 else dict(rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(res[1][0], res[0][0], **tol)
+    for a, b in zip(res[1][1], res[0][1]):
+        torch.testing.assert_close(a, b, **tol)

@@ -306,3 +306,38 @@ def test_global_error_needs_step_errors():
     flow = CNF(mlp(), T=0.5, method="rk4", step_size=0.25, backend="torchdiffeq", regularizers=["global_error"])
     with pytest.raises(ValueError, match="step_errors|adaptive"):
         flow(torch.randn(4, 2))
+
+
+@pytest.mark.skipif(not fastode_odeint_available(), reason="fastode.odeint (solver core) not available yet")
+@pytest.mark.parametrize("solver", [dict(method="rk4", step_size=0.125), dict(method="dopri5", rtol=1e-6, atol=1e-6)])
+def test_checkpoint_gradient_equals_direct_with_regularizers(solver):
+    pytest.importorskip("fastode.grad.checkpoint", reason="fastode's checkpoint gradient is not available yet")
+    m = mlp(seed=9)
+    x, e = torch.randn(8, 2), torch.randn(8, 2)
+    grads = []
+    for gradient in ("direct", "checkpoint"):
+        flow = CNF(m, T=0.6, learn_T=True, backend="fastode", gradient=gradient,
+                   regularizers={"kinetic": 0.1, "jf": 0.1, "r2": 0.01}, **solver)
+        loss, _ = density_loss(flow, x, noise=e)
+        grads.append(torch.autograd.grad(loss, list(m.parameters()) + [flow._T_raw]))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.skipif(not fastode_odeint_available(), reason="fastode.odeint (solver core) not available yet")
+def test_biased_local_error_with_adaptive_solver_uses_accepted_step_starts():
+    m = mlp(seed=10)
+    flow = CNF(m, T=0.6, method="dopri5", rtol=1e-6, atol=1e-6, backend="fastode",
+               regularizers=[LocalError(mode="biased")])
+    x, e = torch.randn(8, 2), torch.randn(8, 2)
+    out = flow(x, noise=e)
+    starts = flow.last_stats.step_ts
+    info = flow.last_local_step
+    assert len(starts) >= 3 and any(abs(info["t_reg"].item() - s) < 1e-12 for s in starts)
+    # u(t_reg) is the solution there (detached re-solve), and the value is the reference step's
+    if info["t_reg"].item() > 0:
+        ref_u = torchdiffeq.odeint(fn_of(m), x, torch.tensor([0.0, info["t_reg"].item()]), rtol=1e-10,
+                                   atol=1e-10)[-1]
+        assert (info["u"][0] - ref_u).abs().max() < 1e-4
+    ratio, *_ = _reference_step(m, e, info["u"], info["dt"], info["t_reg"], 1e-6, 1e-6)
+    torch.testing.assert_close(out.reg["local_error_biased"], ratio * info["dt"], rtol=1e-9, atol=1e-14)

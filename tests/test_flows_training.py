@@ -221,3 +221,29 @@ def test_multilevel_refines_controls_and_rebuilds_optimizer():
     with torch.no_grad():
         after = flow.log_prob(x, noise=torch.zeros(4, 2))
     torch.testing.assert_close(after, before)
+
+
+def test_a_small_flow_learns_a_shifted_gaussian():
+    torch.manual_seed(0)
+    flow = build_flow(2, hidden=(16, 16), T=1.0, learn_T=True, method="rk4", step_size=0.5, nn_backend="torch",
+                      regularizers={"kinetic": 0.01, "jf": 0.01})
+    opt = torch.optim.Adam(flow.parameters(), lr=2e-2)
+    g = torch.Generator().manual_seed(1)
+    mean, std = torch.tensor([2.0, -1.5]), 0.5
+    xt = torch.randn(2000, 2, generator=g) * std + mean
+    flow.eval()
+    with torch.no_grad():
+        nll0 = -flow.log_prob(xt).mean().item()
+    flow.train()
+    for _ in range(30):
+        x = torch.randn(128, 2, generator=g) * std + mean
+        loss, info = density_loss(flow, x, module=flow)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    flow.eval()
+    with torch.no_grad():
+        nll = -flow.log_prob(xt).mean().item()
+    best = 1.0 + torch.log(torch.tensor(2 * torch.pi * std**2)).item()  # entropy of the data distribution
+    assert nll0 - best > 2.0
+    assert nll < nll0 - 2.0, (nll0, nll, best)

@@ -22,13 +22,16 @@ backend="auto")``: one solver configuration. ``step_size`` is a shortcut for ``o
 (fixed-grid methods). ``gradient`` is ``"direct"`` (backprop through the discrete solve =
 discretise-optimise), ``"checkpoint"`` (same gradient, less memory) or ``"adjoint"`` (optimise-discretise).
 ``backend``: ``"fastode"`` (:func:`fastode.odeint`), ``"torchdiffeq"``, or ``"auto"`` (fastode when its
-``odeint`` is importable). Regulariser states are always excluded from step-size control (custom ``norm``).
+``odeint`` -- and for ``gradient="adjoint"``/``"checkpoint"`` its gradient module -- is importable).
+Step-size control sees ``z`` and the log-determinant only (torchdiffeq-style mixed RMS norm passed as
+``options["norm"]``); regulariser states never affect step sizes. ``Solver.replace(**changes)`` copies.
+Defaults are FFJORD's (dopri5, rtol = atol = 1e-5), not torchdiffeq's.
 
 Building blocks
 ---------------
 ``CNF(dynamics, T=0.5, learn_T=False, T_parametrization="sqrt", trace="hutchinson", noise="gaussian",
-method="dopri5", rtol=1e-5, atol=1e-5, step_size=None, options=None, gradient="direct",
-train_solver=None, eval_solver=None, eval_trace="exact", regularizers=(), base=None)``
+method="dopri5", rtol=1e-5, atol=1e-5, step_size=None, options=None, gradient="direct", backend="auto",
+train_solver=None, eval_solver=None, eval_trace="exact", regularizers=(), base=None, dim=None)``
     ``dynamics``: a :class:`fastode.nn.ConcatSquashMLP`, a :class:`TimeVaryingConcatSquashMLP`, or any
     module ``f(t, z)``; modules with ``forward_with_trace(t, z, e=None, exact=False) -> (f, trace,
     kinetic, jac_frob)`` use it (fused kernels), others go through autograd.
@@ -38,17 +41,25 @@ train_solver=None, eval_solver=None, eval_trace="exact", regularizers=(), base=N
     ``regularizers``: names, :class:`Regularizer` objects or a ``{name: weight}`` dict (see below);
     integrated only in training mode and only in the forward (data -> latent) direction.
 
-    * ``forward(x, reverse=False, noise=None) -> FlowOutput(out, logdet, reg)`` (a NamedTuple).
+    * ``forward(x, reverse=False, noise=None, trace=None, compute_reg=None) -> FlowOutput(out, logdet, reg)``
+      (a NamedTuple; ``trace`` overrides the mode: ``"hutchinson"``, ``"exact"`` or ``"none"`` = no
+      divergence; ``compute_reg`` overrides "training and forward direction").
     * ``transform(x, noise=None) -> (z, logdet)``, ``inverse(z, noise=None) -> (x, logdet)``.
     * ``log_prob(x, noise=None) -> (B,)``; ``log_prob_and_reg(x, noise=None) -> (logp, reg)``.
     * ``sample(n, noise=None, generator=None) -> (n, D)``; ``sample_with_log_prob(n) -> (x, logp)``.
     * ``inverse_error(x) -> scalar``: batch mean of ``||f^-1(f(x)) - x||_2`` (Onken & Ruthotto eq. 17).
     * ``T`` (tensor property), ``set_T(value)``, ``end_time_parameters()``, ``network_parameters()``.
+      ``T_parametrization="sqrt"`` (FFJORD, ``T = s**2``) or ``"linear"`` (TO-FLOW); a fixed ``T`` is stored
+      as is. dL/dT is the exact derivative of the discrete solve (``direct``/``checkpoint``) or the
+      adjoint's moving-speed term (``adjoint``). For fixed-grid methods an end time within round-off of a
+      multiple of ``step_size`` is snapped onto it (no spurious tiny last step).
     * ``set_train_solver(...)``, ``set_eval_solver(...)`` (``Solver`` or its keyword arguments),
       ``solver`` (the active one), ``with flow.using_solver(solver, trace=None): ...`` (temporary override,
       e.g. a re-discretisation sweep).
-    * ``nfe`` (function evaluations counted since ``reset_nfe()``, including regulariser steps),
-      ``last_stats`` (the latest solve's :class:`fastode.SolveStats` when the fastode backend is used).
+    * ``nfe`` (function evaluations counted since ``reset_nfe()``, including regulariser steps and the
+      adjoint's backward evaluations), ``last_stats`` (per block: the latest solve's
+      :class:`fastode.SolveStats` with the fastode backend, else ``None``), ``last_local_step`` (dict:
+      ``t_reg``, ``dt``, ``u``, ``method``, ``ratio`` of the latest local error step).
 
     ``noise`` (Hutchinson probe vectors): ``None`` draws one vector per sample per solve (Gaussian or
     Rademacher), fixed across every RK stage, step and the backward pass; a tensor of ``x``'s shape uses
@@ -75,8 +86,10 @@ derivatives by nested forward-mode ``torch.func.jvp``).
 (discretise-optimise through the adaptive solver; needs the fastode backend, ``gradient="direct"``).
 ``LocalError(weight, mode="unbiased"|"biased", method=None)`` ``"local_error"`` / ``"local_error_biased"``:
 Pal et al. (2023), one embedded RK step from ``t_reg``; ``E_est(t_reg) * |dt|``.
-``density_loss(flow, x, noise=None) -> (loss, info)``: ``-mean log p(x) + sum_r weight_r * mean(reg_r)``;
-``info`` holds floats ``nll``, each regulariser's mean, ``nfe``.
+``density_loss(flow, x, noise=None, module=None) -> (loss, info)``: ``-mean log p(x) + sum_r weight_r *
+mean(reg_r)``; ``info`` holds floats ``nll``, each regulariser's mean, ``nfe``. Under DDP pass
+``module=ddp_wrapper`` (the forward must go through the wrapper for its gradient hooks).
+``flow.regularizer_weights() -> {name: weight}``; weights live in the regulariser records.
 
 TO-FLOW (learnable end time)
 ----------------------------
@@ -85,13 +98,15 @@ end times only, temporal regularisation ``alpha*|T|`` and the clip ``T in [t0+ep
 ``network_parameters(flow)`` gives every other parameter (build the theta optimiser from it).
 Per iteration: ``loss.backward(); opt.step()`` then ``t_opt.step()`` (joint: uses the same backward) or
 ``t_opt.alternate_step(loss_fn)`` (coordinate descent: a new forward/backward with theta frozen).
+``t_opt.state_dict()`` / ``load_state_dict()`` keep the optimiser state and the clip centres ``T0``;
+``clip_end_time(T, T0, t0, eps)`` is eq. 17.
 
 Disc-Opt (Onken & Ruthotto)
 ---------------------------
 ``TimeVaryingConcatSquashMLP(dim, hidden, activation, control_times=None, num_controls=2, T=1.0,
 backend="auto")``: weights ``theta(t)`` given at control times, linearly interpolated (constant outside);
 ``refine(num_controls)`` prolongs to a finer control grid.
-``MultilevelLevel(iterations, method="rk4", step_size=None, rtol=None, atol=None, lr=None,
+``MultilevelLevel(iterations, method=None, step_size=None, rtol=None, atol=None, lr=None,
 num_controls=None)``, ``multilevel_schedule(...)``, ``apply_level(flow, level, optimizer=None)``,
 ``multilevel_train(flow, levels, train_fn, optimizer=None)``: coarse-to-fine training, warm-started.
 """

@@ -18,7 +18,6 @@ from .solver import (
     as_solver,
     error_ratio,
     method_tableau,
-    resolve_backend,
     rk_step_tuple,
     select_initial_step,
     solve,
@@ -454,7 +453,7 @@ class CNF(Flow):
             raise ValueError(f"trace must be one of {_TRACES + ('none',)}, got {trace!r}")
         solver = self.solver
         if compute_reg is None:
-            compute_reg = self.training and not reverse
+            compute_reg = self.training and not reverse and trace != "none"
         regs = self.regularizers if compute_reg else ()
         integrands = [r for r in regs if r.kind == "integrand"]
         errors = [r for r in regs if r.kind == "error"]
@@ -473,7 +472,9 @@ class CNF(Flow):
         if local and local[0].mode == "unbiased":
             if reverse:
                 raise ValueError("error regularisers are only defined for the forward (data -> latent) solve")
-            t_reg = torch.rand((), dtype=x.dtype, device=x.device) * T.detach()
+            # U(0, 1) kept away from the ends so that the output times stay strictly increasing
+            u01 = torch.rand((), dtype=x.dtype, device=x.device).clamp(1e-6, 1 - 1e-6)
+            t_reg = u01 * T.detach()
             times = [zero, t_reg, T]
         else:
             times = [T, zero] if reverse else [zero, T]
@@ -647,7 +648,3 @@ def build_flow(dim: int, hidden: Sequence[int] = (64, 64, 64), activation: str =
             dyn = ConcatSquashMLP(dim, hidden, activation, backend=nn_backend)
         blocks.append(CNF(dyn, T=T, learn_T=learn_T, **cnf_kwargs))
     return SequentialFlow(blocks)
-
-
-def _solver_backend_name(flow: Flow) -> list[str]:  # used in reports
-    return [resolve_backend(b.solver) for b in flow.cnf_blocks()]

@@ -239,8 +239,6 @@ def apply_level(flow: nn.Module, level: MultilevelLevel, optimizer: torch.optim.
     """Switch ``flow`` to ``level`` (warm start: weights are kept). Returns the optimiser to use: the same
     one (with ``lr`` updated), or a new one of the same class when the control grid was refined (new
     parameters replace old ones; the optimiser's moments restart)."""
-    from fastode.nn import ConcatSquashMLP  # noqa: F401  (import check)
-
     from .solver import FIXED_GRID_METHODS
 
     changes = {}

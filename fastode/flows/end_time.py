@@ -112,6 +112,16 @@ class EndTimeOptimizer:
         self.optimizer.step()
         self.clip_()
 
+    def state_dict(self) -> dict:
+        """Optimiser state plus the clip centres ``T0`` (so that a resumed run keeps the same clip box)."""
+        return {"optimizer": self.optimizer.state_dict(), "T0": list(self.T0)}
+
+    def load_state_dict(self, state: dict):
+        self.optimizer.load_state_dict(state["optimizer"])
+        if len(state["T0"]) != len(self.T0):
+            raise ValueError(f"state has {len(state['T0'])} end times but the flow has {len(self.T0)}")
+        self.T0 = [float(v) for v in state["T0"]]
+
     def alternate_step(self, loss_fn: Callable[[], torch.Tensor]) -> torch.Tensor:
         """Coordinate-descent step on ``T``: with every other parameter frozen, ``loss = loss_fn()``,
         backward, :meth:`step`. Returns the (detached) loss."""

@@ -42,8 +42,8 @@ fastode differences (documented in the README's migration note):
 * ``return_stats=True`` returns ``(solution, stats)`` (``(event_t, solution, stats)`` with ``event_fn``);
   ``stats.num_fevals_backward`` is filled in when backward runs (every ``func`` evaluation of the backward pass,
   including the ``t``-gradient ones).
-* The backward is marked once-differentiable: asking for a second derivative raises a clear error instead of
-  silently returning gradients without a graph (torchdiffeq #29).
+* Differentiating the returned gradients again (``create_graph=True`` then backward) raises a clear
+  ``RuntimeError`` instead of torchdiffeq's gradients without a graph (torchdiffeq #29).
 * A ``func`` whose output does not depend on ``t``, ``y`` or the parameters (e.g. a constant) is handled
   (zero vector-Jacobian products) instead of failing inside ``torch.autograd.grad``.
 """
@@ -54,7 +54,6 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-from torch.autograd.function import once_differentiable
 
 from ..inputs import check_inputs, flat_to_shape
 from ..norms import mixed_norm
@@ -111,9 +110,10 @@ class _OdeintAdjointMethod(torch.autograd.Function):
             ctx.save_for_backward(t, output, *adjoint_params)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, *grad_y):
         from ..odeint import odeint
+
+        create_graph = torch.is_grad_enabled()
 
         cfg = ctx.cfg
         func = ctx.func
@@ -189,7 +189,30 @@ class _OdeintAdjointMethod(torch.autograd.Function):
             func.backward = prev_backward
         adj_y = aug_state[2]
         adj_params = aug_state[3:]
-        return (None, adj_y, time_vjps, *adj_params)
+        grads = (adj_y, time_vjps, *adj_params)
+        if create_graph:   # backward(create_graph=True): make a second differentiation fail loudly
+            dummy = torch.zeros((), requires_grad=True)
+            grads = tuple(None if g is None else _NoDoubleBackward.apply(g, dummy) for g in grads)
+        return (None, *grads)
+
+
+class _NoDoubleBackward(torch.autograd.Function):
+    """Identity whose backward raises: gradients from the continuous adjoint are not differentiable."""
+
+    @staticmethod
+    def forward(x, dummy):
+        return x.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("odeint_adjoint / gradient='adjoint' does not support higher-order derivatives: the "
+                           "gradients it returns are not differentiable (the backward solve runs without an autograd "
+                           "graph; torchdiffeq #29). Use gradient='direct' (odeint) for double backward, e.g. "
+                           "Hessian-vector products.")
 
 
 def _is_seq(x):

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -39,7 +39,7 @@ from ..tableaus import TABLEAUS, ButcherTableau
 from .base import Perturb, Solver, _null_callback, real_dtype, state_time_value
 from .rk_step import error_ratio, rk_step
 
-__all__ = ["RKAdaptiveSolver", "DEFAULT_MAX_NUM_STEPS", "ADAPTIVE_SOLVERS"]
+__all__ = ["RKAdaptiveSolver", "DEFAULT_MAX_NUM_STEPS", "ADAPTIVE_SOLVERS", "StepRecord"]
 
 DEFAULT_MAX_NUM_STEPS = 100_000
 
@@ -122,6 +122,8 @@ class RKAdaptiveSolver(Solver):
                                      f"time), got {land_on!r}")
         self.land_on = land_on
         self.record_errors = False   # set by odeint when statistics are requested
+        self.tape = None             # list of StepRecord of accepted steps (gradient="checkpoint")
+        self.out_map = None          # list of (output index, step index) (gradient="checkpoint")
         self.record_steps = None     # list to append (t0, t1, y0, y1, k, dt) of accepted steps (odeint_dense)
         self.order = self.tableau.order
         # 0-dim real states: torchdiffeq's 0-dim float64 tolerances promote the error ratio and the initial-step
@@ -158,12 +160,18 @@ class RKAdaptiveSolver(Solver):
         return out if g is None else out + g.to(self.rdtype)
 
     def _grad_offset(self, c=0.0):
-        """Zero-valued tensor carrying d(clock + c*dt)/d(t) for the current step (None without t-gradients)."""
-        if self._anchor is None:
-            return None
-        g = self._anchor - self._anchor.detach()
+        """Zero-valued tensor carrying d(clock + c*dt)/d(t) for the current step (None without t-gradients).
+
+        The clock is ``anchor + constant``: the anchor is ``t[0]`` until a step is shortened to land on an output
+        time ``t[i]`` (then ``t[i]``) or on a constant ``step_t``/``jump_t`` point (then no anchor); step sizes are
+        constants except for such shortened steps, whose ``dt = end - clock(t0)`` is differentiable.
+        """
+        g = None
+        if self._anchor is not None:
+            g = self._anchor - self._anchor.detach()
         if c and self._dt_grad is not None:
-            g = g + c * (self._dt_grad - self._dt_grad.detach())
+            d = c * (self._dt_grad - self._dt_grad.detach())
+            g = d if g is None else g + d
         return g
 
     def _clock(self, value):
@@ -183,6 +191,10 @@ class RKAdaptiveSolver(Solver):
         td = self.rdtype
         return float(torch.tensor(t0, dtype=td) + torch.tensor(c, dtype=td) * torch.tensor(dt, dtype=td))
 
+    def _set_anchor(self, spec):
+        self._anchor_spec = spec
+        self._anchor = None if (spec is None or self._t_tensor is None) else self._t_tensor[spec[1]]
+
     def _describe(self, t):
         return float(self.func.describe_time(t))
 
@@ -192,7 +204,7 @@ class RKAdaptiveSolver(Solver):
         self._t_tensor = None
         if isinstance(t, torch.Tensor) and t.requires_grad and torch.is_grad_enabled():
             self._t_tensor = t.to(self.time_dtype)
-            self._anchor = self._t_tensor[0]
+        self._set_anchor(("t", 0))
         self._dt_grad = None
         return [self._round(v) for v in t.detach().to("cpu", torch.float64).reshape(-1).tolist()]
 
@@ -219,6 +231,7 @@ class RKAdaptiveSolver(Solver):
         self.last = None
         self._interp_cache = None
         self._nonfinite = None
+        self._f0_kind = ("init",)
 
         def prep(vals):
             if vals is None:
@@ -339,21 +352,8 @@ class RKAdaptiveSolver(Solver):
                 dt = self._round(t1 - t0)
                 landed = clipped = True
 
-        # ---- differentiable step size when t requires grad and the step was shortened to a time point
-        self._dt_grad = None
-        if self._anchor is not None and clipped:
-            end = self._t_tensor[target] if landed else torch.full((), t1, dtype=self.time_dtype,
-                                                                    device=y0.device)
-            self._dt_grad = end - self._clock(t0)
-        dt_state = state_time_value(dt, self.rdtype)
-        if self._dt_grad is not None:
-            dt_arg = torch.full((), dt_state, dtype=self.rdtype, device=y0.device) + \
-                (self._dt_grad - self._dt_grad.detach()).to(self.rdtype)
-        else:
-            dt_arg = dt_state
-
-        tc = [None] + [self._stage_time(t0, dt, t1, c) for c in tab.c[1:]]  # k[0] = f0 is reused
-        step = rk_step(self.func, t0, y0, f0, dt_arg, tab, tc=tc)
+        clip = None if not clipped else (("target", target) if landed else ("const",))
+        step, dt_arg, dt_state = self._compute_step(t0, t1, dt, clip, y0, f0)
 
         # ---- error ratio (one host sync per step)
         y_err, e0, e1 = step.y_err, y0, step.y1
@@ -369,7 +369,7 @@ class RKAdaptiveSolver(Solver):
         r = float(ratio.detach())
         finite = math.isfinite(r)
         accept = r <= 1
-        if dt > self.max_step:
+        if dt > self.max_step and not landed:  # (a landed step can exceed max_step by an ulp of rounding)
             accept = False
         if dt <= self.min_step:
             accept = True
@@ -385,6 +385,16 @@ class RKAdaptiveSolver(Solver):
                 self.func.callback_accept_step(self._clock(t0), y0,
                                                torch.tensor(dt, dtype=self.time_dtype, device=y0.device))
             f1 = step.k[-1]
+            self.last = _Last(t0, t1, y0, step.y1, step.k, dt_arg, dt_state, self._dt_grad, self._anchor)
+            self._interp_cache = None
+            if self.record_steps is not None:
+                self.record_steps.append(self.last)
+            if self.tape is not None:
+                self.tape.append(StepRecord(t0, t1, dt, clip, self._f0_kind, self._anchor_spec, y0.detach(),
+                                            self.f.detach() if self._f0_kind[0] == "stored" else None))
+                self._f0_kind = ("jump",) if on_jump_t else (("fsal",) if tab.fsal else ("stored",))
+            if clip is not None:
+                self._set_anchor(clip if clip[0] == "target" else None)
             if on_step_t and self._next_step != len(self._step_ts) - 1:
                 self._next_step += 1
             if on_jump_t:
@@ -393,10 +403,6 @@ class RKAdaptiveSolver(Solver):
                 # just passed a discontinuity of f: re-evaluate f on the far side of it
                 self._dt_grad = None
                 f1 = self.func(self._time(t1, Perturb.NEXT), step.y1)
-            self.last = (t0, t1, y0, step.y1, step.k, dt_arg, dt_state)
-            self._interp_cache = None
-            if self.record_steps is not None:
-                self.record_steps.append(self.last)
             self.t0, self.t1, self.y, self.f = t0, t1, step.y1, f1
             self._nonfinite = None
             stats.num_accepted_steps += 1
@@ -413,6 +419,51 @@ class RKAdaptiveSolver(Solver):
         if landed and accept:
             dt_next = max(dt_next, dt_unclipped)
         self.dt = min(max(dt_next, self.min_step), self.max_step)
+
+    def _compute_step(self, t0, t1, dt, clip, y0, f0):
+        """The RK step from ``(t0, y0, f0)`` to ``t1`` (shared by the solve and the checkpointed backward)."""
+        # differentiable step size when t requires grad and the step was shortened to a time point
+        self._dt_grad = self._dt_grad_for(t0, t1, clip)
+        dt_state = state_time_value(dt, self.rdtype)
+        if self._dt_grad is not None:
+            dt_arg = torch.full((), dt_state, dtype=self.rdtype, device=y0.device) + \
+                (self._dt_grad - self._dt_grad.detach()).to(self.rdtype)
+        else:
+            dt_arg = dt_state
+        tc = [None] + [self._stage_time(t0, dt, t1, c) for c in self.tableau.c[1:]]  # k[0] = f0 is reused
+        step = rk_step(self.func, t0, y0, f0, dt_arg, self.tableau, tc=tc)
+        return step, dt_arg, dt_state
+
+    def _dt_grad_for(self, t0, t1, clip):
+        if self._t_tensor is None or clip is None:
+            return None
+        end = self._t_tensor[clip[1]] if clip[0] == "target" else \
+            torch.full((), t1, dtype=self.time_dtype, device=self.y0.device)
+        return end - self._clock(t0)
+
+    # ------------------------------------------------------------------------------ checkpoint replay
+    def replay_f0(self, rec, y0):
+        """``f0`` of a recorded step, recomputed from its start state ``y0`` (or a leaf for stored f0)."""
+        kind = rec.f0_kind
+        self._set_anchor(rec.anchor)
+        self._dt_grad = None
+        if kind[0] == "init":
+            return self.func(self._time(rec.t0), y0)
+        if kind[0] == "jump":
+            return self.func(self._time(rec.t0, Perturb.NEXT), y0)
+        if kind[0] == "fsal":
+            # = the previous step's last stage, evaluated at nextafter(t1, -inf) on exactly this state
+            return self.func(self._time(rec.t0, Perturb.PREV), y0)
+        return rec.f0.detach().requires_grad_(True)
+
+    def replay_step(self, rec, y0, f0):
+        step, dt_arg, dt_state = self._compute_step(rec.t0, rec.t1, rec.dt, rec.clip, y0, f0)
+        self.last = _Last(rec.t0, rec.t1, y0, step.y1, step.k, dt_arg, dt_state, self._dt_grad, self._anchor)
+        self._interp_cache = None
+        return step
+
+    def replay_output(self, t_host, i):
+        return self._interpolate(t_host[i], i)
 
     def _stage_time(self, t0, dt, t1, c):
         if c == 1.0:
@@ -454,11 +505,19 @@ class RKAdaptiveSolver(Solver):
 
     # ------------------------------------------------------------------------------------------ dense output
     def _interpolate(self, next_t, i):
-        t0, t1, y0, y1, k, dt_arg, dt_state = self.last
+        if self.out_map is not None:
+            self.out_map.append((i, len(self.tape) - 1))
+        last = self.last
+        t0, t1, y1 = last.t0, last.t1, last.y1
         if self.land_on is not None and next_t == t1:
             return y1
-        if self._anchor is not None:
-            x = ((self._t_tensor[i] - self._clock(t0)) / (self._clock(t1) - self._clock(t0))).to(self.rdtype)
+        if self._t_tensor is not None:
+            c0 = torch.full((), t0, dtype=self.time_dtype, device=self.y0.device)
+            if last.anchor is not None:
+                c0 = c0 + (last.anchor - last.anchor.detach()).to(self.time_dtype)
+            denom = last.dt_grad if last.dt_grad is not None else \
+                torch.full((), t1 - t0, dtype=self.time_dtype, device=self.y0.device)
+            x = ((self._t_tensor[i] - c0) / denom).to(self.rdtype)
         else:
             x = self._x(next_t, t0, t1)
         return self._eval_step(self.last, x)
@@ -469,7 +528,7 @@ class RKAdaptiveSolver(Solver):
         return state_time_value(x, self.rdtype)
 
     def _eval_step(self, last, x):
-        t0, t1, y0, y1, k, dt_arg, dt_state = last
+        y0, y1, k, dt_arg = last.y0, last.y1, last.k, last.dt_arg
         if self.interp == "dense":
             return tableau_dense(self.tableau, y0, k, dt_arg, x)
         if self._interp_cache is None or self._interp_cache[0] is not last:
@@ -509,6 +568,31 @@ class RKAdaptiveSolver(Solver):
 
         atol = self.atol if isinstance(self.atol, float) else float(torch.as_tensor(self.atol).min())
         return find_event(interp_fn, sign0, tt(lt0), tt(lt1), event_fn, atol)
+
+
+class _Last(NamedTuple):
+    """The last accepted step (what dense output needs)."""
+    t0: float
+    t1: float
+    y0: torch.Tensor
+    y1: torch.Tensor
+    k: list
+    dt_arg: object             # float, or a 0-dim tensor when differentiable
+    dt_state: float
+    dt_grad: Optional[torch.Tensor]
+    anchor: Optional[torch.Tensor]
+
+
+class StepRecord(NamedTuple):
+    """One accepted step as stored by ``gradient="checkpoint"``: enough to recompute it exactly."""
+    t0: float
+    t1: float
+    dt: float
+    clip: Optional[tuple]      # None | ("target", output index) | ("const",)  (why the step was shortened)
+    f0_kind: tuple             # ("init",) | ("fsal",) | ("jump",) | ("stored",)
+    anchor: Optional[tuple]    # ("t", index): the clock is t[index] + const; None: the clock is constant
+    y0: torch.Tensor
+    f0: Optional[torch.Tensor]  # only for ("stored",): methods whose reused stage is not f(t1, y1)
 
 
 def _make(name, cls_name):

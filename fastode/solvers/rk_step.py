@@ -16,6 +16,7 @@ from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 
+from ..nn import fused_rk as _fused  # CUDA-only Triton dispatch; returns None when not applicable
 from ..tableaus import ButcherTableau
 from .base import time_tensor
 
@@ -49,6 +50,9 @@ def combine_stages(y0: Optional[torch.Tensor], dt: Scalar, coeffs: Sequence, k: 
     tensors, e.g. dense-output weights at a differentiable ``theta``). ``y0=None`` returns just
     ``dt * sum_j coeffs[j] * k[j]`` (the error estimate).
     """
+    fused = _fused.combine_stages(y0, dt, coeffs, k)
+    if fused is not None:
+        return fused
     n = len(coeffs)
     if n == 0:
         return torch.zeros_like(k[0]) if y0 is None else y0
@@ -73,6 +77,9 @@ def error_ratio(y_err: torch.Tensor, y0: torch.Tensor, y1: torch.Tensor, rtol, a
                 norm: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """``norm(y_err / (atol + rtol * max(|y0|, |y1|)))`` as a non-negative 0-dim tensor (torchdiffeq's
     ``_compute_error_ratio``)."""
+    fused = _fused.error_ratio(y_err, y0, y1, rtol, atol, norm)
+    if fused is not None:
+        return fused
     error_tol = atol + rtol * torch.max(y0.abs(), y1.abs())
     r = norm(y_err / error_tol)
     return r.abs() if isinstance(r, torch.Tensor) else torch.as_tensor(abs(r), device=y0.device)
