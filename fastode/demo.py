@@ -267,9 +267,17 @@ def _plot(args, trainers, test) -> str:
                 samples = flow.sample(20000, generator=torch.Generator().manual_seed(args.seed)).double().numpy()
         finally:
             flow.train()
-        panels = [("data", test), ("density", dens), ("samples", samples)]
+        panels = [("data" if row == 0 else "time", test), ("density", dens), ("samples", samples)]
         for col, (kind, arr) in enumerate(panels):
             ax = fig.add_subplot(2, 3, row * 3 + col + 1)
+            if kind == "time":
+                for other in trainers:
+                    ax.plot(np.arange(len(other.times) + 1), np.concatenate([[0.0], np.cumsum(other.times)]),
+                            label=other.name)
+                ax.set_xlabel("iteration")
+                ax.set_ylabel("cumulative training time (s)")
+                ax.legend()
+                continue
             if kind == "density":
                 ax.imshow(arr, origin="lower", extent=(lo, hi, lo, hi), cmap="inferno")
             else:
@@ -277,9 +285,11 @@ def _plot(args, trainers, test) -> str:
             ax.set_xticks([])
             ax.set_yticks([])
             ax.set_aspect("equal")
-            med = statistics.median(tr.times) * 1e3
-            ax.set_title(f"{tr.name}: {kind}" + (f"\n{med:.0f} ms/iter, NFE {np.mean(tr.nfe_f):.0f}+"
-                                                   f"{np.mean(tr.nfe_b):.0f}" if kind == "density" else ""))
+            label = "data" if kind == "data" else f"{tr.name}: {kind}"
+            if kind == "density":
+                label += (f"\n{statistics.median(tr.times) * 1e3:.0f} ms/iter, NFE {np.mean(tr.nfe_f):.0f}+"
+                          f"{np.mean(tr.nfe_b):.0f}")
+            ax.set_title(label)
     fig.suptitle(f"{args.data}: {args.niters} iterations, {args.method} "
                  f"(rtol {args.rtol:g}, atol {args.atol:g}), same initial weights and data")
     return _save(fig, os.path.join(args.out, "demo.png"))
