@@ -5,7 +5,9 @@ error regulariser in ``fastode.flows``. It is plain, differentiable PyTorch; the
 separately named functions so that fused kernels can replace them:
 
 * :func:`combine_stages` -- ``y0 + dt * sum_j coeffs[j] * k[j]`` (stage inputs, the solution, the error
-  estimate (with ``y0=None``) and dense output are all this one operation);
+  estimate (with ``y0=None``) and dense output are all this one operation); :func:`combine_stages_exact` is the
+  same operation with torchdiffeq's exact arithmetic (stack + ``torch.sum``), which the adaptive loop uses so
+  that float32 accept/reject decisions match torchdiffeq bit for bit;
 * :func:`error_ratio` -- ``norm(y_err / (atol + rtol * max(|y0|, |y1|)))`` (the step-size controller's input).
 """
 from __future__ import annotations
@@ -20,7 +22,7 @@ from ..nn import fused_rk as _fused  # CUDA-only Triton dispatch; returns None w
 from ..tableaus import ButcherTableau
 from .base import time_tensor
 
-__all__ = ["RKStep", "rk_step", "combine_stages", "error_ratio", "stage_times"]
+__all__ = ["RKStep", "rk_step", "combine_stages", "combine_stages_exact", "error_ratio", "stage_times"]
 
 RKStep = namedtuple("RKStep", "y1 y_err k f1")
 RKStep.__doc__ = """Result of :func:`rk_step`.
@@ -39,20 +41,42 @@ def _coef_tensor(coeffs: tuple, dtype: torch.dtype, device: torch.device) -> tor
 
 def combine_stages(y0: Optional[torch.Tensor], dt: Scalar, coeffs: Sequence, k: Sequence[torch.Tensor]
                    ) -> torch.Tensor:
-    """``y0 + dt * sum_j coeffs[j] * k[j]`` over ``j < len(coeffs)``.
+    """``y0 + dt * sum_j coeffs[j] * k[j]`` over ``j < len(coeffs)`` (zero coefficients skipped).
 
-    Computed as torchdiffeq does, ``y0 + torch.sum(stack(k) * (coeffs * dt), dim=-1)`` with the coefficients and
-    ``dt`` rounded to the state's real dtype, so that adaptive solves reproduce torchdiffeq's accept/reject
-    decisions bit for bit (the reduction tree of ``torch.sum`` decides rounding, and float32 error estimates are
-    sensitive to it). The stacked copy is a temporary: autograd does not keep it.
-
-    ``dt`` is a Python float or a 0-dim tensor (differentiable step size); ``coeffs`` are Python floats (or 0-dim
-    tensors, e.g. dense-output weights at a differentiable ``theta``). ``y0=None`` returns just
-    ``dt * sum_j coeffs[j] * k[j]`` (the error estimate).
+    ``dt`` is a Python float or a 0-dim tensor (differentiable step size); ``coeffs`` are Python floats or 0-dim
+    tensors (e.g. dense-output weights at a differentiable ``theta``). ``y0=None`` returns just
+    ``dt * sum_j coeffs[j] * k[j]`` (e.g. an error estimate). One fused multiply-add per non-zero coefficient.
     """
-    fused = _fused.combine_stages(y0, dt, coeffs, k)
-    if fused is not None:
-        return fused
+    acc = y0
+    python_dt = isinstance(dt, (float, int))
+    for j, a in enumerate(coeffs):
+        if isinstance(a, (float, int)):
+            if a == 0:
+                continue
+            if python_dt:
+                acc = k[j] * (a * dt) if acc is None else torch.add(acc, k[j], alpha=a * dt)
+                continue
+        term = k[j] * (a * dt)
+        acc = term if acc is None else acc + term
+    if acc is None:
+        acc = torch.zeros_like(k[0]) if y0 is None else y0
+    return acc
+
+
+@functools.lru_cache(maxsize=512)
+def _coef_tensor(coeffs: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.tensor(coeffs, dtype=torch.float64).to(dtype=dtype, device=device)
+
+
+def combine_stages_exact(y0: Optional[torch.Tensor], dt: Scalar, coeffs: Sequence, k: Sequence[torch.Tensor]
+                         ) -> torch.Tensor:
+    """:func:`combine_stages` with torchdiffeq's exact arithmetic (used by the adaptive loop).
+
+    Computed as ``y0 + torch.sum(stack(k, -1) * (coeffs * dt), dim=-1)`` with the coefficients and ``dt`` rounded
+    to the state's real dtype, zero coefficients included: the same operations as torchdiffeq, so adaptive solves
+    reproduce its accept/reject decisions bit for bit (float32 error estimates are sensitive to the reduction
+    order). The stacked copy is a temporary: autograd does not keep it.
+    """
     n = len(coeffs)
     if n == 0:
         return torch.zeros_like(k[0]) if y0 is None else y0
