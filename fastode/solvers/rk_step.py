@@ -47,6 +47,9 @@ def combine_stages(y0: Optional[torch.Tensor], dt: Scalar, coeffs: Sequence, k: 
     tensors (e.g. dense-output weights at a differentiable ``theta``). ``y0=None`` returns just
     ``dt * sum_j coeffs[j] * k[j]`` (e.g. an error estimate). One fused multiply-add per non-zero coefficient.
     """
+    fused = _fused.combine_stages(y0, dt, coeffs, k)
+    if fused is not None:
+        return fused
     acc = y0
     python_dt = isinstance(dt, (float, int))
     for j, a in enumerate(coeffs):
