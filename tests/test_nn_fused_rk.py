@@ -22,24 +22,26 @@ def test_inert_on_cpu_and_for_other_norms():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-def test_solver_on_cuda_uses_fused_kernels_and_matches_torch_path(monkeypatch):
+@pytest.mark.parametrize("method,options", [("rk4", {"step_size": 0.05}), ("dopri5", None)])
+def test_solver_on_cuda_uses_fused_kernels_and_matches_torch_path(monkeypatch, method, options):
     import fastode
 
     A = torch.tensor([[-0.1, 2.0], [-2.0, -0.1]], device="cuda", dtype=torch.float64)
     y0 = torch.randn(64, 2, device="cuda", dtype=torch.float64)
     t = torch.linspace(0, 2, 5, device="cuda", dtype=torch.float64)
     func = lambda t, y: y @ A.T  # noqa: E731
-    calls = []
-    orig = fused_rk.combine_stages
+    used = []
+    for name in ("combine_stages", "error_ratio"):
+        orig = getattr(fused_rk, name)
 
-    def spy(*a):
-        out = orig(*a)
-        calls.append(out is not None)
-        return out
+        def spy(*a, _orig=orig):
+            out = _orig(*a)
+            used.append(out is not None)
+            return out
 
-    monkeypatch.setattr(fused_rk, "combine_stages", spy)
-    fused = fastode.odeint(func, y0, t, rtol=1e-8, atol=1e-10, method="dopri5")
-    assert calls and all(calls)
+        monkeypatch.setattr(fused_rk, name, spy)
+    fused = fastode.odeint(func, y0, t, rtol=1e-8, atol=1e-10, method=method, options=options)
+    assert any(used), "no fused kernel was dispatched on CUDA"
     monkeypatch.setenv("FASTODE_FUSED_RK", "0")
-    plain = fastode.odeint(func, y0, t, rtol=1e-8, atol=1e-10, method="dopri5")
+    plain = fastode.odeint(func, y0, t, rtol=1e-8, atol=1e-10, method=method, options=options)
     torch.testing.assert_close(fused, plain, rtol=1e-9, atol=1e-11)
