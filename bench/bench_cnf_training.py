@@ -3,8 +3,9 @@
 Each configuration trains one CNF (a one-block FFJORD model built by :func:`fastode.demo.make_flow`) with
 several peers:
 
-* ``fastode``      -- :func:`fastode.odeint` + the fused concatsquash kernels (C++ on CPU, Triton on CUDA),
-                      discretise-optimise (``gradient="direct"``) unless stated;
+* ``fastode``      -- :func:`fastode.odeint` + the fused concatsquash kernels (C++ on CPU, Triton on CUDA;
+                      ``nn=torch``: fastode's PyTorch reference MLP instead), discretise-optimise
+                      (``gradient="direct"``);
 * ``torchdiffeq``  -- FFJORD's stack: torchdiffeq's solver over the same MLP in plain PyTorch, divergence by
                       autograd; ``odeint_adjoint`` (FFJORD, RNODE) or ``odeint`` (DOvsOD's Disc-Opt).
 
@@ -12,7 +13,8 @@ A *run* is ``--iters`` Adam iterations (forward, backward, step) from the same s
 optimiser state, on the same batches and Hutchinson probes. Runs of the peers alternate (order rotated
 every repeat, bench/common.time_alternating); the table reports the median over ``--repeats`` runs of
 the time per iteration, the forward / backward NFE per iteration, and -- as a check that the peers
-computed the same thing -- the largest difference of their training losses over a run.
+computed the same thing -- the largest difference of the training losses over a run between fastode and
+torchdiffeq in the same gradient mode.
 
 Configurations (FFJORD / RNODE / DOvsOD settings, scaled to a 2-core CPU):
 
@@ -68,7 +70,8 @@ CONFIGS = {
                  "--method", "rk4", "--step-size", "0.25", "--trace", "hutchinson", "--kinetic", "0.01",
                  "--jacobian-frobenius", "0.01"],
         "dim": 30, "batch": 256,
-        "peers": [("fastode", "direct"), ("torchdiffeq", "adjoint"), ("torchdiffeq", "direct")],
+        "peers": [("fastode", "direct"), ("fastode", "direct", "torch"), ("torchdiffeq", "adjoint"),
+                  ("torchdiffeq", "direct")],
         "baseline": ("torchdiffeq", "adjoint"),
         "describe": "breast-cancer 30-D, 300-300 softplus, batch 256, rk4 h=0.25 (4 steps), Hutchinson, "
                     "kinetic + JF 0.01",
@@ -94,9 +97,10 @@ def _batches(cfg, n_iters, seed, dtype, device):
 class Peer:
     """One library / gradient mode; ``run()`` trains ``len(batches)`` iterations from the common start."""
 
-    def __init__(self, name, library, gradient, args, cfg, start_state, batches, seed, device):
+    def __init__(self, name, library, gradient, nn_backend, args, cfg, start_state, batches, seed, device):
         self.name, self.batches, self.seed, self.device = name, batches, seed, device
-        self.flow = make_flow(args, cfg["dim"], library, gradient).to(device=device, dtype=batches[0].dtype)
+        self.flow = make_flow(args, cfg["dim"], library, gradient, nn_backend).to(device=device,
+                                                                                 dtype=batches[0].dtype)
         self.start = start_state
         self.lr, self.wd = args.lr, args.weight_decay
         self.nfe_f, self.nfe_b, self.losses = [], [], []
@@ -129,24 +133,30 @@ def bench_config(key, cfg, opts, device, dtype):
     torch.manual_seed(opts.seed)
     start = copy.deepcopy(make_flow(args, cfg["dim"], "fastode", "direct").to(device=device, dtype=dtype).state_dict())
     peers = {}
-    for library, gradient in cfg["peers"]:
-        name = f"{library} ({gradient})"
-        peers[name] = Peer(name, library, gradient, args, cfg, start, batches, opts.seed, device)
+    for library, gradient, *nn in cfg["peers"]:
+        name = f"{library} ({gradient}" + (f", nn={nn[0]})" if nn else ")")
+        peers[name] = Peer(name, library, gradient, nn[0] if nn else "auto", args, cfg, start, batches, opts.seed,
+                           device)
     timings = common.time_alternating({n: p.run for n, p in peers.items()}, repeats=opts.repeats, warmup=1,
                                       budget_s=opts.budget)
     base_name = f"{cfg['baseline'][0]} ({cfg['baseline'][1]})"
     rows = []
-    ref_losses = peers[base_name].losses
-    for name, p in peers.items():
+    for (library, gradient, *_nn), (name, p) in zip(cfg["peers"], peers.items()):
         med = timings[name].median / opts.iters
+        other = f"{'torchdiffeq' if library == 'fastode' else 'fastode'} ({gradient})"
+        same_mode = (float(np.max(np.abs(np.array(p.losses) - np.array(peers[other].losses))))
+                     if other in peers else None)
         rows.append({
             "config": key, "peer": name,
             "ms_per_iter": 1e3 * med,
             "ms_per_iter_iqr": [1e3 * v / opts.iters for v in timings[name].iqr],
             "nfe_forward": float(np.mean(p.nfe_f)), "nfe_backward": float(np.mean(p.nfe_b)),
             "speedup_vs_baseline": timings[base_name].median / timings[name].median,
-            "max_loss_diff_vs_baseline": float(np.max(np.abs(np.array(p.losses) - np.array(ref_losses)))),
+            # same computation check: the other library with the same gradient mode (the adjoint's gradient
+            # differs from discretise-optimise's, so runs with different modes drift apart)
+            "max_loss_diff_same_mode": same_mode,
             "repeats": len(timings[name].samples),
+            "nn_backend": getattr(p.flow.blocks[0].dynamics, "last_backend", None) or "plain PyTorch (autograd)",
             "final_loss": p.losses[-1],
         })
     return rows
@@ -186,7 +196,8 @@ def main(argv=None):
             rows.append(r)
             print(f"  {r['peer']:<24} {r['ms_per_iter']:9.2f} ms/iter  NFE {r['nfe_forward']:5.1f} + "
                   f"{r['nfe_backward']:5.1f}  speed-up {r['speedup_vs_baseline']:5.2f}x  "
-                  f"max|dloss| {r['max_loss_diff_vs_baseline']:.1e}", flush=True)
+                  + (f"max loss diff vs other library {r['max_loss_diff_same_mode']:.1e}"
+                     if r["max_loss_diff_same_mode"] is not None else ""), flush=True)
     meta["loadavg_end"] = common.loadavg()
     meta["elapsed_s"] = time.perf_counter() - t0
     if opts.quick:
@@ -197,8 +208,8 @@ def main(argv=None):
                       {"meta": meta, "configs": {k: CONFIGS[k]["describe"] for k in CONFIGS}, "rows": rows})
     table = common.markdown_table(rows, {
         "config": "config", "peer": "peer", "ms_per_iter": "ms / iteration (median)",
-        "nfe_forward": "NFE fwd", "nfe_backward": "NFE bwd", "speedup_vs_baseline": "speed-up vs FFJORD stack",
-        "max_loss_diff_vs_baseline": "max |loss diff|"})
+        "nn_backend": "MLP backend", "nfe_forward": "NFE fwd", "nfe_backward": "NFE bwd", "speedup_vs_baseline": "speed-up vs FFJORD stack",
+        "max_loss_diff_same_mode": "max loss diff, other library same mode"})
     text = ["# CNF training: fastode vs torchdiffeq", "",
             f"Median time per training iteration (forward + backward + Adam) over {opts.repeats} alternating runs "
             f"of {opts.iters} iterations from the same weights, batches and noise; {opts.dtype}, device {device}.",

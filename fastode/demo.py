@@ -91,10 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def make_flow(args, dim: int, library: str, gradient: str):
+def make_flow(args, dim: int, library: str, gradient: str, nn_backend: str = "auto"):
     """One CNF (a one-block ``SequentialFlow``) as ``args`` describes it, on ``library``'s stack:
-    ``"fastode"`` (:func:`fastode.odeint`, fused concatsquash kernels) or ``"torchdiffeq"`` (torchdiffeq's
-    solvers, plain PyTorch MLP, autograd divergence). Evaluation: same method, exact trace, direct mode."""
+    ``"fastode"`` (:func:`fastode.odeint`, the concatsquash backend ``nn_backend``: fused kernels by default)
+    or ``"torchdiffeq"`` (torchdiffeq's solvers, plain PyTorch MLP, autograd divergence). Evaluation: same
+    method, exact trace, direct mode."""
     from fastode.flows import CNF, SequentialFlow, Solver, build_flow
 
     solver = Solver(method=args.method, rtol=args.rtol, atol=args.atol, step_size=args.step_size,
@@ -105,7 +106,7 @@ def make_flow(args, dim: int, library: str, gradient: str):
                   eval_solver=solver.replace(gradient="direct"), regularizers=regs)
     if library == "fastode":
         return build_flow(dim, hidden=tuple(args.dims), activation=args.activation, num_blocks=1,
-                          nn_backend="auto", **common)
+                          nn_backend=nn_backend, **common)
     if library == "torchdiffeq":
         return SequentialFlow([CNF(PlainConcatSquash(dim, args.dims, args.activation), **common)])
     raise ValueError(f"library must be 'fastode' or 'torchdiffeq', got {library!r}")
