@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 __all__ = ["build_parser", "parse_args", "main", "train", "build_model", "DistInfo", "init_distributed",
-           "BatchSource", "evaluate_nll", "loss_and_info", "wrap_for_training"]
+           "BatchSource", "evaluate_nll", "wrap_for_training"]
 
 ACTIVATION_CHOICES = ("tanh", "softplus", "elu", "swish", "identity")
 GRADIENT_CHOICES = ("direct", "checkpoint", "adjoint")
@@ -397,31 +397,17 @@ def build_model(args, dim: int):
         T_parametrization="sqrt" if args.T_mode == "ffjord" else "linear")
 
 
-class _LossModule(torch.nn.Module):
-    """``forward(x, noise) -> (loss, info)``: the flow's density loss, as one module for DDP."""
-
-    def __init__(self, flow):
-        super().__init__()
-        self.flow = flow
-
-    def forward(self, x, noise=None):
-        from fastode.flows import density_loss
-
-        return density_loss(self.flow, x, noise=noise)
-
-
 def wrap_for_training(flow, dist_info: DistInfo):
-    """The module whose ``forward(x, noise) -> (loss, info)`` the training step calls: the flow's density
-    loss, wrapped in ``DistributedDataParallel`` when running under torch.distributed (gradients are then
-    averaged over the processes during ``backward``; with equal per-process batches this is the gradient
-    of the loss on the combined batch)."""
-    module = _LossModule(flow)
+    """The module the training forward pass runs through (``density_loss(flow, x, module=...)``): ``flow``
+    itself, or its ``DistributedDataParallel`` wrapper under torch.distributed (gradients are then averaged
+    over the processes during ``backward``; with equal per-process batches this is the gradient of the loss
+    on the combined batch)."""
     if not dist_info.distributed:
-        return module
+        return flow
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     dev = dist_info.device
-    return DDP(module, device_ids=[dev.index] if dev.type == "cuda" else None, broadcast_buffers=False)
+    return DDP(flow, device_ids=[dev.index] if dev.type == "cuda" else None, broadcast_buffers=False)
 
 
 @contextlib.contextmanager
@@ -445,9 +431,20 @@ def _averaged_grads(params, dist_info: DistInfo):
             h.remove()
 
 
-def loss_and_info(module, x, noise=None):
-    """``(loss, info)`` through ``module`` (a ``_LossModule`` or its DDP wrapper)."""
-    return module(x, noise)
+def _replicas_identical(flow, dist_info: DistInfo):
+    """Under torch.distributed: whether every process holds bitwise the same weights (and end times) after
+    training, as data-parallel training must keep them; None for a single process."""
+    if not dist_info.distributed:
+        return None
+    import torch.distributed as dist
+
+    flat = torch.cat([p.detach().reshape(-1).double() for p in flow.parameters()])
+    if dist_info.backend != "nccl":
+        flat = flat.cpu()
+    lo, hi = flat.clone(), flat.clone()
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    return bool(torch.equal(lo, hi))
 
 
 def _end_times(flow) -> list[float]:
@@ -459,8 +456,8 @@ def _end_times(flow) -> list[float]:
 
 def evaluate_nll(flow, data: np.ndarray, batch_size: int, device, dtype, dist_info: DistInfo | None = None):
     """Mean NLL (nats) of ``data`` under ``flow`` in evaluation mode (eval solver, eval trace), the mean NFE
-    per batch and per-sample NLLs of this process's rows. With ``dist_info`` the rows are sharded over
-    the processes and the means combined."""
+    per batch and the per-sample NLLs of ``data``. Under torch.distributed (``dist_info``) every process
+    passes its own shard and the means are combined over the processes."""
     dist_info = dist_info or DistInfo()
     was_training = flow.training
     flow.eval()
@@ -559,7 +556,7 @@ def _progress(iterable, enabled, **kw):
 def train(args, dist_info: DistInfo | None = None) -> dict:
     """Run the training described by ``args`` (from :func:`parse_args`); returns the report dict (also written
     to ``<save>/report.json`` by the main process)."""
-    from fastode.flows import EndTimeOptimizer, network_parameters
+    from fastode.flows import EndTimeOptimizer, density_loss, network_parameters
 
     dist_info = dist_info or init_distributed(args.device)
     device = dist_info.device
@@ -631,7 +628,7 @@ def train(args, dist_info: DistInfo | None = None) -> dict:
         optimizer.zero_grad(set_to_none=True)
         if t_opt is not None:
             t_opt.zero_grad()
-        loss, info = loss_and_info(ddp, x, gen)
+        loss, info = density_loss(flow, x, noise=gen, module=ddp)
         nfe_f = float(flow.nfe)
         loss.backward()
         nfe_b = float(flow.nfe) - nfe_f
@@ -642,7 +639,7 @@ def train(args, dist_info: DistInfo | None = None) -> dict:
                 # reducer expects every parameter's gradient); the T gradients are averaged by hooks instead
                 gen_t = torch.Generator(device=device).manual_seed(_mix_seed(args.seed, dist_info.rank, itr, 98))
                 with _averaged_grads(t_opt.parameters, dist_info):
-                    t_opt.alternate_step(lambda: loss_and_info(_LossModule(flow), x, gen_t)[0])
+                    t_opt.alternate_step(lambda: density_loss(flow, x, noise=gen_t)[0])
             else:
                 t_opt.step()
         if device.type == "cuda":
@@ -689,6 +686,7 @@ def train(args, dist_info: DistInfo | None = None) -> dict:
     completed = itr + 1 if args.niters > start else start
 
     # ----- final evaluation with the best weights -----
+    in_sync = _replicas_identical(flow, dist_info)
     if dist_info.distributed:
         import torch.distributed as dist
 
@@ -697,6 +695,7 @@ def train(args, dist_info: DistInfo | None = None) -> dict:
         flow.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=False)["model"])
     report = _final_report(args, flow, source, dist_info, dtype, completed, best_val, best_itr, stopped_early,
                            history, train_time)
+    report["replicas_identical"] = in_sync
     if main_proc:
         with open(os.path.join(args.save, "report.json"), "w") as fh:
             json.dump(report, fh, indent=2)

@@ -24,6 +24,7 @@ def _worker(out_dir):
     import torch.distributed as dist
 
     from fastode import train as T
+    from fastode.flows import density_loss
 
     args = T.parse_args(ARGS + ["--save", os.path.join(out_dir, "run"), "--niters", "3", "--val-every", "2"])
     info = T.init_distributed("cpu")
@@ -35,7 +36,7 @@ def _worker(out_dir):
     module = T.wrap_for_training(flow, info)
     assert isinstance(module, torch.nn.parallel.DistributedDataParallel)
     x = torch.as_tensor(source.batch(0), dtype=torch.float64)
-    loss, _ = T.loss_and_info(module, x)
+    loss, _ = density_loss(flow, x, module=module)
     loss.backward()
     halves = [torch.empty_like(x) for _ in range(2)]
     dist.all_gather(halves, x)
@@ -43,13 +44,14 @@ def _worker(out_dir):
         torch.save({"grads": {n: p.grad.clone() for n, p in flow.named_parameters()},
                     "batch": torch.cat(halves), "loss0": loss.detach()}, os.path.join(out_dir, "ddp.pt"))
     dist.barrier()
-    T.train(args, info)
-    # the processes stayed in sync: identical weights after training
-    flat = torch.cat([p.detach().reshape(-1) for p in flow.parameters()])
-    gathered = [torch.empty_like(flat) for _ in range(2)]
-    dist.all_gather(gathered, flat)
+    first = T.train(args, info)
+    # TO-FLOW coordinate descent: the second (T-only) backward runs outside DDP with averaged T gradients
+    args = T.parse_args(ARGS + ["--save", os.path.join(out_dir, "run_alt"), "--niters", "2", "--val-every", "2",
+                                "--T-mode", "alternate", "--T-lr", "0.05"])
+    second = T.train(args, info)
     if info.rank == 0:
-        torch.save({"same": bool(torch.equal(gathered[0], gathered[1]))}, os.path.join(out_dir, "sync.pt"))
+        torch.save({"in_sync": [first["replicas_identical"], second["replicas_identical"]],
+                    "T_moved": second["T"][0] != 0.5}, os.path.join(out_dir, "sync.pt"))
     dist.destroy_process_group()
 
 
@@ -63,15 +65,16 @@ def test_ddp_gradients_equal_single_process_gradients(tmp_path):
     saved = torch.load(tmp_path / "ddp.pt", weights_only=False)
 
     from fastode import train as T
+    from fastode.flows import density_loss
 
     args = T.parse_args(ARGS + ["--save", str(tmp_path / "single")])
     torch.manual_seed(args.seed)
     flow = T.build_model(args, 2).to(torch.float64)
-    module = T.wrap_for_training(flow, T.DistInfo())
+    assert T.wrap_for_training(flow, T.DistInfo()) is flow
     batch = saved["batch"]
     assert batch.shape == (16, 2)
     assert not torch.equal(batch[:8], batch[8:])  # the processes trained on different data
-    loss, _ = T.loss_and_info(module, batch)
+    loss, _ = density_loss(flow, batch)
     loss.backward()
     for name, p in flow.named_parameters():
         torch.testing.assert_close(saved["grads"][name], p.grad, rtol=1e-10, atol=1e-12, msg=name)
@@ -79,7 +82,8 @@ def test_ddp_gradients_equal_single_process_gradients(tmp_path):
 
     report = json.load(open(tmp_path / "run" / "report.json"))
     assert report["world_size"] == 2 and report["iterations"] == 3
-    assert torch.load(tmp_path / "sync.pt", weights_only=False)["same"]
+    sync = torch.load(tmp_path / "sync.pt", weights_only=False)
+    assert sync["in_sync"] == [True, True] and sync["T_moved"]
 
 
 if __name__ == "__main__":
