@@ -14,6 +14,8 @@
 
 #include <dlfcn.h>
 
+#include <type_traits>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -31,6 +33,8 @@
 #else
 #define FASTODE_CLONES
 #endif
+
+#include "microkernels.h"
 
 namespace fastode {
 
@@ -475,8 +479,21 @@ FASTODE_CLONES void thin_tn_n(int64_t M, int64_t N, int64_t K, const T* A, int64
 
 bool g_use_blas_override_set = false;
 bool g_use_blas = true;
+bool g_use_mk = true;  // AVX-512 micro-kernels for the wide layers (float32, tanh / identity)
 
 inline bool use_blas() { return blas().use && (!g_use_blas_override_set || g_use_blas); }
+
+inline bool use_microkernels() {
+#ifdef FASTODE_HAVE_AVX512_KERNELS
+  static const bool env_ok = [] {
+    const char* f = std::getenv("FASTODE_GEMM");
+    return !(f && (std::string(f) == "fallback" || std::string(f) == "blas"));
+  }();
+  return env_ok && g_use_mk && mk::cpu_has_avx512();
+#else
+  return false;
+#endif
+}
 
 // Row-major C = A B^T (A: M x K, B: N x K)
 template <typename T>
@@ -621,10 +638,12 @@ struct FoldLayout {
 template <typename T>
 struct Folded {
   std::vector<T> buf;
+  std::vector<T> bufT;  // W'^T per layer (n x m), same offsets as W' (for the micro-kernels)
   std::vector<double> gate;  // concatenated over layers
   std::vector<int64_t> offG;
   const FoldLayout* lay = nullptr;
   const T* W(int l) const { return buf.data() + lay->offW[l]; }
+  const T* WT(int l) const { return bufT.data() + lay->offW[l]; }
   const T* c(int l) const { return buf.data() + lay->offC[l]; }
 };
 
@@ -652,6 +671,16 @@ void fold(const Net& net, const FoldLayout& fl, const Params<T>& p, double t, Fo
       out.gate.push_back(double(g));
       scale_row<T>(n, g, p.W[l] + j * n, Wp + j * n);
       c[j] = p.b[l][j] * g + p.bw[l][j] * tt;
+    }
+  }
+  if (std::is_same<T, float>::value && use_microkernels()) {
+    out.bufT.resize(fl.size);
+    for (int l = 0; l < net.L(); ++l) {
+      int64_t n = net.dims[l], m = net.dims[l + 1];
+      const T* Wp = out.buf.data() + fl.offW[l];
+      T* Wt = out.bufT.data() + fl.offW[l];
+      for (int64_t j = 0; j < m; ++j)
+        for (int64_t k = 0; k < n; ++k) Wt[k * m + j] = Wp[j * n + k];
     }
   }
 }
@@ -761,10 +790,18 @@ struct TileWS {
 template <typename T, int ACT>
 struct Kern {
   using AF = ActF<ACT, T>;
+#ifdef FASTODE_HAVE_AVX512_KERNELS
+  static constexpr bool kMk = std::is_same<T, float>::value && (ACT == kTanh || ACT == kIdentity);
+#else
+  static constexpr bool kMk = false;
+#endif
+  static constexpr bool kTanhAct = ACT == kTanh;
   const Net& net;
   int L;
   int64_t D;
-  explicit Kern(const Net& n) : net(n), L(n.L()), D(n.dims[0]) {}
+  bool mk_on;  // micro-kernels for layers whose both widths exceed kThin
+  explicit Kern(const Net& n) : net(n), L(n.L()), D(n.dims[0]), mk_on(kMk && use_microkernels()) {}
+  bool wide(int64_t a, int64_t b) const { return mk_on && a > kThin && b > kThin; }
 
   const T* Aptr(const T* blk, const BlockLayout& bl, int l) const {
     return AF::needs_a ? blk + bl.A[l] : nullptr;
@@ -778,6 +815,14 @@ struct Kern {
       int64_t m = net.dims[l + 1];
       if (l + 1 < L) {
         T* h = blk + bl.H[l];
+        if constexpr (kMk) {
+          if (wide(n, m)) {
+            mk::mk_nn(R, m, n, hin, n, fo.WT(l), m, mk::EpiBiasAct<kTanhAct>{fo.c(l), h, m});
+            hin = h;
+            n = m;
+            continue;
+          }
+        }
         gemm_nt<T>(R, m, n, hin, n, fo.W(l), n, h, m, T(0));
         ew_bias_act<ACT, T>(R, m, h, fo.c(l), AF::needs_a ? blk + bl.A[l] : nullptr);
         hin = h;
@@ -807,11 +852,20 @@ struct Kern {
     for (int l = L - 1; l >= 1; --l) {
       int64_t n = net.dims[l];
       T* slot = storeP ? blk + bl.P[k * (L - 1) + (l - 1)] : nullptr;
-      T* p = slot && !AF::store_g ? slot : ws.T0;
-      gemm_nn<T>(R, n, mg, g, mg, fo.W(l), n, p, n, T(0));
       T* gn = slot && AF::store_g ? slot : gbufs[gi];
       gi ^= 1;
-      ew_mul_d1<ACT, T>(R * n, p, Aptr(blk, bl, l - 1), blk + bl.H[l - 1], gn);
+      bool done = false;
+      if constexpr (kMk) {
+        if (wide(n, mg)) {  // tanh / identity store g: p itself is not needed
+          mk::mk_nn(R, n, mg, g, mg, fo.W(l), n, mk::EpiMulD1<kTanhAct>{blk + bl.H[l - 1], gn, n});
+          done = true;
+        }
+      }
+      if (!done) {
+        T* p = slot && !AF::store_g ? slot : ws.T0;
+        gemm_nn<T>(R, n, mg, g, mg, fo.W(l), n, p, n, T(0));
+        ew_mul_d1<ACT, T>(R * n, p, Aptr(blk, bl, l - 1), blk + bl.H[l - 1], gn);
+      }
       g = gn;
       mg = n;
     }
@@ -858,6 +912,16 @@ struct Kern {
           } else {
             gl = ek;
           }
+          if constexpr (kMk) {
+            if (l + 1 < L && wide(n, m)) {
+              if (want_params) mk::mk_tn_acc(m, n, R, gl, m, Pb, n, acc + fl.offW[l], n);
+              mk::mk_nn(R, m, n, Pb, n, fo.WT(l), m,
+                        mk::EpiBwd1<kTanhAct>{blk + bl.H[l], gl, Pn, ws.Acc[l], m});
+              std::swap(Pb, Pn);
+              n = m;
+              continue;
+            }
+          }
           if (want_params) gemm_tn<T>(m, n, R, gl, m, Pb, n, acc + fl.offW[l], n, T(1));
           if (l + 1 < L || gek) gemm_nt<T>(R, m, n, Pb, n, fo.W(l), n, ws.GB, m, T(0));
           if (l + 1 < L) {
@@ -886,15 +950,35 @@ struct Kern {
         if (gkin) v += T(2) * gkin[r] * f[r * D + d];
         Ab[r * D + d] = v;
       }
+    bool colsum_done = false;  // the fused epilogue already added this layer's bias gradient
     for (int l = L - 1; l >= 0; --l) {
       int64_t n = net.dims[l], m = net.dims[l + 1];
       const T* hl = l == 0 ? z : blk + bl.H[l - 1];
       if (want_params) {
-        ew_colsum<T>(R, m, Ab, acc + fl.offC[l]);
-        gemm_tn<T>(m, n, R, Ab, m, hl, n, acc + fl.offW[l], n, T(1));
+        if (!colsum_done) ew_colsum<T>(R, m, Ab, acc + fl.offC[l]);
+        if constexpr (kMk) {
+          if (wide(m, n))
+            mk::mk_tn_acc(m, n, R, Ab, m, hl, n, acc + fl.offW[l], n);
+          else
+            gemm_tn<T>(m, n, R, Ab, m, hl, n, acc + fl.offW[l], n, T(1));
+        } else {
+          gemm_tn<T>(m, n, R, Ab, m, hl, n, acc + fl.offW[l], n, T(1));
+        }
       }
+      colsum_done = false;
       if (l > 0 || gz) {
-        T* Hb = l > 0 ? ws.HB : gz;
+        T* other = Ab == ws.AB ? ws.HB : ws.AB;  // Ab ping-pongs between AB and HB
+        if constexpr (kMk) {
+          if (l > 0 && wide(n, m)) {
+            mk::mk_nn(R, n, m, Ab, m, fo.W(l), n,
+                      mk::EpiBwd2<kTanhAct>{blk + bl.H[l - 1], chain ? ws.Acc[l - 1] : nullptr, other,
+                                            want_params ? acc + fl.offC[l - 1] : nullptr, n});
+            Ab = other;
+            colsum_done = want_params;
+            continue;
+          }
+        }
+        T* Hb = l > 0 ? other : gz;
         gemm_nn<T>(R, n, m, Ab, m, fo.W(l), n, Hb, n, T(0));
         if (l > 0)
           ew_bwd2<ACT, T>(R * n, Hb, Aptr(blk, bl, l - 1), blk + bl.H[l - 1], chain ? ws.Acc[l - 1] : nullptr,
@@ -953,18 +1037,24 @@ inline double dot(int64_t n, const T* x, const T* y) {
 }  // namespace
 
 // ===================================================================================================
-std::string gemm_backend() { return use_blas() ? "blas" : "fallback"; }
+std::string gemm_backend() {
+  std::string b = use_blas() ? "blas" : "fallback";
+  return use_microkernels() ? "avx512+" + b : b;
+}
 
 std::string set_gemm_backend(const std::string& name) {
   if (name == "auto") {
     g_use_blas_override_set = false;
+    g_use_mk = true;
   } else if (name == "blas") {
     if (!blas().use) throw std::runtime_error("fastode: no BLAS (sgemm_/dgemm_) found in this process");
     g_use_blas_override_set = true;
     g_use_blas = true;
+    g_use_mk = false;
   } else if (name == "fallback") {
     g_use_blas_override_set = true;
     g_use_blas = false;
+    g_use_mk = false;
   } else {
     throw std::invalid_argument("fastode: gemm backend must be 'auto', 'blas' or 'fallback'");
   }

@@ -15,7 +15,7 @@ from typing import List, Sequence, Union
 
 import torch
 
-from .solvers.rk_step import combine_stages
+from .solvers.rk_step import combine_stages, combine_stages_exact
 from .tableaus import ButcherTableau
 
 __all__ = ["quartic_fit", "quartic_eval", "tableau_dense", "hermite_cubic", "linear"]
@@ -25,7 +25,7 @@ Scalar = Union[float, torch.Tensor]
 
 def quartic_fit(y0, y1, k: Sequence[torch.Tensor], dt: Scalar, c_mid) -> List[torch.Tensor]:
     """Coefficients ``[e, d, c, b, a]`` of ``p(x) = e + d x + c x^2 + b x^3 + a x^4`` on ``x in [0, 1]``."""
-    y_mid = combine_stages(y0, dt, c_mid, k)
+    y_mid = combine_stages_exact(y0, dt, c_mid, k)
     f0, f1 = k[0], k[-1]
     a = 2 * dt * (f1 - f0) - 8 * (y1 + y0) + 16 * y_mid
     b = dt * (5 * f0 - 3 * f1) + 18 * y0 + 14 * y1 - 32 * y_mid

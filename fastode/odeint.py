@@ -17,6 +17,7 @@ from .stats import SolveStats
 __all__ = ["odeint", "odeint_event", "odeint_dense", "GRADIENT_MODES"]
 
 GRADIENT_MODES = ("direct", "checkpoint", "adjoint")
+_ADJOINT_KWARGS = {"adjoint_params", "adjoint_rtol", "adjoint_atol", "adjoint_method", "adjoint_options"}
 
 
 def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, event_fn=None,
@@ -37,7 +38,7 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, even
             ``"<Solver>: Unexpected arguments {...}"``. Options given without ``method`` go to the default
             'dopri5'; keys dopri5 does not understand additionally trigger a warning that names them.
             Adaptive RK: ``first_step, safety, ifactor, dfactor, min_step, max_step, step_t, jump_t, dtype,
-            norm, max_num_steps`` (default 100000 attempts per output interval, then
+            norm, max_num_steps`` (default 10000 attempts per output interval, then
             :class:`~fastode.errors.MaxStepsExceededError`) and the opt-in ``interp="dense"`` (the method's own
             continuous extension; tsit5/dopri5/dopri8) and ``land_on="end"|"all"`` (land exactly on ``t[-1]`` /
             on every output time instead of overshooting and interpolating).
@@ -48,8 +49,11 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, even
         gradient: ``"direct"`` (default): plain autograd through the discrete solve.
             ``"checkpoint"``: discrete adjoint storing one state per accepted step and recomputing the stages
             in backward (same gradient as "direct" to rounding; see :mod:`fastode.grad.checkpoint`).
-            ``"adjoint"``: the continuous adjoint, i.e. :func:`fastode.odeint_adjoint` with its defaults;
-            extra keyword arguments (``adjoint_rtol``, ``adjoint_params``, ...) are passed on to it.
+            ``"adjoint"``: the continuous adjoint, i.e. :func:`fastode.odeint_adjoint` with its defaults.
+            The keywords ``adjoint_params, adjoint_rtol, adjoint_atol, adjoint_method, adjoint_options`` are
+            passed to ``odeint_adjoint`` for "adjoint"; "checkpoint" uses ``adjoint_params`` (the tensors to
+            differentiate when ``func`` is not an ``nn.Module``); "direct" ignores them, so that switching modes
+            needs no other change.
         return_stats: if True, also return a :class:`~fastode.stats.SolveStats` as the last element of the result:
             ``(solution, stats)`` or ``(event_t, solution, stats)``.
 
@@ -57,15 +61,18 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, even
         ``solution`` of shape ``(len(t), *y0.shape)`` (a tuple for tuple states), dtype of ``y0``; with
         ``event_fn``: ``(event_t, solution)``; plus ``stats`` if ``return_stats``.
     """
+    unknown = set(kwargs) - _ADJOINT_KWARGS
+    if unknown:
+        raise TypeError(f"odeint() got unexpected keyword arguments {sorted(unknown)}")
     if gradient == "direct":
-        if kwargs:
-            raise TypeError(f"odeint() got unexpected keyword arguments {sorted(kwargs)}")
+        # adjoint-only keywords are accepted (and ignored) so that switching `gradient` needs no other change
         return _odeint_direct(func, y0, t, rtol=rtol, atol=atol, method=method, options=options, event_fn=event_fn,
                               return_stats=return_stats)
     if gradient == "checkpoint":
         from .grad.checkpoint import odeint_checkpoint
         return odeint_checkpoint(func, y0, t, rtol=rtol, atol=atol, method=method, options=options,
-                                 event_fn=event_fn, return_stats=return_stats, **kwargs)
+                                 event_fn=event_fn, return_stats=return_stats,
+                                 adjoint_params=kwargs.get("adjoint_params"))
     if gradient == "adjoint":
         from .grad.adjoint import odeint_adjoint
         if return_stats:

@@ -399,3 +399,21 @@ def test_float32_state_and_linear_problem_forward_accuracy():
         y = odeint_adjoint(f, y0, t)
         assert y.dtype == torch.float32
         assert ((sol - y) / sol).abs().max() < 2e-3
+
+
+def test_per_element_tensor_tolerances_and_single_time_point():
+    # torchdiffeq's backward splits a non-scalar tensor tolerance along dim 0 and fails; here it is expanded
+    f = Net()
+    y0 = torch.tensor([[0.5, -0.3, 0.2], [0.1, 0.4, -0.6]], dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    rtol = torch.full((2, 3), 1e-8, dtype=torch.float64)
+    rtol[0] = 1e-10
+    odeint_adjoint(f, y0, t, rtol=rtol, atol=1e-11).sum().backward()
+    g_adj = y0.grad.clone()
+    y0.grad = None
+    fastode.odeint(f, y0, t, rtol=1e-11, atol=1e-12).sum().backward()
+    assert (g_adj - y0.grad).abs().max() < 1e-6
+    y0.grad = None
+    y = odeint_adjoint(f, y0, t[:1])
+    y.sum().backward()
+    assert y.shape == (1, 2, 3) and torch.equal(y0.grad, torch.ones(2, 3, dtype=torch.float64))

@@ -50,7 +50,6 @@ fastode differences (documented in the README's migration note):
 from __future__ import annotations
 
 import warnings
-from typing import Optional
 
 import torch
 import torch.nn as nn

@@ -29,11 +29,14 @@ torchdiffeq's stored integer/divisor tables to the last bit; ``tests/test_adams.
 Deliberate differences from torchdiffeq (all for inputs on which torchdiffeq crashes or misbehaves):
 
 * ``max_order`` outside ``1..12`` and ``max_iters < 1`` raise :class:`~fastode.errors.InvalidOptionError`
-  (torchdiffeq: ``AssertionError`` for ``> 12``; ``IndexError``/``NameError``/``ValueError`` from inside the
+  (torchdiffeq: ``AssertionError`` for ``> 12``; ``IndexError``/``UnboundLocalError``/``ValueError`` from inside the
   loop for the others). ``max_order`` in ``1..3`` works (pure ``rk4``) instead of crashing for ``1``.
 * torchdiffeq passes ``atol=rtol`` to its base class (``super().__init__(..., atol=rtol)``); it then
   overwrites ``self.atol`` with the right value, so the bug has no observable effect and there is nothing to
   reproduce: here ``atol`` is simply ``atol``.
+* ``gradient="checkpoint"`` is not available (a multistep step cannot be recomputed on its own: class attribute
+  ``multistep = True``; replaying a step out of order raises :class:`~fastode.errors.InvalidOptionError`). Use
+  ``gradient="direct"`` (exact gradient of the discrete solve) or ``"adjoint"``.
 * NaN/inf states raise :class:`~fastode.errors.NonFiniteError` (``check_finite=True``, the fixed-grid default;
   ``options={'check_finite': False}`` restores silent propagation).
 """
@@ -51,9 +54,9 @@ from ..errors import InvalidOptionError, MaxStepsExceededError
 from ..events import find_event
 from ..interp import hermite_cubic, linear
 from ..tableaus import TABLEAUS
-from .base import _null_callback, state_time_value
+from .base import state_time_value
 from .fixed_grid import MAX_EVENT_ITERS, FixedGridSolver
-from .rk_step import combine_stages, rk_step
+from .rk_step import RKStep, combine_stages, rk_step
 
 __all__ = ["AdamsBashforthMoulton", "AdamsBashforth", "bashforth_coefficients", "moulton_coefficients",
            "MIN_ORDER", "MAX_ORDER", "MAX_ITERS"]
@@ -117,6 +120,7 @@ class AdamsBashforthMoulton(FixedGridSolver):
 
     tableau = TABLEAUS["rk4"]      # start-up steps: Kutta's 3/8 rule (torchdiffeq's rk4_alt_step_func)
     order = 4
+    multistep = True               # steps cannot be recomputed independently (no gradient="checkpoint")
     name = "implicit_adams"
     implicit = True
 
@@ -197,46 +201,32 @@ class AdamsBashforthMoulton(FixedGridSolver):
                 self.prev_f.pop()
         return y0 + dy, f0
 
-    # ---- the grid loop (FixedGridSolver.integrate with the Adams step)
+    # ---- the grid loop: FixedGridSolver.integrate calls grid_step(ctx, i, y0) for i = 0, 1, ... in order
     def integrate(self, t):
         self._reset_history()
-        grid, g_host, t_host = self._grid(t)
-        rnd = self._rounder(grid.dtype)
-        need_grad = torch.is_grad_enabled() and (grid.requires_grad or t.requires_grad)
-        stats = self.stats
-        solution = [self.y0]
-        flags = []
-        j = 1
-        y0 = self.y0
-        n_t = len(t_host)
-        for i in range(len(g_host) - 1):
-            t0, t1 = g_host[i], g_host[i + 1]
-            dt = rnd(t1 - t0)
-            if need_grad:
-                g0, g1 = grid[i], grid[i + 1]
-                gdt = g1 - g0
-                tc = self._stage_times(t0, dt, t1, rnd, (g0, gdt, g1))
-                dt_arg = gdt.to(self.rdtype)
-            else:
-                tc = self._stage_times(t0, dt, t1, rnd)
-                dt_arg = state_time_value(dt, self.rdtype) if grid.dtype != self.rdtype else dt
-            if self.func.callback_step is not _null_callback:
-                self.func.callback_step(grid[i], y0, grid[i + 1] - grid[i])
-            y1, f0 = self._step(t0, y0, dt_arg, tc)
-            if self.check_finite:
-                flags.append(torch.isfinite(y1.detach()).all())
-            stats.num_steps += 1
-            stats.num_accepted_steps += 1
-            stats.step_ts.append(t0)
-            stats.step_sizes.append(t1 - t0)
-            while j < n_t and t1 >= t_host[j]:
-                solution.append(self._output(t, j, t_host[j], t0, t1, y0, y1, f0, dt_arg, rnd, grid, i,
-                                             need_grad))
-                j += 1
-            y0 = y1
-        if flags:
-            self._check_flags(flags, g_host)
-        return torch.stack(solution)
+        self._next_step = 0
+        return super().integrate(t)
+
+    def grid_step(self, ctx, i, y0):
+        """Grid step ``i`` from ``y0``. Multistep: valid only in order (i = 0, 1, ...) within one solve."""
+        if i != getattr(self, "_next_step", 0):
+            raise InvalidOptionError(
+                f"{type(self).__name__} is a multistep method: its steps depend on the derivatives of the previous "
+                f"steps, so they cannot be recomputed one at a time (step {i} requested out of order). "
+                f"gradient='checkpoint' does not support Adams methods; use gradient='direct' or 'adjoint'.")
+        self._next_step = i + 1
+        t0, t1 = ctx.g_host[i], ctx.g_host[i + 1]
+        dt = ctx.rnd(t1 - t0)
+        if ctx.need_grad:
+            g0, g1 = ctx.grid[i], ctx.grid[i + 1]
+            gdt = g1 - g0
+            tc = self._stage_times(t0, dt, t1, ctx.rnd, (g0, gdt, g1))
+            dt_arg = gdt.to(self.rdtype)
+        else:
+            tc = self._stage_times(t0, dt, t1, ctx.rnd)
+            dt_arg = state_time_value(dt, self.rdtype) if ctx.grid.dtype != self.rdtype else dt
+        y1, f0 = self._step(t0, y0, dt_arg, tc)
+        return RKStep(y1, None, [f0], None)
 
     def integrate_until_event(self, t0, event_fn):
         if self.step_size is None:

@@ -13,6 +13,7 @@ NaN/inf (torchdiffeq propagates NaNs silently). ``check_finite=False`` turns thi
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -27,6 +28,15 @@ from .rk_step import rk_step
 __all__ = ["FixedGridSolver", "FIXED_GRID_SOLVERS", "MAX_EVENT_ITERS"]
 
 MAX_EVENT_ITERS = 20000
+
+
+class _GridCtx(NamedTuple):
+    t: torch.Tensor
+    grid: torch.Tensor
+    g_host: list
+    t_host: list
+    rnd: object
+    need_grad: bool
 
 
 def _grid_from_step_size(step_size):
@@ -69,6 +79,8 @@ class FixedGridSolver(Solver):
         self.interp = interp
         self.perturb = bool(perturb)
         self.check_finite = check_finite
+        self.tape = None      # start state of every step (gradient="checkpoint")
+        self.out_map = None   # (output index, step index) pairs (gradient="checkpoint")
         if step_size is None:
             self.grid_constructor = grid_constructor if grid_constructor is not None else (lambda f, y0, t: t)
         else:
@@ -130,66 +142,87 @@ class FixedGridSolver(Solver):
                                      f"integration direction); fix grid_constructor")
         return grid, g_host, t_host
 
-    def integrate(self, t):
-        grid, g_host, t_host = self._grid(t)
-        rnd = self._rounder(grid.dtype)
+    def prepare(self, t, grid=None):
+        """Grid and host copies for a solve over ``t`` (also used by the checkpointed backward)."""
+        if grid is None:
+            grid, g_host, t_host = self._grid(t)
+        else:
+            g_host = grid.detach().to("cpu", torch.float64).tolist()
+            t_host = t.detach().to("cpu", torch.float64).tolist()
         need_grad = torch.is_grad_enabled() and (grid.requires_grad or t.requires_grad)
-        tab = self.tableau
+        return _GridCtx(t, grid, g_host, t_host, self._rounder(grid.dtype), need_grad)
+
+    def integrate(self, t):
+        ctx = self.prepare(t)
         stats = self.stats
         solution = [self.y0]
         flags = []
         j = 1
         y0 = self.y0
+        g_host, t_host = ctx.g_host, ctx.t_host
         n_t = len(t_host)
         for i in range(len(g_host) - 1):
             t0, t1 = g_host[i], g_host[i + 1]
-            dt = rnd(t1 - t0)
-            if need_grad:
-                g0, g1 = grid[i], grid[i + 1]
-                gdt = g1 - g0
-                tc = self._stage_times(t0, dt, t1, rnd, (g0, gdt, g1))
-                dt_arg = gdt.to(self.rdtype)
-            else:
-                tc = self._stage_times(t0, dt, t1, rnd)
-                dt_arg = state_time_value(dt, self.rdtype) if grid.dtype != self.rdtype else dt
             if self.func.callback_step is not _null_callback:
-                self.func.callback_step(grid[i], y0, grid[i + 1] - grid[i])
-            step = rk_step(self.func, t0, y0, None, dt_arg, tab, tc=tc)
-            y1 = step.y1
+                self.func.callback_step(ctx.grid[i], y0, ctx.grid[i + 1] - ctx.grid[i])
+            step = self.grid_step(ctx, i, y0)
             if self.check_finite:
-                flags.append(torch.isfinite(y1.detach()).all())
+                flags.append(torch.isfinite(step.y1.detach()).all())
             stats.num_steps += 1
             stats.num_accepted_steps += 1
             stats.step_ts.append(t0)
             stats.step_sizes.append(t1 - t0)
+            if self.tape is not None:
+                self.tape.append(y0.detach())
             while j < n_t and t1 >= t_host[j]:
-                solution.append(self._output(t, j, t_host[j], t0, t1, y0, y1, step.k[0], dt_arg, rnd, grid, i,
-                                             need_grad))
+                solution.append(self.grid_output(ctx, j, i, y0, step))
+                if self.out_map is not None:
+                    self.out_map.append((j, i))
                 j += 1
-            y0 = y1
+            y0 = step.y1
         if flags:
             self._check_flags(flags, g_host)
         return torch.stack(solution)
 
-    def _output(self, t, j, tj, t0, t1, y0, y1, f0, dt_arg, rnd, grid, i, need_grad):
+    def grid_step(self, ctx, i, y0):
+        """Step ``i`` of the grid from ``y0`` (shared by the solve and the checkpointed backward)."""
+        t0, t1 = ctx.g_host[i], ctx.g_host[i + 1]
+        dt = ctx.rnd(t1 - t0)
+        if ctx.need_grad:
+            g0, g1 = ctx.grid[i], ctx.grid[i + 1]
+            gdt = g1 - g0
+            tc = self._stage_times(t0, dt, t1, ctx.rnd, (g0, gdt, g1))
+            dt_arg = gdt.to(self.rdtype)
+        else:
+            tc = self._stage_times(t0, dt, t1, ctx.rnd)
+            dt_arg = state_time_value(dt, self.rdtype) if ctx.grid.dtype != self.rdtype else dt
+        return rk_step(self.func, t0, y0, None, dt_arg, self.tableau, tc=tc)
+
+    def grid_output(self, ctx, j, i, y0, step):
+        """Output ``j`` (inside grid step ``i``) by linear or cubic Hermite interpolation."""
+        t, grid, need_grad, rnd = ctx.t, ctx.grid, ctx.need_grad, ctx.rnd
+        tj, t0, t1 = ctx.t_host[j], ctx.g_host[i], ctx.g_host[i + 1]
+        y1 = step.y1
         if self.interp == "linear":
             if tj == t0 and not need_grad:
                 return y0
             if tj == t1 and not need_grad:
                 return y1
             if need_grad:
-                slope = (t[j] - grid[i]) / (grid[i + 1] - grid[i])
+                slope = ((t[j] - grid[i]) / (grid[i + 1] - grid[i])).to(self.rdtype)
             else:
                 slope = state_time_value(rnd((tj - t0) / rnd(t1 - t0)), self.rdtype)
             return linear(y0, y1, slope)
         # cubic Hermite: one more evaluation of func at the end of the step, per output (torchdiffeq)
-        f1 = self.func(torch.full((), state_time_value(t1, self.rdtype), dtype=self.rdtype, device=y0.device)
-                       if not need_grad else grid[i + 1].to(self.rdtype), y1)
         if need_grad:
+            f1 = self.func(grid[i + 1].to(self.rdtype), y1)
+            dt = (grid[i + 1] - grid[i]).to(self.rdtype)
             h = ((t[j] - grid[i]) / (grid[i + 1] - grid[i])).to(self.rdtype)
         else:
+            f1 = self.func(torch.full((), state_time_value(t1, self.rdtype), dtype=self.rdtype, device=y0.device), y1)
+            dt = state_time_value(rnd(t1 - t0), self.rdtype)
             h = state_time_value(rnd((tj - t0) / rnd(t1 - t0)), self.rdtype)
-        return hermite_cubic(y0, f0, y1, f1, dt_arg, h)
+        return hermite_cubic(y0, step.k[0], y1, f1, dt, h)
 
     def _check_flags(self, flags, g_host):
         ok = torch.stack(flags)

@@ -14,7 +14,7 @@ differentiated); the clock is ``t[0] + constant`` so gradients w.r.t. ``t`` are 
 Options (torchdiffeq's): ``first_step``, ``safety``, ``ifactor``, ``dfactor``, ``min_step``, ``max_step``,
 ``max_num_steps``, ``step_t``, ``jump_t``, ``dtype``, ``norm``. fastode additions (opt-in):
 
-* ``max_num_steps``: default :data:`DEFAULT_MAX_NUM_STEPS` (= 100000) step attempts per output interval
+* ``max_num_steps``: default :data:`DEFAULT_MAX_NUM_STEPS` (= 10000) step attempts per output interval
   (torchdiffeq: 2**31 - 1, which in practice hangs); exceeding it raises
   :class:`~fastode.errors.MaxStepsExceededError`.
 * ``interp="quartic"`` (default, torchdiffeq's) or ``"dense"``: the method's own continuous extension
@@ -37,11 +37,11 @@ from ..events import find_event
 from ..interp import quartic_eval, quartic_fit, tableau_dense
 from ..tableaus import TABLEAUS, ButcherTableau
 from .base import Perturb, Solver, _null_callback, real_dtype, state_time_value
-from .rk_step import error_ratio, rk_step
+from .rk_step import combine_stages_exact, error_ratio, rk_step
 
 __all__ = ["RKAdaptiveSolver", "DEFAULT_MAX_NUM_STEPS", "ADAPTIVE_SOLVERS", "StepRecord"]
 
-DEFAULT_MAX_NUM_STEPS = 100_000
+DEFAULT_MAX_NUM_STEPS = 10_000
 
 
 def _scalar_option(name, value, cls):
@@ -431,7 +431,7 @@ class RKAdaptiveSolver(Solver):
         else:
             dt_arg = dt_state
         tc = [None] + [self._stage_time(t0, dt, t1, c) for c in self.tableau.c[1:]]  # k[0] = f0 is reused
-        step = rk_step(self.func, t0, y0, f0, dt_arg, self.tableau, tc=tc)
+        step = rk_step(self.func, t0, y0, f0, dt_arg, self.tableau, tc=tc, combine=combine_stages_exact)
         return step, dt_arg, dt_state
 
     def _dt_grad_for(self, t0, t1, clip):
@@ -531,9 +531,11 @@ class RKAdaptiveSolver(Solver):
         y0, y1, k, dt_arg = last.y0, last.y1, last.k, last.dt_arg
         if self.interp == "dense":
             return tableau_dense(self.tableau, y0, k, dt_arg, x)
-        if self._interp_cache is None or self._interp_cache[0] is not last:
-            self._interp_cache = (last, quartic_fit(y0, y1, k, dt_arg, self.tableau.c_mid))
-        return quartic_eval(self._interp_cache[1], x)
+        grad = torch.is_grad_enabled()
+        if self._interp_cache is None or self._interp_cache[0] is not last or self._interp_cache[1] != grad:
+            # (coefficients fitted under no_grad, e.g. during event bisection, must not be reused with grad)
+            self._interp_cache = (last, grad, quartic_fit(y0, y1, k, dt_arg, self.tableau.c_mid))
+        return quartic_eval(self._interp_cache[2], x)
 
     # ------------------------------------------------------------------------------------------ events
     def integrate_until_event(self, t0, event_fn):

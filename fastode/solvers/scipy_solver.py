@@ -19,6 +19,9 @@ Deliberate differences from torchdiffeq (documented in the README's migration no
 * ``min_step`` is forwarded to scipy only when it has an effect (LSODA) or when the user set it to a non-zero
   value; torchdiffeq always forwards it, which makes scipy warn "The following arguments have no effect for a
   chosen solver: `min_step`" on every non-LSODA solve.
+* ``func`` receives ``t`` exactly, in the state's real dtype, for every scipy method. torchdiffeq builds it
+  with ``torch.tensor(t)``, which for LSODA (which passes a Python float) rounds it to float32 first, so
+  torchdiffeq's LSODA results differ from these in the 7th-8th digit (RK45 etc. agree bit for bit).
 * Tolerances given as tensors (per element, or expanded from a tuple state's per-component list) are passed
   to scipy as NumPy arrays.
 * ``stats.num_steps``/``num_accepted_steps``/``step_ts``/``step_sizes`` are filled from scipy's own steps
