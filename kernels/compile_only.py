@@ -97,13 +97,17 @@ def compile_one(kernel, types: dict, constexprs: dict, arch: int = 90, num_warps
     return rec
 
 
-def _csq_fwd(dtype: str, mode: int, L: int, D: int, width: int, BM: int, act="tanh", CH=None, num_warps=4,
-             arch=90):
+def _csq_tiles(dtype: str, D: int, width: int, BM, CH):
     cfg = CS.default_config(D, [width], getattr(torch, dtype))
     CH = CH or cfg["CH"]
     BM = BM or cfg["BM"]
     CD = min(cfg["CD"], CH)
     P = max(16, -(-width // CH) * CH, -(-D // CD) * CD)
+    return BM, CH, CD, P
+
+
+def _csq_fwd(dtype: str, mode: int, L: int, D: int, width: int, BM, act="tanh", CH=None, num_warps=4, arch=90):
+    BM, CH, CD, P = _csq_tiles(dtype, D, width, BM, CH)
     p = "*" + _TY[dtype]
     types = {n: p for n in ("t_ptr", "z_ptr", "e_ptr", "w_ptr", "v_ptr", "f_ptr", "vjp_ptr", "tr_ptr", "kin_ptr",
                             "frob_ptr", "scr_ptr")}
@@ -114,13 +118,8 @@ def _csq_fwd(dtype: str, mode: int, L: int, D: int, width: int, BM: int, act="ta
     return rec
 
 
-def _csq_bwd(dtype: str, mode: int, L: int, D: int, width: int, BM: int, act="tanh", CH=None, num_warps=4,
-             arch=90):
-    cfg = CS.default_config(D, [width], getattr(torch, dtype))
-    CH = CH or cfg["CH"]
-    BM = BM or cfg["BM"]
-    CD = min(cfg["CD"], CH)
-    P = max(16, -(-width // CH) * CH, -(-D // CD) * CD)
+def _csq_bwd(dtype: str, mode: int, L: int, D: int, width: int, BM, act="tanh", CH=None, num_warps=4, arch=90):
+    BM, CH, CD, P = _csq_tiles(dtype, D, width, BM, CH)
     p = "*" + _TY[dtype]
     types = {n: p for n in ("t_ptr", "z_ptr", "e_ptr", "w_ptr", "v_ptr", "gf_ptr", "gv_ptr", "gtr_ptr", "gkin_ptr",
                             "gfrob_ptr", "gz_ptr", "ge_ptr", "dw_ptr", "dv_ptr", "scr_ptr")}
