@@ -13,9 +13,11 @@ The C++ CPU backend (`csrc/` -> extension `fastode._C`) is optional:
 * `FASTODE_NO_EXT=1` skips the build on purpose; `FASTODE_REQUIRE_EXT=1` makes a failed build an error
   (CI: csrc/ci_build_and_test.sh).
 
-Flags: `-O3`, OpenMP, no `-march`: the hot element-wise loops carry GCC `target_clones` (x86-64-v4, v3,
-baseline) picked at load time, and the GEMMs go to the MKL inside libtorch, so one build runs on any
-x86-64 CPU. `FASTODE_NATIVE=1` adds `-march=native` for a local, non-portable build.
+Flags: `-O3`, OpenMP, no `-march`: the element-wise loops carry GCC `target_clones` (x86-64-v4, v3,
+baseline) picked at load time, the AVX-512 micro-kernels are compiled with a `target` attribute and only
+called when the CPU has AVX-512 (checked at run time), and the other GEMMs go to the MKL inside libtorch,
+so one build runs on any x86-64 CPU. `FASTODE_NATIVE=1` adds `-march=native` for a local, non-portable
+build.
 """
 import os
 import sys

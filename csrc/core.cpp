@@ -3,9 +3,12 @@
 // Performance notes
 // - Batches are cut into tiles of `Exec::tile` rows. A tile runs the whole MLP forward, the probe VJPs and
 //   (in a fused RK step) every stage before the next tile starts, so its intermediates stay in L1/L2.
-// - The GEMMs go to the process's BLAS (MKL inside libtorch_cpu) through sgemm_/dgemm_, limited to one
-//   thread per call (MKL_Set_Num_Threads_Local) so that results do not depend on the thread count;
-//   parallelism is OpenMP over chunks of tiles.
+// - float32 with tanh / identity on an AVX-512 CPU (checked at run time): the wide layers use the
+//   micro-kernels of microkernels.h (6 x 64 register blocks) with the bias/activation/derivative passes
+//   fused into their epilogues. Otherwise the GEMMs go to the process's BLAS (MKL inside libtorch_cpu)
+//   through sgemm_/dgemm_, limited to one thread per call (MKL_Set_Num_Threads_Local) so that results do
+//   not depend on the thread count; GEMMs with a dimension <= kThin (the D-wide first and last layers) use
+//   plain vectorised loops. Parallelism is OpenMP over chunks of tiles.
 // - Element-wise epilogues are compiled three times (x86-64-v4 / v3 / baseline) with GCC target_clones
 //   and picked at load time by the CPU, so one binary is portable and still uses AVX2/AVX-512.
 // - float32 tanh uses a rational approximation (|error| <= 3.5e-7 absolute, <= 6 ulp) that vectorises;

@@ -37,7 +37,9 @@ def available() -> bool:
 
 def build_info() -> dict:
     """What the C++ backend is: ``available``, ``error`` (why not), ``path``, ``openmp``, ``gemm``
-    (``"blas"`` = the BLAS inside libtorch, ``"fallback"`` = built-in loops), ``tile``."""
+    (``"blas"`` = the BLAS inside libtorch, ``"fallback"`` = built-in loops; prefixed ``"avx512+"`` when the
+    AVX-512 micro-kernels run the wide float32 tanh/identity layers), ``tile``. ``FASTODE_GEMM=blas`` or
+    ``fallback`` (read at load) turns the micro-kernels off, ``fallback`` also BLAS."""
     from ._dispatch import tile_rows
 
     if _ext is None:
