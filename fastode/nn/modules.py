@@ -75,6 +75,11 @@ class ConcatSquashMLP(nn.Module):
         """List of per-layer ``(W, b, gw, gb, bw)`` tuples."""
         return [layer.params() for layer in self.layers]
 
+    def params_at(self, t):
+        """The parameters used at time ``t`` (constant here). Subclasses with time-varying weights (e.g. Disc-Opt
+        interpolation between control times) override this and inherit forward / forward_with_trace."""
+        return self.params()
+
     def _prepare(self, t, z):
         if z.shape[-1] != self.dim:
             raise ValueError(f"z has last dimension {z.shape[-1]} but the MLP was built for dim={self.dim}")
@@ -83,7 +88,7 @@ class ConcatSquashMLP(nn.Module):
         if t.numel() != 1:
             raise ValueError(f"t must be a scalar time, got shape {tuple(t.shape)}")
         t = t.reshape(())
-        params = self.params()
+        params = self.params_at(t)
         name, impl = _backends.select_backend(self.backend, t, z2, params, self.activation)
         self.last_backend = name
         return t, z2, params, impl
