@@ -8,8 +8,8 @@ What it gives you:
                                ``import torch``; ``run.py`` therefore sets them at the very top.
 * ``time_alternating(fns, repeats)`` -- time several callables *interleaved*: every repeat runs each
                                callable once, in an order rotated by one position per repeat, so slow
-                               drift in machine load hits all peers alike.  Returns medians (and all
-                               samples).  Compare peers only within one such call (same run, same load).
+                               drift in machine load hits all peers alike.  Returns medians of wall
+                               time and of process CPU time (and all samples).  Compare peers only within one such call (same run, same load).
 * ``metadata()``            -- machine (lscpu model, cores), versions (python, torch, fastode, torchdiffeq,
                                torchode, scipy, numpy), git commit (+ dirty flag), threads, load average.
 * ``Timer``/``loadavg()``   -- wall clock helpers; ``loadavg()`` is ``os.getloadavg()`` (the machine is
@@ -68,11 +68,18 @@ def loadavg() -> list[float]:
 class Timing:
     """Samples (seconds) of one callable from ``time_alternating``."""
 
-    samples: list[float] = field(default_factory=list)
+    samples: list[float] = field(default_factory=list)       # wall clock (perf_counter)
+    cpu_samples: list[float] = field(default_factory=list)   # process CPU time (process_time)
 
     @property
     def median(self) -> float:
         return statistics.median(self.samples) if self.samples else float("nan")
+
+    @property
+    def cpu_median(self) -> float:
+        """Median process CPU time: less sensitive than wall time to other jobs on a shared machine
+        (it still includes cache / memory-bandwidth contention)."""
+        return statistics.median(self.cpu_samples) if self.cpu_samples else float("nan")
 
     @property
     def iqr(self) -> tuple[float, float]:
@@ -82,8 +89,8 @@ class Timing:
         return (q[0], q[2])
 
     def as_dict(self) -> dict:
-        return {"median_s": self.median, "iqr_s": list(self.iqr), "n": len(self.samples),
-                "samples_s": self.samples}
+        return {"median_s": self.median, "iqr_s": list(self.iqr), "cpu_median_s": self.cpu_median,
+                "n": len(self.samples), "samples_s": self.samples}
 
 
 def time_alternating(fns: Mapping[str, Callable[[], Any]], repeats: int = 5, *, warmup: int = 1,
@@ -105,9 +112,11 @@ def time_alternating(fns: Mapping[str, Callable[[], Any]], repeats: int = 5, *, 
     for r in range(repeats):
         k = r % len(names)
         for name in names[k:] + names[:k]:
-            t0 = clock()
+            c0, t0 = time.process_time(), clock()
             fns[name]()
-            out[name].samples.append(clock() - t0)
+            t1, c1 = clock(), time.process_time()
+            out[name].samples.append(t1 - t0)
+            out[name].cpu_samples.append(c1 - c0)
         if budget_s is not None and r + 1 >= min_repeats and clock() - start > budget_s:
             break
     return out

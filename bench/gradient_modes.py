@@ -239,7 +239,8 @@ def run_gradient_modes(profile: str = "quick", *, progress=None, log=print) -> d
                         mem = worker({"peer": peer, "config": c})
                     except Exception as exc:  # noqa: BLE001
                         mem = {"memory_failure": f"{type(exc).__name__}: {exc}"}
-                row.update({"time_s": tm.median, "time_iqr_s": list(tm.iqr), "repeats": len(tm.samples),
+                row.update({"time_s": tm.median, "time_iqr_s": list(tm.iqr), "cpu_s": tm.cpu_median,
+                            "repeats": len(tm.samples),
                             "nfe_fwd": nfes[peer]["fwd"], "nfe_bwd": nfes[peer]["bwd"],
                             "grad_rel_diff": rel_diff(grads[peer], grads[ref]), "grad_reference": ref,
                             **mem})
@@ -261,7 +262,7 @@ def markdown(result: dict) -> str:
     lines = ["## Gradient modes: forward + backward of a batched neural ODE (float32, CPU, 1 thread)", "",
              f"MLP([y, t]) tanh {cfg['dim']}+1 -> {cfg['hidden']} -> {cfg['hidden']} -> {cfg['dim']}, "
              f"batch {cfg['batch']}, t in [0, 1], loss = mean(y(1)^2).  Time: median forward+backward "
-             "(peers interleaved).  Peak RSS: resident-set growth during one forward+backward in a fresh "
+             "(peers interleaved) and its process CPU time.  Peak RSS: resident-set growth during one forward+backward in a fresh "
              "subprocess.  Saved: peak bytes of autograd saved tensors.  Grad diff: relative L2 "
              "difference of d loss / d (params, y0) to the reference mode.", ""]
     table = []
@@ -272,10 +273,12 @@ def markdown(result: dict) -> str:
             continue
         mib = lambda b: None if b is None else b / 2**20  # noqa: E731
         table.append({"config": r["config"], "peer": f"{r['library']} {r['mode']}",
-                      "time_ms": 1e3 * r["time_s"], "rss": mib(r.get("peak_rss_bytes")),
+                      "time_ms": 1e3 * r["time_s"], "cpu_ms": 1e3 * r["cpu_s"],
+                      "rss": mib(r.get("peak_rss_bytes")),
                       "saved": mib(r.get("saved_peak_bytes")), "nfe": f"{r['nfe_fwd']} / {r['nfe_bwd']}",
                       "grad": r["grad_rel_diff"], "ref": r["grad_reference"]})
     lines.append(common.markdown_table(table, {"config": "config", "peer": "peer", "time_ms": "time [ms]",
+                                               "cpu_ms": "CPU time [ms]",
                                                "rss": "peak RSS [MiB]", "saved": "saved tensors [MiB]",
                                                "nfe": "NFE fwd / bwd", "grad": "grad diff",
                                                "ref": "grad reference"}))

@@ -92,7 +92,8 @@ def summary(meta: dict, wp: dict | None, gm: dict | None) -> str:
             err = common.geomean(r["peer_error"] / r["fastode_error"] for r in rs if r["fastode_error"])
             lines.append(f"- fastode {method} vs {peer} {pm}, same tolerance: {peer} takes "
                          f"x{common.geomean(r['time_ratio'] for r in rs):.2f} the wall time "
-                         f"(range {min(r['time_ratio'] for r in rs):.2f}-{max(r['time_ratio'] for r in rs):.2f}) "
+                         f"(range {min(r['time_ratio'] for r in rs):.2f}-{max(r['time_ratio'] for r in rs):.2f}; "
+                         f"CPU time x{common.geomean(r['cpu_ratio'] for r in rs):.2f}) "
                          f"and x{common.geomean(r['nfe_ratio'] for r in rs):.2f} the RHS evaluations; "
                          f"its error is x{err:.2f} fastode's (geometric means over {len(rs)} problem/tolerance pairs)")
         peers = (("torchdiffeq", "dopri5"), ("torchode", "dopri5"), ("scipy", "RK45"))
@@ -131,7 +132,8 @@ def summary(meta: dict, wp: dict | None, gm: dict | None) -> str:
                     if ra.get("peak_rss_bytes") and rb.get("peak_rss_bytes"):
                         mem = f"; its peak RSS is x{ra['peak_rss_bytes'] / rb['peak_rss_bytes']:.2f} of the latter's"
                     lines.append(f"- {config}: {' '.join(a)} vs {' '.join(b)}: speed-up "
-                                 f"x{rb['time_s'] / ra['time_s']:.2f}{mem}")
+                                 f"x{rb['time_s'] / ra['time_s']:.2f} (CPU time x{rb['cpu_s'] / ra['cpu_s']:.2f})"
+                                 f"{mem}")
         worst = [(r["grad_rel_diff"], r) for r in rows if r["library"] == "fastode" and r["mode"] == "checkpoint"]
         if worst:
             d, r = max(worst, key=lambda x: x[0])

@@ -171,6 +171,7 @@ def run_work_precision(profile: str = "quick", *, progress=None, log=print) -> d
                     "problem": pname, "library": lib, "method": m, "pair": PAIR.get(m, m),
                     "rtol": tol, "atol": tol, "error": err, "nfe": nfe,
                     "time_s": tm.median if tm else None, "time_iqr_s": list(tm.iqr) if tm else None,
+                    "cpu_s": tm.cpu_median if tm else None,
                     "repeats": len(tm.samples) if tm else 0, "failure": failure,
                 })
             if progress is not None:
@@ -192,6 +193,7 @@ def ratios(result: dict, peer: str, peer_method: str, method: str = "dopri5") ->
         if q is None or not r["time_s"] or not q["time_s"] or not r["nfe"] or not q["nfe"]:
             continue
         out.append({"problem": p, "tol": tol, "time_ratio": q["time_s"] / r["time_s"],
+                    "cpu_ratio": q["cpu_s"] / r["cpu_s"] if q.get("cpu_s") and r.get("cpu_s") else None,
                     "nfe_ratio": q["nfe"] / r["nfe"], "fastode_error": r["error"], "peer_error": q["error"]})
     return out
 
@@ -228,7 +230,8 @@ def markdown(result: dict) -> str:
         rs = ratios(result, peer, pm)
         if rs:
             lines.append(f"- {peer} {pm} / fastode dopri5 at equal tolerance: wall time x"
-                         f"{common.geomean(r['time_ratio'] for r in rs):.2f}, NFE x"
+                         f"{common.geomean(r['time_ratio'] for r in rs):.2f}, CPU time x"
+                         f"{common.geomean(r['cpu_ratio'] for r in rs):.2f}, NFE x"
                          f"{common.geomean(r['nfe_ratio'] for r in rs):.2f} (geometric mean over "
                          f"{len(rs)} problem/tolerance pairs; >1 means fastode is faster/cheaper)")
     return "\n".join(lines) + "\n"

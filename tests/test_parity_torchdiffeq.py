@@ -175,3 +175,24 @@ def test_c1_stage_evaluated_at_nextafter_t1():
     assert ts["a"] == ts["b"]
     assert 0.5 not in ts["b"] and float(torch.nextafter(torch.tensor(0.5, dtype=torch.float64),
                                                         torch.tensor(-1.0, dtype=torch.float64))) in ts["b"]
+
+
+@pytest.mark.parametrize("method,options,rtol", [
+    ("rk4", dict(step_size=0.1), 1e-12), ("euler", dict(step_size=0.1), 1e-12), ("heun3", None, 1e-12),
+    ("dopri5", dict(first_step=0.05), 1e-12), ("bosh3", dict(first_step=0.05), 1e-12),
+    # with the initial-step heuristic torchdiffeq also differentiates the first step size (an O(tol) term)
+    ("dopri5", None, 1e-5), ("dopri8", None, 1e-4),
+])
+def test_direct_gradients_match_torchdiffeq(method, options, rtol):
+    g = torch.Generator().manual_seed(0)
+    W = (torch.randn(3, 3, generator=g, dtype=torch.float64) * 0.5)
+    grads = []
+    for lib in (torchdiffeq, fastode):
+        Wp = W.clone().requires_grad_(True)
+        y0 = torch.randn(2, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64).requires_grad_(True)
+        t = torch.tensor([0.0, 0.45, 1.25], dtype=torch.float64, requires_grad=True)   # not on the 0.1 grid
+        sol = lib.odeint(lambda t, y: torch.tanh(y @ Wp.T) * torch.cos(t), y0, t, method=method, options=options,
+                         rtol=1e-6, atol=1e-8)
+        grads.append(torch.autograd.grad((sol ** 2).sum(), (y0, t, Wp)))
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, rtol=rtol, atol=rtol * float(a.abs().max())), (a - b).abs().max()

@@ -68,7 +68,7 @@ def odeint_checkpoint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options
     params = _params_of(func, adjoint_params)
     norm = check_inputs(func, y0, t, rtol, atol, method, options, None, SOLVERS)
     solver = SOLVERS[norm.method](func=norm.func, y0=norm.y0, rtol=norm.rtol, atol=norm.atol, **norm.options)
-    if not isinstance(solver, (RKAdaptiveSolver, FixedGridSolver)):
+    if not isinstance(solver, (RKAdaptiveSolver, FixedGridSolver)) or getattr(solver, "multistep", False):
         raise InvalidOptionError(f'gradient="checkpoint" supports the Runge-Kutta methods; method {norm.method!r} is '
                                  f'not one. Use gradient="direct" or gradient="adjoint".')
     tt = norm.t

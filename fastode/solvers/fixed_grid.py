@@ -204,15 +204,18 @@ class FixedGridSolver(Solver):
         tj, t0, t1 = ctx.t_host[j], ctx.g_host[i], ctx.g_host[i + 1]
         y1 = step.y1
         if self.interp == "linear":
-            if tj == t0 and not need_grad:
-                return y0
-            if tj == t1 and not need_grad:
-                return y1
             if need_grad:
                 slope = ((t[j] - grid[i]) / (grid[i + 1] - grid[i])).to(self.rdtype)
-            else:
-                slope = state_time_value(rnd((tj - t0) / rnd(t1 - t0)), self.rdtype)
-            return linear(y0, y1, slope)
+                if tj == t0 or tj == t1:
+                    # the value is exactly y0 / y1 (as torchdiffeq); the derivative w.r.t. the times is that of the
+                    # linear interpolant inside this step (torchdiffeq's branch would give the output time none)
+                    return (y0 if tj == t0 else y1) + (slope - slope.detach()) * (y1 - y0)
+                return linear(y0, y1, slope)
+            if tj == t0:
+                return y0
+            if tj == t1:
+                return y1
+            return linear(y0, y1, state_time_value(rnd((tj - t0) / rnd(t1 - t0)), self.rdtype))
         # cubic Hermite: one more evaluation of func at the end of the step, per output (torchdiffeq)
         if need_grad:
             f1 = self.func(grid[i + 1].to(self.rdtype), y1)
