@@ -13,12 +13,17 @@ last_backend: str | None = None
 _DTYPES = (torch.float32, torch.float64)
 
 
-def tile_rows() -> int:
-    """Rows per tile of the C++ kernels (``FASTODE_CPP_TILE``, default 64)."""
-    try:
-        return max(1, int(os.environ.get("FASTODE_CPP_TILE", "64")))
-    except ValueError:
-        return 64
+def tile_rows(batch: int | None = None) -> int:
+    """Rows per tile of the C++ kernels: ``FASTODE_CPP_TILE`` if set, else 64 below a batch of 512 (small
+    batches still split across threads) and 128 from 512 rows on (fewer per-tile costs). It depends only on
+    the batch, never on the thread count, so results do not depend on the number of threads."""
+    env = os.environ.get("FASTODE_CPP_TILE")
+    if env:
+        try:
+            return max(1, int(env))
+        except ValueError:
+            pass
+    return 128 if batch is not None and batch >= 512 else 64
 
 
 def cpp_unsupported(*tensors) -> str | None:

@@ -38,7 +38,8 @@ def available() -> bool:
 def build_info() -> dict:
     """What the C++ backend is: ``available``, ``error`` (why not), ``path``, ``openmp``, ``gemm``
     (``"blas"`` = the BLAS inside libtorch, ``"fallback"`` = built-in loops; prefixed ``"avx512+"`` when the
-    AVX-512 micro-kernels run the wide float32 tanh/identity layers), ``tile``. ``FASTODE_GEMM=blas`` or
+    AVX-512 micro-kernels run the wide float32 tanh/identity layers), ``tile`` / ``tile_large`` (rows per tile
+    for small / large batches). ``FASTODE_GEMM=blas`` or
     ``fallback`` (read at load) turns the micro-kernels off, ``fallback`` also BLAS."""
     from ._dispatch import tile_rows
 
@@ -50,5 +51,6 @@ def build_info() -> dict:
         "path": getattr(_ext, "__file__", None),
         "openmp": bool(getattr(_ext, "openmp", False)),
         "gemm": _ext.gemm_backend(),
-        "tile": tile_rows(),
+        "tile": tile_rows(),  # rows per tile for small batches
+        "tile_large": tile_rows(1 << 20),  # and for large ones
     }

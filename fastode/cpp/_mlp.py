@@ -172,7 +172,7 @@ def concatsquash_mlp(t, z: torch.Tensor, params, activation: str) -> torch.Tenso
     t = _ref.check_inputs(t, z, params, activation)
     if not _use_cpp(t, z, params, activation):
         return _ref.concatsquash_mlp(t, z, params, activation)
-    return _MLP.apply(t, z, _ACT_CODES[activation], _dispatch.tile_rows(), *_flat(params))
+    return _MLP.apply(t, z, _ACT_CODES[activation], _dispatch.tile_rows(z.shape[0]), *_flat(params))
 
 
 def concatsquash_mlp_hutchinson(t, z: torch.Tensor, e: torch.Tensor, params, activation: str):
@@ -180,7 +180,7 @@ def concatsquash_mlp_hutchinson(t, z: torch.Tensor, e: torch.Tensor, params, act
     t = _ref.check_inputs(t, z, params, activation, e)
     if not _use_cpp(t, z, params, activation, e):
         return _ref.concatsquash_mlp_hutchinson(t, z, e, params, activation)
-    return _Hutchinson.apply(t, z, e, _ACT_CODES[activation], _dispatch.tile_rows(), *_flat(params))
+    return _Hutchinson.apply(t, z, e, _ACT_CODES[activation], _dispatch.tile_rows(z.shape[0]), *_flat(params))
 
 
 def concatsquash_mlp_exact_trace(t, z: torch.Tensor, params, activation: str):
@@ -188,4 +188,4 @@ def concatsquash_mlp_exact_trace(t, z: torch.Tensor, params, activation: str):
     t = _ref.check_inputs(t, z, params, activation)
     if not _use_cpp(t, z, params, activation):
         return _ref.concatsquash_mlp_exact_trace(t, z, params, activation)
-    return _ExactTrace.apply(t, z, _ACT_CODES[activation], _dispatch.tile_rows(), *_flat(params))
+    return _ExactTrace.apply(t, z, _ACT_CODES[activation], _dispatch.tile_rows(z.shape[0]), *_flat(params))
