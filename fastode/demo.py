@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from fastode.train import _mix_seed
+
 __all__ = ["main", "build_parser", "build_pair", "make_flow", "PlainConcatSquash", "run_demo", "Trainer"]
 
 
@@ -121,12 +123,6 @@ def build_pair(args, dim: int = 2):
     return fast, base
 
 
-def _mix(*parts) -> int:
-    from fastode.train import _mix_seed
-
-    return _mix_seed(*parts)
-
-
 class Trainer:
     """One model's optimiser and per-iteration records."""
 
@@ -138,7 +134,7 @@ class Trainer:
     def step(self, x, itr):
         from fastode.flows import density_loss
 
-        gen = torch.Generator().manual_seed(_mix(self.args.seed, itr, 99))  # same probes for both models
+        gen = torch.Generator().manual_seed(_mix_seed(self.args.seed, itr, 99))  # same probes for both models
         t0 = time.perf_counter()
         self.flow.reset_nfe()
         self.opt.zero_grad(set_to_none=True)
@@ -191,7 +187,7 @@ def run_demo(args) -> dict:
         torch.set_num_threads(args.threads)
     fast, base = build_pair(args)
     trainers = [Trainer("fastode", fast, args), Trainer("torchdiffeq", base, args)]
-    test = toy_sample(args.data, args.test_size, seed=_mix(args.seed, 1_000_002))
+    test = toy_sample(args.data, args.test_size, seed=_mix_seed(args.seed, 1_000_002))
     bar = range(args.niters)
     if args.progress:
         from tqdm.auto import tqdm
@@ -199,7 +195,7 @@ def run_demo(args) -> dict:
         bar = tqdm(bar, desc=f"demo {args.data}", dynamic_ncols=True)
     wall0 = time.perf_counter()
     for itr in bar:
-        x = torch.as_tensor(ToySampler(args.data, _mix(args.seed, 0, itr))(args.batch_size))
+        x = torch.as_tensor(ToySampler(args.data, _mix_seed(args.seed, 0, itr))(args.batch_size))
         order = trainers if itr % 2 == 0 else trainers[::-1]
         for tr in order:
             tr.step(x, itr)

@@ -90,13 +90,6 @@ class TabularData:
     def n_dims(self) -> int:
         return int(self.trn.shape[1])
 
-    def split(self, name: str) -> np.ndarray:
-        try:
-            return {"trn": self.trn, "train": self.trn, "val": self.val, "validation": self.val,
-                    "tst": self.tst, "test": self.tst}[name]
-        except KeyError:
-            raise ValueError(f"unknown split {name!r}; use 'trn', 'val' or 'tst'") from None
-
     def sizes(self) -> dict:
         return {"trn": len(self.trn), "val": len(self.val), "tst": len(self.tst)}
 
