@@ -247,9 +247,9 @@ def _versions() -> dict:
 
 
 def _plot(args, trainers, test) -> str:
-    from fastode.plots import _figure, _save, density_grid
+    from fastode.plots import density_grid, density_panel, new_figure, points_panel, save_figure
 
-    fig = _figure((12, 8))
+    fig = new_figure((12, 8))
     lo, hi = -4.0, 4.0
     for row, tr in enumerate(trainers):
         flow = tr.flow
@@ -275,21 +275,16 @@ def _plot(args, trainers, test) -> str:
                 ax.set_ylabel("cumulative training time (s)")
                 ax.legend()
                 continue
-            if kind == "density":
-                ax.imshow(arr, origin="lower", extent=(lo, hi, lo, hi), cmap="inferno")
-            else:
-                ax.hist2d(arr[:, 0], arr[:, 1], bins=150, range=[[lo, hi], [lo, hi]], cmap="inferno")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            ax.set_aspect("equal")
             label = "data" if kind == "data" else f"{tr.name}: {kind}"
             if kind == "density":
                 label += (f"\n{statistics.median(tr.times) * 1e3:.0f} ms/iter, NFE {np.mean(tr.nfe_f):.0f}+"
                           f"{np.mean(tr.nfe_b):.0f}")
-            ax.set_title(label)
+                density_panel(ax, arr, lo, hi, label)
+            else:
+                points_panel(ax, arr, lo, hi, 150, label)
     fig.suptitle(f"{args.data}: {args.niters} iterations, {args.method} "
                  f"(rtol {args.rtol:g}, atol {args.atol:g}), same initial weights and data")
-    return _save(fig, os.path.join(args.out, "demo.png"))
+    return save_figure(fig, os.path.join(args.out, "demo.png"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -16,10 +16,12 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-__all__ = ["plot_density_2d", "plot_trajectory_2d", "plot_image_samples", "plot_curves", "density_grid"]
+__all__ = ["plot_density_2d", "plot_trajectory_2d", "plot_image_samples", "plot_curves", "density_grid",
+           "new_figure", "save_figure", "points_panel", "density_panel"]
 
 
-def _figure(figsize):
+def new_figure(figsize):
+    """A matplotlib ``Figure`` on an Agg canvas (no pyplot, no display)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -28,10 +30,31 @@ def _figure(figsize):
     return fig
 
 
-def _save(fig, path) -> str:
+def save_figure(fig, path) -> str:
+    """Save ``fig`` as PNG at ``path`` (creating the directory); returns ``path``."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=100, bbox_inches="tight")
     return path
+
+
+def _square(ax, title):
+    ax.set_title(title)
+    ax.set_aspect("equal")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def points_panel(ax, points, low=-4.0, high=4.0, bins=150, title=""):
+    """A 2-D histogram of ``points`` on ``[low, high]^2`` (square, no ticks)."""
+    points = np.asarray(points, dtype=np.float64)
+    ax.hist2d(points[:, 0], points[:, 1], bins=bins, range=[[low, high], [low, high]], cmap="inferno")
+    _square(ax, title)
+
+
+def density_panel(ax, density, low=-4.0, high=4.0, title=""):
+    """A density grid from :func:`density_grid` on ``[low, high]^2`` (square, no ticks)."""
+    ax.imshow(density, origin="lower", extent=(low, high, low, high), cmap="inferno")
+    _square(ax, title)
 
 
 def density_grid(log_prob_fn: Callable[[np.ndarray], np.ndarray], npts: int = 200, low: float = -4.0,
@@ -54,24 +77,17 @@ def plot_density_2d(path: str, data: np.ndarray, log_prob_fn: Callable | None = 
         panels.append(("density", None))
     if samples is not None:
         panels.append(("samples", samples))
-    fig = _figure((4 * len(panels), 4))
+    fig = new_figure((4 * len(panels), 4))
     bins = min(npts, 200)
     for i, (kind, arr) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), i + 1)
         if kind == "density":
-            _xs, _ys, dens = density_grid(log_prob_fn, npts, low, high)
-            ax.imshow(dens, origin="lower", extent=(low, high, low, high), cmap="inferno", aspect="equal")
-            ax.set_title("model density")
+            density_panel(ax, density_grid(log_prob_fn, npts, low, high)[2], low, high, "model density")
         else:
-            arr = np.asarray(arr, dtype=np.float64)
-            ax.hist2d(arr[:, 0], arr[:, 1], bins=bins, range=[[low, high], [low, high]], cmap="inferno")
-            ax.set_title("data" if kind == "data" else "model samples")
-            ax.set_aspect("equal")
-        ax.set_xticks([])
-        ax.set_yticks([])
+            points_panel(ax, arr, low, high, bins, "data" if kind == "data" else "model samples")
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_trajectory_2d(path: str, frames: Sequence[tuple], low: float = -4.0, high: float = 4.0,
@@ -80,7 +96,7 @@ def plot_trajectory_2d(path: str, frames: Sequence[tuple], low: float = -4.0, hi
     ``t``; with ``velocity_fn(grid_points) -> velocities`` a 13x13 quiver of the vector field on top (as
     FFJORD's ``viz_toy``)."""
     n = len(frames)
-    fig = _figure((3 * n, 3.2))
+    fig = new_figure((3 * n, 3.2))
     side = np.linspace(low, high, 13)
     gx, gy = np.meshgrid(side, side)
     grid = np.stack([gx.ravel(), gy.ravel()], 1).astype(np.float32)
@@ -88,17 +104,13 @@ def plot_trajectory_2d(path: str, frames: Sequence[tuple], low: float = -4.0, hi
         t, pts = frame[0], np.asarray(frame[1], dtype=np.float64)
         velocity_fn = frame[2] if len(frame) > 2 else None
         ax = fig.add_subplot(1, n, i + 1)
-        ax.hist2d(pts[:, 0], pts[:, 1], bins=100, range=[[low, high], [low, high]], cmap="inferno")
+        points_panel(ax, pts, low, high, 100, f"t = {t:.3g}")
         if velocity_fn is not None:
             v = np.asarray(velocity_fn(grid), dtype=np.float64)
             ax.quiver(grid[:, 0], grid[:, 1], v[:, 0], v[:, 1], color="white", alpha=0.7)
-        ax.set_title(f"t = {t:.3g}")
-        ax.set_aspect("equal")
-        ax.set_xticks([])
-        ax.set_yticks([])
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_image_samples(path: str, images: np.ndarray, shape: tuple[int, int], ncols: int = 10,
@@ -106,21 +118,21 @@ def plot_image_samples(path: str, images: np.ndarray, shape: tuple[int, int], nc
     """A grid of images (each row of ``images`` reshaped to ``shape``)."""
     images = np.asarray(images, dtype=np.float64)
     nrows = int(np.ceil(len(images) / ncols))
-    fig = _figure((ncols * 0.8, nrows * 0.8 + (0.4 if title else 0)))
+    fig = new_figure((ncols * 0.8, nrows * 0.8 + (0.4 if title else 0)))
     for i, img in enumerate(images):
         ax = fig.add_subplot(nrows, ncols, i + 1)
         ax.imshow(img.reshape(shape), cmap="gray_r")
         ax.axis("off")
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_curves(path: str, curves: dict[str, tuple[Sequence[float], Sequence[float]]],
                 title: str | None = None) -> str:
     """One panel per named curve ``{name: (iterations, values)}``."""
     items = [(k, v) for k, v in curves.items() if len(v[0])]
-    fig = _figure((4 * max(len(items), 1), 3))
+    fig = new_figure((4 * max(len(items), 1), 3))
     for i, (name, (xs, ys)) in enumerate(items):
         ax = fig.add_subplot(1, len(items), i + 1)
         ax.plot(xs, ys)
@@ -128,4 +140,4 @@ def plot_curves(path: str, curves: dict[str, tuple[Sequence[float], Sequence[flo
         ax.set_title(name)
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
