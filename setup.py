@@ -52,7 +52,8 @@ def _extension_setup():
                      "first and use `pip install --no-build-isolation -e .`.")
         return [], {}
 
-    cflags = ["-O3", "-g0", "-fopenmp", "-DNDEBUG"]
+    # as torch itself: no errno / FP-trap semantics, so that selects and libm-free math vectorise
+    cflags = ["-O3", "-g0", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-DNDEBUG"]
     if os.environ.get("FASTODE_NATIVE", "0") not in ("", "0"):
         cflags.append("-march=native")
     ext = CppExtension(

@@ -78,9 +78,73 @@ inline float tanh_approx(float x) {
 }
 inline double tanh_approx(double x) { return std::tanh(x); }
 
+// float32 exp / expm1 / log1p written as branch-free arithmetic so that the element-wise loops vectorise
+// (Cephes-style range reduction and polynomials; relative error ~1e-7). float64 uses libm.
+inline float exp_f(float x) {
+  x = x < -87.3f ? -87.3f : (x > 88.3f ? 88.3f : x);  // keeps 2^n a normal float
+  float fx = std::floor(x * 1.44269504088896341f + 0.5f);
+  float r = x - fx * 0.693359375f + fx * 2.12194440e-4f;
+  float r2 = r * r;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r2 + r + 1.0f;
+  int32_t n = int32_t(fx) + 127;
+  return y * __builtin_bit_cast(float, n << 23);
+}
+inline double exp_f(double x) { return std::exp(x); }
+
+inline float expm1_f(float x) {
+  // |x| < 0.35: Taylor series (no cancellation); else exp(x) - 1
+  float p = 1.0f / 40320.0f;
+  p = p * x + 1.0f / 5040.0f;
+  p = p * x + 1.0f / 720.0f;
+  p = p * x + 1.0f / 120.0f;
+  p = p * x + 1.0f / 24.0f;
+  p = p * x + 1.0f / 6.0f;
+  p = p * x + 0.5f;
+  p = p * x * x + x;
+  float e = exp_f(x) - 1.0f;
+  return std::fabs(x) < 0.35f ? p : e;
+}
+inline double expm1_f(double x) { return std::expm1(x); }
+
+inline float log_f(float x) {  // x > 0, finite
+  int32_t bits = __builtin_bit_cast(int32_t, x);
+  int32_t e = ((bits >> 23) & 0xff) - 126;
+  float m = __builtin_bit_cast(float, (bits & 0x007fffff) | 0x3f000000);  // m in [0.5, 1)
+  bool small = m < 0.707106781186547524f;
+  float fe = float(small ? e - 1 : e);
+  float z = small ? m + m - 1.0f : m - 1.0f;
+  float z2 = z * z;
+  float y = 7.0376836292e-2f;
+  y = y * z - 1.1514610310e-1f;
+  y = y * z + 1.1676998740e-1f;
+  y = y * z - 1.2420140846e-1f;
+  y = y * z + 1.4249322787e-1f;
+  y = y * z - 1.6668057665e-1f;
+  y = y * z + 2.0000714765e-1f;
+  y = y * z - 2.4999993993e-1f;
+  y = y * z + 3.3333331174e-1f;
+  y = y * z * z2;
+  y += -2.12194440e-4f * fe;
+  y += -0.5f * z2;
+  return z + y + 0.693359375f * fe;
+}
+inline float log1p_f(float x) {  // x > -1; log(u) * x / (u - 1) with u = 1 + x corrects the rounding of u
+  float u = 1.0f + x;
+  float d = u - 1.0f;
+  float l = log_f(u);
+  return d == 0.0f ? x : l * (x / d);
+}
+inline double log1p_f(double x) { return std::log1p(x); }
+
 template <typename T>
 inline T sigmoid(T x) {
-  return T(1) / (T(1) + std::exp(-x));
+  return T(1) / (T(1) + exp_f(-x));
 }
 
 template <int ACT, typename T>
@@ -108,7 +172,7 @@ struct ActF<kSoftplus, T> {  // torch.nn.functional.softplus (beta 1, threshold 
   static constexpr bool needs_a = true;
   static constexpr bool store_g = true;  // act''/act' = 1 - sigmoid(a) (0 above the threshold)
   static T r(T a, T) { return a > T(20) ? T(0) : T(1) - sigmoid(a); }
-  static T f(T a) { return a > T(20) ? a : std::log1p(std::exp(a)); }
+  static T f(T a) { return a > T(20) ? a : log1p_f(exp_f(a)); }
   // derivatives as in fastode.nn.functional.activation_grad: linear above the threshold 20
   static T d1(T a, T) { return a > T(20) ? T(1) : sigmoid(a); }
   static T d2(T a, T) {
@@ -121,9 +185,9 @@ struct ActF<kElu, T> {  // alpha 1
   static constexpr bool needs_a = true;
   static constexpr bool store_g = true;  // act''/act' = 0 (a > 0) or 1
   static T r(T a, T) { return a > T(0) ? T(0) : T(1); }
-  static T f(T a) { return a > T(0) ? a : std::expm1(a); }
-  static T d1(T a, T) { return a > T(0) ? T(1) : std::exp(a); }
-  static T d2(T a, T) { return a > T(0) ? T(0) : std::exp(a); }
+  static T f(T a) { return a > T(0) ? a : expm1_f(a); }
+  static T d1(T a, T) { return a > T(0) ? T(1) : exp_f(a); }
+  static T d2(T a, T) { return a > T(0) ? T(0) : exp_f(a); }
 };
 template <typename T>
 struct ActF<kSwish, T> {  // x * sigmoid(x)
@@ -1040,6 +1104,25 @@ inline double dot(int64_t n, const T* x, const T* y) {
 }  // namespace
 
 // ===================================================================================================
+void activation_f32(int act, int64_t n, const float* a, float* h, float* d1, float* d2) {
+  auto run = [&](auto af) {
+    using A = decltype(af);
+    for (int64_t i = 0; i < n; ++i) {
+      h[i] = A::f(a[i]);
+      d1[i] = A::d1(a[i], h[i]);
+      d2[i] = A::d2(a[i], h[i]);
+    }
+  };
+  switch (act) {
+    case kTanh: return run(ActF<kTanh, float>{});
+    case kSoftplus: return run(ActF<kSoftplus, float>{});
+    case kElu: return run(ActF<kElu, float>{});
+    case kSwish: return run(ActF<kSwish, float>{});
+    case kIdentity: return run(ActF<kIdentity, float>{});
+    default: throw std::invalid_argument("fastode: unknown activation code");
+  }
+}
+
 std::string gemm_backend() {
   std::string b = use_blas() ? "blas" : "fallback";
   return use_microkernels() ? "avx512+" + b : b;

@@ -47,6 +47,9 @@ struct Exec {
   int nthreads = 1;
 };
 
+// For unit tests: the float32 activation as the kernels compute it (value, first and second derivative).
+void activation_f32(int act, int64_t n, const float* a, float* h, float* d1, float* d2);
+
 // ---------------------------------------------------------------------------------------------------
 // GEMM used by the kernels. "blas" = the process's Fortran BLAS (sgemm_/dgemm_ found with dlsym, e.g.
 // the MKL inside libtorch_cpu, or a library named by $FASTODE_BLAS_LIB); "fallback" = built-in loops.

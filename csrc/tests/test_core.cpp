@@ -826,6 +826,38 @@ static void test_threads_deterministic() {
 #endif
 }
 
+// float32 activations (rational tanh, polynomial exp / expm1 / log1p) against libm in double.
+static double act_d2(int act, double a) {
+  double s = 1 / (1 + std::exp(-a)), t = std::tanh(a);
+  switch (act) {
+    case kTanh: return -2 * t * (1 - t * t);
+    case kSoftplus: return a > 20 ? 0 : s * (1 - s);
+    case kElu: return a > 0 ? 0 : std::exp(a);
+    case kSwish: return s * (1 - s) * (2 + a * (1 - 2 * s));
+    default: return 0;
+  }
+}
+static void test_activation_accuracy() {
+  std::vector<float> a;
+  for (double x = -100; x <= 100; x += 0.001) a.push_back(float(x));
+  for (double x = -1e-3; x <= 1e-3; x += 1e-7) a.push_back(float(x));
+  const int64_t n = int64_t(a.size());
+  std::vector<float> h(n), d1(n), d2(n);
+  for (int act : {kTanh, kSoftplus, kElu, kSwish, kIdentity}) {
+    activation_f32(act, n, a.data(), h.data(), d1.data(), d2.data());
+    double eh = 0, e1 = 0, e2 = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      double x = a[i];
+      double rh = act_f(act, x), r1 = act_d1(act, x), r2 = act_d2(act, x);
+      // error relative to max(1, |value|): float rounding of the inputs to each formula included
+      eh = std::max(eh, std::fabs(h[i] - rh) / std::max(1.0, std::fabs(rh)));
+      e1 = std::max(e1, std::fabs(d1[i] - r1) / std::max(1.0, std::fabs(r1)));
+      e2 = std::max(e2, std::fabs(d2[i] - r2) / std::max(1.0, std::fabs(r2)));
+    }
+    CHECK(eh < 1e-6 && e1 < 2e-6 && e2 < 2e-6, "float32 activation %d: value %g, d1 %g, d2 %g", act, eh, e1, e2);
+  }
+}
+
 static void test_rk_generic() {
   const int64_t n = 40000;  // > one flat tile
   auto y0 = randn(n, 1);
@@ -870,6 +902,7 @@ int main(int argc, char** argv) {
 #endif
   if (want("forward")) {
     std::printf("forward values\n");
+    test_activation_accuracy();
     for (int act : {kTanh, kSoftplus, kElu, kSwish, kIdentity}) {
       for (bool exact : {false, true}) {
         test_forward_values<double>(act, exact, 13, 4, 1e-12);
