@@ -46,6 +46,7 @@ def plot_gradient_modes(result: dict, out_dir: Path, meta: dict | None = None) -
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     colors = {"fastode": "tab:red", "torchdiffeq": "tab:blue", "torchode": "tab:green"}
@@ -57,9 +58,12 @@ def plot_gradient_modes(result: dict, out_dir: Path, meta: dict | None = None) -
         mem = [(r["steps"], r["peak_rss_bytes"] / 2**20) for r in rs if r.get("peak_rss_bytes") is not None]
         if mem:
             axes[1].plot(*zip(*mem), **kw)
+    steps = sorted({r["steps"] for r in rows})
     for ax, yl in zip(axes, ("forward+backward time [s] (median)", "peak RSS growth [MiB]")):
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.set_xticks(steps, [str(n) for n in steps])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("rk4 steps")
         ax.set_ylabel(yl)
         ax.grid(True, which="both", alpha=0.25)
@@ -77,8 +81,54 @@ def plot_gradient_modes(result: dict, out_dir: Path, meta: dict | None = None) -
     return path
 
 
+def headline(wp: dict | None, gm: dict | None) -> list[str]:
+    """A few sentences with the numbers worth quoting (README material)."""
+    out = []
+    if wp is not None:
+        parts = []
+        for peer, pm in (("torchdiffeq", "dopri5"), ("torchode", "dopri5"), ("scipy", "RK45")):
+            rs = work_precision.ratios(wp, peer, pm)
+            if rs:
+                parts.append((peer, pm, common.geomean(r["time_ratio"] for r in rs),
+                              common.geomean(r["nfe_ratio"] for r in rs),
+                              common.geomean(r["peer_error"] / r["fastode_error"] for r in rs if r["fastode_error"]),
+                              len(rs)))
+        if parts:
+            n = parts[0][5]
+            txt = "; ".join(f"{peer} {pm} takes x{t:.2f} fastode's wall time (NFE x{nf:.2f}, error x{e:.2f})"
+                            for peer, pm, t, nf, e, _ in parts)
+            out.append(f"- **Forward solves** (dopri5, float64, 1 CPU thread, {n} problem/tolerance pairs, "
+                       f"geometric means at equal rtol = atol): {txt}.")
+    if gm is not None:
+        rows = [r for r in gm["rows"] if not r.get("failure") and r.get("time_s") and r["method"] == "rk4"]
+        if rows:
+            n = max(r["steps"] for r in rows)
+            by = {(r["library"], r["mode"]): r for r in rows if r["steps"] == n}
+            mib = lambda r: (r.get("peak_rss_bytes") or float("nan")) / 2**20  # noqa: E731
+            cells = [f"{lib} {mode} {r['time_s']:.2f} s / {mib(r):.1f} MiB" for (lib, mode), r in by.items()]
+            out.append(f"- **Gradients** (neural ODE, batch {gm['config']['batch']}, rk4 x{n}, forward+backward, "
+                       f"time / peak RSS growth): " + "; ".join(cells) + ".")
+            d, c, a = by.get(("fastode", "direct")), by.get(("fastode", "checkpoint")), by.get(("fastode", "adjoint"))
+            if d and c:
+                out.append(f"- fastode `gradient=\"checkpoint\"` needs x{mib(d) / mib(c):.0f} less memory than "
+                           f"`\"direct\"` at {n} steps for x{c['time_s'] / d['time_s']:.2f} its time, with the same "
+                           f"gradient (relative difference {c['grad_rel_diff']:.1e}).")
+            t = by.get(("torchdiffeq", "odeint"))
+            if d and t:
+                out.append(f"- fastode direct vs torchdiffeq odeint at {n} steps: x{t['time_s'] / d['time_s']:.2f} "
+                           f"speed-up, peak RSS x{mib(d) / mib(t):.2f}.")
+            ta = by.get(("torchdiffeq", "odeint_adjoint"))
+            if a and ta:
+                out.append(f"- fastode adjoint vs torchdiffeq odeint_adjoint at {n} steps: "
+                           f"x{ta['time_s'] / a['time_s']:.2f} speed-up, peak RSS {mib(a):.1f} vs {mib(ta):.1f} MiB.")
+    return out
+
+
 def summary(meta: dict, wp: dict | None, gm: dict | None) -> str:
     lines = ["# fastode benchmark summary", "", common.metadata_markdown(meta), ""]
+    head = headline(wp, gm)
+    if head:
+        lines += ["## Headline", ""] + head + [""]
     if wp is not None:
         lines += ["## Work-precision (forward solves, float64, rtol = atol)", ""]
         if any(k.startswith("fastode") for k in wp["skipped"]):
@@ -154,7 +204,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--only", choices=("work_precision", "gradient_modes"), help="run one part")
     ap.add_argument("--out", type=Path, default=common.RESULTS_DIR, help="output folder")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--replot", action="store_true",
+                    help="measure nothing: rebuild the .md, .png and SUMMARY.md in --out from its JSON files")
     args = ap.parse_args(argv)
+    if args.replot:
+        return write_reports(args.out, *_load(args.out))
     profile = "smoke" if args.smoke else "quick" if args.quick else "full"
     common.pin_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -174,21 +228,45 @@ def main(argv=None) -> dict:
             bar.close()
     meta["loadavg_end"] = common.loadavg()
     meta["elapsed_s"] = round(time.perf_counter() - t0, 1)
-    head = common.metadata_markdown(meta) + f"\n- elapsed: {meta['elapsed_s']} s, profile: {profile}\n\n"
     files = []
     if wp is not None:
         files.append(common.write_json(args.out / "work_precision.json", {"meta": meta, **wp}))
-        files.append(common.write_text(args.out / "work_precision.md", head + work_precision.markdown(wp)))
-        files += work_precision.plot(wp, args.out, meta)
     if gm is not None:
         files.append(common.write_json(args.out / "gradient_modes.json", {"meta": meta, **gm}))
-        files.append(common.write_text(args.out / "gradient_modes.md", head + gradient_modes.markdown(gm)))
-        png = plot_gradient_modes(gm, args.out, meta)
+    return write_reports(args.out, meta, wp, gm, files)
+
+
+def _load(out: Path):
+    import json
+
+    wp = gm = meta = None
+    if (out / "work_precision.json").exists():
+        wp = json.loads((out / "work_precision.json").read_text())
+        meta = wp.pop("meta")
+    if (out / "gradient_modes.json").exists():
+        gm = json.loads((out / "gradient_modes.json").read_text())
+        meta = gm.pop("meta") if meta is None else meta
+    if meta is None:
+        raise SystemExit(f"no work_precision.json / gradient_modes.json in {out}")
+    return meta, wp, gm
+
+
+def write_reports(out: Path, meta: dict, wp: dict | None, gm: dict | None, files=None) -> dict:
+    """Markdown, PNG and SUMMARY.md from the measured results."""
+    files = list(files or [])
+    head = (common.metadata_markdown(meta)
+            + f"\n- elapsed: {meta.get('elapsed_s')} s, profile: {meta.get('profile')}\n\n")
+    if wp is not None:
+        files.append(common.write_text(out / "work_precision.md", head + work_precision.markdown(wp)))
+        files += work_precision.plot(wp, out, meta)
+    if gm is not None:
+        files.append(common.write_text(out / "gradient_modes.md", head + gradient_modes.markdown(gm)))
+        png = plot_gradient_modes(gm, out, meta)
         if png:
             files.append(png)
-    files.append(common.write_text(args.out / "SUMMARY.md", summary(meta, wp, gm)))
-    print(f"wrote {len(files)} files to {args.out} in {meta['elapsed_s']} s "
-          f"(load average {meta['loadavg_1_5_15']} -> {meta['loadavg_end']})")
+    files.append(common.write_text(out / "SUMMARY.md", summary(meta, wp, gm)))
+    print(f"wrote {len(files)} files to {out} (run took {meta.get('elapsed_s')} s; "
+          f"load average {meta['loadavg_1_5_15']} -> {meta.get('loadavg_end')})")
     return {"meta": meta, "work_precision": wp, "gradient_modes": gm, "files": [str(f) for f in files]}
 
 

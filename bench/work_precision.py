@@ -252,7 +252,7 @@ def plot(result: dict, out_dir: Path, meta: dict | None = None) -> list[Path]:
     paths = []
     for pname, ref in result["references"].items():
         recs = [r for r in result["records"] if r["problem"] == pname and not r["failure"]]
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
+        fig, axes = plt.subplots(1, 2, figsize=(12.5, 4.4))
         for (lib, m) in dict.fromkeys((r["library"], r["method"]) for r in recs):
             rs = sorted((r for r in recs if r["library"] == lib and r["method"] == m), key=lambda r: -r["rtol"])
             err = [max(r["error"], 1e-17) for r in rs]
@@ -269,12 +269,13 @@ def plot(result: dict, out_dir: Path, meta: dict | None = None) -> list[Path]:
             ax.axhline(max(ref["reference_error"], 1e-17), color="k", lw=0.6, ls=":", label="reference error")
             ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             ax.grid(True, which="both", alpha=0.25)
-        axes[1].legend(fontsize=7, loc="best")
+        handles, labels = axes[0].get_legend_handles_labels()
+        fig.legend(handles, labels, fontsize=7, loc="center right")
         title = f"{pname}: {ref['description']}"
         if meta:
             title += f"\n{meta['machine'].get('model_name', '')}, 1 thread, load {meta['loadavg_1_5_15'][0]}"
         fig.suptitle(title, fontsize=9)
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0, 0.85, 1))
         path = out_dir / f"work_precision_{pname}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
