@@ -7,10 +7,11 @@ Model: concatsquash MLP 2 -> 64 -> 64 -> 64 -> 2, tanh (FFJORD's toy model), T =
   through the discrete solve, Adam step;
 * inference log-likelihood: dopri5 with rtol = atol = 1e-5 and the exact trace (2-D), no gradient.
 
-Peers, on the same weights and the same noise (torchdiffeq's copy of the module is a deepcopy):
+Peers, on the same weights (one state dict) and the same noise:
 
-* ``torchdiffeq``: ``torchdiffeq.odeint`` over FFJORD's ODE function (the PyTorch reference MLP and the
-  trace from ``torch.autograd.grad``, as FFJORD computes it);
+* ``torchdiffeq``: ``torchdiffeq.odeint`` over FFJORD's ODE function: FFJORD's own ``ConcatSquashLinear``
+  layers (``nn.Linear`` modules, forward verbatim) and the trace from ``torch.autograd.grad``, as FFJORD
+  computes it;
 * ``fastode``: :class:`fastode.cpp.CnfStepper` -- training: the whole rk4 grid in one fused C++ call and
   one for its backward (:meth:`~fastode.cpp.CnfStepper.solve`); inference: one fused call per dopri5 step
   (:meth:`~fastode.cpp.CnfStepper.step`) inside torchdiffeq's step-size control (same initial step,
@@ -26,7 +27,6 @@ same shapes (``torch.mm``, one thread).
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 import os
 import sys
@@ -65,10 +65,43 @@ def std_normal_logprob(z: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------- torchdiffeq
+class FFJORDConcatSquashLinear(torch.nn.Module):
+    """FFJORD's ConcatSquashLinear (lib/layers/diffeq_layers/basic.py), forward verbatim."""
+
+    def __init__(self, dim_in, dim_out):
+        super().__init__()
+        self._layer = torch.nn.Linear(dim_in, dim_out)
+        self._hyper_bias = torch.nn.Linear(1, dim_out, bias=False)
+        self._hyper_gate = torch.nn.Linear(1, dim_out)
+
+    def forward(self, t, x):
+        return self._layer(x) * torch.sigmoid(self._hyper_gate(t.view(1, 1))) + self._hyper_bias(t.view(1, 1))
+
+
+class FFJORDODEnet(torch.nn.Module):
+    """FFJORD's ODEnet for concatsquash layers with tanh (the torchdiffeq peer's model).
+
+    Its state dict has the same keys as :class:`fastode.nn.ConcatSquashMLP`, so both load the same weights.
+    """
+
+    def __init__(self, mlp: ConcatSquashMLP):
+        super().__init__()
+        dims = (mlp.dim,) + mlp.hidden + (mlp.dim,)
+        self.layers = torch.nn.ModuleList(FFJORDConcatSquashLinear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.load_state_dict(mlp.state_dict())
+
+    def forward(self, t, z):
+        for i, layer in enumerate(self.layers):
+            z = layer(t, z)
+            if i < len(self.layers) - 1:
+                z = torch.tanh(z)
+        return z
+
+
 class FFJORDFunc(torch.nn.Module):
     """FFJORD's ODE function: state (z, -int trace); trace by autograd (Hutchinson with e, or exact)."""
 
-    def __init__(self, mlp: ConcatSquashMLP, e: torch.Tensor | None):
+    def __init__(self, mlp: torch.nn.Module, e: torch.Tensor | None):
         super().__init__()
         self.mlp, self.e, self.nfe = mlp, e, 0
 
@@ -226,8 +259,7 @@ def check_same_results(batch: int) -> dict:
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     mlp = ConcatSquashMLP(DIM, HIDDEN, "tanh")
-    twin = copy.deepcopy(mlp)
-    twin.backend = "torch"
+    twin = FFJORDODEnet(mlp)
     x, e = eight_gaussians(batch, gen), torch.randn(batch, DIM, generator=gen)
     opt_a = torch.optim.SGD(mlp.parameters(), lr=0.0)
     opt_b = torch.optim.SGD(twin.parameters(), lr=0.0)
@@ -247,8 +279,7 @@ def bench_batch(batch: int, repeats: int, budget_s: float) -> list[dict]:
     gen = torch.Generator().manual_seed(batch)
     torch.manual_seed(batch)
     mlp = ConcatSquashMLP(DIM, HIDDEN, "tanh")
-    twin = copy.deepcopy(mlp)
-    twin.backend = "torch"  # the reference MLP (plain PyTorch ops), as in FFJORD
+    twin = FFJORDODEnet(mlp)  # FFJORD's own layer code, same weights
     x, e = eight_gaussians(batch, gen), torch.randn(batch, DIM, generator=gen)
     opt_f = torch.optim.Adam(mlp.parameters(), lr=1e-4)
     opt_t = torch.optim.Adam(twin.parameters(), lr=1e-4)
@@ -315,8 +346,7 @@ def main(argv=None):
         rows += bench_batch(batch, 3 if args.quick else args.repeats, args.budget)
         for r in rows[-2:]:
             print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}, flush=True)
-    meta = common.metadata(load_before=load_before, load_after=common.loadavg(), cpp=fc.build_info(),
-                           threads=torch.get_num_threads())
+    meta = common.metadata(load_before=load_before, load_after=common.loadavg(), cpp=fc.build_info())
     if args.quick:
         return rows
     common.write_json(args.out + ".json", {"meta": meta, "check": check, "rows": rows})
