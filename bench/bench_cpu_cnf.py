@@ -12,6 +12,8 @@ Peers, on the same weights (one state dict) and the same noise:
 * ``torchdiffeq``: ``torchdiffeq.odeint`` over FFJORD's ODE function: FFJORD's own ``ConcatSquashLinear``
   layers (``nn.Linear`` modules, forward verbatim) and the trace from ``torch.autograd.grad``, as FFJORD
   computes it;
+* ``odeint per-stage``: ``fastode.odeint`` over an ODE function calling ``ConcatSquashMLP.forward_with_trace``
+  (one fused C++ call per stage; fastode's solver loop in Python) -- what the CNF runs by default today;
 * ``fastode``: :class:`fastode.cpp.CnfStepper` -- training: the whole rk4 grid in one fused C++ call and
   one for its backward (:meth:`~fastode.cpp.CnfStepper.solve`); inference: one fused call per dopri5 step
   (:meth:`~fastode.cpp.CnfStepper.step`) inside torchdiffeq's step-size control (same initial step,
@@ -27,6 +29,7 @@ same shapes (``torch.mm``, one thread).
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import os
 import sys
@@ -163,6 +166,40 @@ def fo_train_iter(mlp, opt, x, e):
     return loss.detach(), 4 * (len(ts) - 1)
 
 
+class PerStageFunc(torch.nn.Module):
+    """ODE function for fastode.odeint: each stage one fused C++ call (``forward_with_trace``)."""
+
+    def __init__(self, mlp: ConcatSquashMLP, e: torch.Tensor | None):
+        super().__init__()
+        self.mlp, self.e, self.nfe = mlp, e, 0
+
+    def forward(self, t, states):
+        self.nfe += 1
+        f, trace, _, _ = self.mlp.forward_with_trace(t, states[0], self.e, exact=self.e is None)
+        return f, -trace.unsqueeze(1)
+
+
+def fo_odeint_train_iter(mlp, opt, x, e):
+    import fastode
+    func = PerStageFunc(mlp, e)
+    z, dlogp = fastode.odeint(func, (x, torch.zeros(x.shape[0], 1)), torch.tensor([0.0, T_END]), method="rk4",
+                              options={"step_size": STEP})
+    loss = -(std_normal_logprob(z[-1]) - dlogp[-1][:, 0]).mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.detach(), func.nfe
+
+
+def fo_odeint_loglik(mlp, x):
+    import fastode
+    func = PerStageFunc(mlp, None)
+    with torch.no_grad():
+        z, dlogp = fastode.odeint(func, (x, torch.zeros(x.shape[0], 1)), torch.tensor([0.0, T_END]),
+                                  method="dopri5", rtol=1e-5, atol=1e-5)
+    return std_normal_logprob(z[-1]) - dlogp[-1][:, 0], func.nfe
+
+
 def _mixed_norm(parts):
     return max(p.pow(2).mean().sqrt() for p in parts)
 
@@ -293,9 +330,12 @@ def bench_batch(batch: int, repeats: int, budget_s: float) -> list[dict]:
 
     rows = []
     rate = gemm_rate(batch)
+    per_stage = copy.deepcopy(mlp)  # fastode.odeint + the C++ MLP per stage (the CNF's default path today)
+    opt_p = torch.optim.Adam(per_stage.parameters(), lr=1e-4)
     train = common.time_alternating({
         "fastode": run("train_fastode", lambda: fo_train_iter(mlp, opt_f, x, e)),
         "torchdiffeq": run("train_torchdiffeq", lambda: td_train_iter(twin, opt_t, x, e)),
+        "odeint": run("train_odeint", lambda: fo_odeint_train_iter(per_stage, opt_p, x, e)),
     }, repeats=repeats, warmup=1, budget_s=budget_s)
     floor = train_floor_flops(batch) / rate
     rows.append({"task": "train rk4 (Hutchinson)", "batch": batch,
@@ -304,10 +344,13 @@ def bench_batch(batch: int, repeats: int, budget_s: float) -> list[dict]:
                  "fastode_floor_frac": floor / train["fastode"].median,
                  "torchdiffeq_floor_frac": floor / train["torchdiffeq"].median,
                  "nfe_fastode": nfe["train_fastode"], "nfe_torchdiffeq": nfe["train_torchdiffeq"],
+                 "odeint_per_stage_ms": 1e3 * train["odeint"].median,
+                 "odeint_speedup": train["torchdiffeq"].median / train["odeint"].median,
                  "repeats": len(train["fastode"].samples), "gemm_gflops": rate / 1e9})
     infer = common.time_alternating({
         "fastode": run("ll_fastode", lambda: fo_loglik(mlp, x)),
         "torchdiffeq": run("ll_torchdiffeq", lambda: td_loglik(twin, x)),
+        "odeint": run("ll_odeint", lambda: fo_odeint_loglik(per_stage, x)),
     }, repeats=repeats, warmup=1, budget_s=budget_s)
     floor_f = loglik_floor_flops(batch, nfe["ll_fastode"]) / rate
     floor_t = loglik_floor_flops(batch, nfe["ll_torchdiffeq"]) / rate
@@ -317,12 +360,15 @@ def bench_batch(batch: int, repeats: int, budget_s: float) -> list[dict]:
                  "fastode_floor_frac": floor_f / infer["fastode"].median,
                  "torchdiffeq_floor_frac": floor_t / infer["torchdiffeq"].median,
                  "nfe_fastode": nfe["ll_fastode"], "nfe_torchdiffeq": nfe["ll_torchdiffeq"],
+                 "odeint_per_stage_ms": 1e3 * infer["odeint"].median,
+                 "odeint_speedup": infer["torchdiffeq"].median / infer["odeint"].median,
                  "repeats": len(infer["fastode"].samples), "gemm_gflops": rate / 1e9})
     return rows
 
 
 COLUMNS = {"task": "task", "batch": "batch", "torchdiffeq_ms": "torchdiffeq ms", "fastode_ms": "fastode ms",
-           "speedup": "speedup", "floor_ms": "matmul floor ms", "fastode_floor_frac": "fastode % of floor",
+           "speedup": "speedup", "odeint_per_stage_ms": "odeint per-stage ms", "odeint_speedup": "per-stage speedup",
+           "floor_ms": "matmul floor ms", "fastode_floor_frac": "fastode % of floor",
            "torchdiffeq_floor_frac": "torchdiffeq % of floor", "nfe_fastode": "NFE fastode",
            "nfe_torchdiffeq": "NFE torchdiffeq"}
 
