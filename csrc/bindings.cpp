@@ -67,9 +67,10 @@ fastode::Net make_net(const std::vector<Tensor>& params, int64_t D, int act) {
   return net;
 }
 
-template <typename T>
-fastode::Params<T> make_params(const std::vector<Tensor>& p) {
-  fastode::Params<T> r;
+// Per-layer pointers (W, b, gw, gb, bw) of 5 tensors per layer, as Params<T> (const) or Grads<T>.
+template <typename T, typename Out>
+Out layer_pointers(const std::vector<Tensor>& p) {
+  Out r;
   for (size_t l = 0; l < p.size() / 5; ++l) {
     r.W.push_back(p[5 * l].data_ptr<T>());
     r.b.push_back(p[5 * l + 1].data_ptr<T>());
@@ -79,18 +80,13 @@ fastode::Params<T> make_params(const std::vector<Tensor>& p) {
   }
   return r;
 }
-
 template <typename T>
-fastode::Grads<T> make_grads(std::vector<Tensor>& g) {
-  fastode::Grads<T> r;
-  for (size_t l = 0; l < g.size() / 5; ++l) {
-    r.W.push_back(g[5 * l].data_ptr<T>());
-    r.b.push_back(g[5 * l + 1].data_ptr<T>());
-    r.gw.push_back(g[5 * l + 2].data_ptr<T>());
-    r.gb.push_back(g[5 * l + 3].data_ptr<T>());
-    r.bw.push_back(g[5 * l + 4].data_ptr<T>());
-  }
-  return r;
+fastode::Params<T> make_params(const std::vector<Tensor>& p) {
+  return layer_pointers<T, fastode::Params<T>>(p);
+}
+template <typename T>
+fastode::Grads<T> make_grads(const std::vector<Tensor>& g) {
+  return layer_pointers<T, fastode::Grads<T>>(g);
 }
 
 std::vector<Tensor> prep_params(const std::vector<Tensor>& params, at::ScalarType dt) {

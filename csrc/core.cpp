@@ -447,28 +447,6 @@ T* thin_scratch(int64_t n) {
   return buf.data();
 }
 
-// C (M x N) = A (M x K) B^T + beta C with K <= kThin; B is (N x K)
-template <typename T>
-FASTODE_CLONES void thin_nt_k(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,
-                              T beta, T* C, int64_t ldc) {
-  T* BT = thin_scratch<T>(K * N);  // (K x N)
-  for (int64_t j = 0; j < N; ++j)
-    for (int64_t k = 0; k < K; ++k) BT[k * N + j] = B[j * ldb + k];
-  for (int64_t i = 0; i < M; ++i) {
-    T* __restrict c = C + i * ldc;
-    const T* a = A + i * lda;
-    if (beta == T(0))
-      for (int64_t j = 0; j < N; ++j) c[j] = a[0] * BT[j];
-    else
-      for (int64_t j = 0; j < N; ++j) c[j] = beta * c[j] + a[0] * BT[j];
-    for (int64_t k = 1; k < K; ++k) {
-      const T ak = a[k];
-      const T* __restrict bk = BT + k * N;
-      for (int64_t j = 0; j < N; ++j) c[j] += ak * bk[j];
-    }
-  }
-}
-
 // C (M x N) = A (M x K) Bt^T + beta C with N <= kThin; Bt is (N x K) row-major (dot products)
 template <typename T>
 FASTODE_CLONES void thin_dots(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* Bt, int64_t ldb,
@@ -502,6 +480,16 @@ FASTODE_CLONES void thin_nn_k(int64_t M, int64_t N, int64_t K, const T* A, int64
       for (int64_t j = 0; j < N; ++j) c[j] += ak * bk[j];
     }
   }
+}
+
+// C (M x N) = A (M x K) B^T + beta C with K <= kThin; B is (N x K): thin_nn_k on a transposed copy of B
+template <typename T>
+void thin_nt_k(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T beta, T* C,
+               int64_t ldc) {
+  T* BT = thin_scratch<T>(K * N);  // (K x N)
+  for (int64_t j = 0; j < N; ++j)
+    for (int64_t k = 0; k < K; ++k) BT[k * N + j] = B[j * ldb + k];
+  thin_nn_k(M, N, K, A, lda, BT, N, beta, C, ldc);
 }
 
 // C (M x N) = A^T B + beta C with A (K x M), B (K x N), M <= kThin

@@ -4,7 +4,6 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <functional>
 #include <random>
 #include <string>
 #include <vector>
@@ -214,6 +213,27 @@ static std::vector<T> cast(const std::vector<double>& v) {
   return std::vector<T>(v.begin(), v.end());
 }
 
+// Central differences of loss() with respect to each value behind xs (perturbed in place, then restored).
+template <typename F>
+static std::vector<double> central_diff(const std::vector<double*>& xs, F&& loss, double h = 1e-6) {
+  std::vector<double> r;
+  for (double* x : xs) {
+    double o = *x;
+    *x = o + h;
+    double lp = loss();
+    *x = o - h;
+    double lm = loss();
+    *x = o;
+    r.push_back((lp - lm) / (2 * h));
+  }
+  return r;
+}
+static std::vector<double*> ptrs(std::vector<double>& v) {
+  std::vector<double*> r;
+  for (auto& x : v) r.push_back(&x);
+  return r;
+}
+
 // Forward values (f, vjp, trace, kinetic, jac_frob) against the naive reference.
 template <typename T>
 static void test_forward_values(int act, bool exact, int64_t B, int64_t tile, double tol) {
@@ -305,42 +325,16 @@ static void test_backward_fd(int act, bool exact, int64_t B, int64_t tile) {
   mlp_backward<double>(m.net, tp.p, t, B, z.data(), K, exact ? nullptr : e.data(), true, save.data(), f.data(),
                        v.data(), wf.data(), wv.data(), wt.data(), wk.data(), wr.data(), gz.data(),
                        exact ? nullptr : ge.data(), &gr.g, &gt, ex);
-  const double h = 1e-6;
-  // parameters
-  auto ptrs = m.flat();
-  std::vector<double> num;
-  for (double* q : ptrs) {
-    double o = *q;
-    *q = o + h;
-    double lp = loss(m, t, z, e);
-    *q = o - h;
-    double lm = loss(m, t, z, e);
-    *q = o;
-    num.push_back((lp - lm) / (2 * h));
-  }
+  auto L = [&]() { return loss(m, t, z, e); };
+  auto num = central_diff(m.flat(), L);
   CHECK(max_rel(gr.flat(), num) < 1e-6, "param grads act=%d exact=%d err=%g", act, exact, max_rel(gr.flat(), num));
-  // z
-  std::vector<double> numz;
-  for (int64_t i = 0; i < B * D; ++i) {
-    auto zp = z, zm = z;
-    zp[i] += h;
-    zm[i] -= h;
-    numz.push_back((loss(m, t, zp, e) - loss(m, t, zm, e)) / (2 * h));
-  }
+  auto numz = central_diff(ptrs(z), L);
   CHECK(max_rel(gz, numz) < 1e-6, "z grad act=%d exact=%d err=%g", act, exact, max_rel(gz, numz));
-  // e
   if (!exact) {
-    std::vector<double> nume;
-    for (int64_t i = 0; i < K * B * D; ++i) {
-      auto ep = e, em = e;
-      ep[i] += h;
-      em[i] -= h;
-      nume.push_back((loss(m, t, z, ep) - loss(m, t, z, em)) / (2 * h));
-    }
+    auto nume = central_diff(ptrs(e), L);
     CHECK(max_rel(ge, nume) < 1e-6, "e grad act=%d err=%g", act, max_rel(ge, nume));
   }
-  // t
-  double numt = (loss(m, t + h, z, e) - loss(m, t - h, z, e)) / (2 * h);
+  double numt = central_diff({&t}, L)[0];
   CHECK(std::fabs(gt - numt) < 1e-6 * std::max(1.0, std::fabs(numt)), "t grad act=%d exact=%d %g vs %g", act, exact,
         gt, numt);
 }
@@ -533,50 +527,27 @@ static void test_step_backward_fd(const Tableau& tab, bool fsal_in, bool exact) 
   go.gt0 = &gt0;
   go.gdt = &gdt;
   cnf_step_backward<double>(spec, tab, tp.p, in, save.data(), gi, go, ex);
-  const double h = 1e-6;
-  auto fdvec = [&](std::vector<double>& v, std::function<double()> f) {
-    std::vector<double> r;
-    for (auto& x : v) {
-      double o = x;
-      x = o + h;
-      double lp = f();
-      x = o - h;
-      double lm = f();
-      x = o;
-      r.push_back((lp - lm) / (2 * h));
-    }
-    return r;
-  };
   auto L = [&]() { return loss(m, t0, dt, z0, q0, e, kz0, kq0); };
-  std::vector<double> np;
-  for (double* q : m.flat()) {
-    double o = *q;
-    *q = o + h;
-    double lp = L();
-    *q = o - h;
-    double lm = L();
-    *q = o;
-    np.push_back((lp - lm) / (2 * h));
-  }
+  auto np = central_diff(m.flat(), L);
   const char* tag = fsal_in ? "fsal" : "plain";
   CHECK(max_rel(gr.flat(), np) < 1e-6, "step param grads (%s, s=%d, exact=%d) err=%g", tag, s, exact,
         max_rel(gr.flat(), np));
-  auto nz = fdvec(z0, L);
+  auto nz = central_diff(ptrs(z0), L);
   CHECK(max_rel(gz0, nz) < 1e-6, "step z0 grad (%s) err=%g", tag, max_rel(gz0, nz));
-  auto nq = fdvec(q0, L);
+  auto nq = central_diff(ptrs(q0), L);
   CHECK(max_rel(gq0, nq) < 1e-6, "step q0 grad (%s) err=%g", tag, max_rel(gq0, nq));
   if (!exact) {
-    auto ne = fdvec(e, L);
+    auto ne = central_diff(ptrs(e), L);
     CHECK(max_rel(ge, ne) < 1e-6, "step e grad (%s) err=%g", tag, max_rel(ge, ne));
   }
   if (fsal_in) {
-    auto nk = fdvec(kz0, L);
+    auto nk = central_diff(ptrs(kz0), L);
     CHECK(max_rel(gkz0, nk) < 1e-6, "step kz0 grad err=%g", max_rel(gkz0, nk));
-    auto nkq = fdvec(kq0, L);
+    auto nkq = central_diff(ptrs(kq0), L);
     CHECK(max_rel(gkq0, nkq) < 1e-6, "step kq0 grad err=%g", max_rel(gkq0, nkq));
   }
-  double nt0 = (loss(m, t0 + h, dt, z0, q0, e, kz0, kq0) - loss(m, t0 - h, dt, z0, q0, e, kz0, kq0)) / (2 * h);
-  double ndt = (loss(m, t0, dt + h, z0, q0, e, kz0, kq0) - loss(m, t0, dt - h, z0, q0, e, kz0, kq0)) / (2 * h);
+  double nt0 = central_diff({&t0}, L)[0];
+  double ndt = central_diff({&dt}, L)[0];
   CHECK(std::fabs(gt0 - nt0) < 1e-6 * std::max(1.0, std::fabs(nt0)), "step t0 grad (%s) %g vs %g", tag, gt0, nt0);
   CHECK(std::fabs(gdt - ndt) < 1e-6 * std::max(1.0, std::fabs(ndt)), "step dt grad (%s) %g vs %g", tag, gdt, ndt);
 }
@@ -641,39 +612,16 @@ static void test_grid_solve() {
   TGrads<double> gr(m);
   cnf_grid_backward<double>(spec, tab, tp.p, ts.data(), nsteps, B, e.data(), save.data(), wz.data(), wq.data(),
                             gz0.data(), gq0.data(), ge.data(), &gr.g, gts.data(), ex);
-  const double h = 1e-6;
   auto L = [&]() { return solve(m, ts, z0, q0, e, nullptr, nullptr, nullptr); };
-  auto fd = [&](std::vector<double>& v) {
-    std::vector<double> r;
-    for (auto& x : v) {
-      double o = x;
-      x = o + h;
-      double lp = L();
-      x = o - h;
-      double lm = L();
-      x = o;
-      r.push_back((lp - lm) / (2 * h));
-    }
-    return r;
-  };
-  std::vector<double> np;
-  for (double* q : m.flat()) {
-    double o = *q;
-    *q = o + h;
-    double lp = L();
-    *q = o - h;
-    double lm = L();
-    *q = o;
-    np.push_back((lp - lm) / (2 * h));
-  }
+  auto np = central_diff(m.flat(), L);
   CHECK(max_rel(gr.flat(), np) < 1e-6, "grid param grads err=%g", max_rel(gr.flat(), np));
-  auto nz = fd(z0);
+  auto nz = central_diff(ptrs(z0), L);
   CHECK(max_rel(gz0, nz) < 1e-6, "grid z0 grad err=%g", max_rel(gz0, nz));
-  auto nq = fd(q0);
+  auto nq = central_diff(ptrs(q0), L);
   CHECK(max_rel(gq0, nq) < 1e-6, "grid q0 grad err=%g", max_rel(gq0, nq));
-  auto ne = fd(e);
+  auto ne = central_diff(ptrs(e), L);
   CHECK(max_rel(ge, ne) < 1e-6, "grid e grad err=%g", max_rel(ge, ne));
-  auto nt = fd(ts);
+  auto nt = central_diff(ptrs(ts), L);
   CHECK(max_rel(gts, nt) < 1e-6, "grid time grads err=%g", max_rel(gts, nt));
 }
 
