@@ -3,12 +3,13 @@ runs on the C++ backend or on the PyTorch reference."""
 import pytest
 import torch
 
+import fastode
 import fastode.cpp as fc
 from fastode.nn import ConcatSquashMLP, backends
 
 pytestmark = pytest.mark.skipif(not fc.available(), reason=f"C++ extension not built: {fc.build_info()['error']}")
 
-fastode_odeint = pytest.importorskip("fastode").odeint if hasattr(pytest.importorskip("fastode"), "odeint") else None
+fastode_odeint = getattr(fastode, "odeint", None)
 
 
 def _tol(dtype):

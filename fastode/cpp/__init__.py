@@ -28,11 +28,10 @@ batch of 512 on).
 """
 from __future__ import annotations
 
-import os
-
 from ._loader import available, build_info, ext
 from ._mlp import concatsquash_mlp, concatsquash_mlp_exact_trace, concatsquash_mlp_hutchinson, supports
 from ._rk import RATE_CODES, CnfStep, CnfStepper, cnf_rk_step, rk_epilogue, rk_stage
+from . import _dispatch
 
 __all__ = [
     "available",
@@ -50,8 +49,6 @@ __all__ = [
     "rk_epilogue",
     "last_backend",
 ]
-
-from . import _dispatch  # noqa: E402
 
 
 def __getattr__(name):  # live view of the dispatcher's record
@@ -75,4 +72,3 @@ def _register() -> None:
 
 
 _register()
-del os

@@ -21,7 +21,8 @@ from ._loader import ext
 
 __all__ = ["concatsquash_mlp", "concatsquash_mlp_hutchinson", "concatsquash_mlp_exact_trace", "supports"]
 
-_ACT_CODES = {name: i for i, name in enumerate(("tanh", "softplus", "elu", "swish", "identity"))}  # C++ codes
+_ACT_NAMES = ("tanh", "softplus", "elu", "swish", "identity")  # index = the C++ activation code
+_ACT_CODES = {name: i for i, name in enumerate(_ACT_NAMES)}
 
 
 def _flat(params):
@@ -53,8 +54,6 @@ def _reference_backward(ref_fn, inputs, grads, needs):
 def _layers(flat):
     return [flat[i:i + 5] for i in range(0, len(flat), 5)]
 
-
-_ACT_NAMES = ("tanh", "softplus", "elu", "swish", "identity")
 
 
 def _param_grads(ctx, gp, first):

@@ -13,6 +13,7 @@ from torch.autograd.function import once_differentiable
 from ..nn import functional as _ref
 from . import _dispatch
 from ._loader import ext
+from ._mlp import _ACT_CODES
 
 __all__ = ["RATE_CODES", "CnfStep", "CnfStepper", "cnf_rk_step", "rk_stage", "rk_epilogue"]
 
@@ -20,7 +21,6 @@ RATE_CODES = {"-trace": 0, "trace": 1, "kinetic": 2, "jac_frob": 3}
 """Integrands of the extra CNF states ``q``: ``"-trace"`` (log-density change, FFJORD's sign),
 ``"trace"``, ``"kinetic"`` (``|f|^2``) and ``"jac_frob"`` (``sum_k |e_k^T df/dz|^2``)."""
 
-_ACT_CODES = {name: i for i, name in enumerate(("tanh", "softplus", "elu", "swish", "identity"))}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -47,7 +47,7 @@ def _tableau_lists(tableau):
     return c, a, b, b_err
 
 
-def _as_time_tensor(x, like: torch.Tensor) -> torch.Tensor:
+def _as_time_tensor(x) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         if x.numel() != 1:
             raise ValueError(f"t0 and dt must be scalars, got shape {tuple(x.shape)}")
@@ -449,7 +449,7 @@ def rk_stage(y: torch.Tensor, ks: Sequence[torch.Tensor], coefs: Sequence[float]
         return y
     name = _dispatch.choose(backend, y, *ks)
     if name == "cpp" and all(k.shape == y.shape for k in ks):
-        return _StageFn.apply(coefs, y, _as_time_tensor(dt, y), *ks)
+        return _StageFn.apply(coefs, y, _as_time_tensor(dt), *ks)
     _dispatch.last_backend = "torch"
     return y + dt * sum(c * k for c, k in zip(coefs, ks) if c != 0.0)
 
@@ -473,6 +473,6 @@ def rk_epilogue(y0: torch.Tensor, ks: Sequence[torch.Tensor], b: Sequence[float]
     tol_tensors = [x for x in (atol, rtol) if isinstance(x, torch.Tensor)]
     name = _dispatch.choose(backend, y0, *ks, *tol_tensors)
     if name == "cpp" and all(k.shape == y0.shape for k in ks) and all(x.shape == y0.shape for x in tol_tensors):
-        return _EpilogueFn.apply(b, b_err, atol, rtol, y0, _as_time_tensor(dt, y0), *ks)
+        return _EpilogueFn.apply(b, b_err, atol, rtol, y0, _as_time_tensor(dt), *ks)
     _dispatch.last_backend = "torch"
     return _epilogue_torch(y0, ks, b, b_err, dt, atol, rtol)
