@@ -65,8 +65,13 @@ def _solve(method, mode, y0, t, W, b, **kw):
         return fastode.odeint(_func(W, b), y0, t, method=method, gradient=mode, **kw, **extra)
 
 
-@pytest.mark.parametrize("mode", ["direct", "checkpoint"])
-@pytest.mark.parametrize("method", DISCRETE_METHODS)
+MULTISTEP = ("explicit_adams", "implicit_adams", "fixed_adams")
+# checkpoint mode is for one-step methods (test_checkpoint_rejects_multistep covers Adams)
+DISCRETE_CASES = [(m, mode) for m in DISCRETE_METHODS for mode in ("direct", "checkpoint")
+                  if not (mode == "checkpoint" and m in MULTISTEP)]
+
+
+@pytest.mark.parametrize("method,mode", DISCRETE_CASES)
 def test_gradcheck_discrete_gradient(method, mode):
     solve_kw, check_kw = _discrete_settings(method)
 
@@ -74,6 +79,15 @@ def test_gradcheck_discrete_gradient(method, mode):
         return _solve(method, mode, y0, t, W, b, **solve_kw)
 
     assert torch.autograd.gradcheck(fn, tuple(_inputs()), eps=1e-6, **check_kw)
+
+
+@pytest.mark.parametrize("method", MULTISTEP)
+def test_checkpoint_rejects_multistep(method):
+    # a multistep step depends on the whole history, so "one start state per step" is not enough to recompute it:
+    # the checkpoint mode refuses with an error that names the alternatives rather than return a wrong gradient
+    y0, t, W, b = _inputs()
+    with pytest.raises(fastode.errors.InvalidOptionError, match='gradient="direct" or gradient="adjoint"'):
+        _solve(method, "checkpoint", y0, t, W, b, options={"step_size": 0.1})
 
 
 @pytest.mark.parametrize("mode", ["direct", "checkpoint"])

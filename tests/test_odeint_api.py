@@ -162,3 +162,29 @@ def test_time_dtype_option_float32_clock():
     out = fastode.odeint(lambda t, y: -y, torch.ones(2), torch.tensor([0.0, 1.0]),
                          options=dict(dtype=torch.float32))
     assert torch.allclose(out[-1], torch.exp(torch.tensor(-1.0)) * torch.ones(2), atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method,options", [("dopri5", None), ("tsit5", dict(interp="dense", land_on="end")),
+                                            ("rk4", dict(step_size=0.1)), ("dopri8", None)])
+@pytest.mark.parametrize("mode", ["direct", "checkpoint"])
+def test_cuda_matches_cpu(method, options, mode):
+    import copy
+    f = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)).double()
+    fc = copy.deepcopy(f).cuda()
+    y0 = torch.randn(8, 3, dtype=D)
+    t = torch.tensor([0.0, 0.4, 1.0], dtype=D)
+    outs, grads, stats = [], [], []
+    for mod, dev in ((f, "cpu"), (fc, "cuda")):
+        y = y0.to(dev).requires_grad_(True)
+        sol, st = fastode.odeint(lambda t, y, m=mod: m(y), y, t.to(dev), method=method, options=options,
+                                 rtol=1e-7, atol=1e-9, gradient=mode, adjoint_params=tuple(mod.parameters()),
+                                 return_stats=True)
+        assert sol.device.type == dev
+        grads.append(torch.autograd.grad(sol.square().sum(), y)[0].cpu())
+        outs.append(sol.detach().cpu())
+        stats.append(st)
+    assert torch.allclose(outs[0], outs[1], rtol=1e-9, atol=1e-10)
+    assert torch.allclose(grads[0], grads[1], rtol=1e-8, atol=1e-9)
+    assert stats[0].num_fevals == stats[1].num_fevals

@@ -99,8 +99,7 @@ class _CheckpointFn(torch.autograd.Function):
         solver.tape = []
         solver.out_map = []
         if isinstance(solver, FixedGridSolver):
-            gctx = solver.prepare(t, grid)
-            solution = _integrate_fixed(solver, gctx)
+            solution = solver.integrate(t, grid)
         else:
             solution = solver.integrate(t)
         ctx.solver = solver
@@ -139,16 +138,6 @@ class _CheckpointFn(torch.autograd.Function):
             solver.func.backward = False
         grad_y0 = grad_sol[0] if a_y is None else grad_sol[0] + a_y
         return (None, grad_y0, g_t, g_grid, *grad_params)
-
-
-def _integrate_fixed(solver, gctx):
-    # FixedGridSolver.integrate with a given grid (the one built outside, with autograd)
-    orig = solver.prepare
-    solver.prepare = lambda t, grid=None: gctx
-    try:
-        return solver.integrate(gctx.t)
-    finally:
-        solver.prepare = orig
 
 
 def _accumulate(acc, grads):

@@ -52,7 +52,7 @@ from ..errors import FuncOutputError
 from ..stats import SolveStats
 
 __all__ = ["Solver", "ODEFunc", "Perturb", "handle_unused_kwargs", "time_tensor", "state_time_value",
-           "real_dtype"]
+           "real_dtype", "tableau_solver"]
 
 
 class Perturb(enum.IntEnum):
@@ -194,3 +194,12 @@ class Solver:
         raise NotImplementedError(f"{self.__class__.__name__} does not support event handling (event_fn); use "
                                   "an adaptive Runge-Kutta method (e.g. 'dopri5') or a fixed-grid method with "
                                   "options={'step_size': ...}.")
+
+
+def tableau_solver(base_cls, tableau_name: str, cls_name: str):
+    """A named subclass of ``base_cls`` (a Runge-Kutta loop) bound to the tableau ``tableau_name``."""
+    from ..tableaus import TABLEAUS
+    tab = TABLEAUS[tableau_name]
+    return type(cls_name, (base_cls,), {"tableau": tab, "order": tab.order, "name": tableau_name,
+                                        "__module__": base_cls.__module__,
+                                        "__doc__": f"{base_cls.__name__} for the '{tableau_name}' tableau."})

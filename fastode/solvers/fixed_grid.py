@@ -22,7 +22,7 @@ from ..errors import InvalidOptionError, MaxStepsExceededError, NonFiniteError
 from ..events import find_event
 from ..interp import hermite_cubic, linear
 from ..tableaus import TABLEAUS, ButcherTableau
-from .base import Perturb, Solver, _null_callback, real_dtype, state_time_value
+from .base import Perturb, Solver, _null_callback, real_dtype, state_time_value, tableau_solver
 from .rk_step import rk_step
 
 __all__ = ["FixedGridSolver", "FIXED_GRID_SOLVERS", "MAX_EVENT_ITERS"]
@@ -152,8 +152,9 @@ class FixedGridSolver(Solver):
         need_grad = torch.is_grad_enabled() and (grid.requires_grad or t.requires_grad)
         return _GridCtx(t, grid, g_host, t_host, self._rounder(grid.dtype), need_grad)
 
-    def integrate(self, t):
-        ctx = self.prepare(t)
+    def integrate(self, t, grid=None):
+        """Solve over ``t`` (``grid``: a precomputed time grid, e.g. built with autograd by the checkpoint mode)."""
+        ctx = self.prepare(t, grid)
         stats = self.stats
         solution = [self.y0]
         flags = []
@@ -184,19 +185,22 @@ class FixedGridSolver(Solver):
             self._check_flags(flags, g_host)
         return torch.stack(solution)
 
-    def grid_step(self, ctx, i, y0):
-        """Step ``i`` of the grid from ``y0`` (shared by the solve and the checkpointed backward)."""
+    def step_times(self, ctx, i):
+        """``(tc, dt)`` of grid step ``i``: the stage times ``func`` sees and the step size (a tensor when
+        differentiable w.r.t. the grid)."""
         t0, t1 = ctx.g_host[i], ctx.g_host[i + 1]
         dt = ctx.rnd(t1 - t0)
         if ctx.need_grad:
             g0, g1 = ctx.grid[i], ctx.grid[i + 1]
             gdt = g1 - g0
-            tc = self._stage_times(t0, dt, t1, ctx.rnd, (g0, gdt, g1))
-            dt_arg = gdt.to(self.rdtype)
-        else:
-            tc = self._stage_times(t0, dt, t1, ctx.rnd)
-            dt_arg = state_time_value(dt, self.rdtype) if ctx.grid.dtype != self.rdtype else dt
-        return rk_step(self.func, t0, y0, None, dt_arg, self.tableau, tc=tc)
+            return self._stage_times(t0, dt, t1, ctx.rnd, (g0, gdt, g1)), gdt.to(self.rdtype)
+        tc = self._stage_times(t0, dt, t1, ctx.rnd)
+        return tc, (state_time_value(dt, self.rdtype) if ctx.grid.dtype != self.rdtype else dt)
+
+    def grid_step(self, ctx, i, y0):
+        """Step ``i`` of the grid from ``y0`` (shared by the solve and the checkpointed backward)."""
+        tc, dt_arg = self.step_times(ctx, i)
+        return rk_step(self.func, ctx.g_host[i], y0, None, dt_arg, self.tableau, tc=tc)
 
     def grid_output(self, ctx, j, i, y0, step):
         """Output ``j`` (inside grid step ``i``) by linear or cubic Hermite interpolation."""
@@ -279,18 +283,12 @@ class FixedGridSolver(Solver):
         return event_time, torch.stack([self.y0, y1], dim=0)
 
 
-def _make(name, cls_name):
-    return type(cls_name, (FixedGridSolver,), {"tableau": TABLEAUS[name], "order": TABLEAUS[name].order,
-                                                "name": name,
-                                                "__doc__": f"Fixed-grid RK solver '{name}' (see FixedGridSolver)."})
-
-
-Euler = _make("euler", "Euler")
-Midpoint = _make("midpoint", "Midpoint")
-Heun2 = _make("heun2", "Heun2")
-Heun3 = _make("heun3", "Heun3")
-RK4 = _make("rk4", "RK4")
-RK4Classic = _make("rk4_classic", "RK4Classic")
+Euler = tableau_solver(FixedGridSolver, "euler", "Euler")
+Midpoint = tableau_solver(FixedGridSolver, "midpoint", "Midpoint")
+Heun2 = tableau_solver(FixedGridSolver, "heun2", "Heun2")
+Heun3 = tableau_solver(FixedGridSolver, "heun3", "Heun3")
+RK4 = tableau_solver(FixedGridSolver, "rk4", "RK4")
+RK4Classic = tableau_solver(FixedGridSolver, "rk4_classic", "RK4Classic")
 
 FIXED_GRID_SOLVERS = {"euler": Euler, "midpoint": Midpoint, "heun2": Heun2, "heun3": Heun3, "rk4": RK4,
                       "rk4_classic": RK4Classic}

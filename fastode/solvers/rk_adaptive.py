@@ -36,7 +36,7 @@ from ..errors import (InvalidOptionError, MaxStepsExceededError, NonFiniteError,
 from ..events import find_event
 from ..interp import quartic_eval, quartic_fit, tableau_dense
 from ..tableaus import TABLEAUS, ButcherTableau
-from .base import Perturb, Solver, _null_callback, real_dtype, state_time_value
+from .base import Perturb, Solver, _null_callback, real_dtype, state_time_value, tableau_solver
 from .rk_step import combine_stages_exact, error_ratio, rk_step
 
 __all__ = ["RKAdaptiveSolver", "DEFAULT_MAX_NUM_STEPS", "ADAPTIVE_SOLVERS", "StepRecord"]
@@ -597,18 +597,12 @@ class StepRecord(NamedTuple):
     f0: Optional[torch.Tensor]  # only for ("stored",): methods whose reused stage is not f(t1, y1)
 
 
-def _make(name, cls_name):
-    return type(cls_name, (RKAdaptiveSolver,), {"tableau": TABLEAUS[name], "order": TABLEAUS[name].order,
-                                                 "name": name,
-                                                 "__doc__": f"Adaptive RK solver '{name}' (see RKAdaptiveSolver)."})
-
-
-Dopri8Solver = _make("dopri8", "Dopri8Solver")
-Dopri5Solver = _make("dopri5", "Dopri5Solver")
-Tsit5Solver = _make("tsit5", "Tsit5Solver")
-Bosh3Solver = _make("bosh3", "Bosh3Solver")
-Fehlberg2 = _make("fehlberg2", "Fehlberg2")
-AdaptiveHeunSolver = _make("adaptive_heun", "AdaptiveHeunSolver")
+Dopri8Solver = tableau_solver(RKAdaptiveSolver, "dopri8", "Dopri8Solver")
+Dopri5Solver = tableau_solver(RKAdaptiveSolver, "dopri5", "Dopri5Solver")
+Tsit5Solver = tableau_solver(RKAdaptiveSolver, "tsit5", "Tsit5Solver")
+Bosh3Solver = tableau_solver(RKAdaptiveSolver, "bosh3", "Bosh3Solver")
+Fehlberg2 = tableau_solver(RKAdaptiveSolver, "fehlberg2", "Fehlberg2")
+AdaptiveHeunSolver = tableau_solver(RKAdaptiveSolver, "adaptive_heun", "AdaptiveHeunSolver")
 
 ADAPTIVE_SOLVERS = {
     "dopri8": Dopri8Solver, "dopri5": Dopri5Solver, "tsit5": Tsit5Solver, "bosh3": Bosh3Solver,
