@@ -12,7 +12,6 @@ import inspect
 import math
 import warnings
 from collections import namedtuple
-from typing import Optional
 
 import torch
 

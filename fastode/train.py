@@ -247,7 +247,6 @@ def _pick_device(spec: str, local_rank: int) -> torch.device:
 def init_distributed(device: str = "auto") -> DistInfo:
     """Join the process group when launched by torchrun (``WORLD_SIZE > 1``): nccl on CUDA, gloo on CPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     dev = _pick_device(device, local)
     if world <= 1:

@@ -10,7 +10,7 @@ import torch
 import fastode
 from fastode.grad.adjoint import odeint_adjoint
 
-from problems import ConstantODE, ExpDecay, LinearODE, SineODE, TupleODE, construct_problem
+from problems import ExpDecay, SineODE, TupleODE, construct_problem
 
 torchdiffeq = pytest.importorskip("torchdiffeq")
 

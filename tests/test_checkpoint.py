@@ -128,7 +128,6 @@ def test_checkpoint_memory_is_one_state_per_step():
 @pytest.mark.parametrize("mode", ["checkpoint", "direct"])
 def test_gradcheck(method, options, mode):
     f = MLP(dim=2)
-    params = list(f.parameters())[:2]
     y0 = torch.randn(2, 2, dtype=D, requires_grad=True)
     t = torch.tensor([0.1, 0.45, 1.0], dtype=D, requires_grad=True)
 

@@ -1,5 +1,4 @@
 """Convergence orders of every method with forced constant steps, against a matrix-exponential reference."""
-import math
 
 import numpy as np
 import pytest
@@ -68,7 +67,6 @@ def test_dense_output_order(method):
     # the method's own continuous extension, evaluated mid-step, converges at its dense order
     dense_order = {"dopri5": 4, "tsit5": 4, "dopri8": 5}[method]
     prob = MatrixODE()
-    tab = TABLEAUS[method]
     errs, hs = [], []
     for n in (4, 8, 16):
         h = T_END / n

@@ -6,7 +6,7 @@ import torch
 from sklearn.datasets import load_breast_cancer as sk_bc
 from sklearn.datasets import load_digits as sk_digits
 
-from fastode.data import Compose, LogOffset, Logit, Standardize, load_breast_cancer, load_dataset, load_digits
+from fastode.data import Compose, LogOffset, Logit, Standardize, load_dataset, load_digits
 
 
 def _autograd_logdet(transform, x):

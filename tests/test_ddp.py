@@ -12,7 +12,6 @@ import shutil
 import subprocess
 import sys
 
-import pytest
 import torch
 
 ARGS = ["--data", "8gaussians", "--dims", "8-8", "--method", "rk4", "--step-size", "0.25", "--batch-size", "16",

@@ -1,5 +1,4 @@
 """Every error path: the right class (catchable the torchdiffeq way) and a message that says what to do."""
-import warnings
 
 import pytest
 import torch
@@ -120,6 +119,23 @@ def test_nonfinite_fixed_grid_names_the_step():
     out = fastode.odeint(f, Y0, torch.tensor([0.0, 2.0]), method="euler", options=dict(step_size=0.1,
                                                                                        check_finite=False))
     assert torch.isnan(out[-1]).all()
+
+
+@pytest.mark.parametrize("bad", [float("inf"), -float("inf"), float("nan")])
+@pytest.mark.parametrize("complex_state", [False, True])
+def test_nonfinite_fixed_grid_single_entry(bad, complex_state):
+    # one non-finite entry among finite ones (inf of either sign, NaN; complex: in the imaginary part) is caught
+    y0 = torch.zeros(3, 5, dtype=torch.complex128 if complex_state else torch.float64)
+
+    def f(t, y):
+        dy = torch.zeros_like(y)
+        if float(t) >= 0.5:
+            dy[1, 2] = complex(0.0, bad) if complex_state else bad
+        return dy
+
+    with pytest.raises(E.NonFiniteError, match=r"from t=0.5 to t=0.75 "):
+        fastode.odeint(f, y0, torch.tensor([0.0, 1.0], dtype=torch.float64), method="euler",
+                       options=dict(step_size=0.25))
 
 
 def test_step_size_underflow_suggests_remedies():

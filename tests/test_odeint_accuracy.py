@@ -5,7 +5,7 @@ import torch
 from scipy.integrate import solve_ivp
 
 import fastode
-from problems import ADAPTIVE_METHODS, FIXED_METHODS, ExpDecay, SineODE, TimeDependent, construct_problem, rel_error
+from problems import ADAPTIVE_METHODS, FIXED_METHODS, ExpDecay, TimeDependent, construct_problem, rel_error
 
 D = torch.float64
 FIXED_STEP = {"euler": 1e-3, "midpoint": 1e-2, "heun2": 1e-2, "heun3": 2e-2, "rk4": 5e-2, "rk4_classic": 5e-2}

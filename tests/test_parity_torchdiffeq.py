@@ -1,5 +1,4 @@
 """fastode vs torchdiffeq 0.2.5: same values (to tolerance) and the SAME number of function evaluations."""
-import warnings
 
 import pytest
 import torch

@@ -123,7 +123,7 @@ def test_structure(name):
 
 
 def test_torchdiffeq_coefficients_identical():
-    td = pytest.importorskip("torchdiffeq")
+    pytest.importorskip("torchdiffeq")
     from torchdiffeq._impl import bosh3, dopri5, dopri8, fehlberg2, adaptive_heun
     for mod_tab, mid, name in [(dopri5._DORMAND_PRINCE_SHAMPINE_TABLEAU, dopri5.DPS_C_MID, "dopri5"),
                                (dopri8._DOPRI8_TABLEAU, dopri8._C_mid, "dopri8"),

@@ -54,7 +54,6 @@ from ..errors import InvalidOptionError, MaxStepsExceededError
 from ..events import find_event
 from ..interp import hermite_cubic, linear
 from ..tableaus import TABLEAUS
-from .base import state_time_value
 from .fixed_grid import MAX_EVENT_ITERS, FixedGridSolver
 from .rk_step import RKStep, combine_stages, rk_step
 
@@ -202,10 +201,10 @@ class AdamsBashforthMoulton(FixedGridSolver):
         return y0 + dy, f0
 
     # ---- the grid loop: FixedGridSolver.integrate calls grid_step(ctx, i, y0) for i = 0, 1, ... in order
-    def integrate(self, t):
+    def integrate(self, t, grid=None):
         self._reset_history()
         self._next_step = 0
-        return super().integrate(t)
+        return super().integrate(t, grid)
 
     def grid_step(self, ctx, i, y0):
         """Grid step ``i`` from ``y0``. Multistep: valid only in order (i = 0, 1, ...) within one solve."""
@@ -215,16 +214,8 @@ class AdamsBashforthMoulton(FixedGridSolver):
                 f"steps, so they cannot be recomputed one at a time (step {i} requested out of order). "
                 f"gradient='checkpoint' does not support Adams methods; use gradient='direct' or 'adjoint'.")
         self._next_step = i + 1
-        t0, t1 = ctx.g_host[i], ctx.g_host[i + 1]
-        dt = ctx.rnd(t1 - t0)
-        if ctx.need_grad:
-            g0, g1 = ctx.grid[i], ctx.grid[i + 1]
-            gdt = g1 - g0
-            tc = self._stage_times(t0, dt, t1, ctx.rnd, (g0, gdt, g1))
-            dt_arg = gdt.to(self.rdtype)
-        else:
-            tc = self._stage_times(t0, dt, t1, ctx.rnd)
-            dt_arg = state_time_value(dt, self.rdtype) if ctx.grid.dtype != self.rdtype else dt
+        tc, dt_arg = self.step_times(ctx, i)
+        t0 = ctx.g_host[i]
         y1, f0 = self._step(t0, y0, dt_arg, tc)
         return RKStep(y1, None, [f0], None)
 

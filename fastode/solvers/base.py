@@ -52,7 +52,7 @@ from ..errors import FuncOutputError
 from ..stats import SolveStats
 
 __all__ = ["Solver", "ODEFunc", "Perturb", "handle_unused_kwargs", "time_tensor", "state_time_value",
-           "real_dtype", "tableau_solver"]
+           "real_dtype", "tableau_solver", "all_finite"]
 
 
 class Perturb(enum.IntEnum):
@@ -194,6 +194,19 @@ class Solver:
         raise NotImplementedError(f"{self.__class__.__name__} does not support event handling (event_fn); use "
                                   "an adaptive Runge-Kutta method (e.g. 'dopri5') or a fixed-grid method with "
                                   "options={'step_size': ...}.")
+
+
+def all_finite(y: torch.Tensor) -> torch.Tensor:
+    """0-dim bool tensor on ``y``'s device: no NaN/inf in ``y`` (no host synchronisation).
+
+    Reads the min and max (``aminmax`` propagates NaN) instead of materialising ``isfinite(y)``: a full-size
+    boolean temporary per step fragments glibc's heap on the CPU, so resident memory grew with the number of steps.
+    """
+    if y.is_complex():
+        y = torch.view_as_real(y)
+    if y.numel() == 0:
+        return torch.ones((), dtype=torch.bool, device=y.device)
+    return torch.isfinite(torch.stack(torch.aminmax(y))).all()
 
 
 def tableau_solver(base_cls, tableau_name: str, cls_name: str):

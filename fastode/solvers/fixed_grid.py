@@ -21,8 +21,8 @@ import torch
 from ..errors import InvalidOptionError, MaxStepsExceededError, NonFiniteError
 from ..events import find_event
 from ..interp import hermite_cubic, linear
-from ..tableaus import TABLEAUS, ButcherTableau
-from .base import Perturb, Solver, _null_callback, real_dtype, state_time_value, tableau_solver
+from ..tableaus import ButcherTableau
+from .base import Perturb, Solver, _null_callback, all_finite, real_dtype, state_time_value, tableau_solver
 from .rk_step import rk_step
 
 __all__ = ["FixedGridSolver", "FIXED_GRID_SOLVERS", "MAX_EVENT_ITERS"]
@@ -157,18 +157,22 @@ class FixedGridSolver(Solver):
         ctx = self.prepare(t, grid)
         stats = self.stats
         solution = [self.y0]
-        flags = []
+        n_steps = len(ctx.g_host) - 1
+        # index of the first step whose result is not finite (n_steps: none), kept on the device so the loop
+        # never synchronises; one running scalar rather than a flag per step keeps memory flat in the steps
+        first_bad = torch.full((), n_steps, dtype=torch.int64, device=self.y0.device) if self.check_finite else None
         j = 1
         y0 = self.y0
         g_host, t_host = ctx.g_host, ctx.t_host
         n_t = len(t_host)
-        for i in range(len(g_host) - 1):
+        for i in range(n_steps):
             t0, t1 = g_host[i], g_host[i + 1]
             if self.func.callback_step is not _null_callback:
                 self.func.callback_step(ctx.grid[i], y0, ctx.grid[i + 1] - ctx.grid[i])
             step = self.grid_step(ctx, i, y0)
-            if self.check_finite:
-                flags.append(torch.isfinite(step.y1.detach()).all())
+            if first_bad is not None:
+                bad = all_finite(step.y1.detach()).logical_not_()
+                first_bad = torch.where(bad & (first_bad == n_steps), i, first_bad)
             stats.num_steps += 1
             stats.num_accepted_steps += 1
             stats.step_ts.append(t0)
@@ -181,8 +185,8 @@ class FixedGridSolver(Solver):
                     self.out_map.append((j, i))
                 j += 1
             y0 = step.y1
-        if flags:
-            self._check_flags(flags, g_host)
+        if first_bad is not None:
+            self._check_first_bad(int(first_bad), g_host)
         return torch.stack(solution)
 
     def step_times(self, ctx, i):
@@ -231,11 +235,9 @@ class FixedGridSolver(Solver):
             h = state_time_value(rnd((tj - t0) / rnd(t1 - t0)), self.rdtype)
         return hermite_cubic(y0, step.k[0], y1, f1, dt, h)
 
-    def _check_flags(self, flags, g_host):
-        ok = torch.stack(flags)
-        if bool(ok.all()):
+    def _check_first_bad(self, first, g_host):
+        if first == len(g_host) - 1:
             return
-        first = int((~ok).nonzero()[0, 0])
         ta, tb = self._describe(g_host[first]), self._describe(g_host[first + 1])
         raise NonFiniteError(
             f"the solution became NaN/inf in the step from t={ta} to t={tb} ({type(self).__name__}, step "
