@@ -124,13 +124,21 @@ def headline(wp: dict | None, gm: dict | None) -> list[str]:
     return out
 
 
-def summary(meta: dict, wp: dict | None, gm: dict | None) -> str:
-    lines = ["# fastode benchmark summary", "", common.metadata_markdown(meta), ""]
+def summary(wp_meta: dict | None, wp: dict | None, gm_meta: dict | None, gm: dict | None) -> str:
+    """SUMMARY.md; each part carries the metadata of the run that measured it (they may differ: ``--only``)."""
+    lines = ["# fastode benchmark summary", ""]
+    if wp_meta is not None and gm_meta is not None and wp_meta.get("timestamp_utc") != gm_meta.get("timestamp_utc"):
+        lines += ["The two parts were measured in different runs; each section names its own.", ""]
+    else:
+        lines += [common.metadata_markdown(wp_meta or gm_meta), ""]
+        wp_meta = gm_meta = None   # said once above
     head = headline(wp, gm)
     if head:
         lines += ["## Headline", ""] + head + [""]
     if wp is not None:
         lines += ["## Work-precision (forward solves, float64, rtol = atol)", ""]
+        if wp_meta is not None:
+            lines += [common.metadata_markdown(wp_meta), ""]
         if any(k.startswith("fastode") for k in wp["skipped"]):
             lines += [f"fastode was not measured: {next(v for k, v in wp['skipped'].items() if k.startswith('fastode'))}", ""]
         for peer, pm in (("torchdiffeq", "dopri5"), ("torchdiffeq", "bosh3"), ("torchode", "dopri5"),
@@ -162,6 +170,8 @@ def summary(meta: dict, wp: dict | None, gm: dict | None) -> str:
         lines += ["", "Plots: `work_precision_<problem>.png`; full table: `work_precision.md`.", ""]
     if gm is not None:
         lines += ["## Gradient modes (neural ODE, forward + backward, float32)", ""]
+        if gm_meta is not None:
+            lines += [common.metadata_markdown(gm_meta), ""]
         rows = [r for r in gm["rows"] if not r.get("failure") and r.get("time_s")]
         lines += [gradient_modes.pivot(gm), ""]
         for config in dict.fromkeys(r["config"] for r in rows if r["method"] != "rk4"):
@@ -208,66 +218,73 @@ def main(argv=None) -> dict:
                     help="measure nothing: rebuild the .md, .png and SUMMARY.md in --out from its JSON files")
     args = ap.parse_args(argv)
     if args.replot:
-        return write_reports(args.out, *_load(args.out))
+        return write_reports(args.out, _load(args.out))
     profile = "smoke" if args.smoke else "quick" if args.quick else "full"
     common.pin_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     meta = common.metadata(profile=profile)
     t0 = time.perf_counter()
-    wp = gm = None
+    measured = {}
     if args.only in (None, "work_precision"):
         cfg = work_precision.PROFILES[profile]
         bar = _progress(len(cfg["problems"]) * len(cfg["tols"]), "work-precision", not args.no_progress)
-        wp = work_precision.run_work_precision(profile, progress=bar)
+        measured["work_precision"] = work_precision.run_work_precision(profile, progress=bar)
         if bar is not None:
             bar.close()
     if args.only in (None, "gradient_modes"):
         bar = _progress(gradient_modes.n_tasks(profile), "gradient modes", not args.no_progress)
-        gm = gradient_modes.run_gradient_modes(profile, progress=bar)
+        measured["gradient_modes"] = gradient_modes.run_gradient_modes(profile, progress=bar)
         if bar is not None:
             bar.close()
     meta["loadavg_end"] = common.loadavg()
     meta["elapsed_s"] = round(time.perf_counter() - t0, 1)
-    files = []
-    if wp is not None:
-        files.append(common.write_json(args.out / "work_precision.json", {"meta": meta, **wp}))
-    if gm is not None:
-        files.append(common.write_json(args.out / "gradient_modes.json", {"meta": meta, **gm}))
-    return write_reports(args.out, meta, wp, gm, files)
+    files = [common.write_json(args.out / f"{name}.json", {"meta": meta, **data}) for name, data in measured.items()]
+    # --only: the other part's earlier results (if any) stay in SUMMARY.md, with their own metadata
+    parts = {**_load(args.out, required=False), **{name: (meta, data) for name, data in measured.items()}}
+    return write_reports(args.out, parts, files)
 
 
-def _load(out: Path):
+PARTS = ("work_precision", "gradient_modes")
+
+
+def _load(out: Path, required: bool = True) -> dict:
+    """``{part: (meta, results)}`` from the JSON files in ``out``."""
     import json
 
-    wp = gm = meta = None
-    if (out / "work_precision.json").exists():
-        wp = json.loads((out / "work_precision.json").read_text())
-        meta = wp.pop("meta")
-    if (out / "gradient_modes.json").exists():
-        gm = json.loads((out / "gradient_modes.json").read_text())
-        meta = gm.pop("meta") if meta is None else meta
-    if meta is None:
+    parts = {}
+    for name in PARTS:
+        path = out / f"{name}.json"
+        if path.exists():
+            data = json.loads(path.read_text())
+            parts[name] = (data.pop("meta"), data)
+    if required and not parts:
         raise SystemExit(f"no work_precision.json / gradient_modes.json in {out}")
-    return meta, wp, gm
+    return parts
 
 
-def write_reports(out: Path, meta: dict, wp: dict | None, gm: dict | None, files=None) -> dict:
-    """Markdown, PNG and SUMMARY.md from the measured results."""
+def write_reports(out: Path, parts: dict, files=None) -> dict:
+    """Markdown, PNG and SUMMARY.md from the results ``{part: (meta, results)}``."""
     files = list(files or [])
-    head = (common.metadata_markdown(meta)
-            + f"\n- elapsed: {meta.get('elapsed_s')} s, profile: {meta.get('profile')}\n\n")
+
+    def head(meta):
+        return (common.metadata_markdown(meta)
+                + f"\n- elapsed: {meta.get('elapsed_s')} s, profile: {meta.get('profile')}\n\n")
+
+    wp_meta, wp = parts.get("work_precision", (None, None))
+    gm_meta, gm = parts.get("gradient_modes", (None, None))
     if wp is not None:
-        files.append(common.write_text(out / "work_precision.md", head + work_precision.markdown(wp)))
-        files += work_precision.plot(wp, out, meta)
+        files.append(common.write_text(out / "work_precision.md", head(wp_meta) + work_precision.markdown(wp)))
+        files += work_precision.plot(wp, out, wp_meta)
     if gm is not None:
-        files.append(common.write_text(out / "gradient_modes.md", head + gradient_modes.markdown(gm)))
-        png = plot_gradient_modes(gm, out, meta)
+        files.append(common.write_text(out / "gradient_modes.md", head(gm_meta) + gradient_modes.markdown(gm)))
+        png = plot_gradient_modes(gm, out, gm_meta)
         if png:
             files.append(png)
-    files.append(common.write_text(out / "SUMMARY.md", summary(meta, wp, gm)))
-    print(f"wrote {len(files)} files to {out} (run took {meta.get('elapsed_s')} s; "
-          f"load average {meta['loadavg_1_5_15']} -> {meta.get('loadavg_end')})")
-    return {"meta": meta, "work_precision": wp, "gradient_modes": gm, "files": [str(f) for f in files]}
+    files.append(common.write_text(out / "SUMMARY.md", summary(wp_meta, wp, gm_meta, gm)))
+    last = gm_meta or wp_meta
+    print(f"wrote {len(files)} files to {out} (run took {last.get('elapsed_s')} s; "
+          f"load average {last['loadavg_1_5_15']} -> {last.get('loadavg_end')})")
+    return {"meta": last, "work_precision": wp, "gradient_modes": gm, "files": [str(f) for f in files]}
 
 
 if __name__ == "__main__":
