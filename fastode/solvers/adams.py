@@ -50,11 +50,9 @@ from typing import List, Tuple
 
 import torch
 
-from ..errors import InvalidOptionError, MaxStepsExceededError
-from ..events import find_event
-from ..interp import hermite_cubic, linear
+from ..errors import InvalidOptionError
 from ..tableaus import TABLEAUS
-from .fixed_grid import MAX_EVENT_ITERS, FixedGridSolver
+from .fixed_grid import FixedGridSolver
 from .rk_step import RKStep, combine_stages, rk_step
 
 __all__ = ["AdamsBashforthMoulton", "AdamsBashforth", "bashforth_coefficients", "moulton_coefficients",
@@ -219,42 +217,12 @@ class AdamsBashforthMoulton(FixedGridSolver):
         y1, f0 = self._step(t0, y0, dt_arg, tc)
         return RKStep(y1, None, [f0], None)
 
+    def _event_step(self, t0, y0, dt, tc):
+        return self._step(float(t0), y0, dt, tc)
+
     def integrate_until_event(self, t0, event_fn):
-        if self.step_size is None:
-            raise InvalidOptionError("Event handling for fixed step solvers currently requires `step_size` to be "
-                                     "provided in options.")
         self._reset_history()
-        t0 = t0.reshape(()).to(self.rdtype)
-        y0 = self.y0
-        dt = float(self.step_size)
-        sign0 = torch.sign(event_fn(t0, y0))
-        itr = 0
-        while True:
-            itr += 1
-            t1 = t0 + dt
-            tc = self._stage_times(float(t0), dt, float(t1), self._rounder(self.rdtype),
-                                   (t0, torch.as_tensor(dt, dtype=self.rdtype, device=y0.device), t1))
-            y1, f0 = self._step(float(t0), y0, dt, tc)
-            self.stats.num_steps += 1
-            self.stats.num_accepted_steps += 1
-            sign1 = torch.sign(event_fn(t1, y1))
-            if sign0 != sign1:
-                if self.interp == "linear":
-                    interp_fn = lambda t, t0=t0, t1=t1, y0=y0, y1=y1: linear(y0, y1, (t - t0) / (t1 - t0))
-                else:
-                    f1 = self.func(t1, y1)
-                    interp_fn = lambda t, t0=t0, t1=t1, y0=y0, y1=y1, f0=f0, f1=f1: hermite_cubic(
-                        y0, f0, y1, f1, t1 - t0, (t - t0) / (t1 - t0))
-                atol = self.atol if self.atol.dim() == 0 else self.atol.min()
-                event_time, y1 = find_event(interp_fn, sign0, t0, t1, event_fn, float(atol))
-                break
-            t0, y0 = t1, y1
-            if itr >= MAX_EVENT_ITERS:
-                raise MaxStepsExceededError(
-                    f"Reached maximum number of iterations {MAX_EVENT_ITERS}: the event did not occur within "
-                    f"{MAX_EVENT_ITERS} steps of size {dt} (the solver reached t={self._describe(float(t1))}). "
-                    f"Check that event_fn changes sign at the event, or use a larger step_size.")
-        return event_time, torch.stack([self.y0, y1], dim=0)
+        return super().integrate_until_event(t0, event_fn)
 
 
 class AdamsBashforth(AdamsBashforthMoulton):

@@ -245,6 +245,11 @@ class FixedGridSolver(Solver):
             f"method: reduce step_size, use an adaptive method (e.g. method='dopri5'), or regularise the dynamics. "
             f"Pass options={{'check_finite': False}} to skip this check.")
 
+    def _event_step(self, t0, y0, dt, tc):
+        """One step of the event search: ``(y1, f(t0, y0))``."""
+        step = rk_step(self.func, t0, y0, None, dt, self.tableau, tc=tc)
+        return step.y1, step.k[0]
+
     def integrate_until_event(self, t0, event_fn):
         if self.step_size is None:
             raise InvalidOptionError("Event handling for fixed step solvers currently requires `step_size` to be "
@@ -254,19 +259,16 @@ class FixedGridSolver(Solver):
         dt = float(self.step_size)
         sign0 = torch.sign(event_fn(t0, y0))
         itr = 0
-        tab = self.tableau
         while True:
             itr += 1
             t1 = t0 + dt
             tc = self._stage_times(float(t0), dt, float(t1), self._rounder(self.rdtype),
                                    (t0, torch.as_tensor(dt, dtype=self.rdtype, device=y0.device), t1))
-            step = rk_step(self.func, t0, y0, None, dt, tab, tc=tc)
-            y1 = step.y1
+            y1, f0 = self._event_step(t0, y0, dt, tc)
             self.stats.num_steps += 1
             self.stats.num_accepted_steps += 1
             sign1 = torch.sign(event_fn(t1, y1))
             if sign0 != sign1:
-                f0 = step.k[0]
                 if self.interp == "linear":
                     interp_fn = lambda t, t0=t0, t1=t1, y0=y0, y1=y1: linear(y0, y1, (t - t0) / (t1 - t0))
                 else:
