@@ -23,7 +23,10 @@ def _exact_hit(h0, v0, reverse=False):
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("method,options", [("dopri5", None), ("bosh3", None), ("dopri8", None),
                                             ("rk4", dict(step_size=0.01)), ("euler", dict(step_size=0.01)),
-                                            ("midpoint", dict(step_size=0.02, interp="cubic"))])
+                                            ("midpoint", dict(step_size=0.02, interp="cubic")),
+                                            ("explicit_adams", dict(step_size=0.01)),
+                                            ("implicit_adams", dict(step_size=0.01)),
+                                            ("fixed_adams", dict(step_size=0.01, interp="cubic"))])
 def test_event_time_matches_torchdiffeq_and_analytic(method, options, reverse):
     y0 = torch.tensor([10.0, 1.5], dtype=D)
     t0 = torch.tensor(0.0, dtype=D)
