@@ -23,6 +23,8 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from ..nn.modules import ConcatSquashEvaluation
+
 __all__ = [
     "TimeVaryingConcatSquashMLP",
     "MultilevelLevel",
@@ -34,7 +36,7 @@ __all__ = [
 _NAMES = ("W", "b", "gw", "gb", "bw")
 
 
-class TimeVaryingConcatSquashMLP(nn.Module):
+class TimeVaryingConcatSquashMLP(ConcatSquashEvaluation, nn.Module):
     """Concatsquash MLP whose weights ``theta(t)`` are interpolated between control times.
 
     Same interface as :class:`fastode.nn.ConcatSquashMLP` (``forward(t, z)``,
@@ -118,24 +120,8 @@ class TimeVaryingConcatSquashMLP(nn.Module):
             out.append(tuple(tup))
         return out
 
-    def _prepare(self, t, z):
-        from fastode.nn import backends as _backends
-
-        if z.shape[-1] != self.dim:
-            raise ValueError(f"z has last dimension {z.shape[-1]} but the MLP was built for dim={self.dim}")
-        z2 = z.reshape(-1, self.dim)
-        t = torch.as_tensor(t, dtype=z.dtype, device=z.device)
-        if t.numel() != 1:
-            raise ValueError(f"t must be a scalar time, got shape {tuple(t.shape)}")
-        t = t.reshape(())
-        params = self.params(t)
-        name, impl = _backends.select_backend(self.backend, t, z2, params, self.activation)
-        self.last_backend = name
-        return t, z2, params, impl
-
-    def forward(self, t, z):
-        t, z2, params, impl = self._prepare(t, z)
-        return impl.concatsquash_mlp(t, z2, params, self.activation).reshape(z.shape)
+    def params_at(self, t):
+        return self.params(t)
 
     def torch_forward(self, t, z):
         """Pure-PyTorch ``f(t, z)`` (composable with ``torch.func``; used by the TayNODE regulariser)."""
@@ -143,26 +129,6 @@ class TimeVaryingConcatSquashMLP(nn.Module):
 
         t = torch.as_tensor(t, dtype=z.dtype, device=z.device).reshape(())
         return F.concatsquash_mlp(t, z.reshape(-1, self.dim), self.params(t), self.activation).reshape(z.shape)
-
-    def sample_noise(self, z):
-        from .cnf import draw_noise
-
-        return draw_noise(z, self.noise)
-
-    def forward_with_trace(self, t, z, e=None, exact: bool = False):
-        """``(f, trace, kinetic, jac_frob)`` as :meth:`fastode.nn.ConcatSquashMLP.forward_with_trace`."""
-        t, z2, params, impl = self._prepare(t, z)
-        lead = z.shape[:-1]
-        if exact:
-            f, trace = impl.concatsquash_mlp_exact_trace(t, z2, params, self.activation)
-            return f.reshape(z.shape), trace.reshape(lead), (f * f).sum(-1).reshape(lead), None
-        if e is None:
-            e = self.sample_noise(z)
-        elif e.shape != z.shape:
-            raise ValueError(f"e has shape {tuple(e.shape)} but z has {tuple(z.shape)}; they must match")
-        f, _vjp, trace, kinetic, jac_frob = impl.concatsquash_mlp_hutchinson(
-            t, z2, e.reshape(-1, self.dim), params, self.activation)
-        return f.reshape(z.shape), trace.reshape(lead), kinetic.reshape(lead), jac_frob.reshape(lead)
 
     @torch.no_grad()
     def refine(self, num_controls: int | None = None, control_times: Sequence[float] | None = None):

@@ -9,7 +9,7 @@ from torch import nn
 from . import backends as _backends
 from .functional import ACTIVATIONS
 
-__all__ = ["ConcatSquashLinear", "ConcatSquashMLP"]
+__all__ = ["ConcatSquashLinear", "ConcatSquashMLP", "ConcatSquashEvaluation"]
 
 
 class ConcatSquashLinear(nn.Module):
@@ -41,7 +41,62 @@ class ConcatSquashLinear(nn.Module):
         return (x @ W.t() + b) * torch.sigmoid(gw * t + gb) + bw * t
 
 
-class ConcatSquashMLP(nn.Module):
+class ConcatSquashEvaluation:
+    """Evaluation of a concatsquash MLP through the selected backend, shared by every module that can say which
+    ``(W, b, gw, gb, bw)`` tuples apply at time ``t`` (:meth:`params_at`) and has ``dim``, ``activation``,
+    ``backend``, ``noise`` and ``last_backend`` attributes."""
+
+    def params_at(self, t):
+        raise NotImplementedError
+
+    def _prepare(self, t, z):
+        if z.shape[-1] != self.dim:
+            raise ValueError(f"z has last dimension {z.shape[-1]} but the MLP was built for dim={self.dim}")
+        z2 = z.reshape(-1, self.dim)
+        t = torch.as_tensor(t, dtype=z.dtype, device=z.device)
+        if t.numel() != 1:
+            raise ValueError(f"t must be a scalar time, got shape {tuple(t.shape)}")
+        t = t.reshape(())
+        params = self.params_at(t)
+        name, impl = _backends.select_backend(self.backend, t, z2, params, self.activation)
+        self.last_backend = name
+        return t, z2, params, impl
+
+    def forward(self, t, z):
+        """``f(t, z)``."""
+        t, z2, params, impl = self._prepare(t, z)
+        return impl.concatsquash_mlp(t, z2, params, self.activation).reshape(z.shape)
+
+    def sample_noise(self, z):
+        if self.noise == "rademacher":
+            return torch.randint(0, 2, z.shape, device=z.device).to(z.dtype) * 2 - 1
+        return torch.randn_like(z)
+
+    def forward_with_trace(self, t, z, e=None, exact: bool = False):
+        """``(f, trace, kinetic, jac_frob)``.
+
+        ``exact=False``: Hutchinson estimate ``trace = e^T (df/dz) e`` with the noise ``e`` (drawn from
+        ``self.noise`` when None; pass the same ``e`` for every stage of a solve, as FFJORD does),
+        ``kinetic = |f|^2`` and ``jac_frob = |e^T df/dz|^2`` per sample.
+        ``exact=True``: exact divergence; ``kinetic = |f|^2`` and ``jac_frob = None``.
+        Per-sample outputs have ``z``'s leading shape.
+        """
+        t, z2, params, impl = self._prepare(t, z)
+        lead = z.shape[:-1]
+        if exact:
+            f, trace = impl.concatsquash_mlp_exact_trace(t, z2, params, self.activation)
+            kinetic = (f * f).sum(-1)
+            return f.reshape(z.shape), trace.reshape(lead), kinetic.reshape(lead), None
+        if e is None:
+            e = self.sample_noise(z)
+        elif e.shape != z.shape:
+            raise ValueError(f"e has shape {tuple(e.shape)} but z has {tuple(z.shape)}; they must match")
+        f, _vjp, trace, kinetic, jac_frob = impl.concatsquash_mlp_hutchinson(
+            t, z2, e.reshape(-1, self.dim), params, self.activation)
+        return f.reshape(z.shape), trace.reshape(lead), kinetic.reshape(lead), jac_frob.reshape(lead)
+
+
+class ConcatSquashMLP(ConcatSquashEvaluation, nn.Module):
     """Concatsquash MLP ``dim -> hidden... -> dim`` with an activation after every layer but the last.
 
     Usable directly as ``func(t, z)`` in :func:`fastode.odeint`. ``backend`` is ``"auto"`` (Triton on
@@ -80,47 +135,3 @@ class ConcatSquashMLP(nn.Module):
         interpolation between control times) override this and inherit forward / forward_with_trace."""
         return self.params()
 
-    def _prepare(self, t, z):
-        if z.shape[-1] != self.dim:
-            raise ValueError(f"z has last dimension {z.shape[-1]} but the MLP was built for dim={self.dim}")
-        z2 = z.reshape(-1, self.dim)
-        t = torch.as_tensor(t, dtype=z.dtype, device=z.device)
-        if t.numel() != 1:
-            raise ValueError(f"t must be a scalar time, got shape {tuple(t.shape)}")
-        t = t.reshape(())
-        params = self.params_at(t)
-        name, impl = _backends.select_backend(self.backend, t, z2, params, self.activation)
-        self.last_backend = name
-        return t, z2, params, impl
-
-    def forward(self, t, z):
-        t, z2, params, impl = self._prepare(t, z)
-        return impl.concatsquash_mlp(t, z2, params, self.activation).reshape(z.shape)
-
-    def sample_noise(self, z):
-        if self.noise == "rademacher":
-            return torch.randint(0, 2, z.shape, device=z.device).to(z.dtype) * 2 - 1
-        return torch.randn_like(z)
-
-    def forward_with_trace(self, t, z, e=None, exact: bool = False):
-        """``(f, trace, kinetic, jac_frob)``.
-
-        ``exact=False``: Hutchinson estimate ``trace = e^T (df/dz) e`` with the noise ``e`` (drawn from
-        ``self.noise`` when None; pass the same ``e`` for every stage of a solve, as FFJORD does),
-        ``kinetic = |f|^2`` and ``jac_frob = |e^T df/dz|^2`` per sample.
-        ``exact=True``: exact divergence; ``kinetic = |f|^2`` and ``jac_frob = None``.
-        Per-sample outputs have ``z``'s leading shape.
-        """
-        t, z2, params, impl = self._prepare(t, z)
-        lead = z.shape[:-1]
-        if exact:
-            f, trace = impl.concatsquash_mlp_exact_trace(t, z2, params, self.activation)
-            kinetic = (f * f).sum(-1)
-            return f.reshape(z.shape), trace.reshape(lead), kinetic.reshape(lead), None
-        if e is None:
-            e = self.sample_noise(z)
-        elif e.shape != z.shape:
-            raise ValueError(f"e has shape {tuple(e.shape)} but z has {tuple(z.shape)}; they must match")
-        f, _vjp, trace, kinetic, jac_frob = impl.concatsquash_mlp_hutchinson(
-            t, z2, e.reshape(-1, self.dim), params, self.activation)
-        return f.reshape(z.shape), trace.reshape(lead), kinetic.reshape(lead), jac_frob.reshape(lead)
