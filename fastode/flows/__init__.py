@@ -31,7 +31,8 @@ Building blocks
 ---------------
 ``CNF(dynamics, T=0.5, learn_T=False, T_parametrization="sqrt", trace="hutchinson", noise="gaussian",
 method="dopri5", rtol=1e-5, atol=1e-5, step_size=None, options=None, gradient="direct", backend="auto",
-train_solver=None, eval_solver=None, eval_trace="exact", regularizers=(), base=None, dim=None)``
+train_solver=None, eval_solver=None, eval_trace="exact", regularizers=(), base=None, dim=None,
+fused_cpu=True)``
     ``dynamics``: a :class:`fastode.nn.ConcatSquashMLP`, a :class:`TimeVaryingConcatSquashMLP`, or any
     module ``f(t, z)``; modules with ``forward_with_trace(t, z, e=None, exact=False) -> (f, trace,
     kinetic, jac_frob)`` use it (fused kernels), others go through autograd.
@@ -60,6 +61,15 @@ train_solver=None, eval_solver=None, eval_trace="exact", regularizers=(), base=N
       adjoint's backward evaluations), ``last_stats`` (per block: the latest solve's
       :class:`fastode.SolveStats` with the fastode backend, else ``None``), ``last_local_step`` (dict:
       ``t_reg``, ``dt``, ``u``, ``method``, ``ratio`` of the latest local error step).
+
+    * ``fused_cpu`` (attribute and argument, default True; ``flow.set_fused_cpu(False)`` for a stack): solves
+      that :class:`fastode.cpp.CnfStepper` computes identically -- CPU float32/float64, a plain
+      ``ConcatSquashMLP`` whose backend resolves to ``"cpp"``, a fixed-grid RK method (euler ... rk4_classic),
+      ``gradient="direct"``, trace exact or Hutchinson, kinetic / Jacobian-Frobenius (Hutchinson only)
+      regularisers -- run the whole grid in one C++ call and one backward (:mod:`fastode.flows.cpp_path`);
+      anything else goes through :func:`fastode.odeint`. Same values, gradients (dL/dT included), ``nfe`` and
+      ``last_stats``; ``last_path`` / ``last_path_reason`` (per block; ``flow.last_paths()``) say which ran.
+      No double backward on the fused path.
 
     ``noise`` (Hutchinson probe vectors): ``None`` draws one vector per sample per solve (Gaussian or
     Rademacher), fixed across every RK stage, step and the backward pass; a tensor of ``x``'s shape uses

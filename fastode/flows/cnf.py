@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from . import regularizers as R
+from .cpp_path import try_fused_solve
 from .solver import (
     Solver,
     as_solver,
@@ -295,6 +296,15 @@ class Flow(nn.Module):
         """The latest solve's :class:`fastode.SolveStats` of every CNF block (None entries for torchdiffeq)."""
         return [b.last_stats for b in self.cnf_blocks()]
 
+    def set_fused_cpu(self, enabled: bool = True):
+        """Allow (default) or forbid the fused CPU path (:mod:`fastode.flows.cpp_path`) in every CNF block."""
+        for b in self.cnf_blocks():
+            b.fused_cpu = bool(enabled)
+
+    def last_paths(self):
+        """Per CNF block, the path its latest solve took: ``"fused_cpu"`` or ``"odeint"`` (None before any)."""
+        return [b.last_path for b in self.cnf_blocks()]
+
 
 class CNF(Flow):
     """One FFJORD CNF block ``dz/dt = f(t, z)`` on ``[0, T]`` (see :mod:`fastode.flows` for the contract).
@@ -306,6 +316,14 @@ class CNF(Flow):
     dL/dT is the exact derivative of the discrete solve (the last step length / final interpolation
     depends on ``T``) for ``gradient="direct"``/``"checkpoint"``, and the adjoint's moving-speed formula
     ``a(T) . F(T)`` for ``gradient="adjoint"``.
+
+    ``fused_cpu=True`` (default): when the solve is one :class:`fastode.cpp.CnfStepper` computes identically
+    (CPU float32/float64, a plain ``ConcatSquashMLP`` on the C++ backend, a fixed-grid RK method,
+    ``gradient="direct"``, kinetic/Jacobian-Frobenius regularisers at most; see
+    :mod:`fastode.flows.cpp_path`) the whole grid runs in one C++ call and one backward instead of
+    :func:`fastode.odeint` with a C++ call per stage. Same values and gradients (dL/dT included), NFE and
+    ``last_stats``; ``last_path`` (``"fused_cpu"``/``"odeint"``) and ``last_path_reason`` say which ran and
+    why. ``fused_cpu=False`` (or setting the attribute) always uses odeint.
     """
 
     def __init__(self, dynamics: nn.Module, T: float = 0.5, learn_T: bool = False, T_parametrization: str = "sqrt",
@@ -313,7 +331,7 @@ class CNF(Flow):
                  atol: float = 1e-5, step_size: float | None = None, options: dict | None = None,
                  gradient: str = "direct", backend: str = "auto", train_solver=None, eval_solver=None,
                  eval_trace: str | None = "exact", regularizers=(), base: nn.Module | None = None,
-                 dim: int | None = None):
+                 dim: int | None = None, fused_cpu: bool = True):
         super().__init__()
         if trace not in _TRACES:
             raise ValueError(f"trace must be one of {_TRACES}, got {trace!r}")
@@ -349,6 +367,10 @@ class CNF(Flow):
         self._counter = _Counter()
         self._override = None  # (solver, trace) from using_solver
         self.last_stats = None
+        # fused CPU path (fastode/flows/cpp_path.py): on when eligible; which path the latest solve took and why
+        self.fused_cpu = bool(fused_cpu)
+        self.last_path: str | None = None
+        self.last_path_reason: str | None = None
 
     def extra_repr(self) -> str:
         regs = ", ".join(f"{r.name}={r.weight:g}" for r in self.regularizers)
@@ -482,6 +504,10 @@ class CNF(Flow):
         B = x.shape[0]
         y0 = (x, torch.zeros(B, dtype=x.dtype, device=x.device)) + tuple(
             torch.zeros(B, dtype=x.dtype, device=x.device) for _ in integrands)
+        fused = try_fused_solve(self, x, e, t, solver, trace, integrands, errors)
+        if fused is not None:  # the whole fixed-grid solve in one C++ call (same result as below)
+            out, logdet, reg, self.last_stats = fused
+            return FlowOutput(out, logdet, reg)
         norm = state_norm(2)
         want_stats = any(isinstance(r, R.GlobalError) for r in errors) or any(
             isinstance(r, R.LocalError) and r.mode == "biased" for r in errors)
