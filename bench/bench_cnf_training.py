@@ -3,9 +3,12 @@
 Each configuration trains one CNF (a one-block FFJORD model built by :func:`fastode.demo.make_flow`) with
 several peers:
 
-* ``fastode``      -- :func:`fastode.odeint` + the fused concatsquash kernels (C++ on CPU, Triton on CUDA;
-                      ``nn=torch``: fastode's PyTorch reference MLP instead), discretise-optimise
-                      (``gradient="direct"``);
+* ``fastode``      -- the CNF's default path, discretise-optimise (``gradient="direct"``): on the CPU, fixed-grid
+                      solves of a plain ConcatSquashMLP run as one fused C++ grid solve and one backward
+                      (``fastode.cpp.CnfStepper``, :mod:`fastode.flows.cpp_path`; column "path" = fused grid);
+                      otherwise :func:`fastode.odeint` + the fused concatsquash kernels per RK stage (C++ on CPU,
+                      Triton on CUDA); ``fused off``: the per-stage odeint path forced (``fused_cpu=False``);
+                      ``nn=torch``: fastode's PyTorch reference MLP;
 * ``torchdiffeq``  -- FFJORD's stack: torchdiffeq's solver over the same MLP in plain PyTorch, divergence by
                       autograd; ``odeint_adjoint`` (FFJORD, RNODE) or ``odeint`` (DOvsOD's Disc-Opt).
 
@@ -61,7 +64,7 @@ CONFIGS = {
         "args": ["--data", "8gaussians", "--dims", "64-64-64", "--activation", "tanh", "--T", "0.5",
                  "--method", "rk4", "--step-size", "0.05", "--trace", "exact"],
         "dim": 2, "batch": 100,
-        "peers": [("fastode", "direct"), ("torchdiffeq", "direct")],
+        "peers": [("fastode", "direct"), ("fastode", "direct", "auto", "fused off"), ("torchdiffeq", "direct")],
         "baseline": ("torchdiffeq", "direct"),
         "describe": "8gaussians, 64-64-64 tanh, batch 100, rk4 h=0.05 (10 steps), exact trace, learned T",
     },
@@ -70,8 +73,8 @@ CONFIGS = {
                  "--method", "rk4", "--step-size", "0.25", "--trace", "hutchinson", "--kinetic", "0.01",
                  "--jacobian-frobenius", "0.01"],
         "dim": 30, "batch": 256,
-        "peers": [("fastode", "direct"), ("fastode", "direct", "torch"), ("torchdiffeq", "adjoint"),
-                  ("torchdiffeq", "direct")],
+        "peers": [("fastode", "direct"), ("fastode", "direct", "auto", "fused off"), ("fastode", "direct", "torch"),
+                  ("torchdiffeq", "adjoint"), ("torchdiffeq", "direct")],
         "baseline": ("torchdiffeq", "adjoint"),
         "describe": "breast-cancer 30-D, 300-300 softplus, batch 256, rk4 h=0.25 (4 steps), Hutchinson, "
                     "kinetic + JF 0.01",
@@ -97,10 +100,13 @@ def _batches(cfg, n_iters, seed, dtype, device):
 class Peer:
     """One library / gradient mode; ``run()`` trains ``len(batches)`` iterations from the common start."""
 
-    def __init__(self, name, library, gradient, nn_backend, args, cfg, start_state, batches, seed, device):
+    def __init__(self, name, library, gradient, nn_backend, args, cfg, start_state, batches, seed, device,
+                 fused=True):
         self.name, self.batches, self.seed, self.device = name, batches, seed, device
         self.flow = make_flow(args, cfg["dim"], library, gradient, nn_backend).to(device=device,
                                                                                  dtype=batches[0].dtype)
+        self.flow.set_fused_cpu(fused)
+        self.path = None
         self.start = start_state
         self.lr, self.wd = args.lr, args.weight_decay
         self.nfe_f, self.nfe_b, self.losses = [], [], []
@@ -122,6 +128,7 @@ class Peer:
             nfe_f.append(f)
             nfe_b.append(self.flow.nfe - f)
             losses.append(float(loss.detach()))
+        self.path = self.flow.last_paths()[0]
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.nfe_f, self.nfe_b, self.losses = nfe_f, nfe_b, losses
@@ -134,9 +141,12 @@ def bench_config(key, cfg, opts, device, dtype):
     start = copy.deepcopy(make_flow(args, cfg["dim"], "fastode", "direct").to(device=device, dtype=dtype).state_dict())
     peers = {}
     for library, gradient, *nn in cfg["peers"]:
-        name = f"{library} ({gradient}" + (f", nn={nn[0]})" if nn else ")")
-        peers[name] = Peer(name, library, gradient, nn[0] if nn else "auto", args, cfg, start, batches, opts.seed,
-                           device)
+        nn_name = nn[0] if nn else "auto"
+        fused = "fused off" not in nn[1:]
+        name = (f"{library} ({gradient}" + (f", nn={nn_name}" if nn_name != "auto" else "")
+                + ("" if fused else ", fused off") + ")")
+        peers[name] = Peer(name, library, gradient, nn_name, args, cfg, start, batches, opts.seed, device,
+                           fused=fused)
     timings = common.time_alternating({n: p.run for n, p in peers.items()}, repeats=opts.repeats, warmup=1,
                                       budget_s=opts.budget)
     base_name = f"{cfg['baseline'][0]} ({cfg['baseline'][1]})"
@@ -157,6 +167,8 @@ def bench_config(key, cfg, opts, device, dtype):
             "max_loss_diff_same_mode": same_mode,
             "repeats": len(timings[name].samples),
             "nn_backend": getattr(p.flow.blocks[0].dynamics, "last_backend", None) or "plain PyTorch (autograd)",
+            "path": ("torchdiffeq" if library == "torchdiffeq" else
+                     "fused grid" if p.path == "fused_cpu" else "odeint per stage"),
             "final_loss": p.losses[-1],
         })
     return rows
@@ -194,7 +206,7 @@ def main(argv=None):
         print(f"[{key}] {CONFIGS[key]['describe']}", flush=True)
         for r in bench_config(key, CONFIGS[key], opts, device, dtype):
             rows.append(r)
-            print(f"  {r['peer']:<24} {r['ms_per_iter']:9.2f} ms/iter  NFE {r['nfe_forward']:5.1f} + "
+            print(f"  {r['peer']:<30} {r['path']:<16} {r['ms_per_iter']:9.2f} ms/iter  NFE {r['nfe_forward']:5.1f} + "
                   f"{r['nfe_backward']:5.1f}  speed-up {r['speedup_vs_baseline']:5.2f}x  "
                   + (f"max loss diff vs other library {r['max_loss_diff_same_mode']:.1e}"
                      if r["max_loss_diff_same_mode"] is not None else ""), flush=True)
@@ -208,7 +220,7 @@ def main(argv=None):
                       {"meta": meta, "configs": {k: CONFIGS[k]["describe"] for k in CONFIGS}, "rows": rows})
     table = common.markdown_table(rows, {
         "config": "config", "peer": "peer", "ms_per_iter": "ms / iteration (median)",
-        "nn_backend": "MLP backend", "nfe_forward": "NFE fwd", "nfe_backward": "NFE bwd", "speedup_vs_baseline": "speed-up vs FFJORD stack",
+        "nn_backend": "MLP backend", "path": "path", "nfe_forward": "NFE fwd", "nfe_backward": "NFE bwd", "speedup_vs_baseline": "speed-up vs FFJORD stack",
         "max_loss_diff_same_mode": "max loss diff, other library same mode"})
     text = ["# CNF training: fastode vs torchdiffeq", "",
             f"Median time per training iteration (forward + backward + Adam) over {opts.repeats} alternating runs "
