@@ -702,6 +702,14 @@ struct Folded {
   const T* c(int l) const { return buf.data() + lay->offC[l]; }
 };
 
+// Per-thread Folded buffers of the MLP ops, reused across calls: for wide layers (W' of a 512 x 512 layer is
+// 1 MiB) a fresh allocation each call costs page faults comparable to a GEMM of the tile.
+template <typename T>
+Folded<T>& cached_folded() {
+  thread_local Folded<T> fo;
+  return fo;
+}
+
 template <typename T>
 FASTODE_CLONES void scale_row(int64_t n, T g, const T* __restrict W, T* __restrict out) {
   for (int64_t k = 0; k < n; ++k) out[k] = g * W[k];
@@ -728,14 +736,23 @@ void fold(const Net& net, const FoldLayout& fl, const Params<T>& p, double t, Fo
       c[j] = p.b[l][j] * g + p.bw[l][j] * tt;
     }
   }
-  if (std::is_same<T, float>::value && use_microkernels()) {
+  // W'^T is read only by the micro-kernels: float32, tanh / identity, layers whose both widths exceed kThin
+  // (Kern::wide). Other activations never touch it, so it is not built for them.
+  const bool mk_act = net.act == kTanh || net.act == kIdentity;
+  if (std::is_same<T, float>::value && mk_act && use_microkernels()) {
     out.bufT.resize(fl.size);
+    constexpr int64_t kBlk = 32;  // blocked transpose: both sides stay in L1
     for (int l = 0; l < net.L(); ++l) {
       int64_t n = net.dims[l], m = net.dims[l + 1];
+      if (n <= kThin || m <= kThin) continue;
       const T* Wp = out.buf.data() + fl.offW[l];
       T* Wt = out.bufT.data() + fl.offW[l];
-      for (int64_t j = 0; j < m; ++j)
-        for (int64_t k = 0; k < n; ++k) Wt[k * m + j] = Wp[j * n + k];
+      for (int64_t j0 = 0; j0 < m; j0 += kBlk)
+        for (int64_t k0 = 0; k0 < n; k0 += kBlk) {
+          const int64_t j1 = std::min(m, j0 + kBlk), k1 = std::min(n, k0 + kBlk);
+          for (int64_t j = j0; j < j1; ++j)
+            for (int64_t k = k0; k < k1; ++k) Wt[k * m + j] = Wp[j * n + k];
+        }
     }
   }
 }
@@ -1150,7 +1167,7 @@ void mlp_forward(const Net& net, const Params<T>& p, double t, int64_t B, const 
   check_net(net);
   const int64_t D = net.dims[0];
   FoldLayout fl(net);
-  Folded<T> fo;
+  Folded<T>& fo = cached_folded<T>();
   fold(net, fl, p, t, fo);
   Tiling tl(B, ex.tile);
   BlockLayout bl(net, tl.tile, 1, act_needs_a(net.act), false, false, 0);
@@ -1179,7 +1196,7 @@ void mlp_probe_forward(const Net& net, const Params<T>& p, double t, int64_t B, 
   const int64_t D = net.dims[0];
   if (!e && K != D) throw std::invalid_argument("fastode: basis probes need K == D");
   FoldLayout fl(net);
-  Folded<T> fo;
+  Folded<T>& fo = cached_folded<T>();
   fold(net, fl, p, t, fo);
   Tiling tl(B, ex.tile);
   BlockLayout bl(net, tl.tile, K, act_needs_a(net.act), save != nullptr, false, 0);
@@ -1238,12 +1255,16 @@ void mlp_backward(const Net& net, const Params<T>& p, double t, int64_t B, const
     throw std::invalid_argument("fastode: mlp_backward needs the forward's vjp for these gradients");
   if (gkin && !f) throw std::invalid_argument("fastode: mlp_backward needs f for the kinetic gradient");
   FoldLayout fl(net);
-  Folded<T> fo;
+  Folded<T>& fo = cached_folded<T>();
   fold(net, fl, p, t, fo);
   Tiling tl(B, ex.tile);
   BlockLayout bl(net, tl.tile, K, act_needs_a(net.act), probes, false, 0);
   const bool want_params = grads || gt;
-  std::vector<T> accs(want_params ? size_t(tl.nchunks) * fl.size : 0, T(0));
+  // Per-chunk gradient accumulators, reused across calls (see cached_folded). A reference, so that the OpenMP
+  // workers below see this thread's vector, not their own thread_local one.
+  thread_local std::vector<T> t_accs;
+  std::vector<T>& accs = t_accs;
+  accs.assign(want_params ? size_t(tl.nchunks) * fl.size : 0, T(0));
   dispatch_act<T>(net, [&](const auto& kern) {
     run_chunks(tl, ex, [&](int c, int64_t t0, int64_t t1) {
       TileWS<T> ws;

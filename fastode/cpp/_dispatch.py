@@ -12,18 +12,29 @@ last_backend: str | None = None
 
 _DTYPES = (torch.float32, torch.float64)
 
+WIDE_LAYER = 256
+"""Layers with at least this many units are "wide": the C++ kernels use 128-row tiles for them (tile_rows)."""
 
-def tile_rows(batch: int | None = None) -> int:
-    """Rows per tile of the C++ kernels: ``FASTODE_CPP_TILE`` if set, else 64 below a batch of 512 (small
-    batches still split across threads) and 128 from 512 rows on (fewer per-tile costs). It depends only on
-    the batch, never on the thread count, so results do not depend on the number of threads."""
+
+def tile_rows(batch: int | None = None, width: int | None = None) -> int:
+    """Rows per tile of the C++ kernels: ``FASTODE_CPP_TILE`` if set, else 128 from a batch of 512 on or when
+    the widest layer (``width``) has 256 units or more, otherwise 64 (small batches still split across threads).
+
+    Why 128 for wide layers: each tile adds its weight gradient ``W (m x n)`` into a per-chunk accumulator and
+    runs its GEMMs with only ``tile`` rows; at 256+ units that read-modify-write of ``W`` and the short GEMMs
+    dominate over the tile's arithmetic, and 128 rows halve both (bench/results/cpp_width.md). It depends
+    only on the shapes, never on the thread count, so results do not depend on the number of threads."""
     env = os.environ.get("FASTODE_CPP_TILE")
     if env:
         try:
             return max(1, int(env))
         except ValueError:
             pass
-    return 128 if batch is not None and batch >= 512 else 64
+    if batch is not None and batch >= 512:
+        return 128
+    if width is not None and width >= WIDE_LAYER:
+        return 128
+    return 64
 
 
 def cpp_unsupported(*tensors) -> str | None:

@@ -155,6 +155,11 @@ class _ExactTrace(torch.autograd.Function):
         return (gt, gz, None, None, *_param_grads(ctx, gp, 4))
 
 
+def _tile(z, params) -> int:
+    """Rows per tile for this call (batch and widest layer, see :func:`fastode.cpp._dispatch.tile_rows`)."""
+    return _dispatch.tile_rows(z.shape[0], max(layer[0].shape[0] for layer in params))
+
+
 def supports(t, z, params, activation) -> str | None:
     """None when the C++ kernels can run this call, else why not (used by the backend registry)."""
     if activation not in _ACT_CODES:
@@ -171,7 +176,7 @@ def concatsquash_mlp(t, z: torch.Tensor, params, activation: str) -> torch.Tenso
     t = _ref.check_inputs(t, z, params, activation)
     if not _use_cpp(t, z, params, activation):
         return _ref.concatsquash_mlp(t, z, params, activation)
-    return _MLP.apply(t, z, _ACT_CODES[activation], _dispatch.tile_rows(z.shape[0]), *_flat(params))
+    return _MLP.apply(t, z, _ACT_CODES[activation], _tile(z, params), *_flat(params))
 
 
 def concatsquash_mlp_hutchinson(t, z: torch.Tensor, e: torch.Tensor, params, activation: str):
@@ -179,7 +184,7 @@ def concatsquash_mlp_hutchinson(t, z: torch.Tensor, e: torch.Tensor, params, act
     t = _ref.check_inputs(t, z, params, activation, e)
     if not _use_cpp(t, z, params, activation, e):
         return _ref.concatsquash_mlp_hutchinson(t, z, e, params, activation)
-    return _Hutchinson.apply(t, z, e, _ACT_CODES[activation], _dispatch.tile_rows(z.shape[0]), *_flat(params))
+    return _Hutchinson.apply(t, z, e, _ACT_CODES[activation], _tile(z, params), *_flat(params))
 
 
 def concatsquash_mlp_exact_trace(t, z: torch.Tensor, params, activation: str):
@@ -187,4 +192,4 @@ def concatsquash_mlp_exact_trace(t, z: torch.Tensor, params, activation: str):
     t = _ref.check_inputs(t, z, params, activation)
     if not _use_cpp(t, z, params, activation):
         return _ref.concatsquash_mlp_exact_trace(t, z, params, activation)
-    return _ExactTrace.apply(t, z, _ACT_CODES[activation], _dispatch.tile_rows(z.shape[0]), *_flat(params))
+    return _ExactTrace.apply(t, z, _ACT_CODES[activation], _tile(z, params), *_flat(params))
