@@ -49,15 +49,11 @@ class TimeVaryingConcatSquashMLP(ConcatSquashEvaluation, nn.Module):
                  control_times: Sequence[float] | None = None, num_controls: int = 2, T: float = 1.0,
                  backend: str = "auto", noise: str = "gaussian", init: str = "copy"):
         super().__init__()
-        from fastode.nn import ACTIVATIONS, ConcatSquashLinear
-        from fastode.nn import backends as _backends
+        from fastode.nn import ConcatSquashLinear
 
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {activation!r}; choose one of {ACTIVATIONS}")
         if init not in ("copy", "independent"):
             raise ValueError(f"init must be 'copy' or 'independent', got {init!r}")
-        if noise not in ("gaussian", "rademacher"):
-            raise ValueError(f"noise must be 'gaussian' or 'rademacher', got {noise!r}")
+        dims = self._configure(dim, hidden, activation, backend, noise)
         if control_times is None:
             if int(num_controls) < 1:
                 raise ValueError(f"num_controls must be >= 1, got {num_controls}")
@@ -65,13 +61,7 @@ class TimeVaryingConcatSquashMLP(ConcatSquashEvaluation, nn.Module):
         ct = torch.tensor([float(c) for c in control_times], dtype=torch.get_default_dtype())
         if ct.numel() > 1 and not bool((ct[1:] > ct[:-1]).all()):
             raise ValueError(f"control_times must be strictly increasing, got {list(control_times)}")
-        self.dim = int(dim)
-        self.hidden = tuple(int(h) for h in hidden)
-        self.activation = activation
-        self.backend = _backends._check_name(backend)
-        self.noise = noise
         self.register_buffer("control_times", ct)
-        dims = (self.dim,) + self.hidden + (self.dim,)
         K = ct.numel()
         self.params_by_layer = nn.ModuleList()
         for a, b in zip(dims[:-1], dims[1:]):
@@ -83,7 +73,6 @@ class TimeVaryingConcatSquashMLP(ConcatSquashEvaluation, nn.Module):
                 stacked = torch.stack([layer.params()[j].detach().clone() for layer in layers])
                 holder.register_parameter(nm, nn.Parameter(stacked))
             self.params_by_layer.append(holder)
-        self.last_backend: str | None = None
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, hidden={self.hidden}, activation={self.activation!r}, "

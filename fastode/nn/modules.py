@@ -46,6 +46,20 @@ class ConcatSquashEvaluation:
     ``(W, b, gw, gb, bw)`` tuples apply at time ``t`` (:meth:`params_at`) and has ``dim``, ``activation``,
     ``backend``, ``noise`` and ``last_backend`` attributes."""
 
+    def _configure(self, dim, hidden, activation, backend, noise):
+        """Validate and record the settings every concatsquash MLP shares; returns the layer widths."""
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; choose one of {ACTIVATIONS}")
+        if noise not in ("gaussian", "rademacher"):
+            raise ValueError(f"noise must be 'gaussian' or 'rademacher', got {noise!r}")
+        self.dim = int(dim)
+        self.hidden = tuple(int(h) for h in hidden)
+        self.activation = activation
+        self.backend = _backends._check_name(backend)
+        self.noise = noise
+        self.last_backend: str | None = None
+        return (self.dim,) + self.hidden + (self.dim,)
+
     def params_at(self, t):
         raise NotImplementedError
 
@@ -110,18 +124,8 @@ class ConcatSquashMLP(ConcatSquashEvaluation, nn.Module):
     def __init__(self, dim: int, hidden: Sequence[int] = (64, 64, 64), activation: str = "tanh",
                  backend: str = "auto", noise: str = "gaussian"):
         super().__init__()
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {activation!r}; choose one of {ACTIVATIONS}")
-        if noise not in ("gaussian", "rademacher"):
-            raise ValueError(f"noise must be 'gaussian' or 'rademacher', got {noise!r}")
-        self.dim = int(dim)
-        self.hidden = tuple(int(h) for h in hidden)
-        self.activation = activation
-        self.backend = _backends._check_name(backend)
-        self.noise = noise
-        dims = (self.dim,) + self.hidden + (self.dim,)
+        dims = self._configure(dim, hidden, activation, backend, noise)
         self.layers = nn.ModuleList(ConcatSquashLinear(a, b) for a, b in zip(dims[:-1], dims[1:]))
-        self.last_backend: str | None = None
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, hidden={self.hidden}, activation={self.activation!r}, backend={self.backend!r}"
