@@ -20,3 +20,19 @@ def _cuda_available() -> bool:
 
 if "TRITON_INTERPRET" not in os.environ and not _cuda_available():
     os.environ["TRITON_INTERPRET"] = "1"
+
+
+import pytest  # noqa: E402  (after the TRITON_INTERPRET choice above, which must come first)
+
+
+@pytest.fixture
+def float64_default():
+    """float64 as torch's default dtype for one test (restored afterwards): for comparisons against
+    finite differences and analytic values that float32 rounding would blur. Use with
+    ``pytestmark = pytest.mark.usefixtures("float64_default")``."""
+    import torch
+
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)

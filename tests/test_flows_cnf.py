@@ -12,17 +12,10 @@ from torch import nn
 from fastode.flows import CNF, KineticEnergy, SequentialFlow, Solver, StandardNormal, build_flow, fastode_odeint_available
 from fastode.nn import ConcatSquashMLP
 
-DT = torch.float64
+pytestmark = pytest.mark.usefixtures("float64_default")
+
 # ODE backends every solver-sensitive test runs on (fastode's own odeint once its solver core is importable)
 BACKENDS = ["torchdiffeq"] + (["fastode"] if fastode_odeint_available() else [])
-
-
-@pytest.fixture(autouse=True)
-def _f64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(DT)
-    yield
-    torch.set_default_dtype(old)
 
 
 class Linear(nn.Module):

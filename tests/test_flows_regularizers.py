@@ -15,15 +15,7 @@ from fastode.flows import density_loss, fastode_odeint_available, taylor_derivat
 from fastode.nn import ConcatSquashMLP
 from fastode.nn import functional as NF
 
-DT = torch.float64
-
-
-@pytest.fixture(autouse=True)
-def _f64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(DT)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 def mlp(dim=2, hidden=(16, 16), act="tanh", seed=0, backend="torch"):

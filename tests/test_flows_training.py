@@ -20,15 +20,7 @@ from fastode.flows import (
 from fastode.nn import ConcatSquashMLP
 from fastode.nn import functional as NF
 
-DT = torch.float64
-
-
-@pytest.fixture(autouse=True)
-def _f64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(DT)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..nn import functional as _ref
+from ..nn.reference_grad import reference_backward
 from . import _dispatch
 from ._loader import ext
 
@@ -27,28 +28,6 @@ _ACT_CODES = {name: i for i, name in enumerate(_ACT_NAMES)}
 
 def _flat(params):
     return [p for layer in params for p in layer]
-
-
-def _reference_backward(ref_fn, inputs, grads, needs):
-    """Gradients of ``ref_fn(*inputs)`` (the PyTorch reference) with a graph, for double backward.
-
-    Evaluated on aliases of the inputs so that only the paths through this Function are counted.
-    (Same approach as ``fastode.nn.triton_backend.reference_backward``, which cannot be imported without
-    Triton.)
-    """
-    with torch.enable_grad():
-        inputs = [x.view_as(x) if isinstance(x, torch.Tensor) else x for x in inputs]
-        outs = ref_fn(*inputs)
-        outs = outs if isinstance(outs, tuple) else (outs,)
-        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None]
-        wanted = [i for i, (x, n) in enumerate(zip(inputs, needs)) if n and isinstance(x, torch.Tensor)]
-        res = [None] * len(inputs)
-        if pairs and wanted:
-            got = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in wanted], [g for _, g in pairs],
-                                      create_graph=True, allow_unused=True)
-            for i, g in zip(wanted, got):
-                res[i] = g
-    return res
 
 
 def _layers(flat):
@@ -80,7 +59,7 @@ class _MLP(torch.autograd.Function):
         t, z, *flat = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True
             act = _ACT_NAMES[ctx.act]
-            g = _reference_backward(lambda t, z, *fl: _ref.concatsquash_mlp(t, z, _layers(fl), act), [t, z, *flat],
+            g = reference_backward(lambda t, z, *fl: _ref.concatsquash_mlp(t, z, _layers(fl), act), [t, z, *flat],
                                     (gf,), [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
                                             *ctx.needs_input_grad[4:]])
             return (g[0], g[1], None, None, *g[2:])
@@ -111,7 +90,7 @@ class _Hutchinson(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True
             act = _ACT_NAMES[ctx.act]
             n = ctx.needs_input_grad
-            g = _reference_backward(
+            g = reference_backward(
                 lambda t, z, e, *fl: _ref.concatsquash_mlp_hutchinson(t, z, e, _layers(fl), act), [t, z, e, *flat],
                 (gf, gvjp, gtrace, gkin, gfrob), [n[0], n[1], n[2], *n[5:]])
             return (g[0], g[1], g[2], None, None, *g[3:])
@@ -142,7 +121,7 @@ class _ExactTrace(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True
             act = _ACT_NAMES[ctx.act]
             n = ctx.needs_input_grad
-            g = _reference_backward(
+            g = reference_backward(
                 lambda t, z, *fl: _ref.concatsquash_mlp_exact_trace(t, z, _layers(fl), act), [t, z, *flat],
                 (gf, gtrace), [n[0], n[1], *n[4:]])
             return (g[0], g[1], None, None, *g[2:])

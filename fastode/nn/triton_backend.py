@@ -27,6 +27,7 @@ from fastode.kernels._common import interpreter_active
 
 from . import functional as _F
 from .backends import register_backend
+from .reference_grad import reference_backward
 
 __all__ = [
     "concatsquash_mlp",
@@ -169,28 +170,6 @@ class _ConcatSquash(torch.autograd.Function):
         pgrads, gt = _unpack_grads(ctx.packed, params, t, dW, dV, ctx.needs_input_grad[5:],
                                     ctx.needs_input_grad[2])
         return (None, None, gt, gz if ctx.needs_input_grad[3] else None, ge) + tuple(pgrads)
-
-
-def reference_backward(ref_fn, inputs, grads, needs):
-    """Local gradients of ``ref_fn(*inputs)`` (torch ops) with a graph, for double backward.
-
-    ``ref_fn`` is evaluated on aliases (views) of the inputs and differentiated w.r.t. the aliases, so that
-    only the paths through this Function are counted (an input that depends on another input, e.g. a stage
-    value computed from ``y0``, must not add its upstream path here), while the result stays a
-    differentiable function of the original inputs.
-    """
-    with torch.enable_grad():
-        inputs = [x.view_as(x) if x is not None else None for x in inputs]
-        outs = ref_fn(*inputs)
-        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None]
-        wanted = [i for i, (x, n) in enumerate(zip(inputs, needs)) if n and x is not None]
-        res = [None] * len(inputs)
-        if pairs and wanted:
-            got = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in wanted], [g for _, g in pairs],
-                                      create_graph=True, allow_unused=True)
-            for i, g in zip(wanted, got):
-                res[i] = g
-    return tuple(res)
 
 
 def _flat(params):

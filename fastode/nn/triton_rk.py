@@ -21,7 +21,7 @@ import torch
 
 from fastode.kernels import rk as _K
 
-from .triton_backend import reference_backward
+from .reference_grad import reference_backward
 
 __all__ = ["rk_stage", "rk_epilogue", "rk_error_ratio"]
 
