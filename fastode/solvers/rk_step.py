@@ -34,11 +34,6 @@ k: list of the s stage derivatives (k[0] = f0). f1: k[-1] for FSAL tableaus (= f
 Scalar = Union[float, torch.Tensor]
 
 
-@functools.lru_cache(maxsize=512)
-def _coef_tensor(coeffs: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return torch.tensor(coeffs, dtype=torch.float64).to(dtype=dtype, device=device)
-
-
 def combine_stages(y0: Optional[torch.Tensor], dt: Scalar, coeffs: Sequence, k: Sequence[torch.Tensor]
                    ) -> torch.Tensor:
     """``y0 + dt * sum_j coeffs[j] * k[j]`` over ``j < len(coeffs)`` (zero coefficients skipped).
