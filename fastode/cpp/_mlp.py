@@ -60,8 +60,8 @@ class _MLP(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True
             act = _ACT_NAMES[ctx.act]
             g = reference_backward(lambda t, z, *fl: _ref.concatsquash_mlp(t, z, _layers(fl), act), [t, z, *flat],
-                                    (gf,), [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
-                                            *ctx.needs_input_grad[4:]])
+                                   (gf,), [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+                                           *ctx.needs_input_grad[4:]])
             return (g[0], g[1], None, None, *g[2:])
         nt, nz = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         npar = any(ctx.needs_input_grad[4:])
