@@ -2,7 +2,6 @@
 signatures and defaults; fastode additions are keyword arguments with torchdiffeq-compatible defaults)."""
 from __future__ import annotations
 
-
 import torch
 from torch.autograd.functional import vjp
 

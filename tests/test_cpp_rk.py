@@ -167,13 +167,16 @@ def test_rk_stage_and_epilogue_match_reference(dtype, shape):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("exact", [False, True])
-def test_grid_solve_matches_reference(dtype, exact):
+@pytest.mark.parametrize("hidden, B", [((32, 32), 67), ((256, 256), 130)])
+def test_grid_solve_matches_reference(dtype, exact, hidden, B):
     """A whole fixed-grid solve in one call (torchdiffeq's rk4 grid with a learned end time T) equals the
-    reference steps, gradients included (parameters, x, e and T through the grid)."""
-    m = _model(dtype, hidden=(32, 32))
+    reference steps, gradients included (parameters, x, e and T through the grid). Wide layers use 128-row
+    tiles, so B = 130 there is a full tile plus a ragged one."""
+    m = _model(dtype, hidden=hidden)
+    assert fc._dispatch.mlp_tile_rows(B, m.params()) == (128 if hidden[0] >= 256 else 64)
     g = torch.Generator().manual_seed(5)
-    x = torch.randn(67, 2, generator=g, dtype=dtype)
-    e = None if exact else torch.randn(67, 2, generator=g, dtype=dtype)
+    x = torch.randn(B, 2, generator=g, dtype=dtype)
+    e = None if exact else torch.randn(B, 2, generator=g, dtype=dtype)
 
     def run(backend):
         xs = x.clone().requires_grad_()
@@ -181,7 +184,7 @@ def test_grid_solve_matches_reference(dtype, exact):
         T = torch.tensor(0.47, dtype=torch.float64, requires_grad=True)
         ts = torch.cat([torch.arange(0, 0.47, 0.05, dtype=torch.float64), T.reshape(1)])  # last step shorter
         st = fc.CnfStepper(m, "rk4", rates=("-trace", "kinetic"), backend=backend)
-        zT, qT = st.solve(ts, xs, torch.zeros(67, 2, dtype=dtype), es)
+        zT, qT = st.solve(ts, xs, torch.zeros(B, 2, dtype=dtype), es)
         assert fc.last_backend == backend
         loss = (zT ** 2).sum() + qT[:, 0].sum() + 0.1 * qT[:, 1].sum()
         leaves = [xs, T] + ([es] if es is not None else []) + list(m.parameters())

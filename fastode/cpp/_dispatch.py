@@ -37,6 +37,12 @@ def tile_rows(batch: int | None = None, width: int | None = None) -> int:
     return 64
 
 
+def mlp_tile_rows(batch: int, params) -> int:
+    """:func:`tile_rows` for a call on the MLP with per-layer ``(W, b, gw, gb, bw)`` tuples ``params`` (its
+    widest layer counts); every C++ entry point (the MLP ops and :class:`fastode.cpp.CnfStepper`) tiles this way."""
+    return tile_rows(batch, max(layer[0].shape[0] for layer in params))
+
+
 def cpp_unsupported(*tensors) -> str | None:
     """Why the C++ kernels cannot take these tensors (None when they can)."""
     if not available():

@@ -134,11 +134,6 @@ class _ExactTrace(torch.autograd.Function):
         return (gt, gz, None, None, *_param_grads(ctx, gp, 4))
 
 
-def _tile(z, params) -> int:
-    """Rows per tile for this call (batch and widest layer, see :func:`fastode.cpp._dispatch.tile_rows`)."""
-    return _dispatch.tile_rows(z.shape[0], max(layer[0].shape[0] for layer in params))
-
-
 def supports(t, z, params, activation) -> str | None:
     """None when the C++ kernels can run this call, else why not (used by the backend registry)."""
     if activation not in _ACT_CODES:
@@ -155,7 +150,8 @@ def concatsquash_mlp(t, z: torch.Tensor, params, activation: str) -> torch.Tenso
     t = _ref.check_inputs(t, z, params, activation)
     if not _use_cpp(t, z, params, activation):
         return _ref.concatsquash_mlp(t, z, params, activation)
-    return _MLP.apply(t, z, _ACT_CODES[activation], _tile(z, params), *_flat(params))
+    tile = _dispatch.mlp_tile_rows(z.shape[0], params)
+    return _MLP.apply(t, z, _ACT_CODES[activation], tile, *_flat(params))
 
 
 def concatsquash_mlp_hutchinson(t, z: torch.Tensor, e: torch.Tensor, params, activation: str):
@@ -163,7 +159,8 @@ def concatsquash_mlp_hutchinson(t, z: torch.Tensor, e: torch.Tensor, params, act
     t = _ref.check_inputs(t, z, params, activation, e)
     if not _use_cpp(t, z, params, activation, e):
         return _ref.concatsquash_mlp_hutchinson(t, z, e, params, activation)
-    return _Hutchinson.apply(t, z, e, _ACT_CODES[activation], _tile(z, params), *_flat(params))
+    tile = _dispatch.mlp_tile_rows(z.shape[0], params)
+    return _Hutchinson.apply(t, z, e, _ACT_CODES[activation], tile, *_flat(params))
 
 
 def concatsquash_mlp_exact_trace(t, z: torch.Tensor, params, activation: str):
@@ -171,4 +168,5 @@ def concatsquash_mlp_exact_trace(t, z: torch.Tensor, params, activation: str):
     t = _ref.check_inputs(t, z, params, activation)
     if not _use_cpp(t, z, params, activation):
         return _ref.concatsquash_mlp_exact_trace(t, z, params, activation)
-    return _ExactTrace.apply(t, z, _ACT_CODES[activation], _tile(z, params), *_flat(params))
+    tile = _dispatch.mlp_tile_rows(z.shape[0], params)
+    return _ExactTrace.apply(t, z, _ACT_CODES[activation], tile, *_flat(params))

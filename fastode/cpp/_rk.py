@@ -238,7 +238,7 @@ class CnfStepper:
             _dispatch.last_backend = "cpp"
             c, a, b, b_err = self.tableau
             spec = (self._codes[0], self._codes[1], c, a, b, b_err, self.atol, self.rtol, bool(return_stages),
-                    _dispatch.tile_rows(z0.shape[0]))
+                    _dispatch.mlp_tile_rows(z0.shape[0], self.params))
             z1, q1, ez, eq, kz, kq, ss = _CnfStepFn.apply(t0, dt, z0, q0, e, kz0, kq0, spec, *self.raw)
             if not b_err:
                 ez = eq = ss = None
@@ -261,7 +261,7 @@ class CnfStepper:
         if use_cpp:
             _dispatch.last_backend = "cpp"
             c, a, b, _ = self.tableau
-            spec = (self._codes[0], self._codes[1], c, a, b, _dispatch.tile_rows(z0.shape[0]))
+            spec = (self._codes[0], self._codes[1], c, a, b, _dispatch.mlp_tile_rows(z0.shape[0], self.params))
             ts_in = ts_t.reshape(-1) if ts_t is not None and ts_t.requires_grad else None
             return _CnfGridFn.apply(times, ts_in, z0, q0, e, spec, *self.raw)
         z, q = z0, q0

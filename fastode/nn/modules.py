@@ -138,4 +138,3 @@ class ConcatSquashMLP(ConcatSquashEvaluation, nn.Module):
         """The parameters used at time ``t`` (constant here). Subclasses with time-varying weights (e.g. Disc-Opt
         interpolation between control times) override this and inherit forward / forward_with_trace."""
         return self.params()
-
