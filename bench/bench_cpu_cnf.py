@@ -16,9 +16,10 @@ Peers, on the same weights (one state dict) and the same noise:
   (one fused C++ call per stage; fastode's solver loop in Python) -- what ``fastode.flows.CNF`` runs when its
   fused grid path does not apply (adaptive methods, ``fused_cpu=False``; see fastode/flows/cpp_path.py);
 * ``fastode``: :class:`fastode.cpp.CnfStepper` -- training: the whole rk4 grid in one fused C++ call and
-  one for its backward (:meth:`~fastode.cpp.CnfStepper.solve`; the CNF's default path for such solves); inference: one fused call per dopri5 step
-  (:meth:`~fastode.cpp.CnfStepper.step`) inside torchdiffeq's step-size control (same initial step,
-  controller and end-point interpolation, so the same steps; the NFE is recorded for both).
+  one for its backward (:meth:`~fastode.cpp.CnfStepper.solve`; the CNF's default path for such solves);
+  inference: one fused call per dopri5 step (:meth:`~fastode.cpp.CnfStepper.step`) inside torchdiffeq's
+  step-size control (same initial step, controller and end-point interpolation, so the same steps; the NFE is
+  recorded for both).
 
 Timing: medians of repeated runs, peers interleaved (bench/common.py), machine load recorded. The matmul
 floor is the FLOP count of the GEMMs an iteration needs at the GEMM rate measured on this machine for the
