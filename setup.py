@@ -88,6 +88,22 @@ def _extension_setup():
 
 ext_modules, cmdclass = _extension_setup()
 
+_PLOTS = ["matplotlib"]
+_DATA = ["scikit-learn"]  # the sklearn toy sets (swissroll, circles, moons, rings) and digits/breast_cancer
+_PROGRESS = ["tqdm"]
+_DEMO = _PROGRESS + _PLOTS + _DATA + ["torchdiffeq==0.2.5"]  # torchdiffeq: the demo's peer
+EXTRAS = {
+    "plots": _PLOTS,
+    "data": _DATA,
+    "progress": _PROGRESS,
+    "scipy": ["scipy"],  # method="scipy_solver"
+    "demo": _DEMO,
+    # Triton serves on CUDA machines and runs the kernel tests in its interpreter; it is not in "test"
+    # so that the tests run (skipping the Triton tiers) where it cannot be installed.
+    "triton": ["triton"],
+    "test": _DEMO + ["scipy", "pytest", "pytest-benchmark", "torchode", "hypothesis"],
+}
+
 setup(
     name="fastode",
     version="0.1.0",
@@ -97,10 +113,9 @@ setup(
     package_dir={"fastode.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
-    install_requires=["torch>=2.4", "numpy", "scipy", "tqdm", "matplotlib"],
-    extras_require={
-        "triton": ["triton"],
-        "test": ["pytest", "pytest-benchmark", "scipy", "torchdiffeq==0.2.5", "torchode", "scikit-learn"],
-    },
+    # Core: the solvers, CNFs and the C++ backend need only torch and numpy. Everything else is imported
+    # lazily where it serves and comes with an extra.
+    install_requires=["torch>=2.4", "numpy"],
+    extras_require=EXTRAS,
     entry_points={"console_scripts": ["fastode=fastode.__main__:main"]},
 )

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # CI for the C++ backend (called by quickstart.sh test, i.e. .ci/run):
-#   1. build the extension fastode._C in place (skipped when the built module is newer than every source
-#      file and imports), failing loudly instead of falling back to pure Python;
+#   1. build the extension fastode._C in place (csrc/build_inplace.sh: skipped when the built module is newer
+#      than every source file and imports), failing loudly instead of falling back to pure Python;
 #   2. check that fastode.cpp loads it;
-#   3. configure + build the torch-free core and its unit tests with CMake in a temporary directory and
+#   3. configure + build the torch-free core and its unit tests with CMake in build/cmake (incremental) and
 #      run them with ctest (built-in GEMM, and libtorch's MKL).
 # About one minute on an idle 2-core machine (two ~20 s compiles of core.cpp, one of bindings.cpp).
 set -euo pipefail
@@ -11,17 +11,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 start=$(date +%s)
 
-so=$(ls fastode/_C*.so 2>/dev/null | head -n 1 || true)
-newer=""
-if [ -n "$so" ]; then
-    newer=$(find csrc setup.py -newer "$so" \( -name '*.cpp' -o -name '*.h' -o -name setup.py \) -print -quit)
-fi
-if [ -z "$so" ] || [ -n "$newer" ] || ! "$PY" -c "import torch, fastode._C" 2>/dev/null; then
-    echo "ci_build_and_test: building fastode._C in place"
-    FASTODE_REQUIRE_EXT=1 "$PY" setup.py -q build_ext --inplace
-else
-    echo "ci_build_and_test: $so is up to date"
-fi
+FASTODE_REQUIRE_EXT=1 PYTHON="$PY" bash csrc/build_inplace.sh
 "$PY" - <<'PYEOF'
 import sys
 import fastode.cpp as c
@@ -30,8 +20,8 @@ print("ci_build_and_test: fastode.cpp.build_info() =", info)
 sys.exit(0 if info["available"] else 1)
 PYEOF
 
-build=$(mktemp -d)
-trap 'rm -rf "$build"' EXIT
+build=build/cmake  # kept between runs, so that an unchanged tree rebuilds nothing
+mkdir -p "$build"
 if ! cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Release -DPython3_EXECUTABLE="$(command -v "$PY")" \
         > "$build/configure.log" 2>&1; then
     cat "$build/configure.log"

@@ -1343,7 +1343,8 @@ void rk_epilogue(int64_t B, int64_t M, const T* y0, int nk, const T* const* k, c
           mx = std::max(mx, std::fabs(q));
         }
         row_sumsq[r0 + r] = ss;
-        row_max[r0 + r] = mx;
+        // std::max drops a NaN second argument; the sum keeps it, so a NaN error gives a NaN max (rejected)
+        row_max[r0 + r] = std::isnan(ss) ? ss : mx;
       }
     }
   });

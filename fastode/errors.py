@@ -23,13 +23,18 @@ class                              bases                                   raise
 ``StepSizeUnderflowError``         ``RuntimeError``, ``AssertionError``    adaptive step size underflow
 ``MaxStepsExceededError``          ``RuntimeError``, ``AssertionError``    ``max_num_steps`` reached
 ================================  ======================================  ==================================
+
+``FallbackWarning`` (a ``UserWarning``) is issued, once per kind of fallback and process, when fastode
+re-runs work on a slower path than the one it chose (say, a fused solve that met NaN/inf re-run on the
+per-stage path so that the error can name the step); the object that ran records the same reason.
 """
 from __future__ import annotations
 
 __all__ = [
     "FastodeError", "InvalidTimeError", "TimeDtypeError", "InvalidMethodError", "InvalidOptionError",
     "InvalidStateError", "FuncOutputError", "NonFiniteError", "StepSizeUnderflowError",
-    "MaxStepsExceededError", "STEP_FAILURE_REMEDIES",
+    "MaxStepsExceededError", "FallbackWarning", "warn_fallback_once", "STEP_FAILURE_REMEDIES",
+    "STIFF_REMEDIES",
 ]
 
 
@@ -73,10 +78,33 @@ class MaxStepsExceededError(FastodeError, RuntimeError, AssertionError):
     """The solver hit ``max_num_steps`` (torchdiffeq: 'max_num_steps exceeded')."""
 
 
+class FallbackWarning(UserWarning):
+    """fastode re-ran work on another path than the one it chose (see :func:`warn_fallback_once`)."""
+
+
+_WARNED: set = set()
+
+
+def warn_fallback_once(key: str, message: str, stacklevel: int = 3) -> None:
+    """Warn with :class:`FallbackWarning` the first time fallback ``key`` happens in this process."""
+    if key in _WARNED:
+        return
+    _WARNED.add(key)
+    import warnings
+
+    warnings.warn(message + " (warned once per process)", FallbackWarning, stacklevel=stacklevel)
+
+
 STEP_FAILURE_REMEDIES = (
     "Possible remedies: (1) the problem may be stiff or the vector field rough: use smoother activations "
     "(softplus/tanh/swish instead of ReLU), weight decay or a kinetic/Jacobian regulariser; (2) loosen rtol/atol; "
     "(3) set options={'min_step': ...} to force progress with a minimum step size; (4) use a fixed-step solver "
     "(method='rk4', options={'step_size': ...}); (5) check func for NaN/inf or discontinuities (use step_t/jump_t "
     "for known kinks and jumps)."
+)
+
+STIFF_REMEDIES = (
+    "If the ODE is stiff (fast and slow time scales: chemical kinetics, stiff springs, large negative "
+    "eigenvalues), an explicit method needs tiny steps: use an implicit solver instead, "
+    "method='scipy_solver' with options={'solver': 'LSODA'} (or 'BDF', 'Radau'; gradients through gradient='adjoint')."
 )

@@ -140,6 +140,10 @@ def rk_epilogue_kernel(y0_ptr, ks, dt_ptr, atol_ptr, rtol_ptr, y1_ptr, err_ptr,
             sq += tl.sum(r * r, axis=1)
             mx = tl.maximum(mx, tl.max(tl.abs(r), axis=1))
     if HAS_ERR:
+        # On a GPU tl.max / tl.maximum drop NaN (fmax semantics; the interpreter's NumPy keeps it), which would
+        # let a NaN error estimate through the max norm as a finite ratio. A sum keeps NaN, so a row whose sum
+        # of squares is NaN gets a NaN max: the step is rejected exactly as with torch.max.
+        mx = tl.where(sq != sq, sq, mx)
         n_split = tl.num_programs(1)
         tl.store(psq_ptr + pid_c * B + rows, sq, mask=rmask)
         tl.store(pmax_ptr + pid_c * B + rows, mx, mask=rmask)
@@ -158,12 +162,14 @@ def rk_epilogue_kernel(y0_ptr, ks, dt_ptr, atol_ptr, rtol_ptr, y1_ptr, err_ptr,
                 for sp in range(0, n_split):
                     s += tl.load(psq_ptr + sp * B + rr, mask=rm, other=0.0, cache_modifier=".cg")
                     mm = tl.maximum(mm, tl.load(pmax_ptr + sp * B + rr, mask=rm, other=0.0, cache_modifier=".cg"))
+                mm = tl.where(s != s, s, mm)  # (NaN-dropping maximum: see above)
                 tl.store(rms_s_ptr + rr, tl.sqrt(s / M), mask=rm)
                 tl.store(max_s_ptr + rr, mm, mask=rm)
                 bs += s
                 bm = tl.maximum(bm, mm)
-            tl.store(rms_b_ptr, tl.sqrt(tl.sum(bs, axis=0) / (B * M)))
-            tl.store(max_b_ptr, tl.max(bm, axis=0))
+            total_sq = tl.sum(bs, axis=0)
+            tl.store(rms_b_ptr, tl.sqrt(total_sq / (B * M)))
+            tl.store(max_b_ptr, tl.where(total_sq != total_sq, total_sq, tl.max(bm, axis=0)))
             tl.atomic_xchg(cnt_ptr, 0)
 
 

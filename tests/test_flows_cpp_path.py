@@ -166,19 +166,39 @@ def test_trace_none_and_mixed_dtypes_fall_back():
     assert cnf32.last_path == "odeint" and "parameter" in cnf32.last_path_reason
 
 
-def test_non_finite_is_reported_like_odeint():
-    """A solve that blows up raises odeint's NonFiniteError (naming the step) on both paths."""
+@pytest.mark.parametrize("poison", [float("inf"), float("nan")])
+def test_non_finite_is_reported_like_odeint(poison, monkeypatch):
+    """A solve that blows up raises odeint's NonFiniteError (naming the step) on both paths; the fused path's
+    re-run on the odeint path is recorded and warned once, never silent."""
+    import warnings
+
+    from fastode import errors
+
+    monkeypatch.setattr(errors, "_WARNED", set())
     cnf = _cnf(torch.float64)
     with torch.no_grad():
-        cnf.dynamics.layers[-1]._layer.bias[0] = float("inf")  # the first step is not finite
+        cnf.dynamics.layers[-1]._layer.bias[0] = poison  # the first step is not finite
     x, e = _data(torch.float64)
     msgs = []
     for fused in (True, False):
         cnf.fused_cpu = fused
-        with pytest.raises(NonFiniteError) as info:
-            cnf(x, noise=e)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with pytest.raises(NonFiniteError) as info:
+                cnf(x, noise=e)
+        fallback = [w for w in caught if issubclass(w.category, errors.FallbackWarning)]
+        assert len(fallback) == (1 if fused else 0)
+        if fused:
+            assert cnf.last_path == "odeint" and "NaN/inf" in cnf.last_path_reason
+            assert "NaN/inf" in str(fallback[0].message)
         msgs.append(str(info.value))
-    assert msgs[0] == msgs[1] and "step 0" in msgs[0]
+    assert msgs[0] == msgs[1] and "step 0" in msgs[0] and "t=0" in msgs[0]
+    cnf.fused_cpu = True
+    with warnings.catch_warnings(record=True) as caught:  # warned once per process
+        warnings.simplefilter("always")
+        with pytest.raises(NonFiniteError):
+            cnf(x, noise=e)
+    assert not [w for w in caught if issubclass(w.category, errors.FallbackWarning)]
 
 
 def test_solver_backend_torchdiffeq_falls_back():

@@ -30,8 +30,9 @@ derivative of the discrete solve as on the odeint path.
 
 Not supported on this path: double backward (the fused backward is once-differentiable). The NFE counter
 advances by ``stages * steps`` and ``CNF.last_stats`` is a :class:`fastode.SolveStats` with the same counts,
-step times and sizes the odeint path records. ``check_finite`` (default on): a non-finite result re-runs the
-solve on the odeint path, whose :class:`~fastode.errors.NonFiniteError` names the step.
+step times and sizes the odeint path records. ``check_finite`` (default on): a non-finite result is rejected and the
+solve re-run on the odeint path, whose :class:`~fastode.errors.NonFiniteError` names the step; that fallback
+is recorded in ``last_path_reason`` and warned once (:class:`~fastode.errors.FallbackWarning`).
 """
 from __future__ import annotations
 
@@ -174,8 +175,14 @@ def try_fused_solve(cnf, x: torch.Tensor, e, t: torch.Tensor, solver, trace: str
     q0 = torch.zeros(B, len(plan.rates), dtype=x.dtype, device=x.device)
     zT, qT = stepper.solve(grid, x, q0, e if trace == "hutchinson" else None)
     if plan.check_finite and not bool(torch.isfinite(zT).all() and torch.isfinite(qT).all()):
-        # let the odeint path name the step (NonFiniteError), as it would have without this path
-        cnf.last_path, cnf.last_path_reason = "odeint", "the fused solve was not finite"
+        # Rejected. The fused solve returns only the end state, so the odeint path re-runs the solve to raise
+        # the NonFiniteError that names the step; that re-run is a fallback, recorded and warned once.
+        from fastode.errors import warn_fallback_once
+
+        reason = ("the fused C++ grid solve produced NaN/inf; re-running it on the odeint path, which raises "
+                  "NonFiniteError naming the step")
+        warn_fallback_once("cnf-fused-cpu-nonfinite", f"CNF: {reason}")
+        cnf.last_path, cnf.last_path_reason = "odeint", reason
         return None
     dyn.last_backend = "cpp"
     g = grid.detach().to("cpu", torch.float64).tolist()

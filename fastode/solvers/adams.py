@@ -218,7 +218,7 @@ class AdamsBashforthMoulton(FixedGridSolver):
         return RKStep(y1, None, [f0], None)
 
     def _event_step(self, t0, y0, dt, tc):
-        return self._step(float(t0), y0, dt, tc)
+        return self._step(float(t0.detach()), y0, dt, tc)
 
     def integrate_until_event(self, t0, event_fn):
         self._reset_history()

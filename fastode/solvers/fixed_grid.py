@@ -262,7 +262,7 @@ class FixedGridSolver(Solver):
         while True:
             itr += 1
             t1 = t0 + dt
-            tc = self._stage_times(float(t0), dt, float(t1), self._rounder(self.rdtype),
+            tc = self._stage_times(float(t0.detach()), dt, float(t1.detach()), self._rounder(self.rdtype),
                                    (t0, torch.as_tensor(dt, dtype=self.rdtype, device=y0.device), t1))
             y1, f0 = self._event_step(t0, y0, dt, tc)
             self.stats.num_steps += 1

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from ..errors import (InvalidOptionError, MaxStepsExceededError, NonFiniteError, StepSizeUnderflowError,
-                      STEP_FAILURE_REMEDIES)
+                      STEP_FAILURE_REMEDIES, STIFF_REMEDIES)
 from ..events import find_event
 from ..interp import quartic_eval, quartic_fit, tableau_dense
 from ..tableaus import TABLEAUS, ButcherTableau
@@ -308,7 +308,7 @@ class RKAdaptiveSolver(Solver):
             f"did not reach t={self._describe(tb)} from t={self._describe(ta)}; the solver is at "
             f"t={self._describe(self.t1)} with step size {self.dt:.3g}. If the problem genuinely needs more steps, "
             f"raise options={{'max_num_steps': ...}} (it counts attempts per output interval); otherwise the "
-            f"problem is likely stiff or func is rough. " + STEP_FAILURE_REMEDIES)
+            f"problem is likely stiff or func is rough. " + STIFF_REMEDIES + " " + STEP_FAILURE_REMEDIES)
 
     def _adaptive_step(self, t_host, target):
         """One attempted step from (self.t1, self.y, self.f) with proposed size self.dt."""
@@ -562,10 +562,18 @@ class RKAdaptiveSolver(Solver):
             self._adaptive_step(None, None)
             n_steps += 1
         last = self.last
-        lt0, lt1 = last[0], last[1]
+        lt0, lt1 = last.t0, last.t1
+        # The step's clock carries d/dt0 (its anchor) and a shortened step's dt its own time gradient: keep both
+        # in the interpolation coordinate, so that the state at the event depends on t0 as in torchdiffeq (whose
+        # step times are tensors computed from t0). The bisection runs under no_grad, so this costs nothing there.
+        c0 = torch.full((), lt0, dtype=self.time_dtype, device=self.y0.device)
+        if last.anchor is not None:
+            c0 = c0 + (last.anchor - last.anchor.detach()).to(self.time_dtype)
+        width = last.dt_grad if last.dt_grad is not None else \
+            torch.full((), lt1 - lt0, dtype=self.time_dtype, device=self.y0.device)
 
         def interp_fn(t):
-            x = ((t - lt0) / (lt1 - lt0)).to(self.rdtype)
+            x = ((t - c0) / width).to(self.rdtype)
             return self._eval_step(last, x)
 
         atol = self.atol if isinstance(self.atol, float) else float(torch.as_tensor(self.atol).min())
