@@ -191,3 +191,18 @@ def test_grid_solve_matches_reference(dtype, exact, hidden, B):
         return [zT, qT] + list(torch.autograd.grad(loss, leaves))
 
     _compare(run("cpp"), run("torch"), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_epilogue_max_ratio_keeps_nan(dtype):
+    """NaN in a stage must give a NaN max ratio (std::max drops a NaN argument), like torch.max does."""
+    tab = get_tableau("dopri5")
+    g = torch.Generator().manual_seed(2)
+    y0 = torch.randn(6, 5, generator=g, dtype=dtype)
+    ks = [torch.randn(6, 5, generator=g, dtype=dtype) for _ in tab.b]
+    ks[3][4, 2] = float("nan")
+    outs = {b: fc.rk_epilogue(y0, ks, tab.b, tab.b_err, 0.1, 1e-4, 1e-3, backend=b) for b in ("cpp", "torch")}
+    for a, b in zip(outs["cpp"], outs["torch"]):
+        torch.testing.assert_close(a, b, equal_nan=True)
+    assert torch.isnan(outs["cpp"][3]) and torch.isnan(outs["cpp"][5][4])
+    assert not torch.isnan(outs["cpp"][5][:4]).any()

@@ -217,3 +217,21 @@ def test_double_backward_through_stage_and_epilogue():
     ref = go(ref_stage, ref_epilogue)
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("split", [None, (2, 16, 16)])
+def test_error_ratio_never_drops_nan(split):
+    """A NaN (or inf) error estimate must reach both norms: GPU max reductions drop NaN (the interpreter's NumPy
+    does not, so this test also pins the explicit NaN rule in the kernel), and a dropped NaN would let a step
+    through the max norm. Rows 2 (NaN) and 5 (inf) poisoned; several column splits and row programs."""
+    g = torch.Generator().manual_seed(4)
+    mk = lambda: torch.randn(7, 40, generator=g, dtype=torch.float64).to(device=KDEV)  # noqa: E731
+    y_err, y0, y1 = mk(), mk(), mk()
+    y_err[2, 17] = float("nan")
+    y_err[5, 3] = float("inf")
+    got = K.rk_error_ratio(y_err, y0, y1, 1e-3, 1e-2, grid_split=split)
+    r = y_err / (1e-3 + 1e-2 * torch.max(y0.abs(), y1.abs()))
+    ref = (r.pow(2).mean().sqrt(), r.abs().max(), r.pow(2).mean(1).sqrt(), r.abs().amax(1))
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, equal_nan=True)
+    assert torch.isnan(got[1]) and torch.isnan(got[3][2]) and torch.isinf(got[3][5])

@@ -349,9 +349,10 @@ def _ratio_tol(y0, y1, atol, rtol):
 
 
 def _safe_sqrt(x):
-    """sqrt with value and gradient 0 at 0 (as the Triton kernels do), instead of an infinite gradient."""
-    pos = x > 0
-    return torch.where(pos, torch.where(pos, x, torch.ones_like(x)).sqrt(), torch.zeros_like(x))
+    """sqrt with value and gradient 0 at 0 (as the Triton kernels do), instead of an infinite gradient.
+    Tested as ``x == 0`` (not ``x > 0``) so that NaN stays NaN: a dropped NaN would accept a bad step."""
+    zero = x == 0
+    return torch.where(zero, torch.zeros_like(x), torch.where(zero, torch.ones_like(x), x).sqrt())
 
 
 def _epilogue_torch(y0, ks, b, b_err, dt, atol, rtol):
