@@ -132,12 +132,14 @@ def plot_curves(path: str, curves: dict[str, tuple[Sequence[float], Sequence[flo
                 title: str | None = None) -> str:
     """One panel per named curve ``{name: (iterations, values)}``."""
     items = [(k, v) for k, v in curves.items() if len(v[0])]
-    fig = new_figure((4 * max(len(items), 1), 3))
+    fig = new_figure((4 * max(len(items), 1), 3.3))
     for i, (name, (xs, ys)) in enumerate(items):
         ax = fig.add_subplot(1, len(items), i + 1)
-        ax.plot(xs, ys)
+        # markers for short curves: a line through one point draws nothing (e.g. a single validation)
+        ax.plot(xs, ys, marker="o" if len(xs) <= 30 else None, markersize=4)
         ax.set_xlabel("iteration")
         ax.set_title(name)
     if title:
         fig.suptitle(title)
+    fig.set_layout_engine("constrained")  # keeps the suptitle clear of the panel titles
     return save_figure(fig, path)

@@ -6,8 +6,9 @@ Examples::
     fastode train --data 8gaussians --niters 2000 --save runs/8g
 
     # Disc-Opt (Onken & Ruthotto): RK4 with h = 0.05, RNODE regularisers, exact-trace dopri5 evaluation
-    fastode train --data moons --method rk4 --step-size 0.05 --kinetic 0.01 --jacobian-frobenius 0.01 \\
-        --eval-method dopri5 --eval-atol 1e-5 --eval-rtol 1e-5 --save runs/moons-do
+    # (--trace hutchinson: the fused CPU path takes RNODE's Jacobian-Frobenius term only with the probe trace)
+    fastode train --data moons --method rk4 --step-size 0.05 --trace hutchinson --kinetic 0.01 \\
+        --jacobian-frobenius 0.01 --eval-method dopri5 --eval-atol 1e-5 --eval-rtol 1e-5 --save runs/moons-do
 
     # tabular data with early stopping, resumable
     fastode train --data digits --dims 256-256 --activation softplus --batch-size 256 --niters 20000 \\
@@ -69,25 +70,70 @@ def _floats(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+class UsageError(ValueError):
+    """A mistake in the command line or its files: ``main`` prints it as one line (no traceback), exit 2."""
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Appends ``(default: X)`` once: not for options without a default, nor where the help text already says
+    what the default is."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (action.default in (None, argparse.SUPPRESS) or "default" in text or not action.option_strings
+                or isinstance(action, argparse._HelpAction)):
+            return text
+        return text + " (default: %(default)s)"
+
+
+class _Parser(argparse.ArgumentParser):
+    """Reports a mistake in one line (the full usage of ~40 options would bury it)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _method_names() -> list:
+    from fastode.solvers import SOLVERS
+
+    return list(SOLVERS)
+
+
+def _method(text: str) -> str:
+    """``--method`` / ``--eval-method``: a fastode method name, with a "did you mean" for near misses."""
+    from fastode.solvers import SOLVERS, suggest_method
+
+    if text in SOLVERS:
+        return text
+    close = suggest_method(text)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise argparse.ArgumentTypeError(f"unknown method {text!r}{hint} (valid: {', '.join(SOLVERS)})")
+
+
+#: step size used when a fixed-grid method is given without --step-size (Disc-Opt's h for T = 0.5: 10 steps)
+DEFAULT_FIXED_STEP = 0.05
+
+
 def build_parser() -> argparse.ArgumentParser:
     from fastode.data import DATASETS
 
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="fastode train", description="Train a continuous normalizing flow (FFJORD-style CNF) with fastode.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_HelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--data", default="8gaussians", choices=DATASETS, help="2-D toy density or tabular dataset")
     g.add_argument("--data-root", default=None,
                    help="directory with the MAF data files (miniboone/, power/, gas/, hepmass/, BSDS300/); "
                         "default $FASTODE_DATA_ROOT or ./data")
     g.add_argument("--data-seed", type=int, default=42, help="seed of the shuffle / dequantisation of sklearn sets")
-    g.add_argument("--digits-transform", default="standardize", choices=("standardize", "logit"))
+    g.add_argument("--digits-transform", default="standardize", choices=("standardize", "logit"),
+                   help="preprocessing of the digits pixels")
     g.add_argument("--toy-val-size", type=int, default=1000, help="fixed validation set size (toy data)")
     g.add_argument("--toy-test-size", type=int, default=5000, help="fixed test set size (toy data)")
 
     g = p.add_argument_group("model")
-    g.add_argument("--dims", type=_dims, default=(64, 64, 64), help="hidden widths of the concatsquash MLP")
-    g.add_argument("--activation", default="tanh", choices=ACTIVATION_CHOICES)
+    g.add_argument("--dims", type=_dims, default="64-64-64", help="hidden widths of the concatsquash MLP")
+    g.add_argument("--activation", default="tanh", choices=ACTIVATION_CHOICES, help="MLP activation")
     g.add_argument("--num-blocks", type=int, default=1, help="stacked CNF blocks")
     g.add_argument("--time-varying", type=int, default=None, metavar="K",
                    help="Disc-Opt time-varying weights on K control times (default: FFJORD's time-conditioned MLP)")
@@ -108,10 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--T-eps", type=float, default=0.1, help="TO-FLOW clip: T in [eps, 2*T0 - eps]")
 
     g = p.add_argument_group("training solver")
-    g.add_argument("--method", default="dopri5", help="ODE method (dopri5, tsit5, bosh3, rk4, midpoint, euler, ...)")
-    g.add_argument("--step-size", type=float, default=None, help="step size of fixed-grid methods")
-    g.add_argument("--atol", type=float, default=1e-5)
-    g.add_argument("--rtol", type=float, default=1e-5)
+    g.add_argument("--method", default="dopri5", type=_method, metavar="METHOD",
+                   help="ODE method: " + ", ".join(_method_names()))
+    g.add_argument("--step-size", type=float, default=None,
+                   help=f"step size of fixed-grid methods (default {DEFAULT_FIXED_STEP} for them)")
+    g.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance of adaptive methods")
+    g.add_argument("--rtol", type=float, default=1e-5, help="relative tolerance of adaptive methods")
     g.add_argument("--gradient", default="direct", choices=GRADIENT_CHOICES,
                    help="direct / checkpoint: discretise-optimise (exact gradient of the discrete solve); "
                         "adjoint: optimise-discretise (continuous adjoint)")
@@ -122,11 +170,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "share of --niters")
 
     g = p.add_argument_group("evaluation solver (validation, test, plots; exact trace)")
-    g.add_argument("--eval-method", default=None, help="default: the training method")
-    g.add_argument("--eval-step-size", type=float, default=None)
-    g.add_argument("--eval-atol", type=float, default=None)
-    g.add_argument("--eval-rtol", type=float, default=None)
-    g.add_argument("--eval-trace", default="exact", choices=("exact", "hutchinson"))
+    g.add_argument("--eval-method", default=None, type=_method, metavar="METHOD",
+                   help="default: the training method")
+    g.add_argument("--eval-step-size", type=float, default=None,
+                   help="default: the training step size (same method), else the fixed-grid default")
+    g.add_argument("--eval-atol", type=float, default=None, help="default: --atol")
+    g.add_argument("--eval-rtol", type=float, default=None, help="default: --rtol")
+    g.add_argument("--eval-trace", default="exact", choices=("exact", "hutchinson"),
+                   help="divergence estimator of the evaluation solves")
 
     g = p.add_argument_group("regularisers (weights; 0 = off)")
     g.add_argument("--kinetic", type=float, default=0.0, help="RNODE kinetic energy int ||f||^2 dt")
@@ -135,21 +186,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--taynode-weight", type=float, default=0.0, help="TayNODE weight")
     g.add_argument("--error-reg", default=None, choices=("global", "local", "local_biased"),
                    help="error-estimate regulariser (Pal et al.)")
-    g.add_argument("--error-weight", type=float, default=0.0)
+    g.add_argument("--error-weight", type=float, default=0.0, help="weight of --error-reg")
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--niters", type=int, default=10000)
+    g.add_argument("--niters", type=int, default=10000, help="training iterations")
     g.add_argument("--batch-size", type=int, default=None,
-                   help="global batch (split over processes); default 100 toy, 1000 tabular")
-    g.add_argument("--test-batch-size", type=int, default=1000)
-    g.add_argument("--lr", type=float, default=1e-3)
+                   help="global batch (split over processes); default 100 toy, min(1000, training rows) tabular")
+    g.add_argument("--test-batch-size", type=int, default=1000, help="batch of the evaluation solves")
+    g.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     g.add_argument("--weight-decay", type=float, default=None, help="default 1e-5 toy, 1e-6 tabular (torch Adam)")
     g.add_argument("--lr-decay", action=argparse.BooleanOptionalAction, default=False,
                    help="FFJORD tabular schedule: lr/10 after >10 and lr/100 after >20 non-improving validations")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    g.add_argument("--dtype", default="float32", choices=("float32", "float64"))
-    g.add_argument("--threads", type=int, default=None, help="torch.set_num_threads per process")
+    g.add_argument("--seed", type=int, default=0, help="seed of weights, batches and noise")
+    g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    g.add_argument("--dtype", default="float32", choices=("float32", "float64"), help="model and data dtype")
+    g.add_argument("--threads", type=int, default=None,
+                   help="CPU threads per process (default: 1 for 2-D toy data, whose tiny matrix products only "
+                        "lose to threading overhead; else the available cores / processes, at most 8)")
 
     g = p.add_argument_group("validation, checkpoints, output")
     g.add_argument("--val-every", type=int, default=None, help="default 100 toy, 200 tabular")
@@ -158,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "30 for tabular, as FFJORD)")
     g.add_argument("--save", default=None, help="output directory (default runs/<data>)")
     g.add_argument("--resume", default=None, help="a checkpoint path, or 'auto' (<save>/checkpoint.pt if present)")
-    g.add_argument("--ckpt-every", type=int, default=None, help="default: every validation")
+    g.add_argument("--ckpt-every", type=int, default=None, help="default: every validation (and on Ctrl-C)")
     g.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True, help="PNG plots (2-D data)")
     g.add_argument("--plot-npts", type=int, default=200, help="density grid resolution per side")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm progress bar")
@@ -173,7 +226,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     toy = is_toy(args.data)
     defaults = {
         "T": 0.5 if toy else 1.0,
-        "batch_size": 100 if toy else 1000,
+        "batch_size": 100 if toy else None,  # tabular: min(1000, training rows), set by BatchSource
         "weight_decay": 1e-5 if toy else 1e-6,
         "val_every": 100 if toy else 200,
         "trace": "exact" if toy else "hutchinson",
@@ -187,8 +240,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.save = os.path.join("runs", args.data)
     if args.niters < 0:
         parser.error("--niters must be >= 0")
-    if args.batch_size <= 0 or args.test_batch_size <= 0:
+    if (args.batch_size is not None and args.batch_size <= 0) or args.test_batch_size <= 0:
         parser.error("batch sizes must be positive")
+    if args.threads is not None and args.threads <= 0:
+        parser.error("--threads must be positive")
+    if args.resume not in (None, "auto") and not os.path.isfile(args.resume):
+        parser.error(f"--resume {args.resume}: no such file (use --resume auto to continue the run in --save "
+                     f"if it has a checkpoint)")
+    from fastode.flows.solver import FIXED_GRID_METHODS
+
+    args.defaulted = []  # what this function chose, printed by train()
+    if args.method in FIXED_GRID_METHODS and args.step_size is None and args.multilevel is None:
+        args.step_size = DEFAULT_FIXED_STEP
+        args.defaulted.append(f"--step-size {DEFAULT_FIXED_STEP} (fixed-grid --method {args.method} needs a step)")
+    if (args.eval_method is not None and args.eval_method != args.method and args.eval_method in FIXED_GRID_METHODS
+            and args.eval_step_size is None):
+        args.eval_step_size = DEFAULT_FIXED_STEP
+        args.defaulted.append(f"--eval-step-size {DEFAULT_FIXED_STEP} (fixed-grid --eval-method {args.eval_method})")
     if args.val_every <= 0:
         parser.error("--val-every must be positive")
     if args.num_blocks <= 0:
@@ -202,8 +270,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.error_reg is not None and args.error_weight == 0.0:
         parser.error("--error-reg needs a positive --error-weight")
     if args.multilevel is not None:
-        from fastode.flows.solver import FIXED_GRID_METHODS
-
         if args.method not in FIXED_GRID_METHODS:
             parser.error(f"--multilevel re-discretises a fixed grid: use a fixed-grid --method (e.g. rk4), "
                          f"not {args.method!r}")
@@ -234,10 +300,16 @@ class DistInfo:
 def _pick_device(spec: str, local_rank: int) -> torch.device:
     if spec == "auto":
         spec = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(spec)
+    try:
+        dev = torch.device(spec)
+    except RuntimeError:
+        raise UsageError(f"--device {spec!r} is not a device; use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(f"--device {spec} was requested but CUDA is not available; use --device cpu")
+            raise UsageError(f"--device {spec} was requested but CUDA is not available here (torch "
+                             f"{torch.__version__}); use --device cpu or --device auto")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA device(s)")
         if dev.index is None:
             dev = torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
         torch.cuda.set_device(dev)
@@ -295,11 +367,10 @@ class BatchSource:
         self.name = args.data
         self.seed = int(args.seed)
         self.rank, self.world = dist_info.rank, dist_info.world_size
-        if args.batch_size % self.world:
-            raise ValueError(f"--batch-size {args.batch_size} must be divisible by the number of processes "
-                             f"({self.world})")
-        self.local_batch = args.batch_size // self.world
         self.toy = is_toy(args.data)
+        if args.batch_size is not None:
+            self._check_divisible(args.batch_size)
+            self.local_batch = args.batch_size // self.world
         if self.toy:
             self.tabular = None
             self.val = toy_sample(args.data, args.toy_val_size, seed=_mix_seed(self.seed, 1_000_001))
@@ -315,10 +386,20 @@ class BatchSource:
             self.val, self.tst = self.tabular.val, self.tabular.tst
             self.trn = self.tabular.trn
             self.dim = self.tabular.n_dims
+            if args.batch_size is None:  # the default fits every data set: at most the training rows
+                args.batch_size = max(self.world, min(1000, len(self.trn)) // self.world * self.world)
+                args.defaulted.append(f"--batch-size {args.batch_size} (min(1000, {len(self.trn)} training rows))")
+                self.local_batch = args.batch_size // self.world
             self.per_epoch = len(self.trn) // args.batch_size
             if self.per_epoch < 1:
-                raise ValueError(f"--batch-size {args.batch_size} is larger than the training set ({len(self.trn)})")
+                raise UsageError(f"--batch-size {args.batch_size} is larger than the {args.data} training set "
+                                 f"({len(self.trn)} rows); use at most {len(self.trn)} or leave the default")
             self._perm_epoch, self._perm = None, None
+
+    def _check_divisible(self, batch_size):
+        if batch_size % self.world:
+            raise UsageError(f"--batch-size {batch_size} must be divisible by the number of processes "
+                             f"({self.world})")
 
     def batch(self, iteration: int) -> np.ndarray:
         if self.toy:
@@ -508,11 +589,15 @@ def _save_checkpoint(path, state: dict):
 
 
 def _load_checkpoint(path, args):
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise UsageError(f"cannot resume from {path}: it is not a readable checkpoint ({type(exc).__name__}: "
+                         f"{exc})") from None
     old = state.get("config", {})
     for k in _MODEL_KEYS:
         if k in old and _jsonable(getattr(args, k)) != old[k]:
-            raise ValueError(f"cannot resume from {path}: it was trained with --{k.replace('_', '-')} {old[k]!r}, "
+            raise UsageError(f"cannot resume from {path}: it was trained with --{k.replace('_', '-')} {old[k]!r}, "
                              f"this run has {_jsonable(getattr(args, k))!r}")
     return state
 
@@ -539,6 +624,58 @@ def _machine(device) -> str:
 # ---------------------------------------------------------------------------------------------------------
 # training
 
+def _pick_threads(args, dist_info: DistInfo) -> tuple[int, str]:
+    """CPU threads per process and why. Oversubscribed threads on a busy machine cost far more than they
+    gain on a CNF's small matrix products (5-7x slower than one thread was measured on a loaded 2-core
+    machine), so the default is deliberate rather than torch's "all cores"."""
+    if args.threads:
+        return args.threads, "--threads"
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    from fastode.data import is_toy
+
+    if is_toy(args.data):
+        return 1, "2-D toy data: threading overhead exceeds the work; --threads N to change"
+    n = max(1, min(cores // max(dist_info.world_size, 1), 8))
+    return n, f"{cores} available cores / {dist_info.world_size} process(es), at most 8; --threads N to change"
+
+
+def _val_in_headline_space(source, val_nll_model: float) -> float:
+    """The validation NLL in the space of the headline test NLL (data space where the set has a data-space
+    map), so that the two numbers printed and reported can be compared."""
+    tab = source.tabular
+    if tab is None or tab.logdet is None or tab.headline_space != "data":
+        return val_nll_model
+    return val_nll_model - tab.mean_logdet("val")
+
+
+def _space_label(source) -> str:
+    tab = source.tabular
+    if tab is None:
+        return "nats, data space"
+    return f"nats, {'data' if (tab.headline_space == 'data' and tab.logdet is not None) else 'model'} space"
+
+
+def _solve_paths(flow) -> list:
+    """Per CNF block: which solve path its latest training solve took and why (``CNF.last_path``)."""
+    out = []
+    for b in flow.cnf_blocks():
+        out.append({"path": getattr(b, "last_path", None), "reason": getattr(b, "last_path_reason", None)})
+    return out
+
+
+def _describe_paths(paths) -> str:
+    parts = []
+    for p in paths:
+        text = str(p["path"])
+        if p["path"] == "odeint" and p["reason"]:
+            text += f" (fused CPU path not taken: {p['reason']})"
+        parts.append(text)
+    return "; ".join(dict.fromkeys(parts))
+
+
 def _set_lr(optimizer, lr):
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -560,12 +697,21 @@ def train(args, dist_info: DistInfo | None = None) -> dict:
     dist_info = dist_info or init_distributed(args.device)
     device = dist_info.device
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
-    if args.threads:
-        torch.set_num_threads(args.threads)
     main_proc = dist_info.is_main
+    args.defaulted = getattr(args, "defaulted", [])
+
+    def say(msg):
+        if main_proc:
+            print(f"fastode train: {msg}", flush=True)
+
+    threads, threads_why = _pick_threads(args, dist_info)
+    torch.set_num_threads(threads)
+    say(f"{device}, {threads} thread(s) per process ({threads_why})")
 
     torch.manual_seed(args.seed)  # identical initial weights on every process
     source = BatchSource(args, dist_info)
+    if args.defaulted:
+        say("chose " + "; ".join(args.defaulted))
     flow = build_model(args, source.dim).to(device=device, dtype=dtype)
 
     if args.T_mode in ("joint", "alternate"):
@@ -597,6 +743,8 @@ def train(args, dist_info: DistInfo | None = None) -> dict:
         bad_checks, lr_scale = state["bad_checks"], state["lr_scale"]
         history, train_time = state["history"], state["train_time"]
         _set_lr(optimizer, args.lr * lr_scale)
+        say(f"resumed from {resume} at iteration {start} of {args.niters}"
+            + (" (nothing left to train: raise --niters to continue)" if start >= args.niters else ""))
 
     def snapshot(iteration):
         return {"iteration": iteration, "model": flow.state_dict(), "optimizer": optimizer.state_dict(),
@@ -616,70 +764,91 @@ def train(args, dist_info: DistInfo | None = None) -> dict:
                     desc=f"train {args.data}")
     flow.train()
     itr = start
-    for itr in bar:
-        if levels is not None and level_of(itr) != current_level:
-            current_level = level_of(itr)
-            flow.set_train_solver(_train_solver(args, levels[current_level]))
-        x = torch.as_tensor(source.batch(itr), dtype=dtype, device=device)
-        gen = torch.Generator(device=device).manual_seed(_mix_seed(args.seed, dist_info.rank, itr, 99))
-        t0 = time.perf_counter()
-        flow.reset_nfe()
-        optimizer.zero_grad(set_to_none=True)
-        if t_opt is not None:
-            t_opt.zero_grad()
-        loss, info = density_loss(flow, x, noise=gen, module=ddp)
-        nfe_f = float(flow.nfe)
-        loss.backward()
-        nfe_b = float(flow.nfe) - nfe_f
-        optimizer.step()
-        if t_opt is not None:
-            if args.T_mode == "alternate":
-                # coordinate descent on T: a second forward/backward with theta frozen, outside DDP (whose
-                # reducer expects every parameter's gradient); the T gradients are averaged by hooks instead
-                gen_t = torch.Generator(device=device).manual_seed(_mix_seed(args.seed, dist_info.rank, itr, 98))
-                with _averaged_grads(t_opt.parameters, dist_info):
-                    t_opt.alternate_step(lambda: density_loss(flow, x, noise=gen_t)[0])
-            else:
-                t_opt.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        dt = time.perf_counter() - t0
-        train_time += dt
-        history["iteration"].append(itr)
-        history["loss"].append(float(loss.detach()))
-        history["nfe_forward"].append(nfe_f)
-        history["nfe_backward"].append(nfe_b)
-        history["time"].append(dt)
-        if main_proc and args.progress and hasattr(bar, "set_postfix"):
-            post = {"loss": f"{float(loss.detach()):.4f}", "nfe": f"{nfe_f:.0f}/{nfe_b:.0f}"}
-            Ts = _end_times(flow)
-            if Ts and args.T_mode != "fixed":
-                post["T"] = f"{Ts[0]:.3f}"
-            bar.set_postfix(post, refresh=False)
+    completed = start  # iterations whose update has been applied (what a checkpoint written now holds)
+    paths = None
+    try:
+        for itr in bar:
+            if levels is not None and level_of(itr) != current_level:
+                current_level = level_of(itr)
+                flow.set_train_solver(_train_solver(args, levels[current_level]))
+            x = torch.as_tensor(source.batch(itr), dtype=dtype, device=device)
+            gen = torch.Generator(device=device).manual_seed(_mix_seed(args.seed, dist_info.rank, itr, 99))
+            t0 = time.perf_counter()
+            flow.reset_nfe()
+            optimizer.zero_grad(set_to_none=True)
+            if t_opt is not None:
+                t_opt.zero_grad()
+            loss, info = density_loss(flow, x, noise=gen, module=ddp)
+            nfe_f = float(flow.nfe)
+            loss.backward()
+            nfe_b = float(flow.nfe) - nfe_f
+            optimizer.step()
+            if t_opt is not None:
+                if args.T_mode == "alternate":
+                    # coordinate descent on T: a second forward/backward with theta frozen, outside DDP (whose
+                    # reducer expects every parameter's gradient); the T gradients are averaged by hooks instead
+                    gen_t = torch.Generator(device=device).manual_seed(_mix_seed(args.seed, dist_info.rank, itr, 98))
+                    with _averaged_grads(t_opt.parameters, dist_info):
+                        t_opt.alternate_step(lambda: density_loss(flow, x, noise=gen_t)[0])
+                else:
+                    t_opt.step()
+            completed = itr + 1
+            if paths is None:
+                paths = _solve_paths(flow)
+                line = f"solve path: {_describe_paths(paths)}"
+                if main_proc and hasattr(bar, "write"):
+                    bar.write(f"fastode train: {line}")
+                else:
+                    say(line)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            dt = time.perf_counter() - t0
+            train_time += dt
+            history["iteration"].append(itr)
+            history["loss"].append(float(loss.detach()))
+            history["nfe_forward"].append(nfe_f)
+            history["nfe_backward"].append(nfe_b)
+            history["time"].append(dt)
+            if main_proc and args.progress and hasattr(bar, "set_postfix"):
+                post = {"loss": f"{float(loss.detach()):.4f}", "nfe": f"{nfe_f:.0f}/{nfe_b:.0f}"}
+                Ts = _end_times(flow)
+                if Ts and args.T_mode != "fixed":
+                    post["T"] = f"{Ts[0]:.3f}"
+                bar.set_postfix(post, refresh=False)
 
-        done = itr + 1
-        if done % args.val_every == 0 or done == args.niters:
-            val_nll, val_nfe, _ = evaluate_nll(flow, source.shard(source.val), args.test_batch_size, device, dtype,
-                                               dist_info)
-            history["val"].append({"iteration": done, "nll": val_nll, "nfe": val_nfe})
-            if val_nll < best_val:
-                best_val, best_itr, bad_checks = val_nll, done, 0
-                if main_proc:
-                    _save_checkpoint(best_path, snapshot(done))
-            else:
-                bad_checks += 1
-                if args.lr_decay:
-                    lr_scale = 0.01 if bad_checks > 20 else (0.1 if bad_checks > 10 else 1.0)
-                    _set_lr(optimizer, args.lr * lr_scale)
-            if main_proc and args.progress and hasattr(bar, "write"):
-                bar.write(f"iter {done}: val NLL {val_nll:.4f} nats (best {best_val:.4f} @ {best_itr}), "
-                          f"eval NFE {val_nfe:.0f}")
-            if args.patience is not None and bad_checks > args.patience:
-                stopped_early = True
-        if main_proc and (done % ckpt_every == 0 or done == args.niters or stopped_early):
-            _save_checkpoint(ckpt_path, snapshot(done))
-        if stopped_early:
-            break
+            done = itr + 1
+            if done % args.val_every == 0 or done == args.niters:
+                val_nll, val_nfe, _ = evaluate_nll(flow, source.shard(source.val), args.test_batch_size, device, dtype,
+                                                   dist_info)
+                history["val"].append({"iteration": done, "nll": _val_in_headline_space(source, val_nll),
+                                       "nll_model_space": val_nll, "nfe": val_nfe})
+                if val_nll < best_val:
+                    best_val, best_itr, bad_checks = val_nll, done, 0
+                    if main_proc:
+                        _save_checkpoint(best_path, snapshot(done))
+                else:
+                    bad_checks += 1
+                    if args.lr_decay:
+                        lr_scale = 0.01 if bad_checks > 20 else (0.1 if bad_checks > 10 else 1.0)
+                        _set_lr(optimizer, args.lr * lr_scale)
+                if main_proc and args.progress and hasattr(bar, "write"):
+                    bar.write(f"iter {done}: val NLL {_val_in_headline_space(source, val_nll):.4f} "
+                              f"(best {_val_in_headline_space(source, best_val):.4f} @ {best_itr}; "
+                              f"{_space_label(source)}), eval NFE {val_nfe:.0f}")
+                if args.patience is not None and bad_checks > args.patience:
+                    stopped_early = True
+            if main_proc and (done % ckpt_every == 0 or done == args.niters or stopped_early):
+                _save_checkpoint(ckpt_path, snapshot(done))
+            if stopped_early:
+                break
+    except KeyboardInterrupt:
+        if hasattr(bar, "close"):
+            bar.close()
+        if main_proc:
+            _save_checkpoint(ckpt_path, snapshot(completed))
+            say(f"interrupted after {completed} of {args.niters} iterations; checkpoint saved to {ckpt_path}. "
+                f"Resume: the same command with --save {args.save} --resume auto")
+        raise
     if hasattr(bar, "close"):
         bar.close()
     completed = itr + 1 if args.niters > start else start
@@ -695,6 +864,9 @@ def train(args, dist_info: DistInfo | None = None) -> dict:
     report = _final_report(args, flow, source, dist_info, dtype, completed, best_val, best_itr, stopped_early,
                            history, train_time)
     report["replicas_identical"] = in_sync
+    report["threads"] = {"per_process": threads, "why": threads_why}
+    report["solve_path"] = paths if paths is not None else _solve_paths(flow)
+    report["defaults_chosen"] = list(args.defaulted)
     if main_proc:
         with open(os.path.join(args.save, "report.json"), "w") as fh:
             json.dump(report, fh, indent=2)
@@ -714,7 +886,8 @@ def _final_report(args, flow, source, dist_info, dtype, completed, best_val, bes
         "iterations": completed,
         "best_iteration": best_itr,
         "stopped_early": stopped_early,
-        "val_nll_best": None if not math.isfinite(best_val) else best_val,
+        "val_nll_best": None if not math.isfinite(best_val) else _val_in_headline_space(source, best_val),
+        "val_nll_best_model_space": None if not math.isfinite(best_val) else best_val,
         "test_nll_model_space": tst_nll,
         "test_size": len(source.tst),
     }
@@ -733,6 +906,7 @@ def _final_report(args, flow, source, dist_info, dtype, completed, best_val, bes
         if tab.bits_per_dim:
             report["test_bits_per_dim"] = report["test_nll"] / (source.dim * math.log(2))
     report["test_nll_unit"] = "nats"
+    report["headline_space"] = _space_label(source)  # the space of test_nll and val_nll_best
     times = history["time"]
     report.update({
         "train_nfe_forward_mean": float(np.mean(history["nfe_forward"])) if times else None,
@@ -861,18 +1035,35 @@ def _image_samples_plot(args, flow, source, dtype, device) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``fastode train``: 0 on success, 2 for a usage mistake (one line on stderr), 130 after Ctrl-C (the
+    checkpoint is saved and the resume command printed)."""
+    from fastode.errors import InvalidMethodError, InvalidOptionError
+
     args = parse_args(argv)
-    dist_info = init_distributed(args.device)
+    dist_info = None
     try:
+        dist_info = init_distributed(args.device)
         report = train(args, dist_info)
         if dist_info.is_main:
-            line = f"test NLL {report['test_nll']:.4f} nats"
+            line = f"test NLL {report['test_nll']:.4f} ({report['headline_space']})"
+            if report.get("val_nll_best") is not None:
+                line += f", best validation NLL {report['val_nll_best']:.4f} (same space)"
             if "test_bits_per_dim" in report:
-                line += f" ({report['test_bits_per_dim']:.4f} bits/dim)"
+                line += f", {report['test_bits_per_dim']:.4f} bits/dim"
             print(f"{line}; inverse error {report['inverse_error']:.2e}; report: "
                   f"{os.path.join(args.save, 'report.json')}")
+    except (UsageError, InvalidMethodError, InvalidOptionError, FileNotFoundError) as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"fastode train: error: {msg}", file=sys.stderr)
+        return 2
+    except ImportError as exc:
+        print(f"fastode train: error: {exc} (install the extra that provides it, e.g. pip install "
+              f"'fastode[demo]')", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
     finally:
-        if dist_info.distributed:
+        if dist_info is not None and dist_info.distributed:
             import torch.distributed as dist
 
             with contextlib.suppress(Exception):

@@ -66,12 +66,22 @@ class _SolverTable(Mapping):
 SOLVERS = _SolverTable()
 
 
+def suggest_method(name) -> list:
+    """The valid method name closest to ``name`` (case-insensitive: ``"RK4"`` -> ``["rk4"]``), or ``[]``."""
+    import difflib
+
+    lower = {n.lower(): n for n in SOLVERS}
+    key = str(name).lower().replace("-", "_")
+    if key in lower:
+        return [lower[key]]
+    return [lower[m] for m in difflib.get_close_matches(key, list(lower), n=1)]
+
+
 def get_solver(name: str):
     """``SOLVERS[name]`` with a helpful error for unknown names."""
     from ..errors import InvalidMethodError
     if name not in SOLVERS:
-        import difflib
-        close = difflib.get_close_matches(str(name), list(SOLVERS), n=1)
+        close = suggest_method(name)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise InvalidMethodError('Invalid method "{}". Must be one of {}.{}'.format(
             name, '{"' + '", "'.join(SOLVERS) + '"}', hint))
