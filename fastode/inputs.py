@@ -257,12 +257,24 @@ def check_inputs(func, y0, t, rtol, atol, method, options, event_fn, solvers=SOL
     return Normalized(shapes, wrapped, y0, t, rtol, atol, method, options, event_fn, t_is_reversed, stats)
 
 
+def _shape_text(x) -> str:
+    return str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__
+
+
 def _bad_tuple_output(f, shapes, t):
-    got = type(f).__name__ if not isinstance(f, (tuple, list)) else \
-        "(" + ", ".join(tuple(map(str, tuple(x.shape))).__str__() if isinstance(x, torch.Tensor) else type(x).__name__
-                        for x in f) + ")"
-    raise FuncOutputError(f"func(t, y) returned {got} at t={float(t)}, but for a tuple state it must return a tuple of "
-                          f"{len(shapes)} tensors with shapes {[tuple(s) for s in shapes]}")
+    want = [tuple(s) for s in shapes]
+    t = float(t.detach()) if isinstance(t, torch.Tensor) else float(t)
+    if not isinstance(f, (tuple, list)):
+        what = f"a {type(f).__name__}"
+    elif len(f) != len(shapes):
+        what = f"{len(f)} components with shapes ({', '.join(map(_shape_text, f))})"
+    else:
+        bad = next((i for i, (x, s) in enumerate(zip(f, want))
+                    if not isinstance(x, torch.Tensor) or tuple(x.shape) != s), 0)
+        what = (f"component {bad} with shape {_shape_text(f[bad])} where y[{bad}] has shape {want[bad]} "
+                f"(all shapes returned: ({', '.join(map(_shape_text, f))}))")
+    raise FuncOutputError(f"func(t, y) returned {what} at t={t}, but for a tuple state it must return a tuple of "
+                          f"{len(shapes)} tensors with the shapes of y: ({', '.join(map(str, want))})")
 
 
 def _make_base(func, shapes, reversed_):

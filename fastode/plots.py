@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-__all__ = ["plot_density_2d", "plot_trajectory_2d", "plot_image_samples", "plot_curves", "density_grid",
+__all__ = ["plot_density_2d", "plot_trajectory_2d", "plot_image_samples", "plot_curves", "curves_figure", "density_grid",
            "new_figure", "save_figure", "points_panel", "density_panel"]
 
 
@@ -130,7 +130,12 @@ def plot_image_samples(path: str, images: np.ndarray, shape: tuple[int, int], nc
 
 def plot_curves(path: str, curves: dict[str, tuple[Sequence[float], Sequence[float]]],
                 title: str | None = None) -> str:
-    """One panel per named curve ``{name: (iterations, values)}``."""
+    """One panel per named curve ``{name: (iterations, values)}``, saved as PNG at ``path``."""
+    return save_figure(curves_figure(curves, title), path)
+
+
+def curves_figure(curves: dict[str, tuple[Sequence[float], Sequence[float]]], title: str | None = None):
+    """The figure of :func:`plot_curves` (panels without points are left out)."""
     items = [(k, v) for k, v in curves.items() if len(v[0])]
     fig = new_figure((4 * max(len(items), 1), 3.3))
     for i, (name, (xs, ys)) in enumerate(items):
@@ -142,4 +147,4 @@ def plot_curves(path: str, curves: dict[str, tuple[Sequence[float], Sequence[flo
     if title:
         fig.suptitle(title)
     fig.set_layout_engine("constrained")  # keeps the suptitle clear of the panel titles
-    return save_figure(fig, path)
+    return fig

@@ -91,7 +91,7 @@ def test_func_output_errors_name_the_time():
         fastode.odeint(lambda t, y: y.sum(), Y0, T)
     with pytest.raises(E.FuncOutputError, match="returned a float"):
         fastode.odeint(lambda t, y: 1.0, Y0, T, method="rk4")
-    with pytest.raises(E.FuncOutputError, match=r"tuple of 2 tensors with shapes \[\(2,\), \(\)\]"):
+    with pytest.raises(E.FuncOutputError, match=r"tuple of 2 tensors with the shapes of y: \(\(2,\), \(\)\)"):
         fastode.odeint(lambda t, y: (-y[0],), (Y0, torch.tensor(1.0)), T)
     # reversed time: the reported time is the user's
     with pytest.raises(E.FuncOutputError, match="at t=2.0"):
@@ -205,3 +205,45 @@ def test_unavailable_lazy_method_error_is_clear(monkeypatch):
         fastode.odeint(F, Y0, T, method="explicit_adams")
     # other methods are unaffected
     fastode.odeint(F, Y0, T, method="rk4")
+
+
+def test_stiff_max_steps_suggests_an_implicit_solver():
+    stiff = lambda t, y: -1e6 * (y - torch.cos(t))  # noqa: E731
+    with pytest.raises(E.MaxStepsExceededError, match=r"stiff.*method='scipy_solver'.*'LSODA'.*'BDF', 'Radau'"):
+        fastode.odeint(stiff, torch.ones(2, dtype=torch.float64), torch.tensor([0.0, 10.0], dtype=torch.float64),
+                       options=dict(max_num_steps=200))
+    # and what it suggests works on that problem
+    pytest.importorskip("scipy")
+    y = fastode.odeint(stiff, torch.ones(2, dtype=torch.float64), torch.tensor([0.0, 10.0], dtype=torch.float64),
+                       method="scipy_solver", options=dict(solver="LSODA"))
+    assert torch.allclose(y[-1], torch.cos(torch.tensor(10.0, dtype=torch.float64)).expand(2), atol=1e-5)
+
+
+def test_tuple_state_shape_error_names_the_component():
+    f = lambda t, y: (y[0], torch.zeros(2))  # noqa: E731
+    with pytest.raises(E.FuncOutputError) as info:
+        fastode.odeint(f, (torch.ones(2), torch.ones(1)), T)
+    msg = str(info.value)
+    assert "component 1 with shape (2,) where y[1] has shape (1,)" in msg and "'" not in msg.split("at t=")[0]
+    with pytest.raises(E.FuncOutputError, match=r"returned 1 components with shapes \(\(2,\)\)"):
+        fastode.odeint(lambda t, y: (y[0],), (torch.ones(2), torch.ones(1)), T)
+
+
+def test_method_name_case_gets_a_did_you_mean():
+    with pytest.raises(E.InvalidMethodError, match=r"Invalid method \"RK4\".*Did you mean 'rk4'"):
+        fastode.odeint(F, Y0, T, method="RK4")
+    with pytest.raises(E.InvalidMethodError, match=r"Did you mean 'dopri5'"):
+        fastode.odeint(F, Y0, T, method="Dopri5")
+
+
+@pytest.mark.parametrize("method,name", [("rk4", "step_size"), ("dopri5", "first_step"), ("dopri5", "max_step")])
+def test_numeric_option_given_as_a_string_is_a_clear_error(method, name):
+    with pytest.raises(E.InvalidOptionError, match=rf"option '{name}' must be a number, got '0.1' of type str "
+                                                   rf"\(pass {name}=0.1\)"):
+        fastode.odeint(F, Y0, T, method=method, options={name: "0.1"})
+
+
+def test_unknown_option_says_it_is_ignored():
+    with pytest.warns(UserWarning, match=r"Unexpected arguments \{'bogus': 1\}: this method does not use them, so "
+                                         r"they are ignored"):
+        fastode.odeint(F, Y0, T, method="dopri5", options=dict(bogus=1))

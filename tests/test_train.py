@@ -168,3 +168,152 @@ def test_gradient_modes_train(tmp_path, gradient):
     # adjoint re-solves backwards: both evaluate f during backward
     assert (report["train_nfe_backward_mean"] > 0) == (gradient != "direct")
     assert math.isfinite(report["test_nll"])
+
+
+# --- the command's rough edges: defaults, one-line errors, Ctrl-C, spaces, threads, paths, --help ----------
+
+@pytest.mark.parametrize("name", ["digits", "breast_cancer"])
+def test_defaults_fit_every_builtin_tabular_set(name):
+    """The default --batch-size fits the set (breast_cancer has 462 training rows, fewer than 1000)."""
+    args = T.parse_args(["--data", name])
+    src = T.BatchSource(args, T.DistInfo(0, 1))
+    assert 0 < args.batch_size <= len(src.trn) and args.batch_size == min(1000, len(src.trn))
+    assert len(src.batch(0)) == args.batch_size
+    assert any("--batch-size" in d for d in args.defaulted)
+    # an explicit size that does not fit is one clear error, not a crash mid-run
+    args = T.parse_args(["--data", name, "--batch-size", "100000"])
+    with pytest.raises(T.UsageError, match="larger than the .* training set"):
+        T.BatchSource(args, T.DistInfo(0, 1))
+
+
+def _one_line_error(capsys, argv, pattern):
+    from fastode.__main__ import main
+
+    try:
+        rc = main(["train"] + argv)
+    except SystemExit as exc:  # argparse's own exit (after printing one line)
+        rc = exc.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert len(err) == 1 and "Traceback" not in err[0] and err[0].startswith("fastode train: error:"), err
+    assert __import__("re").search(pattern, err[0]), err[0]
+
+
+def test_user_mistakes_get_one_line(capsys, tmp_path):
+    _one_line_error(capsys, ["--method", "RK4"], "did you mean 'rk4'")
+    _one_line_error(capsys, ["--eval-method", "dopri"], "unknown method 'dopri'")
+    _one_line_error(capsys, ["--resume", str(tmp_path / "missing.pt")], "no such file")
+    _one_line_error(capsys, ["--data", "power", "--data-root", str(tmp_path), "--save", str(tmp_path / "p"),
+                             "--no-progress"], "power")
+    if not torch.cuda.is_available():
+        _one_line_error(capsys, ["--device", "cuda", "--save", str(tmp_path / "c")], "CUDA is not available")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    _one_line_error(capsys, ["--resume", str(bad), "--save", str(tmp_path / "b"), "--no-progress"] + TINY,
+                    "not a readable checkpoint")
+
+
+def test_fastode_without_a_command_is_a_usage_error(capsys):
+    from fastode.__main__ import main
+
+    assert main([]) == 2 and "usage" in capsys.readouterr().err
+    assert main(["--help"]) == 0
+
+
+def test_fixed_grid_method_without_step_size_gets_a_default():
+    args = T.parse_args(["--method", "rk4"])
+    assert args.step_size == T.DEFAULT_FIXED_STEP and any("--step-size" in d for d in args.defaulted)
+    args = T.parse_args(["--eval-method", "midpoint"])
+    assert args.step_size is None and args.eval_step_size == T.DEFAULT_FIXED_STEP
+    assert T.parse_args(["--method", "rk4", "--step-size", "0.1"]).step_size == 0.1
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_says_where(tmp_path, capsys, monkeypatch):
+    import fastode.flows as F
+
+    real, calls = F.density_loss, {"n": 0}
+
+    def interrupted(*a, **k):  # Ctrl-C during the forward pass of the fourth iteration
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(F, "density_loss", interrupted)
+    save = str(tmp_path / "ci")
+    args = T.parse_args(["--save", save, "--data", "moons", "--niters", "50", "--no-plot"] + TINY)
+    with pytest.raises(KeyboardInterrupt):
+        T.train(args)
+    out = capsys.readouterr().out
+    assert "interrupted after 3 of 50 iterations" in out and "--resume auto" in out
+    ck = torch.load(os.path.join(save, "checkpoint.pt"), weights_only=False)
+    assert ck["iteration"] == 3
+    monkeypatch.setattr(F, "density_loss", real)
+    args = T.parse_args(["--save", save, "--data", "moons", "--niters", "5", "--no-plot", "--resume", "auto"] + TINY)
+    report = T.train(args)
+    assert "resumed from" in capsys.readouterr().out and report["iterations"] == 5
+    # main() turns the interrupt into exit code 130 (after the checkpoint message)
+    monkeypatch.setattr(F, "density_loss", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    assert T.main(["--save", str(tmp_path / "ci3"), "--data", "moons", "--niters", "5", "--no-plot"] + TINY) == 130
+
+
+def test_validation_and_test_nll_in_the_same_space(tmp_path):
+    """digits: the headline test NLL is in data space, and so is the validation NLL printed and reported."""
+    from fastode.data import load_digits
+
+    _, report = run(tmp_path, "--data", "digits", "--niters", "2", "--val-every", "1", "--no-plot",
+                    "--trace", "hutchinson", "--batch-size", "64")
+    tab = load_digits()
+    for v in report["history"]["val"]:
+        assert v["nll"] == pytest.approx(v["nll_model_space"] - tab.mean_logdet("val"), rel=1e-12)
+    assert report["headline_space"].endswith("data space")
+    assert report["test_nll"] == pytest.approx(report["test_nll_model_space"] - tab.mean_logdet("test"), rel=1e-9)
+    assert report["val_nll_best"] == pytest.approx(min(v["nll"] for v in report["history"]["val"]))
+
+
+def test_threads_and_solve_path_are_reported(tmp_path, capsys):
+    args = T.parse_args(["--save", str(tmp_path / "tp"), "--data", "moons", "--niters", "1", "--no-plot"]
+                        + [a for a in TINY if a not in ("--threads", "1")])
+    report = T.train(args)
+    out = capsys.readouterr().out
+    assert report["threads"]["per_process"] == 1 and "2-D toy data" in report["threads"]["why"]
+    assert torch.get_num_threads() == 1 and "1 thread(s)" in out
+    import fastode.cpp as fc
+
+    expected = "fused_cpu" if fc.available() else "odeint"
+    assert [p["path"] for p in report["solve_path"]] == [expected]
+    assert f"solve path: {expected}" in out
+    # the exact trace with Jacobian-Frobenius misses the fused path, and says why
+    args = T.parse_args(["--save", str(tmp_path / "tp2"), "--data", "moons", "--niters", "1", "--no-plot",
+                         "--trace", "exact", "--jacobian-frobenius", "0.01"] + TINY)
+    report = T.train(args)
+    assert report["solve_path"][0]["path"] == "odeint" and report["solve_path"][0]["reason"]
+    assert "fused CPU path not taken" in capsys.readouterr().out
+
+
+def test_help_lists_defaults_once_and_the_valid_methods():
+    text = " ".join(T.build_parser().format_help().split())
+    assert "(default: None)" not in text and "(default: (" not in text
+    assert "--dims DIMS hidden widths of the concatsquash MLP (default: 64-64-64)" in text
+    for opt, default in (("--niters", "10000"), ("--atol", "1e-05"), ("--rtol", "1e-05"), ("--lr", "0.001"),
+                         ("--dtype", "float32")):
+        assert __import__("re").search(rf"{opt} \S+ .*?\(default: {__import__('re').escape(default)}\)", text), opt
+    assert "default 0.5 for toy, 1.0 tabular" in text and "default 0.5 for toy, 1.0 tabular) (default" not in text
+    listed = text.split("--method METHOD ODE method:")[1][:300]
+    assert "rk4, rk4_classic" in listed and "..." not in listed
+
+
+def test_curves_plot_single_validation_point_and_title_clear(tmp_path):
+    from fastode import plots
+
+    fig = plots.curves_figure({"training loss": ([0, 1, 2], [3.0, 2.0, 1.5]), "validation NLL": ([2], [1.4])},
+                              title="moons")
+    fig.canvas.draw()
+    axes = fig.get_axes()
+    line = axes[1].get_lines()[0]
+    assert line.get_marker() not in (None, "None", "") and len(line.get_xdata()) == 1
+    r = fig.canvas.get_renderer()
+    sup = fig._suptitle.get_window_extent(r)
+    for ax in axes:
+        assert sup.y0 >= ax.title.get_window_extent(r).y1 - 0.5  # the figure title sits above every panel title
+    assert _png(plots.plot_curves(str(tmp_path / "c.png"), {"a": ([0], [1.0])}, title="t"))

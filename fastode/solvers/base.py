@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import enum
 import math
+import numbers
 import warnings
 from typing import Optional
 
@@ -99,10 +100,38 @@ def time_tensor(value: float, like: torch.Tensor, perturb: int = 0,
     return out
 
 
+def number_option(owner: str, name: str, value) -> float:
+    """A numeric option (``step_size``, ``first_step``, ...) as a float, or :class:`InvalidOptionError` that names
+    the option and what was passed. Strings are refused even when they look like numbers (``"0.1"``): they are
+    usually a config-file value that was never converted, and torchdiffeq fails on them with a bare TypeError."""
+    from ..errors import InvalidOptionError
+
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise InvalidOptionError(f"{owner}: option {name!r} must be a scalar, got a tensor of shape "
+                                     f"{tuple(value.shape)}")
+        value = value.detach().item()
+    if isinstance(value, (str, bytes, bool)) or not isinstance(value, numbers.Real):
+        hint = f" (pass {name}={value.strip()})" if isinstance(value, str) and _is_number(value) else ""
+        raise InvalidOptionError(f"{owner}: option {name!r} must be a number, got {value!r} of type "
+                                 f"{type(value).__name__}{hint}")
+    return float(value)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
 def handle_unused_kwargs(solver, unused_kwargs) -> None:
-    """torchdiffeq's warning for options a solver does not understand."""
+    """torchdiffeq's warning for options a solver does not understand (its wording first, so that filters
+    written for torchdiffeq still match), saying that they are ignored."""
     if len(unused_kwargs) > 0:
-        warnings.warn('{}: Unexpected arguments {}'.format(solver.__class__.__name__, unused_kwargs))
+        warnings.warn('{}: Unexpected arguments {}: this method does not use them, so they are ignored.'.format(
+            solver.__class__.__name__, unused_kwargs))
 
 
 def _null_callback(*args, **kwargs):

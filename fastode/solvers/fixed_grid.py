@@ -22,7 +22,8 @@ from ..errors import InvalidOptionError, MaxStepsExceededError, NonFiniteError
 from ..events import find_event
 from ..interp import hermite_cubic, linear
 from ..tableaus import ButcherTableau
-from .base import Perturb, Solver, _null_callback, all_finite, real_dtype, state_time_value, tableau_solver
+from .base import (Perturb, Solver, _null_callback, all_finite, number_option, real_dtype, state_time_value,
+                   tableau_solver)
 from .rk_step import rk_step
 
 __all__ = ["FixedGridSolver", "FIXED_GRID_SOLVERS", "MAX_EVENT_ITERS"]
@@ -63,13 +64,8 @@ class FixedGridSolver(Solver):
         self.rdtype = real_dtype(y0)
         self.order = self.tableau.order
         if step_size is not None:
-            if isinstance(step_size, torch.Tensor):
-                step_size = step_size.item()
-            try:
-                ok = float(step_size) > 0 and math.isfinite(float(step_size))
-            except (TypeError, ValueError):
-                ok = False
-            if not ok:
+            step_size = number_option(cls.__name__, "step_size", step_size)
+            if not (step_size > 0 and math.isfinite(step_size)):
                 raise InvalidOptionError(f"{cls.__name__}: step_size must be a positive finite number (its "
                                          f"magnitude; decreasing t is handled automatically), got {step_size!r}")
         self.step_size = step_size

@@ -36,7 +36,7 @@ from ..errors import (InvalidOptionError, MaxStepsExceededError, NonFiniteError,
 from ..events import find_event
 from ..interp import quartic_eval, quartic_fit, tableau_dense
 from ..tableaus import TABLEAUS, ButcherTableau
-from .base import Perturb, Solver, _null_callback, real_dtype, state_time_value, tableau_solver
+from .base import Perturb, Solver, _null_callback, number_option, real_dtype, state_time_value, tableau_solver
 from .rk_step import combine_stages_exact, error_ratio, rk_step
 
 __all__ = ["RKAdaptiveSolver", "DEFAULT_MAX_NUM_STEPS", "ADAPTIVE_SOLVERS", "StepRecord"]
@@ -45,15 +45,7 @@ DEFAULT_MAX_NUM_STEPS = 10_000
 
 
 def _scalar_option(name, value, cls):
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise InvalidOptionError(f"{cls.__name__}: option {name!r} must be a scalar, got a tensor of shape "
-                                     f"{tuple(value.shape)}")
-        value = value.item()
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise InvalidOptionError(f"{cls.__name__}: option {name!r} must be a number, got {value!r}") from None
+    return number_option(cls.__name__, name, value)
 
 
 def _tvals(name, value, cls):
