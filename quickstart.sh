@@ -84,7 +84,7 @@ install_torch() {
 
 install() {  # $1: the extras to install (demo or test)
     make_venv
-    PY="$VENV/bin/python"
+    PY="$(cd "$VENV" && pwd)/bin/python"  # absolute: CMake runs it from its build directory
     local stamp="$VENV/.fastode-$1.stamp"
     local want
     want=$(cat quickstart.sh setup.py | sha256sum | cut -d' ' -f1)

@@ -22,7 +22,11 @@ PYEOF
 
 build=build/cmake  # kept between runs, so that an unchanged tree rebuilds nothing
 mkdir -p "$build"
-if ! cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Release -DPython3_EXECUTABLE="$(command -v "$PY")" \
+# an absolute path (not resolved through symlinks: a venv's python is a link to its base interpreter), since
+# CMake runs it from the build directory to find torch
+py_abs=$(command -v "$PY")
+case "$py_abs" in /*) ;; *) py_abs="$(cd "$(dirname "$py_abs")" && pwd)/$(basename "$py_abs")" ;; esac
+if ! cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Release -DPython3_EXECUTABLE="$py_abs" \
         > "$build/configure.log" 2>&1; then
     cat "$build/configure.log"
     exit 1
