@@ -669,7 +669,7 @@ def _solve_paths(flow) -> list:
 def _describe_paths(paths) -> str:
     parts = []
     for p in paths:
-        text = str(p["path"])
+        text = p["path"] or "not recorded (this flow's blocks do not report a path)"
         if p["path"] == "odeint" and p["reason"]:
             text += f" (fused CPU path not taken: {p['reason']})"
         parts.append(text)
