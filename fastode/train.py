@@ -642,11 +642,17 @@ def _pick_threads(args, dist_info: DistInfo) -> tuple[int, str]:
     return n, f"{cores} available cores / {dist_info.world_size} process(es), at most 8; --threads N to change"
 
 
+def _headline_in_data_space(tab) -> bool:
+    """Whether a tabular set's headline NLLs are converted from model to data space (the set asks for it and
+    its preprocessing has a log-determinant)."""
+    return tab.headline_space == "data" and tab.logdet is not None
+
+
 def _val_in_headline_space(source, val_nll_model: float) -> float:
-    """The validation NLL in the space of the headline test NLL (data space where the set has a data-space
-    map), so that the two numbers printed and reported can be compared."""
+    """The validation NLL in the space of the headline test NLL, so that the two numbers printed and reported
+    can be compared."""
     tab = source.tabular
-    if tab is None or tab.logdet is None or tab.headline_space != "data":
+    if tab is None or not _headline_in_data_space(tab):
         return val_nll_model
     return val_nll_model - tab.mean_logdet("val")
 
@@ -655,7 +661,7 @@ def _space_label(source) -> str:
     tab = source.tabular
     if tab is None:
         return "nats, data space"
-    return f"nats, {'data' if (tab.headline_space == 'data' and tab.logdet is not None) else 'model'} space"
+    return f"nats, {'data' if _headline_in_data_space(tab) else 'model'} space"
 
 
 def _solve_paths(flow) -> list:
@@ -902,7 +908,7 @@ def _final_report(args, flow, source, dist_info, dtype, completed, best_val, bes
         report["test_nll"] = tst_nll
     else:
         report["nll_space"] = tab.nll_space
-        report["test_nll"] = report.get("test_nll_data_space", tst_nll) if tab.headline_space == "data" else tst_nll
+        report["test_nll"] = report["test_nll_data_space"] if _headline_in_data_space(tab) else tst_nll
         if tab.bits_per_dim:
             report["test_bits_per_dim"] = report["test_nll"] / (source.dim * math.log(2))
     report["test_nll_unit"] = "nats"

@@ -44,10 +44,6 @@ __all__ = ["RKAdaptiveSolver", "DEFAULT_MAX_NUM_STEPS", "ADAPTIVE_SOLVERS", "Ste
 DEFAULT_MAX_NUM_STEPS = 10_000
 
 
-def _scalar_option(name, value, cls):
-    return number_option(cls.__name__, name, value)
-
-
 def _tvals(name, value, cls):
     """step_t / jump_t as a sorted host list of floats."""
     if value is None:
@@ -78,12 +74,12 @@ class RKAdaptiveSolver(Solver):
         self.time_dtype = torch.promote_types(dtype, self.rdtype)
         self.rtol = self._tol(rtol)
         self.atol = self._tol(atol)
-        self.min_step = _scalar_option("min_step", min_step, cls)
-        self.max_step = _scalar_option("max_step", max_step, cls)
-        self.first_step = None if first_step is None else _scalar_option("first_step", first_step, cls)
-        self.safety = _scalar_option("safety", safety, cls)
-        self.ifactor = _scalar_option("ifactor", ifactor, cls)
-        self.dfactor = _scalar_option("dfactor", dfactor, cls)
+        self.min_step = number_option(cls.__name__, "min_step", min_step)
+        self.max_step = number_option(cls.__name__, "max_step", max_step)
+        self.first_step = None if first_step is None else number_option(cls.__name__, "first_step", first_step)
+        self.safety = number_option(cls.__name__, "safety", safety)
+        self.ifactor = number_option(cls.__name__, "ifactor", ifactor)
+        self.dfactor = number_option(cls.__name__, "dfactor", dfactor)
         if not (self.min_step >= 0 and self.max_step > 0 and self.min_step <= self.max_step):
             raise InvalidOptionError(f"{cls.__name__}: need 0 <= min_step <= max_step and max_step > 0, got "
                                      f"min_step={self.min_step}, max_step={self.max_step}")
@@ -504,15 +500,23 @@ class RKAdaptiveSolver(Solver):
         if self.land_on is not None and next_t == t1:
             return y1
         if self._t_tensor is not None:
-            c0 = torch.full((), t0, dtype=self.time_dtype, device=self.y0.device)
-            if last.anchor is not None:
-                c0 = c0 + (last.anchor - last.anchor.detach()).to(self.time_dtype)
-            denom = last.dt_grad if last.dt_grad is not None else \
-                torch.full((), t1 - t0, dtype=self.time_dtype, device=self.y0.device)
-            x = ((self._t_tensor[i] - c0) / denom).to(self.rdtype)
+            c0, width = self._step_frame(last)
+            x = ((self._t_tensor[i] - c0) / width).to(self.rdtype)
         else:
             x = self._x(next_t, t0, t1)
         return self._eval_step(self.last, x)
+
+    def _step_frame(self, last):
+        """``(start, width)`` of the accepted step ``last`` as time-dtype tensors that carry the time gradients:
+        the clock's anchor (d/dt[anchor]) and, for a step shortened to a time point, its differentiable dt.
+        The interpolation coordinate ``(t - start) / width`` then depends on the times as torchdiffeq's does
+        (its step times are tensors computed from t)."""
+        c0 = torch.full((), last.t0, dtype=self.time_dtype, device=self.y0.device)
+        if last.anchor is not None:
+            c0 = c0 + (last.anchor - last.anchor.detach()).to(self.time_dtype)
+        width = last.dt_grad if last.dt_grad is not None else \
+            torch.full((), last.t1 - last.t0, dtype=self.time_dtype, device=self.y0.device)
+        return c0, width
 
     def _x(self, t, t0, t1):
         x = self._round((t - t0) / self._round(t1 - t0)) if self.time_dtype != torch.float64 else \
@@ -555,14 +559,9 @@ class RKAdaptiveSolver(Solver):
             n_steps += 1
         last = self.last
         lt0, lt1 = last.t0, last.t1
-        # The step's clock carries d/dt0 (its anchor) and a shortened step's dt its own time gradient: keep both
-        # in the interpolation coordinate, so that the state at the event depends on t0 as in torchdiffeq (whose
-        # step times are tensors computed from t0). The bisection runs under no_grad, so this costs nothing there.
-        c0 = torch.full((), lt0, dtype=self.time_dtype, device=self.y0.device)
-        if last.anchor is not None:
-            c0 = c0 + (last.anchor - last.anchor.detach()).to(self.time_dtype)
-        width = last.dt_grad if last.dt_grad is not None else \
-            torch.full((), lt1 - lt0, dtype=self.time_dtype, device=self.y0.device)
+        # the state at the event keeps its dependence on t0 through the step's frame (the bisection itself runs
+        # under no_grad, where the frame's gradients cost nothing)
+        c0, width = self._step_frame(last)
 
         def interp_fn(t):
             x = ((t - c0) / width).to(self.rdtype)
