@@ -99,7 +99,7 @@ def bench_mlp(D, hidden, act, batch, repeats, iters):
 
 
 def bench_epilogue(n_rows, n_cols, repeats, iters):
-    from fastode.nn.triton_rk import rk_epilogue
+    from fastode.ops.triton_rk import rk_epilogue
 
     try:
         from fastode.tableaus import get_tableau

@@ -15,8 +15,8 @@ from typing import List, Sequence, Union
 
 import torch
 
-from .solvers.rk_step import combine_stages, combine_stages_exact
-from .tableaus import ButcherTableau
+from .ops.rk import combine_stages, combine_stages_exact
+from .tableaus import ButcherTableau, dense_weights
 
 __all__ = ["quartic_fit", "quartic_eval", "tableau_dense", "hermite_cubic", "linear"]
 
@@ -45,22 +45,9 @@ def quartic_eval(coefficients: Sequence[torch.Tensor], x: Scalar) -> torch.Tenso
     return total
 
 
-def _dense_weights(tab: ButcherTableau, theta: Scalar):
-    out = []
-    for row in tab.dense:
-        if all(r == 0 for r in row):
-            out.append(0.0)
-            continue
-        v = 0.0
-        for coef in reversed(row):
-            v = (v + coef) * theta
-        out.append(v)
-    return out
-
-
 def tableau_dense(tab: ButcherTableau, y0, k: Sequence[torch.Tensor], dt: Scalar, theta: Scalar) -> torch.Tensor:
     """``y0 + dt * sum_i b_i(theta) k_i`` with the tableau's own dense output."""
-    return combine_stages(y0, dt, _dense_weights(tab, theta), k)
+    return combine_stages(y0, dt, dense_weights(tab, theta), k)
 
 
 def hermite_cubic(y0, f0, y1, f1, dt: Scalar, h: Scalar) -> torch.Tensor:

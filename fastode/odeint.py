@@ -5,11 +5,14 @@ from __future__ import annotations
 import torch
 from torch.autograd.functional import vjp
 
+from .driver import build_solver, solve
 from .errors import InvalidOptionError
+from .grad.adjoint import odeint_adjoint
+from .grad.checkpoint import odeint_checkpoint
 from .inputs import check_inputs, flat_to_shape
 from .solvers import SOLVERS
+from .solvers.observers import DenseRecorder
 from .solvers.rk_adaptive import RKAdaptiveSolver
-from .stats import SolveStats
 
 __all__ = ["odeint", "odeint_event", "odeint_dense", "GRADIENT_MODES"]
 
@@ -63,59 +66,18 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, even
         raise TypeError(f"odeint() got unexpected keyword arguments {sorted(unknown)}")
     if gradient == "direct":
         # adjoint-only keywords are accepted (and ignored) so that switching `gradient` needs no other change
-        return _odeint_direct(func, y0, t, rtol=rtol, atol=atol, method=method, options=options, event_fn=event_fn,
-                              return_stats=return_stats)
+        return solve(func, y0, t, rtol=rtol, atol=atol, method=method, options=options, event_fn=event_fn,
+                     return_stats=return_stats)
     if gradient == "checkpoint":
-        from .grad.checkpoint import odeint_checkpoint
         return odeint_checkpoint(func, y0, t, rtol=rtol, atol=atol, method=method, options=options,
                                  event_fn=event_fn, return_stats=return_stats,
                                  adjoint_params=kwargs.get("adjoint_params"))
     if gradient == "adjoint":
-        from .grad.adjoint import odeint_adjoint
         if return_stats:
             kwargs["return_stats"] = True
         return odeint_adjoint(func, y0, t, rtol=rtol, atol=atol, method=method, options=options,
                               event_fn=event_fn, **kwargs)
     raise InvalidOptionError(f"gradient must be one of {GRADIENT_MODES}, got {gradient!r}")
-
-
-def _finish_stats(stats: SolveStats, method, t_is_reversed):
-    stats.method = method
-    if t_is_reversed:
-        stats.step_ts = [-x for x in stats.step_ts]
-        stats.step_sizes = [-x for x in stats.step_sizes]
-    return stats
-
-
-def make_solver(norm, rtol, atol, record_errors=False):
-    """Instantiate the solver for normalised inputs ``norm`` (a :class:`fastode.inputs.Normalized`)."""
-    solver = SOLVERS[norm.method](func=norm.func, y0=norm.y0, rtol=norm.rtol, atol=norm.atol, **norm.options)
-    if record_errors and isinstance(solver, RKAdaptiveSolver):
-        solver.record_errors = True
-    return solver
-
-
-def _odeint_direct(func, y0, t, *, rtol, atol, method, options, event_fn, return_stats):
-    norm = check_inputs(func, y0, t, rtol, atol, method, options, event_fn, SOLVERS)
-    shapes, t_is_reversed = norm.shapes, norm.t_is_reversed
-    solver = make_solver(norm, rtol, atol, record_errors=return_stats)
-
-    if norm.event_fn is None:
-        solution = solver.integrate(norm.t)
-    else:
-        event_t, solution = solver.integrate_until_event(norm.t[0], norm.event_fn)
-        event_t = event_t.to(norm.t)
-        if t_is_reversed:
-            event_t = -event_t
-
-    if shapes is not None:
-        solution = flat_to_shape(solution, (len(solution),), shapes)
-
-    out = solution if norm.event_fn is None else (event_t, solution)
-    if return_stats:
-        stats = _finish_stats(norm.stats, norm.method, t_is_reversed)
-        return (out, stats) if norm.event_fn is None else (event_t, solution, stats)
-    return out
 
 
 def odeint_dense(func, y0, t0, t1, *, rtol=1e-7, atol=1e-9, method=None, options=None):
@@ -130,16 +92,16 @@ def odeint_dense(func, y0, t0, t1, *, rtol=1e-7, atol=1e-9, method=None, options
         t0 = torch.tensor(float(t0), dtype=torch.float64)
     t = torch.stack([t0.reshape(()), torch.as_tensor(t1, dtype=t0.dtype, device=t0.device).reshape(())])
     norm = check_inputs(func, y0, t, rtol, atol, method, options, None, SOLVERS)
-    solver = make_solver(norm, rtol, atol)
+    recorder = DenseRecorder()
+    solver = build_solver(norm, recorder)
     if not isinstance(solver, RKAdaptiveSolver):
         raise InvalidOptionError(f"odeint_dense needs an adaptive Runge-Kutta method (dopri8, dopri5, tsit5, bosh3, "
                                  f"fehlberg2, adaptive_heun), got {norm.method!r}")
-    solver.record_steps = []
     solver.integrate(norm.t)
-    steps = list(solver.record_steps)
+    steps = list(recorder.steps)
     if not steps:
         raise InvalidOptionError("odeint_dense needs t1 != t0")
-    times = torch.tensor([steps[0][0]] + [s[1] for s in steps], dtype=torch.float64)
+    times = torch.tensor([steps[0].t0] + [s.t1 for s in steps], dtype=torch.float64)
     shapes, reversed_ = norm.shapes, norm.t_is_reversed
 
     def dense_output_fn(t_eval):
@@ -154,11 +116,10 @@ def odeint_dense(func, y0, t0, t1, *, rtol=1e-7, atol=1e-9, method=None, options
         outs = []
         for k in range(len(ti)):
             step = steps[int(idx[k]) - 1]
-            s_t0, s_t1 = step[0], step[1]
             tv = te_flat[k].to(torch.float64)
             tv = -tv if reversed_ else tv
-            x = ((tv - s_t0) / (s_t1 - s_t0)).to(solver.rdtype).to(step[2].device)
-            outs.append(solver._eval_step(step, x))
+            x = ((tv - step.t0) / (step.t1 - step.t0)).to(solver.rdtype).to(step.y0.device)
+            outs.append(solver.evaluate(step, x))
         out = torch.stack(outs)
         if shapes is not None:
             out = flat_to_shape(out, (len(outs),), shapes)

@@ -284,12 +284,18 @@ RK4_CLASSIC = ButcherTableau("rk4_classic", _t((0, 1 / 2, 1 / 2, 1)), ((), _t((1
                              _t((1 / 6, 1 / 3, 1 / 3, 1 / 6)), None, 4, False, None, None)
 
 
-def dense_weights(tab: ButcherTableau, theta: float) -> Row:
-    """``(b_1(theta), ..., b_s(theta))`` from ``tab.dense`` (Horner in theta)."""
+def dense_weights(tab: ButcherTableau, theta) -> tuple:
+    """``(b_1(theta), ..., b_s(theta))`` from ``tab.dense`` (Horner in theta).
+
+    ``theta`` is a Python float or a 0-dim tensor (a differentiable output time); a stage whose row is all zeros
+    gets the Python float ``0.0`` either way, so that stage combinations skip it."""
     if tab.dense is None:
         raise ValueError(f"tableau {tab.name!r} has no dense output")
     out = []
     for row in tab.dense:
+        if all(r == 0 for r in row):
+            out.append(0.0)
+            continue
         v = 0.0
         for coef in reversed(row):
             v = (v + coef) * theta

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fastode
-from fastode.solvers.rk_step import rk_step
+from fastode.ops.rk import rk_step
 from fastode.tableaus import TABLEAUS
 from problems import ADAPTIVE_METHODS, FIXED_METHODS, MatrixODE
 

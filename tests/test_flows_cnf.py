@@ -9,13 +9,13 @@ import pytest
 import torch
 from torch import nn
 
-from fastode.flows import CNF, KineticEnergy, SequentialFlow, Solver, StandardNormal, build_flow, fastode_odeint_available
+from fastode.flows import CNF, KineticEnergy, SequentialFlow, Solver, StandardNormal, build_flow
 from fastode.nn import ConcatSquashMLP
 
 pytestmark = pytest.mark.usefixtures("float64_default")
 
 # ODE backends every solver-sensitive test runs on (fastode's own odeint once its solver core is importable)
-BACKENDS = ["torchdiffeq"] + (["fastode"] if fastode_odeint_available() else [])
+BACKENDS = ["torchdiffeq", "fastode"]
 
 
 class Linear(nn.Module):

@@ -11,7 +11,7 @@ import torchdiffeq
 from torch import nn
 
 from fastode.flows import CNF, GlobalError, JacobianFrobenius, KineticEnergy, LocalError, TaylorOrder
-from fastode.flows import density_loss, fastode_odeint_available, taylor_derivative
+from fastode.flows import density_loss, taylor_derivative
 from fastode.nn import ConcatSquashMLP
 from fastode.nn import functional as NF
 
@@ -54,7 +54,7 @@ def reference_integrals(fn, x, T, e, dt_fn=None):
     return {"kinetic": sol[1][-1], "jacobian_frobenius": sol[2][-1], "r2": sol[3][-1]}
 
 
-BACKENDS = ["torchdiffeq"] + (["fastode"] if fastode_odeint_available() else [])
+BACKENDS = ["torchdiffeq", "fastode"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -219,7 +219,6 @@ def test_local_error_equals_the_solvers_embedded_estimate_for_that_step(backend)
     assert sum(a.abs().sum() for a in g) > 0
 
 
-@pytest.mark.skipif(not fastode_odeint_available(), reason="fastode.odeint (solver core) not available yet")
 def test_local_error_equals_fastode_solver_first_step_error():
     import fastode
 
@@ -253,7 +252,6 @@ def test_biased_local_error_samples_an_accepted_step_time():
     assert seen <= {0.0, 0.125, 0.25, 0.375} and len(seen) >= 2
 
 
-@pytest.mark.skipif(not fastode_odeint_available(), reason="fastode.odeint (solver core) not available yet")
 def test_global_error_equals_sum_of_recomputed_step_errors():
     from torchdiffeq._impl.dopri5 import _DORMAND_PRINCE_SHAMPINE_TABLEAU as TAB
     from torchdiffeq._impl.misc import _compute_error_ratio, _mixed_norm
@@ -300,7 +298,6 @@ def test_global_error_needs_step_errors():
         flow(torch.randn(4, 2))
 
 
-@pytest.mark.skipif(not fastode_odeint_available(), reason="fastode.odeint (solver core) not available yet")
 @pytest.mark.parametrize("solver", [dict(method="rk4", step_size=0.125), dict(method="dopri5", rtol=1e-6, atol=1e-6)])
 def test_checkpoint_gradient_equals_direct_with_regularizers(solver):
     pytest.importorskip("fastode.grad.checkpoint", reason="fastode's checkpoint gradient is not available yet")
@@ -316,7 +313,6 @@ def test_checkpoint_gradient_equals_direct_with_regularizers(solver):
         torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-10)
 
 
-@pytest.mark.skipif(not fastode_odeint_available(), reason="fastode.odeint (solver core) not available yet")
 def test_biased_local_error_with_adaptive_solver_uses_accepted_step_starts():
     m = mlp(seed=10)
     flow = CNF(m, T=0.6, method="dopri5", rtol=1e-6, atol=1e-6, backend="fastode",

@@ -20,7 +20,7 @@ if torch.cuda.is_available() and not INTERPRET:
     from fastode.nn import ConcatSquashMLP, backends
     from fastode.nn import functional as F
     from fastode.nn import triton_backend as TB
-    from fastode.nn.triton_rk import rk_epilogue, rk_error_ratio, rk_stage
+    from fastode.ops.triton_rk import rk_epilogue, rk_error_ratio, rk_stage
 
 DEV = "cuda"
 

@@ -7,9 +7,7 @@ import pytest
 import torch
 
 from fastode import demo
-from fastode.flows import fastode_odeint_available
 
-pytestmark = pytest.mark.skipif(not fastode_odeint_available(), reason="fastode.odeint not importable")
 
 TINY = ["--dims", "8-8", "--method", "rk4", "--step-size", "0.25", "--test-size", "100", "--npts", "10",
         "--no-progress", "--batch-size", "20"]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..nn import functional as _ref
-from ..nn.reference_grad import reference_backward
+from ..ops.reference_grad import reference_backward
 from . import _dispatch
 from ._loader import ext
 

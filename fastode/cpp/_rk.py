@@ -11,6 +11,8 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ..nn import functional as _ref
+from ..ops import rk as rk_spec
+from ..tableaus import get_tableau
 from . import _dispatch
 from ._loader import ext
 from ._mlp import _ACT_CODES
@@ -27,8 +29,6 @@ RATE_CODES = {"-trace": 0, "trace": 1, "kinetic": 2, "jac_frob": 3}
 def _tableau_lists(tableau):
     """(c, a (s*s row-major), b, b_err or []) as python floats from a tableau object or name."""
     if isinstance(tableau, str):
-        from ..tableaus import get_tableau
-
         tableau = get_tableau(tableau)
     c = [float(x) for x in tableau.c]
     s = len(c)
@@ -201,7 +201,8 @@ class CnfStepper:
             if r not in RATE_CODES:
                 raise ValueError(f"unknown rate {r!r}; choose from {list(RATE_CODES)}")
         self.params, self.raw, self.activation, self.dim = params, raw, activation, D
-        self.tableau = _tableau_lists(tableau)
+        self.tab = get_tableau(tableau) if isinstance(tableau, str) else tableau
+        self.tableau = _tableau_lists(self.tab)
         c, a, b, b_err = self.tableau
         ncol = D + len(self.rates)
         self.atol = _per_column(atol, ncol, "atol") if b_err else []
@@ -246,7 +247,7 @@ class CnfStepper:
                 kz = kq = None
             return CnfStep(z1, q1, ez, eq, kz, kq, ss)
         _dispatch.last_backend = "torch"
-        return _cnf_step_torch(t0, dt, z0, q0, self.params, self.activation, self.tableau, e, self.rates, kz0, kq0,
+        return _cnf_step_torch(t0, dt, z0, q0, self.params, self.activation, self.tab, e, self.rates, kz0, kq0,
                                self.atol, self.rtol, return_stages)
 
     def solve(self, ts, z0: torch.Tensor, q0: torch.Tensor, e: torch.Tensor | None = None):
@@ -303,72 +304,46 @@ def _cnf_rates_torch(t, z, params, activation, e, rates):
 
 
 def _cnf_step_torch(t0, dt, z0, q0, params, activation, tab, e, rates, kz0, kq0, atol, rtol, return_stages):
-    c, a, b, b_err = tab
-    s = len(c)
-    kz, kq = [], []
-    for i in range(s):
-        if i == 0 and kz0 is not None:
-            kz.append(kz0)
-            kq.append(kq0)
-            continue
-        zi = z0
-        for j in range(i):
-            if a[i * s + j] != 0.0:
-                zi = zi + (dt * a[i * s + j]) * kz[j]
-        f, q = _cnf_rates_torch(t0 + c[i] * dt, zi, params, activation, e, rates)
-        kz.append(f)
-        kq.append(q)
+    """The PyTorch path of :meth:`CnfStepper.step`: the RK spec's step (:func:`fastode.ops.rk.rk_step`) on the
+    concatenated state ``[z | q]`` (the q columns do not feed back into the dynamics)."""
+    D = z0.shape[1]
 
-    def comb(y0, ks, w):
-        out = y0
-        for wi, k in zip(w, ks):
-            if wi != 0.0:
-                out = out + (dt * wi) * k
-        return out
+    def func(t, y):
+        f, q = _cnf_rates_torch(t, y[:, :D], params, activation, e, rates)
+        return torch.cat([f, q], 1)
 
-    z1, q1 = comb(z0, kz, b), comb(q0, kq, b)
+    y0 = torch.cat([z0, q0], 1)
+    f0 = None if kz0 is None else torch.cat([kz0, kq0], 1)
+    step = rk_spec.rk_step(func, t0, y0, f0, dt, tab)
+    z1, q1 = step.y1[:, :D], step.y1[:, D:]
     ez = eq = ss = None
-    if b_err:
-        ez, eq = comb(torch.zeros_like(z0), kz, b_err), comb(torch.zeros_like(q0), kq, b_err)
-        y0 = torch.cat([z0, q0], -1).detach().double()
-        y1 = torch.cat([z1, q1], -1).detach().double()
-        err = torch.cat([ez, eq], -1).detach().double()
-        sc = torch.tensor(atol, dtype=torch.float64) + torch.tensor(rtol, dtype=torch.float64) * torch.maximum(
-            y0.abs(), y1.abs())
-        ss = ((err / sc) ** 2).sum(0)
+    if step.y_err is not None:
+        ez, eq = step.y_err[:, :D], step.y_err[:, D:]
+        f64 = dict(dtype=torch.float64)
+        sc = rk_spec.error_tolerance(y0.detach().double(), step.y1.detach().double(), torch.tensor(rtol, **f64),
+                                     torch.tensor(atol, **f64))
+        ss = ((step.y_err.detach().double() / sc) ** 2).sum(0)
     if return_stages:
-        return CnfStep(z1, q1, ez, eq, torch.stack(kz), torch.stack(kq), ss)
+        k = torch.stack(step.k)
+        return CnfStep(z1, q1, ez, eq, k[:, :, :D], k[:, :, D:], ss)
     return CnfStep(z1, q1, ez, eq, None, None, ss)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Generic stage combination / epilogue for any tensors of one shape: the CPU counterparts of
 # fastode.nn.triton_rk (same signatures and outputs), with PyTorch references.
-def _ratio_tol(y0, y1, atol, rtol):
-    return atol + rtol * torch.maximum(y0.abs(), y1.abs())
-
-
-def _safe_sqrt(x):
-    """sqrt with value and gradient 0 at 0 (as the Triton kernels do), instead of an infinite gradient.
-    Tested as ``x == 0`` (not ``x > 0``) so that NaN stays NaN: a dropped NaN would accept a bad step."""
-    zero = x == 0
-    return torch.where(zero, torch.zeros_like(x), torch.where(zero, torch.ones_like(x), x).sqrt())
-
-
 def _epilogue_torch(y0, ks, b, b_err, dt, atol, rtol):
     """Reference (plain autograd) of :func:`rk_epilogue`; also the backward of the fused version."""
-    sb = sum(bi * k for bi, k in zip(b, ks) if bi != 0.0)
-    y1 = y0 + dt * sb if not isinstance(sb, int) else y0.clone()
+    y1 = rk_spec.combine_stages(y0, dt, b, ks)
+    if y1 is y0:
+        y1 = y0.clone()
     if b_err is None:
         return y1
-    se = sum(ei * k for ei, k in zip(b_err, ks) if ei != 0.0)
-    err = dt * se if not isinstance(se, int) else torch.zeros_like(y0)
-    r = err / _ratio_tol(y0, y1, atol, rtol)
-    B = 1 if y0.dim() <= 1 else y0.shape[0]
-    rows = r.reshape(B, -1)
-    rms_s = _safe_sqrt(rows.pow(2).mean(1))
-    max_s = rows.detach().abs().amax(1)
-    return y1, err, _safe_sqrt(r.pow(2).mean()), max_s.max(), rms_s, max_s
+    err = rk_spec.combine_stages(None, dt, b_err, ks)
+    rms_s = rk_spec.sample_error_ratios(err, y0, y1, rtol, atol, "rms")
+    max_s = rk_spec.sample_error_ratios(err, y0, y1, rtol, atol, "max")
+    r = err / rk_spec.error_tolerance(y0, y1, rtol, atol)
+    return y1, err, rk_spec.safe_sqrt(r.pow(2).mean()), max_s.max(), rms_s, max_s
 
 
 class _StageFn(torch.autograd.Function):
@@ -452,7 +427,7 @@ def rk_stage(y: torch.Tensor, ks: Sequence[torch.Tensor], coefs: Sequence[float]
     if name == "cpp" and all(k.shape == y.shape for k in ks):
         return _StageFn.apply(coefs, y, _as_time_tensor(dt), *ks)
     _dispatch.last_backend = "torch"
-    return y + dt * sum(c * k for c, k in zip(coefs, ks) if c != 0.0)
+    return rk_spec.combine_stages(y, dt, coefs, ks)
 
 
 def rk_epilogue(y0: torch.Tensor, ks: Sequence[torch.Tensor], b: Sequence[float], b_err, dt, atol=0.0, rtol=0.0, *,

@@ -21,8 +21,8 @@ Solvers
 backend="auto")``: one solver configuration. ``step_size`` is a shortcut for ``options["step_size"]``
 (fixed-grid methods). ``gradient`` is ``"direct"`` (backprop through the discrete solve =
 discretise-optimise), ``"checkpoint"`` (same gradient, less memory) or ``"adjoint"`` (optimise-discretise).
-``backend``: ``"fastode"`` (:func:`fastode.odeint`), ``"torchdiffeq"``, or ``"auto"`` (fastode when its
-``odeint`` -- and for ``gradient="adjoint"``/``"checkpoint"`` its gradient module -- is importable).
+``backend``: ``"auto"``/``"fastode"`` (:func:`fastode.odeint`) or ``"torchdiffeq"`` (torchdiffeq's solvers as
+a peer for comparisons, chosen explicitly; never a fallback).
 Step-size control sees ``z`` and the log-determinant only (torchdiffeq-style mixed RMS norm passed as
 ``options["norm"]``); regulariser states never affect step sizes. ``Solver.replace(**changes)`` copies.
 Defaults are FFJORD's (dopri5, rtol = atol = 1e-5), not torchdiffeq's.
@@ -151,7 +151,7 @@ from .regularizers import (
     parse_regularizers,
     taylor_derivative,
 )
-from .solver import FIXED_GRID_METHODS, Solver, fastode_odeint_available
+from .solver import FIXED_GRID_METHODS, Solver
 
 __all__ = [
     "CNF", "Flow", "FlowOutput", "SequentialFlow", "StandardNormal", "build_flow", "density_loss", "draw_noise",
@@ -159,5 +159,4 @@ __all__ = [
     "multilevel_train", "EndTimeOptimizer", "clip_end_time", "end_time_parameters", "network_parameters",
     "REGULARIZER_NAMES", "GlobalError", "JacobianFrobenius", "KineticEnergy", "LocalError", "Regularizer",
     "TaylorOrder", "parse_regularizers", "taylor_derivative", "regularizers", "FIXED_GRID_METHODS", "Solver",
-    "fastode_odeint_available",
 ]

@@ -17,10 +17,8 @@ from .cpp_path import try_fused_solve
 from .solver import (
     Solver,
     as_solver,
-    error_ratio,
+    local_error_step,
     method_tableau,
-    rk_step_tuple,
-    select_initial_step,
     solve,
     state_norm,
 )
@@ -543,7 +541,7 @@ class CNF(Flow):
 
     def _local_error(self, reg: R.LocalError, x, e, trace, T, t_reg, u_reg, stats, solver: Solver, norm):
         method = reg.method or ("dopri5" if solver.fixed_grid else solver.method)
-        _, order, _ = method_tableau(method)
+        method_tableau(method)  # (refuses a method without an error estimate before any work)
         rtol = solver.rtol if reg.rtol is None else reg.rtol
         atol = solver.atol if reg.atol is None else reg.atol
         step_func = _AugmentedDynamics(self.dynamics, e, trace, (), self._counter)
@@ -578,10 +576,7 @@ class CNF(Flow):
         t_reg = t_reg.detach()
         with torch.no_grad():
             f0 = tuple(v.detach() for v in step_func(t_reg, u))
-            dt = select_initial_step(step_func, t_reg, u, f0, order, rtol, atol, norm)
-            dt = torch.min(dt, (T_d - t_reg).clamp_min(torch.finfo(x.dtype).tiny))
-        y1, y_err = rk_step_tuple(step_func, t_reg, u, f0, dt, method)
-        ratio = error_ratio(y_err, u, y1, rtol, atol, norm)
+        ratio, dt, _ = local_error_step(step_func, t_reg, u, f0, method, rtol, atol, norm, T_d)
         self.last_local_step = {"t_reg": t_reg, "dt": dt, "u": u, "f0": f0, "method": method, "rtol": rtol,
                                 "atol": atol, "ratio": ratio.detach()}
         return ratio * dt.abs()

@@ -1,28 +1,32 @@
-"""Solver configuration of a CNF block and the adapter to the ODE solver libraries.
+"""Solver configuration of a CNF block, and the solve of its tuple state.
 
 A :class:`Solver` is a small immutable record (method, tolerances, options, gradient mode, backend); a
 CNF holds one for training and one for evaluation. :func:`solve` runs one solve of a tuple state through
-:func:`fastode.odeint` (backend ``"fastode"``) or torchdiffeq (backend ``"torchdiffeq"``, used as the
-reference in tests and as a fallback while fastode's solver core is unavailable).
+:func:`fastode.odeint`. ``backend="torchdiffeq"`` runs torchdiffeq's solver instead: a *peer* for side-by-side
+comparisons (the demo, benchmarks, tests), chosen explicitly; fastode never falls back to it.
+
+The local error regulariser's single embedded step (:func:`local_error_step`) uses the RK spec
+(:mod:`fastode.ops.rk`) on the flattened state: the same step, error ratio and initial step the solver uses.
 """
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
+from ..ops import rk as rk_spec
+from ..tableaus import get_tableau
+
 __all__ = [
     "Solver",
     "FIXED_GRID_METHODS",
     "solve",
-    "fastode_odeint_available",
     "state_norm",
     "resolve_backend",
     "method_tableau",
-    "select_initial_step",
+    "local_error_step",
 ]
 
 FIXED_GRID_METHODS = ("euler", "midpoint", "heun2", "heun3", "rk4", "rk4_classic", "explicit_adams",
@@ -109,42 +113,9 @@ def as_solver(spec, default: Solver | None = None) -> Solver:
 # --------------------------------------------------------------------------------------------------------
 # backends
 
-def fastode_odeint_available() -> bool:
-    """True when :func:`fastode.odeint` (the solver core) is importable."""
-    try:
-        from fastode import odeint as _mod  # noqa: F401
-    except Exception:
-        return False
-    try:
-        import fastode
-
-        return callable(getattr(fastode, "odeint", None))
-    except Exception:
-        return False
-
-
-def _fastode_supports(gradient: str) -> bool:
-    if not fastode_odeint_available():
-        return False
-    module = {"adjoint": "fastode.grad.adjoint", "checkpoint": "fastode.grad.checkpoint"}.get(gradient)
-    if module is None:
-        return True
-    try:
-        importlib.import_module(module)
-    except Exception:
-        return False
-    return True
-
-
 def resolve_backend(solver: Solver) -> str:
-    """``"fastode"`` or ``"torchdiffeq"``: ``"auto"`` picks fastode when :func:`fastode.odeint` (and, for
-    ``gradient="adjoint"``/``"checkpoint"``, its gradient module) is importable."""
-    if solver.backend != "auto":
-        if solver.backend == "fastode" and not _fastode_supports(solver.gradient):
-            raise RuntimeError(f"backend='fastode' was requested but fastode.odeint with gradient={solver.gradient!r} "
-                               "is not importable; use backend='torchdiffeq' or 'auto'")
-        return solver.backend
-    return "fastode" if _fastode_supports(solver.gradient) else "torchdiffeq"
+    """``"fastode"`` (for ``"auto"`` and ``"fastode"``) or ``"torchdiffeq"`` (the explicitly chosen peer)."""
+    return "torchdiffeq" if solver.backend == "torchdiffeq" else "fastode"
 
 
 def _rms(x: torch.Tensor) -> torch.Tensor:
@@ -207,43 +178,25 @@ def solve(func, y0: tuple, t: torch.Tensor, solver: Solver, norm: Callable, want
 # single embedded steps (local error regulariser)
 
 def method_tableau(method: str):
-    """``(tableau, order, backend)`` of an adaptive method with an embedded error estimate.
+    """The tableau of an adaptive method with an embedded error estimate (the local error regulariser's step)."""
+    tab = get_tableau(method)
+    if tab.b_err is None:
+        raise ValueError(f"method {method!r} has no embedded error estimate; the local error regulariser "
+                         "needs an adaptive method such as 'dopri5' or 'tsit5'")
+    return tab
 
-    Prefers :func:`fastode.tableaus.get_tableau`; falls back to torchdiffeq's tableaus (dopri5, bosh3,
-    fehlberg2, adaptive_heun, dopri8) while fastode's tableaus are unavailable.
+
+def local_error_step(func, t0: torch.Tensor, y0: tuple, f0: tuple, method: str, rtol: float, atol: float,
+                     norm: Callable, t_end: torch.Tensor):
+    """One embedded step of ``method`` from ``(t0, y0)`` with the Hairer-Norsett-Wanner starting step, for the
+    local error regulariser: ``(ratio, dt, y1)``.
+
+    ``dt = min(initial_step, t_end - t0)`` (detached) with the exponent convention of Pal et al.'s reference
+    (``order = tableau.order``, see :func:`fastode.ops.rk.initial_step`); ``ratio`` is the solver's error ratio of
+    that step under ``norm`` (a tuple norm), differentiable through the stages. Tuple states are flattened into one
+    vector around the spec's functions.
     """
-    try:
-        from fastode.tableaus import get_tableau
-
-        tab = get_tableau(method)
-        if getattr(tab, "b_err", None) is None:
-            raise ValueError(f"method {method!r} has no embedded error estimate; the local error regulariser "
-                             "needs an adaptive method such as 'dopri5' or 'tsit5'")
-        return tab, int(tab.order), "fastode"
-    except ImportError:
-        pass
-    from torchdiffeq._impl import adaptive_heun, bosh3, dopri5, dopri8, fehlberg2
-
-    table = {
-        "dopri5": (dopri5._DORMAND_PRINCE_SHAMPINE_TABLEAU, 5),
-        "bosh3": (bosh3._BOGACKI_SHAMPINE_TABLEAU, 3),
-        "fehlberg2": (fehlberg2._FEHLBERG2_TABLEAU, 2),
-        "adaptive_heun": (adaptive_heun._ADAPTIVE_HEUN_TABLEAU, 2),
-        "dopri8": (dopri8._DOPRI8_TABLEAU, 8),
-    }
-    if method not in table:
-        raise ValueError(f"no embedded tableau for {method!r} without fastode.tableaus; use one of {sorted(table)}")
-    tab, order = table[method]
-    return tab, order, "torchdiffeq"
-
-
-def rk_step_tuple(func, t0: torch.Tensor, y0: tuple, f0: tuple, dt: torch.Tensor, method: str):
-    """One embedded RK step of ``method`` for a tuple state. Returns ``(y1, y_err)`` (tuples).
-
-    Uses :func:`fastode.solvers.rk_step.rk_step` when available (tuple states are flattened into one
-    vector around it), torchdiffeq's private ``_runge_kutta_step`` otherwise.
-    """
-    tab, _order, where = method_tableau(method)
+    tab = method_tableau(method)
     shapes = [y.shape for y in y0]
     numels = [y.numel() for y in y0]
 
@@ -251,46 +204,17 @@ def rk_step_tuple(func, t0: torch.Tensor, y0: tuple, f0: tuple, dt: torch.Tensor
         return torch.cat([x.reshape(-1) for x in ts])
 
     def unflat(v):
-        return tuple(p.reshape(s) for p, s in zip(torch.split(v, numels), shapes))
+        return tuple(p.reshape(sh) for p, sh in zip(torch.split(v, numels), shapes))
 
-    def ffunc(t, v, perturb=None):  # torchdiffeq passes perturb=; stage times are used unperturbed
+    def ffunc(t, v):
         return flat(func(t, unflat(v)))
 
+    def fnorm(v):
+        return norm(unflat(v))
+
     v0, g0 = flat(y0), flat(f0)
-    if where == "fastode":
-        from fastode.solvers.rk_step import rk_step
-
-        res = rk_step(ffunc, t0, v0, g0, dt, tab)
-        y1, y_err = res[0], res[1]
-    else:
-        from torchdiffeq._impl.rk_common import _runge_kutta_step
-
-        y1, _f1, y_err, _k = _runge_kutta_step(ffunc, v0, g0, t0, dt, t0 + dt, tab)
-    return unflat(y1), unflat(y_err)
-
-
-def error_ratio(y_err: tuple, y0: tuple, y1: tuple, rtol: float, atol: float, norm: Callable) -> torch.Tensor:
-    """The solver's error ratio ``norm(err / (atol + rtol * max(|y0|, |y1|)))`` on a tuple state."""
-    ratios = tuple(e / (atol + rtol * torch.max(a.abs(), b.abs())) for e, a, b in zip(y_err, y0, y1))
-    return norm(ratios)
-
-
-@torch.no_grad()
-def select_initial_step(func, t0: torch.Tensor, y0: tuple, f0: tuple, order: int, rtol: float, atol: float,
-                        norm: Callable) -> torch.Tensor:
-    """Hairer-Norsett-Wanner initial step (Sec. II.4), as in torchdiffeq/OrdinaryDiffEq; detached."""
-    scale = tuple(atol + y.abs() * rtol for y in y0)
-    d0 = norm(tuple(y / s for y, s in zip(y0, scale))).abs()
-    d1 = norm(tuple(f / s for f, s in zip(f0, scale))).abs()
-    if d0 < 1e-5 or d1 < 1e-5:
-        h0 = torch.tensor(1e-6, dtype=t0.dtype, device=t0.device)
-    else:
-        h0 = (0.01 * d0 / d1).to(t0.dtype)
-    y1 = tuple(y + h0 * f for y, f in zip(y0, f0))
-    f1 = func(t0 + h0, y1)
-    d2 = (norm(tuple((a - b) / s for a, b, s in zip(f1, f0, scale))) / h0).abs()
-    if d1 <= 1e-15 and d2 <= 1e-15:
-        h1 = torch.max(torch.tensor(1e-6, dtype=h0.dtype, device=h0.device), h0 * 1e-3)
-    else:
-        h1 = (0.01 / torch.max(d1, d2)) ** (1.0 / float(order + 1))
-    return torch.min(100 * h0, h1.to(h0.dtype))
+    dt, _ = rk_spec.initial_step(ffunc, t0, v0, g0, tab.order, rtol, atol, fnorm)
+    dt = torch.min(dt, (t_end - t0).clamp_min(torch.finfo(v0.dtype).tiny))
+    step = rk_spec.rk_step(ffunc, t0, v0, g0, dt, tab)
+    ratio = rk_spec.error_ratio(step.y_err, v0, step.y1, rtol, atol, fnorm)
+    return ratio, dt, unflat(step.y1)

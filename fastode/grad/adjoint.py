@@ -54,11 +54,11 @@ import warnings
 import torch
 import torch.nn as nn
 
+from ..driver import build_solver, find_parameters, finish, gradient_parameters, solve
 from ..inputs import check_inputs, flat_to_shape
 from ..norms import mixed_norm
 from ..solvers import SOLVERS
 from ..solvers.base import real_dtype
-from ..stats import SolveStats
 
 __all__ = ["odeint_adjoint", "find_parameters"]
 
@@ -69,7 +69,8 @@ class _Config:
     """Non-tensor arguments of the autograd Function (one object, so the Function's signature stays small)."""
 
     __slots__ = ("shapes", "func", "rtol", "atol", "method", "options", "event_fn", "adjoint_rtol",
-                 "adjoint_atol", "adjoint_method", "adjoint_options", "t_requires_grad", "stats", "record_errors")
+                 "adjoint_atol", "adjoint_method", "adjoint_options", "t_requires_grad", "stats", "record_errors",
+                 "norm")
 
     def __init__(self, **kw):
         for k in self.__slots__:
@@ -81,9 +82,7 @@ class _OdeintAdjointMethod(torch.autograd.Function):
 
     @staticmethod
     def forward(cfg, y0, t, *adjoint_params):
-        solver = SOLVERS[cfg.method](func=cfg.func, y0=y0, rtol=cfg.rtol, atol=cfg.atol, **cfg.options)
-        if cfg.record_errors and hasattr(solver, "record_errors"):
-            solver.record_errors = True
+        solver = build_solver(cfg.norm, record_errors=cfg.record_errors)
         if cfg.event_fn is None:
             return solver.integrate(t)
         event_t, solution = solver.integrate_until_event(t[0], cfg.event_fn)
@@ -110,8 +109,6 @@ class _OdeintAdjointMethod(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grad_y):
-        from ..odeint import odeint
-
         create_graph = torch.is_grad_enabled()
 
         cfg = ctx.cfg
@@ -174,9 +171,9 @@ class _OdeintAdjointMethod(torch.autograd.Function):
                         dLd_cur_t = func_eval.reshape(-1).dot(grad_y[i].reshape(-1))
                         aug_state[0] = aug_state[0] - dLd_cur_t
                         time_vjps[i] = dLd_cur_t
-                    aug_state = odeint(augmented_dynamics, tuple(aug_state), t[i - 1:i + 1].flip(0),
-                                       rtol=aug_rtol, atol=aug_atol, method=adjoint_method,
-                                       options=adjoint_options)
+                    aug_state = solve(augmented_dynamics, tuple(aug_state), t[i - 1:i + 1].flip(0),
+                                      rtol=aug_rtol, atol=aug_atol, method=adjoint_method,
+                                      options=adjoint_options)
                     aug_state = [a[1] for a in aug_state]
                     aug_state[1] = y[i - 1]
                     aug_state[2] = aug_state[2] + grad_y[i - 1]
@@ -255,18 +252,6 @@ def _augmented_tol(name, tol, shapes, y_shape, n_params, like):
     return [tmin, flat, flat] + [tmin] * n_params
 
 
-def find_parameters(module):
-    """``module.parameters()``, or for a ``DataParallel`` replica the tensor attributes that require grad."""
-    if not isinstance(module, nn.Module):
-        raise ValueError("find_parameters needs an nn.Module")
-    if getattr(module, '_is_replica', False):
-        def find_tensor_attributes(module):
-            return [(k, v) for k, v in module.__dict__.items() if torch.is_tensor(v) and v.requires_grad]
-        gen = module._named_members(get_members_fn=find_tensor_attributes)
-        return [param for _, param in gen]
-    return list(module.parameters())
-
-
 def handle_adjoint_norm_(adjoint_options, shapes, state_norm):
     """In-place: choose or wrap the norm of the backward solve (torchdiffeq's rule)."""
 
@@ -323,10 +308,7 @@ def odeint_adjoint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=No
 
     Returns: like :func:`fastode.odeint`.
     """
-    if adjoint_params is None and not isinstance(func, nn.Module):
-        raise ValueError('func must be an instance of nn.Module to specify the adjoint parameters; alternatively they '
-                         'can be specified explicitly via the `adjoint_params` argument. If there are no parameters '
-                         'then it is allowable to set `adjoint_params=()`.')
+    adjoint_params = gradient_parameters(func, adjoint_params, "")
 
     # Before normalisation: the adjoint settings refer to the user's inputs.
     if adjoint_rtol is None:
@@ -345,14 +327,6 @@ def odeint_adjoint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=No
     else:
         adjoint_options = dict(adjoint_options)
 
-    if adjoint_params is None:
-        adjoint_params = tuple(find_parameters(func))
-    else:
-        adjoint_params = tuple(adjoint_params)
-    for i, p in enumerate(adjoint_params):
-        if not isinstance(p, torch.Tensor):
-            raise ValueError(f"adjoint_params must be tensors; entry {i} is a {type(p).__name__}")
-
     oldlen_ = len(adjoint_params)
     adjoint_params = tuple(p for p in adjoint_params if p.requires_grad)
     if len(adjoint_params) != oldlen_:
@@ -368,29 +342,9 @@ def odeint_adjoint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=No
     cfg = _Config(shapes=shapes, func=norm.func, rtol=norm.rtol, atol=norm.atol, method=norm.method,
                   options=norm.options, event_fn=norm.event_fn, adjoint_rtol=adjoint_rtol,
                   adjoint_atol=adjoint_atol, adjoint_method=adjoint_method, adjoint_options=adjoint_options,
-                  t_requires_grad=norm.t.requires_grad, stats=norm.stats, record_errors=bool(return_stats))
+                  t_requires_grad=norm.t.requires_grad, stats=norm.stats, record_errors=bool(return_stats),
+                  norm=norm)
     ans = _OdeintAdjointMethod.apply(cfg, norm.y0, norm.t, *adjoint_params)
-
     if norm.event_fn is None:
-        solution = ans
-    else:
-        event_t, solution = ans
-        event_t = event_t.to(norm.t)
-        if t_is_reversed:
-            event_t = -event_t
-
-    if shapes is not None:
-        solution = flat_to_shape(solution, (len(solution),), shapes)
-
-    if return_stats:
-        stats: SolveStats = norm.stats
-        stats.method = norm.method
-        if t_is_reversed:
-            stats.step_ts = [-x for x in stats.step_ts]
-            stats.step_sizes = [-x for x in stats.step_sizes]
-        if norm.event_fn is None:
-            return solution, stats
-        return event_t, solution, stats
-    if norm.event_fn is None:
-        return solution
-    return event_t, solution
+        return finish(norm, ans, return_stats=return_stats)
+    return finish(norm, ans[1], ans[0], return_stats=return_stats)

@@ -31,32 +31,17 @@ from __future__ import annotations
 from collections import defaultdict
 
 import torch
-import torch.nn as nn
 from torch.autograd.function import once_differentiable
 
+from ..driver import build_solver, finish, gradient_parameters
 from ..errors import InvalidOptionError
-from ..inputs import check_inputs, flat_to_shape
+from ..inputs import check_inputs
 from ..solvers import SOLVERS
 from ..solvers.fixed_grid import FixedGridSolver
+from ..solvers.observers import Tape
 from ..solvers.rk_adaptive import RKAdaptiveSolver
 
 __all__ = ["odeint_checkpoint"]
-
-
-def _params_of(func, adjoint_params):
-    if adjoint_params is None:
-        if not isinstance(func, nn.Module):
-            raise ValueError('gradient="checkpoint": func must be an instance of nn.Module to specify the parameters to '
-                             'differentiate; alternatively they can be specified explicitly via the `adjoint_params` '
-                             'argument. If there are no parameters then it is allowable to set `adjoint_params=()`.')
-        adjoint_params = tuple(func.parameters())
-    params = []
-    for i, p in enumerate(adjoint_params):
-        if not isinstance(p, torch.Tensor):
-            raise ValueError(f"adjoint_params must be tensors; entry {i} is a {type(p).__name__}")
-        if p.requires_grad:
-            params.append(p)
-    return tuple(params)
 
 
 def odeint_checkpoint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, event_fn=None,
@@ -65,9 +50,9 @@ def odeint_checkpoint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options
     if event_fn is not None:
         raise InvalidOptionError('gradient="checkpoint" does not support event_fn; use gradient="direct" (or '
                                  '"adjoint") for event handling')
-    params = _params_of(func, adjoint_params)
+    params = tuple(p for p in gradient_parameters(func, adjoint_params, 'gradient="checkpoint": ') if p.requires_grad)
     norm = check_inputs(func, y0, t, rtol, atol, method, options, None, SOLVERS)
-    solver = SOLVERS[norm.method](func=norm.func, y0=norm.y0, rtol=norm.rtol, atol=norm.atol, **norm.options)
+    solver = build_solver(norm)
     if not isinstance(solver, (RKAdaptiveSolver, FixedGridSolver)) or getattr(solver, "multistep", False):
         raise InvalidOptionError(f'gradient="checkpoint" supports the Runge-Kutta methods; method {norm.method!r} is '
                                  f'not one. Use gradient="direct" or gradient="adjoint".')
@@ -75,37 +60,28 @@ def odeint_checkpoint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options
     grid = None
     if isinstance(solver, FixedGridSolver):
         # built with autograd on, so that a grid derived from t passes its gradient back to t
-        grid, _, _ = solver._grid(tt)
+        grid = solver.prepare(tt).grid
     if grid is None:
         grid = torch.empty(0)
     solution = _CheckpointFn.apply(solver, norm.y0, tt, grid, *params)
-
-    if norm.shapes is not None:
-        solution = flat_to_shape(solution, (len(solution),), norm.shapes)
-    if return_stats:
-        stats = norm.stats
-        stats.method = norm.method
-        if norm.t_is_reversed:
-            stats.step_ts = [-x for x in stats.step_ts]
-            stats.step_sizes = [-x for x in stats.step_sizes]
-        return solution, stats
-    return solution
+    return finish(norm, solution, return_stats=return_stats)
 
 
 class _CheckpointFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, solver, y0, t, grid, *params):
-        solver.tape = []
-        solver.out_map = []
-        if isinstance(solver, FixedGridSolver):
-            solution = solver.integrate(t, grid)
-        else:
-            solution = solver.integrate(t)
+        tape = Tape()
+        solver.observe(tape)
+        try:
+            if isinstance(solver, FixedGridSolver):
+                solution = solver.integrate(t, grid)
+            else:
+                solution = solver.integrate(t)
+        finally:
+            solver.observers.remove(tape)
         ctx.solver = solver
-        ctx.tape = solver.tape
-        ctx.out_map = solver.out_map
-        solver.tape = solver.out_map = None
+        ctx.tape = tape
         ctx.save_for_backward(t, grid)
         ctx.n_params = len(params)
         ctx.params = params
@@ -117,7 +93,7 @@ class _CheckpointFn(torch.autograd.Function):
         solver = ctx.solver
         t, grid = ctx.saved_tensors
         params = ctx.params
-        tape, out_map = ctx.tape, ctx.out_map
+        tape, out_map = ctx.tape.records, ctx.tape.outputs
         need_t = ctx.needs_input_grad[2]
         need_grid = ctx.needs_input_grad[3]
         outputs_in_step = defaultdict(list)
@@ -162,17 +138,15 @@ def _vjp(outputs, cotangents, inputs):
 
 def _backward_adaptive(solver, tape, outputs_in_step, grad_sol, t, params, grad_params, need_t):
     t_leaf = t.detach().requires_grad_(True) if need_t else t.detach()
-    solver._setup_time(t_leaf)
-    t_host = [solver._round(v) for v in t.detach().to("cpu", torch.float64).tolist()]
+    t_host = solver.begin_replay(t_leaf)
     a_y = a_f = None
     g_t = None
     for k in range(len(tape) - 1, -1, -1):
         rec = tape[k]
         y0 = rec.y0.detach().requires_grad_(True)
-        f0 = solver.replay_f0(rec, y0)
-        step = solver.replay_step(rec, y0, f0)
+        step, f0 = solver.replay(rec, y0)
         js = outputs_in_step.get(k, [])
-        outs = [solver.replay_output(t_host, j) for j in js]
+        outs = [solver.output(t_host, j) for j in js]
         outputs = [step.y1, step.k[-1]] + outs
         cots = [a_y, a_f] + [grad_sol[j] for j in js]
         stored = rec.f0_kind[0] == "stored"
@@ -195,9 +169,9 @@ def _backward_fixed(solver, tape, outputs_in_step, grad_sol, t, grid, params, gr
     g_t = g_grid = None
     for i in range(len(tape) - 1, -1, -1):
         y0 = tape[i].detach().requires_grad_(True)
-        step = solver.grid_step(gctx, i, y0)
+        step = solver.replay(gctx, i, y0)
         js = outputs_in_step.get(i, [])
-        outs = [solver.grid_output(gctx, j, i, y0, step) for j in js]
+        outs = [solver.output(gctx, j, i, y0, step) for j in js]
         outputs = [step.y1] + outs
         cots = [a_y] + [grad_sol[j] for j in js]
         inputs = [y0, t_leaf if need_t else None, g_leaf if need_grid else None] + list(params)

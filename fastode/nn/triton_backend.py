@@ -27,7 +27,7 @@ from fastode.kernels._common import interpreter_active
 
 from . import functional as _F
 from .backends import register_backend
-from .reference_grad import reference_backward
+from ..ops.reference_grad import reference_backward
 
 __all__ = [
     "concatsquash_mlp",

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from .base import ODEFunc, Perturb, Solver
 from .fixed_grid import FIXED_GRID_SOLVERS, FixedGridSolver
 from .rk_adaptive import ADAPTIVE_SOLVERS, DEFAULT_MAX_NUM_STEPS, RKAdaptiveSolver
-from .rk_step import RKStep, combine_stages, error_ratio, rk_step
+from ..ops.rk import RKStep, combine_stages, error_ratio, rk_step
 
 __all__ = ["SOLVERS", "Solver", "ODEFunc", "Perturb", "RKAdaptiveSolver", "FixedGridSolver", "rk_step", "RKStep",
            "combine_stages", "error_ratio", "DEFAULT_MAX_NUM_STEPS", "get_solver"]

@@ -53,7 +53,7 @@ import torch
 from ..errors import InvalidOptionError
 from ..tableaus import TABLEAUS
 from .fixed_grid import FixedGridSolver
-from .rk_step import RKStep, combine_stages, rk_step
+from ..ops.rk import RKStep, combine_stages, rk_step
 
 __all__ = ["AdamsBashforthMoulton", "AdamsBashforth", "bashforth_coefficients", "moulton_coefficients",
            "MIN_ORDER", "MAX_ORDER", "MAX_ITERS"]

@@ -211,6 +211,27 @@ class Solver:
             from ..norms import rms_norm
             norm = rms_norm
         self.norm = norm
+        self.observers: list = []   # StepObserver instances (fastode/solvers/observers.py)
+        self._n_accepted = 0
+
+    def observe(self, *observers) -> "Solver":
+        """Attach step observers (:mod:`fastode.solvers.observers`); returns the solver."""
+        self.observers.extend(observers)
+        return self
+
+    def _notify_accepted(self, record, dense=None, ratio=None) -> None:
+        if self.observers:
+            from .observers import AcceptedStep
+
+            step = AcceptedStep(self._n_accepted, record, dense, ratio)
+            for obs in self.observers:
+                obs.accepted(self, step)
+        self._n_accepted += 1
+
+    def _notify_output(self, index: int) -> None:
+        """Output ``index`` falls in the latest accepted step."""
+        for obs in self.observers:
+            obs.output(self, index, self._n_accepted - 1)
 
     @classmethod
     def valid_callbacks(cls) -> set:

@@ -24,7 +24,7 @@ from ..interp import hermite_cubic, linear
 from ..tableaus import ButcherTableau
 from .base import (Perturb, Solver, _null_callback, all_finite, number_option, real_dtype, state_time_value,
                    tableau_solver)
-from .rk_step import rk_step
+from ..ops.rk import resolve_rk_ops, rk_step
 
 __all__ = ["FixedGridSolver", "FIXED_GRID_SOLVERS", "MAX_EVENT_ITERS"]
 
@@ -75,8 +75,7 @@ class FixedGridSolver(Solver):
         self.interp = interp
         self.perturb = bool(perturb)
         self.check_finite = check_finite
-        self.tape = None      # start state of every step (gradient="checkpoint")
-        self.out_map = None   # (output index, step index) pairs (gradient="checkpoint")
+        self.ops = resolve_rk_ops(y0, self.norm)   # once per solve: the stage loop calls ops.combine directly
         if step_size is None:
             self.grid_constructor = grid_constructor if grid_constructor is not None else (lambda f, y0, t: t)
         else:
@@ -173,12 +172,10 @@ class FixedGridSolver(Solver):
             stats.num_accepted_steps += 1
             stats.step_ts.append(t0)
             stats.step_sizes.append(t1 - t0)
-            if self.tape is not None:
-                self.tape.append(y0.detach())
+            self._notify_accepted(y0.detach() if self.observers else None)
             while j < n_t and t1 >= t_host[j]:
                 solution.append(self.grid_output(ctx, j, i, y0, step))
-                if self.out_map is not None:
-                    self.out_map.append((j, i))
+                self._notify_output(j)
                 j += 1
             y0 = step.y1
         if first_bad is not None:
@@ -198,9 +195,18 @@ class FixedGridSolver(Solver):
         return tc, (state_time_value(dt, self.rdtype) if ctx.grid.dtype != self.rdtype else dt)
 
     def grid_step(self, ctx, i, y0):
-        """Step ``i`` of the grid from ``y0`` (shared by the solve and the checkpointed backward)."""
+        """Step ``i`` of the grid from ``y0`` (shared by the solve and :meth:`replay`)."""
         tc, dt_arg = self.step_times(ctx, i)
-        return rk_step(self.func, ctx.g_host[i], y0, None, dt_arg, self.tableau, tc=tc)
+        return rk_step(self.func, ctx.g_host[i], y0, None, dt_arg, self.tableau, tc=tc, combine=self.ops.combine)
+
+    def replay(self, ctx, i, y0):
+        """Recompute grid step ``i`` from its recorded start state ``y0`` (``ctx`` from :meth:`prepare` over the
+        same times, built with autograd when time gradients are wanted): the :data:`~fastode.ops.rk.RKStep`."""
+        return self.grid_step(ctx, i, y0)
+
+    def output(self, ctx, j, i, y0, step):
+        """Output ``j`` inside the replayed step ``i`` (the solve's interpolation)."""
+        return self.grid_output(ctx, j, i, y0, step)
 
     def grid_output(self, ctx, j, i, y0, step):
         """Output ``j`` (inside grid step ``i``) by linear or cubic Hermite interpolation."""
@@ -243,7 +249,7 @@ class FixedGridSolver(Solver):
 
     def _event_step(self, t0, y0, dt, tc):
         """One step of the event search: ``(y1, f(t0, y0))``."""
-        step = rk_step(self.func, t0, y0, None, dt, self.tableau, tc=tc)
+        step = rk_step(self.func, t0, y0, None, dt, self.tableau, tc=tc, combine=self.ops.combine)
         return step.y1, step.k[0]
 
     def integrate_until_event(self, t0, event_fn):

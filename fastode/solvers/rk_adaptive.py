@@ -35,11 +35,12 @@ from ..errors import (InvalidOptionError, MaxStepsExceededError, NonFiniteError,
                       STEP_FAILURE_REMEDIES, STIFF_REMEDIES)
 from ..events import find_event
 from ..interp import quartic_eval, quartic_fit, tableau_dense
+from ..ops.rk import combine_stages_exact, resolve_rk_ops, rk_step
 from ..tableaus import TABLEAUS, ButcherTableau
 from .base import Perturb, Solver, _null_callback, number_option, real_dtype, state_time_value, tableau_solver
-from .rk_step import combine_stages_exact, error_ratio, rk_step
+from .controller import IntegralController
 
-__all__ = ["RKAdaptiveSolver", "DEFAULT_MAX_NUM_STEPS", "ADAPTIVE_SOLVERS", "StepRecord"]
+__all__ = ["RKAdaptiveSolver", "DEFAULT_MAX_NUM_STEPS", "ADAPTIVE_SOLVERS", "StepRecord", "DenseStep"]
 
 DEFAULT_MAX_NUM_STEPS = 10_000
 
@@ -109,11 +110,10 @@ class RKAdaptiveSolver(Solver):
                                      f"torchdiffeq), 'end' (land exactly on t[-1]) or 'all' (land on every output "
                                      f"time), got {land_on!r}")
         self.land_on = land_on
-        self.record_errors = False   # set by odeint when statistics are requested
-        self.tape = None             # list of StepRecord of accepted steps (gradient="checkpoint")
-        self.out_map = None          # list of (output index, step index) (gradient="checkpoint")
-        self.record_steps = None     # list to append (t0, t1, y0, y1, k, dt) of accepted steps (odeint_dense)
         self.order = self.tableau.order
+        self.controller = IntegralController(self.order, self.safety, self.ifactor, self.dfactor, self.min_step,
+                                             self.max_step)
+        self.ops = resolve_rk_ops(y0, self.norm)   # once per solve: the stage loop calls these directly
         # 0-dim real states: torchdiffeq's 0-dim float64 tolerances promote the error ratio and the initial-step
         # heuristic to float64; reproduced so that scalar problems take the same steps
         self._promote_0dim = y0.dim() == 0 and not y0.is_complex()
@@ -234,37 +234,20 @@ class RKAdaptiveSolver(Solver):
         self._next_jump = min(bisect.bisect(self._jump_ts, t0), len(self._jump_ts) - 1)
 
     def _select_initial_step(self, t0, y0, f0):
-        """Hairer, Norsett & Wanner (II.4) heuristic, as torchdiffeq (``order`` = method order - 1); one sync."""
-        with torch.no_grad():
-            y0 = y0.detach()
-            f0 = f0.detach()
-            if self._promote_0dim:
-                # torchdiffeq: 0-dim float64 tolerances promote a 0-dim state's heuristic to float64 (func even
-                # receives the float64 trial state); reproduced for identical steps
-                y0, f0 = y0.to(self.time_dtype), f0.to(self.time_dtype)
-            dtype = y0.dtype
-            device = y0.device
-            rtol, atol = self.rtol, self.atol
-            scale = atol + torch.abs(y0) * rtol
-            norm = lambda x: torch.as_tensor(self.norm(x), device=device)
-            d0 = norm(y0 / scale).abs()
-            d1 = norm(f0 / scale).abs()
-            small = (d0 < 1e-5) | (d1 < 1e-5)
-            h0 = torch.where(small, torch.tensor(1e-6, dtype=d0.dtype, device=device), 0.01 * d0 / d1).abs()
-            if not self._promote_0dim:
-                h0 = h0.to(self.rdtype) if not dtype.is_complex else h0
-            y1 = y0 + h0 * f0
-            t_h = torch.full((), t0, dtype=self.time_dtype, device=device) + h0
-            if self._promote_0dim:
-                f1 = self.func.call_raw(t_h, y1).detach().to(y1.dtype)
-            else:
-                f1 = self.func(t_h.to(self.rdtype), y1).detach()
-            d2 = torch.abs(norm((f1 - f0) / scale) / h0)
-            tiny = (d1 <= 1e-15) & (d2 <= 1e-15)
-            h1 = torch.where(tiny, torch.maximum(torch.tensor(1e-6, dtype=h0.dtype, device=device), h0 * 1e-3),
-                             (0.01 / torch.maximum(d1, d2)) ** (1. / float(self.order)))
-            h1 = h1.abs()
-            dt = float(torch.minimum(100 * h0, h1.to(h0.dtype)).to(self.time_dtype))
+        """The controller's first step (torchdiffeq's Hairer-Norsett-Wanner heuristic); one host sync."""
+        y0, f0 = y0.detach(), f0.detach()
+        if self._promote_0dim:
+            # torchdiffeq: 0-dim float64 tolerances promote a 0-dim state's heuristic to float64 (func even
+            # receives the float64 trial state); reproduced for identical steps
+            y0, f0 = y0.to(self.time_dtype), f0.to(self.time_dtype)
+            call = lambda t, y: self.func.call_raw(t, y).to(y.dtype)  # noqa: E731
+            step_dtype = y0.dtype
+        else:
+            call = lambda t, y: self.func(t.to(self.rdtype), y)  # noqa: E731
+            step_dtype = self.rdtype
+        t0_t = torch.full((), t0, dtype=self.time_dtype, device=y0.device)
+        dt, f1 = self.controller.init(call, t0_t, y0, f0, self.rtol, self.atol, self.norm, step_dtype=step_dtype)
+        dt = float(dt.to(self.time_dtype))
         if not math.isfinite(dt) or dt <= 0:
             self._raise_initial_step_failure(t0, y0, f0, f1, dt)
         return self._round(dt)
@@ -305,7 +288,7 @@ class RKAdaptiveSolver(Solver):
         dt = self.dt
         if not math.isfinite(dt):
             dt = self.min_step
-        dt = min(max(dt, self.min_step), self.max_step)
+        dt = self.controller.clamp(dt)
         if self.func.callback_step is not _null_callback:
             self.func.callback_step(self._clock(t0), y0, torch.tensor(dt, dtype=self.time_dtype, device=y0.device))
         t1 = self._round(t0 + dt)
@@ -349,20 +332,14 @@ class RKAdaptiveSolver(Solver):
             # torchdiffeq keeps its tolerances as 0-dim float64 tensors, which promote a 0-dim state's error
             # computation to float64; reproduce that so scalar problems take the same steps
             y_err, e0, e1 = y_err.to(self.time_dtype), e0.to(self.time_dtype), e1.to(self.time_dtype)
-        if self.record_errors:
-            ratio = error_ratio(y_err, e0, e1, self.rtol, self.atol, self.norm)
-        else:
-            with torch.no_grad():
-                ratio = error_ratio(y_err, e0, e1, self.rtol, self.atol, self.norm)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and any(o.wants_error_graph for o in self.observers)):
+            ratio = self.ops.error_ratio(y_err, e0, e1, self.rtol, self.atol, self.norm)
         r = float(ratio.detach())
         finite = math.isfinite(r)
-        accept = r <= 1
-        if dt > self.max_step and not landed:  # (a landed step can exceed max_step by an ulp of rounding)
-            accept = False
-        if dt <= self.min_step:
-            accept = True
-            if not finite:
-                self._raise_nonfinite(t0, dt, y0, step, forced=True)
+        # (a landed step can exceed max_step by an ulp of rounding: not a reason to reject it)
+        accept, dt_next = self.controller.adapt(dt, r, landed=landed)
+        if dt <= self.min_step and not finite:
+            self._raise_nonfinite(t0, dt, y0, step, forced=True)
         if not finite and self._nonfinite is None:
             self._nonfinite = (t0, dt, y0, step)
 
@@ -373,14 +350,13 @@ class RKAdaptiveSolver(Solver):
                 self.func.callback_accept_step(self._clock(t0), y0,
                                                torch.tensor(dt, dtype=self.time_dtype, device=y0.device))
             f1 = step.k[-1]
-            self.last = _Last(t0, t1, y0, step.y1, step.k, dt_arg, dt_state, self._dt_grad, self._anchor)
+            self.last = DenseStep(t0, t1, y0, step.y1, step.k, dt_arg, dt_state, self._dt_grad, self._anchor)
             self._interp_cache = None
-            if self.record_steps is not None:
-                self.record_steps.append(self.last)
-            if self.tape is not None:
-                self.tape.append(StepRecord(t0, t1, dt, clip, self._f0_kind, self._anchor_spec, y0.detach(),
-                                            self.f.detach() if self._f0_kind[0] == "stored" else None))
-                self._f0_kind = ("jump",) if on_jump_t else (("fsal",) if tab.fsal else ("stored",))
+            record = None
+            if self.observers:
+                record = StepRecord(t0, t1, dt, clip, self._f0_kind, self._anchor_spec, y0.detach(),
+                                    self.f.detach() if self._f0_kind[0] == "stored" else None)
+            self._f0_kind = ("jump",) if on_jump_t else (("fsal",) if tab.fsal else ("stored",))
             if clip is not None:
                 self._set_anchor(clip if clip[0] == "target" else None)
             if on_step_t and self._next_step != len(self._step_ts) - 1:
@@ -396,17 +372,15 @@ class RKAdaptiveSolver(Solver):
             stats.num_accepted_steps += 1
             stats.step_ts.append(t0)
             stats.step_sizes.append(t1 - t0)
-            if self.record_errors:
-                stats.step_errors.append(ratio)
+            self._notify_accepted(record, self.last, ratio)
         else:
             if self.func.callback_reject_step is not _null_callback:
                 self.func.callback_reject_step(self._clock(t0), y0,
                                                torch.tensor(dt, dtype=self.time_dtype, device=y0.device))
             stats.num_rejected_steps += 1
-        dt_next = self._optimal_step_size(dt, r)
         if landed and accept:
-            dt_next = max(dt_next, dt_unclipped)
-        self.dt = min(max(dt_next, self.min_step), self.max_step)
+            dt_next = self.controller.clamp(max(dt_next, dt_unclipped))
+        self.dt = dt_next
 
     def _compute_step(self, t0, t1, dt, clip, y0, f0):
         """The RK step from ``(t0, y0, f0)`` to ``t1`` (shared by the solve and the checkpointed backward)."""
@@ -429,44 +403,51 @@ class RKAdaptiveSolver(Solver):
             torch.full((), t1, dtype=self.time_dtype, device=self.y0.device)
         return end - self._clock(t0)
 
-    # ------------------------------------------------------------------------------ checkpoint replay
-    def replay_f0(self, rec, y0):
-        """``f0`` of a recorded step, recomputed from its start state ``y0`` (or a leaf for stored f0)."""
-        kind = rec.f0_kind
-        self._set_anchor(rec.anchor)
+    # ------------------------------------------------------------------------------------------ replay
+    def replay(self, record: "StepRecord", y0: torch.Tensor):
+        """Recompute the accepted step ``record`` (from a :class:`~fastode.solvers.observers.Tape`) from the
+        start state ``y0`` with the solve's exact clock, stage times and stage reuse: ``(step, f0)``.
+
+        ``f0`` is recomputed from ``y0`` (for methods whose reused stage is ``f(t1, y1)``) or is a fresh leaf holding
+        the recorded stage (fehlberg2, adaptive_heun). Afterwards :meth:`output` evaluates outputs in this step.
+        Used by the checkpointed backward; call :meth:`begin_replay` with the times first."""
+        kind = record.f0_kind
+        self._set_anchor(record.anchor)
         self._dt_grad = None
         if kind[0] == "init":
-            return self.func(self._time(rec.t0), y0)
-        if kind[0] == "jump":
-            return self.func(self._time(rec.t0, Perturb.NEXT), y0)
-        if kind[0] == "fsal":
+            f0 = self.func(self._time(record.t0), y0)
+        elif kind[0] == "jump":
+            f0 = self.func(self._time(record.t0, Perturb.NEXT), y0)
+        elif kind[0] == "fsal":
             # = the previous step's last stage, evaluated at nextafter(t1, -inf) on exactly this state
-            return self.func(self._time(rec.t0, Perturb.PREV), y0)
-        return rec.f0.detach().requires_grad_(True)
-
-    def replay_step(self, rec, y0, f0):
-        step, dt_arg, dt_state = self._compute_step(rec.t0, rec.t1, rec.dt, rec.clip, y0, f0)
-        self.last = _Last(rec.t0, rec.t1, y0, step.y1, step.k, dt_arg, dt_state, self._dt_grad, self._anchor)
+            f0 = self.func(self._time(record.t0, Perturb.PREV), y0)
+        else:
+            f0 = record.f0.detach().requires_grad_(True)
+        step, dt_arg, dt_state = self._compute_step(record.t0, record.t1, record.dt, record.clip, y0, f0)
+        self.last = DenseStep(record.t0, record.t1, y0, step.y1, step.k, dt_arg, dt_state, self._dt_grad,
+                              self._anchor)
         self._interp_cache = None
-        return step
+        return step, f0
 
-    def replay_output(self, t_host, i):
+    def begin_replay(self, t: torch.Tensor) -> list:
+        """Set up the clock for :meth:`replay` over the output times ``t`` (a leaf when ``d/dt`` is wanted);
+        returns the host times."""
+        return self._setup_time(t)
+
+    def output(self, t_host: list, i: int) -> torch.Tensor:
+        """Output ``i`` (time ``t_host[i]``) from the latest accepted or replayed step."""
         return self._interpolate(t_host[i], i)
+
+    def evaluate(self, step: "DenseStep", x) -> torch.Tensor:
+        """The solution at fraction ``x`` (float or 0-dim tensor) of the recorded step ``step`` (the solver's
+        interpolant: quartic or the method's dense output). Used by :func:`fastode.odeint_dense`."""
+        return self._eval_step(step, x)
 
     def _stage_time(self, t0, dt, t1, c):
         if c == 1.0:
             # always evaluate just before the end of the step, in case of a discontinuity there
             return self._time(t1, Perturb.PREV, c)
         return self._time(self._stage_value(t0, dt, c), 0, c)
-
-    def _optimal_step_size(self, dt, r):
-        if r == 0:
-            return dt * self.ifactor
-        if not math.isfinite(r):
-            return dt * min(self.dfactor, 1.0) if r != r else dt * min(self.ifactor, max(0.0, self.dfactor))
-        dfactor = 1.0 if r < 1 else self.dfactor
-        factor = min(self.ifactor, max(self.safety / r ** (1. / self.order), dfactor))
-        return dt * factor
 
     def _raise_underflow(self, t0, dt):
         if self._nonfinite is not None:
@@ -493,8 +474,7 @@ class RKAdaptiveSolver(Solver):
 
     # ------------------------------------------------------------------------------------------ dense output
     def _interpolate(self, next_t, i):
-        if self.out_map is not None:
-            self.out_map.append((i, len(self.tape) - 1))
+        self._notify_output(i)
         last = self.last
         t0, t1, y1 = last.t0, last.t1, last.y1
         if self.land_on is not None and next_t == t1:
@@ -571,8 +551,8 @@ class RKAdaptiveSolver(Solver):
         return find_event(interp_fn, sign0, tt(lt0), tt(lt1), event_fn, atol)
 
 
-class _Last(NamedTuple):
-    """The last accepted step (what dense output needs)."""
+class DenseStep(NamedTuple):
+    """An accepted step: what dense output needs (:meth:`RKAdaptiveSolver.evaluate`)."""
     t0: float
     t1: float
     y0: torch.Tensor

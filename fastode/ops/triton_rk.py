@@ -11,7 +11,9 @@ so higher derivatives work). The RMS ratios are differentiable (for error regula
 and ``atol``/``rtol`` are treated as constants. The coefficients are Python floats taken from
 :mod:`fastode.tableaus` by the caller.
 
-CUDA tensors (or CPU tensors under ``TRITON_INTERPRET=1``) only; the solver dispatches here only then.
+CUDA tensors (or CPU tensors under ``TRITON_INTERPRET=1``) only. Importing this module registers the backend
+"triton" of the ops ``rk.combine`` and ``rk.error_ratio`` (:mod:`fastode.ops.rk`), which solvers resolve once
+per solve; the double-backward references are the spec's own functions.
 """
 from __future__ import annotations
 
@@ -21,7 +23,10 @@ import torch
 
 from fastode.kernels import rk as _K
 
+from ..norms import max_norm, rms_norm
+from . import registry
 from .reference_grad import reference_backward
+from .rk import combine_stages, error_ratio, sample_error_ratios
 
 __all__ = ["rk_stage", "rk_epilogue", "rk_error_ratio"]
 
@@ -38,7 +43,7 @@ class _Stage(torch.autograd.Function):
         dt, *ks = ctx.saved_tensors
         if torch.is_grad_enabled():
             gy = g if ctx.needs_input_grad[1] else None
-            ref = lambda dt, *ks: (dt * sum(c * k for c, k in zip(ctx.coefs, ks)),)  # noqa: E731
+            ref = lambda dt, *ks: (combine_stages(None, dt, ctx.coefs, ks),)  # noqa: E731
             return (None, gy) + reference_backward(ref, [dt, *ks], (g,), ctx.needs_input_grad[2:])
         need_k = any(ctx.needs_input_grad[3:])
         need_dt = ctx.needs_input_grad[2]
@@ -78,12 +83,11 @@ class _Epilogue(torch.autograd.Function):
         none = (None,) * (4 + 2 + len(ks))
         if torch.is_grad_enabled():
             def ref(y0, dt, *ks):
-                y1 = y0 + dt * sum(c * k for c, k in zip(ctx.b, ks))
+                y1 = combine_stages(y0, dt, ctx.b, ks)
                 if ctx.b_err is None:
                     return (y1,)
-                err = dt * sum(c * k for c, k in zip(ctx.b_err, ks))
-                rb, _, rs, _ = _torch_ratio(err, y0, y1, ctx.atol, ctx.rtol)
-                return y1, err, rb, rs
+                err = combine_stages(None, dt, ctx.b_err, ks)
+                return y1, err, *_rms_ratios(err, y0, y1, ctx.atol, ctx.rtol)
             gs = (g1,) if ctx.b_err is None else (g1, ge, grb, grs)
             return (None,) * 4 + reference_backward(ref, [y0, dt, *ks], gs, ctx.needs_input_grad[4:])
         if all(g is None for g in (g1, ge, grb, grs)):
@@ -114,19 +118,17 @@ class _ErrorRatio(torch.autograd.Function):
         y_err, y0, y1, rms_b, rms_s = ctx.saved_tensors
         if torch.is_grad_enabled():
             def ref(y_err, y0, y1):
-                rb, _, rs, _ = _torch_ratio(y_err, y0, y1, ctx.atol, ctx.rtol)
-                return rb, rs
+                return _rms_ratios(y_err, y0, y1, ctx.atol, ctx.rtol)
             return (None, None) + reference_backward(ref, [y_err, y0, y1], (grb, grs), ctx.needs_input_grad[2:])
         ge, g0, g1 = _K.rk_error_ratio_backward(y_err, y0, y1, ctx.atol, ctx.rtol, rms_b, rms_s, grb=grb, grs=grs)
         n = ctx.needs_input_grad
         return None, None, ge if n[2] else None, g0 if n[3] else None, g1 if n[4] else None
 
 
-def _torch_ratio(err, y0, y1, atol, rtol):
-    """The error-ratio reductions in plain torch (used for double backward)."""
-    r = err / (atol + rtol * torch.max(y0.abs(), y1.abs()))
-    rr = r.reshape(y0.shape[0] if y0.dim() > 1 else 1, -1)
-    return r.pow(2).mean().sqrt(), r.abs().max(), rr.pow(2).mean(1).sqrt(), rr.abs().amax(1)
+def _rms_ratios(err, y0, y1, atol, rtol):
+    """The differentiable outputs of the fused ratio (batch RMS, per-sample RMS) from the spec (double backward)."""
+    return (error_ratio(err, y0, y1, rtol, atol, rms_norm),
+            sample_error_ratios(err, y0, y1, rtol, atol, "rms"))
 
 
 def _dt_tensor(dt, like):
@@ -158,3 +160,43 @@ def rk_epilogue(y0: torch.Tensor, ks: Sequence[torch.Tensor], b: Sequence[float]
     b = tuple(float(x) for x in b)
     b_err = tuple(float(x) for x in b_err) if b_err is not None else None
     return _Epilogue.apply(b, b_err, atol, rtol, y0, _dt_tensor(dt, y0), *ks)
+
+
+# ------------------------------------------------------------------------------------------ registration
+def _same_layout(tensors) -> bool:
+    t0 = tensors[0]
+    return all(t.device == t0.device and t.dtype == t0.dtype and t.shape == t0.shape for t in tensors)
+
+
+def _combine(y0, dt, coeffs, k):
+    """Backend "triton" of ``rk.combine``; calls it cannot fuse (tensor coefficients such as dense-output
+    weights at a differentiable time, mixed shapes) take the spec, per call and without a host read."""
+    n = len(coeffs)
+    if n == 0 or not all(isinstance(a, (float, int)) for a in coeffs) or \
+            not _same_layout(list(k[:n]) + ([y0] if y0 is not None else [])):
+        return combine_stages(y0, dt, coeffs, k)
+    return rk_stage(y0, k[:n], coeffs, dt)
+
+
+def _error_ratio(y_err, y0, y1, rtol, atol, norm):
+    """Backend "triton" of ``rk.error_ratio`` (RMS and max norms; resolution checks the norm once)."""
+    if not _same_layout([y_err, y0, y1]):
+        return error_ratio(y_err, y0, y1, rtol, atol, norm)
+    rms, mx, _, _ = rk_error_ratio(y_err, y0, y1, atol, rtol)
+    return rms if norm is rms_norm else mx
+
+
+def _ratio_supports(norm):
+    if norm is rms_norm or norm is max_norm:
+        return None
+    return f"the fused error ratio implements the RMS and max norms, not {getattr(norm, '__name__', norm)!r}"
+
+
+def _devices():
+    import os
+
+    return ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else ("cuda",)
+
+
+registry.register("rk.combine", "triton", _combine, devices=_devices())
+registry.register("rk.error_ratio", "triton", _error_ratio, devices=_devices(), supports=_ratio_supports)

@@ -1,0 +1,153 @@
+"""One registry of op implementations ("backends"), keyed by op name and backend name, with written rules.
+
+An *op* is a named computation with one reference implementation (plain PyTorch, differentiable, any device:
+the executable specification) and any number of faster backends. A backend registers, per op, an
+implementation, the device types it runs on, and optionally ``supports(*args) -> None | str`` (``None``: can
+run this call; a string: why not, e.g. a width the kernel cannot tile). Optional backends register lazily: the
+module that holds them is imported the first time they are asked for, and registers itself on import.
+
+Rules (tested in ``tests/test_ops_registry.py``):
+
+1. ``backend="auto"`` tries the op's automatic candidates for the device type in their written order (see
+   :data:`AUTO_ORDER`) and takes the first that is registered, importable, runs on the device and supports the
+   call; every candidate it skipped is recorded with its reason in the returned :class:`Choice` (``skipped``).
+   The reference ("torch") is always last, so automatic choice never fails.
+2. An explicitly named backend that cannot run the call raises :class:`BackendUnavailableError` (a
+   ``ValueError``) saying which backend, which op and why; it never falls back silently.
+3. Resolution is meant to happen once per solve (or per module call), not per stage: callers keep the
+   :class:`Choice` and call ``choice.impl`` directly. Nothing here is consulted inside a solver's stage loop.
+
+This module imports nothing from fastode but the error classes: it is the bottom layer.
+"""
+from __future__ import annotations
+
+import importlib
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional, Tuple
+
+__all__ = ["Choice", "BackendUnavailableError", "register", "register_lazy", "resolve", "backends_of",
+           "AUTO_ORDER", "REFERENCE"]
+
+REFERENCE = "torch"
+"""Name of the reference backend every op has."""
+
+AUTO_ORDER: Dict[str, Tuple[str, ...]] = {
+    "cuda": ("triton", REFERENCE),
+    "cpu": ("cpp", REFERENCE),
+}
+"""Automatic candidates per device type, best first (other device types: the reference only). An op may
+override the order for itself (``register(..., auto=...)``), e.g. the RK stage ops keep the reference first
+on the CPU, where it reproduces torchdiffeq's rounding."""
+
+
+class BackendUnavailableError(ValueError):
+    """An explicitly requested backend cannot run the call (what was asked, and why it cannot)."""
+
+
+@dataclass(frozen=True)
+class _Impl:
+    fn: Callable
+    devices: Tuple[str, ...]
+    supports: Optional[Callable[..., Optional[str]]]
+
+
+@dataclass
+class Choice:
+    """The outcome of :func:`resolve`: the backend's name, its implementation, and what was passed over."""
+
+    op: str
+    backend: str
+    impl: Callable
+    skipped: Tuple[Tuple[str, str], ...] = field(default_factory=tuple)   # (backend, reason) in order
+
+    @property
+    def reason(self) -> Optional[str]:
+        """Why the better candidates were not taken ("triton: ...; cpp: ..."), or None if none was skipped."""
+        if not self.skipped:
+            return None
+        return "; ".join(f"{name}: {why}" for name, why in self.skipped)
+
+
+_lock = threading.RLock()
+_impls: Dict[str, Dict[str, _Impl]] = {}          # op -> backend -> implementation
+_auto: Dict[str, Dict[str, Tuple[str, ...]]] = {}  # op -> device type -> candidate order
+_lazy: Dict[str, str] = {}                         # backend -> module that registers it on import
+_import_errors: Dict[str, str] = {}
+
+
+def register(op: str, backend: str, fn: Callable, *, devices=("cpu", "cuda"), supports=None,
+             auto: Optional[Dict[str, Tuple[str, ...]]] = None) -> None:
+    """Register ``fn`` as backend ``backend`` of ``op`` on the device types ``devices`` (``"*"``: any).
+
+    ``auto`` (given with the reference registration) overrides :data:`AUTO_ORDER` for this op."""
+    with _lock:
+        _impls.setdefault(op, {})[backend] = _Impl(fn, tuple(devices), supports)
+        if auto is not None:
+            _auto[op] = dict(auto)
+
+
+def register_lazy(backend: str, module: str) -> None:
+    """Import ``module`` the first time backend ``backend`` is needed; the import must :func:`register` it."""
+    with _lock:
+        _lazy.setdefault(backend, module)
+
+
+def _load(op: str, backend: str) -> Tuple[Optional[_Impl], Optional[str]]:
+    with _lock:
+        impl = _impls.get(op, {}).get(backend)
+        if impl is not None:
+            return impl, None
+        module = _lazy.get(backend)
+        if module is None:
+            return None, "not registered"
+        if backend not in _import_errors:
+            try:
+                importlib.import_module(module)
+            except Exception as exc:  # optional backends: absence is a recorded reason, not an error
+                _import_errors[backend] = f"importing {module} failed ({type(exc).__name__}: {exc})"
+        impl = _impls.get(op, {}).get(backend)
+        if impl is not None:
+            return impl, None
+        return None, _import_errors.get(backend, f"{module} did not register op {op!r} (not built?)")
+
+
+def backends_of(op: str) -> Tuple[str, ...]:
+    """Names registered (or registrable lazily) for ``op``."""
+    with _lock:
+        return tuple(sorted(set(_impls.get(op, {})) | set(_lazy)))
+
+
+def _why_not(op: str, backend: str, device_type: str, call) -> Tuple[Optional[_Impl], Optional[str]]:
+    impl, why = _load(op, backend)
+    if impl is None:
+        return None, why
+    if "*" not in impl.devices and device_type not in impl.devices:
+        return None, f"runs on {'/'.join(impl.devices)} tensors, not {device_type}"
+    if impl.supports is not None and call is not None:
+        why = impl.supports(*call)
+        if why is not None:
+            return None, why
+    return impl, None
+
+
+def resolve(op: str, backend: str = "auto", *, device_type: str = "cpu", call: Optional[tuple] = None) -> Choice:
+    """The implementation of ``op`` that ``backend`` means for tensors on ``device_type`` (rules in the module
+    docstring). ``call``: the arguments, for the backends' ``supports`` checks (None: skip those checks)."""
+    if op not in _impls or REFERENCE not in _impls[op]:
+        raise KeyError(f"unknown op {op!r}; registered ops: {sorted(_impls)}")
+    if backend != "auto":
+        impl, why = _why_not(op, backend, device_type, call)
+        if impl is None:
+            raise BackendUnavailableError(f"backend {backend!r} cannot run {op} on {device_type} tensors: {why}. "
+                                          f"Use backend='auto' to let fastode choose (available for {op}: "
+                                          f"{', '.join(backends_of(op))})")
+        return Choice(op, backend, impl.fn)
+    order = _auto.get(op, AUTO_ORDER).get(device_type, (REFERENCE,))
+    skipped = []
+    for name in order:
+        impl, why = _why_not(op, name, device_type, call)
+        if impl is not None:
+            return Choice(op, name, impl.fn, tuple(skipped))
+        skipped.append((name, why))
+    return Choice(op, REFERENCE, _impls[op][REFERENCE].fn, tuple(skipped))

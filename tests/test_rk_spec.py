@@ -1,0 +1,111 @@
+"""The RK spec (fastode/ops/rk.py) and the controller (fastode/solvers/controller.py) against torchdiffeq's
+private step functions (an independent implementation) and each other (float vs 0-dim tensor forms)."""
+import math
+
+import pytest
+import torch
+
+from fastode.norms import max_norm, rms_norm
+from fastode.ops import rk as spec
+from fastode.solvers.controller import IntegralController
+from fastode.tableaus import get_tableau
+
+torchdiffeq = pytest.importorskip("torchdiffeq")
+from torchdiffeq._impl import misc as tdq_misc  # noqa: E402
+from torchdiffeq._impl import rk_common  # noqa: E402
+from torchdiffeq._impl.dopri5 import _DORMAND_PRINCE_SHAMPINE_TABLEAU  # noqa: E402
+from torchdiffeq._impl.bosh3 import _BOGACKI_SHAMPINE_TABLEAU  # noqa: E402
+
+D = torch.float64
+
+
+def _func(t, y):
+    return torch.sin(3 * y) * (1 + t) - 0.5 * y
+
+
+@pytest.mark.parametrize("name,tdq_tab", [("dopri5", _DORMAND_PRINCE_SHAMPINE_TABLEAU),
+                                          ("bosh3", _BOGACKI_SHAMPINE_TABLEAU)])
+def test_rk_step_and_error_ratio_match_torchdiffeq(name, tdq_tab):
+    tab = get_tableau(name)
+    y0 = torch.randn(7, 3, dtype=D)
+    t0, dt = torch.tensor(0.3, dtype=D), torch.tensor(0.07, dtype=D)
+    f0 = _func(t0, y0)
+    y1_ref, _f1, err_ref, _k = rk_common._runge_kutta_step(lambda t, y, perturb=None: _func(t, y), y0, f0, t0, dt,
+                                                           t0 + dt, tdq_tab)
+    step = spec.rk_step(_func, t0, y0, f0, dt, tab, combine=spec.combine_stages_exact)
+    torch.testing.assert_close(step.y1, y1_ref, rtol=1e-14, atol=1e-15)
+    torch.testing.assert_close(step.y_err, err_ref, rtol=1e-12, atol=1e-16)
+    for rtol, atol in [(1e-3, 1e-6), (1e-7, 1e-9)]:
+        got = spec.error_ratio(step.y_err, y0, step.y1, rtol, atol, rms_norm)
+        ref = tdq_misc._compute_error_ratio(err_ref, rtol, atol, y0, y1_ref, tdq_misc._rms_norm)
+        torch.testing.assert_close(got, ref, rtol=1e-12, atol=0)
+
+
+def test_error_ratio_keeps_nan():
+    e = torch.tensor([1e-3, float("nan")], dtype=D)
+    y = torch.ones(2, dtype=D)
+    for norm in (rms_norm, max_norm):
+        assert math.isnan(float(spec.error_ratio(e, y, y, 1e-3, 1e-6, norm)))
+    assert math.isnan(float(spec.sample_error_ratios(e[None], y[None], y[None], 1e-3, 1e-6, "rms")[0]))
+
+
+def test_sample_error_ratios_are_per_row_norms():
+    err, y0, y1 = torch.randn(5, 4, dtype=D), torch.randn(5, 4, dtype=D), torch.randn(5, 4, dtype=D)
+    rows = spec.sample_error_ratios(err, y0, y1, 1e-3, 1e-6, "rms")
+    for i in range(5):
+        torch.testing.assert_close(rows[i], spec.error_ratio(err[i], y0[i], y1[i], 1e-3, 1e-6, rms_norm))
+    mx = spec.sample_error_ratios(err, y0, y1, 1e-3, 1e-6, "max")
+    torch.testing.assert_close(mx.max(), spec.error_ratio(err, y0, y1, 1e-3, 1e-6, max_norm))
+    z = torch.zeros(2, 3, dtype=D, requires_grad=True)  # zero error: finite (zero) gradient, not NaN
+    g, = torch.autograd.grad(spec.sample_error_ratios(z, y0[:2, :3], y1[:2, :3], 1e-3, 1e-6).sum(), z)
+    assert torch.equal(g, torch.zeros_like(g))
+
+
+@pytest.mark.parametrize("order", [3, 4, 5])
+def test_initial_step_matches_torchdiffeq(order):
+    y0 = torch.randn(6, dtype=D)
+    t0 = torch.tensor(0.2, dtype=D)
+    f0 = _func(t0, y0)
+    ref = tdq_misc._select_initial_step(_func, t0, y0, order, 1e-6, 1e-8, tdq_misc._rms_norm, f0)
+    got, _ = spec.initial_step(_func, t0, y0, f0, order, 1e-6, 1e-8, rms_norm)
+    torch.testing.assert_close(got, ref, rtol=1e-14, atol=0)
+
+
+def test_initial_step_of_a_constant_state():
+    y0 = torch.zeros(3, dtype=D)
+    dt, _ = spec.initial_step(lambda t, y: torch.zeros_like(y), torch.tensor(0., dtype=D), y0, torch.zeros_like(y0),
+                              4, 1e-6, 1e-8, rms_norm)
+    assert float(dt) == pytest.approx(1e-6)  # min(100 h0, max(1e-6, 1e-3 h0)) with h0 = 1e-6
+
+
+RATIOS = [0.0, 1e-9, 0.3, 0.999, 1.0, 1.0001, 7.0, 1e6, float("inf"), float("nan")]
+
+
+@pytest.mark.parametrize("ctrl", [IntegralController(5), IntegralController(3, safety=0.8, ifactor=5., dfactor=0.1),
+                                  IntegralController(5, min_step=1e-3, max_step=0.5)])
+def test_controller_float_form_matches_torchdiffeq_and_the_tensor_form(ctrl):
+    for dt in (1e-4, 0.01, 0.3, 2.0):
+        for r in RATIOS:
+            accept, nxt = ctrl.adapt(dt, r)
+            if math.isfinite(r):
+                ref = tdq_misc._optimal_step_size(torch.tensor(dt, dtype=D), torch.tensor(r, dtype=D),
+                                                  *(torch.tensor(v, dtype=D) for v in (ctrl.safety, ctrl.ifactor,
+                                                                                        ctrl.dfactor)), ctrl.order)
+                assert nxt == pytest.approx(min(max(float(ref), ctrl.min_step), ctrl.max_step), rel=1e-15)
+            assert accept == ((r <= 1 and dt <= ctrl.max_step) or dt <= ctrl.min_step)
+            ta, tn = ctrl.adapt(torch.tensor(dt, dtype=D), torch.tensor(r, dtype=D))
+            assert bool(ta) == accept
+            assert float(tn) == pytest.approx(nxt, rel=1e-15)
+
+
+def test_controller_shrinks_after_nan_and_inf():
+    ctrl = IntegralController(5)
+    assert ctrl.adapt(1.0, float("nan")) == (False, 0.2)
+    assert ctrl.adapt(1.0, float("inf")) == (False, 0.2)
+    assert ctrl.adapt(1.0, 0.0) == (True, 10.0)
+
+
+def test_controller_landed_step_may_exceed_max_step():
+    ctrl = IntegralController(5, max_step=0.1)
+    assert ctrl.adapt(0.1 + 1e-17 + 1e-12, 0.5)[0] is False
+    assert ctrl.adapt(0.1 + 1e-12, 0.5, landed=True)[0] is True
