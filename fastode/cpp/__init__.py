@@ -14,7 +14,7 @@ What it provides
   optional kinetic / Jacobian-Frobenius integrals) in a single C++ call, with its backward pass.
 * :func:`rk_stage`, :func:`rk_epilogue`: fused stage combination and step epilogue (solution, error
   estimate, RMS/max error ratios) for any CPU tensors; same signatures and outputs as their Triton twins
-  in :mod:`fastode.nn.triton_rk`, so a solver can pick by device.
+  in :mod:`fastode.ops.triton_rk`, so a solver can pick by device.
 
 Dispatch: ``backend="auto"`` (default) follows the global override of :func:`fastode.nn.set_backend` /
 ``FASTODE_NN_BACKEND``; otherwise C++ for CPU float32/float64 tensors when built, else ``"torch"``.

@@ -331,7 +331,7 @@ def _cnf_step_torch(t0, dt, z0, q0, params, activation, tab, e, rates, kz0, kq0,
 
 # ---------------------------------------------------------------------------------------------------
 # Generic stage combination / epilogue for any tensors of one shape: the CPU counterparts of
-# fastode.nn.triton_rk (same signatures and outputs), with PyTorch references.
+# fastode.ops.triton_rk (same signatures and outputs), with PyTorch references.
 def _epilogue_torch(y0, ks, b, b_err, dt, atol, rtol):
     """Reference (plain autograd) of :func:`rk_epilogue`; also the backward of the fused version."""
     y1 = rk_spec.combine_stages(y0, dt, b, ks)
@@ -416,7 +416,7 @@ class _EpilogueFn(torch.autograd.Function):
 def rk_stage(y: torch.Tensor, ks: Sequence[torch.Tensor], coefs: Sequence[float], dt, *,
              backend: str = "auto") -> torch.Tensor:
     """``y + dt * sum_j coefs[j] * ks[j]`` in one pass (differentiable); CPU twin of
-    :func:`fastode.nn.triton_rk.rk_stage`."""
+    :func:`fastode.ops.triton_rk.rk_stage`."""
     ks = list(ks)
     coefs = tuple(float(c) for c in coefs)
     if len(coefs) != len(ks):
@@ -432,7 +432,7 @@ def rk_stage(y: torch.Tensor, ks: Sequence[torch.Tensor], coefs: Sequence[float]
 
 def rk_epilogue(y0: torch.Tensor, ks: Sequence[torch.Tensor], b: Sequence[float], b_err, dt, atol=0.0, rtol=0.0, *,
                 backend: str = "auto"):
-    """Fused step epilogue; CPU twin of :func:`fastode.nn.triton_rk.rk_epilogue` (same outputs).
+    """Fused step epilogue; CPU twin of :func:`fastode.ops.triton_rk.rk_epilogue` (same outputs).
 
     ``y1 = y0 + dt sum b_i k_i``; with ``b_err``: ``(y1, err, ratio_rms, ratio_max, ratio_rms_sample,
     ratio_max_sample)`` where ``err = dt sum b_err_i k_i``, ``r = err / (atol + rtol max(|y0|, |y1|))``,

@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 
+from ..norms import rms_norm
 from ..ops import rk as rk_spec
 from ..tableaus import get_tableau
 
@@ -118,18 +119,14 @@ def resolve_backend(solver: Solver) -> str:
     return "torchdiffeq" if solver.backend == "torchdiffeq" else "fastode"
 
 
-def _rms(x: torch.Tensor) -> torch.Tensor:
-    return x.abs().pow(2).mean().sqrt()
-
-
 def state_norm(num_controlled: int) -> Callable:
     """torchdiffeq-style mixed norm (max over tensors of their RMS) over the first ``num_controlled``
     tensors of a tuple state; the remaining tensors (regulariser integrals) do not affect step sizes."""
 
     def norm(state):
         if isinstance(state, torch.Tensor):
-            return _rms(state)
-        return torch.stack([_rms(s) for s in state[:num_controlled]]).max()
+            return rms_norm(state)
+        return torch.stack([rms_norm(s) for s in state[:num_controlled]]).max()
 
     norm.num_controlled = num_controlled
     return norm

@@ -52,7 +52,6 @@ from __future__ import annotations
 import warnings
 
 import torch
-import torch.nn as nn
 
 from ..driver import build_solver, find_parameters, finish, gradient_parameters, solve
 from ..inputs import check_inputs, flat_to_shape
@@ -66,11 +65,10 @@ _CALLBACK_NAMES = ['callback_step', 'callback_accept_step', 'callback_reject_ste
 
 
 class _Config:
-    """Non-tensor arguments of the autograd Function (one object, so the Function's signature stays small)."""
+    """Non-tensor arguments of the autograd Function (one object, so the Function's signature stays small):
+    the normalised forward problem ``norm`` (:func:`fastode.inputs.check_inputs`) and the backward settings."""
 
-    __slots__ = ("shapes", "func", "rtol", "atol", "method", "options", "event_fn", "adjoint_rtol",
-                 "adjoint_atol", "adjoint_method", "adjoint_options", "t_requires_grad", "stats", "record_errors",
-                 "norm")
+    __slots__ = ("norm", "adjoint_rtol", "adjoint_atol", "adjoint_method", "adjoint_options", "record_errors")
 
     def __init__(self, **kw):
         for k in self.__slots__:
@@ -83,24 +81,24 @@ class _OdeintAdjointMethod(torch.autograd.Function):
     @staticmethod
     def forward(cfg, y0, t, *adjoint_params):
         solver = build_solver(cfg.norm, record_errors=cfg.record_errors)
-        if cfg.event_fn is None:
+        if cfg.norm.event_fn is None:
             return solver.integrate(t)
-        event_t, solution = solver.integrate_until_event(t[0], cfg.event_fn)
+        event_t, solution = solver.integrate_until_event(t[0], cfg.norm.event_fn)
         return event_t, solution
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         cfg, y0, t, *adjoint_params = inputs
         ctx.cfg = cfg
-        ctx.func = cfg.func
-        ctx.shapes = cfg.shapes
+        ctx.func = cfg.norm.func
+        ctx.shapes = cfg.norm.shapes
         # Attributes torchdiffeq exposes on the graph node (its norm tests read/patch `grad_fn.adjoint_options`).
         ctx.adjoint_rtol = cfg.adjoint_rtol
         ctx.adjoint_atol = cfg.adjoint_atol
         ctx.adjoint_method = cfg.adjoint_method
         ctx.adjoint_options = cfg.adjoint_options
-        ctx.t_requires_grad = cfg.t_requires_grad
-        ctx.event_mode = cfg.event_fn is not None
+        ctx.t_requires_grad = cfg.norm.t.requires_grad
+        ctx.event_mode = cfg.norm.event_fn is not None
         if ctx.event_mode:
             event_t, y = output
             ctx.save_for_backward(t, y, event_t, *adjoint_params)
@@ -130,8 +128,8 @@ class _OdeintAdjointMethod(torch.autograd.Function):
             grad_y = grad_y[0]
         adjoint_params = tuple(adjoint_params)
         n_params = len(adjoint_params)
-        aug_rtol = _augmented_tol("adjoint_rtol", adjoint_rtol, cfg.shapes, y.shape[1:], n_params, y)
-        aug_atol = _augmented_tol("adjoint_atol", adjoint_atol, cfg.shapes, y.shape[1:], n_params, y)
+        aug_rtol = _augmented_tol("adjoint_rtol", adjoint_rtol, ctx.shapes, y.shape[1:], n_params, y)
+        aug_atol = _augmented_tol("adjoint_atol", adjoint_atol, ctx.shapes, y.shape[1:], n_params, y)
         t_dtype_func = real_dtype(y)
 
         def augmented_dynamics(t_, y_aug):
@@ -335,15 +333,10 @@ def odeint_adjoint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=No
                           "excluded from the adjoint pass, and will not appear as a tensor in the adjoint norm.")
 
     norm = check_inputs(func, y0, t, rtol, atol, method, options, event_fn, SOLVERS)
-    shapes, t_is_reversed = norm.shapes, norm.t_is_reversed
+    handle_adjoint_norm_(adjoint_options, norm.shapes, norm.options["norm"])
 
-    handle_adjoint_norm_(adjoint_options, shapes, norm.options["norm"])
-
-    cfg = _Config(shapes=shapes, func=norm.func, rtol=norm.rtol, atol=norm.atol, method=norm.method,
-                  options=norm.options, event_fn=norm.event_fn, adjoint_rtol=adjoint_rtol,
-                  adjoint_atol=adjoint_atol, adjoint_method=adjoint_method, adjoint_options=adjoint_options,
-                  t_requires_grad=norm.t.requires_grad, stats=norm.stats, record_errors=bool(return_stats),
-                  norm=norm)
+    cfg = _Config(norm=norm, adjoint_rtol=adjoint_rtol, adjoint_atol=adjoint_atol, adjoint_method=adjoint_method,
+                  adjoint_options=adjoint_options, record_errors=bool(return_stats))
     ans = _OdeintAdjointMethod.apply(cfg, norm.y0, norm.t, *adjoint_params)
     if norm.event_fn is None:
         return finish(norm, ans, return_stats=return_stats)

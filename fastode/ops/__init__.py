@@ -7,8 +7,9 @@ and a registry of faster backends with written fallback rules.
 * :mod:`fastode.ops.triton_rk` -- the fused Triton RK Functions (backend "triton", CUDA), imported lazily;
 * :mod:`fastode.ops.reference_grad` -- double backward of fused Functions through the reference.
 
-The concatsquash MLP ops (spec :mod:`fastode.nn.functional`, backends "torch", "triton", "cpp") resolve through
-the same registry (:mod:`fastode.nn.backends`). Nothing here imports the solvers, the models or the flows.
+The concatsquash MLP ops (spec :mod:`fastode.nn.functional`, backends "torch", "triton", "cpp") still have their
+own registry, :mod:`fastode.nn.backends`, with the same rules; moving them onto this one is the next step. Nothing
+here imports the solvers, the models or the flows.
 """
 from . import registry, rk
 from .registry import BackendUnavailableError, Choice, resolve

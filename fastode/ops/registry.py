@@ -17,7 +17,7 @@ Rules (tested in ``tests/test_ops_registry.py``):
 3. Resolution is meant to happen once per solve (or per module call), not per stage: callers keep the
    :class:`Choice` and call ``choice.impl`` directly. Nothing here is consulted inside a solver's stage loop.
 
-This module imports nothing from fastode but the error classes: it is the bottom layer.
+This module imports nothing from fastode: it is the bottom layer.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The executable specification of one explicit Runge-Kutta step (DESIGN.md, "The RK spec").
+"""The executable specification of one explicit Runge-Kutta step (DESIGN.md, "Contract: the RK spec").
 
 Everything a solver needs from a tableau, as plain differentiable PyTorch functions of tensors, Python floats or
 0-dim tensors. Every other implementation (the Triton kernels, the C++ step and grid solve, the CNF stepper's

@@ -13,7 +13,7 @@ and the method's order; its two functions are the whole contract a loop needs:
 Given Python floats (the host loop of :class:`~fastode.solvers.rk_adaptive.RKAdaptiveSolver`), ``adapt`` returns
 floats computed exactly as torchdiffeq does, so solves take its steps. Given 0-dim tensors it returns 0-dim
 tensors built with ``torch.where`` only (no host read, no Python branch on values): the form a device-resident
-loop (a CUDA graph, a fused solve) needs. ``tests/test_controller.py`` checks that both forms agree, NaN and inf
+loop (a CUDA graph, a fused solve) needs. ``tests/test_rk_spec.py`` checks that both forms agree, NaN and inf
 included.
 """
 from __future__ import annotations
