@@ -5,7 +5,7 @@ several peers:
 
 * ``fastode``      -- the CNF's default path, discretise-optimise (``gradient="direct"``): on the CPU, fixed-grid
                       solves of a plain ConcatSquashMLP run as one fused C++ grid solve and one backward
-                      (``fastode.cpp.CnfStepper``, :mod:`fastode.flows.cpp_path`; column "path" = fused grid);
+                      (``fastode.cpp.CnfStepper``, :mod:`fastode.flows.engines`; column "path" = fused grid);
                       otherwise :func:`fastode.odeint` + the fused concatsquash kernels per RK stage (C++ on CPU,
                       Triton on CUDA); ``fused off``: the per-stage odeint path forced (``fused_cpu=False``);
                       ``nn=torch``: fastode's PyTorch reference MLP;
@@ -128,7 +128,7 @@ class Peer:
             nfe_f.append(f)
             nfe_b.append(self.flow.nfe - f)
             losses.append(float(loss.detach()))
-        self.path = self.flow.last_paths()[0]
+        self.path = self.flow.last_solves()[0].engine
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.nfe_f, self.nfe_b, self.losses = nfe_f, nfe_b, losses
@@ -168,7 +168,7 @@ def bench_config(key, cfg, opts, device, dtype):
             "repeats": len(timings[name].samples),
             "nn_backend": getattr(p.flow.blocks[0].dynamics, "last_backend", None) or "plain PyTorch (autograd)",
             "path": ("torchdiffeq" if library == "torchdiffeq" else
-                     "fused grid" if p.path == "fused_cpu" else "odeint per stage"),
+                     "fused grid" if p.path == "cpp_grid" else "odeint per stage"),
             "final_loss": p.losses[-1],
         })
     return rows

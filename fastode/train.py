@@ -665,20 +665,19 @@ def _space_label(source) -> str:
 
 
 def _solve_paths(flow) -> list:
-    """Per CNF block: which solve path its latest training solve took and why (``CNF.last_path``)."""
+    """Per CNF block: which engine ran its latest training solve and why the earlier ones did not
+    (``CNF.last_solve``)."""
     out = []
     for b in flow.cnf_blocks():
-        out.append({"path": getattr(b, "last_path", None), "reason": getattr(b, "last_path_reason", None)})
+        rec = getattr(b, "last_solve", None)
+        out.append({"engine": None if rec is None else rec.engine,
+                    "skipped": [] if rec is None else [list(s) for s in rec.skipped],
+                    "text": None if rec is None else rec.describe()})
     return out
 
 
 def _describe_paths(paths) -> str:
-    parts = []
-    for p in paths:
-        text = p["path"] or "not recorded (this flow's blocks do not report a path)"
-        if p["path"] == "odeint" and p["reason"]:
-            text += f" (fused CPU path not taken: {p['reason']})"
-        parts.append(text)
+    parts = [p["text"] or "not recorded (this flow's blocks do not report an engine)" for p in paths]
     return "; ".join(dict.fromkeys(parts))
 
 

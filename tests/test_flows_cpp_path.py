@@ -1,4 +1,4 @@
-"""The fused CPU path of a CNF (fastode/flows/cpp_path.py): same results as the odeint path, or a fallback.
+"""The fused C++ grid engine of a CNF ("cpp_grid", fastode/flows/engines.py): same results as "odeint", or a fallback.
 
 Reference: the same CNF with ``fused_cpu=False`` (fastode.odeint, one MLP call per RK stage), which the rest
 of the flow tests check against torchdiffeq, finite differences and analytic densities.
@@ -201,8 +201,9 @@ def test_non_finite_is_reported_like_odeint(poison, monkeypatch):
     assert not [w for w in caught if issubclass(w.category, errors.FallbackWarning)]
 
 
-def test_solver_backend_torchdiffeq_falls_back():
+def test_solver_backend_torchdiffeq_runs_the_peer():
     pytest.importorskip("torchdiffeq")
     cnf = _cnf(torch.float64, train_solver=Solver(method="rk4", step_size=0.05, backend="torchdiffeq"))
     path, reason = _path(cnf)
-    assert path == "odeint" and "torchdiffeq" in reason
+    assert path == "torchdiffeq" and "torchdiffeq" in reason
+    assert [n for n, _ in cnf.last_solve.skipped] == ["cpp_grid", "odeint"] and cnf.last_stats is None

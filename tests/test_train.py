@@ -280,15 +280,17 @@ def test_threads_and_solve_path_are_reported(tmp_path, capsys):
     assert torch.get_num_threads() == 1 and "1 thread(s)" in out
     import fastode.cpp as fc
 
-    expected = "fused_cpu" if fc.available() else "odeint"
-    assert [p["path"] for p in report["solve_path"]] == [expected]
+    expected = "cpp_grid" if fc.available() else "odeint"
+    assert [p["engine"] for p in report["solve_path"]] == [expected]
     assert f"solve path: {expected}" in out
     # the exact trace with Jacobian-Frobenius misses the fused path, and says why
     args = T.parse_args(["--save", str(tmp_path / "tp2"), "--data", "moons", "--niters", "1", "--no-plot",
                          "--trace", "exact", "--jacobian-frobenius", "0.01"] + TINY)
     report = T.train(args)
-    assert report["solve_path"][0]["path"] == "odeint" and report["solve_path"][0]["reason"]
-    assert "fused CPU path not taken" in capsys.readouterr().out
+    path = report["solve_path"][0]
+    assert path["engine"] == "odeint" and path["skipped"][0][0] == "cpp_grid"
+    assert "trace='exact'" in path["skipped"][0][1]
+    assert "cpp_grid not taken: regulariser" in capsys.readouterr().out
 
 
 def test_help_lists_defaults_once_and_the_valid_methods():

@@ -32,7 +32,7 @@ Building blocks
 ``CNF(dynamics, T=0.5, learn_T=False, T_parametrization="sqrt", trace="hutchinson", noise="gaussian",
 method="dopri5", rtol=1e-5, atol=1e-5, step_size=None, options=None, gradient="direct", backend="auto",
 train_solver=None, eval_solver=None, eval_trace="exact", regularizers=(), base=None, dim=None,
-fused_cpu=True)``
+fused_cpu=True, engine="auto")``
     ``dynamics``: a :class:`fastode.nn.ConcatSquashMLP`, a :class:`TimeVaryingConcatSquashMLP`, or any
     module ``f(t, z)``; modules with ``forward_with_trace(t, z, e=None, exact=False) -> (f, trace,
     kinetic, jac_frob)`` use it (fused kernels), others go through autograd.
@@ -62,14 +62,17 @@ fused_cpu=True)``
       :class:`fastode.SolveStats` with the fastode backend, else ``None``), ``last_local_step`` (dict:
       ``t_reg``, ``dt``, ``u``, ``method``, ``ratio`` of the latest local error step).
 
-    * ``fused_cpu`` (attribute and argument, default True; ``flow.set_fused_cpu(False)`` for a stack): solves
-      that :class:`fastode.cpp.CnfStepper` computes identically -- CPU float32/float64, a plain
-      ``ConcatSquashMLP`` whose backend resolves to ``"cpp"``, a fixed-grid RK method (euler ... rk4_classic),
-      ``gradient="direct"``, trace exact or Hutchinson, kinetic / Jacobian-Frobenius (Hutchinson only)
-      regularisers -- run the whole grid in one C++ call and one backward (:mod:`fastode.flows.cpp_path`);
-      anything else goes through :func:`fastode.odeint`. Same values, gradients (dL/dT included), ``nfe`` and
-      ``last_stats``; ``last_path`` / ``last_path_reason`` (per block; ``flow.last_paths()``) say which ran.
-      No double backward on the fused path.
+    * ``engine`` (argument and attribute, default ``"auto"``) and ``fused_cpu`` (default True;
+      ``flow.set_fused_cpu(False)`` for a stack): each solve runs on the first eligible engine of
+      :mod:`fastode.flows.engines` -- ``"cpp_grid"`` for solves that :class:`fastode.cpp.CnfStepper` computes
+      identically (CPU float32/float64, a plain ``ConcatSquashMLP`` whose backend resolves to ``"cpp"``, a
+      fixed-grid one-step RK method, ``gradient="direct"``, trace exact or Hutchinson, kinetic /
+      Jacobian-Frobenius (Hutchinson only) regularisers: the whole grid in one C++ call and one backward), else
+      ``"odeint"`` (:func:`fastode.odeint`). Same values, gradients (dL/dT included), ``nfe`` and stats.
+      ``fused_cpu=False`` excludes the fused engines; a name forces one (``EngineUnavailableError`` saying why
+      when it cannot run). ``last_solve`` (per block; ``flow.last_solves()``) records the engine, why earlier
+      ones did not run, the stats and the MLP backend; ``last_path`` / ``last_path_reason`` are its older
+      names. No double backward on the fused engine.
 
     ``noise`` (Hutchinson probe vectors): ``None`` draws one vector per sample per solve (Gaussian or
     Rademacher), fixed across every RK stage, step and the backward pass; a tensor of ``x``'s shape uses
@@ -151,6 +154,7 @@ from .regularizers import (
     parse_regularizers,
     taylor_derivative,
 )
+from .engines import EngineUnavailableError, SolveRecord, engine_names, register_engine
 from .solver import FIXED_GRID_METHODS, Solver
 
 __all__ = [
@@ -159,4 +163,5 @@ __all__ = [
     "multilevel_train", "EndTimeOptimizer", "clip_end_time", "end_time_parameters", "network_parameters",
     "REGULARIZER_NAMES", "GlobalError", "JacobianFrobenius", "KineticEnergy", "LocalError", "Regularizer",
     "TaylorOrder", "parse_regularizers", "taylor_derivative", "regularizers", "FIXED_GRID_METHODS", "Solver",
+    "EngineUnavailableError", "SolveRecord", "engine_names", "register_engine",
 ]

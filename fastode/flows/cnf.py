@@ -13,15 +13,8 @@ import torch
 from torch import nn
 
 from . import regularizers as R
-from .cpp_path import try_fused_solve
-from .solver import (
-    Solver,
-    as_solver,
-    local_error_step,
-    method_tableau,
-    solve,
-    state_norm,
-)
+from .engines import CnfSolve, engine_names, integrate, run_solve
+from .solver import Solver, as_solver, local_error_step, method_tableau, state_norm
 
 __all__ = [
     "FlowOutput",
@@ -35,6 +28,7 @@ __all__ = [
 ]
 
 _TRACES = ("hutchinson", "exact")
+_LEGACY_PATHS = {"cpp_grid": "fused_cpu"}  # CNF.last_path predates the engine registry
 _NOISES = ("gaussian", "rademacher")
 
 
@@ -294,13 +288,17 @@ class Flow(nn.Module):
         """The latest solve's :class:`fastode.SolveStats` of every CNF block (None entries for torchdiffeq)."""
         return [b.last_stats for b in self.cnf_blocks()]
 
+    def last_solves(self):
+        """Per CNF block, the :class:`~fastode.flows.engines.SolveRecord` of its latest solve (None before any)."""
+        return [b.last_solve for b in self.cnf_blocks()]
+
     def set_fused_cpu(self, enabled: bool = True):
-        """Allow (default) or forbid the fused CPU path (:mod:`fastode.flows.cpp_path`) in every CNF block."""
+        """Allow (default) or forbid the fused CPU path (:mod:`fastode.flows.engines`) in every CNF block."""
         for b in self.cnf_blocks():
             b.fused_cpu = bool(enabled)
 
     def last_paths(self):
-        """Per CNF block, the path its latest solve took: ``"fused_cpu"`` or ``"odeint"`` (None before any)."""
+        """Per CNF block, :attr:`CNF.last_path` (the older name of ``last_solve.engine``)."""
         return [b.last_path for b in self.cnf_blocks()]
 
 
@@ -315,13 +313,15 @@ class CNF(Flow):
     depends on ``T``) for ``gradient="direct"``/``"checkpoint"``, and the adjoint's moving-speed formula
     ``a(T) . F(T)`` for ``gradient="adjoint"``.
 
-    ``fused_cpu=True`` (default): when the solve is one :class:`fastode.cpp.CnfStepper` computes identically
-    (CPU float32/float64, a plain ``ConcatSquashMLP`` on the C++ backend, a fixed-grid RK method,
-    ``gradient="direct"``, kinetic/Jacobian-Frobenius regularisers at most; see
-    :mod:`fastode.flows.cpp_path`) the whole grid runs in one C++ call and one backward instead of
-    :func:`fastode.odeint` with a C++ call per stage. Same values and gradients (dL/dT included), NFE and
-    ``last_stats``; ``last_path`` (``"fused_cpu"``/``"odeint"``) and ``last_path_reason`` say which ran and
-    why. ``fused_cpu=False`` (or setting the attribute) always uses odeint.
+    Engines (:mod:`fastode.flows.engines`): ``engine="auto"`` (default) runs each solve on the first eligible
+    engine of the registry -- the fused C++ grid solve (``"cpp_grid"``: CPU float32/float64, a plain
+    ``ConcatSquashMLP`` on the C++ backend, a fixed-grid RK method, ``gradient="direct"``, kinetic/Jacobian-Frobenius
+    regularisers at most: the whole grid in one C++ call and one backward), else :func:`fastode.odeint` with a
+    network call per stage (``"odeint"``). Same values and gradients (dL/dT included), NFE and stats. A name forces
+    that engine (:class:`~fastode.flows.engines.EngineUnavailableError` with the reason when it cannot run);
+    ``fused_cpu=False`` (or setting the attribute) excludes the fused engines. ``last_solve`` (a
+    :class:`~fastode.flows.engines.SolveRecord`) says which engine ran, why the earlier ones did not, the stats and
+    the MLP backend; ``last_stats``, ``last_path`` and ``last_path_reason`` are read-only views of it.
     """
 
     def __init__(self, dynamics: nn.Module, T: float = 0.5, learn_T: bool = False, T_parametrization: str = "sqrt",
@@ -329,7 +329,7 @@ class CNF(Flow):
                  atol: float = 1e-5, step_size: float | None = None, options: dict | None = None,
                  gradient: str = "direct", backend: str = "auto", train_solver=None, eval_solver=None,
                  eval_trace: str | None = "exact", regularizers=(), base: nn.Module | None = None,
-                 dim: int | None = None, fused_cpu: bool = True):
+                 dim: int | None = None, fused_cpu: bool = True, engine: str = "auto"):
         super().__init__()
         if trace not in _TRACES:
             raise ValueError(f"trace must be one of {_TRACES}, got {trace!r}")
@@ -341,6 +341,8 @@ class CNF(Flow):
             raise ValueError(f"T_parametrization must be 'sqrt' or 'linear', got {T_parametrization!r}")
         if not float(T) > 0:
             raise ValueError(f"the end time T must be positive, got {T!r}")
+        if engine != "auto" and engine not in engine_names():
+            raise ValueError(f"engine must be 'auto' or one of {list(engine_names())}, got {engine!r}")
         self.dynamics = dynamics
         self.dim = int(dim if dim is not None else getattr(dynamics, "dim", 0))
         if self.dim <= 0:
@@ -364,11 +366,30 @@ class CNF(Flow):
         self.base = base if base is not None else StandardNormal(self.dim)
         self._counter = _Counter()
         self._override = None  # (solver, trace) from using_solver
-        self.last_stats = None
-        # fused CPU path (fastode/flows/cpp_path.py): on when eligible; which path the latest solve took and why
-        self.fused_cpu = bool(fused_cpu)
-        self.last_path: str | None = None
-        self.last_path_reason: str | None = None
+        self.fused_cpu = bool(fused_cpu)  # may the fused engines run (fastode/flows/engines.py)
+        self.engine = engine
+        self.last_solve = None            # SolveRecord of the latest solve
+
+    # --- what ran the latest solve (views of last_solve) --------------------------------------------------------
+    @property
+    def last_stats(self):
+        """:class:`fastode.SolveStats` of the latest solve (None before any, or from the torchdiffeq peer)."""
+        return None if self.last_solve is None else self.last_solve.stats
+
+    @property
+    def last_path(self) -> str | None:
+        """The engine of the latest solve under its older name (``"fused_cpu"`` for ``"cpp_grid"``)."""
+        if self.last_solve is None:
+            return None
+        return _LEGACY_PATHS.get(self.last_solve.engine, self.last_solve.engine)
+
+    @property
+    def last_path_reason(self) -> str | None:
+        """Why the engines before the one that ran did not (None when the first one ran)."""
+        return None if self.last_solve is None else self.last_solve.reason
+
+    def _started(self, record):
+        self.last_solve = record
 
     def extra_repr(self) -> str:
         regs = ", ".join(f"{r.name}={r.weight:g}" for r in self.regularizers)
@@ -502,15 +523,13 @@ class CNF(Flow):
         B = x.shape[0]
         y0 = (x, torch.zeros(B, dtype=x.dtype, device=x.device)) + tuple(
             torch.zeros(B, dtype=x.dtype, device=x.device) for _ in integrands)
-        fused = try_fused_solve(self, x, e, t, solver, trace, integrands, errors)
-        if fused is not None:  # the whole fixed-grid solve in one C++ call (same result as below)
-            out, logdet, reg, self.last_stats = fused
-            return FlowOutput(out, logdet, reg)
-        norm = state_norm(2)
         want_stats = any(isinstance(r, R.GlobalError) for r in errors) or any(
             isinstance(r, R.LocalError) and r.mode == "biased" for r in errors)
-        sol, stats = solve(func, y0, t, solver, norm, want_stats=want_stats)
-        self.last_stats = stats
+        norm = state_norm(2)
+        request = CnfSolve(func, y0, t, self.dynamics, e, trace, tuple(integrands), tuple(errors), solver, norm,
+                           self._counter, allow_fused=self.fused_cpu, want_stats=want_stats)
+        result, self.last_solve = run_solve(request, self.engine, started=self._started)
+        sol, stats = result
         out, logdet = sol[0][-1], sol[1][-1]
         reg = {r.name: sol[2 + i][-1] for i, r in enumerate(integrands)}
         for r in errors:
@@ -567,8 +586,8 @@ class CNF(Flow):
                 else:
                     aux = _AugmentedDynamics(self.dynamics, e, trace, (), _Counter())
                     tt = torch.stack([torch.zeros_like(t_reg), t_reg])
-                    s, _ = solve(aux, (x, torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)), tt,
-                                 solver.replace(gradient="direct"), norm)
+                    s, _ = integrate(aux, (x, torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)), tt,
+                                     solver.replace(gradient="direct"), norm)
                     u = (s[0][-1], s[1][-1])
         else:
             u = u_reg

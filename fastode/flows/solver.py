@@ -1,8 +1,8 @@
-"""Solver configuration of a CNF block, and the solve of its tuple state.
+"""Solver configuration of a CNF block, its state norm and the local error regulariser's single step.
 
 A :class:`Solver` is a small immutable record (method, tolerances, options, gradient mode, backend); a
-CNF holds one for training and one for evaluation. :func:`solve` runs one solve of a tuple state through
-:func:`fastode.odeint`. ``backend="torchdiffeq"`` runs torchdiffeq's solver instead: a *peer* for side-by-side
+CNF holds one for training and one for evaluation. Which engine runs a solve is decided in
+:mod:`fastode.flows.engines`. ``backend="torchdiffeq"`` asks for torchdiffeq's solver: a *peer* for side-by-side
 comparisons (the demo, benchmarks, tests), chosen explicitly; fastode never falls back to it.
 
 The local error regulariser's single embedded step (:func:`local_error_step`) uses the RK spec
@@ -18,20 +18,29 @@ import torch
 
 from ..norms import rms_norm
 from ..ops import rk as rk_spec
+from ..solvers import SOLVERS, method_info
 from ..tableaus import get_tableau
 
 __all__ = [
     "Solver",
     "FIXED_GRID_METHODS",
-    "solve",
     "state_norm",
     "resolve_backend",
     "method_tableau",
     "local_error_step",
 ]
 
-FIXED_GRID_METHODS = ("euler", "midpoint", "heun2", "heun3", "rk4", "rk4_classic", "explicit_adams",
-                      "implicit_adams", "fixed_adams")
+
+
+def _is_fixed_grid(method: str) -> bool:
+    try:
+        return method_info(method).fixed_grid
+    except Exception:       # an unknown method: odeint raises the helpful error when the solve runs
+        return False
+
+
+FIXED_GRID_METHODS = tuple(m for m in SOLVERS if _is_fixed_grid(m))
+"""Methods that step on a grid (from their solver classes: the fixed-grid RK and Adams methods)."""
 _GRADIENTS = ("direct", "checkpoint", "adjoint")
 _BACKENDS = ("auto", "fastode", "torchdiffeq")
 
@@ -77,7 +86,7 @@ class Solver:
 
     @property
     def fixed_grid(self) -> bool:
-        return self.method in FIXED_GRID_METHODS
+        return _is_fixed_grid(self.method)
 
     def replace(self, **changes) -> "Solver":
         """A copy with some fields changed (``dataclasses.replace``)."""
@@ -130,45 +139,6 @@ def state_norm(num_controlled: int) -> Callable:
 
     norm.num_controlled = num_controlled
     return norm
-
-
-def solve(func, y0: tuple, t: torch.Tensor, solver: Solver, norm: Callable, want_stats: bool = False):
-    """Integrate the tuple state ``y0`` over the times ``t`` (1-D). Returns ``(solution_tuple, stats)``;
-    ``stats`` is a :class:`fastode.SolveStats` (fastode backend) or ``None``."""
-    backend = resolve_backend(solver)
-    options = solver.full_options()
-    options["norm"] = norm
-    if backend == "fastode":
-        import fastode
-
-        kwargs = {}
-        if solver.gradient == "adjoint":
-            for name in ("adjoint_rtol", "adjoint_atol", "adjoint_options"):
-                if getattr(solver, name) is not None:
-                    kwargs[name] = getattr(solver, name)
-        out = fastode.odeint(func, y0, t, rtol=solver.rtol, atol=solver.atol, method=solver.method,
-                             options=options, gradient=solver.gradient, return_stats=True, **kwargs)
-        sol, stats = out
-        return tuple(sol), stats
-    import torchdiffeq
-
-    if solver.gradient == "checkpoint":
-        raise ValueError("gradient='checkpoint' needs the fastode backend (fastode.odeint); torchdiffeq has no "
-                         "checkpointed discrete adjoint. Use gradient='direct' (same gradient, more memory).")
-    if solver.gradient == "adjoint":
-        kwargs = {}
-        if solver.adjoint_rtol is not None:
-            kwargs["adjoint_rtol"] = solver.adjoint_rtol
-        if solver.adjoint_atol is not None:
-            kwargs["adjoint_atol"] = solver.adjoint_atol
-        if solver.adjoint_options is not None:
-            kwargs["adjoint_options"] = dict(solver.adjoint_options)
-        sol = torchdiffeq.odeint_adjoint(func, y0, t, rtol=solver.rtol, atol=solver.atol, method=solver.method,
-                                         options=options, **kwargs)
-    else:
-        sol = torchdiffeq.odeint(func, y0, t, rtol=solver.rtol, atol=solver.atol, method=solver.method,
-                                 options=options)
-    return tuple(sol), None
 
 
 # --------------------------------------------------------------------------------------------------------

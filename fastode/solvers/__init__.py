@@ -7,8 +7,11 @@ requested.
 """
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 from collections.abc import Mapping
+from typing import NamedTuple, Optional
 
 from .base import ODEFunc, Perturb, Solver
 from .fixed_grid import FIXED_GRID_SOLVERS, FixedGridSolver
@@ -16,7 +19,7 @@ from .rk_adaptive import ADAPTIVE_SOLVERS, DEFAULT_MAX_NUM_STEPS, RKAdaptiveSolv
 from ..ops.rk import RKStep, combine_stages, error_ratio, rk_step
 
 __all__ = ["SOLVERS", "Solver", "ODEFunc", "Perturb", "RKAdaptiveSolver", "FixedGridSolver", "rk_step", "RKStep",
-           "combine_stages", "error_ratio", "DEFAULT_MAX_NUM_STEPS", "get_solver"]
+           "combine_stages", "error_ratio", "DEFAULT_MAX_NUM_STEPS", "get_solver", "MethodInfo", "method_info"]
 
 # name -> (module, class name) for solvers imported lazily
 _LAZY = {
@@ -86,3 +89,40 @@ def get_solver(name: str):
         raise InvalidMethodError('Invalid method "{}". Must be one of {}.{}'.format(
             name, '{"' + '", "'.join(SOLVERS) + '"}', hint))
     return SOLVERS[name]
+
+
+class MethodInfo(NamedTuple):
+    """What a method is, read from its solver class (so that engines and the CNF need no hand-kept lists).
+
+    ``adaptive``: error-controlled step sizes. ``fixed_grid``: steps on a grid (``t``, ``step_size`` or
+    ``grid_constructor``). ``rk_tableau``: the explicit Butcher tableau when every step is one step of it (None for
+    multistep methods, whose start-up tableau is not the step, and for scipy). ``options``: every option the
+    solver takes, with its default.
+    """
+
+    name: str
+    adaptive: bool
+    fixed_grid: bool
+    rk_tableau: Optional[object]
+    options: dict
+
+
+_NOT_OPTIONS = {"self", "func", "y0", "rtol", "atol", "norm"}
+
+
+@functools.lru_cache(maxsize=None)
+def method_info(name: str) -> MethodInfo:
+    """:class:`MethodInfo` of the method ``name`` (raises :class:`~fastode.errors.InvalidMethodError` if unknown)."""
+    cls = get_solver(name)
+    options: dict = {}
+    for klass in cls.__mro__:        # subclass defaults win over the base class's
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        for p in inspect.signature(init).parameters.values():
+            if p.name not in _NOT_OPTIONS and p.default is not inspect.Parameter.empty:
+                options.setdefault(p.name, p.default)
+    tab = getattr(cls, "tableau", None)
+    single_step = tab is not None and not getattr(cls, "multistep", False)
+    return MethodInfo(name, bool(cls.adaptive), issubclass(cls, FixedGridSolver), tab if single_step else None,
+                      options)

@@ -26,7 +26,7 @@ from .base import (Perturb, Solver, _null_callback, all_finite, number_option, r
                    tableau_solver)
 from ..ops.rk import resolve_rk_ops, rk_step
 
-__all__ = ["FixedGridSolver", "FIXED_GRID_SOLVERS", "MAX_EVENT_ITERS"]
+__all__ = ["FixedGridSolver", "FIXED_GRID_SOLVERS", "MAX_EVENT_ITERS", "step_size_grid"]
 
 MAX_EVENT_ITERS = 20000
 
@@ -49,6 +49,18 @@ def _grid_from_step_size(step_size):
         t_infer[-1] = t[-1]
         return t_infer
     return _grid_constructor
+
+
+def step_size_grid(t: torch.Tensor, step_size: float) -> torch.Tensor:
+    """The grid a fixed-grid solve with ``step_size`` integrates the 1-D times ``t`` on, in either direction.
+
+    odeint integrates decreasing times as increasing ones negated, so the grid is built on ``-t`` and negated
+    back; differentiable in ``t`` (engines that run the grid themselves use it to match this solver exactly).
+    """
+    build = _grid_from_step_size(step_size)
+    if t.numel() > 1 and bool(t[-1] < t[0]):
+        return -build(None, None, -t)
+    return build(None, None, t)
 
 
 class FixedGridSolver(Solver):

@@ -1,0 +1,419 @@
+"""CNF engines: who runs one CNF solve, chosen once per solve from an ordered registry.
+
+A CNF solve (:class:`CnfSolve`) integrates the augmented state ``(z, log-density change, *regulariser
+integrals)`` over the output times ``t``. Several engines can run it; each one says whether it can run a given
+solve and, if not, why:
+
+* ``"cpp_grid"``: the whole fixed-grid solve in one C++ call and one backward (:class:`fastode.cpp.CnfStepper`),
+  for solves it computes identically to ``"odeint"`` (see :class:`CppGridEngine`);
+* ``"odeint"``: :func:`fastode.odeint` with one dynamics call per RK stage (every solve fastode supports);
+* ``"torchdiffeq"``: torchdiffeq's solver, a peer for side-by-side comparisons that runs only when the solver
+  asks for it (``Solver(backend="torchdiffeq")``); fastode never falls back to it.
+
+Rules (the same as the ops layer's, :mod:`fastode.ops.registry`): with ``engine="auto"`` the engines are tried
+in registry order and the first that can run, runs; one that declines at run time (the fused grid solve on a
+non-finite result, so that ``"odeint"`` re-runs the solve and raises the error naming the step) falls through to
+the next one. Every skipped engine's reason is kept. An explicitly requested engine that cannot run raises
+:class:`EngineUnavailableError` with the reason. Eligibility is derived from the method's solver class
+(:func:`fastode.solvers.method_info`: adaptive or not, its tableau, its options and their defaults), never from
+lists of method names.
+
+Each solve leaves one :class:`SolveRecord` (``CNF.last_solve``): the engine that ran, why the earlier ones did
+not, the :class:`fastode.SolveStats` and the MLP backend. New engines (fused whole-step / whole-solve engines on
+CUDA and CPU) plug in with :func:`register_engine`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, NamedTuple, Optional
+
+import torch
+
+from . import regularizers as R
+from .solver import Solver
+
+__all__ = [
+    "CnfSolve",
+    "EngineResult",
+    "Skip",
+    "SolveRecord",
+    "EngineUnavailableError",
+    "Engine",
+    "CppGridEngine",
+    "OdeintEngine",
+    "TorchdiffeqEngine",
+    "register_engine",
+    "engine_names",
+    "get_engine",
+    "run_solve",
+    "integrate",
+]
+
+
+class EngineUnavailableError(ValueError):
+    """An explicitly requested CNF engine cannot run this solve (the message says why)."""
+
+
+@dataclass(frozen=True)
+class CnfSolve:
+    """One CNF solve, as engines see it.
+
+    ``func``: the augmented right-hand side ``(t, state) -> (f, trace, *integrands)`` (it counts evaluations);
+    ``y0``: the initial augmented state; ``dynamics``: the network inside ``func``; ``e``: the Hutchinson probe
+    (None for the exact trace); ``counter``: the CNF's NFE counter (an engine that does not call ``func`` adds its
+    evaluations there); ``allow_fused``: the CNF's ``fused_cpu`` switch; ``want_stats``: the error regularisers
+    need per-step errors and step times.
+    """
+
+    func: Callable
+    y0: tuple
+    t: torch.Tensor
+    dynamics: Any
+    e: Optional[torch.Tensor]
+    trace: str
+    integrands: tuple
+    errors: tuple
+    solver: Solver
+    norm: Callable
+    counter: Any
+    allow_fused: bool = True
+    want_stats: bool = False
+
+    @property
+    def x(self) -> torch.Tensor:
+        return self.y0[0]
+
+
+class EngineResult(NamedTuple):
+    """``trajectory``: the augmented state at every output time (tuple of ``(len(t), ...)`` tensors); ``stats``:
+    :class:`fastode.SolveStats` (None from torchdiffeq)."""
+
+    trajectory: tuple
+    stats: Any
+
+
+class Skip(NamedTuple):
+    """An engine cannot run this solve, and why."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class SolveRecord:
+    """What ran one CNF solve: ``engine``; ``skipped``: ``((engine, reason), ...)`` for the engines tried before
+    it; ``stats``; ``mlp_backend``: the dynamics' ``last_backend`` after the solve (None if it has none)."""
+
+    engine: str
+    skipped: tuple = ()
+    stats: Any = None
+    mlp_backend: Optional[str] = None
+
+    @property
+    def reason(self) -> Optional[str]:
+        """Why the engines before ``engine`` did not run (``"; "``-joined), or None."""
+        return "; ".join(r for _, r in self.skipped) or None
+
+    def describe(self) -> str:
+        if not self.skipped:
+            return self.engine
+        return f"{self.engine} (" + "; ".join(f"{n} not taken: {r}" for n, r in self.skipped) + ")"
+
+
+class Engine:
+    """Base class of CNF engines: ``plan(solve)`` returns a plan (anything) or a :class:`Skip`;
+    ``run(solve, plan)`` returns an :class:`EngineResult`, or a :class:`Skip` to decline at run time."""
+
+    name: str = ""
+
+    def plan(self, solve: CnfSolve):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def run(self, solve: CnfSolve, plan):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+# --------------------------------------------------------------------------------------------------------
+# the generic solves (also used directly for auxiliary solves, e.g. the biased local error's)
+
+def _fastode_integrate(func, y0, t, solver: Solver, norm, want_stats=False):
+    import fastode
+
+    options = solver.full_options()
+    options["norm"] = norm
+    kwargs = {}
+    if solver.gradient == "adjoint":
+        for name in ("adjoint_rtol", "adjoint_atol", "adjoint_options"):
+            if getattr(solver, name) is not None:
+                kwargs[name] = getattr(solver, name)
+    sol, stats = fastode.odeint(func, y0, t, rtol=solver.rtol, atol=solver.atol, method=solver.method,
+                                options=options, gradient=solver.gradient, return_stats=True, **kwargs)
+    return tuple(sol), stats
+
+
+def _torchdiffeq_integrate(func, y0, t, solver: Solver, norm, want_stats=False):
+    import torchdiffeq
+
+    if solver.gradient == "checkpoint":
+        raise ValueError("gradient='checkpoint' needs the fastode backend (fastode.odeint); torchdiffeq has no "
+                         "checkpointed discrete adjoint. Use gradient='direct' (same gradient, more memory).")
+    options = solver.full_options()
+    options["norm"] = norm
+    common = dict(rtol=solver.rtol, atol=solver.atol, method=solver.method, options=options)
+    if solver.gradient == "adjoint":
+        kwargs = {}
+        if solver.adjoint_rtol is not None:
+            kwargs["adjoint_rtol"] = solver.adjoint_rtol
+        if solver.adjoint_atol is not None:
+            kwargs["adjoint_atol"] = solver.adjoint_atol
+        if solver.adjoint_options is not None:
+            kwargs["adjoint_options"] = dict(solver.adjoint_options)
+        sol = torchdiffeq.odeint_adjoint(func, y0, t, **common, **kwargs)
+    else:
+        sol = torchdiffeq.odeint(func, y0, t, **common)
+    return tuple(sol), None
+
+
+def integrate(func, y0: tuple, t: torch.Tensor, solver: Solver, norm: Callable, want_stats: bool = False):
+    """Integrate the tuple state ``y0`` over the 1-D times ``t`` with the generic engine the solver names
+    (``"odeint"``, or the ``"torchdiffeq"`` peer). Returns ``(trajectory, stats)``."""
+    run = _torchdiffeq_integrate if solver.backend == "torchdiffeq" else _fastode_integrate
+    return run(func, y0, t, solver, norm, want_stats)
+
+
+_PEER_ONLY = "the solver asks for the torchdiffeq peer (Solver(backend='torchdiffeq'))"
+
+
+class OdeintEngine(Engine):
+    """:func:`fastode.odeint` on the augmented state: any method, gradient mode, trace and regulariser."""
+
+    name = "odeint"
+
+    def plan(self, solve):
+        return Skip(_PEER_ONLY) if solve.solver.backend == "torchdiffeq" else None
+
+    def run(self, solve, plan):
+        return EngineResult(*_fastode_integrate(solve.func, solve.y0, solve.t, solve.solver, solve.norm,
+                                                solve.want_stats))
+
+
+class TorchdiffeqEngine(Engine):
+    """torchdiffeq's solver: a peer for comparisons, only when chosen (``Solver(backend="torchdiffeq")``)."""
+
+    name = "torchdiffeq"
+
+    def plan(self, solve):
+        if solve.solver.backend != "torchdiffeq":
+            return Skip("torchdiffeq runs only when the solver asks for it (Solver(backend='torchdiffeq'))")
+        return None
+
+    def run(self, solve, plan):
+        return EngineResult(*_torchdiffeq_integrate(solve.func, solve.y0, solve.t, solve.solver, solve.norm))
+
+
+# --------------------------------------------------------------------------------------------------------
+# the fused C++ grid solve
+
+class _GridPlan(NamedTuple):
+    tableau: Any
+    step_size: Optional[float]
+    rates: tuple            # stepper rate names: "trace", then one per integrand regulariser
+    check_finite: bool
+
+
+def _same_option(value, default) -> bool:
+    if value is default:
+        return True
+    try:
+        return type(value) is type(default) and bool(value == default)
+    except Exception:
+        return False
+
+
+class CppGridEngine(Engine):
+    """A whole fixed-grid solve in one C++ call (:meth:`fastode.cpp.CnfStepper.solve`) and one backward.
+
+    It runs exactly the solves it computes identically to ``"odeint"`` (same grid, stage times, probes and
+    integrands; values, gradients incl. dL/dT, NFE and stats agree): the CNF's ``fused_cpu`` switch on and the
+    C++ extension built; a float32/float64 CPU input; a plain :class:`fastode.nn.ConcatSquashMLP` (exact type, no
+    forward hooks, parameters of the input's dtype and device) whose backend resolves to ``"cpp"``; a fixed-grid
+    method whose every step is one explicit RK step (its solver class has a tableau and is not multistep),
+    ``gradient="direct"``, every option but ``step_size``/``check_finite`` at its default; the Hutchinson or exact
+    trace; kinetic energy and (Hutchinson trace only: with the exact trace the stepper's rate is the full
+    Frobenius norm, not the probe estimate odeint integrates) Jacobian-Frobenius integrands; no error
+    regularisers. The fused backward is once-differentiable (no double backward).
+
+    ``check_finite`` (default on): a non-finite result declines at run time, so that ``"odeint"`` re-runs the solve
+    and raises :class:`~fastode.errors.NonFiniteError` naming the step; the re-run is warned once
+    (:class:`~fastode.errors.FallbackWarning`) and recorded.
+    """
+
+    name = "cpp_grid"
+    _HANDLED_OPTIONS = ("step_size", "check_finite")
+
+    def plan(self, solve):
+        if not solve.allow_fused:
+            return Skip("fused_cpu is off")
+        try:
+            import fastode.cpp as fc
+        except Exception as exc:  # pragma: no cover
+            return Skip(f"fastode.cpp is not importable ({exc})")
+        if not fc.available():
+            return Skip("the C++ extension is not built")
+        x, solver = solve.x, solve.solver
+        if x.device.type != "cpu":
+            return Skip(f"the input is on {x.device}")
+        if x.dtype not in (torch.float32, torch.float64):
+            return Skip(f"the input is {x.dtype}")
+        if solve.trace not in ("hutchinson", "exact"):
+            return Skip(f"trace={solve.trace!r}")
+        if solve.errors:
+            return Skip("error-estimate regularisers")
+        rates = ["trace"]
+        for r in solve.integrands:
+            if isinstance(r, R.KineticEnergy):
+                rates.append("kinetic")
+            elif isinstance(r, R.JacobianFrobenius) and solve.trace == "hutchinson":
+                rates.append("jac_frob")
+            else:
+                return Skip(f"regulariser {r.name!r} with trace={solve.trace!r}")
+        if solver.backend == "torchdiffeq":
+            return Skip(_PEER_ONLY)
+        from fastode.solvers import method_info
+
+        try:
+            info = method_info(solver.method)
+        except Exception as exc:
+            return Skip(f"method {solver.method!r}: {exc}")
+        if info.adaptive or not info.fixed_grid:
+            return Skip(f"method {solver.method!r} is adaptive; this engine runs fixed grids")
+        if info.rk_tableau is None:
+            return Skip(f"method {solver.method!r} is not a one-step explicit RK method")
+        if solver.gradient != "direct":
+            return Skip(f"gradient={solver.gradient!r}")
+        opts = solver.full_options()
+        for key, value in opts.items():
+            if key in self._HANDLED_OPTIONS:
+                continue
+            if key not in info.options:
+                return Skip(f"solver option {key!r} (not an option of {solver.method!r})")
+            if not _same_option(value, info.options[key]):
+                return Skip(f"solver option {key}={value!r} (this engine runs {key}={info.options[key]!r})")
+        h = opts.get("step_size")
+        if h is not None:
+            try:
+                h = float(h.item() if isinstance(h, torch.Tensor) else h)
+            except (TypeError, ValueError, RuntimeError):
+                return Skip(f"step_size {h!r}")
+            if not (h > 0 and math.isfinite(h)):
+                return Skip(f"step_size {h!r}")
+        why = self._why_not_dynamics(solve.dynamics, x)
+        if why is not None:
+            return Skip(why)
+        return _GridPlan(info.rk_tableau, h, tuple(rates), bool(opts.get("check_finite", True)))
+
+    @staticmethod
+    def _why_not_dynamics(dyn, x) -> Optional[str]:
+        from fastode.nn import ConcatSquashMLP
+        from fastode.nn import backends as nn_backends
+
+        if type(dyn) is not ConcatSquashMLP:
+            return f"the dynamics is a {type(dyn).__name__}, not a plain ConcatSquashMLP"
+        if dyn._forward_hooks or dyn._forward_pre_hooks:
+            return "the dynamics has forward hooks"
+        for layer in dyn.params():
+            for p in layer:
+                if p.dtype != x.dtype or p.device != x.device:
+                    return f"an MLP parameter is {p.dtype} on {p.device}, the input {x.dtype} on {x.device}"
+        t0 = torch.zeros((), dtype=x.dtype, device=x.device)
+        try:
+            name = nn_backends.resolve_backend_name(dyn.backend, x.device, (t0, x, dyn.params(), dyn.activation))
+        except ValueError as exc:
+            return f"the MLP backend cannot be resolved ({exc})"
+        if name != "cpp":
+            return f"the MLP backend resolves to {name!r}, not 'cpp'"
+        return None
+
+    def run(self, solve, plan: _GridPlan):
+        import fastode.cpp as fc
+        from fastode.solvers.fixed_grid import step_size_grid
+        from fastode.stats import SolveStats
+
+        x, t, dyn = solve.x, solve.t, solve.dynamics
+        grid = t if plan.step_size is None else step_size_grid(t, plan.step_size)
+        stepper = fc.CnfStepper(dyn, plan.tableau, rates=plan.rates, backend="cpp")
+        q0 = torch.stack(solve.y0[1:], -1)       # (B, 1 + integrands) initial log-density and integrals
+        zT, qT = stepper.solve(grid, x, q0, solve.e if solve.trace == "hutchinson" else None)
+        if plan.check_finite and not bool(torch.isfinite(zT).all() and torch.isfinite(qT).all()):
+            from fastode.errors import warn_fallback_once
+
+            reason = ("the fused C++ grid solve produced NaN/inf; re-running it on the odeint path, which raises "
+                      "NonFiniteError naming the step")
+            warn_fallback_once("cnf-fused-cpu-nonfinite", f"CNF: {reason}")
+            return Skip(reason)
+        dyn.last_backend = "cpp"
+        g = grid.detach().to("cpu", torch.float64).tolist()
+        n = len(g) - 1
+        nfe = len(plan.tableau.c) * n
+        solve.counter.n += nfe
+        stats = SolveStats(num_fevals=nfe, num_steps=n, num_accepted_steps=n, step_ts=g[:-1],
+                           step_sizes=[b - a for a, b in zip(g[:-1], g[1:])], method=solve.solver.method)
+        ends = (zT,) + tuple(qT.unbind(-1))
+        trajectory = tuple(torch.stack([a, b]) for a, b in zip(solve.y0, ends))
+        return EngineResult(trajectory, stats)
+
+
+# --------------------------------------------------------------------------------------------------------
+# the registry
+
+_ENGINES: list = [CppGridEngine(), OdeintEngine(), TorchdiffeqEngine()]
+
+
+def register_engine(engine: Engine, before: Optional[str] = None) -> None:
+    """Add ``engine`` to the registry (replacing one of the same name), ahead of ``before`` or last."""
+    if not engine.name:
+        raise ValueError("an engine needs a name")
+    _ENGINES[:] = [e for e in _ENGINES if e.name != engine.name]
+    names = [e.name for e in _ENGINES]
+    if before is None:
+        _ENGINES.append(engine)
+    elif before not in names:
+        raise ValueError(f"unknown engine {before!r}; registered: {names}")
+    else:
+        _ENGINES.insert(names.index(before), engine)
+
+
+def engine_names() -> tuple:
+    """Registered engine names in the order ``engine="auto"`` tries them."""
+    return tuple(e.name for e in _ENGINES)
+
+
+def get_engine(name: str) -> Engine:
+    for e in _ENGINES:
+        if e.name == name:
+            return e
+    raise ValueError(f"unknown CNF engine {name!r}; choose 'auto' or one of {list(engine_names())}")
+
+
+def run_solve(solve: CnfSolve, engine: str = "auto", started: Optional[Callable] = None):
+    """Run ``solve`` on ``engine`` (a name, or ``"auto"``: the first eligible one). ``(EngineResult, SolveRecord)``.
+
+    ``started(record)`` is called before an engine runs, so that a solve that raises still says who ran it.
+    """
+    candidates = list(_ENGINES) if engine == "auto" else [get_engine(engine)]
+    skipped = []
+    for eng in candidates:
+        plan = eng.plan(solve)
+        if not isinstance(plan, Skip) and started is not None:
+            started(SolveRecord(eng.name, tuple(skipped)))
+        result = plan if isinstance(plan, Skip) else eng.run(solve, plan)
+        if isinstance(result, Skip):
+            if engine != "auto":
+                raise EngineUnavailableError(f"CNF engine {eng.name!r} cannot run this solve: {result.reason}. "
+                                             f"Use engine='auto' to let an eligible engine run it.")
+            skipped.append((eng.name, result.reason))
+            continue
+        record = SolveRecord(eng.name, tuple(skipped), result.stats, getattr(solve.dynamics, "last_backend", None))
+        return result, record
+    raise EngineUnavailableError("no CNF engine can run this solve: "
+                                 + "; ".join(f"{n}: {r}" for n, r in skipped))
