@@ -48,7 +48,7 @@ def _cuda_timed(fn, iters):
 def bench_mlp(D, hidden, act, batch, repeats, iters):
     from fastode.nn import ConcatSquashMLP
     from fastode.nn import functional as F
-    from fastode.nn import triton_backend as TB
+    from fastode.ops import triton_mlp as TB
 
     torch.manual_seed(0)
     m = ConcatSquashMLP(D, hidden, act, backend="torch").to(DEV)

@@ -14,7 +14,7 @@ if SKIP_REASON is None:
     from fastode.kernels import _common as KC
     from fastode.nn import backends
     from fastode.nn import functional as F
-    from fastode.nn import triton_backend as TB
+    from fastode.ops import triton_mlp as TB
 
 ACTS = ("tanh", "softplus", "elu", "swish", "identity")
 

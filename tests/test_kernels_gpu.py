@@ -19,7 +19,7 @@ if torch.cuda.is_available() and not INTERPRET:
     triton = pytest.importorskip("triton")
     from fastode.nn import ConcatSquashMLP, backends
     from fastode.nn import functional as F
-    from fastode.nn import triton_backend as TB
+    from fastode.ops import triton_mlp as TB
     from fastode.ops.triton_rk import rk_epilogue, rk_error_ratio, rk_stage
 
 DEV = "cuda"

@@ -7,21 +7,18 @@ import torch
 
 from fastode.nn import ConcatSquashMLP, backends
 from fastode.nn import functional as F
+from fastode.ops import registry
 
 
 @pytest.fixture(autouse=True)
 def _restore_registry(monkeypatch):
     backends.available_backends()  # import the lazy backends first: a module is imported (and registers) once
-    saved = (dict(backends._backends), dict(backends._lazy), dict(backends._import_errors), backends._global_override)
+    saved = registry.snapshot()
     monkeypatch.delenv("FASTODE_NN_BACKEND", raising=False)
+    backends.set_backend(None)
     yield
-    backends._backends.clear()
-    backends._backends.update(saved[0])
-    backends._lazy.clear()
-    backends._lazy.update(saved[1])
-    backends._import_errors.clear()
-    backends._import_errors.update(saved[2])
-    backends._global_override = saved[3]
+    registry.restore(saved)
+    backends.set_backend(None)
 
 
 def counting_backend(name):
@@ -42,12 +39,12 @@ def counting_backend(name):
 def test_torch_always_available_and_auto_on_cpu():
     assert "torch" in backends.available_backends()
     name = backends.resolve_backend_name("auto", "cpu")
-    cpp_ok = backends._load("cpp") is not None
+    cpp_ok = "cpp" in backends.available_backends()
     assert name == ("cpp" if cpp_ok else "torch")
 
 
 def test_auto_on_cuda_prefers_triton_when_importable():
-    if backends._load("triton") is None:
+    if "triton" not in backends.available_backends():
         assert backends.resolve_backend_name("auto", "cuda") == "torch"
     else:
         assert backends.resolve_backend_name("auto", "cuda") == "triton"
@@ -132,10 +129,10 @@ def test_lazy_backend_import_registers_or_falls_back(monkeypatch):
 
 
 def test_triton_by_name_on_cpu_without_interpreter_says_what_to_do(monkeypatch):
-    if backends._load("triton") is None:
+    if "triton" not in backends.available_backends():
         pytest.skip("triton not importable")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(ValueError, match="CUDA tensors"):
+    with pytest.raises(ValueError, match="runs on cuda tensors, not cpu; set TRITON_INTERPRET=1"):
         backends.resolve_backend_name("triton", "cpu")
 
 

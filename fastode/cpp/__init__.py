@@ -6,8 +6,8 @@ runs its PyTorch reference instead.
 
 What it provides
 
-* Backend ``"cpp"`` of the concatsquash-MLP registry (:mod:`fastode.nn.backends`): the three functions
-  of :mod:`fastode.nn.functional` as autograd Functions over fused C++ kernels (forward, forward +
+* Backend ``"cpp"`` of the concatsquash-MLP ops (:mod:`fastode.ops.mlp`): the three functions
+  of :mod:`fastode.ops.concatsquash` (and ``mlp.bind``) as autograd Functions over fused C++ kernels (forward, forward +
   probe VJPs, and one backward pass for all of it, trace terms included). Registered on import when
   the extension is built; ``"auto"`` then picks it for float32/float64 CPU tensors.
 * :func:`cnf_rk_step`: one explicit RK step of CNF dynamics (``dz/dt = f``, ``dlogp/dt = -trace``,
@@ -28,7 +28,7 @@ batch of 512 on).
 """
 from __future__ import annotations
 
-from ._loader import available, build_info, ext
+from ._loader import available, error, ext
 from ._mlp import concatsquash_mlp, concatsquash_mlp_exact_trace, concatsquash_mlp_hutchinson, supports
 from ._rk import RATE_CODES, CnfStep, CnfStepper, cnf_rk_step, rk_epilogue, rk_stage
 from . import _dispatch
@@ -62,13 +62,28 @@ def empty_cache() -> int:
     return ext().empty_cache() if available() else 0
 
 
-def _register() -> None:
+def build_info() -> dict:
+    """What the C++ backend is: ``available``, ``error`` (why not), ``path``, ``openmp``, ``gemm``
+    (``"blas"`` = the BLAS inside libtorch, ``"fallback"`` = built-in loops; prefixed ``"avx512+"`` when the
+    AVX-512 micro-kernels run the wide float32 tanh/identity layers), ``tile`` / ``tile_large`` (rows per tile
+    for small / large batches). ``FASTODE_GEMM=blas`` or
+    ``fallback`` (read at load) turns the micro-kernels off, ``fallback`` also BLAS."""
     if not available():
-        return
-    from ..nn import backends as _backends
-    from . import _mlp
+        return {"available": False, "error": error()}
+    x = ext()
+    return {
+        "available": True,
+        "error": None,
+        "path": getattr(x, "__file__", None),
+        "openmp": bool(getattr(x, "openmp", False)),
+        "gemm": x.gemm_backend(),
+        "tile": _dispatch.tile_rows(),  # rows per tile for small batches
+        "tile_large": _dispatch.tile_rows(1 << 20),  # and for large ones
+    }
 
-    _backends.register_backend("cpp", _mlp)
 
+if available():  # backend "cpp" of the MLP ops (fastode.ops.mlp imports this package lazily)
+    from ..ops.mlp import register_backend as _register_mlp_backend
+    from . import _mlp as _mlp_backend
 
-_register()
+    _register_mlp_backend("cpp", _mlp_backend, devices=("cpu",))

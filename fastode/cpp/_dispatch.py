@@ -5,7 +5,8 @@ import os
 
 import torch
 
-from ._loader import _error, available
+from ..ops.mlp import get_preference
+from ._loader import available, error
 
 last_backend: str | None = None
 """Backend that ran the latest call of a :mod:`fastode.cpp` function ("cpp" or "torch")."""
@@ -46,7 +47,7 @@ def mlp_tile_rows(batch: int, params) -> int:
 def cpp_unsupported(*tensors) -> str | None:
     """Why the C++ kernels cannot take these tensors (None when they can)."""
     if not available():
-        return _error
+        return error()
     dtype = None
     for x in tensors:
         if x is None:
@@ -65,11 +66,9 @@ def cpp_unsupported(*tensors) -> str | None:
 def choose(backend: str, *tensors) -> str:
     """Resolve ``backend`` ("auto", "cpp" or "torch") for a call on ``tensors``; records it."""
     global last_backend
-    from ..nn.backends import get_global_backend
-
     name = (backend or "auto").lower()
     if name == "auto":
-        name = get_global_backend()
+        name = get_preference()
     if name not in ("auto", "cpp", "torch", "triton"):
         raise ValueError(f"unknown backend {backend!r}; choose 'auto', 'cpp' or 'torch'")
     reason = cpp_unsupported(*tensors)

@@ -35,22 +35,6 @@ def available() -> bool:
     return _ext is not None
 
 
-def build_info() -> dict:
-    """What the C++ backend is: ``available``, ``error`` (why not), ``path``, ``openmp``, ``gemm``
-    (``"blas"`` = the BLAS inside libtorch, ``"fallback"`` = built-in loops; prefixed ``"avx512+"`` when the
-    AVX-512 micro-kernels run the wide float32 tanh/identity layers), ``tile`` / ``tile_large`` (rows per tile
-    for small / large batches). ``FASTODE_GEMM=blas`` or
-    ``fallback`` (read at load) turns the micro-kernels off, ``fallback`` also BLAS."""
-    from ._dispatch import tile_rows
-
-    if _ext is None:
-        return {"available": False, "error": _error}
-    return {
-        "available": True,
-        "error": None,
-        "path": getattr(_ext, "__file__", None),
-        "openmp": bool(getattr(_ext, "openmp", False)),
-        "gemm": _ext.gemm_backend(),
-        "tile": tile_rows(),  # rows per tile for small batches
-        "tile_large": tile_rows(1 << 20),  # and for large ones
-    }
+def error() -> str | None:
+    """Why the extension is unavailable (None when it is loaded)."""
+    return _error

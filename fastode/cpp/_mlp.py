@@ -8,6 +8,9 @@ and t. When a graph of the backward is requested (``create_graph=True``, e.g. FF
 so higher derivatives are available (at reference speed), as in the "triton" backend. ``torch.func``
 transforms (jvp/vmap) are not supported; use backend "torch" for those (e.g. TayNODE's nested jvp).
 
+:func:`bind` (op ``mlp.bind``) fixes the flattened parameters, activation code and tile for a solve and calls the
+extension directly, without an autograd Function, when no gradient is wanted (e.g. log-likelihood evaluation).
+
 When called directly for tensors the C++ kernels cannot take (not CPU, other dtypes, or the extension
 is not built) they run the PyTorch reference instead; :data:`fastode.cpp.last_backend` says which ran.
 """
@@ -15,12 +18,13 @@ from __future__ import annotations
 
 import torch
 
-from ..nn import functional as _ref
+from ..ops import concatsquash as _ref
+from ..ops.mlp import BoundMLP
 from ..ops.reference_grad import reference_backward
 from . import _dispatch
 from ._loader import ext
 
-__all__ = ["concatsquash_mlp", "concatsquash_mlp_hutchinson", "concatsquash_mlp_exact_trace", "supports"]
+__all__ = ["concatsquash_mlp", "concatsquash_mlp_hutchinson", "concatsquash_mlp_exact_trace", "supports", "bind"]
 
 _ACT_NAMES = ("tanh", "softplus", "elu", "swish", "identity")  # index = the C++ activation code
 _ACT_CODES = {name: i for i, name in enumerate(_ACT_NAMES)}
@@ -170,3 +174,45 @@ def concatsquash_mlp_exact_trace(t, z: torch.Tensor, params, activation: str):
         return _ref.concatsquash_mlp_exact_trace(t, z, params, activation)
     tile = _dispatch.mlp_tile_rows(z.shape[0], params)
     return _ExactTrace.apply(t, z, _ACT_CODES[activation], tile, *_flat(params))
+
+
+def bind(params, activation: str, like: torch.Tensor) -> BoundMLP:
+    """``mlp.bind`` of the C++ backend (the registry checked ``supports`` and the inputs once, for ``like``).
+
+    Per call it only converts ``t``; a call that needs no gradient (grad mode off, or nothing requiring grad) runs
+    the kernels directly, one that does goes through the autograd Functions above."""
+    flat = _flat(params)
+    act = _ACT_CODES[activation]
+    x = ext()
+    params_grad = any(p.requires_grad for p in flat)
+    tiles = {like.shape[0]: _dispatch.mlp_tile_rows(like.shape[0], params)}
+
+    def tile_for(z):
+        n = z.shape[0]
+        tile = tiles.get(n)
+        if tile is None:
+            tile = tiles[n] = _dispatch.mlp_tile_rows(n, params)
+        return tile
+
+    def grad_wanted(t, z, e=None):
+        return torch.is_grad_enabled() and (params_grad or z.requires_grad or (e is not None and e.requires_grad)
+                                            or (isinstance(t, torch.Tensor) and t.requires_grad))
+
+    def forward(t, z):
+        if grad_wanted(t, z):
+            return _MLP.apply(_ref._as_time(t, z), z, act, tile_for(z), *flat)
+        return x.mlp_forward(float(t), z, flat, act, False, tile_for(z))[0]
+
+    def hutchinson(t, z, e):
+        if grad_wanted(t, z, e):
+            return _Hutchinson.apply(_ref._as_time(t, z), z, e, act, tile_for(z), *flat)
+        f, vjp, trace, kinetic, jac_frob, _ = x.mlp_probe_forward(float(t), z, e, flat, act, True, False, tile_for(z))
+        return f, vjp.view_as(z), trace, kinetic, jac_frob
+
+    def exact_trace(t, z):
+        if grad_wanted(t, z):
+            return _ExactTrace.apply(_ref._as_time(t, z), z, act, tile_for(z), *flat)
+        f, _, trace, _, _, _ = x.mlp_probe_forward(float(t), z, None, flat, act, False, False, tile_for(z))
+        return f, trace
+
+    return BoundMLP("cpp", forward, hutchinson, exact_trace)

@@ -10,7 +10,7 @@ from typing import NamedTuple, Sequence
 import torch
 from torch.autograd.function import once_differentiable
 
-from ..nn import functional as _ref
+from ..ops import concatsquash as _ref
 from ..ops import rk as rk_spec
 from ..tableaus import get_tableau
 from . import _dispatch
@@ -288,7 +288,7 @@ def cnf_rk_step(t0, dt, z0: torch.Tensor, q0: torch.Tensor, params, tableau, *, 
 
 
 def _cnf_rates_torch(t, z, params, activation, e, rates):
-    """Reference stage: f and the (B, NQ) rates, from fastode.nn.functional."""
+    """Reference stage: f and the (B, NQ) rates, from fastode.ops.concatsquash."""
     B, D = z.shape
     if e is None:  # exact: basis probes, as the C++ kernels do
         probes = [torch.zeros_like(z).index_fill_(1, torch.tensor([k]), 1.0) for k in range(D)]

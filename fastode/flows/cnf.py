@@ -112,6 +112,16 @@ class _AugmentedDynamics(nn.Module):
         self.need_jf = any(isinstance(r, R.JacobianFrobenius) for r in self.integrands)
         self.counter = counter
         self._fn = None
+        # the dynamics bound for this solve (backend and inputs settled at the first call); kept out of the
+        # module's children (it may be the dynamics itself)
+        self.__dict__["_net"] = None
+
+    def _bound(self, z):
+        net = self.__dict__["_net"]
+        if net is None:
+            bind = getattr(self.dynamics, "bind", None)
+            net = self.__dict__["_net"] = bind(z) if callable(bind) else self.dynamics
+        return net
 
     def _generic(self, t, z):
         dyn = self.dynamics
@@ -144,7 +154,7 @@ class _AugmentedDynamics(nn.Module):
         return f, tr, None, jf
 
     def _evaluate(self, t, z):
-        dyn = self.dynamics
+        dyn = self._bound(z)
         if self.trace == "none":
             return dyn(t, z), torch.zeros(z.shape[:-1], dtype=z.dtype, device=z.device), None, None
         if not hasattr(dyn, "forward_with_trace"):

@@ -6,10 +6,11 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from ..ops import mlp as _mlp_ops
 from . import backends as _backends
 from .functional import ACTIVATIONS
 
-__all__ = ["ConcatSquashLinear", "ConcatSquashMLP", "ConcatSquashEvaluation"]
+__all__ = ["ConcatSquashLinear", "ConcatSquashMLP", "ConcatSquashEvaluation", "BoundEvaluation"]
 
 
 class ConcatSquashLinear(nn.Module):
@@ -41,6 +42,31 @@ class ConcatSquashLinear(nn.Module):
         return (x @ W.t() + b) * torch.sigmoid(gw * t + gb) + bw * t
 
 
+class BoundEvaluation:
+    """A concatsquash MLP fixed for one solve (:meth:`ConcatSquashEvaluation.bind`): ``forward(t, z)`` and
+    ``forward_with_trace(t, z, e=None, exact=False)`` as the module's, with the parameters, the backend and the
+    input checks settled once, at binding (the backend's ``mlp.bind``). ``z`` keeps the bound shape ``(B, dim)``."""
+
+    __slots__ = ("_bound", "_module", "backend")
+
+    def __init__(self, module, bound):
+        self._module, self._bound, self.backend = module, bound, bound.backend
+
+    def __call__(self, t, z):
+        return self._bound.forward(t, z)
+
+    forward = __call__
+
+    def forward_with_trace(self, t, z, e=None, exact: bool = False):
+        if exact:
+            f, trace = self._bound.exact_trace(t, z)
+            return f, trace, (f * f).sum(-1), None
+        if e is None:
+            e = self._module.sample_noise(z)
+        f, _vjp, trace, kinetic, jac_frob = self._bound.hutchinson(t, z, e)
+        return f, trace, kinetic, jac_frob
+
+
 class ConcatSquashEvaluation:
     """Evaluation of a concatsquash MLP through the selected backend, shared by every module that can say which
     ``(W, b, gw, gb, bw)`` tuples apply at time ``t`` (:meth:`params_at`) and has ``dim``, ``activation``,
@@ -62,6 +88,22 @@ class ConcatSquashEvaluation:
 
     def params_at(self, t):
         raise NotImplementedError
+
+    time_varying_params = True
+    """Whether :meth:`params_at` depends on ``t`` (then :meth:`bind` cannot fix the parameters)."""
+
+    def bind(self, like: torch.Tensor):
+        """This network for a solve on inputs like ``like`` ``(B, dim)``: a :class:`BoundEvaluation` with the
+        backend chosen and the inputs checked once (the per-stage calls of a solve then cost the kernel call), or
+        the module itself when that cannot be fixed (time-varying parameters, forward hooks, other shapes)."""
+        if (self.time_varying_params or like.dim() != 2 or like.shape[-1] != self.dim
+                or getattr(self, "_forward_hooks", None) or getattr(self, "_forward_pre_hooks", None)):
+            return self
+        with torch.enable_grad():  # views made under no_grad would not carry gradients to the parameters later
+            params = self.params_at(None)
+        bound = _mlp_ops.bind(params, self.activation, like, self.backend)
+        self.last_backend = _backends.last_backend = bound.backend
+        return BoundEvaluation(self, bound)
 
     def _prepare(self, t, z):
         if z.shape[-1] != self.dim:
@@ -133,6 +175,10 @@ class ConcatSquashMLP(ConcatSquashEvaluation, nn.Module):
     def params(self):
         """List of per-layer ``(W, b, gw, gb, bw)`` tuples."""
         return [layer.params() for layer in self.layers]
+
+    @property
+    def time_varying_params(self) -> bool:
+        return type(self).params_at is not ConcatSquashMLP.params_at   # a subclass overriding params_at
 
     def params_at(self, t):
         """The parameters used at time ``t`` (constant here). Subclasses with time-varying weights (e.g. Disc-Opt

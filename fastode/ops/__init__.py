@@ -4,14 +4,16 @@ and a registry of faster backends with written fallback rules.
 * :mod:`fastode.ops.registry` -- register / resolve backends per op and device (the rules);
 * :mod:`fastode.ops.rk` -- the RK step spec (stage times, stage combination, embedded error, error ratio,
   initial step) and the ops ``rk.combine`` / ``rk.error_ratio``;
-* :mod:`fastode.ops.triton_rk` -- the fused Triton RK Functions (backend "triton", CUDA), imported lazily;
+* :mod:`fastode.ops.concatsquash` -- the concatsquash MLP spec (forward, Hutchinson VJP, exact trace);
+* :mod:`fastode.ops.mlp` -- the MLP ops ``mlp.forward`` / ``mlp.hutchinson`` / ``mlp.exact_trace`` / ``mlp.bind``,
+  their backends ("torch"; "cpp" from :mod:`fastode.cpp`; "triton") and the user's backend preference;
+* :mod:`fastode.ops.triton_rk`, :mod:`fastode.ops.triton_mlp` -- the fused Triton Functions (backend "triton",
+  CUDA or the interpreter), imported lazily;
 * :mod:`fastode.ops.reference_grad` -- double backward of fused Functions through the reference.
 
-The concatsquash MLP ops (spec :mod:`fastode.nn.functional`, backends "torch", "triton", "cpp") still have their
-own registry, :mod:`fastode.nn.backends`, with the same rules; moving them onto this one is the next step. Nothing
-here imports the solvers, the models or the flows.
+Nothing here imports the solvers, the models, the flows or (except lazily, by name) the C++ package.
 """
-from . import registry, rk
+from . import concatsquash, mlp, registry, rk
 from .registry import BackendUnavailableError, Choice, resolve
 
-__all__ = ["registry", "rk", "resolve", "Choice", "BackendUnavailableError"]
+__all__ = ["registry", "rk", "concatsquash", "mlp", "resolve", "Choice", "BackendUnavailableError"]

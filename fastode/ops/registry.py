@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional, Tuple
 
 __all__ = ["Choice", "BackendUnavailableError", "register", "register_lazy", "resolve", "backends_of",
-           "AUTO_ORDER", "REFERENCE"]
+           "AUTO_ORDER", "REFERENCE", "snapshot", "restore", "lookup"]
 
 REFERENCE = "torch"
 """Name of the reference backend every op has."""
@@ -48,8 +48,9 @@ class BackendUnavailableError(ValueError):
 @dataclass(frozen=True)
 class _Impl:
     fn: Callable
-    devices: Tuple[str, ...]
+    devices: object          # tuple of device types, or a callable returning one (read at each resolution)
     supports: Optional[Callable[..., Optional[str]]]
+    hint: Optional[str]      # what to do when the device type does not match
 
 
 @dataclass
@@ -72,25 +73,31 @@ class Choice:
 _lock = threading.RLock()
 _impls: Dict[str, Dict[str, _Impl]] = {}          # op -> backend -> implementation
 _auto: Dict[str, Dict[str, Tuple[str, ...]]] = {}  # op -> device type -> candidate order
-_lazy: Dict[str, str] = {}                         # backend -> module that registers it on import
-_import_errors: Dict[str, str] = {}
+_lazy: Dict[str, list] = {}                        # backend -> modules that register it on import
+_import_errors: Dict[str, str] = {}                # module -> why importing it failed
 
 
 def register(op: str, backend: str, fn: Callable, *, devices=("cpu", "cuda"), supports=None,
-             auto: Optional[Dict[str, Tuple[str, ...]]] = None) -> None:
-    """Register ``fn`` as backend ``backend`` of ``op`` on the device types ``devices`` (``"*"``: any).
+             auto: Optional[Dict[str, Tuple[str, ...]]] = None, hint: Optional[str] = None) -> None:
+    """Register ``fn`` as backend ``backend`` of ``op`` on the device types ``devices`` (``"*"``: any; or a
+    callable returning them, for backends whose devices depend on the process, e.g. Triton's interpreter).
 
-    ``auto`` (given with the reference registration) overrides :data:`AUTO_ORDER` for this op."""
+    ``auto`` (given with the reference registration) overrides :data:`AUTO_ORDER` for this op; ``hint`` is added
+    to the reason when the device type does not match."""
     with _lock:
-        _impls.setdefault(op, {})[backend] = _Impl(fn, tuple(devices), supports)
+        _impls.setdefault(op, {})[backend] = _Impl(fn, devices if callable(devices) else tuple(devices), supports,
+                                                   hint)
         if auto is not None:
             _auto[op] = dict(auto)
 
 
 def register_lazy(backend: str, module: str) -> None:
-    """Import ``module`` the first time backend ``backend`` is needed; the import must :func:`register` it."""
+    """Import ``module`` the first time backend ``backend`` is needed; the import must :func:`register` it.
+    A backend may have several such modules (one per family of ops, e.g. Triton's RK and MLP ops)."""
     with _lock:
-        _lazy.setdefault(backend, module)
+        mods = _lazy.setdefault(backend, [])
+        if module not in mods:
+            mods.append(module)
 
 
 def _load(op: str, backend: str) -> Tuple[Optional[_Impl], Optional[str]]:
@@ -98,18 +105,43 @@ def _load(op: str, backend: str) -> Tuple[Optional[_Impl], Optional[str]]:
         impl = _impls.get(op, {}).get(backend)
         if impl is not None:
             return impl, None
-        module = _lazy.get(backend)
-        if module is None:
+        modules = _lazy.get(backend)
+        if not modules:
             return None, "not registered"
-        if backend not in _import_errors:
-            try:
-                importlib.import_module(module)
-            except Exception as exc:  # optional backends: absence is a recorded reason, not an error
-                _import_errors[backend] = f"importing {module} failed ({type(exc).__name__}: {exc})"
-        impl = _impls.get(op, {}).get(backend)
-        if impl is not None:
-            return impl, None
-        return None, _import_errors.get(backend, f"{module} did not register op {op!r} (not built?)")
+        for module in modules:          # each is imported at most once; a failure is remembered
+            if module not in _import_errors:
+                try:
+                    importlib.import_module(module)
+                except Exception as exc:  # optional backends: absence is a recorded reason, not an error
+                    _import_errors[module] = f"importing {module} failed ({type(exc).__name__}: {exc})"
+            impl = _impls.get(op, {}).get(backend)
+            if impl is not None:
+                return impl, None
+        errors = [_import_errors[m] for m in modules if m in _import_errors]
+        return None, "; ".join(errors) or f"{', '.join(modules)} did not register op {op!r} (not built?)"
+
+
+def snapshot():
+    """The registry's state, for :func:`restore` (tests that register throw-away backends)."""
+    with _lock:
+        return ({op: dict(b) for op, b in _impls.items()}, {op: dict(a) for op, a in _auto.items()},
+                {b: list(m) for b, m in _lazy.items()}, dict(_import_errors))
+
+
+def restore(state) -> None:
+    with _lock:
+        for live, saved in zip((_impls, _auto, _lazy, _import_errors), state):
+            live.clear()
+            live.update(saved)
+
+
+def lookup(op: str, backend: str) -> Callable:
+    """The registered implementation of ``op`` by ``backend``, without checks (KeyError if there is none): for a
+    caller that resolved a sibling op of the same backend and wants the rest of its family."""
+    impl, why = _load(op, backend)
+    if impl is None:
+        raise KeyError(f"backend {backend!r} has no op {op!r}: {why}")
+    return impl.fn
 
 
 def backends_of(op: str) -> Tuple[str, ...]:
@@ -122,8 +154,9 @@ def _why_not(op: str, backend: str, device_type: str, call) -> Tuple[Optional[_I
     impl, why = _load(op, backend)
     if impl is None:
         return None, why
-    if "*" not in impl.devices and device_type not in impl.devices:
-        return None, f"runs on {'/'.join(impl.devices)} tensors, not {device_type}"
+    devices = impl.devices() if callable(impl.devices) else impl.devices
+    if "*" not in devices and device_type not in devices:
+        return None, f"runs on {'/'.join(devices)} tensors, not {device_type}" + (f"; {impl.hint}" if impl.hint else "")
     if impl.supports is not None and call is not None:
         why = impl.supports(*call)
         if why is not None:

@@ -4,8 +4,8 @@ Kernel -> launcher -> Function: the kernels and launchers live in ``fastode.kern
 module decides what to save (only the inputs ``t, z, e`` and the parameters: the backward kernel recomputes
 the forward in registers/scratch) and turns the kernel's packed gradients into per-parameter gradients.
 
-Importing this module registers the backend (``fastode.nn.backends`` imports it lazily); it fails to import
-when Triton is missing, which makes the backend unavailable and ``"auto"`` fall back.
+Importing this module registers the backend on the ops registry (:mod:`fastode.ops.mlp` imports it lazily); it
+fails to import when Triton is missing, which makes the backend unavailable and ``"auto"`` fall back.
 
 Gradients: the backward kernel contains the second-order terms of the MLP, so gradients through the trace
 and the RNODE terms take one backward launch. When a graph of the backward itself is requested
@@ -25,9 +25,9 @@ import torch
 from fastode.kernels import concatsquash as _K
 from fastode.kernels._common import interpreter_active
 
-from . import functional as _F
-from .backends import register_backend
-from ..ops.reference_grad import reference_backward
+from . import concatsquash as _F
+from .mlp import register_backend
+from .reference_grad import reference_backward
 
 __all__ = [
     "concatsquash_mlp",
@@ -90,7 +90,8 @@ def supports(t, z, params, activation) -> str | None:
     if z.dtype not in (torch.float32, torch.float64):
         return f"dtype {z.dtype} (the kernels support float32 and float64)"
     if z.device.type != "cuda" and not (z.device.type == "cpu" and interpreter_active()):
-        return f"device {z.device} (CUDA, or the CPU with TRITON_INTERPRET=1)"
+        return (f"Triton kernels need CUDA tensors (got {z.device}); set TRITON_INTERPRET=1 before importing "
+                f"Triton to run them on the CPU")
     for layer in params:
         for p in layer:
             if p.dtype != z.dtype or p.device != z.device:
@@ -201,4 +202,9 @@ def concatsquash_mlp_exact_trace(t, z, params, activation):
     return _ConcatSquash.apply(_K.MODE_EXACT, activation, t, z, None, *_flat(params))
 
 
-register_backend("triton", sys.modules[__name__])
+def _devices():
+    return ("cuda", "cpu") if interpreter_active() else ("cuda",)
+
+
+register_backend("triton", sys.modules[__name__], devices=_devices,
+                 hint="set TRITON_INTERPRET=1 before importing Triton to run the kernels on the CPU")

@@ -1,0 +1,119 @@
+"""The package's layers, read from its source with ``ast``: no import cycles, and the lower layers never import the
+higher ones (the ops layer is the bottom; the solver core never imports the models; the C++ package only the ops).
+
+Function-level (lazy) imports count: they are dependencies too. Cycles are checked on module-level imports (what
+runs at import time, where a cycle breaks or half-initialises a module) and on all imports.
+"""
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1] / "fastode"
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT.parent).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _resolve(mod: str, is_pkg: bool, node: ast.ImportFrom) -> list:
+    if node.level == 0:
+        base = node.module or ""
+    else:
+        pkg = mod.split(".") if is_pkg else mod.split(".")[:-1]
+        pkg = pkg[: len(pkg) - (node.level - 1)]
+        base = ".".join(pkg + ([node.module] if node.module else []))
+    names = [base]
+    if node.module is None or node.level:  # "from . import x" may import submodule x
+        names += [f"{base}.{a.name}" for a in node.names]
+    return names
+
+
+def _imports():
+    """module -> (module-level imports, all imports), restricted to fastode modules that exist."""
+    files = {(_module_name(p)): p for p in ROOT.rglob("*.py")}
+    out = {}
+    for mod, path in files.items():
+        tree = ast.parse(path.read_text())
+        is_pkg = path.name == "__init__.py"
+        top, every = set(), set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = _resolve(mod, is_pkg, node)
+            else:
+                continue
+            names = {n for n in names if n in files and n != mod}
+            every |= names
+        for node in tree.body:  # module level, including under top-level if / try
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                continue
+            for n in ast.walk(node):
+                if isinstance(n, ast.Import):
+                    top |= {a.name for a in n.names if a.name in files and a.name != mod}
+                elif isinstance(n, ast.ImportFrom):
+                    top |= {x for x in _resolve(mod, is_pkg, n) if x in files and x != mod}
+        out[mod] = (top, every)
+    return out
+
+
+IMPORTS = _imports()
+
+
+@pytest.mark.parametrize("which", ["module-level", "all"])
+def test_no_import_cycles(which):
+    # edges to a module's own ancestor packages are left out: "from . import x" runs inside the package's init
+    graph = {m: {n for n in (top if which == "module-level" else every) if not m.startswith(n + ".")}
+             for m, (top, every) in IMPORTS.items()}
+    seen, stack, cycles = set(), [], []
+
+    def visit(m, on_path):
+        if m in on_path:
+            cycles.append(stack[stack.index(m):] + [m])
+            return
+        if m in seen:
+            return
+        seen.add(m)
+        on_path.add(m)
+        stack.append(m)
+        for n in sorted(graph.get(m, ())):
+            visit(n, on_path)
+        stack.pop()
+        on_path.discard(m)
+
+    for m in sorted(graph):
+        visit(m, set())
+    assert not cycles, f"import cycles: {cycles}"
+
+
+LOWER = {
+    "fastode.ops": ("fastode.solvers", "fastode.nn", "fastode.flows", "fastode.cpp", "fastode.grad",
+                    "fastode.odeint", "fastode.driver", "fastode.train", "fastode.demo"),
+    "fastode.solvers": ("fastode.nn", "fastode.flows", "fastode.cpp", "fastode.train", "fastode.demo"),
+    "fastode.grad": ("fastode.nn", "fastode.flows", "fastode.cpp", "fastode.train", "fastode.demo"),
+    "fastode.cpp": ("fastode.nn", "fastode.flows", "fastode.solvers", "fastode.grad", "fastode.train",
+                    "fastode.demo"),
+    "fastode.nn": ("fastode.flows", "fastode.solvers", "fastode.train", "fastode.demo"),
+}
+
+
+@pytest.mark.parametrize("layer", sorted(LOWER))
+def test_lower_layers_do_not_import_higher_ones(layer):
+    bad = []
+    for mod, (_, every) in IMPORTS.items():
+        if mod == layer or mod.startswith(layer + "."):
+            bad += [(mod, n) for n in every if any(n == h or n.startswith(h + ".") for h in LOWER[layer])]
+    assert not bad, f"{layer} imports a higher layer: {sorted(bad)}"
+
+
+def test_the_checker_sees_imports():
+    """The parser finds known edges (so that the tests above cannot pass by seeing nothing)."""
+    assert "fastode.ops.registry" in IMPORTS["fastode.ops.rk"][0]
+    assert "fastode.ops.concatsquash" in IMPORTS["fastode.cpp._mlp"][0]
+    assert "fastode.flows.engines" in IMPORTS["fastode.flows.cnf"][0]
+    assert "fastode.cpp" in IMPORTS["fastode.flows.engines"][1]  # a lazy (function-level) import
