@@ -8,22 +8,29 @@ Model: FFJORD's toy CNF (concatsquash 2-64-64-64-2, tanh, T = 0.5), float32, one
 
 * ``loglik``: ``CNF.log_prob`` in eval mode, dopri5 at rtol = atol = 1e-5 and 1e-7, exact trace (the
   per-stage path: one C++ network call per stage, fastode's loop in Python), batch 128;
-* ``net``: one ``ConcatSquashMLP.forward_with_trace(t, z, exact=True)`` under ``no_grad``, the same batch: the
-  floor of one stage. ``overhead per stage = loglik / NFE - net``;
+* ``net``: one ``ConcatSquashMLP.forward_with_trace(t, z, exact=True)`` under ``no_grad``, the same batch (the
+  module's public call, with its input checks and backend choice);
+* ``kernel``: the C++ kernel of that call alone (``fastode.cpp.ext().mlp_probe_forward``): the floor of one
+  stage. ``overhead per stage = loglik / NFE - kernel`` (the solver loop, the CNF's augmented state and the
+  dispatch around the network);
 * ``train_fused``: a training iteration (rk4 h = 0.05, Hutchinson, backward, Adam) on the fused C++ grid path;
 * ``train_per_stage``: the same with ``fused_cpu=False`` (odeint path with autograd);
 * ``train_dopri5``: a training iteration with dopri5 1e-5 (adaptive, per-stage, autograd);
 * ``odeint_linear``: ``fastode.odeint`` dopri5 rtol 1e-8 on a 10-D linear ODE, float64 (solver loop only).
 
-    python bench/bench_dispatch.py --label before   # -> bench/results/dispatch_before.json
-    python bench/bench_dispatch.py --label after    # -> dispatch_after.json, and dispatch.md comparing both
+    git worktree add /tmp/base 2363de4 && cp fastode/_C*.so /tmp/base/fastode/   # csrc/ unchanged since
+    python bench/bench_dispatch.py --against /tmp/base
+    # -> bench/results/dispatch_before.json, dispatch_after.json and dispatch.md: worker processes on the two
+    #    trees alternate for --rounds rounds (so machine drift hits both alike); medians over all rounds
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -34,6 +41,7 @@ import torch  # noqa: E402
 
 import common  # noqa: E402
 import fastode  # noqa: E402
+import fastode.cpp  # noqa: E402
 from fastode.flows import CNF  # noqa: E402
 from fastode.nn import ConcatSquashMLP  # noqa: E402
 
@@ -72,6 +80,13 @@ def tasks():
             mlp.forward_with_trace(t, x, exact=True)
         return None
     out["net"] = net
+    flat = [p.detach() for layer in mlp.params() for p in layer]
+    ext = fastode.cpp.ext()
+
+    def kernel():
+        ext.mlp_probe_forward(0.25, x, None, flat, 0, False, False, 64)  # activation 0 = tanh, tile 64
+        return None
+    out["kernel"] = kernel
 
     def train(cnf):
         opt = torch.optim.Adam(cnf.parameters(), lr=1e-4)
@@ -100,21 +115,27 @@ def tasks():
     return out
 
 
-def measure(repeats: int, budget_s: float) -> dict:
+def sample(repeats: int, budget_s: float) -> dict:
+    """``{task: {"samples": [s, ...], "nfe": n}}`` for this process's fastode."""
     fns = tasks()
     nfe = {name: fn() for name, fn in fns.items()}  # warm-up, and the NFE of each task
     timing = common.time_alternating(fns, repeats=repeats, warmup=1, budget_s=budget_s)
+    return {name: {"samples": tm.samples, "nfe": nfe[name]} for name, tm in timing.items()}
+
+
+def rows_from(samples: dict) -> dict:
     rows = {}
-    for name, tm in timing.items():
-        rows[name] = {"ms": 1e3 * tm.median, "iqr_ms": [1e3 * v for v in tm.iqr], "repeats": len(tm.samples),
-                      "nfe": nfe[name]}
-    net_us = 1e6 * timing["net"].median
+    for name, v in samples.items():
+        tm = common.Timing(samples=list(v["samples"]))
+        rows[name] = {"ms": 1e3 * tm.median, "iqr_ms": [1e3 * q for q in tm.iqr], "repeats": len(tm.samples),
+                      "nfe": v["nfe"]}
+    kernel_us = 1e3 * rows["kernel"]["ms"]
     for name in list(rows):
         if name.startswith("loglik"):
             r = rows[name]
             r["us_per_stage"] = 1e3 * r["ms"] / r["nfe"]
-            r["overhead_us_per_stage"] = r["us_per_stage"] - net_us
-            r["network_share"] = net_us / r["us_per_stage"]
+            r["overhead_us_per_stage"] = r["us_per_stage"] - kernel_us
+            r["kernel_share"] = kernel_us / r["us_per_stage"]
     return rows
 
 
@@ -122,9 +143,10 @@ def report(before: dict, after: dict) -> str:
     lines = ["# Per-stage dispatch overhead, before and after the RK core / dispatch redesign", "",
              __doc__.split("\n\n")[0], "",
              f"Before: commit {before['meta']['git_commit'][:7]}; after: commit {after['meta']['git_commit'][:7]}"
-             f"{' (dirty tree)' if after['meta']['git_dirty'] else ''}. Medians of interleaved repeats (ms).", "",
+             f"{' (dirty tree)' if after['meta']['git_dirty'] else ''}. Medians over {after['meta'].get('rounds', 1)} "
+             "alternating rounds of worker processes on each tree (ms).", "",
              "| task | NFE | before ms | after ms | after / before | before overhead us/stage | "
-             "after overhead us/stage | network share after |",
+             "after overhead us/stage | kernel share after |",
              "|---|---|---|---|---|---|---|---|"]
     for name, b in before["rows"].items():
         a = after["rows"].get(name)
@@ -132,31 +154,69 @@ def report(before: dict, after: dict) -> str:
             continue
         ob = common.fmt(b.get("overhead_us_per_stage", "")) if "overhead_us_per_stage" in b else ""
         oa = common.fmt(a.get("overhead_us_per_stage", "")) if "overhead_us_per_stage" in a else ""
-        share = f"{100 * a['network_share']:.0f}%" if "network_share" in a else ""
+        share = f"{100 * a['kernel_share']:.0f}%" if "kernel_share" in a else ""
         lines.append(f"| {name} | {a['nfe']} | {common.fmt(b['ms'])} | {common.fmt(a['ms'])} | "
                      f"{a['ms'] / b['ms']:.2f} | {ob} | {oa} | {share} |")
     lines += ["", common.metadata_markdown(after["meta"])]
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--label", choices=("before", "after"), required=True)
-    ap.add_argument("--repeats", type=int, default=40)
-    ap.add_argument("--budget", type=float, default=60.0, help="seconds of timed repeats at most")
-    args = ap.parse_args(argv)
-    common.pin_threads(1)
-    rows = measure(args.repeats, args.budget)
-    meta = common.metadata(label=args.label)
-    common.write_json(RESULTS / f"dispatch_{args.label}.json", {"meta": meta, "rows": rows})
+def _print(label, rows):
     for name, r in rows.items():
         extra = f"  overhead {r['overhead_us_per_stage']:.0f} us/stage" if "overhead_us_per_stage" in r else ""
-        print(f"{name:16s} {r['ms']:8.3f} ms  NFE {r['nfe']}{extra}")
-    other = RESULTS / "dispatch_before.json"
-    if args.label == "after" and other.exists():
-        before = json.loads(other.read_text())
-        common.write_text(RESULTS / "dispatch.md", report(before, {"meta": meta, "rows": rows}))
-        print(f"wrote {RESULTS / 'dispatch.md'}")
+        print(f"{label:6s} {name:16s} {r['ms']:8.3f} ms  NFE {r['nfe']}{extra}")
+
+
+def _tree_commit(tree: Path) -> tuple:
+    def git(*a):
+        return subprocess.run(["git", "-C", str(tree), *a], capture_output=True, text=True).stdout.strip()
+    return git("rev-parse", "HEAD"), bool(git("status", "--porcelain", "--untracked-files=no"))
+
+
+def compare(against: Path, rounds: int, repeats: int, budget_s: float) -> None:
+    """Alternate worker processes on the baseline tree ``against`` and on this tree, ``rounds`` times, so that
+    machine drift hits both alike; medians over every round's samples."""
+    trees = {"before": against.resolve(), "after": Path(__file__).resolve().parents[1]}
+    pooled = {label: {} for label in trees}
+    for r in range(rounds):
+        for label in (("before", "after") if r % 2 == 0 else ("after", "before")):
+            env = dict(os.environ, PYTHONPATH=str(trees[label]))
+            with tempfile.NamedTemporaryFile(suffix=".json") as f:
+                subprocess.run([sys.executable, __file__, "--worker", f.name, "--repeats", str(repeats),
+                                "--budget", str(budget_s)], env=env, check=True, cwd=trees[label])
+                got = json.loads(Path(f.name).read_text())
+            for name, v in got.items():
+                slot = pooled[label].setdefault(name, {"samples": [], "nfe": v["nfe"]})
+                slot["samples"] += v["samples"]
+        print(f"round {r + 1}/{rounds} done", flush=True)
+    docs = {}
+    for label, tree in trees.items():
+        rows = rows_from(pooled[label])
+        commit, dirty = _tree_commit(tree)
+        meta = common.metadata(label=label, rounds=rounds)
+        meta.update(git_commit=commit, git_dirty=dirty)
+        docs[label] = {"meta": meta, "rows": rows}
+        common.write_json(RESULTS / f"dispatch_{label}.json", docs[label])
+        _print(label, rows)
+    common.write_text(RESULTS / "dispatch.md", report(docs["before"], docs["after"]))
+    print(f"wrote {RESULTS / 'dispatch.md'}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--against", type=Path, help="a checkout of the baseline commit (built in place)")
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--repeats", type=int, default=10, help="timed repeats per task per round")
+    ap.add_argument("--budget", type=float, default=15.0, help="seconds of timed repeats per round at most")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    common.pin_threads(1)
+    if args.worker:
+        common.write_json(Path(args.worker), sample(args.repeats, args.budget))
+        return
+    if args.against is None:
+        ap.error("pass --against DIR, a checkout of the baseline commit with fastode/_C built")
+    compare(args.against, args.rounds, args.repeats, args.budget)
 
 
 if __name__ == "__main__":

@@ -332,7 +332,10 @@ class RKAdaptiveSolver(Solver):
             # torchdiffeq keeps its tolerances as 0-dim float64 tensors, which promote a 0-dim state's error
             # computation to float64; reproduce that so scalar problems take the same steps
             y_err, e0, e1 = y_err.to(self.time_dtype), e0.to(self.time_dtype), e1.to(self.time_dtype)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and any(o.wants_error_graph for o in self.observers)):
+        if torch.is_grad_enabled() and not any(o.wants_error_graph for o in self.observers):
+            with torch.no_grad():   # the ratio only decides the step, unless an observer differentiates it
+                ratio = self.ops.error_ratio(y_err, e0, e1, self.rtol, self.atol, self.norm)
+        else:
             ratio = self.ops.error_ratio(y_err, e0, e1, self.rtol, self.atol, self.norm)
         r = float(ratio.detach())
         finite = math.isfinite(r)
