@@ -103,6 +103,40 @@ fastode::Exec make_exec(int64_t tile) {
   return ex;
 }
 
+// What every MLP / CNF entry point checks first: z (B, D), one float dtype on the CPU for z and the parameters,
+// the network shape the parameters imply, and the execution settings.
+struct NetCall {
+  at::ScalarType dt;
+  Tensor z;
+  std::vector<Tensor> params;
+  int64_t B, D;
+  fastode::Net net;
+  fastode::Exec ex;
+};
+
+NetCall net_call(const Tensor& z_, const char* zname, const std::vector<Tensor>& params_, int act, int64_t tile) {
+  check(z_.dim() == 2, std::string(zname) + " must be (B, D)");
+  NetCall c;
+  c.dt = z_.scalar_type();
+  c.z = prep(z_, c.dt, zname);
+  c.params = prep_params(params_, c.dt);
+  c.B = c.z.size(0);
+  c.D = c.z.size(1);
+  c.net = make_net(c.params, c.D, act);
+  c.ex = make_exec(tile);
+  return c;
+}
+
+// The CNF dynamics of a call: the network, the probes (Hutchinson with e, else the D basis vectors) and the rates.
+fastode::CnfSpec cnf_spec(const fastode::Net& net, const OptT& e, const std::vector<int>& rates) {
+  fastode::CnfSpec spec;
+  spec.net = net;
+  spec.exact = !e;
+  spec.K = e ? 1 : int(net.dims.front());
+  spec.rates = rates;
+  return spec;
+}
+
 Tensor empty_like_dt(std::vector<int64_t> shape, const Tensor& like) {
   return at::empty(shape, like.options());
 }
@@ -185,13 +219,13 @@ Tensor pooled_empty(int64_t n, const Tensor& like) {
 // MLP forward: returns (f, save); save is empty unless want_save.
 std::tuple<Tensor, Tensor> mlp_forward(double t, const Tensor& z_, const std::vector<Tensor>& params_, int act,
                                        bool want_save, int64_t tile) {
-  check(z_.dim() == 2, "z must be (B, D)");
-  const auto dt = z_.scalar_type();
-  Tensor z = prep(z_, dt, "z");
-  auto params = prep_params(params_, dt);
-  const int64_t B = z.size(0), D = z.size(1);
-  auto net = make_net(params, D, act);
-  auto ex = make_exec(tile);
+  auto call = net_call(z_, "z", params_, act, tile);
+  const auto dt = call.dt;
+  Tensor& z = call.z;
+  auto& params = call.params;
+  const int64_t B = call.B, D = call.D;
+  auto& net = call.net;
+  auto& ex = call.ex;
   Tensor f = empty_like_dt({B, D}, z);
   Tensor save = want_save ? pooled_empty(fastode::mlp_save_size(net, B, 1, false, ex), z) : empty_like_dt({0}, z);
   DISPATCH_FLOAT(dt, [&] {
@@ -207,20 +241,20 @@ std::tuple<Tensor, Tensor> mlp_forward(double t, const Tensor& z_, const std::ve
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> mlp_probe_forward(
     double t, const Tensor& z_, const OptT& e_, const std::vector<Tensor>& params_, int act, bool want_vjp,
     bool want_save, int64_t tile) {
-  check(z_.dim() == 2, "z must be (B, D)");
-  const auto dt = z_.scalar_type();
-  Tensor z = prep(z_, dt, "z");
+  auto call = net_call(z_, "z", params_, act, tile);
+  const auto dt = call.dt;
+  Tensor& z = call.z;
+  auto& params = call.params;
+  const int64_t B = call.B, D = call.D;
+  auto& net = call.net;
+  auto& ex = call.ex;
   OptT e = prep_opt(e_, dt, "e");
-  auto params = prep_params(params_, dt);
-  const int64_t B = z.size(0), D = z.size(1);
   int K = int(D);
   if (e) {
     check(e->numel() % (B * D) == 0 && e->size(-1) == D && (e->dim() == 2 ? e->size(0) == B : e->size(1) == B),
           "e must be (B, D) or (K, B, D) with z's B and D");
     K = int(e->numel() / (B * D));
   }
-  auto net = make_net(params, D, act);
-  auto ex = make_exec(tile);
   Tensor f = empty_like_dt({B, D}, z);
   Tensor vjp = want_vjp ? empty_like_dt({K, B, D}, z) : empty_like_dt({0}, z);
   Tensor tr = empty_like_dt({B}, z), kin = empty_like_dt({B}, z), fr = empty_like_dt({B}, z);
@@ -241,18 +275,19 @@ py::tuple mlp_backward(double t, const Tensor& z_, const OptT& e_, bool probes, 
                        int act, const Tensor& save, const OptT& f_, const OptT& vjp_, const OptT& gf_,
                        const OptT& gvjp_, const OptT& gtrace_, const OptT& gkin_, const OptT& gfrob_, bool need_z,
                        bool need_e, bool need_params, bool need_t, int64_t tile) {
-  const auto dt = z_.scalar_type();
-  Tensor z = prep(z_, dt, "z");
+  auto call = net_call(z_, "z", params_, act, tile);
+  const auto dt = call.dt;
+  Tensor& z = call.z;
+  auto& params = call.params;
+  const int64_t B = call.B, D = call.D;
+  auto& net = call.net;
+  auto& ex = call.ex;
   OptT e = prep_opt(e_, dt, "e"), f = prep_opt(f_, dt, "f"), vjp = prep_opt(vjp_, dt, "vjp"),
        gf = prep_opt(gf_, dt, "grad f"), gvjp = prep_opt(gvjp_, dt, "grad vjp"),
        gtrace = prep_opt(gtrace_, dt, "grad trace"), gkin = prep_opt(gkin_, dt, "grad kinetic"),
        gfrob = prep_opt(gfrob_, dt, "grad jac_frob");
   if (vjp && vjp->numel() == 0) vjp = std::nullopt;
-  auto params = prep_params(params_, dt);
-  const int64_t B = z.size(0), D = z.size(1);
   const int K = e ? int(e->numel() / (B * D)) : int(D);
-  auto net = make_net(params, D, act);
-  auto ex = make_exec(tile);
   check(save.numel() == fastode::mlp_save_size(net, B, probes ? K : 1, probes, ex),
         "saved activations do not match (tile size changed between forward and backward?)");
   OptT gz, ge;
@@ -299,24 +334,20 @@ py::tuple cnf_step_forward(double t0, double dtv, const Tensor& z0_, const Tenso
                            const std::vector<double>& b, const std::vector<double>& b_err,
                            const std::vector<double>& atol, const std::vector<double>& rtol, bool want_stages,
                            bool want_save, int64_t tile) {
-  check(z0_.dim() == 2, "z0 must be (B, D)");
-  const auto dt = z0_.scalar_type();
-  Tensor z0 = prep(z0_, dt, "z0");
-  const int64_t B = z0.size(0), D = z0.size(1), NQ = int64_t(rates.size());
+  auto call = net_call(z0_, "z0", params_, act, tile);
+  const auto dt = call.dt;
+  Tensor& z0 = call.z;
+  auto& params = call.params;
+  const int64_t B = call.B, D = call.D, NQ = int64_t(rates.size());
+  auto& ex = call.ex;
   Tensor q0 = prep(q0_, dt, "q0");
   check(q0.numel() == B * NQ, "q0 must be (B, len(rates))");
   OptT e = prep_opt(e_, dt, "e"), kz0 = prep_opt(kz0_, dt, "kz0"), kq0 = prep_opt(kq0_, dt, "kq0");
   if (e) check(e->numel() == B * D, "e must have z0's shape");
   check(bool(kz0) == bool(kq0) || NQ == 0, "give both kz0 and kq0 (first stage) or neither");
   if (kz0) check(kz0->numel() == B * D && (NQ == 0 || kq0->numel() == B * NQ), "kz0/kq0 have the wrong shape");
-  auto params = prep_params(params_, dt);
-  fastode::CnfSpec spec;
-  spec.net = make_net(params, D, act);
-  spec.exact = !e;
-  spec.K = e ? 1 : int(D);
-  spec.rates = rates;
+  auto spec = cnf_spec(call.net, e, rates);
   auto tab = make_tableau(c, a, b, b_err);
-  auto ex = make_exec(tile);
   const bool has_err = !b_err.empty();
   if (has_err) check(int64_t(atol.size()) == D + NQ && int64_t(rtol.size()) == D + NQ, "atol/rtol need D + NQ values");
   Tensor z1 = empty_like_dt({B, D}, z0), q1 = empty_like_dt({B, NQ}, z0);
@@ -363,19 +394,16 @@ py::tuple cnf_step_backward(double t0, double dtv, const Tensor& z0_, const Tens
                             const OptT& gq1_, const OptT& gez_, const OptT& geq_, const OptT& gkz_, const OptT& gkq_,
                             bool need_z0, bool need_q0, bool need_e, bool need_k0, bool need_params, bool need_t0,
                             bool need_dt, int64_t tile) {
-  const auto dt = z0_.scalar_type();
-  Tensor z0 = prep(z0_, dt, "z0");
-  const int64_t B = z0.size(0), D = z0.size(1), NQ = int64_t(rates.size());
+  auto call = net_call(z0_, "z0", params_, act, tile);
+  const auto dt = call.dt;
+  Tensor& z0 = call.z;
+  auto& params = call.params;
+  const int64_t B = call.B, D = call.D, NQ = int64_t(rates.size());
+  auto& ex = call.ex;
   Tensor q0 = prep(q0_, dt, "q0");
   OptT e = prep_opt(e_, dt, "e"), kz0 = prep_opt(kz0_, dt, "kz0"), kq0 = prep_opt(kq0_, dt, "kq0");
-  auto params = prep_params(params_, dt);
-  fastode::CnfSpec spec;
-  spec.net = make_net(params, D, act);
-  spec.exact = !e;
-  spec.K = e ? 1 : int(D);
-  spec.rates = rates;
+  auto spec = cnf_spec(call.net, e, rates);
   auto tab = make_tableau(c, a, b, b_err);
-  auto ex = make_exec(tile);
   check(save.numel() == fastode::cnf_step_save_size(spec, tab, B, ex),
         "saved activations do not match (tile size changed between forward and backward?)");
   OptT gz1 = prep_opt(gz1_, dt, "grad z1"), gq1 = prep_opt(gq1_, dt, "grad q1"), gez = prep_opt(gez_, dt, "grad ez"),
@@ -435,23 +463,19 @@ std::tuple<Tensor, Tensor, Tensor> cnf_grid_forward(const std::vector<double>& t
                                                     const std::vector<int>& rates, const std::vector<double>& c,
                                                     const std::vector<double>& a, const std::vector<double>& b,
                                                     bool want_save, int64_t tile) {
-  check(z0_.dim() == 2, "z0 must be (B, D)");
+  auto call = net_call(z0_, "z0", params_, act, tile);
+  const auto dt = call.dt;
+  Tensor& z0 = call.z;
+  auto& params = call.params;
+  const int64_t B = call.B, D = call.D, NQ = int64_t(rates.size());
+  auto& ex = call.ex;
   check(ts.size() >= 1, "the time grid needs at least one time");
-  const auto dt = z0_.scalar_type();
-  Tensor z0 = prep(z0_, dt, "z0");
-  const int64_t B = z0.size(0), D = z0.size(1), NQ = int64_t(rates.size());
   Tensor q0 = prep(q0_, dt, "q0");
   check(q0.numel() == B * NQ, "q0 must be (B, len(rates))");
   OptT e = prep_opt(e_, dt, "e");
   if (e) check(e->numel() == B * D, "e must have z0's shape");
-  auto params = prep_params(params_, dt);
-  fastode::CnfSpec spec;
-  spec.net = make_net(params, D, act);
-  spec.exact = !e;
-  spec.K = e ? 1 : int(D);
-  spec.rates = rates;
+  auto spec = cnf_spec(call.net, e, rates);
   auto tab = make_tableau(c, a, b, {});
-  auto ex = make_exec(tile);
   const int nsteps = int(ts.size()) - 1;
   Tensor zT = empty_like_dt({B, D}, z0), qT = empty_like_dt({B, NQ}, z0);
   Tensor save = want_save ? pooled_empty(fastode::cnf_grid_save_size(spec, tab, B, nsteps, ex), z0)
@@ -473,18 +497,15 @@ py::tuple cnf_grid_backward(const std::vector<double>& ts, const Tensor& z0_, co
                             const std::vector<double>& c, const std::vector<double>& a, const std::vector<double>& b,
                             const Tensor& save, const OptT& gzT_, const OptT& gqT_, bool need_z0, bool need_q0,
                             bool need_e, bool need_params, bool need_ts, int64_t tile) {
-  const auto dt = z0_.scalar_type();
-  Tensor z0 = prep(z0_, dt, "z0");
-  const int64_t B = z0.size(0), D = z0.size(1), NQ = int64_t(rates.size());
+  auto call = net_call(z0_, "z0", params_, act, tile);
+  const auto dt = call.dt;
+  Tensor& z0 = call.z;
+  auto& params = call.params;
+  const int64_t B = call.B, D = call.D, NQ = int64_t(rates.size());
+  auto& ex = call.ex;
   OptT e = prep_opt(e_, dt, "e");
-  auto params = prep_params(params_, dt);
-  fastode::CnfSpec spec;
-  spec.net = make_net(params, D, act);
-  spec.exact = !e;
-  spec.K = e ? 1 : int(D);
-  spec.rates = rates;
+  auto spec = cnf_spec(call.net, e, rates);
   auto tab = make_tableau(c, a, b, {});
-  auto ex = make_exec(tile);
   const int nsteps = int(ts.size()) - 1;
   check(save.numel() == fastode::cnf_grid_save_size(spec, tab, B, nsteps, ex),
         "saved activations do not match (tile size changed between forward and backward?)");

@@ -5,7 +5,9 @@
 #   2. check that fastode.cpp loads it;
 #   3. configure + build the torch-free core and its unit tests with CMake in build/cmake (incremental) and
 #      run them with ctest (built-in GEMM, and libtorch's MKL).
-# About one minute on an idle 2-core machine (two ~20 s compiles of core.cpp, one of bindings.cpp).
+# About one minute on an idle 2-core machine from scratch (the core's translation units compile in parallel, for
+# the extension and again for ctest's torch-free library, plus bindings.cpp); an unchanged tree rebuilds nothing
+# and a changed file recompiles only its objects (ninja for the extension, CMake for the core).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

@@ -1,8 +1,9 @@
 // fastode C++ core: fused concatsquash-MLP kernels and fused Runge-Kutta steps for CNF dynamics.
 //
-// This header and core.cpp know nothing about torch or autograd (DESIGN.md, layer "kernels"): raw
-// row-major pointers, shapes and tableau coefficients passed in by the caller. bindings.cpp wraps them
-// for torch; tests/test_core.cpp tests them standalone (built by CMakeLists.txt, run by ctest).
+// This header and the core behind it (csrc/*.cpp except bindings.cpp, and csrc/detail/; see csrc/README.md) know
+// nothing about torch or autograd (DESIGN.md, layer "kernels"): raw row-major pointers, shapes and tableau
+// coefficients passed in by the caller. bindings.cpp wraps them for torch; tests/test_core.cpp tests them
+// standalone (built by CMakeLists.txt, run by ctest).
 //
 // Notation (one concatsquash layer l, FFJORD's ConcatSquashLinear):
 //   gate_l = sigmoid(gw_l t + gb_l),  W'_l = diag(gate_l) W_l,  c_l = b_l gate_l + bw_l t
@@ -60,7 +61,7 @@ std::string set_gemm_backend(const std::string& name);
 // ---------------------------------------------------------------------------------------------------
 // Concatsquash MLP. Inputs are contiguous row-major; B rows; t is the (scalar) time.
 // Saved activations for the backward pass live in `save` (mlp_save_size elements; tile layout is
-// private to core.cpp and depends on exec.tile, which must be the same in the backward call).
+// private to the core (detail/mlp_tile.h) and depends on exec.tile, which must be the same in the backward call).
 int64_t mlp_save_size(const Net& net, int64_t B, int K, bool probes, const Exec& ex);
 
 template <typename T>

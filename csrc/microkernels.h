@@ -1,4 +1,4 @@
-// AVX-512 float32 GEMM micro-kernels with fused epilogues (included by core.cpp only).
+// AVX-512 float32 GEMM micro-kernels with fused epilogues (included through detail/platform.h).
 //
 // Used for the hidden (wide) layers of a tile when the CPU has AVX-512 (checked at run time) and the
 // activation is tanh or identity; everything else goes through BLAS + separate element-wise passes.
@@ -36,7 +36,7 @@ FASTODE_AVX512 __mmask16 tail_mask(int64_t remaining) {
   return remaining >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << remaining) - 1u);
 }
 
-// tanh: the same rational approximation as tanh_approx(float) in core.cpp
+// tanh: the same rational approximation as tanh_approx(float) in detail/activations.h
 FASTODE_AVX512 __m512 tanh16(__m512 x) {
   const __m512 lim = _mm512_set1_ps(7.90531110763549805f);
   __m512 xc = _mm512_min_ps(_mm512_max_ps(x, _mm512_sub_ps(_mm512_setzero_ps(), lim)), lim);
