@@ -81,6 +81,18 @@ def register_backend(name: str, module, devices=("cpu", "cuda"), hint: Optional[
     fns.append(bind_ if callable(bind_) else bind_generic(name, module))
     for op, fn in zip(OPS, fns):
         registry.register(op, name, fn, devices=devices, supports=supports, hint=hint)
+    _families.pop(name, None)
+
+
+_families: dict = {}   # backend name -> MLPBackend (its three functions), so that a call resolves one op, not three
+
+
+def _family(name: str, forward: Callable) -> MLPBackend:
+    fam = _families.get(name)
+    if fam is None or fam.concatsquash_mlp is not forward:   # (new, or registered again through the registry)
+        fam = _families[name] = MLPBackend(name, forward, registry.lookup(OPS[1], name),
+                                           registry.lookup(OPS[2], name))
+    return fam
 
 
 register_backend(registry.REFERENCE, spec, devices=("*",))
@@ -141,8 +153,8 @@ def resolve(backend: str = "auto", device_type: str = "cpu", call: Optional[tupl
     if name == "auto":
         name = get_preference()
     choice = registry.resolve(OPS[0], name, device_type=device_type, call=call)
-    return MLPBackend(choice.backend, choice.impl, registry.lookup(OPS[1], choice.backend),
-                      registry.lookup(OPS[2], choice.backend), skipped=choice.skipped)
+    fam = _family(choice.backend, choice.impl)
+    return fam._replace(skipped=choice.skipped) if choice.skipped else fam
 
 
 def bind(params, activation: str, like, backend: str = "auto") -> BoundMLP:

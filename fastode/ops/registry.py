@@ -101,6 +101,9 @@ def register_lazy(backend: str, module: str) -> None:
 
 
 def _load(op: str, backend: str) -> Tuple[Optional[_Impl], Optional[str]]:
+    impl = _impls.get(op, {}).get(backend)   # the common case, without the lock (dict reads are atomic)
+    if impl is not None:
+        return impl, None
     with _lock:
         impl = _impls.get(op, {}).get(backend)
         if impl is not None:

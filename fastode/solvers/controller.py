@@ -51,7 +51,9 @@ class IntegralController:
         """The step-size factor for an error ratio (before the ``min_step``/``max_step`` clamp)."""
         if isinstance(ratio, torch.Tensor):
             return self._factor_tensor(ratio)
-        r = ratio
+        return self._factor_host(ratio)
+
+    def _factor_host(self, r: float) -> float:
         if r == 0:
             return self.ifactor
         if not math.isfinite(r):
@@ -80,17 +82,21 @@ class IntegralController:
 
         ``landed``: the step was shortened to land on a time point, so ``dt > max_step`` by an ulp of rounding
         does not reject it (the host loop's case; a device loop passes ``False``)."""
-        if isinstance(dt, torch.Tensor) or isinstance(ratio, torch.Tensor):
-            r = torch.as_tensor(ratio)
-            dt = torch.as_tensor(dt, dtype=r.dtype if r.is_floating_point() else None, device=r.device)
-            accept = r <= 1
-            if not landed:
-                accept = accept & (dt <= self.max_step)
-            accept = accept | (dt <= self.min_step)
-            return accept, self.clamp(dt * self.factor(r))
+        if not (isinstance(dt, torch.Tensor) or isinstance(ratio, torch.Tensor)):
+            return self.adapt_host(dt, ratio, landed=landed)
+        r = torch.as_tensor(ratio)
+        dt = torch.as_tensor(dt, dtype=r.dtype if r.is_floating_point() else None, device=r.device)
+        accept = r <= 1
+        if not landed:
+            accept = accept & (dt <= self.max_step)
+        accept = accept | (dt <= self.min_step)
+        return accept, self.clamp(dt * self.factor(r))
+
+    def adapt_host(self, dt: float, ratio: float, *, landed: bool = False) -> Tuple[bool, float]:
+        """:meth:`adapt` for Python floats (the host loop calls it every step, so it skips the type checks)."""
         accept = ratio <= 1
         if dt > self.max_step and not landed:
             accept = False
         if dt <= self.min_step:
             accept = True
-        return accept, self.clamp(dt * self.factor(ratio))
+        return accept, min(max(dt * self._factor_host(ratio), self.min_step), self.max_step)

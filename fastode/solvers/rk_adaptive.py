@@ -340,7 +340,7 @@ class RKAdaptiveSolver(Solver):
         r = float(ratio.detach())
         finite = math.isfinite(r)
         # (a landed step can exceed max_step by an ulp of rounding: not a reason to reject it)
-        accept, dt_next = self.controller.adapt(dt, r, landed=landed)
+        accept, dt_next = self.controller.adapt_host(dt, r, landed=landed)
         if dt <= self.min_step and not finite:
             self._raise_nonfinite(t0, dt, y0, step, forced=True)
         if not finite and self._nonfinite is None:
@@ -375,7 +375,10 @@ class RKAdaptiveSolver(Solver):
             stats.num_accepted_steps += 1
             stats.step_ts.append(t0)
             stats.step_sizes.append(t1 - t0)
-            self._notify_accepted(record, self.last, ratio)
+            if self.observers:
+                self._notify_accepted(record, self.last, ratio)
+            else:
+                self._n_accepted += 1
         else:
             if self.func.callback_reject_step is not _null_callback:
                 self.func.callback_reject_step(self._clock(t0), y0,
