@@ -151,3 +151,26 @@ def test_concatsquash_linear_layer_formula():
     t = torch.tensor(0.7)
     ref = layer._layer(x) * torch.sigmoid(layer._hyper_gate(t.view(1, 1))) + layer._hyper_bias(t.view(1, 1))
     torch.testing.assert_close(layer(t, x), ref)
+
+
+def test_params_follow_parametrizations_and_replaced_parameters():
+    """params() reads the parameter dicts for speed; a parametrized weight (torch.nn.utils.parametrize) or a
+    replaced parameter must still be what the network uses."""
+    from torch.nn.utils import parametrize
+
+    class Double(torch.nn.Module):
+        def forward(self, W):
+            return 2 * W
+
+    torch.manual_seed(0)
+    m = ConcatSquashMLP(2, (6,), "tanh", backend="torch")
+    z = torch.randn(4, 2)
+    layer = m.layers[0]
+    W0 = layer._layer.weight.detach().clone()
+    parametrize.register_parametrization(layer._layer, "weight", Double())
+    assert torch.equal(layer.params()[0], 2 * W0)
+    torch.testing.assert_close(m(0.3, z), m.layers[1](0.3, torch.tanh(layer(0.3, z))))
+    parametrize.remove_parametrizations(layer._layer, "weight", leave_parametrized=False)
+    new = torch.nn.Parameter(torch.randn(6, 2))
+    layer._layer.weight = new
+    assert layer.params()[0] is new

@@ -27,14 +27,20 @@ class ConcatSquashLinear(nn.Module):
         self._hyper_gate = nn.Linear(1, dim_out)
 
     def params(self):
-        """The layer's ``(W, b, gw, gb, bw)`` tuple in the layout of :mod:`fastode.nn.functional`."""
-        return (
-            self._layer.weight,
-            self._layer.bias,
-            self._hyper_gate.weight.view(-1),
-            self._hyper_gate.bias,
-            self._hyper_bias.weight.view(-1),
-        )
+        """The layer's ``(W, b, gw, gb, bw)`` tuple in the layout of :mod:`fastode.nn.functional`.
+
+        Read from the submodules' parameter dicts (a module call reads them on every evaluation, and
+        ``nn.Module.__getattr__`` is most of that cost); attributes that are not plain parameters (e.g. a
+        ``torch.nn.utils.parametrize`` parametrization) are read as attributes."""
+        try:
+            lp = self._modules["_layer"]._parameters
+            gp = self._modules["_hyper_gate"]._parameters
+            W, b, gw, gb = lp["weight"], lp["bias"], gp["weight"], gp["bias"]
+            bw = self._modules["_hyper_bias"]._parameters["weight"]
+        except KeyError:
+            W, b = self._layer.weight, self._layer.bias
+            gw, gb, bw = self._hyper_gate.weight, self._hyper_gate.bias, self._hyper_bias.weight
+        return (W, b, gw.view(-1), gb, bw.view(-1))
 
     def forward(self, t, x):
         W, b, gw, gb, bw = self.params()
@@ -174,7 +180,7 @@ class ConcatSquashMLP(ConcatSquashEvaluation, nn.Module):
 
     def params(self):
         """List of per-layer ``(W, b, gw, gb, bw)`` tuples."""
-        return [layer.params() for layer in self.layers]
+        return [layer.params() for layer in self._modules["layers"]]
 
     @property
     def time_varying_params(self) -> bool:

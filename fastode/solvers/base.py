@@ -51,6 +51,7 @@ import torch
 
 from ..errors import FuncOutputError
 from ..stats import SolveStats
+from .observers import AcceptedStep
 
 __all__ = ["Solver", "ODEFunc", "Perturb", "handle_unused_kwargs", "time_tensor", "state_time_value",
            "real_dtype", "tableau_solver", "all_finite"]
@@ -221,8 +222,6 @@ class Solver:
 
     def _notify_accepted(self, record, dense=None, ratio=None) -> None:
         if self.observers:
-            from .observers import AcceptedStep
-
             step = AcceptedStep(self._n_accepted, record, dense, ratio)
             for obs in self.observers:
                 obs.accepted(self, step)
