@@ -9,12 +9,11 @@ persistent tile loop are exercised, outputs and scratch NaN-poisoned), compiled 
 import pytest
 import torch
 
-from _kernels_env import KDEV, KMARK, SKIP_REASON, SMALL
+from _kernels_env import KDEV, KMARK, SKIP_REASON, small_poisoned_mlp_kernels
 
 pytestmark = [KMARK, pytest.mark.skipif(SKIP_REASON is not None, reason=SKIP_REASON or "")]
 
 if SKIP_REASON is None:
-    from fastode.kernels import _common as KC
     from fastode.nn import backends
     from fastode.nn import functional as F
     from fastode.ops import triton_mlp as TB
@@ -24,13 +23,8 @@ ACTS = ("tanh", "softplus", "elu", "swish", "identity")
 
 @pytest.fixture(autouse=True)
 def _small_poisoned():
-    old = dict(TB.CONFIG)
-    TB.configure(**SMALL)
-    KC.set_poison(True)
-    TB.clear_cache()
-    yield
-    KC.set_poison(False)
-    TB.configure(**old)
+    with small_poisoned_mlp_kernels():
+        yield
 
 
 def make_params(D, hidden, dtype, seed=0, scale=1.0):

@@ -20,7 +20,7 @@ import fastode.cpp as fc
 from fastode.ops import concatsquash as REF
 from fastode.ops import mlp as MLP
 
-from _kernels_env import KDEV, KMARK, SKIP_REASON, SMALL
+from _kernels_env import KDEV, KMARK, SKIP_REASON, small_poisoned_mlp_kernels
 
 ACTS = ("tanh", "softplus", "elu", "swish", "identity")
 KINDS = ("forward", "hutchinson", "exact_trace")
@@ -57,16 +57,8 @@ def _triton_small_and_poisoned(request):
     if "triton" not in request.node.name or SKIP_REASON is not None:
         yield
         return
-    from fastode.kernels import _common as KC
-    from fastode.ops import triton_mlp as TB
-
-    old = dict(TB.CONFIG)
-    TB.configure(**SMALL)
-    KC.set_poison(True)
-    TB.clear_cache()
-    yield
-    KC.set_poison(False)
-    TB.configure(**old)
+    with small_poisoned_mlp_kernels():
+        yield
 
 
 def _params(D, hidden, dtype, device, seed=0):
