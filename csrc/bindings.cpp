@@ -490,6 +490,64 @@ std::tuple<Tensor, Tensor, Tensor> cnf_grid_forward(const std::vector<double>& t
   return {zT, qT, save};
 }
 
+// Adaptive solve from t0 to t1 (batch-global control). ctl: rtol, atol, safety, ifactor, dfactor, min_step,
+// max_step, first_step (0: heuristic); max_num_steps; order; time_f32; nq_norm. Returns (zT, qT, stats dict).
+py::tuple cnf_adaptive_forward(double t0, double t1, const Tensor& z0_, const Tensor& q0_, const OptT& e_,
+                               const std::vector<Tensor>& params_, int act, const std::vector<int>& rates,
+                               const std::vector<double>& c, const std::vector<double>& a,
+                               const std::vector<double>& b, const std::vector<double>& b_err,
+                               const std::vector<double>& c_mid, const std::vector<double>& ctl_f,
+                               int64_t max_num_steps, int order, bool time_f32, int nq_norm, int64_t tile) {
+  auto call = net_call(z0_, "z0", params_, act, tile);
+  const auto dt = call.dt;
+  Tensor& z0 = call.z;
+  auto& params = call.params;
+  const int64_t B = call.B, D = call.D, NQ = int64_t(rates.size());
+  auto& ex = call.ex;
+  Tensor q0 = prep(q0_, dt, "q0");
+  check(q0.numel() == B * NQ, "q0 must be (B, len(rates))");
+  OptT e = prep_opt(e_, dt, "e");
+  if (e) check(e->numel() == B * D, "e must have z0's shape");
+  check(ctl_f.size() == 8, "ctl needs rtol, atol, safety, ifactor, dfactor, min_step, max_step, first_step");
+  check(!b_err.empty(), "an adaptive solve needs b_err");
+  auto spec = cnf_spec(call.net, e, rates);
+  auto tab = make_tableau(c, a, b, b_err);
+  fastode::AdaptiveControl ctl;
+  ctl.rtol = ctl_f[0];
+  ctl.atol = ctl_f[1];
+  ctl.safety = ctl_f[2];
+  ctl.ifactor = ctl_f[3];
+  ctl.dfactor = ctl_f[4];
+  ctl.min_step = ctl_f[5];
+  ctl.max_step = ctl_f[6];
+  ctl.first_step = ctl_f[7];
+  ctl.max_num_steps = max_num_steps;
+  ctl.order = order;
+  ctl.time_f32 = time_f32;
+  ctl.nq_norm = nq_norm;
+  Tensor zT = empty_like_dt({B, D}, z0), qT = empty_like_dt({B, NQ}, z0);
+  fastode::AdaptiveStats st;
+  {
+    py::gil_scoped_release nogil;
+    DISPATCH_FLOAT(dt, [&] {
+      auto p = make_params<scalar_t>(params);
+      st = fastode::cnf_adaptive_forward<scalar_t>(spec, tab, c_mid, p, t0, t1, B, z0.data_ptr<scalar_t>(),
+                                                   NQ ? q0.data_ptr<scalar_t>() : nullptr, cptr<scalar_t>(e), ctl,
+                                                   zT.data_ptr<scalar_t>(), NQ ? qT.data_ptr<scalar_t>() : nullptr, ex);
+    });
+  }
+  py::dict stats;
+  stats["status"] = st.status;
+  stats["t_status"] = st.t_status;
+  stats["nfe"] = st.nfe;
+  stats["steps"] = st.steps;
+  stats["accepted"] = st.accepted;
+  stats["rejected"] = st.rejected;
+  stats["step_ts"] = st.step_ts;
+  stats["step_sizes"] = st.step_sizes;
+  return py::make_tuple(zT, qT, stats);
+}
+
 // Backward of cnf_grid_forward. Returns (gz0, gq0, ge, param grads, gts (list of floats)) with None for what
 // was not asked for.
 py::tuple cnf_grid_backward(const std::vector<double>& ts, const Tensor& z0_, const OptT& e_,
@@ -605,6 +663,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("cnf_step_backward", &cnf_step_backward);
   m.def("cnf_grid_forward", &cnf_grid_forward);
   m.def("cnf_grid_backward", &cnf_grid_backward);
+  m.def("cnf_adaptive_forward", &cnf_adaptive_forward);
   m.def("rk_combine", &rk_combine);
   m.def("rk_epilogue", &rk_epilogue);
   m.def("empty_cache", [] { return save_pool().clear(); }, "free the cached saved-activation buffers; returns bytes");

@@ -190,4 +190,36 @@ void cnf_grid_backward(const CnfSpec& spec, const Tableau& tab, const Params<T>&
                        int64_t B, const T* e, const T* save, const T* gzT, const T* gqT, T* gz0, T* gq0, T* ge,
                        const Grads<T>* grads, double* gts, const Exec& ex);
 
+// ---------------------------------------------------------------------------------------------------
+// Adaptive CNF solve with one step size for the batch (batch-global control, torchdiffeq's semantics): the
+// Hairer-Norsett-Wanner first step, the integral controller, the mixed RMS norm over z and the first nq_norm
+// columns of q (max of their RMS; later columns, e.g. regulariser integrals, do not steer the step), overshoot
+// past t1 and torchdiffeq's quartic interpolation there (c_mid weights). The tableau must be FSAL with an error
+// estimate. Times are rounded as a float32 time tensor rounds them when time_f32 (the CNF's times have the
+// state's dtype). Decreasing t1 < t0 integrates backwards.
+struct AdaptiveControl {
+  double rtol = 1e-7, atol = 1e-9;
+  double safety = 0.9, ifactor = 10.0, dfactor = 0.2;
+  double min_step = 0.0, max_step = 1.0 / 0.0;
+  int64_t max_num_steps = 10000;  // step attempts
+  double first_step = 0.0;        // > 0: the first step (magnitude) instead of the HNW heuristic
+  int order = 5;                  // the tableau's order: exponent 1/order of the controller and the first step
+  bool time_f32 = true;
+  int nq_norm = 1;
+};
+
+enum AdaptiveStatus : int { kSolved = 0, kMaxSteps = 1, kUnderflow = 2, kNonFinite = 3 };
+
+struct AdaptiveStats {
+  int status = kSolved;
+  double t_status = 0;  // the time the solve stopped at (status != kSolved)
+  int64_t nfe = 0, steps = 0, accepted = 0, rejected = 0;
+  std::vector<double> step_ts, step_sizes;  // accepted steps: start time and signed size (t units)
+};
+
+template <typename T>
+AdaptiveStats cnf_adaptive_forward(const CnfSpec& spec, const Tableau& tab, const std::vector<double>& c_mid,
+                                   const Params<T>& p, double t0, double t1, int64_t B, const T* z0, const T* q0,
+                                   const T* e, const AdaptiveControl& ctl, T* zT, T* qT, const Exec& ex);
+
 }  // namespace fastode

@@ -74,8 +74,11 @@ def test_record_says_what_ran():
     cnf.fused_cpu = False
     cnf(x, noise=e)
     rec = cnf.last_solve
-    assert rec.engine == "odeint" == cnf.last_path and rec.skipped == (("cpp_grid", "fused_cpu is off"),)
-    assert rec.describe() == "odeint (cpp_grid not taken: fused_cpu is off)"
+    assert rec.engine == "odeint" == cnf.last_path
+    assert rec.skipped == (("cpp_grid", "fused_cpu is off"), ("cpp_adaptive", "fused_cpu is off"))
+    assert rec.reason == "fused_cpu is off"  # each reason once
+    assert rec.describe() == ("odeint (cpp_grid not taken: fused_cpu is off; cpp_adaptive not taken: fused_cpu "
+                              "is off)")
     with pytest.raises(AttributeError):
         cnf.last_path = "x"  # a read-only view of last_solve
 

@@ -6,6 +6,8 @@ solve and, if not, why:
 
 * ``"cpp_grid"``: the whole fixed-grid solve in one C++ call and one backward (:class:`fastode.cpp.CnfStepper`),
   for solves it computes identically to ``"odeint"`` (see :class:`CppGridEngine`);
+* ``"cpp_adaptive"``: a whole adaptive solve (dopri5, tsit5, bosh3) in one C++ call with batch-global step control,
+  for evaluation solves (no gradient wanted; see :class:`CppAdaptiveEngine`);
 * ``"odeint"``: :func:`fastode.odeint` with one dynamics call per RK stage (every solve fastode supports);
 * ``"torchdiffeq"``: torchdiffeq's solver, a peer for side-by-side comparisons that runs only when the solver
   asks for it (``Solver(backend="torchdiffeq")``); fastode never falls back to it.
@@ -41,6 +43,7 @@ __all__ = [
     "EngineUnavailableError",
     "Engine",
     "CppGridEngine",
+    "CppAdaptiveEngine",
     "OdeintEngine",
     "TorchdiffeqEngine",
     "register_engine",
@@ -111,8 +114,8 @@ class SolveRecord:
 
     @property
     def reason(self) -> Optional[str]:
-        """Why the engines before ``engine`` did not run (``"; "``-joined), or None."""
-        return "; ".join(r for _, r in self.skipped) or None
+        """Why the engines before ``engine`` did not run (``"; "``-joined, each reason once), or None."""
+        return "; ".join(dict.fromkeys(r for _, r in self.skipped)) or None
 
     def describe(self) -> str:
         if not self.skipped:
@@ -230,6 +233,84 @@ def _same_option(value, default) -> bool:
         return False
 
 
+def _fused_cpp_common(solve: CnfSolve, allow_no_trace: bool = False):
+    """What both fused C++ engines need of a solve: the C++ extension, a float CPU input, a trace (or, with
+    ``allow_no_trace``, none), no error regularisers, kinetic / Jacobian-Frobenius integrands only, not the
+    torchdiffeq peer, a plain C++-backed ``ConcatSquashMLP``. Returns the stepper's rate names or a :class:`Skip`."""
+    if not solve.allow_fused:
+        return Skip("fused_cpu is off")
+    try:
+        import fastode.cpp as fc
+    except Exception as exc:  # pragma: no cover
+        return Skip(f"fastode.cpp is not importable ({exc})")
+    if not fc.available():
+        return Skip("the C++ extension is not built")
+    x = solve.x
+    if x.device.type != "cpu":
+        return Skip(f"the input is on {x.device}")
+    if x.dtype not in (torch.float32, torch.float64):
+        return Skip(f"the input is {x.dtype}")
+    if solve.trace not in ("hutchinson", "exact") and not (allow_no_trace and solve.trace == "none"):
+        return Skip(f"trace={solve.trace!r}")
+    if solve.errors:
+        return Skip("error-estimate regularisers")
+    rates = [] if solve.trace == "none" else ["trace"]
+    for r in solve.integrands:
+        if isinstance(r, R.KineticEnergy):
+            rates.append("kinetic")
+        elif isinstance(r, R.JacobianFrobenius) and solve.trace == "hutchinson":
+            rates.append("jac_frob")
+        else:
+            return Skip(f"regulariser {r.name!r} with trace={solve.trace!r}")
+    if solve.solver.backend == "torchdiffeq":
+        return Skip(_PEER_ONLY)
+    why = _why_not_cpp_dynamics(solve.dynamics, x)
+    return Skip(why) if why is not None else tuple(rates)
+
+
+def _why_not_cpp_dynamics(dyn, x) -> Optional[str]:
+    from fastode.nn import ConcatSquashMLP
+    from fastode.nn import backends as nn_backends
+
+    if type(dyn) is not ConcatSquashMLP:
+        return f"the dynamics is a {type(dyn).__name__}, not a plain ConcatSquashMLP"
+    if dyn._forward_hooks or dyn._forward_pre_hooks:
+        return "the dynamics has forward hooks"
+    for layer in dyn.params():
+        for p in layer:
+            if p.dtype != x.dtype or p.device != x.device:
+                return f"an MLP parameter is {p.dtype} on {p.device}, the input {x.dtype} on {x.device}"
+    t0 = torch.zeros((), dtype=x.dtype, device=x.device)
+    try:
+        name = nn_backends.resolve_backend_name(dyn.backend, x.device, (t0, x, dyn.params(), dyn.activation))
+    except ValueError as exc:
+        return f"the MLP backend cannot be resolved ({exc})"
+    if name != "cpp":
+        return f"the MLP backend resolves to {name!r}, not 'cpp'"
+    return None
+
+
+def _options_at_defaults(solver: Solver, info, handled) -> Optional[str]:
+    """Why not, if a solver option outside ``handled`` differs from the method's default."""
+    for key, value in solver.full_options().items():
+        if key in handled:
+            continue
+        if key not in info.options:
+            return f"solver option {key!r} (not an option of {solver.method!r})"
+        if not _same_option(value, info.options[key]):
+            return f"solver option {key}={value!r} (this engine runs {key}={info.options[key]!r})"
+    return None
+
+
+def _method_info(solver: Solver):
+    from fastode.solvers import method_info
+
+    try:
+        return method_info(solver.method)
+    except Exception as exc:
+        return Skip(f"method {solver.method!r}: {exc}")
+
+
 class CppGridEngine(Engine):
     """A whole fixed-grid solve in one C++ call (:meth:`fastode.cpp.CnfStepper.solve`) and one backward.
 
@@ -252,53 +333,23 @@ class CppGridEngine(Engine):
     _HANDLED_OPTIONS = ("step_size", "check_finite")
 
     def plan(self, solve):
-        if not solve.allow_fused:
-            return Skip("fused_cpu is off")
-        try:
-            import fastode.cpp as fc
-        except Exception as exc:  # pragma: no cover
-            return Skip(f"fastode.cpp is not importable ({exc})")
-        if not fc.available():
-            return Skip("the C++ extension is not built")
-        x, solver = solve.x, solve.solver
-        if x.device.type != "cpu":
-            return Skip(f"the input is on {x.device}")
-        if x.dtype not in (torch.float32, torch.float64):
-            return Skip(f"the input is {x.dtype}")
-        if solve.trace not in ("hutchinson", "exact"):
-            return Skip(f"trace={solve.trace!r}")
-        if solve.errors:
-            return Skip("error-estimate regularisers")
-        rates = ["trace"]
-        for r in solve.integrands:
-            if isinstance(r, R.KineticEnergy):
-                rates.append("kinetic")
-            elif isinstance(r, R.JacobianFrobenius) and solve.trace == "hutchinson":
-                rates.append("jac_frob")
-            else:
-                return Skip(f"regulariser {r.name!r} with trace={solve.trace!r}")
-        if solver.backend == "torchdiffeq":
-            return Skip(_PEER_ONLY)
-        from fastode.solvers import method_info
-
-        try:
-            info = method_info(solver.method)
-        except Exception as exc:
-            return Skip(f"method {solver.method!r}: {exc}")
+        rates = _fused_cpp_common(solve)
+        if isinstance(rates, Skip):
+            return rates
+        solver = solve.solver
+        info = _method_info(solver)
+        if isinstance(info, Skip):
+            return info
         if info.adaptive or not info.fixed_grid:
             return Skip(f"method {solver.method!r} is adaptive; this engine runs fixed grids")
         if info.rk_tableau is None:
             return Skip(f"method {solver.method!r} is not a one-step explicit RK method")
         if solver.gradient != "direct":
             return Skip(f"gradient={solver.gradient!r}")
+        why = _options_at_defaults(solver, info, self._HANDLED_OPTIONS)
+        if why is not None:
+            return Skip(why)
         opts = solver.full_options()
-        for key, value in opts.items():
-            if key in self._HANDLED_OPTIONS:
-                continue
-            if key not in info.options:
-                return Skip(f"solver option {key!r} (not an option of {solver.method!r})")
-            if not _same_option(value, info.options[key]):
-                return Skip(f"solver option {key}={value!r} (this engine runs {key}={info.options[key]!r})")
         h = opts.get("step_size")
         if h is not None:
             try:
@@ -307,32 +358,7 @@ class CppGridEngine(Engine):
                 return Skip(f"step_size {h!r}")
             if not (h > 0 and math.isfinite(h)):
                 return Skip(f"step_size {h!r}")
-        why = self._why_not_dynamics(solve.dynamics, x)
-        if why is not None:
-            return Skip(why)
-        return _GridPlan(info.rk_tableau, h, tuple(rates), bool(opts.get("check_finite", True)))
-
-    @staticmethod
-    def _why_not_dynamics(dyn, x) -> Optional[str]:
-        from fastode.nn import ConcatSquashMLP
-        from fastode.nn import backends as nn_backends
-
-        if type(dyn) is not ConcatSquashMLP:
-            return f"the dynamics is a {type(dyn).__name__}, not a plain ConcatSquashMLP"
-        if dyn._forward_hooks or dyn._forward_pre_hooks:
-            return "the dynamics has forward hooks"
-        for layer in dyn.params():
-            for p in layer:
-                if p.dtype != x.dtype or p.device != x.device:
-                    return f"an MLP parameter is {p.dtype} on {p.device}, the input {x.dtype} on {x.device}"
-        t0 = torch.zeros((), dtype=x.dtype, device=x.device)
-        try:
-            name = nn_backends.resolve_backend_name(dyn.backend, x.device, (t0, x, dyn.params(), dyn.activation))
-        except ValueError as exc:
-            return f"the MLP backend cannot be resolved ({exc})"
-        if name != "cpp":
-            return f"the MLP backend resolves to {name!r}, not 'cpp'"
-        return None
+        return _GridPlan(info.rk_tableau, h, rates, bool(opts.get("check_finite", True)))
 
     def run(self, solve, plan: _GridPlan):
         import fastode.cpp as fc
@@ -364,9 +390,119 @@ class CppGridEngine(Engine):
 
 
 # --------------------------------------------------------------------------------------------------------
+# the fused C++ adaptive solve
+
+class _AdaptivePlan(NamedTuple):
+    tableau: Any
+    rates: tuple
+    ctl: list               # rtol, atol, safety, ifactor, dfactor, min_step, max_step, first_step (0: heuristic)
+    max_num_steps: int
+
+
+_STATUS = {1: "max_num_steps was exceeded", 2: "the step size underflowed", 3: "the solution became NaN/inf"}
+
+
+def _wants_grad(solve: CnfSolve) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    if solve.x.requires_grad or solve.t.requires_grad or (solve.e is not None and solve.e.requires_grad):
+        return True
+    return any(p.requires_grad for p in solve.dynamics.parameters())
+
+
+class CppAdaptiveEngine(Engine):
+    """A whole adaptive solve in one C++ call (``fastode._C.cnf_adaptive_forward``), batch-global step control.
+
+    torchdiffeq's semantics, as the ``odeint`` engine: the Hairer-Norsett-Wanner first step, the integral controller
+    (``safety``, ``ifactor``, ``dfactor``, ``min_step``, ``max_step``, ``first_step``, ``max_num_steps`` honoured), the
+    CNF's norm (max of the RMS of ``z`` and of the log-density; integrals do not steer), overshoot and the quartic
+    interpolation at the end time. Same steps and NFE as ``odeint`` (float64: the same values to rounding; float32:
+    the C++ sums round differently, so values agree to the solve's tolerance and a borderline step could go the other
+    way). Eligible: what the grid engine needs of the dynamics, an FSAL tableau with an error estimate and
+    torchdiffeq's midpoint weights (dopri5, tsit5, bosh3), the other options at their defaults, two output times, and
+    no gradient wanted (evaluation: ``CNF.log_prob``, sampling, validation); the fused adjoint is the next step.
+    A solve the C++ loop cannot finish (``max_num_steps``, step-size underflow, NaN/inf) declines at run time so that
+    ``odeint`` re-runs it and raises its error naming the time; that re-run is warned once.
+    """
+
+    name = "cpp_adaptive"
+    _HANDLED_OPTIONS = ("first_step", "safety", "ifactor", "dfactor", "min_step", "max_step", "max_num_steps")
+
+    def plan(self, solve):
+        rates = _fused_cpp_common(solve, allow_no_trace=True)
+        if isinstance(rates, Skip):
+            return rates
+        solver = solve.solver
+        info = _method_info(solver)
+        if isinstance(info, Skip):
+            return info
+        tab = info.rk_tableau
+        if not info.adaptive or tab is None:
+            return Skip(f"method {solver.method!r} is not an adaptive one-step RK method")
+        if not tab.fsal or tab.b_err is None or tab.c_mid is None:
+            return Skip(f"method {solver.method!r}: this engine runs FSAL tableaus with an error estimate and "
+                        "midpoint weights (dopri5, tsit5, bosh3)")
+        if len(solve.t) != 2:
+            return Skip("more than two output times")
+        if _wants_grad(solve):
+            return Skip("a gradient is wanted (the fused adaptive solve has no backward yet)")
+        why = _options_at_defaults(solver, info, self._HANDLED_OPTIONS)
+        if why is not None:
+            return Skip(why)
+        opts = {**info.options, **solver.full_options()}
+        try:
+            ctl = [float(solver.rtol), float(solver.atol)] + [float(opts[k]) for k in
+                                                              ("safety", "ifactor", "dfactor", "min_step", "max_step")]
+            ctl.append(0.0 if opts["first_step"] is None else float(opts["first_step"]))
+            max_steps = int(opts["max_num_steps"])
+        except (TypeError, ValueError) as exc:
+            return Skip(f"solver options ({exc})")
+        return _AdaptivePlan(tab, rates, ctl, max_steps)
+
+    def run(self, solve, plan: _AdaptivePlan):
+        import fastode.cpp as fc
+        from fastode.cpp import _dispatch
+        from fastode.cpp._mlp import _ACT_CODES
+        from fastode.cpp._rk import RATE_CODES, _tableau_lists
+        from fastode.stats import SolveStats
+
+        x, t, dyn = solve.x, solve.t, solve.dynamics
+        tab = plan.tableau
+        c, a, b, b_err = _tableau_lists(tab)
+        flat = [p.detach() for layer in dyn.params() for p in layer]
+        B = x.shape[0]
+        if plan.rates:
+            q0, e = torch.stack(solve.y0[1:], -1), solve.e.detach() if solve.trace == "hutchinson" else None
+        else:  # trace "none" (sampling): no q columns; the kernels still take a probe, a zero one is the cheapest
+            q0, e = x.new_zeros(B, 0), x.new_zeros(x.shape)
+        tt = t.detach().to("cpu", torch.float64).tolist()
+        zT, qT, st = fc.ext().cnf_adaptive_forward(
+            tt[0], tt[1], x.detach(), q0, e, flat,
+            _ACT_CODES[dyn.activation], [RATE_CODES[r] for r in plan.rates], c, a, b, b_err,
+            [float(v) for v in tab.c_mid], plan.ctl, plan.max_num_steps, int(tab.order), t.dtype == torch.float32,
+            1, _dispatch.mlp_tile_rows(x.shape[0], dyn.params()))
+        if st["status"]:
+            from fastode.errors import warn_fallback_once
+
+            reason = (f"the fused adaptive C++ solve stopped at t={st['t_status']:.6g} "
+                      f"({_STATUS.get(st['status'], 'status ' + str(st['status']))}); re-running it on the odeint "
+                      "path, which raises the error naming the time")
+            warn_fallback_once("cnf-fused-adaptive-failed", f"CNF: {reason}")
+            return Skip(reason)
+        dyn.last_backend = "cpp"
+        solve.counter.n += st["nfe"]
+        stats = SolveStats(num_fevals=st["nfe"], num_steps=st["steps"], num_accepted_steps=st["accepted"],
+                           num_rejected_steps=st["rejected"], step_ts=list(st["step_ts"]),
+                           step_sizes=list(st["step_sizes"]), method=solve.solver.method)
+        ends = (zT,) + (tuple(qT.unbind(-1)) if plan.rates else (solve.y0[1],))
+        trajectory = tuple(torch.stack([a0, b1]) for a0, b1 in zip(solve.y0, ends))
+        return EngineResult(trajectory, stats)
+
+
+# --------------------------------------------------------------------------------------------------------
 # the registry
 
-_ENGINES: list = [CppGridEngine(), OdeintEngine(), TorchdiffeqEngine()]
+_ENGINES: list = [CppGridEngine(), CppAdaptiveEngine(), OdeintEngine(), TorchdiffeqEngine()]
 
 
 def register_engine(engine: Engine, before: Optional[str] = None) -> None:

@@ -1,0 +1,261 @@
+// Adaptive CNF solve in one call: batch-global step control (torchdiffeq's controller, first step, mixed RMS norm,
+// overshoot and quartic interpolation) over the fused step of cnf_step.cpp.
+#include "detail/mlp_tile.h"
+
+namespace fastode {
+
+namespace {
+
+// Times as the host loop of fastode.solvers.rk_adaptive holds them: float64, rounded to float32 for a float32
+// time tensor.
+struct Clock {
+  bool f32;
+  double operator()(double v) const { return f32 ? double(float(v)) : v; }
+};
+
+template <typename T>
+double state_round(double v) {
+  return double(T(v));
+}
+
+// The CNF rates at (t, z): kz = f (B, D), kq (B, NQ) per rate code (0 -trace, 1 +trace, 2 kinetic, 3 jac_frob).
+template <typename T>
+struct Rates {
+  const CnfSpec& spec;
+  const Params<T>& p;
+  int64_t B, D, NQ;
+  const T* e;
+  const Exec& ex;
+  std::vector<T> trace, kin, frob, vjp;
+  Rates(const CnfSpec& s, const Params<T>& p_, int64_t B_, const T* e_, const Exec& ex_)
+      : spec(s), p(p_), B(B_), D(s.net.dims[0]), NQ(int64_t(s.rates.size())), e(e_), ex(ex_),
+        trace(B_), kin(B_), frob(B_) {}
+  void operator()(double t, const T* z, T* kz, T* kq) {
+    bool want_frob = false;
+    for (int r : spec.rates) want_frob |= r == 3;
+    if (want_frob && vjp.empty()) vjp.resize(size_t(spec.K) * B * D);
+    mlp_probe_forward<T>(spec.net, p, t, B, z, spec.K, spec.exact ? nullptr : e, kz,
+                         want_frob ? vjp.data() : nullptr, trace.data(), kin.data(), frob.data(), nullptr, ex);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t j = 0; j < NQ; ++j) {
+        const int r = spec.rates[j];
+        kq[b * NQ + j] = r == 0 ? -trace[b] : r == 1 ? trace[b] : r == 2 ? kin[b] : frob[b];
+      }
+  }
+};
+
+// max(RMS of the z part, RMS of the first nq_norm q columns) of x / scale (the CNF's state norm).
+template <typename T, typename X, typename S>
+double mixed_rms(int64_t B, int64_t D, int64_t NQ, int nq_norm, X&& x, S&& scale) {
+  double sz = 0, sq = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t j = 0; j < D; ++j) {
+      const double v = double(x(b, j)) / double(scale(b, j));
+      sz += v * v;
+    }
+    for (int64_t j = 0; j < nq_norm && j < NQ; ++j) {
+      const double v = double(x(b, D + j)) / double(scale(b, D + j));
+      sq += v * v;
+    }
+  }
+  double r = std::sqrt(sz / double(B * D));
+  if (nq_norm > 0 && NQ > 0) {
+    const double rq = std::sqrt(sq / double(B * std::min<int64_t>(nq_norm, NQ)));
+    r = (rq > r || rq != rq) ? rq : r;  // a NaN part makes the norm NaN (std::max would drop it)
+  }
+  return r;
+}
+
+// torchdiffeq's quartic interpolant of one step at fraction x (fastode.interp.quartic_fit / quartic_eval).
+template <typename T>
+void quartic(int64_t n, const T* y0, const T* y1, const T* k, int s, int64_t stride, const std::vector<double>& c_mid,
+             T dt, T x, T* out) {
+  for (int64_t i = 0; i < n; ++i) {
+    T acc = 0;
+    for (int j = 0; j < s; ++j) acc += T(dt * T(c_mid[j])) * k[j * stride + i];
+    const T ymid = y0[i] + acc, f0 = k[i], f1 = k[(s - 1) * stride + i];
+    const T a = T(2) * dt * (f1 - f0) - T(8) * (y1[i] + y0[i]) + T(16) * ymid;
+    const T b = dt * (T(5) * f0 - T(3) * f1) + T(18) * y0[i] + T(14) * y1[i] - T(32) * ymid;
+    const T c = dt * (f1 - T(4) * f0) - T(11) * y0[i] - T(5) * y1[i] + T(16) * ymid;
+    const T d = dt * f0;
+    T total = y0[i] + x * d;
+    T xp = x;
+    xp = xp * x;
+    total = total + xp * c;
+    xp = xp * x;
+    total = total + xp * b;
+    xp = xp * x;
+    total = total + xp * a;
+    out[i] = total;
+  }
+}
+
+}  // namespace
+
+template <typename T>
+AdaptiveStats cnf_adaptive_forward(const CnfSpec& spec, const Tableau& tab, const std::vector<double>& c_mid,
+                                   const Params<T>& p, double t0, double t1, int64_t B, const T* z0, const T* q0,
+                                   const T* e, const AdaptiveControl& ctl, T* zT, T* qT, const Exec& ex) {
+  check_net(spec.net);
+  if (!tab.has_err()) throw std::invalid_argument("fastode: an adaptive solve needs a tableau with an error estimate");
+  if (int(c_mid.size()) != tab.s) throw std::invalid_argument("fastode: c_mid needs one weight per stage");
+  const int s = tab.s;
+  const int64_t D = spec.net.dims[0], NQ = int64_t(spec.rates.size()), M = D + NQ;
+  const Clock rnd{ctl.time_f32};
+  const double dir = t1 < t0 ? -1.0 : 1.0;  // integrate tau = dir * t forwards, as odeint does for decreasing t
+  const double tau_end = rnd(dir * t1);
+  double tau = rnd(dir * t0);
+  AdaptiveStats st;
+
+  std::vector<T> z(z0, z0 + B * D), q(q0, q0 + B * NQ), z1(B * D), q1(B * NQ), ez(B * D), eq(B * NQ);
+  std::vector<T> kz(size_t(s) * B * D), kq(size_t(s) * B * NQ), kz0(B * D), kq0(B * NQ);
+  std::vector<double> atol(M, ctl.atol), rtol(M, ctl.rtol), sumsq(M);
+  Rates<T> rates(spec, p, B, e, ex);
+  auto failed = [&](int status, double at) {
+    st.status = status;
+    st.t_status = dir * at;
+    return st;
+  };
+  auto all_finite = [](const std::vector<T>& v) {
+    for (T x : v)
+      if (!std::isfinite(double(x))) return false;
+    return true;
+  };
+
+  // ---- first stage and first step (fastode.ops.rk.initial_step with order - 1, i.e. exponent 1/order)
+  rates(dir * tau, z.data(), kz0.data(), kq0.data());
+  st.nfe += 1;
+  if (tau_end == tau) {
+    std::copy(z.begin(), z.end(), zT);
+    std::copy(q.begin(), q.end(), qT);
+    return st;
+  }
+  double dt;  // the proposed step magnitude (host float, as the Python loop's self.dt)
+  if (ctl.first_step > 0) {
+    dt = rnd(ctl.first_step);
+  } else {
+    auto scale = [&](int64_t b, int64_t j) {
+      const T y = j < D ? z[b * D + j] : q[b * NQ + (j - D)];
+      return T(ctl.atol) + std::abs(y) * T(ctl.rtol);
+    };
+    auto y_at = [&](int64_t b, int64_t j) { return j < D ? z[b * D + j] : q[b * NQ + (j - D)]; };
+    auto f_at = [&](int64_t b, int64_t j) {
+      return T(dir) * (j < D ? kz0[b * D + j] : kq0[b * NQ + (j - D)]);
+    };
+    const double d0 = mixed_rms<T>(B, D, NQ, ctl.nq_norm, y_at, scale);
+    const double d1 = mixed_rms<T>(B, D, NQ, ctl.nq_norm, f_at, scale);
+    const T h0 = T((d0 < 1e-5 || d1 < 1e-5) ? 1e-6 : 0.01 * d0 / d1);
+    std::vector<T> zt(B * D), qt(B * NQ), fz(B * D), fq(B * NQ);
+    for (int64_t i = 0; i < B * D; ++i) zt[i] = z[i] + h0 * T(dir) * kz0[i];
+    for (int64_t i = 0; i < B * NQ; ++i) qt[i] = q[i] + h0 * T(dir) * kq0[i];
+    const double t_trial = rnd(tau + double(h0));
+    rates(dir * state_round<T>(t_trial), zt.data(), fz.data(), fq.data());
+    st.nfe += 1;
+    auto df_at = [&](int64_t b, int64_t j) {
+      return T(dir) * (j < D ? fz[b * D + j] - kz0[b * D + j] : fq[b * NQ + (j - D)] - kq0[b * NQ + (j - D)]);
+    };
+    const double d2 = mixed_rms<T>(B, D, NQ, ctl.nq_norm, df_at, scale) / double(h0);
+    double h1;
+    if (d1 <= 1e-15 && d2 <= 1e-15)
+      h1 = std::max(1e-6, double(h0) * 1e-3);
+    else
+      h1 = std::pow(0.01 / std::max(d1, d2), 1.0 / double(ctl.order));
+    dt = double(std::min(T(100) * h0, T(std::abs(h1))));  // in the state dtype, as initial_step computes it
+    if (!std::isfinite(dt) || dt <= 0) return failed(kNonFinite, tau);
+    dt = rnd(dt);
+  }
+
+  // ---- the loop (fastode.solvers.rk_adaptive: _advance / _adaptive_step without step_t, jump_t or landing)
+  CnfStepIn<T> in;
+  in.B = B;
+  in.e = e;
+  in.atol = atol.data();
+  in.rtol = rtol.data();
+  CnfStepOut<T> out;
+  out.ez = ez.data();
+  out.eq = eq.data();
+  out.kz = kz.data();
+  out.kq = kq.data();
+  out.sumsq = sumsq.data();
+  double tau_prev = tau, h_prev = 0;
+  std::vector<T> zp, qp, kzp, kqp;  // the last accepted step (for the interpolation)
+  int64_t attempts = 0;
+  while (tau_end > tau) {
+    if (attempts >= ctl.max_num_steps) return failed(kMaxSteps, tau);
+    double h = std::isfinite(dt) ? dt : ctl.min_step;
+    h = std::min(std::max(h, ctl.min_step), ctl.max_step);
+    const double tnew = rnd(tau + h);
+    if (!(tnew > tau)) return failed(kUnderflow, tau);
+    const double h_state = state_round<T>(h);
+    in.t0 = dir * tau;
+    in.dt = dir * h_state;
+    in.z0 = z.data();
+    in.q0 = q.data();
+    in.kz0 = kz0.data();
+    in.kq0 = kq0.data();
+    out.z1 = z1.data();  // (z and z1 swap buffers on acceptance)
+    out.q1 = q1.data();
+    cnf_step_forward<T>(spec, tab, p, in, out, ex);
+    st.nfe += s - 1;
+    double rz = 0, rq = 0;
+    for (int64_t j = 0; j < D; ++j) rz += sumsq[j];
+    for (int64_t j = 0; j < ctl.nq_norm && j < NQ; ++j) rq += sumsq[D + j];
+    double r = std::sqrt(rz / double(B * D));
+    if (ctl.nq_norm > 0 && NQ > 0) {
+      const double r2 = std::sqrt(rq / double(B * std::min<int64_t>(ctl.nq_norm, NQ)));
+      r = (r2 > r || r2 != r2) ? r2 : r;
+    }
+    const bool finite = std::isfinite(r);
+    bool accept = r <= 1;
+    if (h > ctl.max_step) accept = false;
+    if (h <= ctl.min_step) accept = true;
+    double f;
+    if (r == 0)
+      f = ctl.ifactor;
+    else if (!finite)
+      f = r != r ? std::min(ctl.dfactor, 1.0) : std::min(ctl.ifactor, std::max(0.0, ctl.dfactor));
+    else
+      f = std::min(ctl.ifactor, std::max(ctl.safety / std::pow(r, 1.0 / double(ctl.order)), r < 1 ? 1.0 : ctl.dfactor));
+    const double dt_next = std::min(std::max(h * f, ctl.min_step), ctl.max_step);
+    if (h <= ctl.min_step && !finite) return failed(kNonFinite, tau);
+    st.steps += 1;
+    if (accept) {
+      zp.assign(z.begin(), z.end());
+      qp.assign(q.begin(), q.end());
+      kzp.assign(kz.begin(), kz.end());
+      kqp.assign(kq.begin(), kq.end());
+      st.accepted += 1;
+      st.step_ts.push_back(dir * tau);  // in t, as odeint's SolveStats
+      st.step_sizes.push_back(dir * (tnew - tau));
+      tau_prev = tau;
+      h_prev = h_state;
+      tau = tnew;
+      z.swap(z1);
+      q.swap(q1);
+      std::copy(kz.begin() + size_t(s - 1) * B * D, kz.end(), kz0.begin());
+      std::copy(kq.begin() + size_t(s - 1) * B * NQ, kq.end(), kq0.begin());
+    } else {
+      st.rejected += 1;
+    }
+    dt = dt_next;
+    ++attempts;
+  }
+  if (!all_finite(z) || !all_finite(q)) return failed(kNonFinite, tau);
+
+  // ---- output at tau_end inside the last accepted step (fastode.solvers.rk_adaptive._interpolate / _x)
+  const double x = ctl.time_f32 ? rnd((tau_end - tau_prev) / rnd(tau - tau_prev)) : (tau_end - tau_prev) / (tau - tau_prev);
+  const T xs = T(x), dts = T(dir * h_prev);
+  quartic<T>(B * D, zp.data(), z.data(), kzp.data(), s, B * D, c_mid, dts, xs, zT);
+  if (NQ) quartic<T>(B * NQ, qp.data(), q.data(), kqp.data(), s, B * NQ, c_mid, dts, xs, qT);
+  return st;
+}
+
+#define FASTODE_INSTANTIATE(T)                                                                                \
+  template AdaptiveStats cnf_adaptive_forward<T>(const CnfSpec&, const Tableau&, const std::vector<double>&, \
+                                                 const Params<T>&, double, double, int64_t, const T*, const T*, \
+                                                 const T*, const AdaptiveControl&, T*, T*, const Exec&);
+
+FASTODE_INSTANTIATE(float)
+FASTODE_INSTANTIATE(double)
+
+}  // namespace fastode

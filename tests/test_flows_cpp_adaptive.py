@@ -1,0 +1,163 @@
+"""The fused adaptive C++ engine of a CNF ("cpp_adaptive", fastode/flows/engines.py, csrc/cnf_adaptive.cpp).
+
+Reference: the same CNF on the "odeint" engine (fastode.odeint, one network call per stage; checked against
+torchdiffeq in tests/test_flows_cnf.py and tests/test_parity_torchdiffeq.py): the same steps, NFE and stats, and the
+same values (float64: to rounding; float32: to the solve's tolerance, the C++ sums round differently).
+"""
+import warnings
+
+import pytest
+import torch
+
+import fastode.cpp as fc
+from fastode.errors import FallbackWarning, MaxStepsExceededError, NonFiniteError
+from fastode.flows import CNF
+from fastode.nn import ConcatSquashMLP
+
+pytestmark = pytest.mark.skipif(not fc.available(), reason="the C++ extension fastode._C is not built")
+
+B, D = 37, 3  # ragged batch
+TOL = {torch.float64: dict(rtol=1e-9, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=5e-5)}
+
+
+def _cnf(dtype, method="dopri5", trace="exact", tol=1e-5, regs=(), hidden=(16, 16), **kw):
+    torch.manual_seed(0)
+    dyn = ConcatSquashMLP(D, hidden, "tanh")
+    cnf = CNF(dyn, T=0.47, method=method, rtol=tol, atol=tol, trace=trace, eval_trace=trace, regularizers=regs,
+              **kw)
+    return cnf.to(dtype).eval()
+
+
+def _data(dtype, scale=1.0):
+    g = torch.Generator().manual_seed(1)
+    return (torch.randn(B, D, generator=g, dtype=dtype) * scale,
+            torch.randn(B, D, generator=g, dtype=dtype))
+
+
+def _solve(cnf, x, e, engine, reverse=False, compute_reg=None):
+    cnf.engine = engine
+    cnf._counter.n = 0
+    with torch.no_grad():
+        o = cnf(x, noise=e, reverse=reverse, compute_reg=compute_reg)
+    return o, cnf.last_solve, cnf._counter.n
+
+
+def _same_stats(a, b, dtype=torch.float64):
+    """Same counts; the same step times in float64. In float32 an early step's error estimate can be below the
+    state's resolution (a ratio of 1e-5 here), so its value is rounding noise and the next step sizes follow the
+    summation order: then only the counts agree (and the values, to the tolerance)."""
+    for k in ("num_fevals", "num_steps", "num_accepted_steps", "num_rejected_steps", "method"):
+        assert getattr(a, k) == getattr(b, k), k
+    if dtype == torch.float64:
+        assert a.step_ts == pytest.approx(b.step_ts, rel=1e-9, abs=1e-12)
+        assert a.step_sizes == pytest.approx(b.step_sizes, rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("method", ["dopri5", "tsit5", "bosh3"])
+@pytest.mark.parametrize("trace, reverse", [("exact", False), ("hutchinson", False), ("exact", True)])
+def test_matches_the_odeint_engine(dtype, method, trace, reverse):
+    cnf = _cnf(dtype, method, trace)
+    x, e = _data(dtype)
+    o1, r1, n1 = _solve(cnf, x, e, "auto", reverse)
+    o0, r0, n0 = _solve(cnf, x, e, "odeint", reverse)
+    assert r1.engine == "cpp_adaptive" and r1.mlp_backend == "cpp" and r0.engine == "odeint"
+    torch.testing.assert_close(o1.out, o0.out, **TOL[dtype])
+    torch.testing.assert_close(o1.logdet, o0.logdet, **TOL[dtype])
+    assert n1 == n0 == r1.stats.num_fevals > 0
+    _same_stats(r1.stats, r0.stats, dtype)
+
+
+@pytest.mark.parametrize("options", [{"max_step": 0.1}, {"first_step": 0.45}])
+def test_regulariser_integrals_options_and_rejections(options):
+    """Kinetic and Jacobian-Frobenius integrals (not in the norm), max_step, and a first step too large for the
+    tolerance (rejected steps): all as odeint does."""
+    dtype = torch.float64
+    cnf = _cnf(dtype, trace="hutchinson", tol=1e-8, regs={"kinetic": 0.1, "jf": 0.1}, options=options)
+    x, e = _data(dtype, scale=2.5)
+    o1, r1, _ = _solve(cnf, x, e, "auto", compute_reg=True)
+    o0, r0, _ = _solve(cnf, x, e, "odeint", compute_reg=True)
+    assert r1.engine == "cpp_adaptive" and set(o1.reg) == {"kinetic", "jacobian_frobenius"}
+    for k in o1.reg:
+        torch.testing.assert_close(o1.reg[k], o0.reg[k], **TOL[dtype])
+    torch.testing.assert_close(o1.logdet, o0.logdet, **TOL[dtype])
+    _same_stats(r1.stats, r0.stats)
+    if "max_step" in options:
+        assert max(abs(h) for h in r1.stats.step_sizes) <= 0.1 + 1e-12
+    else:
+        assert r1.stats.num_rejected_steps > 0
+
+
+def test_one_and_two_threads_give_the_same_bits():
+    cnf = _cnf(torch.float32, trace="hutchinson")
+    x, e = _data(torch.float32)
+    old = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            outs.append(_solve(cnf, x, e, "cpp_adaptive")[0])
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(outs[0].out, outs[1].out) and torch.equal(outs[0].logdet, outs[1].logdet)
+
+
+@pytest.mark.parametrize("make, why", [
+    (lambda: _cnf(torch.float64, method="fehlberg2"), "FSAL"),
+    (lambda: _cnf(torch.float64, options={"interp": "dense"}), "interp"),
+    (lambda: _cnf(torch.float64, method="rk4", step_size=0.1), "adaptive"),
+])
+def test_ineligible_solves_say_why(make, why):
+    cnf = make()
+    x, e = _data(torch.float64)
+    _, rec, _ = _solve(cnf, x, e, "auto")
+    assert rec.engine in ("odeint", "cpp_grid")
+    reasons = dict(rec.skipped)
+    if rec.engine == "odeint":
+        assert why in reasons["cpp_adaptive"]
+
+
+def test_a_wanted_gradient_keeps_the_odeint_engine():
+    cnf = _cnf(torch.float64).train()
+    x, e = _data(torch.float64)
+    out = cnf(x, noise=e)
+    assert cnf.last_solve.engine == "odeint"
+    assert "gradient" in dict(cnf.last_solve.skipped)["cpp_adaptive"]
+    out.logdet.sum().backward()  # and the gradient is there
+    assert cnf.dynamics.layers[0]._layer.weight.grad is not None
+
+
+def test_failures_rerun_on_odeint_and_raise_its_error(monkeypatch):
+    from fastode import errors
+
+    monkeypatch.setattr(errors, "_WARNED", set())
+    cnf = _cnf(torch.float64, options={"max_num_steps": 1}, tol=1e-9)
+    x, e = _data(torch.float64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(MaxStepsExceededError, match="max_num_steps exceeded"):
+            _solve(cnf, x, e, "auto")
+    assert [w for w in caught if issubclass(w.category, FallbackWarning)]
+    assert cnf.last_solve.engine == "odeint" and "max_num_steps" in dict(cnf.last_solve.skipped)["cpp_adaptive"]
+    with pytest.raises(Exception, match="max_num_steps"):  # asked for by name: the reason, no silent fallback
+        _solve(cnf, x, e, "cpp_adaptive")
+    cnf = _cnf(torch.float64)
+    with torch.no_grad():
+        cnf.dynamics.layers[-1]._layer.bias[0] = float("nan")
+    with pytest.raises(NonFiniteError):
+        _solve(cnf, x, e, "auto")
+
+
+def test_log_prob_and_sampling_take_it():
+    cnf = _cnf(torch.float32)
+    x, _ = _data(torch.float32)
+    with torch.no_grad():
+        lp = cnf.log_prob(x)
+        assert cnf.last_solve.engine == "cpp_adaptive" and torch.isfinite(lp).all()
+        g = torch.Generator().manual_seed(0)
+        s = cnf.sample(5, generator=g)
+        assert cnf.last_solve.engine == "cpp_adaptive" and s.shape == (5, D)
+        cnf.fused_cpu = False
+        s0 = cnf.sample(5, generator=torch.Generator().manual_seed(0))
+        assert cnf.last_solve.engine == "odeint"
+    torch.testing.assert_close(s, s0, **TOL[torch.float32])
