@@ -497,7 +497,8 @@ py::tuple cnf_adaptive_forward(double t0, double t1, const Tensor& z0_, const Te
                                const std::vector<double>& c, const std::vector<double>& a,
                                const std::vector<double>& b, const std::vector<double>& b_err,
                                const std::vector<double>& c_mid, const std::vector<double>& ctl_f,
-                               int64_t max_num_steps, int order, bool time_f32, int nq_norm, int64_t tile) {
+                               int64_t max_num_steps, int order, bool time_f32, int nq_norm, bool want_tape,
+                               int64_t tile) {
   auto call = net_call(z0_, "z0", params_, act, tile);
   const auto dt = call.dt;
   Tensor& z0 = call.z;
@@ -527,13 +528,29 @@ py::tuple cnf_adaptive_forward(double t0, double t1, const Tensor& z0_, const Te
   ctl.nq_norm = nq_norm;
   Tensor zT = empty_like_dt({B, D}, z0), qT = empty_like_dt({B, NQ}, z0);
   fastode::AdaptiveStats st;
+  py::dict tape_out;
   {
     py::gil_scoped_release nogil;
     DISPATCH_FLOAT(dt, [&] {
       auto p = make_params<scalar_t>(params);
+      fastode::AdaptiveTape<scalar_t> tape;
       st = fastode::cnf_adaptive_forward<scalar_t>(spec, tab, c_mid, p, t0, t1, B, z0.data_ptr<scalar_t>(),
                                                    NQ ? q0.data_ptr<scalar_t>() : nullptr, cptr<scalar_t>(e), ctl,
-                                                   zT.data_ptr<scalar_t>(), NQ ? qT.data_ptr<scalar_t>() : nullptr, ex);
+                                                   zT.data_ptr<scalar_t>(), NQ ? qT.data_ptr<scalar_t>() : nullptr, ex,
+                                                   want_tape ? &tape : nullptr);
+      if (want_tape) {
+        const int64_t n = int64_t(tape.t0.size()), m = B * (D + NQ);
+        Tensor ys = empty_like_dt({n, m}, z0), k0s = empty_like_dt({n, m}, z0);
+        std::copy(tape.y.begin(), tape.y.end(), ys.data_ptr<scalar_t>());
+        std::copy(tape.k0.begin(), tape.k0.end(), k0s.data_ptr<scalar_t>());
+        py::gil_scoped_acquire gil;
+        tape_out["t0"] = tape.t0;
+        tape_out["dt"] = tape.dt;
+        tape_out["y"] = ys;
+        tape_out["k0"] = k0s;
+        tape_out["x"] = tape.x;
+        tape_out["width"] = tape.width;
+      }
     });
   }
   py::dict stats;
@@ -545,7 +562,59 @@ py::tuple cnf_adaptive_forward(double t0, double t1, const Tensor& z0_, const Te
   stats["rejected"] = st.rejected;
   stats["step_ts"] = st.step_ts;
   stats["step_sizes"] = st.step_sizes;
-  return py::make_tuple(zT, qT, stats);
+  return py::make_tuple(zT, qT, stats, tape_out);
+}
+
+// Backward of cnf_adaptive_forward from its tape. Returns (gz0, gq0, ge or None, param grads, g_anchor, g_x, nfe).
+py::tuple cnf_adaptive_backward(const Tensor& z0_, const OptT& e_, const std::vector<Tensor>& params_, int act,
+                                const std::vector<int>& rates, const std::vector<double>& c,
+                                const std::vector<double>& a, const std::vector<double>& b,
+                                const std::vector<double>& b_err, const std::vector<double>& c_mid,
+                                const std::vector<double>& t0s, const std::vector<double>& dts, const Tensor& ys_,
+                                const Tensor& k0s_, double x, const OptT& gzT_, const OptT& gqT_, bool need_e,
+                                bool need_params, int64_t tile) {
+  auto call = net_call(z0_, "z0", params_, act, tile);
+  const auto dt = call.dt;
+  Tensor& z0 = call.z;
+  auto& params = call.params;
+  const int64_t B = call.B, D = call.D, NQ = int64_t(rates.size());
+  auto& ex = call.ex;
+  OptT e = prep_opt(e_, dt, "e");
+  Tensor ys = prep(ys_, dt, "tape y"), k0s = prep(k0s_, dt, "tape k0");
+  const int64_t n = int64_t(t0s.size());
+  check(int64_t(dts.size()) == n && ys.numel() == n * B * (D + NQ) && k0s.numel() == ys.numel(),
+        "the tape does not match the batch and the state");
+  OptT gzT = prep_opt(gzT_, dt, "grad zT"), gqT = prep_opt(gqT_, dt, "grad qT");
+  auto spec = cnf_spec(call.net, e, rates);
+  auto tab = make_tableau(c, a, b, b_err);
+  Tensor gz0 = empty_like_dt({B, D}, z0), gq0 = empty_like_dt({B, NQ}, z0);
+  OptT ge;
+  if (need_e && e) ge = empty_like_dt({B, D}, z0);
+  std::vector<Tensor> gp;
+  if (need_params)
+    for (const auto& p : params) gp.push_back(at::zeros(p.sizes(), p.options()));
+  double g_anchor = 0, g_x = 0;
+  int64_t nfe = 0;
+  {
+    py::gil_scoped_release nogil;
+    DISPATCH_FLOAT(dt, [&] {
+      auto p = make_params<scalar_t>(params);
+      fastode::Grads<scalar_t> g;
+      if (need_params) g = make_grads<scalar_t>(gp);
+      fastode::AdaptiveTape<scalar_t> tape;
+      tape.t0 = t0s;
+      tape.dt = dts;
+      tape.y.assign(ys.data_ptr<scalar_t>(), ys.data_ptr<scalar_t>() + ys.numel());
+      tape.k0.assign(k0s.data_ptr<scalar_t>(), k0s.data_ptr<scalar_t>() + k0s.numel());
+      tape.x = x;
+      nfe = fastode::cnf_adaptive_backward<scalar_t>(
+          spec, tab, c_mid, p, tape, B, cptr<scalar_t>(e), cptr<scalar_t>(gzT), NQ ? cptr<scalar_t>(gqT) : nullptr,
+          gz0.data_ptr<scalar_t>(), NQ ? gq0.data_ptr<scalar_t>() : nullptr, mptr<scalar_t>(ge),
+          need_params ? &g : nullptr, &g_anchor, &g_x, ex);
+    });
+  }
+  py::object pge = ge ? py::cast(*ge) : py::none();
+  return py::make_tuple(gz0, gq0, pge, gp, g_anchor, g_x, nfe);
 }
 
 // Backward of cnf_grid_forward. Returns (gz0, gq0, ge, param grads, gts (list of floats)) with None for what
@@ -664,6 +733,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("cnf_grid_forward", &cnf_grid_forward);
   m.def("cnf_grid_backward", &cnf_grid_backward);
   m.def("cnf_adaptive_forward", &cnf_adaptive_forward);
+  m.def("cnf_adaptive_backward", &cnf_adaptive_backward);
   m.def("rk_combine", &rk_combine);
   m.def("rk_epilogue", &rk_epilogue);
   m.def("empty_cache", [] { return save_pool().clear(); }, "free the cached saved-activation buffers; returns bytes");

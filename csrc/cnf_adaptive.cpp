@@ -95,7 +95,8 @@ void quartic(int64_t n, const T* y0, const T* y1, const T* k, int s, int64_t str
 template <typename T>
 AdaptiveStats cnf_adaptive_forward(const CnfSpec& spec, const Tableau& tab, const std::vector<double>& c_mid,
                                    const Params<T>& p, double t0, double t1, int64_t B, const T* z0, const T* q0,
-                                   const T* e, const AdaptiveControl& ctl, T* zT, T* qT, const Exec& ex) {
+                                   const T* e, const AdaptiveControl& ctl, T* zT, T* qT, const Exec& ex,
+                                   AdaptiveTape<T>* tape) {
   check_net(spec.net);
   if (!tab.has_err()) throw std::invalid_argument("fastode: an adaptive solve needs a tableau with an error estimate");
   if (int(c_mid.size()) != tab.s) throw std::invalid_argument("fastode: c_mid needs one weight per stage");
@@ -125,6 +126,7 @@ AdaptiveStats cnf_adaptive_forward(const CnfSpec& spec, const Tableau& tab, cons
   // ---- first stage and first step (fastode.ops.rk.initial_step with order - 1, i.e. exponent 1/order)
   rates(dir * tau, z.data(), kz0.data(), kq0.data());
   st.nfe += 1;
+  if (tape) *tape = AdaptiveTape<T>();
   if (tau_end == tau) {
     std::copy(z.begin(), z.end(), zT);
     std::copy(q.begin(), q.end(), qT);
@@ -220,6 +222,14 @@ AdaptiveStats cnf_adaptive_forward(const CnfSpec& spec, const Tableau& tab, cons
     if (h <= ctl.min_step && !finite) return failed(kNonFinite, tau);
     st.steps += 1;
     if (accept) {
+      if (tape) {
+        tape->t0.push_back(in.t0);
+        tape->dt.push_back(in.dt);
+        tape->y.insert(tape->y.end(), z.begin(), z.end());
+        tape->y.insert(tape->y.end(), q.begin(), q.end());
+        tape->k0.insert(tape->k0.end(), kz0.begin(), kz0.end());
+        tape->k0.insert(tape->k0.end(), kq0.begin(), kq0.end());
+      }
       zp.assign(z.begin(), z.end());
       qp.assign(q.begin(), q.end());
       kzp.assign(kz.begin(), kz.end());
@@ -245,15 +255,185 @@ AdaptiveStats cnf_adaptive_forward(const CnfSpec& spec, const Tableau& tab, cons
   // ---- output at tau_end inside the last accepted step (fastode.solvers.rk_adaptive._interpolate / _x)
   const double x = ctl.time_f32 ? rnd((tau_end - tau_prev) / rnd(tau - tau_prev)) : (tau_end - tau_prev) / (tau - tau_prev);
   const T xs = T(x), dts = T(dir * h_prev);
+  if (tape) {
+    tape->x = double(xs);
+    tape->width = dir * (tau - tau_prev);
+  }
   quartic<T>(B * D, zp.data(), z.data(), kzp.data(), s, B * D, c_mid, dts, xs, zT);
   if (NQ) quartic<T>(B * NQ, qp.data(), q.data(), kqp.data(), s, B * NQ, c_mid, dts, xs, qT);
   return st;
 }
 
+template <typename T>
+int64_t cnf_adaptive_backward(const CnfSpec& spec, const Tableau& tab, const std::vector<double>& c_mid,
+                              const Params<T>& p, const AdaptiveTape<T>& tape, int64_t B, const T* e, const T* gzT,
+                              const T* gqT, T* gz0, T* gq0, T* ge, const Grads<T>* grads, double* g_anchor,
+                              double* g_x, const Exec& ex) {
+  const int s = tab.s, K = spec.K;
+  const int64_t D = spec.net.dims[0], NQ = int64_t(spec.rates.size()), M = B * (D + NQ);
+  const int64_t N = int64_t(tape.t0.size());
+  if (int64_t(tape.y.size()) != N * M || int64_t(tape.k0.size()) != N * M || int64_t(tape.dt.size()) != N)
+    throw std::invalid_argument("fastode: the adaptive tape does not match the batch and the state");
+  std::vector<T> adjz(B * D, T(0)), adjq(B * NQ, T(0));
+  if (gzT) std::copy(gzT, gzT + B * D, adjz.begin());
+  if (gqT && NQ) std::copy(gqT, gqT + B * NQ, adjq.begin());
+  if (ge) std::fill(ge, ge + int64_t(K) * B * D, T(0));
+  double ganchor = 0, gx = 0;
+  int64_t nfe = 0;
+  if (N == 0) {  // the output is the start: nothing was integrated
+    if (gz0) std::copy(adjz.begin(), adjz.end(), gz0);
+    if (gq0 && NQ) std::copy(adjq.begin(), adjq.end(), gq0);
+    if (g_anchor) *g_anchor = 0;
+    if (g_x) *g_x = 0;
+    return 0;
+  }
+  const int64_t step_save = cnf_step_save_size(spec, tab, B, ex);
+  std::vector<T> save(step_save), kz(size_t(s) * B * D), kq(size_t(s) * B * NQ), z1(B * D), q1(B * NQ);
+  std::vector<T> gkz(size_t(s) * B * D), gkq(size_t(s) * B * NQ), nz(B * D), nq(B * NQ);
+  std::vector<T> gk0z(B * D), gk0q(B * NQ), get(ge ? size_t(K) * B * D : 0);
+  auto step_in = [&](int64_t n) {
+    CnfStepIn<T> in;
+    in.t0 = tape.t0[n];
+    in.dt = tape.dt[n];
+    in.B = B;
+    in.z0 = tape.y.data() + n * M;
+    in.q0 = NQ ? in.z0 + B * D : nullptr;
+    in.kz0 = tape.k0.data() + n * M;
+    in.kq0 = NQ ? in.kz0 + B * D : nullptr;
+    in.e = e;
+    return in;
+  };
+  auto recompute = [&](int64_t n) {  // the checkpoint is the step's start; its stages and saved activations
+    CnfStepIn<T> in = step_in(n);
+    CnfStepOut<T> out;
+    out.z1 = z1.data();
+    out.q1 = NQ ? q1.data() : nullptr;
+    out.kz = kz.data();
+    out.kq = NQ ? kq.data() : nullptr;
+    out.save = save.data();
+    cnf_step_forward<T>(spec, tab, p, in, out, ex);
+    nfe += s - 1;
+  };
+  auto backward = [&](int64_t n, const T* gz1, const T* gq1) {  // of the step recompute(n) made last
+    CnfStepIn<T> in = step_in(n);
+    CnfStepGradIn<T> g;
+    g.gz1 = gz1;
+    g.gq1 = NQ ? gq1 : nullptr;
+    g.gkz = gkz.data();
+    g.gkq = NQ ? gkq.data() : nullptr;
+    CnfStepGradOut<T> o;
+    o.gz0 = nz.data();
+    o.gq0 = NQ ? nq.data() : nullptr;
+    o.gkz0 = gk0z.data();
+    o.gkq0 = NQ ? gk0q.data() : nullptr;
+    o.ge = ge ? get.data() : nullptr;
+    o.grads = grads;
+    double gt0 = 0;
+    o.gt0 = &gt0;
+    cnf_step_backward<T>(spec, tab, p, in, save.data(), g, o, ex);
+    ganchor += gt0;  // the stage times are t_n + c dt with t_n = the start time + a constant
+    if (ge)
+      for (size_t i = 0; i < get.size(); ++i) ge[i] += get[i];
+  };
+
+  // ---- the last step: recompute its stages, then the quartic interpolant's backward
+  recompute(N - 1);
+  const T x = T(tape.x), dt = T(tape.dt[N - 1]);
+  std::vector<T> gy1z(B * D), gy1q(B * NQ);
+  std::fill(gkz.begin(), gkz.end(), T(0));
+  std::fill(gkq.begin(), gkq.end(), T(0));
+  auto interp_backward = [&](int64_t n, const T* y0, const T* y1, const T* k, int64_t stride, T* adj, T* gk, T* gy1) {
+    for (int64_t i = 0; i < n; ++i) {
+      T acc = 0;
+      for (int j = 0; j < s; ++j) acc += T(dt * T(c_mid[j])) * k[j * stride + i];
+      const T ymid = y0[i] + acc, f0 = k[i], f1 = k[(s - 1) * stride + i];
+      const T a = T(2) * dt * (f1 - f0) - T(8) * (y1[i] + y0[i]) + T(16) * ymid;
+      const T b = dt * (T(5) * f0 - T(3) * f1) + T(18) * y0[i] + T(14) * y1[i] - T(32) * ymid;
+      const T c = dt * (f1 - T(4) * f0) - T(11) * y0[i] - T(5) * y1[i] + T(16) * ymid;
+      const T d = dt * f0;
+      const T g = adj[i];
+      gx += double(g) * double(d + T(2) * x * c + T(3) * x * x * b + T(4) * x * x * x * a);
+      const T ga = g * x * x * x * x, gb = g * x * x * x, gc = g * x * x, gd = g * x;
+      const T gymid = T(16) * ga - T(32) * gb + T(16) * gc;
+      gy1[i] = T(-8) * ga + T(14) * gb - T(5) * gc;
+      const T gf0 = dt * (T(-2) * ga + T(5) * gb - T(4) * gc + gd);
+      const T gf1 = dt * (T(2) * ga - T(3) * gb + gc);
+      for (int j = 0; j < s; ++j) gk[j * stride + i] += gymid * T(dt * T(c_mid[j]));
+      gk[i] += gf0;
+      gk[(s - 1) * stride + i] += gf1;
+      adj[i] = g + T(-8) * ga + T(18) * gb - T(11) * gc + gymid;  // now the gradient of y0 (the interpolant's)
+    }
+  };
+  const T* yl = tape.y.data() + (N - 1) * M;
+  interp_backward(B * D, yl, z1.data(), kz.data(), B * D, adjz.data(), gkz.data(), gy1z.data());
+  if (NQ) interp_backward(B * NQ, yl + B * D, q1.data(), kq.data(), B * NQ, adjq.data(), gkq.data(), gy1q.data());
+  // adjz / adjq hold the interpolant's direct gradient of the last step's start; the step adds its own
+  std::vector<T> keepz(adjz), keepq(adjq);
+  backward(N - 1, gy1z.data(), gy1q.data());
+  for (int64_t i = 0; i < B * D; ++i) adjz[i] = keepz[i] + nz[i];
+  for (int64_t i = 0; i < B * NQ; ++i) adjq[i] = keepq[i] + nq[i];
+
+  // ---- the earlier steps: FSAL chains step n's last stage to step n+1's given first stage
+  for (int64_t n = N - 2; n >= 0; --n) {
+    std::fill(gkz.begin(), gkz.end(), T(0));
+    std::fill(gkq.begin(), gkq.end(), T(0));
+    std::copy(gk0z.begin(), gk0z.end(), gkz.begin() + size_t(s - 1) * B * D);
+    if (NQ) std::copy(gk0q.begin(), gk0q.end(), gkq.begin() + size_t(s - 1) * B * NQ);
+    recompute(n);
+    backward(n, adjz.data(), adjq.data());
+    adjz.swap(nz);
+    if (NQ) adjq.swap(nq);
+  }
+
+  // ---- the first stage, evaluated on its own at the start: f(t_0, z_0) and its rates
+  {
+    const Net& net = spec.net;
+    const T* zs = tape.y.data();
+    bool want_frob = false, want_kin = false, want_tr = false;
+    for (int r : spec.rates) {
+      want_frob |= r == 3;
+      want_kin |= r == 2;
+      want_tr |= r <= 1;
+    }
+    std::vector<T> msave(mlp_save_size(net, B, K, true, ex)), f(B * D), vjp(size_t(K) * B * D), tr(B), kin(B),
+        fr(B), gtr(B, T(0)), gkin(B, T(0)), gfr(B, T(0)), gz(B * D), gef(ge ? size_t(K) * B * D : 0);
+    mlp_probe_forward<T>(net, p, tape.t0[0], B, zs, K, spec.exact ? nullptr : e, f.data(), vjp.data(), tr.data(),
+                         kin.data(), fr.data(), msave.data(), ex);
+    nfe += 1;
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t j = 0; j < NQ; ++j) {
+        const int r = spec.rates[j];
+        const T g = gk0q[b * NQ + j];
+        if (r == 0) gtr[b] -= g;
+        if (r == 1) gtr[b] += g;
+        if (r == 2) gkin[b] += g;
+        if (r == 3) gfr[b] += g;
+      }
+    T gt = 0;
+    mlp_backward<T>(net, p, tape.t0[0], B, zs, K, spec.exact ? nullptr : e, true, msave.data(), f.data(), vjp.data(),
+                    gk0z.data(), nullptr, want_tr ? gtr.data() : nullptr, want_kin ? gkin.data() : nullptr,
+                    want_frob ? gfr.data() : nullptr, gz.data(), ge ? gef.data() : nullptr, grads, &gt, ex);
+    for (int64_t i = 0; i < B * D; ++i) adjz[i] += gz[i];
+    if (ge && !spec.exact)
+      for (size_t i = 0; i < gef.size(); ++i) ge[i] += gef[i];
+    ganchor += double(gt);
+  }
+  if (gz0) std::copy(adjz.begin(), adjz.end(), gz0);
+  if (gq0 && NQ) std::copy(adjq.begin(), adjq.end(), gq0);
+  if (g_anchor) *g_anchor = ganchor;
+  if (g_x) *g_x = gx;
+  return nfe;
+}
+
 #define FASTODE_INSTANTIATE(T)                                                                                \
   template AdaptiveStats cnf_adaptive_forward<T>(const CnfSpec&, const Tableau&, const std::vector<double>&, \
                                                  const Params<T>&, double, double, int64_t, const T*, const T*, \
-                                                 const T*, const AdaptiveControl&, T*, T*, const Exec&);
+                                                 const T*, const AdaptiveControl&, T*, T*, const Exec&,        \
+                                                 AdaptiveTape<T>*);                                            \
+  template int64_t cnf_adaptive_backward<T>(const CnfSpec&, const Tableau&, const std::vector<double>&,        \
+                                            const Params<T>&, const AdaptiveTape<T>&, int64_t, const T*,      \
+                                            const T*, const T*, T*, T*, T*, const Grads<T>*, double*, double*, \
+                                            const Exec&);
 
 FASTODE_INSTANTIATE(float)
 FASTODE_INSTANTIATE(double)

@@ -217,9 +217,32 @@ struct AdaptiveStats {
   std::vector<double> step_ts, step_sizes;  // accepted steps: start time and signed size (t units)
 };
 
+// What the backward of an adaptive solve needs, recorded by the forward when asked: every accepted step's start (t0,
+// dt exactly as passed to cnf_step_forward, its state [z | q] and its first stage [kz | kq], B*(D+NQ) values
+// each) and the output's place in the last step (interpolation coordinate x and the step's width in t units).
+template <typename T>
+struct AdaptiveTape {
+  std::vector<double> t0, dt;
+  std::vector<T> y, k0;
+  double x = 0, width = 0;
+};
+
 template <typename T>
 AdaptiveStats cnf_adaptive_forward(const CnfSpec& spec, const Tableau& tab, const std::vector<double>& c_mid,
                                    const Params<T>& p, double t0, double t1, int64_t B, const T* z0, const T* q0,
-                                   const T* e, const AdaptiveControl& ctl, T* zT, T* qT, const Exec& ex);
+                                   const T* e, const AdaptiveControl& ctl, T* zT, T* qT, const Exec& ex,
+                                   AdaptiveTape<T>* tape = nullptr);
+
+// The exact gradient of the discrete adaptive solve (a checkpointed discrete adjoint: each step is recomputed from
+// its recorded start, one step's working set at a time). Step sizes are constants, the clock is the start time
+// plus a constant (fastode.odeint's "direct" semantics). Gradients: gz0, gq0 (overwritten), ge (overwritten,
+// Hutchinson probes), the parameters (accumulated), g_anchor (d/d of the start time through every stage time) and
+// g_x (d/d of the interpolation coordinate; the caller turns it into the time gradients). Returns the number of
+// network evaluations of the recomputation.
+template <typename T>
+int64_t cnf_adaptive_backward(const CnfSpec& spec, const Tableau& tab, const std::vector<double>& c_mid,
+                              const Params<T>& p, const AdaptiveTape<T>& tape, int64_t B, const T* e, const T* gzT,
+                              const T* gqT, T* gz0, T* gq0, T* ge, const Grads<T>* grads, double* g_anchor,
+                              double* g_x, const Exec& ex);
 
 }  // namespace fastode

@@ -117,14 +117,61 @@ def test_ineligible_solves_say_why(make, why):
         assert why in reasons["cpp_adaptive"]
 
 
-def test_a_wanted_gradient_keeps_the_odeint_engine():
+GRAD_CASES = {
+    "exact": dict(trace="exact"),
+    "hutchinson+kinetic+jf": dict(trace="hutchinson", regs={"kinetic": 0.1, "jf": 0.1}),
+    "reverse": dict(trace="hutchinson", reverse=True),
+    "tsit5": dict(trace="exact", method="tsit5"),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", list(GRAD_CASES))
+def test_gradients_match_the_odeint_engine(dtype, case):
+    """The fused discrete adjoint gives odeint's "direct" gradient: w.r.t. the input, the probe-weighted loss, every
+    parameter and the learned end time (through the interpolation, and in reverse through every stage time)."""
+    kw = dict(GRAD_CASES[case])
+    reverse = kw.pop("reverse", False)
+    cnf = _cnf(dtype, tol=1e-6, learn_T=True, **kw).train()
+    x, e = _data(dtype)
+    res = {}
+    for engine in ("auto", "odeint"):
+        cnf.engine = engine
+        xx = x.clone().requires_grad_()
+        o = cnf(xx, noise=e, reverse=reverse)
+        w = torch.linspace(0.5, 1.5, B, dtype=dtype)
+        loss = (o.out ** 2).sum() + (w * o.logdet).sum() + sum(0.3 * v.sum() for v in o.reg.values())
+        grads = torch.autograd.grad(loss, [xx] + list(cnf.parameters()))
+        res[cnf.last_solve.engine] = (loss.detach(), grads, cnf.last_stats)
+    (l1, g1, s1), (l0, g0, s0) = res["cpp_adaptive"], res["odeint"]
+    assert (s1.num_fevals, s1.num_steps) == (s0.num_fevals, s0.num_steps)
+    torch.testing.assert_close(l1, l0, **TOL[dtype])
+    rel = 1e-9 if dtype == torch.float64 else 3e-3  # float32: the steps' rounding, relative to each gradient's size
+    for a, b in zip(g1, g0):
+        assert (a - b).abs().max() <= rel * max(1.0, b.abs().max().item())
+    assert abs(float(g1[1])) > 0  # dL/dT (the raw end-time parameter) is there
+
+
+def test_other_gradient_modes_keep_the_odeint_engine():
+    for gradient in ("checkpoint", "adjoint"):
+        cnf = _cnf(torch.float64, gradient=gradient).train()
+        x, e = _data(torch.float64)
+        out = cnf(x, noise=e)
+        assert cnf.last_solve.engine == "odeint"
+        assert "gradient" in dict(cnf.last_solve.skipped)["cpp_adaptive"]
+        out.logdet.sum().backward()
+        assert cnf.dynamics.layers[0]._layer.weight.grad is not None
+
+
+def test_the_fused_backward_is_once_differentiable():
     cnf = _cnf(torch.float64).train()
     x, e = _data(torch.float64)
-    out = cnf(x, noise=e)
-    assert cnf.last_solve.engine == "odeint"
-    assert "gradient" in dict(cnf.last_solve.skipped)["cpp_adaptive"]
-    out.logdet.sum().backward()  # and the gradient is there
-    assert cnf.dynamics.layers[0]._layer.weight.grad is not None
+    xx = x.clone().requires_grad_()
+    o = cnf(xx, noise=e)
+    assert cnf.last_solve.engine == "cpp_adaptive"
+    (g,) = torch.autograd.grad(o.logdet.sum(), xx, create_graph=True)
+    with pytest.raises(RuntimeError):
+        g.sum().backward()
 
 
 def test_failures_rerun_on_odeint_and_raise_its_error(monkeypatch):

@@ -152,6 +152,50 @@ class _CnfGridFn(torch.autograd.Function):
         return (None, gts, gz0 if n[2] else None, gq0 if n[3] else None, ge if n[4] else None, None, *grads)
 
 
+class _CnfAdaptiveFn(torch.autograd.Function):
+    """A whole adaptive CNF solve (batch-global control) and its exact discrete gradient (a checkpointed discrete
+    adjoint over the recorded steps). Inputs: t (the 2 output times, tensor), z0, q0, e, run (dict: the settings,
+    and where the forward leaves its stats), *params. Outputs: zT, qT. Step sizes are constants, the clock is
+    t[0] + a constant: dL/dt[1] comes through the interpolation coordinate, dL/dt[0] through every stage time."""
+
+    @staticmethod
+    def forward(ctx, t, z0, q0, e, run, *params):
+        tt = t.detach().to("cpu", torch.float64).tolist()
+        need = any(ctx.needs_input_grad)
+        zT, qT, st, tape = ext().cnf_adaptive_forward(
+            tt[0], tt[1], z0, q0, e, list(params), run["act"], run["rates"], *run["tableau"], run["c_mid"],
+            run["ctl"], run["max_num_steps"], run["order"], run["time_f32"], 1, need, run["tile"])
+        run["stats"] = st
+        if need and st["status"] == 0:
+            ctx.save_for_backward(z0, e, *params)
+            ctx.tape, ctx.run, ctx.t_dtype = tape, run, t.dtype
+        ctx.set_materialize_grads(False)
+        return zT, qT
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gzT, gqT):
+        z0, e, *params = ctx.saved_tensors
+        run, tape = ctx.run, ctx.tape
+        n = ctx.needs_input_grad
+        gz0, gq0, ge, gp, g_anchor, g_x, nfe = ext().cnf_adaptive_backward(
+            z0, e, params, run["act"], run["rates"], *run["tableau"], run["c_mid"], tape["t0"], tape["dt"],
+            tape["y"], tape["k0"], tape["x"], gzT, gqT, n[3], any(n[5:]), run["tile"])
+        run["nfe_backward"] = run.get("nfe_backward", 0) + nfe
+        gt = None
+        if n[0]:
+            width = tape["width"] or 1.0
+            gt = torch.tensor([g_anchor - g_x / width, g_x / width], dtype=ctx.t_dtype)
+        grads = [g if n[5 + i] else None for i, g in enumerate(gp)] if gp else [None] * len(params)
+        return (gt, gz0 if n[1] else None, gq0 if n[2] else None, ge if n[3] else None, None, *grads)
+
+
+def cnf_adaptive_solve(t, z0, q0, e, params, run):
+    """``(zT, qT)`` of :class:`_CnfAdaptiveFn` (``run`` gets the solve's ``"stats"``; see
+    :class:`fastode.flows.engines.CppAdaptiveEngine`, which builds it)."""
+    return _CnfAdaptiveFn.apply(t, z0, q0, e, run, *params)
+
+
 def _mlp_params(params, activation):
     """(reference layer tuples, raw tensors for the C++ kernels, activation).
 

@@ -7,7 +7,7 @@ solve and, if not, why:
 * ``"cpp_grid"``: the whole fixed-grid solve in one C++ call and one backward (:class:`fastode.cpp.CnfStepper`),
   for solves it computes identically to ``"odeint"`` (see :class:`CppGridEngine`);
 * ``"cpp_adaptive"``: a whole adaptive solve (dopri5, tsit5, bosh3) in one C++ call with batch-global step control,
-  for evaluation solves (no gradient wanted; see :class:`CppAdaptiveEngine`);
+  with its exact discrete gradient (a checkpointed discrete adjoint; see :class:`CppAdaptiveEngine`);
 * ``"odeint"``: :func:`fastode.odeint` with one dynamics call per RK stage (every solve fastode supports);
 * ``"torchdiffeq"``: torchdiffeq's solver, a peer for side-by-side comparisons that runs only when the solver
   asks for it (``Solver(backend="torchdiffeq")``); fastode never falls back to it.
@@ -418,9 +418,12 @@ class CppAdaptiveEngine(Engine):
     CNF's norm (max of the RMS of ``z`` and of the log-density; integrals do not steer), overshoot and the quartic
     interpolation at the end time. Same steps and NFE as ``odeint`` (float64: the same values to rounding; float32:
     the C++ sums round differently, so values agree to the solve's tolerance and a borderline step could go the other
-    way). Eligible: what the grid engine needs of the dynamics, an FSAL tableau with an error estimate and
-    torchdiffeq's midpoint weights (dopri5, tsit5, bosh3), the other options at their defaults, two output times, and
-    no gradient wanted (evaluation: ``CNF.log_prob``, sampling, validation); the fused adjoint is the next step.
+    way). Gradients: the exact gradient of the discrete solve (``gradient="direct"``'s semantics: step sizes are
+    constants) as a checkpointed discrete adjoint in C++ -- the forward records each accepted step's start, the
+    backward recomputes one step at a time in reverse (incl. dL/dT, the probes and every parameter); once
+    differentiable. Eligible: what the grid engine needs of the dynamics, an FSAL tableau with an error estimate and
+    torchdiffeq's midpoint weights (dopri5, tsit5, bosh3), the other options at their defaults, two output times,
+    ``gradient="direct"`` when a gradient is wanted.
     A solve the C++ loop cannot finish (``max_num_steps``, step-size underflow, NaN/inf) declines at run time so that
     ``odeint`` re-runs it and raises its error naming the time; that re-run is warned once.
     """
@@ -444,8 +447,8 @@ class CppAdaptiveEngine(Engine):
                         "midpoint weights (dopri5, tsit5, bosh3)")
         if len(solve.t) != 2:
             return Skip("more than two output times")
-        if _wants_grad(solve):
-            return Skip("a gradient is wanted (the fused adaptive solve has no backward yet)")
+        if _wants_grad(solve) and solver.gradient != "direct":
+            return Skip(f"gradient={solver.gradient!r} (the fused adaptive solve differentiates as 'direct')")
         why = _options_at_defaults(solver, info, self._HANDLED_OPTIONS)
         if why is not None:
             return Skip(why)
@@ -460,27 +463,26 @@ class CppAdaptiveEngine(Engine):
         return _AdaptivePlan(tab, rates, ctl, max_steps)
 
     def run(self, solve, plan: _AdaptivePlan):
-        import fastode.cpp as fc
         from fastode.cpp import _dispatch
         from fastode.cpp._mlp import _ACT_CODES
-        from fastode.cpp._rk import RATE_CODES, _tableau_lists
+        from fastode.cpp._rk import RATE_CODES, _tableau_lists, cnf_adaptive_solve
         from fastode.stats import SolveStats
 
         x, t, dyn = solve.x, solve.t, solve.dynamics
         tab = plan.tableau
-        c, a, b, b_err = _tableau_lists(tab)
-        flat = [p.detach() for layer in dyn.params() for p in layer]
+        with torch.enable_grad():  # views that carry the parameters' gradients
+            params = [p for layer in dyn.params() for p in layer]
         B = x.shape[0]
         if plan.rates:
-            q0, e = torch.stack(solve.y0[1:], -1), solve.e.detach() if solve.trace == "hutchinson" else None
+            q0, e = torch.stack(solve.y0[1:], -1), solve.e if solve.trace == "hutchinson" else None
         else:  # trace "none" (sampling): no q columns; the kernels still take a probe, a zero one is the cheapest
             q0, e = x.new_zeros(B, 0), x.new_zeros(x.shape)
-        tt = t.detach().to("cpu", torch.float64).tolist()
-        zT, qT, st = fc.ext().cnf_adaptive_forward(
-            tt[0], tt[1], x.detach(), q0, e, flat,
-            _ACT_CODES[dyn.activation], [RATE_CODES[r] for r in plan.rates], c, a, b, b_err,
-            [float(v) for v in tab.c_mid], plan.ctl, plan.max_num_steps, int(tab.order), t.dtype == torch.float32,
-            1, _dispatch.mlp_tile_rows(x.shape[0], dyn.params()))
+        run = {"act": _ACT_CODES[dyn.activation], "rates": [RATE_CODES[r] for r in plan.rates],
+               "tableau": _tableau_lists(tab), "c_mid": [float(v) for v in tab.c_mid], "ctl": plan.ctl,
+               "max_num_steps": plan.max_num_steps, "order": int(tab.order), "time_f32": t.dtype == torch.float32,
+               "tile": _dispatch.mlp_tile_rows(B, dyn.params())}
+        zT, qT = cnf_adaptive_solve(t, x, q0, e, params, run)
+        st = run["stats"]
         if st["status"]:
             from fastode.errors import warn_fallback_once
 
