@@ -5,6 +5,7 @@ with ``c``, ``a``, ``b``, ``b_err``, or its name) and are passed to C++ as argum
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Sequence
 
 import torch
@@ -27,9 +28,15 @@ RATE_CODES = {"-trace": 0, "trace": 1, "kinetic": 2, "jac_frob": 3}
 
 # ---------------------------------------------------------------------------------------------------
 def _tableau_lists(tableau):
-    """(c, a (s*s row-major), b, b_err or []) as python floats from a tableau object or name."""
+    """(c, a (s*s row-major), b, b_err or []) as python floats from a tableau object or name (cached: tableaus are
+    immutable)."""
     if isinstance(tableau, str):
         tableau = get_tableau(tableau)
+    return _tableau_lists_cached(tableau)
+
+
+@functools.lru_cache(maxsize=64)
+def _tableau_lists_cached(tableau):
     c = [float(x) for x in tableau.c]
     s = len(c)
     a = [0.0] * (s * s)
@@ -44,7 +51,7 @@ def _tableau_lists(tableau):
         for j in range(i, s):
             if a[i * s + j] != 0.0:
                 raise ValueError("only explicit tableaus (strictly lower-triangular a) can be fused")
-    return c, a, b, b_err
+    return tuple(c), tuple(a), tuple(b), tuple(b_err)
 
 
 def _as_time_tensor(x) -> torch.Tensor:

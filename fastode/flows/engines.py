@@ -333,9 +333,8 @@ class CppGridEngine(Engine):
     _HANDLED_OPTIONS = ("step_size", "check_finite")
 
     def plan(self, solve):
-        rates = _fused_cpp_common(solve)
-        if isinstance(rates, Skip):
-            return rates
+        if not solve.allow_fused:
+            return Skip("fused_cpu is off")
         solver = solve.solver
         info = _method_info(solver)
         if isinstance(info, Skip):
@@ -344,6 +343,9 @@ class CppGridEngine(Engine):
             return Skip(f"method {solver.method!r} is adaptive; this engine runs fixed grids")
         if info.rk_tableau is None:
             return Skip(f"method {solver.method!r} is not a one-step explicit RK method")
+        rates = _fused_cpp_common(solve)
+        if isinstance(rates, Skip):
+            return rates
         if solver.gradient != "direct":
             return Skip(f"gradient={solver.gradient!r}")
         why = _options_at_defaults(solver, info, self._HANDLED_OPTIONS)
@@ -432,9 +434,8 @@ class CppAdaptiveEngine(Engine):
     _HANDLED_OPTIONS = ("first_step", "safety", "ifactor", "dfactor", "min_step", "max_step", "max_num_steps")
 
     def plan(self, solve):
-        rates = _fused_cpp_common(solve, allow_no_trace=True)
-        if isinstance(rates, Skip):
-            return rates
+        if not solve.allow_fused:
+            return Skip("fused_cpu is off")
         solver = solve.solver
         info = _method_info(solver)
         if isinstance(info, Skip):
@@ -445,6 +446,9 @@ class CppAdaptiveEngine(Engine):
         if not tab.fsal or tab.b_err is None or tab.c_mid is None:
             return Skip(f"method {solver.method!r}: this engine runs FSAL tableaus with an error estimate and "
                         "midpoint weights (dopri5, tsit5, bosh3)")
+        rates = _fused_cpp_common(solve, allow_no_trace=True)
+        if isinstance(rates, Skip):
+            return rates
         if len(solve.t) != 2:
             return Skip("more than two output times")
         if _wants_grad(solve) and solver.gradient != "direct":
@@ -471,7 +475,8 @@ class CppAdaptiveEngine(Engine):
         x, t, dyn = solve.x, solve.t, solve.dynamics
         tab = plan.tableau
         with torch.enable_grad():  # views that carry the parameters' gradients
-            params = [p for layer in dyn.params() for p in layer]
+            layers = dyn.params()
+        params = [p for layer in layers for p in layer]
         B = x.shape[0]
         if plan.rates:
             q0, e = torch.stack(solve.y0[1:], -1), solve.e if solve.trace == "hutchinson" else None
@@ -480,7 +485,7 @@ class CppAdaptiveEngine(Engine):
         run = {"act": _ACT_CODES[dyn.activation], "rates": [RATE_CODES[r] for r in plan.rates],
                "tableau": _tableau_lists(tab), "c_mid": [float(v) for v in tab.c_mid], "ctl": plan.ctl,
                "max_num_steps": plan.max_num_steps, "order": int(tab.order), "time_f32": t.dtype == torch.float32,
-               "tile": _dispatch.mlp_tile_rows(B, dyn.params())}
+               "tile": _dispatch.mlp_tile_rows(B, layers)}
         zT, qT = cnf_adaptive_solve(t, x, q0, e, params, run)
         st = run["stats"]
         if st["status"]:
