@@ -67,8 +67,10 @@ fused_cpu=True, engine="auto")``
       :mod:`fastode.flows.engines` -- ``"cpp_grid"`` for solves that :class:`fastode.cpp.CnfStepper` computes
       identically (CPU float32/float64, a plain ``ConcatSquashMLP`` whose backend resolves to ``"cpp"``, a
       fixed-grid one-step RK method, ``gradient="direct"``, trace exact or Hutchinson, kinetic /
-      Jacobian-Frobenius (Hutchinson only) regularisers: the whole grid in one C++ call and one backward), else
-      ``"odeint"`` (:func:`fastode.odeint`). Same values, gradients (dL/dT included), ``nfe`` and stats.
+      Jacobian-Frobenius (Hutchinson only) regularisers: the whole grid in one C++ call and one backward),
+      ``"cpp_adaptive"`` for the adaptive ones (dopri5, tsit5, bosh3; the whole solve and its discrete adjoint in
+      C++, batch-global step control as torchdiffeq), else ``"odeint"`` (:func:`fastode.odeint`). Same values,
+      gradients (dL/dT included), ``nfe`` and stats.
       ``fused_cpu=False`` excludes the fused engines; a name forces one (``EngineUnavailableError`` saying why
       when it cannot run). ``last_solve`` (per block; ``flow.last_solves()``) records the engine, why earlier
       ones did not run, the stats and the MLP backend; ``last_path`` / ``last_path_reason`` are its older

@@ -326,8 +326,10 @@ class CNF(Flow):
     Engines (:mod:`fastode.flows.engines`): ``engine="auto"`` (default) runs each solve on the first eligible
     engine of the registry -- the fused C++ grid solve (``"cpp_grid"``: CPU float32/float64, a plain
     ``ConcatSquashMLP`` on the C++ backend, a fixed-grid RK method, ``gradient="direct"``, kinetic/Jacobian-Frobenius
-    regularisers at most: the whole grid in one C++ call and one backward), else :func:`fastode.odeint` with a
-    network call per stage (``"odeint"``). Same values and gradients (dL/dT included), NFE and stats. A name forces
+    regularisers at most: the whole grid in one C++ call and one backward), the fused C++ adaptive solve
+    (``"cpp_adaptive"``: dopri5 / tsit5 / bosh3 with batch-global step control and its discrete adjoint, same
+    conditions, ``gradient="direct"`` when a gradient is wanted), else :func:`fastode.odeint` with a network call
+    per stage (``"odeint"``). Same values and gradients (dL/dT included), NFE and stats. A name forces
     that engine (:class:`~fastode.flows.engines.EngineUnavailableError` with the reason when it cannot run);
     ``fused_cpu=False`` (or setting the attribute) excludes the fused engines. ``last_solve`` (a
     :class:`~fastode.flows.engines.SolveRecord`) says which engine ran, why the earlier ones did not, the stats and
