@@ -66,18 +66,30 @@ double mixed_rms(int64_t B, int64_t D, int64_t NQ, int nq_norm, X&& x, S&& scale
   return r;
 }
 
-// torchdiffeq's quartic interpolant of one step at fraction x (fastode.interp.quartic_fit / quartic_eval).
+// Coefficients a x^4 + b x^3 + c x^2 + d x + y0 of torchdiffeq's quartic interpolant of element i of a step
+// (fastode.interp.quartic_fit): y_mid = y0 + dt sum_j c_mid_j k_j, end slopes k_0 and k_{s-1}.
+template <typename T>
+struct Quartic {
+  T a, b, c, d;
+  Quartic(int64_t i, const T* y0, const T* y1, const T* k, int s, int64_t stride, const std::vector<double>& c_mid,
+          T dt) {
+    T acc = 0;
+    for (int j = 0; j < s; ++j) acc += T(dt * T(c_mid[j])) * k[j * stride + i];
+    const T ymid = y0[i] + acc, f0 = k[i], f1 = k[(s - 1) * stride + i];
+    a = T(2) * dt * (f1 - f0) - T(8) * (y1[i] + y0[i]) + T(16) * ymid;
+    b = dt * (T(5) * f0 - T(3) * f1) + T(18) * y0[i] + T(14) * y1[i] - T(32) * ymid;
+    c = dt * (f1 - T(4) * f0) - T(11) * y0[i] - T(5) * y1[i] + T(16) * ymid;
+    d = dt * f0;
+  }
+};
+
+// The interpolant at fraction x, in fastode.interp.quartic_eval's order of operations.
 template <typename T>
 void quartic(int64_t n, const T* y0, const T* y1, const T* k, int s, int64_t stride, const std::vector<double>& c_mid,
              T dt, T x, T* out) {
   for (int64_t i = 0; i < n; ++i) {
-    T acc = 0;
-    for (int j = 0; j < s; ++j) acc += T(dt * T(c_mid[j])) * k[j * stride + i];
-    const T ymid = y0[i] + acc, f0 = k[i], f1 = k[(s - 1) * stride + i];
-    const T a = T(2) * dt * (f1 - f0) - T(8) * (y1[i] + y0[i]) + T(16) * ymid;
-    const T b = dt * (T(5) * f0 - T(3) * f1) + T(18) * y0[i] + T(14) * y1[i] - T(32) * ymid;
-    const T c = dt * (f1 - T(4) * f0) - T(11) * y0[i] - T(5) * y1[i] + T(16) * ymid;
-    const T d = dt * f0;
+    const Quartic<T> q(i, y0, y1, k, s, stride, c_mid, dt);
+    const T a = q.a, b = q.b, c = q.c, d = q.d;
     T total = y0[i] + x * d;
     T xp = x;
     xp = xp * x;
@@ -344,13 +356,8 @@ int64_t cnf_adaptive_backward(const CnfSpec& spec, const Tableau& tab, const std
   std::fill(gkq.begin(), gkq.end(), T(0));
   auto interp_backward = [&](int64_t n, const T* y0, const T* y1, const T* k, int64_t stride, T* adj, T* gk, T* gy1) {
     for (int64_t i = 0; i < n; ++i) {
-      T acc = 0;
-      for (int j = 0; j < s; ++j) acc += T(dt * T(c_mid[j])) * k[j * stride + i];
-      const T ymid = y0[i] + acc, f0 = k[i], f1 = k[(s - 1) * stride + i];
-      const T a = T(2) * dt * (f1 - f0) - T(8) * (y1[i] + y0[i]) + T(16) * ymid;
-      const T b = dt * (T(5) * f0 - T(3) * f1) + T(18) * y0[i] + T(14) * y1[i] - T(32) * ymid;
-      const T c = dt * (f1 - T(4) * f0) - T(11) * y0[i] - T(5) * y1[i] + T(16) * ymid;
-      const T d = dt * f0;
+      const Quartic<T> q(i, y0, y1, k, s, stride, c_mid, dt);
+      const T a = q.a, b = q.b, c = q.c, d = q.d;
       const T g = adj[i];
       gx += double(g) * double(d + T(2) * x * c + T(3) * x * x * b + T(4) * x * x * x * a);
       const T ga = g * x * x * x * x, gb = g * x * x * x, gc = g * x * x, gd = g * x;

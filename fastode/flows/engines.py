@@ -302,13 +302,17 @@ def _options_at_defaults(solver: Solver, info, handled) -> Optional[str]:
     return None
 
 
-def _method_info(solver: Solver):
+def _fused_method_info(solve: CnfSolve):
+    """The solver's :class:`~fastode.solvers.MethodInfo`, or a :class:`Skip` (fused engines off, unknown method):
+    the cheap checks a fused engine makes first."""
+    if not solve.allow_fused:
+        return Skip("fused_cpu is off")
     from fastode.solvers import method_info
 
     try:
-        return method_info(solver.method)
+        return method_info(solve.solver.method)
     except Exception as exc:
-        return Skip(f"method {solver.method!r}: {exc}")
+        return Skip(f"method {solve.solver.method!r}: {exc}")
 
 
 class CppGridEngine(Engine):
@@ -333,10 +337,8 @@ class CppGridEngine(Engine):
     _HANDLED_OPTIONS = ("step_size", "check_finite")
 
     def plan(self, solve):
-        if not solve.allow_fused:
-            return Skip("fused_cpu is off")
         solver = solve.solver
-        info = _method_info(solver)
+        info = _fused_method_info(solve)
         if isinstance(info, Skip):
             return info
         if info.adaptive or not info.fixed_grid:
@@ -434,10 +436,8 @@ class CppAdaptiveEngine(Engine):
     _HANDLED_OPTIONS = ("first_step", "safety", "ifactor", "dfactor", "min_step", "max_step", "max_num_steps")
 
     def plan(self, solve):
-        if not solve.allow_fused:
-            return Skip("fused_cpu is off")
         solver = solve.solver
-        info = _method_info(solver)
+        info = _fused_method_info(solve)
         if isinstance(info, Skip):
             return info
         tab = info.rk_tableau
