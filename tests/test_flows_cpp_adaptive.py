@@ -152,8 +152,31 @@ def test_gradients_match_the_odeint_engine(dtype, case):
     assert abs(float(g1[1])) > 0  # dL/dT (the raw end-time parameter) is there
 
 
-def test_other_gradient_modes_keep_the_odeint_engine():
-    for gradient in ("checkpoint", "adjoint"):
+def test_checkpoint_mode_runs_it_with_the_same_gradient_and_counts_the_backward():
+    dtype = torch.float64
+    res = {}
+    for gradient, engine in (("checkpoint", "auto"), ("checkpoint", "odeint"), ("direct", "auto")):
+        cnf = _cnf(dtype, tol=1e-6, learn_T=True, gradient=gradient, engine=engine).train()
+        x, e = _data(dtype)
+        cnf._counter.n = 0
+        o = cnf(x, noise=e)
+        n_fwd = cnf._counter.n
+        grads = torch.autograd.grad(o.logdet.sum() + (o.out ** 2).sum(), list(cnf.parameters()))
+        st = cnf.last_stats
+        res[(gradient, cnf.last_solve.engine)] = (grads, n_fwd, cnf._counter.n - n_fwd, st)
+    g1, nf1, nb1, st1 = res[("checkpoint", "cpp_adaptive")]
+    g0, nf0, nb0, st0 = res[("checkpoint", "odeint")]
+    gd, _, nbd, _ = res[("direct", "cpp_adaptive")]
+    for a, b, c in zip(g1, g0, gd):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+        torch.testing.assert_close(a, c, rtol=0, atol=0)  # the same computation
+    s = 7  # dopri5's stages: s - 1 per accepted step and the first stage (odeint recomputes s per step)
+    assert nf1 == nf0 and nb1 == st1.num_fevals_backward == (s - 1) * st1.num_accepted_steps + 1
+    assert nb0 == st0.num_fevals_backward == s * st0.num_accepted_steps and nbd == 0
+
+
+def test_the_adjoint_mode_keeps_the_odeint_engine():
+    for gradient in ("adjoint",):
         cnf = _cnf(torch.float64, gradient=gradient).train()
         x, e = _data(torch.float64)
         out = cnf(x, noise=e)

@@ -188,7 +188,8 @@ class _CnfAdaptiveFn(torch.autograd.Function):
         gz0, gq0, ge, gp, g_anchor, g_x, nfe = ext().cnf_adaptive_backward(
             z0, e, params, run["act"], run["rates"], *run["tableau"], run["c_mid"], tape["t0"], tape["dt"],
             tape["y"], tape["k0"], tape["x"], gzT, gqT, n[3], any(n[5:]), run["tile"])
-        run["nfe_backward"] = run.get("nfe_backward", 0) + nfe
+        if "count_backward" in run:
+            run["count_backward"](nfe)
         gt = None
         if n[0]:
             width = tape["width"] or 1.0

@@ -422,12 +422,14 @@ class CppAdaptiveEngine(Engine):
     CNF's norm (max of the RMS of ``z`` and of the log-density; integrals do not steer), overshoot and the quartic
     interpolation at the end time. Same steps and NFE as ``odeint`` (float64: the same values to rounding; float32:
     the C++ sums round differently, so values agree to the solve's tolerance and a borderline step could go the other
-    way). Gradients: the exact gradient of the discrete solve (``gradient="direct"``'s semantics: step sizes are
-    constants) as a checkpointed discrete adjoint in C++ -- the forward records each accepted step's start, the
+    way). Gradients: the exact gradient of the discrete solve (``gradient="direct"`` or ``"checkpoint"``, the same
+    gradient; step sizes are constants) as a checkpointed discrete adjoint in C++ -- the forward records each accepted step's start, the
     backward recomputes one step at a time in reverse (incl. dL/dT, the probes and every parameter); once
     differentiable. Eligible: what the grid engine needs of the dynamics, an FSAL tableau with an error estimate and
     torchdiffeq's midpoint weights (dopri5, tsit5, bosh3), the other options at their defaults, two output times,
-    ``gradient="direct"`` when a gradient is wanted.
+    ``gradient="direct"`` or ``"checkpoint"`` when a gradient is wanted. With ``"checkpoint"`` the backward's
+    network evaluations are counted as odeint's checkpoint mode counts them (``nfe``, ``num_fevals_backward``):
+    ``s - 1`` per accepted step and one for the first stage (odeint's checkpoint recomputes ``s`` per step).
     A solve the C++ loop cannot finish (``max_num_steps``, step-size underflow, NaN/inf) declines at run time so that
     ``odeint`` re-runs it and raises its error naming the time; that re-run is warned once.
     """
@@ -451,8 +453,8 @@ class CppAdaptiveEngine(Engine):
             return rates
         if len(solve.t) != 2:
             return Skip("more than two output times")
-        if _wants_grad(solve) and solver.gradient != "direct":
-            return Skip(f"gradient={solver.gradient!r} (the fused adaptive solve differentiates as 'direct')")
+        if _wants_grad(solve) and solver.gradient not in ("direct", "checkpoint"):
+            return Skip(f"gradient={solver.gradient!r} (the fused adaptive solve's gradient is the discrete one)")
         why = _options_at_defaults(solver, info, self._HANDLED_OPTIONS)
         if why is not None:
             return Skip(why)
@@ -501,6 +503,11 @@ class CppAdaptiveEngine(Engine):
         stats = SolveStats(num_fevals=st["nfe"], num_steps=st["steps"], num_accepted_steps=st["accepted"],
                            num_rejected_steps=st["rejected"], step_ts=list(st["step_ts"]),
                            step_sizes=list(st["step_sizes"]), method=solve.solver.method)
+        if solve.solver.gradient == "checkpoint":  # as odeint's checkpoint mode: the backward's evaluations count
+            def count_backward(n, counter=solve.counter, stats=stats):
+                counter.n += n
+                stats.num_fevals_backward += n
+            run["count_backward"] = count_backward
         ends = (zT,) + (tuple(qT.unbind(-1)) if plan.rates else (solve.y0[1],))
         trajectory = tuple(torch.stack([a0, b1]) for a0, b1 in zip(solve.y0, ends))
         return EngineResult(trajectory, stats)
