@@ -490,29 +490,10 @@ std::tuple<Tensor, Tensor, Tensor> cnf_grid_forward(const std::vector<double>& t
   return {zT, qT, save};
 }
 
-// Adaptive solve from t0 to t1 (batch-global control). ctl: rtol, atol, safety, ifactor, dfactor, min_step,
-// max_step, first_step (0: heuristic); max_num_steps; order; time_f32; nq_norm. Returns (zT, qT, stats dict).
-py::tuple cnf_adaptive_forward(double t0, double t1, const Tensor& z0_, const Tensor& q0_, const OptT& e_,
-                               const std::vector<Tensor>& params_, int act, const std::vector<int>& rates,
-                               const std::vector<double>& c, const std::vector<double>& a,
-                               const std::vector<double>& b, const std::vector<double>& b_err,
-                               const std::vector<double>& c_mid, const std::vector<double>& ctl_f,
-                               int64_t max_num_steps, int order, bool time_f32, int nq_norm, bool want_tape,
-                               int64_t tile) {
-  auto call = net_call(z0_, "z0", params_, act, tile);
-  const auto dt = call.dt;
-  Tensor& z0 = call.z;
-  auto& params = call.params;
-  const int64_t B = call.B, D = call.D, NQ = int64_t(rates.size());
-  auto& ex = call.ex;
-  Tensor q0 = prep(q0_, dt, "q0");
-  check(q0.numel() == B * NQ, "q0 must be (B, len(rates))");
-  OptT e = prep_opt(e_, dt, "e");
-  if (e) check(e->numel() == B * D, "e must have z0's shape");
+// Adaptive solves. ctl: rtol, atol, safety, ifactor, dfactor, min_step, max_step, first_step (0: heuristic).
+fastode::AdaptiveControl make_control(const std::vector<double>& ctl_f, int64_t max_num_steps, int order,
+                                      bool time_f32, int nq_norm) {
   check(ctl_f.size() == 8, "ctl needs rtol, atol, safety, ifactor, dfactor, min_step, max_step, first_step");
-  check(!b_err.empty(), "an adaptive solve needs b_err");
-  auto spec = cnf_spec(call.net, e, rates);
-  auto tab = make_tableau(c, a, b, b_err);
   fastode::AdaptiveControl ctl;
   ctl.rtol = ctl_f[0];
   ctl.atol = ctl_f[1];
@@ -526,95 +507,168 @@ py::tuple cnf_adaptive_forward(double t0, double t1, const Tensor& z0_, const Te
   ctl.order = order;
   ctl.time_f32 = time_f32;
   ctl.nq_norm = nq_norm;
-  Tensor zT = empty_like_dt({B, D}, z0), qT = empty_like_dt({B, NQ}, z0);
-  fastode::AdaptiveStats st;
-  py::dict tape_out;
-  {
-    py::gil_scoped_release nogil;
-    DISPATCH_FLOAT(dt, [&] {
-      auto p = make_params<scalar_t>(params);
-      fastode::AdaptiveTape<scalar_t> tape;
-      st = fastode::cnf_adaptive_forward<scalar_t>(spec, tab, c_mid, p, t0, t1, B, z0.data_ptr<scalar_t>(),
-                                                   NQ ? q0.data_ptr<scalar_t>() : nullptr, cptr<scalar_t>(e), ctl,
-                                                   zT.data_ptr<scalar_t>(), NQ ? qT.data_ptr<scalar_t>() : nullptr, ex,
-                                                   want_tape ? &tape : nullptr);
-      if (want_tape) {
-        const int64_t n = int64_t(tape.t0.size()), m = B * (D + NQ);
-        Tensor ys = empty_like_dt({n, m}, z0), k0s = empty_like_dt({n, m}, z0);
-        std::copy(tape.y.begin(), tape.y.end(), ys.data_ptr<scalar_t>());
-        std::copy(tape.k0.begin(), tape.k0.end(), k0s.data_ptr<scalar_t>());
-        py::gil_scoped_acquire gil;
-        tape_out["t0"] = tape.t0;
-        tape_out["dt"] = tape.dt;
-        tape_out["y"] = ys;
-        tape_out["k0"] = k0s;
-        tape_out["x"] = tape.x;
-        tape_out["width"] = tape.width;
-      }
-    });
-  }
-  py::dict stats;
-  stats["status"] = st.status;
-  stats["t_status"] = st.t_status;
-  stats["nfe"] = st.nfe;
-  stats["steps"] = st.steps;
-  stats["accepted"] = st.accepted;
-  stats["rejected"] = st.rejected;
-  stats["step_ts"] = st.step_ts;
-  stats["step_sizes"] = st.step_sizes;
-  return py::make_tuple(zT, qT, stats, tape_out);
+  return ctl;
 }
 
-// Backward of cnf_adaptive_forward from its tape. Returns (gz0, gq0, ge or None, param grads, g_anchor, g_x, nfe).
+py::dict stats_dict(const fastode::AdaptiveStats& st) {
+  py::dict d;
+  d["status"] = st.status;
+  d["t_status"] = st.t_status;
+  d["nfe"] = st.nfe;
+  d["steps"] = st.steps;
+  d["accepted"] = st.accepted;
+  d["rejected"] = st.rejected;
+  d["step_ts"] = st.step_ts;
+  d["step_sizes"] = st.step_sizes;
+  return d;
+}
+
+template <typename T>
+py::dict tape_dict(const fastode::AdaptiveTape<T>& tape, int64_t m, const Tensor& like) {
+  const int64_t n = int64_t(tape.t0.size());
+  Tensor ys = empty_like_dt({n, m}, like), k0s = empty_like_dt({n, m}, like);
+  std::copy(tape.y.begin(), tape.y.end(), ys.data_ptr<T>());
+  std::copy(tape.k0.begin(), tape.k0.end(), k0s.data_ptr<T>());
+  py::dict d;
+  d["t0"] = tape.t0;
+  d["dt"] = tape.dt;
+  d["y"] = ys;
+  d["k0"] = k0s;
+  d["x"] = tape.x;
+  d["width"] = tape.width;
+  return d;
+}
+
+template <typename T>
+fastode::AdaptiveTape<T> tape_from(const py::dict& d, at::ScalarType dt) {
+  fastode::AdaptiveTape<T> tape;
+  tape.t0 = d["t0"].cast<std::vector<double>>();
+  tape.dt = d["dt"].cast<std::vector<double>>();
+  Tensor ys = prep(d["y"].cast<Tensor>(), dt, "tape y"), k0s = prep(d["k0"].cast<Tensor>(), dt, "tape k0");
+  tape.y.assign(ys.data_ptr<T>(), ys.data_ptr<T>() + ys.numel());
+  tape.k0.assign(k0s.data_ptr<T>(), k0s.data_ptr<T>() + k0s.numel());
+  tape.x = d["x"].cast<double>();
+  tape.width = d["width"].cast<double>();
+  return tape;
+}
+
+// From t0 to t1; step_rows = 0: batch-global control, else per-tile (tiles of step_rows rows). Returns
+// (zT, qT, stats, tape): stats / tape are dicts (batch-global) or lists of dicts, one per tile (tape: {} / [] unless
+// want_tape).
+py::tuple cnf_adaptive_forward(double t0, double t1, const Tensor& z0_, const Tensor& q0_, const OptT& e_,
+                               const std::vector<Tensor>& params_, int act, const std::vector<int>& rates,
+                               const std::vector<double>& c, const std::vector<double>& a,
+                               const std::vector<double>& b, const std::vector<double>& b_err,
+                               const std::vector<double>& c_mid, const std::vector<double>& ctl_f,
+                               int64_t max_num_steps, int order, bool time_f32, int nq_norm, bool want_tape,
+                               int64_t step_rows, int64_t tile) {
+  auto call = net_call(z0_, "z0", params_, act, tile);
+  const int64_t B = call.B, D = call.D, NQ = int64_t(rates.size());
+  Tensor q0 = prep(q0_, call.dt, "q0");
+  check(q0.numel() == B * NQ, "q0 must be (B, len(rates))");
+  OptT e = prep_opt(e_, call.dt, "e");
+  if (e) check(e->numel() == B * D, "e must have z0's shape");
+  check(!b_err.empty(), "an adaptive solve needs b_err");
+  auto spec = cnf_spec(call.net, e, rates);
+  auto tab = make_tableau(c, a, b, b_err);
+  auto ctl = make_control(ctl_f, max_num_steps, order, time_f32, nq_norm);
+  Tensor zT = empty_like_dt({B, D}, call.z), qT = empty_like_dt({B, NQ}, call.z);
+  py::object stats_out, tape_out;
+  DISPATCH_FLOAT(call.dt, [&] {
+    using T = scalar_t;
+    auto p = make_params<T>(call.params);
+    const T *z0 = call.z.data_ptr<T>(), *q0p = NQ ? q0.data_ptr<T>() : nullptr, *ep = cptr<T>(e);
+    T *zTp = zT.data_ptr<T>(), *qTp = NQ ? qT.data_ptr<T>() : nullptr;
+    if (step_rows <= 0) {
+      fastode::AdaptiveTape<T> tape;
+      fastode::AdaptiveStats st;
+      {
+        py::gil_scoped_release nogil;
+        st = fastode::cnf_adaptive_forward<T>(spec, tab, c_mid, p, t0, t1, B, z0, q0p, ep, ctl, zTp, qTp, call.ex,
+                                              want_tape ? &tape : nullptr);
+      }
+      stats_out = stats_dict(st);
+      tape_out = want_tape ? py::object(tape_dict<T>(tape, B * (D + NQ), call.z)) : py::object(py::dict());
+      return;
+    }
+    std::vector<fastode::AdaptiveTape<T>> tapes;
+    std::vector<fastode::AdaptiveStats> sts;
+    {
+      py::gil_scoped_release nogil;
+      sts = fastode::cnf_adaptive_forward_tiles<T>(spec, tab, c_mid, p, t0, t1, B, step_rows, z0, q0p, ep, ctl, zTp,
+                                                   qTp, call.ex, want_tape ? &tapes : nullptr);
+    }
+    py::list sl, tl;
+    for (const auto& st : sts) sl.append(stats_dict(st));
+    for (size_t i = 0; i < tapes.size(); ++i) {
+      const int64_t R = std::min<int64_t>(step_rows, B - int64_t(i) * step_rows);
+      tl.append(tape_dict<T>(tapes[i], R * (D + NQ), call.z));
+    }
+    stats_out = sl;
+    tape_out = tl;
+  });
+  return py::make_tuple(zT, qT, stats_out, tape_out);
+}
+
+// Backward of cnf_adaptive_forward from its tape(s) (step_rows as in the forward). Returns (gz0, gq0, ge or None,
+// param grads, g_anchor, g_x, nfe); g_anchor / g_x are floats (batch-global) or lists with one value per tile.
 py::tuple cnf_adaptive_backward(const Tensor& z0_, const OptT& e_, const std::vector<Tensor>& params_, int act,
                                 const std::vector<int>& rates, const std::vector<double>& c,
                                 const std::vector<double>& a, const std::vector<double>& b,
                                 const std::vector<double>& b_err, const std::vector<double>& c_mid,
-                                const std::vector<double>& t0s, const std::vector<double>& dts, const Tensor& ys_,
-                                const Tensor& k0s_, double x, const OptT& gzT_, const OptT& gqT_, bool need_e,
-                                bool need_params, int64_t tile) {
+                                const py::object& tape_in, const OptT& gzT_, const OptT& gqT_, bool need_e,
+                                bool need_params, int64_t step_rows, int64_t tile) {
   auto call = net_call(z0_, "z0", params_, act, tile);
   const auto dt = call.dt;
-  Tensor& z0 = call.z;
-  auto& params = call.params;
   const int64_t B = call.B, D = call.D, NQ = int64_t(rates.size());
-  auto& ex = call.ex;
   OptT e = prep_opt(e_, dt, "e");
-  Tensor ys = prep(ys_, dt, "tape y"), k0s = prep(k0s_, dt, "tape k0");
-  const int64_t n = int64_t(t0s.size());
-  check(int64_t(dts.size()) == n && ys.numel() == n * B * (D + NQ) && k0s.numel() == ys.numel(),
-        "the tape does not match the batch and the state");
   OptT gzT = prep_opt(gzT_, dt, "grad zT"), gqT = prep_opt(gqT_, dt, "grad qT");
   auto spec = cnf_spec(call.net, e, rates);
   auto tab = make_tableau(c, a, b, b_err);
-  Tensor gz0 = empty_like_dt({B, D}, z0), gq0 = empty_like_dt({B, NQ}, z0);
+  Tensor gz0 = empty_like_dt({B, D}, call.z), gq0 = empty_like_dt({B, NQ}, call.z);
   OptT ge;
-  if (need_e && e) ge = empty_like_dt({B, D}, z0);
+  if (need_e && e) ge = empty_like_dt({B, D}, call.z);
   std::vector<Tensor> gp;
   if (need_params)
-    for (const auto& p : params) gp.push_back(at::zeros(p.sizes(), p.options()));
-  double g_anchor = 0, g_x = 0;
+    for (const auto& p : call.params) gp.push_back(at::zeros(p.sizes(), p.options()));
+  std::vector<int64_t> sizes;
+  for (const auto& p : call.params) sizes.push_back(p.numel());
   int64_t nfe = 0;
-  {
-    py::gil_scoped_release nogil;
-    DISPATCH_FLOAT(dt, [&] {
-      auto p = make_params<scalar_t>(params);
-      fastode::Grads<scalar_t> g;
-      if (need_params) g = make_grads<scalar_t>(gp);
-      fastode::AdaptiveTape<scalar_t> tape;
-      tape.t0 = t0s;
-      tape.dt = dts;
-      tape.y.assign(ys.data_ptr<scalar_t>(), ys.data_ptr<scalar_t>() + ys.numel());
-      tape.k0.assign(k0s.data_ptr<scalar_t>(), k0s.data_ptr<scalar_t>() + k0s.numel());
-      tape.x = x;
-      nfe = fastode::cnf_adaptive_backward<scalar_t>(
-          spec, tab, c_mid, p, tape, B, cptr<scalar_t>(e), cptr<scalar_t>(gzT), NQ ? cptr<scalar_t>(gqT) : nullptr,
-          gz0.data_ptr<scalar_t>(), NQ ? gq0.data_ptr<scalar_t>() : nullptr, mptr<scalar_t>(ge),
-          need_params ? &g : nullptr, &g_anchor, &g_x, ex);
-    });
-  }
+  py::object ganchor, gx;
+  DISPATCH_FLOAT(dt, [&] {
+    using T = scalar_t;
+    auto p = make_params<T>(call.params);
+    fastode::Grads<T> g;
+    if (need_params) g = make_grads<T>(gp);
+    const T *ep = cptr<T>(e), *gzp = cptr<T>(gzT), *gqp = NQ ? cptr<T>(gqT) : nullptr;
+    T *gz0p = gz0.data_ptr<T>(), *gq0p = NQ ? gq0.data_ptr<T>() : nullptr, *gep = mptr<T>(ge);
+    if (step_rows <= 0) {
+      auto tape = tape_from<T>(tape_in.cast<py::dict>(), dt);
+      check(int64_t(tape.y.size()) == int64_t(tape.t0.size()) * B * (D + NQ), "the tape does not match the batch");
+      double ga = 0, gxv = 0;
+      {
+        py::gil_scoped_release nogil;
+        nfe = fastode::cnf_adaptive_backward<T>(spec, tab, c_mid, p, tape, B, ep, gzp, gqp, gz0p, gq0p, gep,
+                                                need_params ? &g : nullptr, &ga, &gxv, call.ex);
+      }
+      ganchor = py::float_(ga);
+      gx = py::float_(gxv);
+      return;
+    }
+    std::vector<fastode::AdaptiveTape<T>> tapes;
+    for (auto item : tape_in.cast<py::list>()) tapes.push_back(tape_from<T>(item.cast<py::dict>(), dt));
+    std::vector<double> ga(tapes.size()), gxv(tapes.size());
+    {
+      py::gil_scoped_release nogil;
+      nfe = fastode::cnf_adaptive_backward_tiles<T>(spec, tab, c_mid, p, tapes, B, step_rows, ep, gzp, gqp, gz0p,
+                                                    gq0p, gep, need_params ? &g : nullptr, sizes, ga.data(),
+                                                    gxv.data(), call.ex);
+    }
+    ganchor = py::cast(ga);
+    gx = py::cast(gxv);
+  });
   py::object pge = ge ? py::cast(*ge) : py::none();
-  return py::make_tuple(gz0, gq0, pge, gp, g_anchor, g_x, nfe);
+  return py::make_tuple(gz0, gq0, pge, gp, ganchor, gx, nfe);
 }
 
 // Backward of cnf_grid_forward. Returns (gz0, gq0, ge, param grads, gts (list of floats)) with None for what

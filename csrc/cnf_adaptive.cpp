@@ -432,6 +432,125 @@ int64_t cnf_adaptive_backward(const CnfSpec& spec, const Tableau& tab, const std
   return nfe;
 }
 
+namespace {
+
+// Run fn(i) for every tile i over ex.nthreads OpenMP threads (each call single-threaded inside); the first
+// exception is rethrown after the loop.
+template <typename F>
+void for_tiles(int64_t ntiles, const Exec& ex, F&& fn) {
+  std::exception_ptr err;
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(std::max(1, ex.nthreads)) schedule(dynamic, 1)
+#endif
+  for (int64_t i = 0; i < ntiles; ++i) {
+    try {
+      fn(i);
+    } catch (...) {
+#ifdef _OPENMP
+#pragma omp critical(fastode_tiles_err)
+#endif
+      if (!err) err = std::current_exception();
+    }
+  }
+  if (err) std::rethrow_exception(err);
+}
+
+// Tile i's rows of a (B, n)-major array (or of a (K, B, D) probe with K = 1), copied out and back.
+template <typename T>
+std::vector<T> rows_of(const T* a, int64_t r0, int64_t R, int64_t n) {
+  return a ? std::vector<T>(a + r0 * n, a + (r0 + R) * n) : std::vector<T>();
+}
+
+}  // namespace
+
+template <typename T>
+std::vector<AdaptiveStats> cnf_adaptive_forward_tiles(const CnfSpec& spec, const Tableau& tab,
+                                                      const std::vector<double>& c_mid, const Params<T>& p,
+                                                      double t0, double t1, int64_t B, int64_t rows, const T* z0,
+                                                      const T* q0, const T* e, const AdaptiveControl& ctl, T* zT,
+                                                      T* qT, const Exec& ex, std::vector<AdaptiveTape<T>>* tapes) {
+  if (!spec.exact && spec.K != 1) throw std::invalid_argument("fastode: per-tile solves take one Hutchinson probe");
+  rows = std::max<int64_t>(rows, 1);
+  const int64_t D = spec.net.dims[0], NQ = int64_t(spec.rates.size()), nt = (B + rows - 1) / rows;
+  std::vector<AdaptiveStats> stats(nt);
+  if (tapes) tapes->assign(nt, AdaptiveTape<T>());
+  Exec inner = ex;
+  inner.nthreads = 1;
+  for_tiles(nt, ex, [&](int64_t i) {
+    const int64_t r0 = i * rows, R = std::min(rows, B - r0);
+    auto z = rows_of(z0, r0, R, D), q = rows_of(q0, r0, R, NQ), ee = rows_of(e, r0, R, D);
+    std::vector<T> zo(R * D), qo(R * NQ);
+    stats[i] = cnf_adaptive_forward<T>(spec, tab, c_mid, p, t0, t1, R, z.data(), NQ ? q.data() : nullptr,
+                                       e ? ee.data() : nullptr, ctl, zo.data(), NQ ? qo.data() : nullptr, inner,
+                                       tapes ? &(*tapes)[i] : nullptr);
+    std::copy(zo.begin(), zo.end(), zT + r0 * D);
+    if (NQ) std::copy(qo.begin(), qo.end(), qT + r0 * NQ);
+  });
+  return stats;
+}
+
+template <typename T>
+int64_t cnf_adaptive_backward_tiles(const CnfSpec& spec, const Tableau& tab, const std::vector<double>& c_mid,
+                                    const Params<T>& p, const std::vector<AdaptiveTape<T>>& tapes, int64_t B,
+                                    int64_t rows, const T* e, const T* gzT, const T* gqT, T* gz0, T* gq0, T* ge,
+                                    const Grads<T>* grads, const std::vector<int64_t>& param_sizes, double* g_anchor,
+                                    double* g_x, const Exec& ex) {
+  rows = std::max<int64_t>(rows, 1);
+  const int64_t D = spec.net.dims[0], NQ = int64_t(spec.rates.size()), nt = int64_t(tapes.size());
+  if (nt != (B + rows - 1) / rows) throw std::invalid_argument("fastode: one tape per tile is needed");
+  const int L = spec.net.L();
+  if (grads && int64_t(param_sizes.size()) != 5 * L) throw std::invalid_argument("fastode: param_sizes: 5 per layer");
+  std::vector<std::vector<T>> gbuf(grads ? nt : 0);
+  std::vector<int64_t> nfe(nt, 0);
+  Exec inner = ex;
+  inner.nthreads = 1;
+  for_tiles(nt, ex, [&](int64_t i) {
+    const int64_t r0 = i * rows, R = std::min(rows, B - r0);
+    auto ee = rows_of(e, r0, R, D), gz = rows_of(gzT, r0, R, D), gq = rows_of(gqT, r0, R, NQ);
+    std::vector<T> oz(R * D), oq(R * NQ), oe(e && ge ? R * D : 0);
+    Grads<T> g;
+    if (grads) {  // this tile's own accumulators, laid out like the parameters
+      int64_t total = 0;
+      for (int64_t n : param_sizes) total += n;
+      gbuf[i].assign(total, T(0));
+      T* at = gbuf[i].data();
+      for (int l = 0; l < L; ++l) {
+        std::vector<T*>* dst[5] = {&g.W, &g.b, &g.gw, &g.gb, &g.bw};
+        for (int k = 0; k < 5; ++k) {
+          dst[k]->push_back(at);
+          at += param_sizes[5 * l + k];
+        }
+      }
+    }
+    double ga = 0, gx = 0;
+    nfe[i] = cnf_adaptive_backward<T>(spec, tab, c_mid, p, tapes[i], R, e ? ee.data() : nullptr,
+                                      gzT ? gz.data() : nullptr, gqT && NQ ? gq.data() : nullptr, oz.data(),
+                                      NQ ? oq.data() : nullptr, oe.empty() ? nullptr : oe.data(),
+                                      grads ? &g : nullptr, &ga, &gx, inner);
+    if (gz0) std::copy(oz.begin(), oz.end(), gz0 + r0 * D);
+    if (gq0 && NQ) std::copy(oq.begin(), oq.end(), gq0 + r0 * NQ);
+    if (!oe.empty()) std::copy(oe.begin(), oe.end(), ge + r0 * D);
+    if (g_anchor) g_anchor[i] = ga;
+    if (g_x) g_x[i] = gx;
+  });
+  if (grads) {  // in tile order: the sum does not depend on the thread count
+    for (int64_t i = 0; i < nt; ++i) {
+      const T* src = gbuf[i].data();
+      for (int l = 0; l < L; ++l) {
+        T* dst[5] = {grads->W[l], grads->b[l], grads->gw[l], grads->gb[l], grads->bw[l]};
+        for (int k = 0; k < 5; ++k) {
+          const int64_t n = param_sizes[5 * l + k];
+          for (int64_t j = 0; j < n; ++j) dst[k][j] += src[j];
+          src += n;
+        }
+      }
+    }
+  }
+  int64_t total = 0;
+  for (int64_t n : nfe) total += n;
+  return total;
+}
+
 #define FASTODE_INSTANTIATE(T)                                                                                \
   template AdaptiveStats cnf_adaptive_forward<T>(const CnfSpec&, const Tableau&, const std::vector<double>&, \
                                                  const Params<T>&, double, double, int64_t, const T*, const T*, \
@@ -440,7 +559,15 @@ int64_t cnf_adaptive_backward(const CnfSpec& spec, const Tableau& tab, const std
   template int64_t cnf_adaptive_backward<T>(const CnfSpec&, const Tableau&, const std::vector<double>&,        \
                                             const Params<T>&, const AdaptiveTape<T>&, int64_t, const T*,      \
                                             const T*, const T*, T*, T*, T*, const Grads<T>*, double*, double*, \
-                                            const Exec&);
+                                            const Exec&);                                                    \
+  template std::vector<AdaptiveStats> cnf_adaptive_forward_tiles<T>(                                           \
+      const CnfSpec&, const Tableau&, const std::vector<double>&, const Params<T>&, double, double, int64_t,  \
+      int64_t, const T*, const T*, const T*, const AdaptiveControl&, T*, T*, const Exec&,                     \
+      std::vector<AdaptiveTape<T>>*);                                                                          \
+  template int64_t cnf_adaptive_backward_tiles<T>(                                                             \
+      const CnfSpec&, const Tableau&, const std::vector<double>&, const Params<T>&,                            \
+      const std::vector<AdaptiveTape<T>>&, int64_t, int64_t, const T*, const T*, const T*, T*, T*, T*,         \
+      const Grads<T>*, const std::vector<int64_t>&, double*, double*, const Exec&);
 
 FASTODE_INSTANTIATE(float)
 FASTODE_INSTANTIATE(double)

@@ -245,4 +245,25 @@ int64_t cnf_adaptive_backward(const CnfSpec& spec, const Tableau& tab, const std
                               const T* gqT, T* gz0, T* gq0, T* ge, const Grads<T>* grads, double* g_anchor,
                               double* g_x, const Exec& ex);
 
+// Per-tile step control (opt-in; not bit-identical to the batch-global solve): the batch is cut into tiles of
+// `rows` rows (1: every row alone) and each tile is solved as its own batch-global problem -- its own step size,
+// accept/reject, status, error norm over its rows -- in parallel over ex.nthreads threads (one thread per tile, so
+// the result does not depend on the thread count). stats[i] is tile i's; tapes (optional) one per tile.
+template <typename T>
+std::vector<AdaptiveStats> cnf_adaptive_forward_tiles(const CnfSpec& spec, const Tableau& tab,
+                                                      const std::vector<double>& c_mid, const Params<T>& p,
+                                                      double t0, double t1, int64_t B, int64_t rows, const T* z0,
+                                                      const T* q0, const T* e, const AdaptiveControl& ctl, T* zT,
+                                                      T* qT, const Exec& ex,
+                                                      std::vector<AdaptiveTape<T>>* tapes = nullptr);
+
+// Backward of cnf_adaptive_forward_tiles: the tiles in parallel, each tile's parameter gradients in its own buffer,
+// summed in tile order (deterministic). g_anchor / g_x get one value per tile. Returns the recomputation's NFE.
+template <typename T>
+int64_t cnf_adaptive_backward_tiles(const CnfSpec& spec, const Tableau& tab, const std::vector<double>& c_mid,
+                                    const Params<T>& p, const std::vector<AdaptiveTape<T>>& tapes, int64_t B,
+                                    int64_t rows, const T* e, const T* gzT, const T* gqT, T* gz0, T* gq0, T* ge,
+                                    const Grads<T>* grads, const std::vector<int64_t>& param_sizes, double* g_anchor,
+                                    double* g_x, const Exec& ex);
+
 }  // namespace fastode

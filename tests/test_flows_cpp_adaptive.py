@@ -11,7 +11,7 @@ import torch
 
 import fastode.cpp as fc
 from fastode.errors import FallbackWarning, MaxStepsExceededError, NonFiniteError
-from fastode.flows import CNF
+from fastode.flows import CNF, EngineUnavailableError
 from fastode.nn import ConcatSquashMLP
 
 pytestmark = pytest.mark.skipif(not fc.available(), reason="the C++ extension fastode._C is not built")
@@ -231,3 +231,69 @@ def test_log_prob_and_sampling_take_it():
         s0 = cnf.sample(5, generator=torch.Generator().manual_seed(0))
         assert cnf.last_solve.engine == "odeint"
     torch.testing.assert_close(s, s0, **TOL[torch.float32])
+
+
+# ---------------------------------------------------------------------------------------------------- per tile
+def _tile_loss(cnf, x, e):
+    o = cnf(x, noise=e)
+    return (o.out ** 2).sum() + (torch.linspace(0.5, 1.5, x.shape[0], dtype=x.dtype)[: x.shape[0]] * o.logdet).sum()
+
+
+def test_per_tile_is_the_batch_solve_of_each_tile():
+    """Reference: the batch-global solve of each tile's rows on their own (a separate CNF call per tile): the same
+    values, NFE per tile, and gradients (the loss is a sum over rows: the tiles' gradients add up), dL/dT included."""
+    dtype, rows = torch.float64, 10
+    cnf = _cnf(dtype, trace="hutchinson", tol=1e-9, learn_T=True).train()
+    x, e = _data(dtype, scale=2.0)
+    x = x * torch.cat([torch.ones(20, 1), 4 * torch.ones(B - 20, 1)]).to(dtype)  # rows of different stiffness
+    cnf.step_control, cnf.step_rows = "per_tile", rows
+    loss = _tile_loss(cnf, x, e)
+    g_tile = torch.autograd.grad(loss, list(cnf.parameters()))
+    tiles = cnf.last_stats.tiles
+    assert cnf.last_solve.engine == "cpp_adaptive" and len(tiles) == 4
+    cnf.step_control = "batch"
+    w = torch.linspace(0.5, 1.5, B, dtype=dtype)
+    total, g_ref, nfes = 0, None, []
+    for i in range(4):
+        sl = slice(i * rows, min(B, (i + 1) * rows))
+        o = cnf(x[sl], noise=e[sl])
+        part = (o.out ** 2).sum() + (w[sl] * o.logdet).sum()
+        g = torch.autograd.grad(part, list(cnf.parameters()))
+        g_ref = g if g_ref is None else [a + b for a, b in zip(g_ref, g)]
+        total = total + part.detach()
+        nfes.append(cnf.last_stats.num_fevals)
+    assert [t["nfe"] for t in tiles] == nfes and len(set(nfes)) > 1  # the tiles really took different steps
+    torch.testing.assert_close(loss.detach(), total, rtol=1e-12, atol=1e-12)
+    for a, b in zip(g_tile, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_per_tile_and_per_row_do_not_depend_on_the_thread_count():
+    cnf = _cnf(torch.float32, trace="hutchinson", learn_T=True, step_control="per_row").train()
+    x, e = _data(torch.float32)
+    old = torch.get_num_threads()
+    got = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            loss = _tile_loss(cnf, x, e)
+            got.append([loss.detach()] + list(torch.autograd.grad(loss, list(cnf.parameters()))))
+    finally:
+        torch.set_num_threads(old)
+    assert len(cnf.last_stats.tiles) == B
+    for a, b in zip(*got):
+        assert torch.equal(a, b)
+
+
+def test_one_tile_is_the_batch_solve_and_other_engines_refuse_per_tile():
+    cnf = _cnf(torch.float64)
+    x, e = _data(torch.float64)
+    ref, _, _ = _solve(cnf, x, e, "auto")
+    cnf.step_control, cnf.step_rows = "per_tile", 4 * B
+    o, rec, _ = _solve(cnf, x, e, "auto")
+    assert rec.engine == "cpp_adaptive" and torch.equal(o.out, ref.out) and torch.equal(o.logdet, ref.logdet)
+    cnf.set_eval_solver("rk4", step_size=0.1)
+    with pytest.raises(EngineUnavailableError, match="per-tile step control runs only on"):
+        _solve(cnf, x, e, "auto")
+    with pytest.raises(ValueError, match="step_control must be one of"):
+        _cnf(torch.float64, step_control="tiles")

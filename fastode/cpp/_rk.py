@@ -171,9 +171,11 @@ class _CnfAdaptiveFn(torch.autograd.Function):
         need = any(ctx.needs_input_grad)
         zT, qT, st, tape = ext().cnf_adaptive_forward(
             tt[0], tt[1], z0, q0, e, list(params), run["act"], run["rates"], *run["tableau"], run["c_mid"],
-            run["ctl"], run["max_num_steps"], run["order"], run["time_f32"], 1, need, run["tile"])
+            run["ctl"], run["max_num_steps"], run["order"], run["time_f32"], 1, need, run.get("step_rows", 0),
+            run["tile"])
         run["stats"] = st
-        if need and st["status"] == 0:
+        ok = all(s_["status"] == 0 for s_ in st) if isinstance(st, list) else st["status"] == 0
+        if need and ok:
             ctx.save_for_backward(z0, e, *params)
             ctx.tape, ctx.run, ctx.t_dtype = tape, run, t.dtype
         ctx.set_materialize_grads(False)
@@ -186,14 +188,17 @@ class _CnfAdaptiveFn(torch.autograd.Function):
         run, tape = ctx.run, ctx.tape
         n = ctx.needs_input_grad
         gz0, gq0, ge, gp, g_anchor, g_x, nfe = ext().cnf_adaptive_backward(
-            z0, e, params, run["act"], run["rates"], *run["tableau"], run["c_mid"], tape["t0"], tape["dt"],
-            tape["y"], tape["k0"], tape["x"], gzT, gqT, n[3], any(n[5:]), run["tile"])
+            z0, e, params, run["act"], run["rates"], *run["tableau"], run["c_mid"], tape, gzT, gqT, n[3], any(n[5:]),
+            run.get("step_rows", 0), run["tile"])
         if "count_backward" in run:
             run["count_backward"](nfe)
         gt = None
-        if n[0]:
-            width = tape["width"] or 1.0
-            gt = torch.tensor([g_anchor - g_x / width, g_x / width], dtype=ctx.t_dtype)
+        if n[0]:  # per tile: the tiles' own clocks all start at t[0] and end at t[1]
+            tapes = tape if isinstance(tape, list) else [tape]
+            ga = g_anchor if isinstance(g_anchor, list) else [g_anchor]
+            gx = g_x if isinstance(g_x, list) else [g_x]
+            g_out = sum(x_ / (tp["width"] or 1.0) for x_, tp in zip(gx, tapes))
+            gt = torch.tensor([sum(ga) - g_out, g_out], dtype=ctx.t_dtype)
         grads = [g if n[5 + i] else None for i, g in enumerate(gp)] if gp else [None] * len(params)
         return (gt, gz0 if n[1] else None, gq0 if n[2] else None, ge if n[3] else None, None, *grads)
 

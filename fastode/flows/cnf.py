@@ -29,6 +29,7 @@ __all__ = [
 
 _TRACES = ("hutchinson", "exact")
 _LEGACY_PATHS = {"cpp_grid": "fused_cpu"}  # CNF.last_path predates the engine registry
+_STEP_CONTROLS = ("batch", "per_tile", "per_row")
 _NOISES = ("gaussian", "rademacher")
 
 
@@ -334,6 +335,12 @@ class CNF(Flow):
     ``fused_cpu=False`` (or setting the attribute) excludes the fused engines. ``last_solve`` (a
     :class:`~fastode.flows.engines.SolveRecord`) says which engine ran, why the earlier ones did not, the stats and
     the MLP backend; ``last_stats``, ``last_path`` and ``last_path_reason`` are read-only views of it.
+
+    ``step_control``: ``"batch"`` (default; one step size for the batch, torchdiffeq's semantics), ``"per_tile"``
+    (tiles of ``step_rows`` rows each with their own step size, accept/reject and status, so that a batch whose rows
+    differ in stiffness costs the mean number of steps rather than the maximum; opt-in, not bit-identical to
+    torchdiffeq) or ``"per_row"`` (``step_rows = 1``). Per-tile control runs only on the fused adaptive engine; a
+    solve it cannot take raises :class:`~fastode.flows.engines.EngineUnavailableError` with the reasons.
     """
 
     def __init__(self, dynamics: nn.Module, T: float = 0.5, learn_T: bool = False, T_parametrization: str = "sqrt",
@@ -341,7 +348,8 @@ class CNF(Flow):
                  atol: float = 1e-5, step_size: float | None = None, options: dict | None = None,
                  gradient: str = "direct", backend: str = "auto", train_solver=None, eval_solver=None,
                  eval_trace: str | None = "exact", regularizers=(), base: nn.Module | None = None,
-                 dim: int | None = None, fused_cpu: bool = True, engine: str = "auto"):
+                 dim: int | None = None, fused_cpu: bool = True, engine: str = "auto", step_control: str = "batch",
+                 step_rows: int = 64):
         super().__init__()
         if trace not in _TRACES:
             raise ValueError(f"trace must be one of {_TRACES}, got {trace!r}")
@@ -355,6 +363,10 @@ class CNF(Flow):
             raise ValueError(f"the end time T must be positive, got {T!r}")
         if engine != "auto" and engine not in engine_names():
             raise ValueError(f"engine must be 'auto' or one of {list(engine_names())}, got {engine!r}")
+        if step_control not in _STEP_CONTROLS:
+            raise ValueError(f"step_control must be one of {_STEP_CONTROLS}, got {step_control!r}")
+        if step_control == "per_tile" and not (isinstance(step_rows, int) and step_rows >= 1):
+            raise ValueError(f"step_rows must be a positive int (rows per tile), got {step_rows!r}")
         self.dynamics = dynamics
         self.dim = int(dim if dim is not None else getattr(dynamics, "dim", 0))
         if self.dim <= 0:
@@ -380,6 +392,7 @@ class CNF(Flow):
         self._override = None  # (solver, trace) from using_solver
         self.fused_cpu = bool(fused_cpu)  # may the fused engines run (fastode/flows/engines.py)
         self.engine = engine
+        self.step_control, self.step_rows = step_control, int(step_rows)
         self.last_solve = None            # SolveRecord of the latest solve
 
     # --- what ran the latest solve (views of last_solve) --------------------------------------------------------
@@ -539,7 +552,8 @@ class CNF(Flow):
             isinstance(r, R.LocalError) and r.mode == "biased" for r in errors)
         norm = state_norm(2)
         request = CnfSolve(func, y0, t, self.dynamics, e, trace, tuple(integrands), tuple(errors), solver, norm,
-                           self._counter, allow_fused=self.fused_cpu, want_stats=want_stats)
+                           self._counter, allow_fused=self.fused_cpu, want_stats=want_stats,
+                           step_rows={"batch": 0, "per_tile": self.step_rows, "per_row": 1}[self.step_control])
         result, self.last_solve = run_solve(request, self.engine, started=self._started)
         sol, stats = result
         out, logdet = sol[0][-1], sol[1][-1]

@@ -65,7 +65,8 @@ class CnfSolve:
     ``func``: the augmented right-hand side ``(t, state) -> (f, trace, *integrands)`` (it counts evaluations);
     ``y0``: the initial augmented state; ``dynamics``: the network inside ``func``; ``e``: the Hutchinson probe
     (None for the exact trace); ``counter``: the CNF's NFE counter (an engine that does not call ``func`` adds its
-    evaluations there); ``allow_fused``: the CNF's ``fused_cpu`` switch; ``want_stats``: the error regularisers
+    evaluations there); ``allow_fused``: the CNF's ``fused_cpu`` switch; ``step_rows``: per-tile step control (only the
+    fused adaptive engine runs it); ``want_stats``: the error regularisers
     need per-step errors and step times.
     """
 
@@ -82,6 +83,7 @@ class CnfSolve:
     counter: Any
     allow_fused: bool = True
     want_stats: bool = False
+    step_rows: int = 0  # 0: one step size for the batch; k > 0: per-tile control, tiles of k rows (the CNF's step_control)
 
     @property
     def x(self) -> torch.Tensor:
@@ -185,6 +187,7 @@ def integrate(func, y0: tuple, t: torch.Tensor, solver: Solver, norm: Callable, 
 
 
 _PEER_ONLY = "the solver asks for the torchdiffeq peer (Solver(backend='torchdiffeq'))"
+_PER_TILE = "per-tile step control runs only on the fused adaptive engine ('cpp_adaptive')"
 
 
 class OdeintEngine(Engine):
@@ -193,6 +196,8 @@ class OdeintEngine(Engine):
     name = "odeint"
 
     def plan(self, solve):
+        if solve.step_rows:
+            return Skip(_PER_TILE)
         return Skip(_PEER_ONLY) if solve.solver.backend == "torchdiffeq" else None
 
     def run(self, solve, plan):
@@ -208,7 +213,7 @@ class TorchdiffeqEngine(Engine):
     def plan(self, solve):
         if solve.solver.backend != "torchdiffeq":
             return Skip("torchdiffeq runs only when the solver asks for it (Solver(backend='torchdiffeq'))")
-        return None
+        return Skip(_PER_TILE) if solve.step_rows else None
 
     def run(self, solve, plan):
         return EngineResult(*_torchdiffeq_integrate(solve.func, solve.y0, solve.t, solve.solver, solve.norm))
@@ -343,6 +348,8 @@ class CppGridEngine(Engine):
             return info
         if info.adaptive or not info.fixed_grid:
             return Skip(f"method {solver.method!r} is adaptive; this engine runs fixed grids")
+        if solve.step_rows:
+            return Skip(_PER_TILE)
         if info.rk_tableau is None:
             return Skip(f"method {solver.method!r} is not a one-step explicit RK method")
         rates = _fused_cpp_common(solve)
@@ -414,6 +421,15 @@ def _wants_grad(solve: CnfSolve) -> bool:
     return any(p.requires_grad for p in solve.dynamics.parameters())
 
 
+def _mean_tile_stats(tiles, B: int, rows: int) -> dict:
+    """Per-tile counts as one record: the row-weighted mean NFE / steps (what a row costs on average), no step grid
+    (each tile has its own)."""
+    weights = [min(rows, B - i * rows) / B for i in range(len(tiles))]
+    mean = {k: int(round(sum(w * t_[k] for w, t_ in zip(weights, tiles)))) for k in ("nfe", "steps", "accepted",
+                                                                                    "rejected")}
+    return {"status": 0, "t_status": 0.0, **mean, "step_ts": [], "step_sizes": []}
+
+
 class CppAdaptiveEngine(Engine):
     """A whole adaptive solve in one C++ call (``fastode._C.cnf_adaptive_forward``), batch-global step control.
 
@@ -430,6 +446,11 @@ class CppAdaptiveEngine(Engine):
     ``gradient="direct"`` or ``"checkpoint"`` when a gradient is wanted. With ``"checkpoint"`` the backward's
     network evaluations are counted as odeint's checkpoint mode counts them (``nfe``, ``num_fevals_backward``):
     ``s - 1`` per accepted step and one for the first stage (odeint's checkpoint recomputes ``s`` per step).
+    Per-tile step control (``CNF(step_control="per_tile", step_rows=k)``; ``k = 1``: every row; opt-in and not
+    bit-identical to torchdiffeq): each tile of ``k`` rows is solved as its own batch-global problem (its own step
+    size, accept/reject, status and norm over its rows) in parallel over the threads, one thread per tile (the result
+    does not depend on the thread count), and differentiated the same way (parameter gradients summed in tile
+    order). Its stats are the row-weighted mean counts; ``stats.tiles`` holds each tile's.
     A solve the C++ loop cannot finish (``max_num_steps``, step-size underflow, NaN/inf) declines at run time so that
     ``odeint`` re-runs it and raises its error naming the time; that re-run is warned once.
     """
@@ -487,9 +508,18 @@ class CppAdaptiveEngine(Engine):
         run = {"act": _ACT_CODES[dyn.activation], "rates": [RATE_CODES[r] for r in plan.rates],
                "tableau": _tableau_lists(tab), "c_mid": [float(v) for v in tab.c_mid], "ctl": plan.ctl,
                "max_num_steps": plan.max_num_steps, "order": int(tab.order), "time_f32": t.dtype == torch.float32,
-               "tile": _dispatch.mlp_tile_rows(B, layers)}
+               "tile": _dispatch.mlp_tile_rows(B, layers), "step_rows": int(solve.step_rows)}
         zT, qT = cnf_adaptive_solve(t, x, q0, e, params, run)
         st = run["stats"]
+        tiles = None
+        if isinstance(st, list):  # per tile: a failed tile fails the solve; the counts are per row on average
+            tiles = st
+            st = next((s_ for s_ in tiles if s_["status"]), None) or _mean_tile_stats(tiles, B, solve.step_rows)
+        if st["status"] and tiles is not None:  # no other engine runs per-tile control: say where it stopped
+            i = next(k for k, s_ in enumerate(tiles) if s_["status"])
+            return Skip(f"the fused per-tile solve stopped at t={st['t_status']:.6g} in tile {i} (rows "
+                        f"{i * solve.step_rows}..{min(B, (i + 1) * solve.step_rows) - 1}: "
+                        f"{_STATUS.get(st['status'], 'status ' + str(st['status']))})")
         if st["status"]:
             from fastode.errors import warn_fallback_once
 
@@ -503,6 +533,8 @@ class CppAdaptiveEngine(Engine):
         stats = SolveStats(num_fevals=st["nfe"], num_steps=st["steps"], num_accepted_steps=st["accepted"],
                            num_rejected_steps=st["rejected"], step_ts=list(st["step_ts"]),
                            step_sizes=list(st["step_sizes"]), method=solve.solver.method)
+        if tiles is not None:
+            stats.tiles = tiles  # every tile's own counts, steps and status
         if solve.solver.gradient == "checkpoint":  # as odeint's checkpoint mode: the backward's evaluations count
             def count_backward(n, counter=solve.counter, stats=stats):
                 counter.n += n
