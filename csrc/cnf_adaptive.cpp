@@ -44,7 +44,18 @@ struct Rates {
   }
 };
 
-// max(RMS of the z part, RMS of the first nq_norm q columns) of x / scale (the CNF's state norm).
+// The CNF's state norm from sums of squares: max(RMS of the z part, RMS of the first nq_norm q columns); a NaN part
+// makes the norm NaN (std::max would drop it).
+inline double mixed_from_sums(double sz, double sq, int64_t B, int64_t D, int64_t NQ, int nq_norm) {
+  double r = std::sqrt(sz / double(B * D));
+  if (nq_norm > 0 && NQ > 0) {
+    const double rq = std::sqrt(sq / double(B * std::min<int64_t>(nq_norm, NQ)));
+    r = (rq > r || rq != rq) ? rq : r;
+  }
+  return r;
+}
+
+// The state norm of x / scale.
 template <typename T, typename X, typename S>
 double mixed_rms(int64_t B, int64_t D, int64_t NQ, int nq_norm, X&& x, S&& scale) {
   double sz = 0, sq = 0;
@@ -58,12 +69,7 @@ double mixed_rms(int64_t B, int64_t D, int64_t NQ, int nq_norm, X&& x, S&& scale
       sq += v * v;
     }
   }
-  double r = std::sqrt(sz / double(B * D));
-  if (nq_norm > 0 && NQ > 0) {
-    const double rq = std::sqrt(sq / double(B * std::min<int64_t>(nq_norm, NQ)));
-    r = (rq > r || rq != rq) ? rq : r;  // a NaN part makes the norm NaN (std::max would drop it)
-  }
-  return r;
+  return mixed_from_sums(sz, sq, B, D, NQ, nq_norm);
 }
 
 // Coefficients a x^4 + b x^3 + c x^2 + d x + y0 of torchdiffeq's quartic interpolant of element i of a step
@@ -188,11 +194,10 @@ AdaptiveStats cnf_adaptive_forward(const CnfSpec& spec, const Tableau& tab, cons
   CnfStepOut<T> out;
   out.ez = ez.data();
   out.eq = eq.data();
-  out.kz = kz.data();
-  out.kq = kq.data();
   out.sumsq = sumsq.data();
   double tau_prev = tau, h_prev = 0;
-  std::vector<T> zp, qp, kzp, kqp;  // the last accepted step (for the interpolation)
+  // the last accepted step (for the interpolation): its start and stages; buffers swap on acceptance
+  std::vector<T> zp(B * D), qp(B * NQ), kzp(kz.size()), kqp(kq.size());
   int64_t attempts = 0;
   while (tau_end > tau) {
     if (attempts >= ctl.max_num_steps) return failed(kMaxSteps, tau);
@@ -207,18 +212,16 @@ AdaptiveStats cnf_adaptive_forward(const CnfSpec& spec, const Tableau& tab, cons
     in.q0 = q.data();
     in.kz0 = kz0.data();
     in.kq0 = kq0.data();
-    out.z1 = z1.data();  // (z and z1 swap buffers on acceptance)
+    out.z1 = z1.data();  // (z / z1 and the stage buffers swap on acceptance)
     out.q1 = q1.data();
+    out.kz = kz.data();
+    out.kq = kq.data();
     cnf_step_forward<T>(spec, tab, p, in, out, ex);
     st.nfe += s - 1;
     double rz = 0, rq = 0;
     for (int64_t j = 0; j < D; ++j) rz += sumsq[j];
     for (int64_t j = 0; j < ctl.nq_norm && j < NQ; ++j) rq += sumsq[D + j];
-    double r = std::sqrt(rz / double(B * D));
-    if (ctl.nq_norm > 0 && NQ > 0) {
-      const double r2 = std::sqrt(rq / double(B * std::min<int64_t>(ctl.nq_norm, NQ)));
-      r = (r2 > r || r2 != r2) ? r2 : r;
-    }
+    const double r = mixed_from_sums(rz, rq, B, D, NQ, ctl.nq_norm);
     const bool finite = std::isfinite(r);
     bool accept = r <= 1;
     if (h > ctl.max_step) accept = false;
@@ -242,20 +245,20 @@ AdaptiveStats cnf_adaptive_forward(const CnfSpec& spec, const Tableau& tab, cons
         tape->k0.insert(tape->k0.end(), kz0.begin(), kz0.end());
         tape->k0.insert(tape->k0.end(), kq0.begin(), kq0.end());
       }
-      zp.assign(z.begin(), z.end());
-      qp.assign(q.begin(), q.end());
-      kzp.assign(kz.begin(), kz.end());
-      kqp.assign(kq.begin(), kq.end());
+      zp.swap(z);  // zp: the step's start, z: its end (z1 gets a free buffer)
+      qp.swap(q);
+      z.swap(z1);
+      q.swap(q1);
+      kzp.swap(kz);
+      kqp.swap(kq);
       st.accepted += 1;
       st.step_ts.push_back(dir * tau);  // in t, as odeint's SolveStats
       st.step_sizes.push_back(dir * (tnew - tau));
       tau_prev = tau;
       h_prev = h_state;
       tau = tnew;
-      z.swap(z1);
-      q.swap(q1);
-      std::copy(kz.begin() + size_t(s - 1) * B * D, kz.end(), kz0.begin());
-      std::copy(kq.begin() + size_t(s - 1) * B * NQ, kq.end(), kq0.begin());
+      std::copy(kzp.begin() + size_t(s - 1) * B * D, kzp.end(), kz0.begin());  // FSAL
+      std::copy(kqp.begin() + size_t(s - 1) * B * NQ, kqp.end(), kq0.begin());
     } else {
       st.rejected += 1;
     }

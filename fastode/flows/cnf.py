@@ -548,11 +548,9 @@ class CNF(Flow):
         B = x.shape[0]
         y0 = (x, torch.zeros(B, dtype=x.dtype, device=x.device)) + tuple(
             torch.zeros(B, dtype=x.dtype, device=x.device) for _ in integrands)
-        want_stats = any(isinstance(r, R.GlobalError) for r in errors) or any(
-            isinstance(r, R.LocalError) and r.mode == "biased" for r in errors)
         norm = state_norm(2)
         request = CnfSolve(func, y0, t, self.dynamics, e, trace, tuple(integrands), tuple(errors), solver, norm,
-                           self._counter, allow_fused=self.fused_cpu, want_stats=want_stats,
+                           self._counter, allow_fused=self.fused_cpu,
                            step_rows={"batch": 0, "per_tile": self.step_rows, "per_row": 1}[self.step_control])
         result, self.last_solve = run_solve(request, self.engine, started=self._started)
         sol, stats = result

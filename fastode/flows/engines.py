@@ -66,8 +66,7 @@ class CnfSolve:
     ``y0``: the initial augmented state; ``dynamics``: the network inside ``func``; ``e``: the Hutchinson probe
     (None for the exact trace); ``counter``: the CNF's NFE counter (an engine that does not call ``func`` adds its
     evaluations there); ``allow_fused``: the CNF's ``fused_cpu`` switch; ``step_rows``: per-tile step control (only the
-    fused adaptive engine runs it); ``want_stats``: the error regularisers
-    need per-step errors and step times.
+    fused adaptive engine runs it).
     """
 
     func: Callable
@@ -82,7 +81,6 @@ class CnfSolve:
     norm: Callable
     counter: Any
     allow_fused: bool = True
-    want_stats: bool = False
     step_rows: int = 0  # 0: one step size for the batch; k > 0: per-tile control, tiles of k rows (the CNF's step_control)
 
     @property
@@ -141,7 +139,7 @@ class Engine:
 # --------------------------------------------------------------------------------------------------------
 # the generic solves (also used directly for auxiliary solves, e.g. the biased local error's)
 
-def _fastode_integrate(func, y0, t, solver: Solver, norm, want_stats=False):
+def _fastode_integrate(func, y0, t, solver: Solver, norm):
     import fastode
 
     options = solver.full_options()
@@ -156,7 +154,7 @@ def _fastode_integrate(func, y0, t, solver: Solver, norm, want_stats=False):
     return tuple(sol), stats
 
 
-def _torchdiffeq_integrate(func, y0, t, solver: Solver, norm, want_stats=False):
+def _torchdiffeq_integrate(func, y0, t, solver: Solver, norm):
     import torchdiffeq
 
     if solver.gradient == "checkpoint":
@@ -179,11 +177,11 @@ def _torchdiffeq_integrate(func, y0, t, solver: Solver, norm, want_stats=False):
     return tuple(sol), None
 
 
-def integrate(func, y0: tuple, t: torch.Tensor, solver: Solver, norm: Callable, want_stats: bool = False):
+def integrate(func, y0: tuple, t: torch.Tensor, solver: Solver, norm: Callable):
     """Integrate the tuple state ``y0`` over the 1-D times ``t`` with the generic engine the solver names
     (``"odeint"``, or the ``"torchdiffeq"`` peer). Returns ``(trajectory, stats)``."""
     run = _torchdiffeq_integrate if solver.backend == "torchdiffeq" else _fastode_integrate
-    return run(func, y0, t, solver, norm, want_stats)
+    return run(func, y0, t, solver, norm)
 
 
 _PEER_ONLY = "the solver asks for the torchdiffeq peer (Solver(backend='torchdiffeq'))"
@@ -201,8 +199,7 @@ class OdeintEngine(Engine):
         return Skip(_PEER_ONLY) if solve.solver.backend == "torchdiffeq" else None
 
     def run(self, solve, plan):
-        return EngineResult(*_fastode_integrate(solve.func, solve.y0, solve.t, solve.solver, solve.norm,
-                                                solve.want_stats))
+        return EngineResult(*_fastode_integrate(solve.func, solve.y0, solve.t, solve.solver, solve.norm))
 
 
 class TorchdiffeqEngine(Engine):
