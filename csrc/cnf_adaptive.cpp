@@ -112,10 +112,12 @@ void quartic(int64_t n, const T* y0, const T* y1, const T* k, int s, int64_t str
 
 template <typename T>
 AdaptiveStats cnf_adaptive_forward(const CnfSpec& spec, const Tableau& tab, const std::vector<double>& c_mid,
-                                   const Params<T>& p, double t0, double t1, int64_t B, const T* z0, const T* q0,
-                                   const T* e, const AdaptiveControl& ctl, T* zT, T* qT, const Exec& ex,
+                                   const Params<T>& p_in, double t0, double t1, int64_t B, const T* z0,
+                                   const T* q0, const T* e, const AdaptiveControl& ctl, T* zT, T* qT, const Exec& ex,
                                    AdaptiveTape<T>* tape) {
   check_net(spec.net);
+  std::vector<std::vector<T>> wt;  // every step folds every stage: transpose W once per solve
+  const Params<T> p = p_in.WT.empty() ? with_transposes(spec.net, p_in, wt) : p_in;
   if (!tab.has_err()) throw std::invalid_argument("fastode: an adaptive solve needs a tableau with an error estimate");
   if (int(c_mid.size()) != tab.s) throw std::invalid_argument("fastode: c_mid needs one weight per stage");
   const int s = tab.s;
@@ -281,9 +283,11 @@ AdaptiveStats cnf_adaptive_forward(const CnfSpec& spec, const Tableau& tab, cons
 
 template <typename T>
 int64_t cnf_adaptive_backward(const CnfSpec& spec, const Tableau& tab, const std::vector<double>& c_mid,
-                              const Params<T>& p, const AdaptiveTape<T>& tape, int64_t B, const T* e, const T* gzT,
-                              const T* gqT, T* gz0, T* gq0, T* ge, const Grads<T>* grads, double* g_anchor,
-                              double* g_x, const Exec& ex) {
+                              const Params<T>& p_in, const AdaptiveTape<T>& tape, int64_t B, const T* e,
+                              const T* gzT, const T* gqT, T* gz0, T* gq0, T* ge, const Grads<T>* grads,
+                              double* g_anchor, double* g_x, const Exec& ex) {
+  std::vector<std::vector<T>> wt;
+  const Params<T> p = p_in.WT.empty() ? with_transposes(spec.net, p_in, wt) : p_in;
   const int s = tab.s, K = spec.K;
   const int64_t D = spec.net.dims[0], NQ = int64_t(spec.rates.size()), M = B * (D + NQ);
   const int64_t N = int64_t(tape.t0.size());
@@ -479,11 +483,13 @@ std::vector<AdaptiveStats> cnf_adaptive_forward_tiles(const CnfSpec& spec, const
   if (tapes) tapes->assign(nt, AdaptiveTape<T>());
   Exec inner = ex;
   inner.nthreads = 1;
+  std::vector<std::vector<T>> wt;  // every tile folds every stage: transpose W once for all of them
+  const Params<T> pt = p.WT.empty() ? with_transposes(spec.net, p, wt) : p;
   for_tiles(nt, ex, [&](int64_t i) {
     const int64_t r0 = i * rows, R = std::min(rows, B - r0);
     auto z = rows_of(z0, r0, R, D), q = rows_of(q0, r0, R, NQ), ee = rows_of(e, r0, R, D);
     std::vector<T> zo(R * D), qo(R * NQ);
-    stats[i] = cnf_adaptive_forward<T>(spec, tab, c_mid, p, t0, t1, R, z.data(), NQ ? q.data() : nullptr,
+    stats[i] = cnf_adaptive_forward<T>(spec, tab, c_mid, pt, t0, t1, R, z.data(), NQ ? q.data() : nullptr,
                                        e ? ee.data() : nullptr, ctl, zo.data(), NQ ? qo.data() : nullptr, inner,
                                        tapes ? &(*tapes)[i] : nullptr);
     std::copy(zo.begin(), zo.end(), zT + r0 * D);
@@ -507,6 +513,8 @@ int64_t cnf_adaptive_backward_tiles(const CnfSpec& spec, const Tableau& tab, con
   std::vector<int64_t> nfe(nt, 0);
   Exec inner = ex;
   inner.nthreads = 1;
+  std::vector<std::vector<T>> wt;
+  const Params<T> pt = p.WT.empty() ? with_transposes(spec.net, p, wt) : p;
   for_tiles(nt, ex, [&](int64_t i) {
     const int64_t r0 = i * rows, R = std::min(rows, B - r0);
     auto ee = rows_of(e, r0, R, D), gz = rows_of(gzT, r0, R, D), gq = rows_of(gqT, r0, R, NQ);
@@ -526,7 +534,7 @@ int64_t cnf_adaptive_backward_tiles(const CnfSpec& spec, const Tableau& tab, con
       }
     }
     double ga = 0, gx = 0;
-    nfe[i] = cnf_adaptive_backward<T>(spec, tab, c_mid, p, tapes[i], R, e ? ee.data() : nullptr,
+    nfe[i] = cnf_adaptive_backward<T>(spec, tab, c_mid, pt, tapes[i], R, e ? ee.data() : nullptr,
                                       gzT ? gz.data() : nullptr, gqT && NQ ? gq.data() : nullptr, oz.data(),
                                       NQ ? oq.data() : nullptr, oe.empty() ? nullptr : oe.data(),
                                       grads ? &g : nullptr, &ga, &gx, inner);

@@ -15,7 +15,7 @@ struct StepCtx {
   int s, K, L;
   int64_t D, NQ, B;
   FoldLayout fl;
-  std::vector<Folded<T>> folds;
+  FoldSet<T> folds;
   std::vector<double> ts;
   std::vector<T> Aw, Bw, Ew;  // dt-scaled coefficients
   Tiling tl;
@@ -32,6 +32,7 @@ struct StepCtx {
         NQ(int64_t(sp.rates.size())),
         B(B_),
         fl(sp.net),
+        folds(tb.s),
         tl(B_, ex.tile),
         bl(sp.net, tl.tile, sp.K, act_needs_a(sp.net.act), true, true, int64_t(sp.rates.size())) {
     check_net(net);
@@ -41,7 +42,6 @@ struct StepCtx {
     if (sp.exact && sp.K != D) throw std::invalid_argument("fastode: exact trace needs K == D probes");
     for (int r : sp.rates)
       if (r < 0 || r > 3) throw std::invalid_argument("fastode: rate codes are 0..3");
-    folds.resize(s);
     for (int i = 0; i < s; ++i) {
       ts.push_back(t0 + tab.c[i] * dt);
       fold(net, fl, p, ts[i], folds[i]);

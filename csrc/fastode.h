@@ -34,6 +34,9 @@ struct Net {
 template <typename T>
 struct Params {
   std::vector<const T*> W, b, gw, gb, bw;
+  // Optional: W_l^T (n x m) per layer, set by callers that fold the same weights many times (per-tile solves
+  // fold every stage of every tile); fold() then scales its columns instead of transposing W' each time.
+  std::vector<const T*> WT;
 };
 // Parameter gradients, accumulated into (+=). Either all pointers are set or the struct is not passed.
 template <typename T>

@@ -297,3 +297,48 @@ def test_one_tile_is_the_batch_solve_and_other_engines_refuse_per_tile():
         _solve(cnf, x, e, "auto")
     with pytest.raises(ValueError, match="step_control must be one of"):
         _cnf(torch.float64, step_control="tiles")
+
+
+def test_per_row_per_tile_and_batch_agree_at_a_tight_tolerance():
+    """Different step grids, the same ODE: at rtol = atol = 1e-10 every mode is within its global error of a
+    reference solved at 1e-13 on the odeint engine (batch-global), and so within it of each other."""
+    dtype = torch.float64
+    cnf = _cnf(dtype, trace="hutchinson", tol=1e-10)
+    x, e = _data(dtype, scale=2.0)
+    x = x * torch.cat([torch.ones(20, 1), 4 * torch.ones(B - 20, 1)]).to(dtype)
+    ref_cnf = _cnf(dtype, trace="hutchinson", tol=1e-13)
+    ref, _, _ = _solve(ref_cnf, x, e, "odeint")
+    outs, nfes = {}, {}
+    for mode, rows in (("batch", 64), ("per_tile", 8), ("per_row", 1)):
+        cnf.step_control, cnf.step_rows = mode, rows
+        o, rec, _ = _solve(cnf, x, e, "auto")
+        assert rec.engine == "cpp_adaptive"
+        outs[mode] = torch.cat([o.out, o.logdet[:, None]], 1)
+        nfes[mode] = [t_["nfe"] for t_ in rec.stats.tiles] if mode != "batch" else [rec.stats.num_fevals]
+        torch.testing.assert_close(outs[mode], torch.cat([ref.out, ref.logdet[:, None]], 1), rtol=0, atol=1e-8)
+    assert len(set(nfes["per_row"])) > 1 and len(set(nfes["per_tile"])) > 1  # each on its own grid
+    for mode in ("per_tile", "per_row"):
+        diff = (outs[mode] - outs["batch"]).abs().max().item()
+        assert 0 < diff < 2e-8, mode  # different grids (not the same numbers), the same solution
+
+
+def test_per_tile_failures_raise_odeints_error_naming_the_tile():
+    """Only the tiles that need the most steps run out of them; the error is odeint's class and names the time, the
+    first such tile and its rows."""
+    dtype = torch.float64
+    x, e = _data(dtype, scale=2.0)
+    x = x * torch.cat([torch.ones(20, 1), 6 * torch.ones(B - 20, 1)]).to(dtype)
+    cnf = _cnf(dtype, trace="hutchinson", tol=1e-9, step_control="per_tile", step_rows=10)
+    _, rec, _ = _solve(cnf, x, e, "auto")
+    steps = [t_["steps"] for t_ in rec.stats.tiles]
+    assert min(steps) < max(steps)
+    i = steps.index(max(steps))
+    cnf.set_eval_solver("dopri5", rtol=1e-9, atol=1e-9, options={"max_num_steps": max(steps) - 1})
+    rows = rf"rows {10 * i}\.\.{min(B, 10 * i + 10) - 1}"
+    with pytest.raises(MaxStepsExceededError, match=rf"max_num_steps exceeded .* in tile {i} \({rows}\)"):
+        _solve(cnf, x, e, "auto")
+    cnf = _cnf(dtype, trace="hutchinson", step_control="per_row")
+    with torch.no_grad():
+        cnf.dynamics.layers[-1]._layer.bias[0] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"NaN/inf at t=0 in tile 0 \(rows 0\.\.0\)"):
+        _solve(cnf, x, e, "auto")

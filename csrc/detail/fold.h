@@ -1,6 +1,8 @@
 // Gate folding of a concatsquash layer: W' = diag(gate) W, c = b gate + bw t (and the reverse).
 #pragma once
 
+#include <memory>
+
 #include "detail/elementwise.h"
 #include "detail/gemm.h"
 
@@ -44,9 +46,75 @@ Folded<T>& cached_folded() {
   return fo;
 }
 
+// The Folded buffers of one fused RK step (one per stage), taken from a per-thread pool and returned to it: a
+// step folds every stage, and fresh vectors would cost an allocation and a memset per stage -- most of a small
+// tile's step in per-tile solves. At most kKeep buffers stay pooled per thread.
+template <typename T>
+class FoldSet {
+ public:
+  explicit FoldSet(int n) {
+    auto& pool = pool_();
+    for (int i = 0; i < n; ++i) {
+      if (pool.empty()) {
+        sets_.emplace_back(new Folded<T>());
+      } else {
+        sets_.push_back(std::move(pool.back()));
+        pool.pop_back();
+      }
+    }
+  }
+  ~FoldSet() {
+    auto& pool = pool_();
+    for (auto& f : sets_)
+      if (pool.size() < kKeep) pool.push_back(std::move(f));
+  }
+  FoldSet(const FoldSet&) = delete;
+  FoldSet& operator=(const FoldSet&) = delete;
+  Folded<T>& operator[](int i) { return *sets_[i]; }
+  const Folded<T>& operator[](int i) const { return *sets_[i]; }
+
+ private:
+  static constexpr size_t kKeep = 8;
+  static std::vector<std::unique_ptr<Folded<T>>>& pool_() {
+    thread_local std::vector<std::unique_ptr<Folded<T>>> pool;
+    return pool;
+  }
+  std::vector<std::unique_ptr<Folded<T>>> sets_;
+};
+
+template <typename T>
+FASTODE_CLONES void mul_row(int64_t n, const T* __restrict a, const T* __restrict b, T* __restrict out) {
+  for (int64_t k = 0; k < n; ++k) out[k] = a[k] * b[k];
+}
+
 template <typename T>
 FASTODE_CLONES void scale_row(int64_t n, T g, const T* __restrict W, T* __restrict out) {
   for (int64_t k = 0; k < n; ++k) out[k] = g * W[k];
+}
+
+// Whether fold() builds W'^T: it is read only by the micro-kernels (float32, tanh / identity, layers whose both
+// widths exceed kThin, Kern::wide); other activations never touch it.
+template <typename T>
+bool folds_transposed(const Net& net) {
+  return std::is_same<T, float>::value && (net.act == kTanh || net.act == kIdentity) && use_microkernels();
+}
+
+// W_l^T of the wide layers that fold() transposes, for Params::WT (storage kept by the caller).
+template <typename T>
+Params<T> with_transposes(const Net& net, const Params<T>& p, std::vector<std::vector<T>>& store) {
+  Params<T> q = p;
+  if (!folds_transposed<T>(net)) return q;
+  store.assign(net.L(), {});
+  q.WT.assign(net.L(), nullptr);
+  for (int l = 0; l < net.L(); ++l) {
+    const int64_t n = net.dims[l], m = net.dims[l + 1];
+    if (n <= kThin || m <= kThin) continue;
+    store[l].resize(m * n);
+    for (int64_t j = 0; j < m; ++j)
+      for (int64_t k = 0; k < n; ++k) store[l][k * m + j] = p.W[l][j * n + k];
+    q.WT[l] = store[l].data();
+  }
+  return q;
 }
 
 template <typename T>
@@ -70,10 +138,7 @@ void fold(const Net& net, const FoldLayout& fl, const Params<T>& p, double t, Fo
       c[j] = p.b[l][j] * g + p.bw[l][j] * tt;
     }
   }
-  // W'^T is read only by the micro-kernels: float32, tanh / identity, layers whose both widths exceed kThin
-  // (Kern::wide). Other activations never touch it, so it is not built for them.
-  const bool mk_act = net.act == kTanh || net.act == kIdentity;
-  if (std::is_same<T, float>::value && mk_act && use_microkernels()) {
+  if (folds_transposed<T>(net)) {
     out.bufT.resize(fl.size);
     constexpr int64_t kBlk = 32;  // blocked transpose: both sides stay in L1
     for (int l = 0; l < net.L(); ++l) {
@@ -81,6 +146,12 @@ void fold(const Net& net, const FoldLayout& fl, const Params<T>& p, double t, Fo
       if (n <= kThin || m <= kThin) continue;
       const T* Wp = out.buf.data() + fl.offW[l];
       T* Wt = out.bufT.data() + fl.offW[l];
+      if (l < int(p.WT.size()) && p.WT[l]) {  // W'^T = W^T diag(gate): contiguous rows, no transpose
+        const double* g = out.gate.data() + out.offG[l];
+        std::vector<T> gt(g, g + m);
+        for (int64_t k = 0; k < n; ++k) mul_row<T>(m, p.WT[l] + k * m, gt.data(), Wt + k * m);
+        continue;
+      }
       for (int64_t j0 = 0; j0 < m; j0 += kBlk)
         for (int64_t k0 = 0; k0 < n; k0 += kBlk) {
           const int64_t j1 = std::min(m, j0 + kBlk), k1 = std::min(n, k0 + kBlk);

@@ -410,6 +410,28 @@ class _AdaptivePlan(NamedTuple):
 _STATUS = {1: "max_num_steps was exceeded", 2: "the step size underflowed", 3: "the solution became NaN/inf"}
 
 
+def _tile_failure(st: dict, tile: int, rows: int, B: int, plan: _AdaptivePlan) -> Exception:
+    """The error ``odeint`` raises for the same failure (its class, the time, the remedies), for tile ``tile`` of a
+    per-tile solve: each tile is its own batch-global problem, so this is what ``odeint`` on its rows would raise."""
+    from fastode.errors import STEP_FAILURE_REMEDIES, MaxStepsExceededError, NonFiniteError, StepSizeUnderflowError
+
+    where = (f"at t={st['t_status']:.6g} in tile {tile} (rows {tile * rows}..{min(B, (tile + 1) * rows) - 1}) of the "
+             "per-tile solve")
+    rtol, atol = plan.ctl[0], plan.ctl[1]
+    if st["status"] == 1:
+        return MaxStepsExceededError(
+            f"max_num_steps exceeded ({plan.max_num_steps}): {plan.max_num_steps} step attempts did not reach the "
+            f"end time; stopped {where}. If the problem genuinely needs more steps, raise "
+            "options={'max_num_steps': ...}. " + STEP_FAILURE_REMEDIES)
+    if st["status"] == 2:
+        return StepSizeUnderflowError(f"underflow in dt: the adaptive step size became too small to advance time "
+                                      f"{where} (rtol={rtol}, atol={atol}). " + STEP_FAILURE_REMEDIES)
+    if st["status"] == 3:
+        return NonFiniteError(f"the solution became NaN/inf {where}. " + STEP_FAILURE_REMEDIES)
+    return RuntimeError(f"the fused per-tile solve stopped {where} with status {st['status']} (a fastode bug: please "
+                        "report it)")
+
+
 def _wants_grad(solve: CnfSolve) -> bool:
     if not torch.is_grad_enabled():
         return False
@@ -449,7 +471,9 @@ class CppAdaptiveEngine(Engine):
     does not depend on the thread count), and differentiated the same way (parameter gradients summed in tile
     order). Its stats are the row-weighted mean counts; ``stats.tiles`` holds each tile's.
     A solve the C++ loop cannot finish (``max_num_steps``, step-size underflow, NaN/inf) declines at run time so that
-    ``odeint`` re-runs it and raises its error naming the time; that re-run is warned once.
+    ``odeint`` re-runs it and raises its error naming the time; that re-run is warned once. Per tile (no other engine
+    can re-run it) the engine raises the error class ``odeint`` raises (``MaxStepsExceededError``,
+    ``StepSizeUnderflowError``, ``NonFiniteError``) naming the time, the tile and its rows.
     """
 
     name = "cpp_adaptive"
@@ -512,11 +536,9 @@ class CppAdaptiveEngine(Engine):
         if isinstance(st, list):  # per tile: a failed tile fails the solve; the counts are per row on average
             tiles = st
             st = next((s_ for s_ in tiles if s_["status"]), None) or _mean_tile_stats(tiles, B, solve.step_rows)
-        if st["status"] and tiles is not None:  # no other engine runs per-tile control: say where it stopped
+        if st["status"] and tiles is not None:  # no other engine runs per-tile control: raise odeint's error here
             i = next(k for k, s_ in enumerate(tiles) if s_["status"])
-            return Skip(f"the fused per-tile solve stopped at t={st['t_status']:.6g} in tile {i} (rows "
-                        f"{i * solve.step_rows}..{min(B, (i + 1) * solve.step_rows) - 1}: "
-                        f"{_STATUS.get(st['status'], 'status ' + str(st['status']))})")
+            raise _tile_failure(st, i, solve.step_rows, B, plan)
         if st["status"]:
             from fastode.errors import warn_fallback_once
 
