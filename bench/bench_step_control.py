@@ -77,11 +77,11 @@ def reference(mlp, x):
     return lp, z
 
 
-def at_equal_error(sweep_a, sweep_b):
-    """NFE ratio b / a at the max errors mode ``a`` reached, interpolating ``b``'s NFE log-log in its error (None
-    where ``a``'s error lies outside ``b``'s range)."""
+def at_equal_error(sweep_a, sweep_b, key="nfe_per_row"):
+    """Ratio b / a of ``key`` (NFE per row, or ms) at the max errors mode ``a`` reached, interpolating ``b``'s
+    log-log in its error (None where ``a``'s error lies outside ``b``'s range)."""
     eb = np.log([r["err_logp_max"] for r in sweep_b])
-    nb = np.log([r["nfe_per_row"] for r in sweep_b])
+    nb = np.log([r[key] for r in sweep_b])
     order = np.argsort(eb)
     out = []
     for r in sweep_a:
@@ -89,7 +89,7 @@ def at_equal_error(sweep_a, sweep_b):
         if not eb.min() <= ea <= eb.max():
             out.append(None)
             continue
-        out.append(float(np.exp(np.interp(ea, eb[order], nb[order])) / r["nfe_per_row"]))
+        out.append(float(np.exp(np.interp(ea, eb[order], nb[order])) / r[key]))
     return out
 
 
@@ -130,7 +130,8 @@ def run(mlp, batch, tols, repeats, budget):
                   f"{r['ms']:8.2f} ms (x{r['time_vs_batch']:.2f})  max|err log p| {r['err_logp_max']:.2e}",
                   flush=True)
     sweeps = {name: [r for r in rows if r["mode"] == name] for name in MODES}
-    equal = {name: at_equal_error(sweeps["batch-global"], sweeps[name]) for name in MODES}
+    equal = {name: {key: at_equal_error(sweeps["batch-global"], sweeps[name], key) for key in ("nfe_per_row", "ms")}
+             for name in MODES}
     return rows, equal
 
 
@@ -156,23 +157,28 @@ def plot(rows, path):
     plt.close(fig)
 
 
+def _ratio(x):
+    return "" if x is None else f"{x:.2f}"
+
+
 def report(rows, equal, batch, meta) -> str:
     lines = ["# Step control on a heterogeneous batch: batch-global vs per-tile vs per-row", "",
              __doc__.split("\n\n")[1], "", __doc__.split("\n\n")[2], "", f"Batch {batch}.", "",
              "| tol | mode | NFE / row | in-dist. | out-of-dist. | NFE x batch | NFE x batch at equal error | ms | "
-             "time x batch | max err log p | RMS err log p | max err z |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "time x batch | time x batch at equal error | max err log p | RMS err log p | max err z |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     tols = sorted({r["tol"] for r in rows}, reverse=True)
     for name in MODES:
         for i, tol in enumerate(tols):
             r = next(r_ for r_ in rows if r_["mode"] == name and r_["tol"] == tol)
-            eq = equal[name][i]
+            eq_n, eq_t = (equal[name][k][i] for k in ("nfe_per_row", "ms"))
             lines.append(f"| {tol:.0e} | {name} | {r['nfe_per_row']:.1f} | {r['nfe_in']:.1f} | {r['nfe_out']:.1f} | "
-                         f"{r['nfe_vs_batch']:.2f} | {'' if eq is None else f'{eq:.2f}'} | {common.fmt(r['ms'])} | "
-                         f"{r['time_vs_batch']:.2f} | {r['err_logp_max']:.2e} | {r['err_logp_rms']:.2e} | "
-                         f"{r['err_z_max']:.2e} |")
-    lines += ["", "NFE x batch at equal error: the NFE the mode needs for the max error batch-global reached at that "
-              "tolerance, over batch-global's (log-log interpolation along the mode's sweep; empty outside it).",
+                         f"{r['nfe_vs_batch']:.2f} | {_ratio(eq_n)} | {common.fmt(r['ms'])} | "
+                         f"{r['time_vs_batch']:.2f} | {_ratio(eq_t)} | {r['err_logp_max']:.2e} | "
+                         f"{r['err_logp_rms']:.2e} | {r['err_z_max']:.2e} |")
+    lines += ["", "At equal error: the NFE (time) the mode needs for the max error of log p that batch-global reached "
+              "at that tolerance, over batch-global's (log-log interpolation along the mode's sweep; empty outside "
+              "it). In-dist. / out-of-dist.: NFE per row of the two kinds of rows.",
               "", "![work-precision](step_control.png)", "", common.metadata_markdown(meta)]
     return "\n".join(lines) + "\n"
 
