@@ -493,7 +493,8 @@ std::tuple<Tensor, Tensor, Tensor> cnf_grid_forward(const std::vector<double>& t
 // Adaptive solves. ctl: rtol, atol, safety, ifactor, dfactor, min_step, max_step, first_step (0: heuristic).
 fastode::AdaptiveControl make_control(const std::vector<double>& ctl_f, int64_t max_num_steps, int order,
                                       bool time_f32, int nq_norm) {
-  check(ctl_f.size() == 8, "ctl needs rtol, atol, safety, ifactor, dfactor, min_step, max_step, first_step");
+  check(ctl_f.size() == 8 || ctl_f.size() == 9,
+        "ctl needs rtol, atol, safety, ifactor, dfactor, min_step, max_step, first_step[, store_budget]");
   fastode::AdaptiveControl ctl;
   ctl.rtol = ctl_f[0];
   ctl.atol = ctl_f[1];
@@ -503,6 +504,7 @@ fastode::AdaptiveControl make_control(const std::vector<double>& ctl_f, int64_t 
   ctl.min_step = ctl_f[5];
   ctl.max_step = ctl_f[6];
   ctl.first_step = ctl_f[7];
+  ctl.store_budget = ctl_f.size() == 9 ? int64_t(ctl_f[8]) : 0;
   ctl.max_num_steps = max_num_steps;
   ctl.order = order;
   ctl.time_f32 = time_f32;
@@ -523,8 +525,12 @@ py::dict stats_dict(const fastode::AdaptiveStats& st) {
   return d;
 }
 
+// The kept step activations (gradient="direct") move into a capsule that the tape dict holds until the backward.
 template <typename T>
-py::dict tape_dict(const fastode::AdaptiveTape<T>& tape, int64_t m, const Tensor& like) {
+using SavedSteps = std::vector<fastode::StepBuffer<T>>;
+
+template <typename T>
+py::dict tape_dict(fastode::AdaptiveTape<T>& tape, int64_t m, const Tensor& like) {
   const int64_t n = int64_t(tape.t0.size());
   Tensor ys = empty_like_dt({n, m}, like), k0s = empty_like_dt({n, m}, like);
   std::copy(tape.y.begin(), tape.y.end(), ys.data_ptr<T>());
@@ -536,6 +542,12 @@ py::dict tape_dict(const fastode::AdaptiveTape<T>& tape, int64_t m, const Tensor
   d["k0"] = k0s;
   d["x"] = tape.x;
   d["width"] = tape.width;
+  d["kept_steps"] = int64_t(tape.saves.size());  // gradient="direct": steps whose activations are kept, and their size
+  d["kept_step_values"] = tape.save_size;
+  if (!tape.saves.empty()) {
+    auto* held = new SavedSteps<T>(std::move(tape.saves));
+    d["saves"] = py::capsule(held, [](void* ptr) { delete static_cast<SavedSteps<T>*>(ptr); });
+  }
   return d;
 }
 
@@ -549,6 +561,10 @@ fastode::AdaptiveTape<T> tape_from(const py::dict& d, at::ScalarType dt) {
   tape.k0.assign(k0s.data_ptr<T>(), k0s.data_ptr<T>() + k0s.numel());
   tape.x = d["x"].cast<double>();
   tape.width = d["width"].cast<double>();
+  if (d.contains("saves")) {  // views into the capsule's steps (the dict keeps it alive during the backward)
+    const auto* held = d["saves"].cast<py::capsule>().get_pointer<SavedSteps<T>>();
+    for (const auto& step : *held) tape.saved.push_back(step.get());
+  }
   return tape;
 }
 

@@ -197,6 +197,10 @@ AdaptiveStats cnf_adaptive_forward(const CnfSpec& spec, const Tableau& tab, cons
   out.ez = ez.data();
   out.eq = eq.data();
   out.sumsq = sumsq.data();
+  // gradient="direct": each attempt writes its activations into `pending`, kept on acceptance within the budget
+  const int64_t step_save = tape && ctl.store_budget > 0 ? cnf_step_save_size(spec, tab, B, ex) : 0;
+  StepBuffer<T> pending;
+  if (tape) tape->save_size = step_save;
   double tau_prev = tau, h_prev = 0;
   // the last accepted step (for the interpolation): its start and stages; buffers swap on acceptance
   std::vector<T> zp(B * D), qp(B * NQ), kzp(kz.size()), kqp(kq.size());
@@ -218,6 +222,11 @@ AdaptiveStats cnf_adaptive_forward(const CnfSpec& spec, const Tableau& tab, cons
     out.q1 = q1.data();
     out.kz = kz.data();
     out.kq = kq.data();
+    out.save = nullptr;
+    if (step_save && int64_t(tape->saves.size() + 1) * step_save <= ctl.store_budget) {
+      if (!pending) pending = StepBuffer<T>(step_buffer_take<T>(step_save), StepBufferDeleter<T>{step_save});
+      out.save = pending.get();
+    }
     cnf_step_forward<T>(spec, tab, p, in, out, ex);
     st.nfe += s - 1;
     double rz = 0, rq = 0;
@@ -246,6 +255,10 @@ AdaptiveStats cnf_adaptive_forward(const CnfSpec& spec, const Tableau& tab, cons
         tape->y.insert(tape->y.end(), q.begin(), q.end());
         tape->k0.insert(tape->k0.end(), kz0.begin(), kz0.end());
         tape->k0.insert(tape->k0.end(), kq0.begin(), kq0.end());
+        if (out.save) {
+          tape->saved.push_back(pending.get());
+          tape->saves.push_back(std::move(pending));
+        }
       }
       zp.swap(z);  // zp: the step's start, z: its end (z1 gets a free buffer)
       qp.swap(q);
@@ -322,6 +335,8 @@ int64_t cnf_adaptive_backward(const CnfSpec& spec, const Tableau& tab, const std
     in.e = e;
     return in;
   };
+  // the activations step n's backward reads: kept by the forward (gradient="direct") or recomputed into `save`
+  auto saved_of = [&](int64_t n) -> const T* { return n < int64_t(tape.saved.size()) ? tape.saved[n] : save.data(); };
   auto recompute = [&](int64_t n) {  // the checkpoint is the step's start; its stages and saved activations
     CnfStepIn<T> in = step_in(n);
     CnfStepOut<T> out;
@@ -333,7 +348,7 @@ int64_t cnf_adaptive_backward(const CnfSpec& spec, const Tableau& tab, const std
     cnf_step_forward<T>(spec, tab, p, in, out, ex);
     nfe += s - 1;
   };
-  auto backward = [&](int64_t n, const T* gz1, const T* gq1) {  // of the step recompute(n) made last
+  auto backward = [&](int64_t n, const T* gz1, const T* gq1) {  // of step n (recomputed last, unless kept)
     CnfStepIn<T> in = step_in(n);
     CnfStepGradIn<T> g;
     g.gz1 = gz1;
@@ -349,7 +364,7 @@ int64_t cnf_adaptive_backward(const CnfSpec& spec, const Tableau& tab, const std
     o.grads = grads;
     double gt0 = 0;
     o.gt0 = &gt0;
-    cnf_step_backward<T>(spec, tab, p, in, save.data(), g, o, ex);
+    cnf_step_backward<T>(spec, tab, p, in, saved_of(n), g, o, ex);
     ganchor += gt0;  // the stage times are t_n + c dt with t_n = the start time + a constant
     if (ge)
       for (size_t i = 0; i < get.size(); ++i) ge[i] += get[i];
@@ -393,7 +408,7 @@ int64_t cnf_adaptive_backward(const CnfSpec& spec, const Tableau& tab, const std
     std::fill(gkq.begin(), gkq.end(), T(0));
     std::copy(gk0z.begin(), gk0z.end(), gkz.begin() + size_t(s - 1) * B * D);
     if (NQ) std::copy(gk0q.begin(), gk0q.end(), gkq.begin() + size_t(s - 1) * B * NQ);
-    recompute(n);
+    if (n >= int64_t(tape.saved.size())) recompute(n);
     backward(n, adjz.data(), adjq.data());
     adjz.swap(nz);
     if (NQ) adjq.swap(nq);
@@ -480,7 +495,10 @@ std::vector<AdaptiveStats> cnf_adaptive_forward_tiles(const CnfSpec& spec, const
   rows = std::max<int64_t>(rows, 1);
   const int64_t D = spec.net.dims[0], NQ = int64_t(spec.rates.size()), nt = (B + rows - 1) / rows;
   std::vector<AdaptiveStats> stats(nt);
-  if (tapes) tapes->assign(nt, AdaptiveTape<T>());
+  if (tapes) {
+    tapes->clear();
+    tapes->resize(nt);
+  }
   Exec inner = ex;
   inner.nthreads = 1;
   std::vector<std::vector<T>> wt;  // every tile folds every stage: transpose W once for all of them
@@ -562,7 +580,58 @@ int64_t cnf_adaptive_backward_tiles(const CnfSpec& spec, const Tableau& tab, con
   return total;
 }
 
+// ---- the pool of kept-step buffers: exact sizes are reused (a training loop asks for the same ones every
+// iteration); at most kPoolBytes stay pooled. Leaked on purpose: tapes held by Python may outlive static destructors.
+namespace {
+template <typename T>
+struct StepPool {
+  std::mutex mu;
+  std::vector<std::pair<int64_t, T*>> free;  // (values, buffer)
+  int64_t bytes = 0;
+};
+constexpr int64_t kPoolBytes = int64_t(512) << 20;  // per value type
+template <typename T>
+StepPool<T>& step_pool() {
+  static StepPool<T>* pool = new StepPool<T>();
+  return *pool;
+}
+}  // namespace
+
+template <typename T>
+T* step_buffer_take(int64_t n) {
+  {
+    StepPool<T>& pool = step_pool<T>();
+    std::lock_guard<std::mutex> lock(pool.mu);
+    for (size_t i = pool.free.size(); i-- > 0;)
+      if (pool.free[i].first == n) {
+        T* p = pool.free[i].second;
+        pool.free.erase(pool.free.begin() + i);
+        pool.bytes -= n * int64_t(sizeof(T));
+        return p;
+      }
+  }
+  return new T[n];
+}
+
+template <typename T>
+void step_buffer_give(T* p, int64_t n) noexcept {
+  if (!p) return;
+  const int64_t bytes = n * int64_t(sizeof(T));
+  StepPool<T>& pool = step_pool<T>();
+  {
+    std::lock_guard<std::mutex> lock(pool.mu);
+    if (pool.bytes + bytes <= kPoolBytes) {
+      pool.free.emplace_back(n, p);
+      pool.bytes += bytes;
+      return;
+    }
+  }
+  delete[] p;
+}
+
 #define FASTODE_INSTANTIATE(T)                                                                                \
+  template T* step_buffer_take<T>(int64_t);                                                                    \
+  template void step_buffer_give<T>(T*, int64_t) noexcept;                                                     \
   template AdaptiveStats cnf_adaptive_forward<T>(const CnfSpec&, const Tableau&, const std::vector<double>&, \
                                                  const Params<T>&, double, double, int64_t, const T*, const T*, \
                                                  const T*, const AdaptiveControl&, T*, T*, const Exec&,        \

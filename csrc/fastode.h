@@ -14,6 +14,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -209,6 +210,7 @@ struct AdaptiveControl {
   int order = 5;                  // the tableau's order: exponent 1/order of the controller and the first step
   bool time_f32 = true;
   int nq_norm = 1;
+  int64_t store_budget = 0;  // values of saved step activations the tape may keep (0: recompute every step)
 };
 
 enum AdaptiveStatus : int { kSolved = 0, kMaxSteps = 1, kUnderflow = 2, kNonFinite = 3 };
@@ -223,11 +225,33 @@ struct AdaptiveStats {
 // What the backward of an adaptive solve needs, recorded by the forward when asked: every accepted step's start (t0,
 // dt exactly as passed to cnf_step_forward, its state [z | q] and its first stage [kz | kq], B*(D+NQ) values
 // each) and the output's place in the last step (interpolation coordinate x and the step's width in t units).
+// Buffers for kept step activations, from a process-wide pool (bounded; see cnf_adaptive.cpp): a fresh allocation
+// per step of every solve costs page faults comparable to computing the step (large blocks go back to the OS when
+// freed), so a training loop reuses the previous iteration's.
+template <typename T>
+T* step_buffer_take(int64_t n);
+template <typename T>
+void step_buffer_give(T* p, int64_t n) noexcept;
+template <typename T>
+struct StepBufferDeleter {
+  int64_t n = 0;
+  void operator()(T* p) const noexcept { step_buffer_give<T>(p, n); }
+};
+template <typename T>
+using StepBuffer = std::unique_ptr<T[], StepBufferDeleter<T>>;
+
+// With AdaptiveControl::store_budget > 0 (fastode's gradient="direct") it also keeps the first accepted steps' saved
+// activations (cnf_step_forward's `save`, within the budget), so that the backward does not recompute those steps:
+// the same gradient bitwise, for memory. `saves` owns them; `saved` are the views the backward reads (a caller that
+// moves `saves` elsewhere keeps the views valid).
 template <typename T>
 struct AdaptiveTape {
   std::vector<double> t0, dt;
   std::vector<T> y, k0;
   double x = 0, width = 0;
+  std::vector<StepBuffer<T>> saves;
+  std::vector<const T*> saved;
+  int64_t save_size = 0;  // values per kept step
 };
 
 template <typename T>

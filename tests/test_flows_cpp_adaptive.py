@@ -175,6 +175,49 @@ def test_checkpoint_mode_runs_it_with_the_same_gradient_and_counts_the_backward(
     assert nb0 == st0.num_fevals_backward == s * st0.num_accepted_steps and nbd == 0
 
 
+def _fused_tapes(out):
+    """The tapes the fused solve's autograd node holds (a dict, or one per tile)."""
+    seen, todo = set(), [out.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if hasattr(node, "tape"):
+            return node.tape if isinstance(node.tape, list) else [node.tape]
+        todo.extend(f for f, _ in node.next_functions)
+    raise AssertionError("no fused adaptive node in the graph")
+
+
+@pytest.mark.parametrize("step_control", ["batch", "per_tile"])
+def test_direct_keeps_the_step_activations_and_gives_the_checkpoint_gradient(monkeypatch, step_control):
+    """gradient="direct" keeps every accepted step's activations (or as many as the budget holds; the rest are
+    recomputed), "checkpoint" none: the gradients are the same numbers."""
+    from fastode.flows import engines
+
+    dtype = torch.float64
+    x, e = _data(dtype)
+    res = {}
+    for gradient, budget in (("checkpoint", False), ("direct", False), ("direct", True)):
+        if budget:  # room for two steps of the first (largest) tile
+            per_step = res[("direct", False)][3]
+            tiles = -(-B // 10) if step_control == "per_tile" else 1
+            monkeypatch.setattr(engines, "STORED_STEPS_BYTES", 2 * per_step * 8 * tiles)
+        cnf = _cnf(dtype, trace="hutchinson", tol=1e-7, learn_T=True, regs={"kinetic": 0.1}, gradient=gradient,
+                   step_control=step_control, step_rows=10).train()
+        o = cnf(x, noise=e, compute_reg=True)
+        tapes = _fused_tapes(o.logdet)
+        loss = (o.out ** 2).sum() + o.logdet.sum() + o.reg["kinetic"].sum()
+        grads = torch.autograd.grad(loss, list(cnf.parameters()))
+        res[(gradient, budget)] = (grads, [tp["kept_steps"] for tp in tapes], [len(tp["t0"]) for tp in tapes],
+                                   tapes[0]["kept_step_values"])
+    (gc, kc, steps, _), (gd, kd, _, _), (gb, kb, _, _) = res.values()
+    assert min(steps) > 2 and kc == [0] * len(steps) and kd == steps
+    assert kb[0] == 2 and all(0 < k < n for k, n in zip(kb, steps))
+    for a, b, c in zip(gc, gd, gb):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
 def test_the_adjoint_mode_keeps_the_odeint_engine():
     for gradient in ("adjoint",):
         cnf = _cnf(torch.float64, gradient=gradient).train()
