@@ -15,6 +15,7 @@ from collections import namedtuple
 
 import torch
 
+from .compiling import check, host_floats
 from .errors import (InvalidOptionError, InvalidStateError, InvalidTimeError, FuncOutputError, TimeDtypeError)
 from .events import combine_event_functions
 from .norms import mixed_norm, rms_norm
@@ -98,19 +99,24 @@ def check_time(name, t, can_grad=True):
         raise InvalidTimeError(f"{name} must contain at least one time point (the initial time)")
     if not can_grad and t.requires_grad:
         raise InvalidTimeError(f"{name} cannot require gradient")
-    td = t.detach()
-    if not bool(torch.isfinite(td).all()):
-        raise InvalidTimeError(f"{name} must be finite, got {td.tolist() if len(td) <= 10 else td}")
-    if len(t) > 1:
-        diff = td[1:] > td[:-1]
-        if not (bool(diff.all()) or bool((td[1:] < td[:-1]).all())):
-            inc = bool(td[1] > td[0])
-            bad = (~diff if inc else (td[1:] >= td[:-1])).nonzero()
-            i = int(bad[0, 0]) if len(bad) else 0
+    vals = host_floats(t)  # one host read (under torch.compile: read while tracing, guarded in the graph)
+    if not all(math.isfinite(v) for v in vals):
+        raise InvalidTimeError(f"{name} must be finite, got {vals if len(vals) <= 10 else t.detach()}")
+    if len(vals) > 1:
+        up = all(b > a for a, b in zip(vals[:-1], vals[1:]))
+        if not (up or all(b < a for a, b in zip(vals[:-1], vals[1:]))):
+            inc = vals[1] > vals[0]
+            i = next((k for k, (a, b) in enumerate(zip(vals[:-1], vals[1:])) if (b <= a if inc else b >= a)), 0)
             raise InvalidTimeError(
-                f"{name} must be strictly increasing or decreasing: {name}[{i}]={td[i].item()} and "
-                f"{name}[{i + 1}]={td[i + 1].item()} break the order. Sort the times (and remove duplicates) "
+                f"{name} must be strictly increasing or decreasing: {name}[{i}]={_as_t(t, vals[i])} and "
+                f"{name}[{i + 1}]={_as_t(t, vals[i + 1])} break the order. Sort the times (and remove duplicates) "
                 f"before calling odeint.")
+    return vals
+
+
+def _as_t(t, v):
+    """``v`` as ``t``'s dtype prints it (float32 times are not shown with float64 digits)."""
+    return torch.tensor(v, dtype=t.dtype).item()
 
 
 def _flip_option(options, option_name):
@@ -144,7 +150,7 @@ def check_inputs(func, y0, t, rtol, atol, method, options, event_fn, solvers=SOL
         stats = SolveStats()
 
     # ---- time first (so messages about t come before anything that indexes it)
-    check_time('t', t, True)
+    t_vals = check_time('t', t, True)
     if not callable(func):
         raise InvalidOptionError(f"func must be callable as func(t, y), got {type(func).__name__}")
 
@@ -205,7 +211,7 @@ def check_inputs(func, y0, t, rtol, atol, method, options, event_fn, solvers=SOL
         options['norm'] = rms_norm
 
     # ---- time direction
-    t_is_reversed = len(t) > 1 and bool(t[0] > t[1])
+    t_is_reversed = len(t_vals) > 1 and t_vals[0] > t_vals[1]
     if t_is_reversed:
         t = -t
         if event_fn is not None:
@@ -225,8 +231,9 @@ def check_inputs(func, y0, t, rtol, atol, method, options, event_fn, solvers=SOL
         warnings.warn("t is not on the same device as y0. Coercing to y0.device.")
         t = t.to(y0.device)
 
-    if check_y0 and not bool(torch.isfinite(y0).all()):
-        raise InvalidStateError("y0 contains NaN or inf values; the initial state must be finite")
+    if check_y0:
+        check(torch.isfinite(y0).all(), lambda: InvalidStateError(
+            "y0 contains NaN or inf values; the initial state must be finite"))
 
     # ---- the function the solver calls
     base = _make_base(func, shapes, t_is_reversed)

@@ -18,6 +18,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from ..compiling import check, host_constant, host_floats, is_compiling
 from ..errors import InvalidOptionError, MaxStepsExceededError, NonFiniteError
 from ..events import find_event
 from ..interp import hermite_cubic, linear
@@ -40,11 +41,16 @@ class _GridCtx(NamedTuple):
     need_grad: bool
 
 
+def _grid_count(start_time, end_time, step_size) -> float:
+    """Grid points of a step-size grid, computed in the times' dtype as torchdiffeq does."""
+    return torch.ceil((end_time - start_time) / step_size + 1).item()
+
+
 def _grid_from_step_size(step_size):
     def _grid_constructor(func, y0, t):
         start_time = t[0]
         end_time = t[-1]
-        niters = torch.ceil((end_time - start_time) / step_size + 1).item()
+        niters = host_constant(_grid_count, start_time, end_time, step_size)
         t_infer = torch.arange(0, niters, dtype=t.dtype, device=t.device) * step_size + start_time
         t_infer[-1] = t[-1]
         return t_infer
@@ -138,8 +144,7 @@ class FixedGridSolver(Solver):
         if not isinstance(grid, torch.Tensor) or grid.dim() != 1 or len(grid) < 1:
             raise InvalidOptionError(f"{type(self).__name__}: the time grid must be a 1-D tensor, got "
                                      f"{type(grid).__name__}{'' if not isinstance(grid, torch.Tensor) else tuple(grid.shape)}")
-        g_host = grid.detach().to("cpu", torch.float64).tolist()
-        t_host = t.detach().to("cpu", torch.float64).tolist()
+        g_host, t_host = host_floats(grid), host_floats(t)
         if not (g_host[0] == t_host[0] and g_host[-1] == t_host[-1]):
             raise InvalidOptionError(
                 f"{type(self).__name__}: the time grid must start at t[0] and end at t[-1] (grid[0]={g_host[0]}, "
@@ -154,8 +159,7 @@ class FixedGridSolver(Solver):
         if grid is None:
             grid, g_host, t_host = self._grid(t)
         else:
-            g_host = grid.detach().to("cpu", torch.float64).tolist()
-            t_host = t.detach().to("cpu", torch.float64).tolist()
+            g_host, t_host = host_floats(grid), host_floats(t)
         need_grad = torch.is_grad_enabled() and (grid.requires_grad or t.requires_grad)
         return _GridCtx(t, grid, g_host, t_host, self._rounder(grid.dtype), need_grad)
 
@@ -191,7 +195,10 @@ class FixedGridSolver(Solver):
                 j += 1
             y0 = step.y1
         if first_bad is not None:
-            self._check_first_bad(int(first_bad), g_host)
+            if is_compiling():  # no host read inside a compiled graph: an in-graph assertion (no step index)
+                check(first_bad == n_steps, lambda: self._first_bad_error(None, g_host))
+            else:
+                self._check_first_bad(int(first_bad), g_host)
         return torch.stack(solution)
 
     def step_times(self, ctx, i):
@@ -250,14 +257,19 @@ class FixedGridSolver(Solver):
         return hermite_cubic(y0, step.k[0], y1, f1, dt, h)
 
     def _check_first_bad(self, first, g_host):
-        if first == len(g_host) - 1:
-            return
-        ta, tb = self._describe(g_host[first]), self._describe(g_host[first + 1])
-        raise NonFiniteError(
-            f"the solution became NaN/inf in the step from t={ta} to t={tb} ({type(self).__name__}, step "
-            f"{first} of the grid). func may return NaN/inf there, or the step is too large for a stable explicit "
-            f"method: reduce step_size, use an adaptive method (e.g. method='dopri5'), or regularise the dynamics. "
-            f"Pass options={{'check_finite': False}} to skip this check.")
+        if first != len(g_host) - 1:
+            raise self._first_bad_error(first, g_host)
+
+    def _first_bad_error(self, first, g_host):
+        if first is None:
+            where = f"a step of the grid from t={self._describe(g_host[0])} to t={self._describe(g_host[-1])}"
+        else:
+            where = (f"the step from t={self._describe(g_host[first])} to t={self._describe(g_host[first + 1])} "
+                     f"({type(self).__name__}, step {first} of the grid)")
+        return NonFiniteError(
+            f"the solution became NaN/inf in {where}. func may return NaN/inf there, or the step is too large for a "
+            f"stable explicit method: reduce step_size, use an adaptive method (e.g. method='dopri5'), or regularise "
+            f"the dynamics. Pass options={{'check_finite': False}} to skip this check.")
 
     def _event_step(self, t0, y0, dt, tc):
         """One step of the event search: ``(y1, f(t0, y0))``."""
