@@ -203,6 +203,14 @@ Tensor pooled_empty(int64_t n, const Tensor& like) {
       p, {n}, [bytes](void* q) { save_pool().put(q, bytes); }, like.options());
 }
 
+// The rows of a partial last tile that the kernels leave unwritten in `save`: zeroed, so that the saved
+// activations are a deterministic function of the inputs (torch.compile's checks compare every output).
+void zero_partial_tile(Tensor& save, const fastode::Net& net, int64_t B, int K, bool probes, const fastode::Exec& ex) {
+  if (ex.tile <= 0 || B % ex.tile == 0) return;
+  const int64_t per = fastode::mlp_save_size(net, ex.tile, K, probes, ex);
+  save.narrow(0, save.numel() - per, per).zero_();
+}
+
 #define DISPATCH_FLOAT(dt, ...)                                                         \
   [&] {                                                                                 \
     if ((dt) == at::kFloat) {                                                           \
@@ -228,6 +236,7 @@ std::tuple<Tensor, Tensor> mlp_forward(double t, const Tensor& z_, const std::ve
   auto& ex = call.ex;
   Tensor f = empty_like_dt({B, D}, z);
   Tensor save = want_save ? pooled_empty(fastode::mlp_save_size(net, B, 1, false, ex), z) : empty_like_dt({0}, z);
+  if (want_save) zero_partial_tile(save, net, B, 1, false, ex);
   DISPATCH_FLOAT(dt, [&] {
     auto p = make_params<scalar_t>(params);
     fastode::mlp_forward<scalar_t>(net, p, t, B, z.data_ptr<scalar_t>(), f.data_ptr<scalar_t>(),
@@ -259,6 +268,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> mlp_probe_forward(
   Tensor vjp = want_vjp ? empty_like_dt({K, B, D}, z) : empty_like_dt({0}, z);
   Tensor tr = empty_like_dt({B}, z), kin = empty_like_dt({B}, z), fr = empty_like_dt({B}, z);
   Tensor save = want_save ? pooled_empty(fastode::mlp_save_size(net, B, K, true, ex), z) : empty_like_dt({0}, z);
+  if (want_save) zero_partial_tile(save, net, B, K, true, ex);
   DISPATCH_FLOAT(dt, [&] {
     auto p = make_params<scalar_t>(params);
     fastode::mlp_probe_forward<scalar_t>(net, p, t, B, z.data_ptr<scalar_t>(), K, cptr<scalar_t>(e),
@@ -798,6 +808,15 @@ PYBIND11_MODULE(_C, m) {
   m.def("mlp_forward", &mlp_forward);
   m.def("mlp_probe_forward", &mlp_probe_forward);
   m.def("mlp_backward", &mlp_backward);
+  m.def(
+      "mlp_save_size",
+      [](const std::vector<int64_t>& dims, int act, int64_t B, int K, bool probes, int64_t tile) {
+        fastode::Net net;
+        net.dims = dims;
+        net.act = act;
+        return fastode::mlp_save_size(net, B, K, probes, make_exec(tile));
+      },
+      "values of the saved activations of mlp_forward (probes false, K 1) / mlp_probe_forward (for shape inference)");
   m.def("cnf_step_forward", &cnf_step_forward);
   m.def("cnf_step_backward", &cnf_step_backward);
   m.def("cnf_grid_forward", &cnf_grid_forward);

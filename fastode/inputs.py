@@ -79,7 +79,7 @@ def _check_tol(name, tol):
             v = float(tol)
         except (TypeError, ValueError):
             raise InvalidStateError(f"{name} must be a number or a tensor, got {tol!r}") from None
-        bad = not math.isfinite(v) or v < 0
+        bad = not -math.inf < v < math.inf or v < 0  # comparisons (not math.isfinite) trace under torch.compile
     if bad:
         raise InvalidStateError(f"{name} must be finite and non-negative, got {tol!r}")
 

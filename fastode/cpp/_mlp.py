@@ -21,7 +21,7 @@ import torch
 from ..ops import concatsquash as _ref
 from ..ops.mlp import BoundMLP
 from ..ops.reference_grad import reference_backward
-from . import _dispatch
+from . import _dispatch, _ops
 from ._loader import ext
 
 __all__ = ["concatsquash_mlp", "concatsquash_mlp_hutchinson", "concatsquash_mlp_exact_trace", "supports", "bind"]
@@ -149,11 +149,35 @@ def _use_cpp(t, z, params, activation, e=None) -> bool:
     return activation in _ACT_CODES and _dispatch.prefer_cpp(t, z, e, *_flat(params)) == "cpp"
 
 
+# Under torch.compile the calls go through the custom ops of fastode.cpp._ops (one graph node each); eager calls
+# keep the autograd Functions above (less overhead per call).
+def _compiled_forward(t, z, flat, act):
+    return _ops.cpp_mlp(t, z, flat, act, _ops.tile_for(z, flat), _wants_grad(t, z, None, flat))[0]
+
+
+def _compiled_hutchinson(t, z, e, flat, act):
+    return _ops.cpp_mlp_probe(t, z, e, flat, act, _ops.tile_for(z, flat), _wants_grad(t, z, e, flat))[:5]
+
+
+def _compiled_exact_trace(t, z, flat, act):
+    f, _, trace, _, _, _ = _ops.cpp_mlp_probe(t, z, None, flat, act, _ops.tile_for(z, flat),
+                                              _wants_grad(t, z, None, flat))
+    return f, trace
+
+
+def _wants_grad(t, z, e, flat) -> bool:
+    return torch.is_grad_enabled() and (z.requires_grad or (e is not None and e.requires_grad)
+                                        or (isinstance(t, torch.Tensor) and t.requires_grad)
+                                        or any(p.requires_grad for p in flat))
+
+
 def concatsquash_mlp(t, z: torch.Tensor, params, activation: str) -> torch.Tensor:
     """``f(t, z)`` (see :func:`fastode.nn.functional.concatsquash_mlp`)."""
     t = _ref.check_inputs(t, z, params, activation)
     if not _use_cpp(t, z, params, activation):
         return _ref.concatsquash_mlp(t, z, params, activation)
+    if torch.compiler.is_compiling():
+        return _compiled_forward(t, z, _flat(params), _ACT_CODES[activation])
     tile = _dispatch.mlp_tile_rows(z.shape[0], params)
     return _MLP.apply(t, z, _ACT_CODES[activation], tile, *_flat(params))
 
@@ -163,6 +187,8 @@ def concatsquash_mlp_hutchinson(t, z: torch.Tensor, e: torch.Tensor, params, act
     t = _ref.check_inputs(t, z, params, activation, e)
     if not _use_cpp(t, z, params, activation, e):
         return _ref.concatsquash_mlp_hutchinson(t, z, e, params, activation)
+    if torch.compiler.is_compiling():
+        return _compiled_hutchinson(t, z, e, _flat(params), _ACT_CODES[activation])
     tile = _dispatch.mlp_tile_rows(z.shape[0], params)
     return _Hutchinson.apply(t, z, e, _ACT_CODES[activation], tile, *_flat(params))
 
@@ -172,6 +198,8 @@ def concatsquash_mlp_exact_trace(t, z: torch.Tensor, params, activation: str):
     t = _ref.check_inputs(t, z, params, activation)
     if not _use_cpp(t, z, params, activation):
         return _ref.concatsquash_mlp_exact_trace(t, z, params, activation)
+    if torch.compiler.is_compiling():
+        return _compiled_exact_trace(t, z, _flat(params), _ACT_CODES[activation])
     tile = _dispatch.mlp_tile_rows(z.shape[0], params)
     return _ExactTrace.apply(t, z, _ACT_CODES[activation], tile, *_flat(params))
 
@@ -199,17 +227,23 @@ def bind(params, activation: str, like: torch.Tensor) -> BoundMLP:
                                             or (isinstance(t, torch.Tensor) and t.requires_grad))
 
     def forward(t, z):
+        if torch.compiler.is_compiling():
+            return _compiled_forward(_ref._as_time(t, z), z, flat, act)
         if grad_wanted(t, z):
             return _MLP.apply(_ref._as_time(t, z), z, act, tile_for(z), *flat)
         return x.mlp_forward(float(t), z, flat, act, False, tile_for(z))[0]
 
     def hutchinson(t, z, e):
+        if torch.compiler.is_compiling():
+            return _compiled_hutchinson(_ref._as_time(t, z), z, e, flat, act)
         if grad_wanted(t, z, e):
             return _Hutchinson.apply(_ref._as_time(t, z), z, e, act, tile_for(z), *flat)
         f, vjp, trace, kinetic, jac_frob, _ = x.mlp_probe_forward(float(t), z, e, flat, act, True, False, tile_for(z))
         return f, vjp.view_as(z), trace, kinetic, jac_frob
 
     def exact_trace(t, z):
+        if torch.compiler.is_compiling():
+            return _compiled_exact_trace(_ref._as_time(t, z), z, flat, act)
         if grad_wanted(t, z):
             return _ExactTrace.apply(_ref._as_time(t, z), z, act, tile_for(z), *flat)
         f, _, trace, _, _, _ = x.mlp_probe_forward(float(t), z, None, flat, act, False, False, tile_for(z))

@@ -26,6 +26,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional, Tuple
 
+import torch
+
 __all__ = ["Choice", "BackendUnavailableError", "register", "register_lazy", "resolve", "backends_of",
            "AUTO_ORDER", "REFERENCE", "snapshot", "restore", "lookup"]
 
@@ -154,12 +156,24 @@ def backends_of(op: str) -> Tuple[str, ...]:
 
 
 def _why_not(op: str, backend: str, device_type: str, call) -> Tuple[Optional[_Impl], Optional[str]]:
+    why = _why_not_here(op, backend, device_type)
+    if why is not None:
+        return None, why
+    return _why_not_call(_impls[op][backend], call)
+
+
+def _why_not_here(op: str, backend: str, device_type: str) -> Optional[str]:
+    """Why ``backend`` cannot run ``op`` on ``device_type`` at all (not loadable, other devices), or None."""
     impl, why = _load(op, backend)
     if impl is None:
-        return None, why
+        return why
     devices = impl.devices() if callable(impl.devices) else impl.devices
     if "*" not in devices and device_type not in devices:
-        return None, f"runs on {'/'.join(devices)} tensors, not {device_type}" + (f"; {impl.hint}" if impl.hint else "")
+        return f"runs on {'/'.join(devices)} tensors, not {device_type}" + (f"; {impl.hint}" if impl.hint else "")
+    return None
+
+
+def _why_not_call(impl: _Impl, call) -> Tuple[Optional[_Impl], Optional[str]]:
     if impl.supports is not None and call is not None:
         why = impl.supports(*call)
         if why is not None:
@@ -167,9 +181,43 @@ def _why_not(op: str, backend: str, device_type: str, call) -> Tuple[Optional[_I
     return impl, None
 
 
+@torch.compiler.assume_constant_result
+def _plan_traced(op: str, backend: str, device_type: str) -> tuple:
+    """``((name, why or None), ...)``: the candidates in order, each loaded (or not) and checked for the device.
+    Run while tracing, before the traced code reads the registry, so that what it loads is seen there."""
+    if op not in _impls or REFERENCE not in _impls[op]:
+        raise KeyError(f"unknown op {op!r}; registered ops: {sorted(_impls)}")
+    names = (backend,) if backend != "auto" else _auto.get(op, AUTO_ORDER).get(device_type, (REFERENCE,))
+    return tuple((name, _why_not_here(op, name, device_type)) for name in names)
+
+
+def _resolve_compiled(op: str, backend: str, device_type: str, call: Optional[tuple]) -> Choice:
+    skipped = []
+    for name, why in _plan_traced(op, backend, device_type):
+        impl = None
+        if why is None:
+            impl, why = _why_not_call(_impls[op][name], call)
+        if impl is not None:
+            return Choice(op, name, impl.fn, tuple(skipped))
+        if backend != "auto":
+            raise BackendUnavailableError(f"backend {backend!r} cannot run {op} on {device_type} tensors: {why}")
+        skipped.append((name, why))
+    return Choice(op, REFERENCE, _impls[op][REFERENCE].fn, tuple(skipped))
+
+
 def resolve(op: str, backend: str = "auto", *, device_type: str = "cpu", call: Optional[tuple] = None) -> Choice:
     """The implementation of ``op`` that ``backend`` means for tensors on ``device_type`` (rules in the module
-    docstring). ``call``: the arguments, for the backends' ``supports`` checks (None: skip those checks)."""
+    docstring). ``call``: the arguments, for the backends' ``supports`` checks (None: skip those checks).
+
+    Under ``torch.compile`` whether a backend is loaded and runs on the device (a lock, perhaps a lazy import) is
+    decided while tracing and enters the graph as a constant (the registry only grows, so it stays valid); the
+    ``supports`` checks read only tensor metadata and are traced."""
+    if torch.compiler.is_compiling():
+        return _resolve_compiled(op, backend, device_type, call)
+    return _resolve(op, backend, device_type, call)
+
+
+def _resolve(op: str, backend: str, device_type: str, call: Optional[tuple]) -> Choice:
     if op not in _impls or REFERENCE not in _impls[op]:
         raise KeyError(f"unknown op {op!r}; registered ops: {sorted(_impls)}")
     if backend != "auto":
