@@ -100,7 +100,7 @@ def check_time(name, t, can_grad=True):
     if not can_grad and t.requires_grad:
         raise InvalidTimeError(f"{name} cannot require gradient")
     vals = host_floats(t)  # one host read (under torch.compile: read while tracing, guarded in the graph)
-    if not all(math.isfinite(v) for v in vals):
+    if not all(-math.inf < v < math.inf for v in vals):  # comparisons, not math.isfinite: they trace
         raise InvalidTimeError(f"{name} must be finite, got {vals if len(vals) <= 10 else t.detach()}")
     if len(vals) > 1:
         up = all(b > a for a, b in zip(vals[:-1], vals[1:]))

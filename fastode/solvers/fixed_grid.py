@@ -83,7 +83,7 @@ class FixedGridSolver(Solver):
         self.order = self.tableau.order
         if step_size is not None:
             step_size = number_option(cls.__name__, "step_size", step_size)
-            if not (step_size > 0 and math.isfinite(step_size)):
+            if not 0 < step_size < math.inf:  # comparisons (not math.isfinite) trace under torch.compile
                 raise InvalidOptionError(f"{cls.__name__}: step_size must be a positive finite number (its "
                                          f"magnitude; decreasing t is handled automatically), got {step_size!r}")
         self.step_size = step_size

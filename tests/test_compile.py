@@ -1,0 +1,155 @@
+"""torch.compile and torch.library: fastode's C++ MLP kernels as custom ops, fixed-grid solves without graph breaks.
+
+References: ``torch.library.opcheck`` (schema, fake / meta implementation against the real one, autograd
+registration, AOT dispatch with static and dynamic shapes) for every op; the same solve in eager mode for values
+and gradients; ``torch._dynamo.explain`` for the graph-break count. Compiled with ``backend="aot_eager"`` (the
+AOT autograd graphs, no code generation) so that the tier stays fast on the 2-core CI machine; the inductor
+numbers are in bench/bench_compile.py.
+"""
+import pytest
+import torch
+
+import fastode
+import fastode.cpp as fc
+from fastode.nn import ConcatSquashMLP
+
+needs_ext = pytest.mark.skipif(not fc.available(), reason="the C++ extension fastode._C is not built")
+T = torch.tensor([0.0, 0.5])
+OPTS = {"step_size": 0.1}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _flat(mlp, dtype, requires_grad=True):
+    return [p.detach().to(dtype).clone().requires_grad_(requires_grad) for layer in mlp.params() for p in layer]
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("B", [37, 64])  # a partial tile and a whole one
+def test_opcheck_every_mlp_op(dtype, B):
+    from fastode.cpp import _ops
+
+    torch.manual_seed(0)
+    mlp = ConcatSquashMLP(3, (16, 16))
+    params = _flat(mlp, dtype)
+    z = torch.randn(B, 3, dtype=dtype, requires_grad=True)
+    e = torch.randn(B, 3, dtype=dtype, requires_grad=True)
+    t = torch.tensor(0.3, dtype=dtype, requires_grad=True)
+    tile = _ops.tile_for(z, params)
+    torch.library.opcheck(_ops.cpp_mlp, (t, z, params, 0, tile, True))
+    torch.library.opcheck(_ops.cpp_mlp_probe, (t, z, e, params, 0, tile, True))
+    torch.library.opcheck(_ops.cpp_mlp_probe, (t, z, None, params, 0, tile, True))
+    with torch.no_grad():  # the backward op has no gradient of its own
+        zd, ed, td, pd = z.detach(), e.detach(), t.detach(), [p.detach() for p in params]
+        f, vjp, *_, save = _ops.cpp_mlp_probe(td, zd, ed, pd, 0, tile, True)
+        g = torch.randn_like(zd)
+        gtr = torch.randn(B, dtype=dtype)
+        args = (td, zd, ed, True, pd, 0, save, f, vjp, g, None, gtr, None, None, True, True, True, True, tile)
+        torch.library.opcheck(_ops.cpp_mlp_backward, args)
+
+
+@needs_ext
+def test_the_custom_ops_give_the_autograd_functions_gradients():
+    """The op path (used when compiling) against the eager autograd Functions, called directly."""
+    from fastode.cpp import _mlp, _ops
+
+    torch.manual_seed(1)
+    dtype = torch.float64
+    mlp = ConcatSquashMLP(2, (8, 8))
+    params = _flat(mlp, dtype)
+    z = torch.randn(21, 2, dtype=dtype, requires_grad=True)
+    e = torch.randn(21, 2, dtype=dtype)
+    t = torch.tensor(0.2, dtype=dtype, requires_grad=True)
+    tile = _ops.tile_for(z, params)
+    f, vjp, tr, kin, fr, _ = _ops.cpp_mlp_probe(t, z, e, params, 0, tile, True)
+    ref = _mlp._Hutchinson.apply(t, z, e, 0, tile, *params)
+    for a, b in zip((f, vjp, tr, kin, fr), ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    w = [torch.randn_like(x) for x in ref]
+    g_op = torch.autograd.grad(sum((a * b).sum() for a, b in zip((f, vjp, tr, kin, fr), w)), [t, z, *params])
+    g_ref = torch.autograd.grad(sum((a * b).sum() for a, b in zip(ref, w)), [t, z, *params])
+    for a, b in zip(g_op, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def _solve_fn(func):
+    def fn(x):
+        return fastode.odeint(func, x, T, method="rk4", options=OPTS)[-1]
+    return fn
+
+
+def _counting_backend():
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return torch._dynamo.backends.common.aot_autograd(fw_compiler=lambda g, _: g, bw_compiler=lambda g, _: g)(
+            gm, example_inputs)
+    return backend, graphs
+
+
+def _mlp_func():
+    torch.manual_seed(0)
+    return ConcatSquashMLP(2, (16, 16))
+
+
+def _torch_func():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
+    return lambda t, y: net(y)
+
+
+@pytest.mark.parametrize("make", [_mlp_func, _torch_func], ids=["ConcatSquashMLP", "torch.nn"])
+def test_a_fixed_grid_odeint_has_no_graph_break(make):
+    func = make()
+    explanation = torch._dynamo.explain(_solve_fn(func))(torch.randn(8, 2))
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
+    if make is _mlp_func and fc.available():  # one node per network evaluation: 4 stages x 5 steps
+        gm = explanation.graphs[0]
+        calls = [n for n in gm.graph.nodes if n.op == "call_function" and "cpp_mlp" in str(n.target)]
+        assert len(calls) == 4 * 5
+
+
+@pytest.mark.parametrize("make", [_mlp_func, _torch_func], ids=["ConcatSquashMLP", "torch.nn"])
+def test_compiled_fixed_grid_odeint_matches_eager_across_batch_sizes_without_recompiling(make):
+    func = make()
+    fn = _solve_fn(func)
+    backend, graphs = _counting_backend()
+    compiled = torch.compile(fn, backend=backend, fullgraph=True)
+    params = [p for p in func.parameters()] if isinstance(func, torch.nn.Module) else []
+    for B in (16, 37, 5):
+        x = torch.randn(B, 2)
+        torch._dynamo.mark_dynamic(x, 0)  # the batch size: symbolic in one graph
+        x.requires_grad_()
+        y = compiled(x)
+        g = torch.autograd.grad(y.square().sum(), [x, *params])
+        x0 = x.detach().clone().requires_grad_()
+        y0 = fn(x0)
+        g0 = torch.autograd.grad(y0.square().sum(), [x0, *params])
+        torch.testing.assert_close(y, y0, rtol=1e-6, atol=1e-6)
+        for a, b in zip(g, g0):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert len(graphs) == 1  # one dynamic-shape graph for every batch size
+
+
+def test_a_compiled_solve_refuses_changed_times_and_checks_the_state():
+    t = T.clone()
+
+    def solve(x):
+        return fastode.odeint(lambda s, y: -y, x, t, method="rk4", options=OPTS)[-1]
+
+    compiled = torch.compile(solve, backend="aot_eager", fullgraph=True)
+    x = torch.randn(4, 2)
+    torch.testing.assert_close(compiled(x), solve(x))
+    t[1] = 0.7  # the traced grid is for 0.5
+    with pytest.raises(RuntimeError, match="time values are part of the graph"):
+        compiled(x)
+    t[1] = 0.5
+    with pytest.raises(RuntimeError, match="y0 contains NaN or inf"):
+        compiled(torch.full((4, 2), float("nan")))
