@@ -12,6 +12,7 @@ from typing import NamedTuple, Sequence
 import torch
 from torch import nn
 
+from ..compiling import host_floats
 from . import regularizers as R
 from .engines import CnfSolve, engine_names, integrate, run_solve
 from .solver import Solver, as_solver, local_error_step, method_tableau, state_norm
@@ -442,9 +443,10 @@ class CNF(Flow):
         h = solver.full_options().get("step_size") if solver.fixed_grid else None
         if not h:
             return T
-        k = round(float(T.detach()) / float(h))
+        (T_value,) = host_floats(T.detach().reshape(1))  # traced and guarded under torch.compile
+        k = round(T_value / float(h))
         snapped = k * float(h)
-        if k >= 1 and abs(float(T.detach()) - snapped) <= 1e-9 * snapped:
+        if k >= 1 and abs(T_value - snapped) <= 1e-9 * snapped:
             return T - (T.detach() - snapped)
         return T
 

@@ -304,11 +304,17 @@ def _options_at_defaults(solver: Solver, info, handled) -> Optional[str]:
     return None
 
 
+_UNDER_COMPILE = ("under torch.compile (the fused solves are not custom ops yet; odeint's per-stage path traces, "
+                  "one custom op per network evaluation)")
+
+
 def _fused_method_info(solve: CnfSolve):
     """The solver's :class:`~fastode.solvers.MethodInfo`, or a :class:`Skip` (fused engines off, unknown method):
     the cheap checks a fused engine makes first."""
     if not solve.allow_fused:
         return Skip("fused_cpu is off")
+    if torch.compiler.is_compiling():  # a pybind11 call would break the graph; the per-stage path traces
+        return Skip(_UNDER_COMPILE)
     from fastode.solvers import method_info
 
     try:

@@ -7,7 +7,6 @@ requested.
 """
 from __future__ import annotations
 
-import functools
 import importlib
 import inspect
 from collections.abc import Mapping
@@ -110,9 +109,19 @@ class MethodInfo(NamedTuple):
 _NOT_OPTIONS = {"self", "func", "y0", "rtol", "atol", "norm"}
 
 
-@functools.lru_cache(maxsize=None)
+_INFOS: dict = {}  # a plain dict, filled at import for the built-in methods: torch.compile traces through
+                  # functools caches (and cannot trace inspect), but it reads a dict
+
+
 def method_info(name: str) -> MethodInfo:
     """:class:`MethodInfo` of the method ``name`` (raises :class:`~fastode.errors.InvalidMethodError` if unknown)."""
+    info = _INFOS.get(name)
+    if info is None:
+        info = _INFOS[name] = _read_method_info(name)
+    return info
+
+
+def _read_method_info(name: str) -> MethodInfo:
     cls = get_solver(name)
     options: dict = {}
     for klass in cls.__mro__:        # subclass defaults win over the base class's
@@ -126,3 +135,8 @@ def method_info(name: str) -> MethodInfo:
     single_step = tab is not None and not getattr(cls, "multistep", False)
     return MethodInfo(name, bool(cls.adaptive), issubclass(cls, FixedGridSolver), tab if single_step else None,
                       options)
+
+
+for _name in SOLVERS._eager:  # the built-in methods' infos, read once here (see _INFOS)
+    method_info(_name)
+del _name
