@@ -170,7 +170,8 @@ class _AugmentedDynamics(nn.Module):
         return dyn.forward_with_trace(t, z, e=self.e)
 
     def forward(self, t, state):
-        self.counter.n += 1
+        if not torch.compiler.is_compiling():  # a compiled graph would guard on the count (a recompile per call);
+            self.counter.n += 1                # the solve's SolveStats still count its evaluations
         z = state[0]
         if isinstance(t, torch.Tensor):
             t = t.to(z.dtype)

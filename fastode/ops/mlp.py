@@ -81,7 +81,7 @@ def register_backend(name: str, module, devices=("cpu", "cuda"), hint: Optional[
     fns.append(bind_ if callable(bind_) else bind_generic(name, module))
     for op, fn in zip(OPS, fns):
         registry.register(op, name, fn, devices=devices, supports=supports, hint=hint)
-    _families.pop(name, None)
+    _families[name] = MLPBackend(name, *fns[:3])  # built here, not on first use: a compiled graph guards on it
 
 
 _families: dict = {}   # backend name -> MLPBackend (its three functions), so that a call resolves one op, not three

@@ -31,6 +31,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 import torch
 
+from ..compiling import host_floats
 from ..errors import (InvalidOptionError, MaxStepsExceededError, NonFiniteError, StepSizeUnderflowError,
                       STEP_FAILURE_REMEDIES, STIFF_REMEDIES)
 from ..events import find_event
@@ -194,7 +195,7 @@ class RKAdaptiveSolver(Solver):
             self._t_tensor = t.to(self.time_dtype)
         self._set_anchor(("t", 0))
         self._dt_grad = None
-        return [self._round(v) for v in t.detach().to("cpu", torch.float64).reshape(-1).tolist()]
+        return [self._round(v) for v in host_floats(t.detach().reshape(-1))]
 
     def integrate(self, t):
         t_host = self._setup_time(t)
