@@ -490,6 +490,11 @@ std::tuple<Tensor, Tensor, Tensor> cnf_grid_forward(const std::vector<double>& t
   Tensor zT = empty_like_dt({B, D}, z0), qT = empty_like_dt({B, NQ}, z0);
   Tensor save = want_save ? pooled_empty(fastode::cnf_grid_save_size(spec, tab, B, nsteps, ex), z0)
                           : empty_like_dt({0}, z0);
+  if (want_save && ex.tile > 0 && B % ex.tile) {  // the partial last tile's blocks of every step: deterministic
+    const int64_t step = fastode::cnf_step_save_size(spec, tab, B, ex);
+    const int64_t last = fastode::cnf_step_save_size(spec, tab, ex.tile, ex);  // one tile's blocks, all stages
+    for (int n = 0; n < nsteps; ++n) save.narrow(0, (n + 1) * step - last, last).zero_();
+  }
   DISPATCH_FLOAT(dt, [&] {
     auto p = make_params<scalar_t>(params);
     fastode::cnf_grid_forward<scalar_t>(spec, tab, p, ts.data(), nsteps, B, z0.data_ptr<scalar_t>(),
@@ -808,6 +813,20 @@ PYBIND11_MODULE(_C, m) {
   m.def("mlp_forward", &mlp_forward);
   m.def("mlp_probe_forward", &mlp_probe_forward);
   m.def("mlp_backward", &mlp_backward);
+  m.def(
+      "cnf_step_save_size",
+      [](const std::vector<int64_t>& dims, int act, int K, int nrates, int stages, int64_t B, int64_t tile) {
+        fastode::CnfSpec spec;
+        spec.net.dims = dims;
+        spec.net.act = act;
+        spec.K = K;
+        spec.exact = false;
+        spec.rates.assign(nrates, 0);
+        fastode::Tableau tab;
+        tab.s = stages;
+        return fastode::cnf_step_save_size(spec, tab, B, make_exec(tile));
+      },
+      "values cnf_step_forward saves for one step of a batch of B (cnf_grid_forward: one per step)");
   m.def(
       "mlp_save_size",
       [](const std::vector<int64_t>& dims, int act, int64_t B, int K, bool probes, int64_t tile) {

@@ -163,12 +163,40 @@ def _cnf():
                regularizers={"kinetic": 0.01}).train()
 
 
-def test_a_fixed_grid_cnf_loss_has_no_graph_break():
+@pytest.mark.parametrize("fused", [True, False], ids=["cpp_grid", "odeint"])
+def test_a_fixed_grid_cnf_loss_has_no_graph_break(fused):
+    """The fused grid solve is one node (fastode::cpp_cnf_grid); the per-stage path one node per evaluation."""
     cnf = _cnf()
+    cnf.fused_cpu = fused
     x, e = torch.randn(32, 2), torch.randn(32, 2)
     explanation = torch._dynamo.explain(lambda x: -cnf.log_prob(x, noise=e).mean())(x)
     assert explanation.graph_break_count == 0, explanation.break_reasons
-    assert cnf.last_solve.engine == "odeint" and "torch.compile" in dict(cnf.last_solve.skipped)["cpp_grid"]
+    targets = [str(n.target) for n in explanation.graphs[0].graph.nodes if n.op == "call_function"]
+    if fc.available():
+        assert cnf.last_solve.engine == ("cpp_grid" if fused else "odeint")
+        assert sum("cpp_cnf_grid" in n for n in targets) == (1 if fused else 0)
+        assert sum("cpp_mlp" in n for n in targets) == (0 if fused else 4 * 5)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_opcheck_the_fused_grid_solve(dtype):
+    from fastode.cpp import _ops
+    from fastode.cpp._rk import RATE_CODES, _tableau_lists
+    from fastode.tableaus import get_tableau
+
+    torch.manual_seed(0)
+    params = _flat(ConcatSquashMLP(2, (16, 16)), dtype)
+    B = 37
+    z0 = torch.randn(B, 2, dtype=dtype, requires_grad=True)
+    q0 = torch.zeros(B, 2, dtype=dtype, requires_grad=True)
+    e = torch.randn(B, 2, dtype=dtype, requires_grad=True)
+    times = [0.0, 0.1, 0.2, 0.35]
+    ts_t = torch.tensor(times, dtype=torch.float64, requires_grad=True)
+    c, a, b, _ = _tableau_lists(get_tableau("rk4"))
+    rates = [RATE_CODES["trace"], RATE_CODES["kinetic"]]
+    tile = _ops.tile_for(z0, params)
+    torch.library.opcheck(_ops.cpp_cnf_grid, (ts_t, z0, q0, e, params, times, 0, rates, c, a, b, tile, True))
 
 
 def test_a_compiled_cnf_training_step_matches_eager():

@@ -8,6 +8,8 @@ that calls the backward op:
 * ``cpp_mlp_probe(t, z, e, params, act, tile, need_save) -> (f, vjp, trace, kinetic, jac_frob, save)``: with a
   Hutchinson probe ``e`` (B, D), or the exact trace (``e`` None; ``vjp`` is then empty)
 * ``cpp_mlp_backward(...) -> (gz, ge, gparams, gt)`` (unneeded outputs are empty tensors)
+* ``cpp_cnf_grid(ts_t, z0, q0, e, params, ts, ...) -> (zT, qT, save)``: a whole fixed-grid CNF solve (engine
+  ``cpp_grid``), and ``cpp_cnf_grid_backward``
 
 ``save`` holds the activations the backward reads (empty unless ``need_save``). The gradient is once
 differentiable (a graph of the backward, e.g. FFJORD's ``create_graph=True``, needs the PyTorch backend). Eager
@@ -25,7 +27,7 @@ from torch import Tensor
 from . import _dispatch
 from ._loader import ext
 
-__all__ = ["cpp_mlp", "cpp_mlp_probe", "cpp_mlp_backward", "tile_for"]
+__all__ = ["cpp_mlp", "cpp_mlp_probe", "cpp_mlp_backward", "cpp_cnf_grid", "cpp_cnf_grid_backward", "tile_for"]
 
 
 def tile_for(z: Tensor, params: List[Tensor]) -> int:
@@ -136,3 +138,73 @@ def _backward_probe(ctx, gf, gvjp, gtrace, gkin, gfrob, _gsave):
 
 torch.library.register_autograd("fastode::cpp_mlp", _backward_mlp, setup_context=_setup_mlp)
 torch.library.register_autograd("fastode::cpp_mlp_probe", _backward_probe, setup_context=_setup_probe)
+
+
+# ------------------------------------------------------------------------------------------- fixed-grid CNF solve
+def _grid_save_values(z0, params, act, K, nrates, stages, nsteps, tile):
+    dims = [int(z0.shape[1])] + [int(W.shape[0]) for W in params[0::5]]
+    per_tile = ext().cnf_step_save_size(dims, act, K, nrates, stages, tile, tile)
+    return nsteps * ((z0.shape[0] + tile - 1) // tile) * per_tile
+
+
+@torch.library.custom_op("fastode::cpp_cnf_grid", mutates_args=())
+def cpp_cnf_grid(ts_t: Tensor, z0: Tensor, q0: Tensor, e: Optional[Tensor], params: List[Tensor], ts: List[float],
+                 act: int, rates: List[int], c: List[float], a: List[float], b: List[float], tile: int,
+                 need_save: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """A whole fixed-grid CNF solve over the times ``ts`` (``ts_t``: the same times as a tensor, for their
+    gradient): ``(zT, qT, save)``."""
+    return ext().cnf_grid_forward(list(ts), z0, q0, e, list(params), act, list(rates), list(c), list(a), list(b),
+                                  need_save, tile)
+
+
+@cpp_cnf_grid.register_fake
+def _(ts_t, z0, q0, e, params, ts, act, rates, c, a, b, tile, need_save):
+    K = 1 if e is not None else z0.shape[1]
+    n = _grid_save_values(z0, params, act, K, len(rates), len(c), len(ts) - 1, tile) if need_save else 0
+    return z0.new_empty(z0.shape), z0.new_empty((z0.shape[0], len(rates))), z0.new_empty(n)
+
+
+@torch.library.custom_op("fastode::cpp_cnf_grid_backward", mutates_args=())
+def cpp_cnf_grid_backward(ts_t: Tensor, z0: Tensor, e: Optional[Tensor], params: List[Tensor], ts: List[float],
+                          act: int, rates: List[int], c: List[float], a: List[float], b: List[float], save: Tensor,
+                          gzT: Optional[Tensor], gqT: Optional[Tensor], need_z0: bool, need_q0: bool, need_e: bool,
+                          need_params: bool, need_ts: bool, tile: int
+                          ) -> Tuple[Tensor, Tensor, Tensor, List[Tensor], Tensor]:
+    gz0, gq0, ge, gp, gts = ext().cnf_grid_backward(list(ts), z0, e, list(params), act, list(rates), list(c),
+                                                    list(a), list(b), save, gzT, gqT, need_z0, need_q0, need_e,
+                                                    need_params, need_ts, tile)
+    return (gz0 if gz0 is not None else _empty(z0), gq0 if gq0 is not None else _empty(z0),
+            ge if ge is not None else _empty(z0), list(gp),
+            torch.tensor(gts, dtype=ts_t.dtype) if gts is not None else _empty(ts_t))
+
+
+@cpp_cnf_grid_backward.register_fake
+def _(ts_t, z0, e, params, ts, act, rates, c, a, b, save, gzT, gqT, need_z0, need_q0, need_e, need_params, need_ts,
+      tile):
+    B = z0.shape[0]
+    return (z0.new_empty(z0.shape) if need_z0 else _empty(z0),
+            z0.new_empty((B, len(rates))) if need_q0 else _empty(z0),
+            z0.new_empty(z0.shape) if need_e and e is not None else _empty(z0),
+            [p.new_empty(p.shape) for p in params] if need_params else [],
+            ts_t.new_empty(len(ts)) if need_ts else _empty(ts_t))
+
+
+def _setup_grid(ctx, inputs, output):
+    ts_t, z0, q0, e, params, ts, act, rates, c, a, b, tile, _ = inputs
+    ctx.save_for_backward(ts_t, z0, e, output[2], *params)
+    ctx.static = (list(ts), act, list(rates), list(c), list(a), list(b), tile)
+
+
+def _backward_grid(ctx, gzT, gqT, _gsave):
+    ts_t, z0, e, save, *params = ctx.saved_tensors
+    ts, act, rates, c, a, b, tile = ctx.static
+    n = ctx.needs_input_grad
+    need_ts, need_z0, need_q0 = bool(n[0]), bool(n[1]), bool(n[2])
+    need_e = e is not None and bool(n[3])
+    gz0, gq0, ge, gp, gts = cpp_cnf_grid_backward(ts_t, z0, e, params, ts, act, rates, c, a, b, save, gzT, gqT,
+                                                  need_z0, need_q0, need_e, True, need_ts, tile)
+    return (gts if need_ts else None, gz0 if need_z0 else None, gq0 if need_q0 else None, ge if need_e else None,
+            gp) + (None,) * 8
+
+
+torch.library.register_autograd("fastode::cpp_cnf_grid", _backward_grid, setup_context=_setup_grid)

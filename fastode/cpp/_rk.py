@@ -11,10 +11,11 @@ from typing import NamedTuple, Sequence
 import torch
 from torch.autograd.function import once_differentiable
 
+from ..compiling import host_floats
 from ..ops import concatsquash as _ref
 from ..ops import rk as rk_spec
 from ..tableaus import get_tableau
-from . import _dispatch
+from . import _dispatch, _ops
 from ._loader import ext
 from ._mlp import _ACT_CODES
 
@@ -313,9 +314,18 @@ class CnfStepper:
         call forward and one backward (no error estimate; use :meth:`step` for adaptive solves)."""
         use_cpp = self._check(z0, q0, e)
         ts_t = ts if isinstance(ts, torch.Tensor) else None
-        times = [float(x) for x in (ts.detach().reshape(-1).tolist() if ts_t is not None else ts)]
+        times = [float(x) for x in (host_floats(ts.detach().reshape(-1)) if ts_t is not None else ts)]
         if len(times) < 1:
             raise ValueError("the time grid needs at least one time")
+        if use_cpp and torch.compiler.is_compiling():  # one custom op (fastode::cpp_cnf_grid) in the graph
+            c, a, b, _ = self.tableau
+            tile = _ops.tile_for(z0, self.raw)
+            t_in = ts_t.reshape(-1) if ts_t is not None else torch.tensor(times, dtype=torch.float64)
+            need = torch.is_grad_enabled() and any(x is not None and x.requires_grad
+                                                   for x in (t_in, z0, q0, e, *self.raw))
+            zT, qT, _ = _ops.cpp_cnf_grid(t_in, z0, q0, e, self.raw, times, self._codes[0], self._codes[1], c, a, b,
+                                          tile, need)
+            return zT, qT
         if use_cpp:
             _dispatch.last_backend = "cpp"
             c, a, b, _ = self.tableau

@@ -32,6 +32,7 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 
+from ..compiling import check, host_floats
 from . import regularizers as R
 from .solver import Solver
 
@@ -304,8 +305,8 @@ def _options_at_defaults(solver: Solver, info, handled) -> Optional[str]:
     return None
 
 
-_UNDER_COMPILE = ("under torch.compile (the fused solves are not custom ops yet; odeint's per-stage path traces, "
-                  "one custom op per network evaluation)")
+_UNDER_COMPILE = ("under torch.compile (the fused adaptive solve is not a custom op yet; odeint's per-stage path "
+                  "traces, one custom op per network evaluation)")
 
 
 def _fused_method_info(solve: CnfSolve):
@@ -313,8 +314,6 @@ def _fused_method_info(solve: CnfSolve):
     the cheap checks a fused engine makes first."""
     if not solve.allow_fused:
         return Skip("fused_cpu is off")
-    if torch.compiler.is_compiling():  # a pybind11 call would break the graph; the per-stage path traces
-        return Skip(_UNDER_COMPILE)
     from fastode.solvers import method_info
 
     try:
@@ -384,7 +383,12 @@ class CppGridEngine(Engine):
         stepper = fc.CnfStepper(dyn, plan.tableau, rates=plan.rates, backend="cpp")
         q0 = torch.stack(solve.y0[1:], -1)       # (B, 1 + integrands) initial log-density and integrals
         zT, qT = stepper.solve(grid, x, q0, solve.e if solve.trace == "hutchinson" else None)
-        if plan.check_finite and not bool(torch.isfinite(zT).all() and torch.isfinite(qT).all()):
+        if plan.check_finite and torch.compiler.is_compiling():  # no re-run inside a graph: an in-graph check
+            from fastode.errors import NonFiniteError
+
+            check(torch.isfinite(zT).all() & torch.isfinite(qT).all(), lambda: NonFiniteError(
+                "the fused C++ grid solve produced NaN/inf (run it eagerly to have the step named)"))
+        elif plan.check_finite and not bool(torch.isfinite(zT).all() and torch.isfinite(qT).all()):
             from fastode.errors import warn_fallback_once
 
             reason = ("the fused C++ grid solve produced NaN/inf; re-running it on the odeint path, which raises "
@@ -392,10 +396,11 @@ class CppGridEngine(Engine):
             warn_fallback_once("cnf-fused-cpu-nonfinite", f"CNF: {reason}")
             return Skip(reason)
         dyn.last_backend = "cpp"
-        g = grid.detach().to("cpu", torch.float64).tolist()
+        g = host_floats(grid.detach())
         n = len(g) - 1
         nfe = len(plan.tableau.c) * n
-        solve.counter.n += nfe
+        if not torch.compiler.is_compiling():  # (a compiled graph would guard on the count)
+            solve.counter.n += nfe
         stats = SolveStats(num_fevals=nfe, num_steps=n, num_accepted_steps=n, step_ts=g[:-1],
                            step_sizes=[b - a for a, b in zip(g[:-1], g[1:])], method=solve.solver.method)
         ends = (zT,) + tuple(qT.unbind(-1))
@@ -498,6 +503,8 @@ class CppAdaptiveEngine(Engine):
         info = _fused_method_info(solve)
         if isinstance(info, Skip):
             return info
+        if torch.compiler.is_compiling():  # its pybind11 call would break the graph
+            return Skip(_UNDER_COMPILE)
         tab = info.rk_tableau
         if not info.adaptive or tab is None:
             return Skip(f"method {solver.method!r} is not an adaptive one-step RK method")

@@ -64,7 +64,8 @@ def step_size_grid(t: torch.Tensor, step_size: float) -> torch.Tensor:
     back; differentiable in ``t`` (engines that run the grid themselves use it to match this solver exactly).
     """
     build = _grid_from_step_size(step_size)
-    if t.numel() > 1 and bool(t[-1] < t[0]):
+    vals = host_floats(t.detach().reshape(-1))
+    if len(vals) > 1 and vals[-1] < vals[0]:
         return -build(None, None, -t)
     return build(None, None, t)
 
