@@ -224,3 +224,56 @@ def test_a_compiled_cnf_training_step_matches_eager():
             p.grad = g
         opt.step()
     assert len(graphs) <= 2  # the first batch size, then one dynamic-shape graph; nothing per iteration
+
+
+def _adaptive_cnf(**kw):
+    from fastode.flows import CNF
+
+    torch.manual_seed(0)
+    return CNF(ConcatSquashMLP(2, (16, 16)), T=0.5, method="dopri5", rtol=1e-5, atol=1e-5, trace="hutchinson",
+               eval_trace="exact", **kw).eval()
+
+
+@needs_ext
+def test_an_adaptive_log_likelihood_compiles_to_one_fused_op():
+    """No gradient: the whole adaptive solve is fastode::cpp_cnf_adaptive (0 graph breaks), the same numbers as the
+    eager engine; a failed solve raises from inside the graph."""
+    cnf = _adaptive_cnf()
+    x = torch.randn(32, 2)
+
+    def loglik(x):
+        with torch.no_grad():
+            return cnf.log_prob(x)
+
+    explanation = torch._dynamo.explain(loglik)(x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    targets = [str(n.target) for n in explanation.graphs[0].graph.nodes if n.op == "call_function"]
+    assert sum("cpp_cnf_adaptive" in n for n in targets) == 1
+    torch._dynamo.reset()
+    compiled = torch.compile(loglik, backend="aot_eager", fullgraph=True)
+    ref = loglik(x)
+    assert torch.equal(compiled(x), ref) and cnf.last_solve.engine == "cpp_adaptive"
+    torch._dynamo.reset()
+    bad = _adaptive_cnf(options={"max_num_steps": 1})
+    compiled_bad = torch.compile(lambda x: bad.log_prob(x), backend="aot_eager", fullgraph=True)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="fused adaptive CNF solve stopped"):
+        compiled_bad(x)
+
+
+@needs_ext
+def test_opcheck_the_fused_adaptive_solve():
+    from fastode.cpp import _ops
+    from fastode.cpp._rk import RATE_CODES, _tableau_lists
+    from fastode.tableaus import get_tableau
+
+    torch.manual_seed(0)
+    dtype = torch.float64
+    params = _flat(ConcatSquashMLP(2, (16, 16)), dtype, requires_grad=False)
+    z0, q0, e = torch.randn(37, 2, dtype=dtype), torch.zeros(37, 1, dtype=dtype), torch.randn(37, 2, dtype=dtype)
+    tab = get_tableau("dopri5")
+    c, a, b, b_err = _tableau_lists(tab)
+    ctl = [1e-6, 1e-6, 0.9, 10.0, 0.2, 0.0, float("inf"), 0.0]
+    for rows in (0, 10):
+        args = (z0, q0, e, params, 0.0, 0.5, 0, [RATE_CODES["-trace"]], c, a, b, b_err, [float(v) for v in tab.c_mid],
+                ctl, 1000, int(tab.order), False, rows, _ops.tile_for(z0, params))
+        torch.library.opcheck(_ops.cpp_cnf_adaptive, args)

@@ -10,6 +10,8 @@ that calls the backward op:
 * ``cpp_mlp_backward(...) -> (gz, ge, gparams, gt)`` (unneeded outputs are empty tensors)
 * ``cpp_cnf_grid(ts_t, z0, q0, e, params, ts, ...) -> (zT, qT, save)``: a whole fixed-grid CNF solve (engine
   ``cpp_grid``), and ``cpp_cnf_grid_backward``
+* ``cpp_cnf_adaptive(z0, q0, e, params, t0, t1, ...) -> (zT, qT, counts)``: a whole adaptive CNF solve without
+  gradient (engine ``cpp_adaptive``; a log-likelihood or sampling)
 
 ``save`` holds the activations the backward reads (empty unless ``need_save``). The gradient is once
 differentiable (a graph of the backward, e.g. FFJORD's ``create_graph=True``, needs the PyTorch backend). Eager
@@ -27,7 +29,8 @@ from torch import Tensor
 from . import _dispatch
 from ._loader import ext
 
-__all__ = ["cpp_mlp", "cpp_mlp_probe", "cpp_mlp_backward", "cpp_cnf_grid", "cpp_cnf_grid_backward", "tile_for"]
+__all__ = ["cpp_mlp", "cpp_mlp_probe", "cpp_mlp_backward", "cpp_cnf_grid", "cpp_cnf_grid_backward",
+           "cpp_cnf_adaptive", "tile_for"]
 
 
 def tile_for(z: Tensor, params: List[Tensor]) -> int:
@@ -208,3 +211,38 @@ def _backward_grid(ctx, gzT, gqT, _gsave):
 
 
 torch.library.register_autograd("fastode::cpp_cnf_grid", _backward_grid, setup_context=_setup_grid)
+
+
+# ------------------------------------------------------------------------------- adaptive CNF solve, no gradient
+_COUNTS = ("status", "t_status", "nfe", "steps", "accepted", "rejected")
+
+
+@torch.library.custom_op("fastode::cpp_cnf_adaptive", mutates_args=())
+def cpp_cnf_adaptive(z0: Tensor, q0: Tensor, e: Optional[Tensor], params: List[Tensor], t0: float, t1: float,
+                     act: int, rates: List[int], c: List[float], a: List[float], b: List[float], b_err: List[float],
+                     c_mid: List[float], ctl: List[float], max_num_steps: int, order: int, time_f32: bool,
+                     step_rows: int, tile: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """A whole adaptive CNF solve without gradient (engine ``cpp_adaptive``): ``(zT, qT, counts)``, ``counts`` a
+    float64 tensor of status, the time it stopped at, NFE, steps, accepted, rejected (per tile: the first failed
+    tile's, else the row-weighted means). Its step count is data-dependent, so a solve that needs a gradient (and
+    so a tape of every step) stays eager."""
+    zT, qT, st, _ = ext().cnf_adaptive_forward(t0, t1, z0, q0, e, list(params), act, list(rates), list(c), list(a),
+                                               list(b), list(b_err), list(c_mid), list(ctl), max_num_steps, order,
+                                               time_f32, 1, False, step_rows, tile)
+    tiles = st if isinstance(st, list) else [st]
+    bad = next((s for s in tiles if s["status"]), None)
+    if bad is not None:
+        vals = [float(bad[k]) for k in _COUNTS]
+    else:
+        B = z0.shape[0]
+        rows = step_rows if step_rows else B
+        w = [min(rows, B - i * rows) / max(B, 1) for i in range(len(tiles))]
+        vals = [0.0, 0.0] + [sum(wi * s[k] for wi, s in zip(w, tiles)) for k in _COUNTS[2:]]
+    return zT, qT, torch.tensor(vals, dtype=torch.float64)
+
+
+@cpp_cnf_adaptive.register_fake
+def _(z0, q0, e, params, t0, t1, act, rates, c, a, b, b_err, c_mid, ctl, max_num_steps, order, time_f32, step_rows,
+      tile):
+    return (z0.new_empty(z0.shape), z0.new_empty((z0.shape[0], len(rates))),
+            torch.empty(len(_COUNTS), dtype=torch.float64))

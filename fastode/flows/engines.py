@@ -305,8 +305,9 @@ def _options_at_defaults(solver: Solver, info, handled) -> Optional[str]:
     return None
 
 
-_UNDER_COMPILE = ("under torch.compile (the fused adaptive solve is not a custom op yet; odeint's per-stage path "
-                  "traces, one custom op per network evaluation)")
+_UNDER_COMPILE = ("under torch.compile with a gradient (the fused adaptive solve's tape has a data-dependent length; "
+                  "without a gradient it is one custom op): odeint's per-stage path traces, one custom op per "
+                  "network evaluation, a graph break per step attempt")
 
 
 def _fused_method_info(solve: CnfSolve):
@@ -503,7 +504,7 @@ class CppAdaptiveEngine(Engine):
         info = _fused_method_info(solve)
         if isinstance(info, Skip):
             return info
-        if torch.compiler.is_compiling():  # its pybind11 call would break the graph
+        if torch.compiler.is_compiling() and _wants_grad(solve):  # the tape's length is data-dependent
             return Skip(_UNDER_COMPILE)
         tab = info.rk_tableau
         if not info.adaptive or tab is None:
@@ -555,6 +556,8 @@ class CppAdaptiveEngine(Engine):
                "tableau": _tableau_lists(tab), "c_mid": [float(v) for v in tab.c_mid], "ctl": ctl,
                "max_num_steps": plan.max_num_steps, "order": int(tab.order), "time_f32": t.dtype == torch.float32,
                "tile": _dispatch.mlp_tile_rows(B, layers), "step_rows": int(solve.step_rows)}
+        if torch.compiler.is_compiling():  # no gradient (plan): one custom op, its counts stay in the graph
+            return self._run_compiled(solve, plan, run, t, x, q0, e, params)
         zT, qT = cnf_adaptive_solve(t, x, q0, e, params, run)
         st = run["stats"]
         tiles = None
@@ -587,6 +590,26 @@ class CppAdaptiveEngine(Engine):
         ends = (zT,) + (tuple(qT.unbind(-1)) if plan.rates else (solve.y0[1],))
         trajectory = tuple(torch.stack([a0, b1]) for a0, b1 in zip(solve.y0, ends))
         return EngineResult(trajectory, stats)
+
+
+    def _run_compiled(self, solve, plan, run, t, x, q0, e, params):
+        from fastode.cpp import _ops
+        from fastode.stats import SolveStats
+
+        t0, t1 = host_floats(t.detach())
+        c, a, b, b_err = run["tableau"]
+        zT, qT, counts = _ops.cpp_cnf_adaptive(x, q0, e, params, t0, t1, run["act"], run["rates"], c, a, b, b_err,
+                                               run["c_mid"], run["ctl"], run["max_num_steps"], run["order"],
+                                               run["time_f32"], run["step_rows"], run["tile"])
+        check(counts[0] == 0, lambda: RuntimeError(
+            "the fused adaptive CNF solve stopped (max_num_steps exceeded, step-size underflow or NaN/inf); call it "
+            "eagerly for the error naming the time"))
+        solve.dynamics.last_backend = "cpp"
+        # the counts are data-dependent: they stay in the graph (stats.counts), not in SolveStats' integers
+        stats = SolveStats(method=solve.solver.method)
+        stats.counts = dict(zip(_ops._COUNTS, counts.unbind()))
+        ends = (zT,) + (tuple(qT.unbind(-1)) if plan.rates else (solve.y0[1],))
+        return EngineResult(tuple(torch.stack([a0, b1]) for a0, b1 in zip(solve.y0, ends)), stats)
 
 
 # --------------------------------------------------------------------------------------------------------
