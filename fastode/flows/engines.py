@@ -476,11 +476,12 @@ class CppAdaptiveEngine(Engine):
     interpolation at the end time. Same steps and NFE as ``odeint`` (float64: the same values to rounding; float32:
     the C++ sums round differently, so values agree to the solve's tolerance and a borderline step could go the other
     way). Gradients: the exact gradient of the discrete solve (``gradient="direct"`` or ``"checkpoint"``, the same
-    gradient; step sizes are constants) as a discrete adjoint in C++ -- the forward records each accepted step's start, the
-    backward walks the steps in reverse (incl. dL/dT, the probes and every parameter); once differentiable. With
-    ``"checkpoint"`` it recomputes each step's stages from its start (memory: the step starts and one step's working
-    set); with ``"direct"`` the forward also keeps each step's activations (up to :data:`STORED_STEPS_BYTES`), so
-    the backward skips that recomputation -- the same gradient, bitwise. Eligible: what the grid engine needs of the dynamics, an FSAL tableau with an error estimate and
+    gradient; step sizes are constants) as a discrete adjoint in C++ -- the forward records each accepted step's
+    start, the backward walks the steps in reverse (incl. dL/dT, the probes and every parameter); once
+    differentiable. With ``"checkpoint"`` it recomputes each step's stages from its start (memory: the step starts
+    and one step's working set); with ``"direct"`` the forward also keeps each step's activations (up to
+    :data:`STORED_STEPS_BYTES`), so the backward skips that recomputation -- the same gradient, bitwise.
+    Eligible: what the grid engine needs of the dynamics, an FSAL tableau with an error estimate and
     torchdiffeq's midpoint weights (dopri5, tsit5, bosh3), the other options at their defaults, two output times,
     ``gradient="direct"`` or ``"checkpoint"`` when a gradient is wanted. With ``"checkpoint"`` the backward's
     network evaluations are counted as odeint's checkpoint mode counts them (``nfe``, ``num_fevals_backward``):
