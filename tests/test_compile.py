@@ -277,3 +277,23 @@ def test_opcheck_the_fused_adaptive_solve():
         args = (z0, q0, e, params, 0.0, 0.5, 0, [RATE_CODES["-trace"]], c, a, b, b_err, [float(v) for v in tab.c_mid],
                 ctl, 1000, int(tab.order), False, rows, _ops.tile_for(z0, params))
         torch.library.opcheck(_ops.cpp_cnf_adaptive, args)
+
+
+@needs_ext
+def test_torch_export_of_a_fixed_grid_solve():
+    """torch.export (strict: traced by dynamo) keeps one custom op per evaluation and gives the eager numbers."""
+
+    class Solve(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.f = _mlp_func()
+            self.register_buffer("t", T.clone())
+
+        def forward(self, x):
+            return fastode.odeint(self.f, x, self.t, method="rk4", options=OPTS)[-1]
+
+    m = Solve()
+    x = torch.randn(8, 2)
+    ep = torch.export.export(m, (x,), strict=True)
+    assert sum("cpp_mlp" in str(n.target) for n in ep.graph.nodes) == 4 * 5
+    torch.testing.assert_close(ep.module()(x), m(x), rtol=0, atol=0)
