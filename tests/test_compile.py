@@ -297,3 +297,21 @@ def test_torch_export_of_a_fixed_grid_solve():
     ep = torch.export.export(m, (x,), strict=True)
     assert sum("cpp_mlp" in str(n.target) for n in ep.graph.nodes) == 4 * 5
     torch.testing.assert_close(ep.module()(x), m(x), rtol=0, atol=0)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_opcheck_the_rk_stage_and_it_compiles(dtype):
+    from fastode.cpp import _ops
+
+    torch.manual_seed(0)
+    y = torch.randn(37, 3, dtype=dtype, requires_grad=True)
+    ks = [torch.randn(37, 3, dtype=dtype, requires_grad=True) for _ in range(3)]
+    dt = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(_ops.cpp_rk_stage, (y, ks, [0.5, -0.25, 1.0], dt))
+    fn = lambda y, k0, k1: fc.rk_stage(y, [k0, k1], [0.3, 0.7], 0.05)  # noqa: E731
+    explanation = torch._dynamo.explain(fn)(y, ks[0], ks[1])
+    assert explanation.graph_break_count == 0
+    assert any("cpp_rk_stage" in str(n.target) for n in explanation.graphs[0].graph.nodes)
+    torch.testing.assert_close(torch.compile(fn, backend="aot_eager", fullgraph=True)(y, ks[0], ks[1]),
+                               fn(y, ks[0], ks[1]), rtol=0, atol=0)

@@ -12,6 +12,8 @@ that calls the backward op:
   ``cpp_grid``), and ``cpp_cnf_grid_backward``
 * ``cpp_cnf_adaptive(z0, q0, e, params, t0, t1, ...) -> (zT, qT, counts)``: a whole adaptive CNF solve without
   gradient (engine ``cpp_adaptive``; a log-likelihood or sampling)
+* ``cpp_rk_stage(y, ks, coefs, dt) -> y + dt sum coefs_j k_j`` (:func:`fastode.cpp.rk_stage`; the epilogue
+  :func:`fastode.cpp.rk_epilogue` is not an op yet: its backward differentiates the reference)
 
 ``save`` holds the activations the backward reads (empty unless ``need_save``). The gradient is once
 differentiable (a graph of the backward, e.g. FFJORD's ``create_graph=True``, needs the PyTorch backend). Eager
@@ -30,7 +32,7 @@ from . import _dispatch
 from ._loader import ext
 
 __all__ = ["cpp_mlp", "cpp_mlp_probe", "cpp_mlp_backward", "cpp_cnf_grid", "cpp_cnf_grid_backward",
-           "cpp_cnf_adaptive", "tile_for"]
+           "cpp_cnf_adaptive", "cpp_rk_stage", "tile_for"]
 
 
 def tile_for(z: Tensor, params: List[Tensor]) -> int:
@@ -246,3 +248,31 @@ def _(z0, q0, e, params, t0, t1, act, rates, c, a, b, b_err, c_mid, ctl, max_num
       tile):
     return (z0.new_empty(z0.shape), z0.new_empty((z0.shape[0], len(rates))),
             torch.empty(len(_COUNTS), dtype=torch.float64))
+
+
+# ------------------------------------------------------------------------------------------------ RK stage input
+@torch.library.custom_op("fastode::cpp_rk_stage", mutates_args=())
+def cpp_rk_stage(y: Tensor, ks: List[Tensor], coefs: List[float], dt: Tensor) -> Tensor:
+    """``y + dt * sum_j coefs[j] * ks[j]`` in one pass (:func:`fastode.cpp.rk_stage`)."""
+    return ext().rk_combine(y, list(ks), list(coefs), float(dt))
+
+
+@cpp_rk_stage.register_fake
+def _(y, ks, coefs, dt):
+    return torch.empty_like(y)
+
+
+def _setup_stage(ctx, inputs, output):
+    _, ks, coefs, dt = inputs
+    ctx.coefs = list(coefs)
+    ctx.save_for_backward(dt, *ks)
+
+
+def _backward_stage(ctx, g):
+    dt, *ks = ctx.saved_tensors
+    gdt = sum(c * (g * k).sum() for c, k in zip(ctx.coefs, ks)).to(dt.dtype).reshape(dt.shape)
+    scale = dt.to(g.dtype)
+    return g, [g * (scale * c) for c in ctx.coefs], None, gdt
+
+
+torch.library.register_autograd("fastode::cpp_rk_stage", _backward_stage, setup_context=_setup_stage)

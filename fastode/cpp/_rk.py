@@ -492,6 +492,8 @@ def rk_stage(y: torch.Tensor, ks: Sequence[torch.Tensor], coefs: Sequence[float]
         return y
     name = _dispatch.choose(backend, y, *ks)
     if name == "cpp" and all(k.shape == y.shape for k in ks):
+        if torch.compiler.is_compiling():
+            return _ops.cpp_rk_stage(y, ks, list(coefs), _as_time_tensor(dt))
         return _StageFn.apply(coefs, y, _as_time_tensor(dt), *ks)
     _dispatch.last_backend = "torch"
     return rk_spec.combine_stages(y, dt, coefs, ks)
