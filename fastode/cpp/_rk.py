@@ -480,6 +480,21 @@ class _EpilogueFn(torch.autograd.Function):
         return (None, None, None, None, *res)
 
 
+def _compiled_epilogue(y0, ks, b, b_err, dt, atol, rtol):
+    """:class:`_EpilogueFn`'s outputs from the custom op fastode::cpp_rk_epilogue (what a compiled graph calls)."""
+    at = atol if isinstance(atol, torch.Tensor) else None
+    rt = rtol if isinstance(rtol, torch.Tensor) else None
+    y1, err, ss, mx = _ops.cpp_rk_epilogue(y0, ks, list(b), list(b_err), dt, at, 0.0 if at is not None else float(atol),
+                                           rt, 0.0 if rt is not None else float(rtol))
+    B = ss.shape[0]
+    M = y0.numel() // max(B, 1)
+    rms_s = rk_spec.safe_sqrt(ss / max(M, 1)).to(y0.dtype)
+    max_s = mx.to(y0.dtype).detach()
+    rms_b = rk_spec.safe_sqrt(ss.sum() / max(y0.numel(), 1)).to(y0.dtype)
+    max_b = max_s.max() if B else y0.new_zeros(())
+    return y1, err, rms_b, max_b, rms_s, max_s
+
+
 def rk_stage(y: torch.Tensor, ks: Sequence[torch.Tensor], coefs: Sequence[float], dt, *,
              backend: str = "auto") -> torch.Tensor:
     """``y + dt * sum_j coefs[j] * ks[j]`` in one pass (differentiable); CPU twin of
@@ -518,6 +533,8 @@ def rk_epilogue(y0: torch.Tensor, ks: Sequence[torch.Tensor], b: Sequence[float]
     tol_tensors = [x for x in (atol, rtol) if isinstance(x, torch.Tensor)]
     name = _dispatch.choose(backend, y0, *ks, *tol_tensors)
     if name == "cpp" and all(k.shape == y0.shape for k in ks) and all(x.shape == y0.shape for x in tol_tensors):
+        if torch.compiler.is_compiling() and b_err is not None:
+            return _compiled_epilogue(y0, ks, b, b_err, _as_time_tensor(dt), atol, rtol)
         return _EpilogueFn.apply(b, b_err, atol, rtol, y0, _as_time_tensor(dt), *ks)
     _dispatch.last_backend = "torch"
     return _epilogue_torch(y0, ks, b, b_err, dt, atol, rtol)
