@@ -347,3 +347,30 @@ def test_opcheck_the_rk_epilogue_and_its_closed_form_gradient():
     g_ref = torch.autograd.grad(sum((ref[i] * weights[i]).sum() for i in pick), inputs)
     for a, r in zip(g_got, g_ref):
         torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12)
+
+
+def test_opcheck_the_triton_mlp_ops_under_the_interpreter():
+    """The Triton concatsquash kernels as custom ops (run by the Triton interpreter on the CPU; tiny sizes)."""
+    from fastode.kernels._common import interpreter_active
+
+    if not interpreter_active():
+        pytest.skip("needs TRITON_INTERPRET=1 (set by conftest on a machine without CUDA)")
+    tm = pytest.importorskip("fastode.ops.triton_mlp")
+    torch.manual_seed(0)
+    dtype = torch.float64
+    params = _flat(ConcatSquashMLP(2, (8,)), dtype)
+    z = torch.randn(5, 2, dtype=dtype, requires_grad=True)
+    e = torch.randn(5, 2, dtype=dtype, requires_grad=True)
+    t = torch.tensor(0.3, dtype=dtype, requires_grad=True)
+    for mode, probe in ((tm._K.MODE_F, None), (tm._K.MODE_HUTCH, e), (tm._K.MODE_EXACT, None)):
+        torch.library.opcheck(tm.triton_mlp_op, (t, z, probe, params, mode, "tanh"))
+    # the op path's gradients against the eager autograd Function
+    out = tm.triton_mlp_op(t, z, e, params, tm._K.MODE_HUTCH, "tanh")
+    ref = tm._ConcatSquash.apply(tm._K.MODE_HUTCH, "tanh", t, z, e, *params)
+    w = [torch.randn_like(r) for r in ref]
+    g_op = torch.autograd.grad(sum((a * b).sum() for a, b in zip(out, w)), [t, z, e, *params])
+    g_ref = torch.autograd.grad(sum((a * b).sum() for a, b in zip(ref, w)), [t, z, e, *params])
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for a, b in zip(g_op, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

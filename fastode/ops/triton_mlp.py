@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import sys
 from collections import OrderedDict
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -177,6 +178,88 @@ def _flat(params):
     return [p for layer in params for p in layer]
 
 
+# ---------------------------------------------------------------------------------------------- custom ops
+# The same kernels as torch.library custom ops, so that torch.compile sees one node per call (it cannot trace the
+# launchers' Python); eager calls keep the autograd Function above. Outputs a mode does not produce are empty.
+def _layers(flat):
+    return [flat[i:i + 5] for i in range(0, len(flat), 5)]
+
+
+@torch.library.custom_op("fastode::triton_mlp", mutates_args=())
+def triton_mlp_op(t: torch.Tensor, z: torch.Tensor, e: Optional[torch.Tensor], params: List[torch.Tensor],
+                  mode: int, activation: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                       torch.Tensor]:
+    layers = _layers(list(params))
+    cfg = _config(z.shape[1], [p[0].shape[0] for p in layers], z.dtype)
+    f, vjp, tr, kin, fr = _K.concatsquash_fwd(t, z.contiguous(), e.contiguous() if e is not None else None,
+                                              _packed(layers, cfg["CH"], cfg["CD"]), activation, mode, BM=cfg["BM"],
+                                              max_progs=CONFIG["max_programs"], num_warps=CONFIG["num_warps"])
+    hutch = mode == _K.MODE_HUTCH
+    empty = lambda: z.new_empty(0)  # noqa: E731  (one per output: outputs may not alias each other)
+    return (f, vjp if hutch else empty(), tr if mode != _K.MODE_F else empty(), kin if hutch else empty(),
+            fr if hutch else empty())
+
+
+@triton_mlp_op.register_fake
+def _(t, z, e, params, mode, activation):
+    B = z.shape[0]
+    hutch = mode == _K.MODE_HUTCH
+    empty = lambda: z.new_empty(0)  # noqa: E731
+    return (z.new_empty(z.shape), z.new_empty(z.shape) if hutch else empty(),
+            z.new_empty(B) if mode != _K.MODE_F else empty(), z.new_empty(B) if hutch else empty(),
+            z.new_empty(B) if hutch else empty())
+
+
+@torch.library.custom_op("fastode::triton_mlp_backward", mutates_args=())
+def triton_mlp_backward_op(t: torch.Tensor, z: torch.Tensor, e: Optional[torch.Tensor], params: List[torch.Tensor],
+                           mode: int, activation: str, gf: Optional[torch.Tensor], gv: Optional[torch.Tensor],
+                           gtr: Optional[torch.Tensor], gkin: Optional[torch.Tensor], gfrob: Optional[torch.Tensor],
+                           need_ge: bool) -> Tuple[torch.Tensor, torch.Tensor, List[torch.Tensor], torch.Tensor]:
+    layers = _layers(list(params))
+    cfg = _config(z.shape[1], [p[0].shape[0] for p in layers], z.dtype)
+    packed = _packed(layers, cfg["CH"], cfg["CD"])
+    c = lambda g: g.contiguous() if g is not None else None  # noqa: E731
+    gz, ge, dW, dV = _K.concatsquash_bwd(t, z.contiguous(), c(e), packed, activation, mode, gf=c(gf), gv=c(gv),
+                                         gtr=c(gtr), gkin=c(gkin), gfrob=c(gfrob), need_ge=need_ge, BM=cfg["BM"],
+                                         max_progs=CONFIG["max_programs"], num_warps=CONFIG["num_warps"])
+    pgrads, gt = _unpack_grads(packed, layers, t, dW, dV, [True] * len(params), True)
+    # the per-parameter gradients are views of the packed dW / dV: clones, as outputs may not alias each other
+    return gz, ge if need_ge and ge is not None else z.new_empty(0), [g.clone() for g in pgrads], gt.clone()
+
+
+@triton_mlp_backward_op.register_fake
+def _(t, z, e, params, mode, activation, gf, gv, gtr, gkin, gfrob, need_ge):
+    return (z.new_empty(z.shape), e.new_empty(e.shape) if need_ge and e is not None else z.new_empty(0),
+            [p.new_empty(p.shape) for p in params], t.new_empty(t.shape))
+
+
+def _setup_op(ctx, inputs, output):
+    t, z, e, params, mode, activation = inputs
+    ctx.mode, ctx.activation = mode, activation
+    ctx.save_for_backward(t, z, e, *params)
+
+
+def _backward_op(ctx, gf, gv, gtr, gkin, gfrob):
+    t, z, e, *params = ctx.saved_tensors
+    keep = lambda g: g if g is not None and g.numel() else None  # noqa: E731  (empty outputs of this mode)
+    need_ge = ctx.mode == _K.MODE_HUTCH and bool(ctx.needs_input_grad[2])
+    gz, ge, gp, gt = triton_mlp_backward_op(t, z, e, params, ctx.mode, ctx.activation, keep(gf), keep(gv), keep(gtr),
+                                            keep(gkin), keep(gfrob), need_ge)
+    return gt, gz, ge if need_ge else None, gp, None, None
+
+
+torch.library.register_autograd("fastode::triton_mlp", _backward_op, setup_context=_setup_op)
+
+
+def _compiled(mode, activation, t, z, e, params):
+    f, vjp, tr, kin, fr = triton_mlp_op(t, z, e, _flat(params), mode, activation)
+    if mode == _K.MODE_F:
+        return f
+    if mode == _K.MODE_HUTCH:
+        return f, vjp, tr, kin, fr
+    return f, tr
+
+
 def _fallback(z) -> bool:
     return z.shape[0] == 0
 
@@ -185,6 +268,8 @@ def concatsquash_mlp(t, z, params, activation):
     t = _F.check_inputs(t, z, params, activation)
     if _fallback(z):
         return _F.concatsquash_mlp(t, z, params, activation)
+    if torch.compiler.is_compiling():
+        return _compiled(_K.MODE_F, activation, t, z, None, params)
     return _ConcatSquash.apply(_K.MODE_F, activation, t, z, None, *_flat(params))
 
 
@@ -192,6 +277,8 @@ def concatsquash_mlp_hutchinson(t, z, e, params, activation):
     t = _F.check_inputs(t, z, params, activation, e)
     if _fallback(z):
         return _F.concatsquash_mlp_hutchinson(t, z, e, params, activation)
+    if torch.compiler.is_compiling():
+        return _compiled(_K.MODE_HUTCH, activation, t, z, e, params)
     return _ConcatSquash.apply(_K.MODE_HUTCH, activation, t, z, e, *_flat(params))
 
 
@@ -199,6 +286,8 @@ def concatsquash_mlp_exact_trace(t, z, params, activation):
     t = _F.check_inputs(t, z, params, activation)
     if _fallback(z):
         return _F.concatsquash_mlp_exact_trace(t, z, params, activation)
+    if torch.compiler.is_compiling():
+        return _compiled(_K.MODE_EXACT, activation, t, z, None, params)
     return _ConcatSquash.apply(_K.MODE_EXACT, activation, t, z, None, *_flat(params))
 
 
