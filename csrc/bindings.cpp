@@ -9,8 +9,6 @@
 #include <torch/csrc/utils/pybind.h>
 
 #include <cstdlib>
-#include <map>
-#include <mutex>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -142,73 +140,26 @@ Tensor empty_like_dt(std::vector<int64_t> shape, const Tensor& like) {
 }
 
 // ------------------------------------------------------------------------------------------------
-// Caching pool for the saved-activation buffers of training steps. A training iteration allocates the
-// same few buffers (megabytes each) every iteration; fresh memory from the system costs a page fault per
-// 4 KiB on first touch, which was ~15% of a training iteration. Freed buffers are kept for reuse up to
-// FASTODE_CPP_POOL_MB (default 1024) megabytes; fastode.cpp.empty_cache() releases them.
-struct SavePool {
-  std::mutex mu;
-  std::multimap<size_t, void*> free_blocks;
-  size_t cached = 0;
-  size_t cap() {
-    static size_t c = [] {
-      const char* v = std::getenv("FASTODE_CPP_POOL_MB");
-      return size_t(v ? std::atoll(v) : 1024) << 20;
-    }();
-    return c;
-  }
-  void* get(size_t bytes) {
-    {
-      std::lock_guard<std::mutex> lk(mu);
-      auto it = free_blocks.find(bytes);
-      if (it != free_blocks.end()) {
-        void* p = it->second;
-        free_blocks.erase(it);
-        cached -= bytes;
-        return p;
-      }
-    }
-    void* p = std::aligned_alloc(64, bytes);
-    if (!p) throw std::bad_alloc();
-    return p;
-  }
-  void put(void* p, size_t bytes) {
-    std::lock_guard<std::mutex> lk(mu);
-    if (cached + bytes > cap()) {
-      std::free(p);
-      return;
-    }
-    free_blocks.emplace(bytes, p);
-    cached += bytes;
-  }
-  size_t clear() {
-    std::lock_guard<std::mutex> lk(mu);
-    size_t n = cached;
-    for (auto& kv : free_blocks) std::free(kv.second);
-    free_blocks.clear();
-    cached = 0;
-    return n;
-  }
-};
-SavePool& save_pool() {
-  static SavePool* pool = new SavePool();  // never destroyed: buffers may be freed at interpreter exit
-  return *pool;
-}
-
+// Saved activations come from the core's buffer pool (fastode::pool_take): a training iteration asks for the same
+// buffers every iteration (sizes rounded to 64 KiB so that nearby sizes share them).
 Tensor pooled_empty(int64_t n, const Tensor& like) {
   const size_t esz = like.element_size();
   const size_t bytes = (size_t(std::max<int64_t>(n, 1)) * esz + 65535) / 65536 * 65536;
-  void* p = save_pool().get(bytes);
+  void* p = fastode::pool_take(bytes);
   return at::from_blob(
-      p, {n}, [bytes](void* q) { save_pool().put(q, bytes); }, like.options());
+      p, {n}, [bytes](void* q) { fastode::pool_give(q, bytes); }, like.options());
 }
 
 // The rows of a partial last tile that the kernels leave unwritten in `save`: zeroed, so that the saved
-// activations are a deterministic function of the inputs (torch.compile's checks compare every output).
-void zero_partial_tile(Tensor& save, const fastode::Net& net, int64_t B, int K, bool probes, const fastode::Exec& ex) {
+// activations are a deterministic function of the inputs (torch.compile's checks compare every output). `save` is
+// `count` records of `period` values (one per solve step), each ending with the last tile's `last` values.
+// (`last_of()` is only evaluated for a partial tile: the common case costs one test.)
+template <typename Last>
+void zero_partial_tile(Tensor& save, int64_t B, const fastode::Exec& ex, int64_t period, Last last_of,
+                       int64_t count = 1) {
   if (ex.tile <= 0 || B % ex.tile == 0) return;
-  const int64_t per = fastode::mlp_save_size(net, ex.tile, K, probes, ex);
-  save.narrow(0, save.numel() - per, per).zero_();
+  const int64_t last = last_of();
+  for (int64_t n = 0; n < count; ++n) save.narrow(0, (n + 1) * period - last, last).zero_();
 }
 
 #define DISPATCH_FLOAT(dt, ...)                                                         \
@@ -236,7 +187,8 @@ std::tuple<Tensor, Tensor> mlp_forward(double t, const Tensor& z_, const std::ve
   auto& ex = call.ex;
   Tensor f = empty_like_dt({B, D}, z);
   Tensor save = want_save ? pooled_empty(fastode::mlp_save_size(net, B, 1, false, ex), z) : empty_like_dt({0}, z);
-  if (want_save) zero_partial_tile(save, net, B, 1, false, ex);
+  if (want_save)
+    zero_partial_tile(save, B, ex, save.numel(), [&] { return fastode::mlp_save_size(net, ex.tile, 1, false, ex); });
   DISPATCH_FLOAT(dt, [&] {
     auto p = make_params<scalar_t>(params);
     fastode::mlp_forward<scalar_t>(net, p, t, B, z.data_ptr<scalar_t>(), f.data_ptr<scalar_t>(),
@@ -268,7 +220,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> mlp_probe_forward(
   Tensor vjp = want_vjp ? empty_like_dt({K, B, D}, z) : empty_like_dt({0}, z);
   Tensor tr = empty_like_dt({B}, z), kin = empty_like_dt({B}, z), fr = empty_like_dt({B}, z);
   Tensor save = want_save ? pooled_empty(fastode::mlp_save_size(net, B, K, true, ex), z) : empty_like_dt({0}, z);
-  if (want_save) zero_partial_tile(save, net, B, K, true, ex);
+  if (want_save)
+    zero_partial_tile(save, B, ex, save.numel(), [&] { return fastode::mlp_save_size(net, ex.tile, K, true, ex); });
   DISPATCH_FLOAT(dt, [&] {
     auto p = make_params<scalar_t>(params);
     fastode::mlp_probe_forward<scalar_t>(net, p, t, B, z.data_ptr<scalar_t>(), K, cptr<scalar_t>(e),
@@ -490,11 +443,9 @@ std::tuple<Tensor, Tensor, Tensor> cnf_grid_forward(const std::vector<double>& t
   Tensor zT = empty_like_dt({B, D}, z0), qT = empty_like_dt({B, NQ}, z0);
   Tensor save = want_save ? pooled_empty(fastode::cnf_grid_save_size(spec, tab, B, nsteps, ex), z0)
                           : empty_like_dt({0}, z0);
-  if (want_save && ex.tile > 0 && B % ex.tile) {  // the partial last tile's blocks of every step: deterministic
-    const int64_t step = fastode::cnf_step_save_size(spec, tab, B, ex);
-    const int64_t last = fastode::cnf_step_save_size(spec, tab, ex.tile, ex);  // one tile's blocks, all stages
-    for (int n = 0; n < nsteps; ++n) save.narrow(0, (n + 1) * step - last, last).zero_();
-  }
+  if (want_save)  // every step's blocks end with the last tile's (all stages)
+    zero_partial_tile(save, B, ex, fastode::cnf_step_save_size(spec, tab, B, ex),
+                      [&] { return fastode::cnf_step_save_size(spec, tab, ex.tile, ex); }, nsteps);
   DISPATCH_FLOAT(dt, [&] {
     auto p = make_params<scalar_t>(params);
     fastode::cnf_grid_forward<scalar_t>(spec, tab, p, ts.data(), nsteps, B, z0.data_ptr<scalar_t>(),
@@ -844,11 +795,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("cnf_adaptive_backward", &cnf_adaptive_backward);
   m.def("rk_combine", &rk_combine);
   m.def("rk_epilogue", &rk_epilogue);
-  m.def("empty_cache", [] { return save_pool().clear(); }, "free the cached saved-activation buffers; returns bytes");
-  m.def("cached_bytes", [] {
-    std::lock_guard<std::mutex> lk(save_pool().mu);
-    return save_pool().cached;
-  });
+  m.def("empty_cache", &fastode::pool_clear, "free the cached buffers (saved activations, kept steps); returns bytes");
+  m.def("cached_bytes", &fastode::pool_cached);
 #ifdef _OPENMP
   m.attr("openmp") = true;
 #else

@@ -117,7 +117,7 @@ AdaptiveStats cnf_adaptive_forward(const CnfSpec& spec, const Tableau& tab, cons
                                    AdaptiveTape<T>* tape) {
   check_net(spec.net);
   std::vector<std::vector<T>> wt;  // every step folds every stage: transpose W once per solve
-  const Params<T> p = p_in.WT.empty() ? with_transposes(spec.net, p_in, wt) : p_in;
+  const Params<T> p = with_transposes(spec.net, p_in, wt);
   if (!tab.has_err()) throw std::invalid_argument("fastode: an adaptive solve needs a tableau with an error estimate");
   if (int(c_mid.size()) != tab.s) throw std::invalid_argument("fastode: c_mid needs one weight per stage");
   const int s = tab.s;
@@ -224,7 +224,7 @@ AdaptiveStats cnf_adaptive_forward(const CnfSpec& spec, const Tableau& tab, cons
     out.kq = kq.data();
     out.save = nullptr;
     if (step_save && int64_t(tape->saves.size() + 1) * step_save <= ctl.store_budget) {
-      if (!pending) pending = StepBuffer<T>(step_buffer_take<T>(step_save), StepBufferDeleter<T>{step_save});
+      if (!pending) pending = make_step_buffer<T>(step_save);
       out.save = pending.get();
     }
     cnf_step_forward<T>(spec, tab, p, in, out, ex);
@@ -300,7 +300,7 @@ int64_t cnf_adaptive_backward(const CnfSpec& spec, const Tableau& tab, const std
                               const T* gzT, const T* gqT, T* gz0, T* gq0, T* ge, const Grads<T>* grads,
                               double* g_anchor, double* g_x, const Exec& ex) {
   std::vector<std::vector<T>> wt;
-  const Params<T> p = p_in.WT.empty() ? with_transposes(spec.net, p_in, wt) : p_in;
+  const Params<T> p = with_transposes(spec.net, p_in, wt);
   const int s = tab.s, K = spec.K;
   const int64_t D = spec.net.dims[0], NQ = int64_t(spec.rates.size()), M = B * (D + NQ);
   const int64_t N = int64_t(tape.t0.size());
@@ -502,7 +502,7 @@ std::vector<AdaptiveStats> cnf_adaptive_forward_tiles(const CnfSpec& spec, const
   Exec inner = ex;
   inner.nthreads = 1;
   std::vector<std::vector<T>> wt;  // every tile folds every stage: transpose W once for all of them
-  const Params<T> pt = p.WT.empty() ? with_transposes(spec.net, p, wt) : p;
+  const Params<T> pt = with_transposes(spec.net, p, wt);
   for_tiles(nt, ex, [&](int64_t i) {
     const int64_t r0 = i * rows, R = std::min(rows, B - r0);
     auto z = rows_of(z0, r0, R, D), q = rows_of(q0, r0, R, NQ), ee = rows_of(e, r0, R, D);
@@ -532,7 +532,7 @@ int64_t cnf_adaptive_backward_tiles(const CnfSpec& spec, const Tableau& tab, con
   Exec inner = ex;
   inner.nthreads = 1;
   std::vector<std::vector<T>> wt;
-  const Params<T> pt = p.WT.empty() ? with_transposes(spec.net, p, wt) : p;
+  const Params<T> pt = with_transposes(spec.net, p, wt);
   for_tiles(nt, ex, [&](int64_t i) {
     const int64_t r0 = i * rows, R = std::min(rows, B - r0);
     auto ee = rows_of(e, r0, R, D), gz = rows_of(gzT, r0, R, D), gq = rows_of(gqT, r0, R, NQ);
@@ -580,58 +580,7 @@ int64_t cnf_adaptive_backward_tiles(const CnfSpec& spec, const Tableau& tab, con
   return total;
 }
 
-// ---- the pool of kept-step buffers: exact sizes are reused (a training loop asks for the same ones every
-// iteration); at most kPoolBytes stay pooled. Leaked on purpose: tapes held by Python may outlive static destructors.
-namespace {
-template <typename T>
-struct StepPool {
-  std::mutex mu;
-  std::vector<std::pair<int64_t, T*>> free;  // (values, buffer)
-  int64_t bytes = 0;
-};
-constexpr int64_t kPoolBytes = int64_t(512) << 20;  // per value type
-template <typename T>
-StepPool<T>& step_pool() {
-  static StepPool<T>* pool = new StepPool<T>();
-  return *pool;
-}
-}  // namespace
-
-template <typename T>
-T* step_buffer_take(int64_t n) {
-  {
-    StepPool<T>& pool = step_pool<T>();
-    std::lock_guard<std::mutex> lock(pool.mu);
-    for (size_t i = pool.free.size(); i-- > 0;)
-      if (pool.free[i].first == n) {
-        T* p = pool.free[i].second;
-        pool.free.erase(pool.free.begin() + i);
-        pool.bytes -= n * int64_t(sizeof(T));
-        return p;
-      }
-  }
-  return new T[n];
-}
-
-template <typename T>
-void step_buffer_give(T* p, int64_t n) noexcept {
-  if (!p) return;
-  const int64_t bytes = n * int64_t(sizeof(T));
-  StepPool<T>& pool = step_pool<T>();
-  {
-    std::lock_guard<std::mutex> lock(pool.mu);
-    if (pool.bytes + bytes <= kPoolBytes) {
-      pool.free.emplace_back(n, p);
-      pool.bytes += bytes;
-      return;
-    }
-  }
-  delete[] p;
-}
-
 #define FASTODE_INSTANTIATE(T)                                                                                \
-  template T* step_buffer_take<T>(int64_t);                                                                    \
-  template void step_buffer_give<T>(T*, int64_t) noexcept;                                                     \
   template AdaptiveStats cnf_adaptive_forward<T>(const CnfSpec&, const Tableau&, const std::vector<double>&, \
                                                  const Params<T>&, double, double, int64_t, const T*, const T*, \
                                                  const T*, const AdaptiveControl&, T*, T*, const Exec&,        \

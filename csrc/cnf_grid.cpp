@@ -13,7 +13,7 @@ template <typename T>
 void cnf_grid_forward(const CnfSpec& spec, const Tableau& tab, const Params<T>& p_in, const double* ts, int nsteps,
                       int64_t B, const T* z0, const T* q0, const T* e, T* zT, T* qT, T* save, const Exec& ex) {
   std::vector<std::vector<T>> wt;  // every step folds every stage: transpose W once per solve
-  const Params<T> p = p_in.WT.empty() ? with_transposes(spec.net, p_in, wt) : p_in;
+  const Params<T> p = with_transposes(spec.net, p_in, wt);
   const int64_t D = spec.net.dims[0], NQ = int64_t(spec.rates.size());
   const int64_t step_save = save ? cnf_step_save_size(spec, tab, B, ex) : 0;
   std::vector<T> buf(2 * B * (D + NQ));  // ping-pong state (z | q) for the intermediate steps
@@ -49,7 +49,7 @@ void cnf_grid_backward(const CnfSpec& spec, const Tableau& tab, const Params<T>&
                        int64_t B, const T* e, const T* save, const T* gzT, const T* gqT, T* gz0, T* gq0, T* ge,
                        const Grads<T>* grads, double* gts, const Exec& ex) {
   std::vector<std::vector<T>> wt;
-  const Params<T> p = p_in.WT.empty() ? with_transposes(spec.net, p_in, wt) : p_in;
+  const Params<T> p = with_transposes(spec.net, p_in, wt);
   const int64_t D = spec.net.dims[0], NQ = int64_t(spec.rates.size());
   const int64_t K = spec.K;
   const int64_t step_save = cnf_step_save_size(spec, tab, B, ex);

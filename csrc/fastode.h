@@ -13,6 +13,7 @@
 //   trace = sum_k <vjp_k, e_k>,  kinetic = |f|^2,  jac_frob = sum_k |vjp_k|^2.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -222,24 +223,31 @@ struct AdaptiveStats {
   std::vector<double> step_ts, step_sizes;  // accepted steps: start time and signed size (t units)
 };
 
-// What the backward of an adaptive solve needs, recorded by the forward when asked: every accepted step's start (t0,
-// dt exactly as passed to cnf_step_forward, its state [z | q] and its first stage [kz | kq], B*(D+NQ) values
-// each) and the output's place in the last step (interpolation coordinate x and the step's width in t units).
-// Buffers for kept step activations, from a process-wide pool (bounded; see cnf_adaptive.cpp): a fresh allocation
-// per step of every solve costs page faults comparable to computing the step (large blocks go back to the OS when
-// freed), so a training loop reuses the previous iteration's.
-template <typename T>
-T* step_buffer_take(int64_t n);
-template <typename T>
-void step_buffer_give(T* p, int64_t n) noexcept;
+// Large scratch buffers (the saved activations of training steps, the kept steps of adaptive solves) come from one
+// process-wide cache (pool.cpp): a training iteration allocates the same few buffers (megabytes each) every
+// iteration, and fresh memory costs a page fault per 4 KiB on first touch (~15% of an iteration; for the kept steps
+// as much as not recomputing them saves). Freed buffers are kept for reuse up to FASTODE_CPP_POOL_MB (default 1024)
+// MiB; pool_clear (fastode.cpp.empty_cache()) frees them. Buffers are 64-byte aligned.
+void* pool_take(size_t bytes);
+void pool_give(void* p, size_t bytes) noexcept;
+size_t pool_clear();  // returns the bytes freed
+size_t pool_cached();
+
 template <typename T>
 struct StepBufferDeleter {
   int64_t n = 0;
-  void operator()(T* p) const noexcept { step_buffer_give<T>(p, n); }
+  void operator()(T* p) const noexcept { pool_give(p, size_t(n) * sizeof(T)); }
 };
 template <typename T>
 using StepBuffer = std::unique_ptr<T[], StepBufferDeleter<T>>;
+template <typename T>
+StepBuffer<T> make_step_buffer(int64_t n) {
+  return StepBuffer<T>(static_cast<T*>(pool_take(size_t(n) * sizeof(T))), StepBufferDeleter<T>{n});
+}
 
+// What the backward of an adaptive solve needs, recorded by the forward when asked: every accepted step's start (t0,
+// dt exactly as passed to cnf_step_forward, its state [z | q] and its first stage [kz | kq], B*(D+NQ) values
+// each) and the output's place in the last step (interpolation coordinate x and the step's width in t units).
 // With AdaptiveControl::store_budget > 0 (fastode's gradient="direct") it also keeps the first accepted steps' saved
 // activations (cnf_step_forward's `save`, within the budget), so that the backward does not recompute those steps:
 // the same gradient bitwise, for memory. `saves` owns them; `saved` are the views the backward reads (a caller that

@@ -99,11 +99,12 @@ bool folds_transposed(const Net& net) {
   return std::is_same<T, float>::value && (net.act == kTanh || net.act == kIdentity) && use_microkernels();
 }
 
-// W_l^T of the wide layers that fold() transposes, for Params::WT (storage kept by the caller).
+// `p` with W_l^T of the wide layers that fold() transposes in Params::WT (storage kept by the caller); `p` itself
+// when it already has them (a per-tile solve transposes once for all its tiles) or fold() would not read them.
 template <typename T>
 Params<T> with_transposes(const Net& net, const Params<T>& p, std::vector<std::vector<T>>& store) {
   Params<T> q = p;
-  if (!folds_transposed<T>(net)) return q;
+  if (!p.WT.empty() || !folds_transposed<T>(net)) return q;
   store.assign(net.L(), {});
   q.WT.assign(net.L(), nullptr);
   for (int l = 0; l < net.L(); ++l) {

@@ -58,7 +58,7 @@ def __getattr__(name):  # live view of the dispatcher's record
 
 
 def empty_cache() -> int:
-    """Free the C++ backend's cached saved-activation buffers; returns the bytes released."""
+    """Free the C++ backend's cached buffers (saved activations, kept adaptive steps); returns the bytes released."""
     return ext().empty_cache() if available() else 0
 
 

@@ -423,8 +423,8 @@ _STATUS = {1: "max_num_steps was exceeded", 2: "the step size underflowed", 3: "
 
 #: gradient="direct" on the fused adaptive engine keeps each accepted step's activations (up to this many bytes per
 #: solve; later steps are recomputed as with "checkpoint"): the same gradient without the backward's recomputation
-#: of the forward (1.1-1.2x a training iteration). "checkpoint" keeps only the step starts. The buffers come from a
-#: pool in the C++ core that keeps up to 512 MiB per dtype between solves (fresh pages cost as much as the saving).
+#: of the forward (1.1-1.2x a training iteration). "checkpoint" keeps only the step starts. The buffers come from the
+#: C++ core's buffer pool, reused between solves (fresh pages cost as much as the saving; ``fastode.cpp.empty_cache``).
 STORED_STEPS_BYTES = 1 << 30
 
 
