@@ -16,15 +16,11 @@ from typing import Callable, List
 
 import torch
 
-__all__ = ["is_compiling", "host_floats", "host_constant", "check"]
+__all__ = ["host_floats", "host_constant", "check"]
 
 _CHANGED = ("fastode: a compiled solve read these times while it was traced and they changed since (under "
             "torch.compile the time values are part of the graph); call torch._dynamo.reset() to recompile, or "
             "keep the times fixed")
-
-
-def is_compiling() -> bool:
-    return torch.compiler.is_compiling()
 
 
 @torch.compiler.assume_constant_result
@@ -35,7 +31,7 @@ def _traced_floats(t: torch.Tensor) -> tuple:
 def host_floats(t: torch.Tensor) -> List[float]:
     """``t``'s values as Python floats: a host read in eager mode, a traced constant guarded in-graph when
     compiling (see the module docstring)."""
-    if not is_compiling():
+    if not torch.compiler.is_compiling():
         return t.detach().to("cpu", torch.float64).tolist()
     vals = _traced_floats(t)
     ref = torch.tensor(vals, dtype=torch.float64, device=t.device)
@@ -47,7 +43,7 @@ def host_constant(fn: Callable, *args):
     """``fn(*args)`` (a Python value computed from tensors) in eager mode; when compiling, computed once while
     tracing. Only for values determined by tensors that :func:`host_floats` guards (e.g. a step count from the
     times)."""
-    if not is_compiling():
+    if not torch.compiler.is_compiling():
         return fn(*args)
     return _traced_call(fn, *args)
 
@@ -60,7 +56,7 @@ def _traced_call(fn, *args):
 def check(ok: torch.Tensor, error: Callable[[], Exception]) -> None:
     """Raise ``error()`` unless the boolean tensor ``ok`` is true: a host read in eager mode; when compiling, an
     in-graph assertion carrying the error's message."""
-    if not is_compiling():
+    if not torch.compiler.is_compiling():
         if not bool(ok):
             raise error()
         return

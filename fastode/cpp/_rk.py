@@ -445,12 +445,7 @@ class _EpilogueFn(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         if b_err is None:
             return y1
-        B = ss.numel()
-        M = y0.numel() // max(B, 1)
-        rms_s = (ss / max(M, 1)).sqrt().to(y0.dtype)
-        max_s = mx.to(y0.dtype)
-        rms_b = (ss.sum() / max(y0.numel(), 1)).sqrt().to(y0.dtype)
-        max_b = max_s.max() if B else y0.new_zeros(())
+        rms_b, max_b, rms_s, max_s = _epilogue_ratios(y0, ss, mx)
         ctx.mark_non_differentiable(max_b, max_s)
         return y1, err, rms_b, max_b, rms_s, max_s
 
@@ -486,13 +481,20 @@ def _compiled_epilogue(y0, ks, b, b_err, dt, atol, rtol):
     rt = rtol if isinstance(rtol, torch.Tensor) else None
     y1, err, ss, mx = _ops.cpp_rk_epilogue(y0, ks, list(b), list(b_err), dt, at, 0.0 if at is not None else float(atol),
                                            rt, 0.0 if rt is not None else float(rtol))
+    rms_b, max_b, rms_s, max_s = _epilogue_ratios(y0, ss, mx)
+    return y1, err, rms_b, max_b.detach(), rms_s, max_s.detach()
+
+
+def _epilogue_ratios(y0, ss, mx):
+    """``(rms over the batch, max over the batch, rms per row, max per row)`` of the error ratios from the kernel's
+    per-row sums of squares ``ss`` and maxima ``mx``."""
     B = ss.shape[0]
     M = y0.numel() // max(B, 1)
     rms_s = rk_spec.safe_sqrt(ss / max(M, 1)).to(y0.dtype)
-    max_s = mx.to(y0.dtype).detach()
+    max_s = mx.to(y0.dtype)
     rms_b = rk_spec.safe_sqrt(ss.sum() / max(y0.numel(), 1)).to(y0.dtype)
     max_b = max_s.max() if B else y0.new_zeros(())
-    return y1, err, rms_b, max_b, rms_s, max_s
+    return rms_b, max_b, rms_s, max_s
 
 
 def rk_stage(y: torch.Tensor, ks: Sequence[torch.Tensor], coefs: Sequence[float], dt, *,

@@ -73,6 +73,12 @@ class _Counter:
     def __init__(self):
         self.n = 0
 
+    def add(self, k: int) -> None:
+        """Count ``k`` evaluations -- not inside a compiled graph, which would guard on the count and recompile
+        every call (the solve's SolveStats still count them)."""
+        if not torch.compiler.is_compiling():
+            self.n += k
+
 
 def functional_dynamics(dynamics):
     """A ``torch.func``-composable ``(t, z) -> f`` for ``dynamics`` (pure PyTorch ops).
@@ -170,8 +176,7 @@ class _AugmentedDynamics(nn.Module):
         return dyn.forward_with_trace(t, z, e=self.e)
 
     def forward(self, t, state):
-        if not torch.compiler.is_compiling():  # a compiled graph would guard on the count (a recompile per call);
-            self.counter.n += 1                # the solve's SolveStats still count its evaluations
+        self.counter.add(1)
         z = state[0]
         if isinstance(t, torch.Tensor):
             t = t.to(z.dtype)

@@ -65,7 +65,7 @@ class CnfSolve:
 
     ``func``: the augmented right-hand side ``(t, state) -> (f, trace, *integrands)`` (it counts evaluations);
     ``y0``: the initial augmented state; ``dynamics``: the network inside ``func``; ``e``: the Hutchinson probe
-    (None for the exact trace); ``counter``: the CNF's NFE counter (an engine that does not call ``func`` adds its
+    (None for the exact trace); ``counter``: the CNF's NFE counter (an engine that does not call ``func`` ``add``s its
     evaluations there); ``allow_fused``: the CNF's ``fused_cpu`` switch; ``step_rows``: per-tile step control (only the
     fused adaptive engine runs it).
     """
@@ -400,8 +400,7 @@ class CppGridEngine(Engine):
         g = host_floats(grid.detach())
         n = len(g) - 1
         nfe = len(plan.tableau.c) * n
-        if not torch.compiler.is_compiling():  # (a compiled graph would guard on the count)
-            solve.counter.n += nfe
+        solve.counter.add(nfe)
         stats = SolveStats(num_fevals=nfe, num_steps=n, num_accepted_steps=n, step_ts=g[:-1],
                            step_sizes=[b - a for a, b in zip(g[:-1], g[1:])], method=solve.solver.method)
         ends = (zT,) + tuple(qT.unbind(-1))
@@ -577,7 +576,7 @@ class CppAdaptiveEngine(Engine):
             warn_fallback_once("cnf-fused-adaptive-failed", f"CNF: {reason}")
             return Skip(reason)
         dyn.last_backend = "cpp"
-        solve.counter.n += st["nfe"]
+        solve.counter.add(st["nfe"])
         stats = SolveStats(num_fevals=st["nfe"], num_steps=st["steps"], num_accepted_steps=st["accepted"],
                            num_rejected_steps=st["rejected"], step_ts=list(st["step_ts"]),
                            step_sizes=list(st["step_sizes"]), method=solve.solver.method)
@@ -585,13 +584,12 @@ class CppAdaptiveEngine(Engine):
             stats.tiles = tiles  # every tile's own counts, steps and status
         if solve.solver.gradient == "checkpoint":  # as odeint's checkpoint mode: the backward's evaluations count
             def count_backward(n, counter=solve.counter, stats=stats):
-                counter.n += n
+                counter.add(n)
                 stats.num_fevals_backward += n
             run["count_backward"] = count_backward
         ends = (zT,) + (tuple(qT.unbind(-1)) if plan.rates else (solve.y0[1],))
         trajectory = tuple(torch.stack([a0, b1]) for a0, b1 in zip(solve.y0, ends))
         return EngineResult(trajectory, stats)
-
 
     def _run_compiled(self, solve, plan, run, t, x, q0, e, params):
         from fastode.cpp import _ops

@@ -119,16 +119,38 @@ def _unpack_grads(packed: _K.PackedParams, params, t, dW, dV, needs, need_t):
     return out, gt
 
 
+def _layers(flat):
+    return [flat[i:i + 5] for i in range(0, len(flat), 5)]
+
+
+def _setup(z, layers):
+    """The launch configuration and the packed parameters of a call."""
+    cfg = _config(z.shape[1], [p[0].shape[0] for p in layers], z.dtype)
+    return cfg, _packed(layers, cfg["CH"], cfg["CD"])
+
+
+def _launch_forward(mode, activation, t, z, e, layers):
+    """The forward kernel on contiguous ``z`` / ``e``: ``((f, vjp, trace, kinetic, jac_frob), cfg, packed)``."""
+    cfg, packed = _setup(z, layers)
+    outs = _K.concatsquash_fwd(t, z, e, packed, activation, mode, BM=cfg["BM"], max_progs=CONFIG["max_programs"],
+                               num_warps=CONFIG["num_warps"])
+    return outs, cfg, packed
+
+
+def _launch_backward(mode, activation, t, z, e, cfg, packed, gf, gv, gtr, gkin, gfrob, need_ge):
+    """The backward kernel: ``(gz, ge, dW, dV)`` (packed gradients; see :func:`_unpack_grads`)."""
+    c = lambda g: g.contiguous() if g is not None else None  # noqa: E731
+    return _K.concatsquash_bwd(t, z, e, packed, activation, mode, gf=c(gf), gv=c(gv), gtr=c(gtr), gkin=c(gkin),
+                               gfrob=c(gfrob), need_ge=need_ge, BM=cfg["BM"], max_progs=CONFIG["max_programs"],
+                               num_warps=CONFIG["num_warps"])
+
+
 class _ConcatSquash(torch.autograd.Function):
     @staticmethod
     def forward(ctx, mode, activation, t, z, e, *flat):
-        params = [flat[i:i + 5] for i in range(0, len(flat), 5)]
-        cfg = _config(z.shape[1], [p[0].shape[0] for p in params], z.dtype)
-        packed = _packed(params, cfg["CH"], cfg["CD"])
         z = z.contiguous()
         e = e.contiguous() if e is not None else None
-        f, vjp, tr, kin, fr = _K.concatsquash_fwd(t, z, e, packed, activation, mode, BM=cfg["BM"],
-                                                  max_progs=CONFIG["max_programs"], num_warps=CONFIG["num_warps"])
+        (f, vjp, tr, kin, fr), cfg, packed = _launch_forward(mode, activation, t, z, e, _layers(flat))
         ctx.set_materialize_grads(False)
         ctx.mode, ctx.activation, ctx.cfg, ctx.packed = mode, activation, cfg, packed
         ctx.save_for_backward(t, z, e, *flat)
@@ -141,13 +163,13 @@ class _ConcatSquash(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         t, z, e, *flat = ctx.saved_tensors
-        params = [flat[i:i + 5] for i in range(0, len(flat), 5)]
+        params = _layers(flat)
         mode = ctx.mode
         if torch.is_grad_enabled():  # create_graph=True: differentiable backward through the reference
             act, mode_ = ctx.activation, mode
 
             def ref(t, z, e, *flat):
-                ps = [flat[i:i + 5] for i in range(0, len(flat), 5)]
+                ps = _layers(flat)
                 if mode_ == _K.MODE_F:
                     return (_F.concatsquash_mlp(t, z, ps, act),)
                 if mode_ == _K.MODE_HUTCH:
@@ -161,14 +183,11 @@ class _ConcatSquash(torch.autograd.Function):
             gf, gv, gtr, gkin, gfrob = grads
         else:
             gf, gtr = grads
-        c = lambda g: g.contiguous() if g is not None else None  # noqa: E731
         need_ge = mode == _K.MODE_HUTCH and ctx.needs_input_grad[4]
         if all(g is None for g in (gf, gv, gtr, gkin, gfrob)):
             return (None,) * (5 + len(flat))
-        gz, ge, dW, dV = _K.concatsquash_bwd(
-            t, z, e, ctx.packed, ctx.activation, mode, gf=c(gf), gv=c(gv), gtr=c(gtr), gkin=c(gkin),
-            gfrob=c(gfrob), need_ge=need_ge, BM=ctx.cfg["BM"], max_progs=CONFIG["max_programs"],
-            num_warps=CONFIG["num_warps"])
+        gz, ge, dW, dV = _launch_backward(mode, ctx.activation, t, z, e, ctx.cfg, ctx.packed, gf, gv, gtr, gkin,
+                                          gfrob, need_ge)
         pgrads, gt = _unpack_grads(ctx.packed, params, t, dW, dV, ctx.needs_input_grad[5:],
                                     ctx.needs_input_grad[2])
         return (None, None, gt, gz if ctx.needs_input_grad[3] else None, ge) + tuple(pgrads)
@@ -181,19 +200,14 @@ def _flat(params):
 # ---------------------------------------------------------------------------------------------- custom ops
 # The same kernels as torch.library custom ops, so that torch.compile sees one node per call (it cannot trace the
 # launchers' Python); eager calls keep the autograd Function above. Outputs a mode does not produce are empty.
-def _layers(flat):
-    return [flat[i:i + 5] for i in range(0, len(flat), 5)]
 
 
 @torch.library.custom_op("fastode::triton_mlp", mutates_args=())
 def triton_mlp_op(t: torch.Tensor, z: torch.Tensor, e: Optional[torch.Tensor], params: List[torch.Tensor],
                   mode: int, activation: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                                        torch.Tensor]:
-    layers = _layers(list(params))
-    cfg = _config(z.shape[1], [p[0].shape[0] for p in layers], z.dtype)
-    f, vjp, tr, kin, fr = _K.concatsquash_fwd(t, z.contiguous(), e.contiguous() if e is not None else None,
-                                              _packed(layers, cfg["CH"], cfg["CD"]), activation, mode, BM=cfg["BM"],
-                                              max_progs=CONFIG["max_programs"], num_warps=CONFIG["num_warps"])
+    (f, vjp, tr, kin, fr), _, _ = _launch_forward(mode, activation, t, z.contiguous(),
+                                                  e.contiguous() if e is not None else None, _layers(list(params)))
     hutch = mode == _K.MODE_HUTCH
     empty = lambda: z.new_empty(0)  # noqa: E731  (one per output: outputs may not alias each other)
     return (f, vjp if hutch else empty(), tr if mode != _K.MODE_F else empty(), kin if hutch else empty(),
@@ -216,12 +230,9 @@ def triton_mlp_backward_op(t: torch.Tensor, z: torch.Tensor, e: Optional[torch.T
                            gtr: Optional[torch.Tensor], gkin: Optional[torch.Tensor], gfrob: Optional[torch.Tensor],
                            need_ge: bool) -> Tuple[torch.Tensor, torch.Tensor, List[torch.Tensor], torch.Tensor]:
     layers = _layers(list(params))
-    cfg = _config(z.shape[1], [p[0].shape[0] for p in layers], z.dtype)
-    packed = _packed(layers, cfg["CH"], cfg["CD"])
-    c = lambda g: g.contiguous() if g is not None else None  # noqa: E731
-    gz, ge, dW, dV = _K.concatsquash_bwd(t, z.contiguous(), c(e), packed, activation, mode, gf=c(gf), gv=c(gv),
-                                         gtr=c(gtr), gkin=c(gkin), gfrob=c(gfrob), need_ge=need_ge, BM=cfg["BM"],
-                                         max_progs=CONFIG["max_programs"], num_warps=CONFIG["num_warps"])
+    cfg, packed = _setup(z, layers)
+    gz, ge, dW, dV = _launch_backward(mode, activation, t, z.contiguous(), e.contiguous() if e is not None else None,
+                                      cfg, packed, gf, gv, gtr, gkin, gfrob, need_ge)
     pgrads, gt = _unpack_grads(packed, layers, t, dW, dV, [True] * len(params), True)
     # the per-parameter gradients are views of the packed dW / dV: clones, as outputs may not alias each other
     return gz, ge if need_ge and ge is not None else z.new_empty(0), [g.clone() for g in pgrads], gt.clone()

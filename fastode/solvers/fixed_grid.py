@@ -18,7 +18,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from ..compiling import check, host_constant, host_floats, is_compiling
+from ..compiling import check, host_constant, host_floats
 from ..errors import InvalidOptionError, MaxStepsExceededError, NonFiniteError
 from ..events import find_event
 from ..interp import hermite_cubic, linear
@@ -196,7 +196,7 @@ class FixedGridSolver(Solver):
                 j += 1
             y0 = step.y1
         if first_bad is not None:
-            if is_compiling():  # no host read inside a compiled graph: an in-graph assertion (no step index)
+            if torch.compiler.is_compiling():  # no host read in a compiled graph: an in-graph assertion, no step index
                 check(first_bad == n_steps, lambda: self._first_bad_error(None, g_host))
             else:
                 self._check_first_bad(int(first_bad), g_host)
