@@ -374,3 +374,86 @@ def test_opcheck_the_triton_mlp_ops_under_the_interpreter():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     for a, b in zip(g_op, g_ref):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def _interpreted_triton_rk():
+    from fastode.kernels._common import interpreter_active
+
+    if not interpreter_active():
+        pytest.skip("needs TRITON_INTERPRET=1 (set by conftest on a machine without CUDA)")
+    return pytest.importorskip("fastode.ops.triton_rk")
+
+
+def test_opcheck_the_triton_rk_ops_under_the_interpreter():
+    """The fused Triton stage, epilogue and error-ratio kernels as custom ops: opcheck, and the op path's values and
+    gradients against the eager autograd Functions (tiny sizes: the interpreter runs them)."""
+    tr = _interpreted_triton_rk()
+    torch.manual_seed(0)
+    dtype = torch.float64
+    y0 = torch.randn(5, 3, dtype=dtype, requires_grad=True)
+    ks = [torch.randn(5, 3, dtype=dtype, requires_grad=True) for _ in range(3)]
+    dt = torch.tensor(0.2, dtype=dtype, requires_grad=True)
+    atol, rtol = torch.tensor(1e-3, dtype=dtype), torch.tensor(1e-2, dtype=dtype)
+    b, b_err = [0.25, 0.5, 0.25], [0.1, -0.3, 0.2]
+    torch.library.opcheck(tr.triton_rk_stage_op, (y0, ks, [0.5, 0.0, -1.5], dt))
+    torch.library.opcheck(tr.triton_rk_stage_op, (None, ks, [0.5, 0.25], dt))
+    torch.library.opcheck(tr.triton_rk_epilogue_op, (y0, ks, b, b_err, dt, atol, rtol))
+    y1 = (y0 + 0.1 * ks[0]).detach().requires_grad_()
+    torch.library.opcheck(tr.triton_rk_error_ratio_op, (ks[1], y0, y1, atol, rtol))
+
+    def agree(op_out, fn_out, inputs, differentiable):
+        for a, r in zip(op_out, fn_out):
+            torch.testing.assert_close(a, r, rtol=0, atol=0)
+        w = [torch.randn_like(op_out[i]) for i in differentiable]
+        g_op = torch.autograd.grad(sum((op_out[i] * c).sum() for i, c in zip(differentiable, w)), inputs)
+        g_fn = torch.autograd.grad(sum((fn_out[i] * c).sum() for i, c in zip(differentiable, w)), inputs)
+        for a, r in zip(g_op, g_fn):
+            torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12)
+
+    agree([tr.triton_rk_stage_op(y0, ks, [0.5, 0.0, -1.5], dt)],
+          [tr._Stage.apply((0.5, 0.0, -1.5), y0, dt, *ks)], [y0, dt, *ks], [0])
+    agree(tr.triton_rk_epilogue_op(y0, ks, b, b_err, dt, atol, rtol),
+          tr._Epilogue.apply(tuple(b), tuple(b_err), 1e-3, 1e-2, y0, dt, *ks), [y0, dt, *ks], [0, 1, 2, 4])
+    agree(tr.triton_rk_error_ratio_op(ks[1], y0, y1, atol, rtol),
+          tr._ErrorRatio.apply(1e-3, 1e-2, ks[1], y0, y1), [ks[1], y0, y1], [0, 2])
+
+
+def test_the_triton_rk_ops_double_backward_through_the_spec():
+    """create_graph=True through the op path differentiates the spec (as the eager Functions do)."""
+    tr = _interpreted_triton_rk()
+    torch.manual_seed(1)
+    dtype = torch.float64
+    y0 = torch.randn(4, 2, dtype=dtype, requires_grad=True)
+    ks = [torch.randn(4, 2, dtype=dtype, requires_grad=True) for _ in range(2)]
+    dt = torch.tensor(0.3, dtype=dtype, requires_grad=True)
+    at, rt = torch.tensor(1e-3, dtype=dtype), torch.tensor(1e-2, dtype=dtype)
+    fn = lambda y0, k0, k1, dt: tr.triton_rk_epilogue_op(y0, [k0, k1], [0.5, 0.5], [0.2, -0.2], dt, at, rt)[4].sum()  # noqa: E731,E501
+    assert torch.autograd.gradgradcheck(fn, (y0, *ks, dt))
+
+
+def test_a_fixed_grid_odeint_on_the_triton_rk_ops_compiles_without_a_break(monkeypatch):
+    """odeint's stage combinations on the fused Triton kernels (forced on the CPU through the interpreter): one
+    graph, the custom op in it, the eager solve's values and gradients."""
+    _interpreted_triton_rk()
+    import functools
+
+    from fastode.ops import rk as spec
+    from fastode.solvers import fixed_grid
+
+    monkeypatch.setattr(fixed_grid, "resolve_rk_ops", functools.partial(spec.resolve_rk_ops, backend="triton"))
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    fn = _solve_fn(lambda t, y: net(y))
+    x = torch.randn(6, 2, requires_grad=True)
+    explanation = torch._dynamo.explain(fn)(x)
+    assert explanation.graph_break_count == 0
+    assert any("triton_rk_stage" in str(n.target) for g in explanation.graphs for n in g.graph.nodes)
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    got, ref = compiled(x), fn(x)
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+    params = [x, *net.parameters()]
+    g_got = torch.autograd.grad(got.square().sum(), params)
+    g_ref = torch.autograd.grad(ref.square().sum(), params)
+    for a, r in zip(g_got, g_ref):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6)

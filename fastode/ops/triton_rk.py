@@ -14,10 +14,14 @@ and ``atol``/``rtol`` are treated as constants. The coefficients are Python floa
 CUDA tensors (or CPU tensors under ``TRITON_INTERPRET=1``) only. Importing this module registers the backend
 "triton" of the ops ``rk.combine`` and ``rk.error_ratio`` (:mod:`fastode.ops.rk`), which solvers resolve once
 per solve; the double-backward references are the spec's own functions.
+
+Under ``torch.compile`` the same kernels run as the custom ops ``fastode::triton_rk_stage``,
+``triton_rk_epilogue`` and ``triton_rk_error_ratio`` (each with a fake implementation and an autograd formula that
+calls its backward op), so that a compiled solve sees one graph node per call.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -28,7 +32,8 @@ from . import registry
 from .reference_grad import reference_backward
 from .rk import combine_stages, error_ratio, sample_error_ratios
 
-__all__ = ["rk_stage", "rk_epilogue", "rk_error_ratio"]
+__all__ = ["rk_stage", "rk_epilogue", "rk_error_ratio", "triton_rk_stage_op", "triton_rk_epilogue_op",
+           "triton_rk_error_ratio_op"]
 
 
 class _Stage(torch.autograd.Function):
@@ -134,6 +139,8 @@ def _rms_ratios(err, y0, y1, atol, rtol):
 def _dt_tensor(dt, like):
     if isinstance(dt, torch.Tensor):
         return dt if dt.dtype == like.dtype and dt.device == like.device else dt.to(like)
+    if torch.compiler.is_compiling():  # a constant of the graph, not the eager launchers' cache
+        return torch.full((), float(dt), dtype=like.dtype, device=like.device)
     return _K.as_device_scalar(dt, like)
 
 
@@ -146,12 +153,16 @@ def rk_stage(y, ks: Sequence[torch.Tensor], coefs: Sequence[float], dt) -> torch
     ks = tuple(ks[:len(coefs)])
     if all(c == 0.0 for c in coefs):
         return y if y is not None else torch.zeros_like(ks[0])
+    if torch.compiler.is_compiling():
+        return triton_rk_stage_op(y, list(ks), list(coefs), _dt_tensor(dt, ks[0]))
     return _Stage.apply(coefs, y, _dt_tensor(dt, ks[0]), *ks)
 
 
 def rk_error_ratio(y_err: torch.Tensor, y0: torch.Tensor, y1: torch.Tensor, atol=0.0, rtol=0.0):
     """``r = y_err / (atol + rtol * max(|y0|, |y1|))`` reduced in one launch to ``(rms, max, rms per sample,
     max per sample)``; the RMS values are differentiable w.r.t. ``y_err``, ``y0``, ``y1``."""
+    if torch.compiler.is_compiling():
+        return triton_rk_error_ratio_op(y_err, y0, y1, _tolerance_tensor(atol, y0), _tolerance_tensor(rtol, y0))
     return _ErrorRatio.apply(atol, rtol, y_err, y0, y1)
 
 
@@ -159,7 +170,168 @@ def rk_epilogue(y0: torch.Tensor, ks: Sequence[torch.Tensor], b: Sequence[float]
     """Fused step epilogue (differentiable); see the module docstring. ``b_err=None`` returns only ``y1``."""
     b = tuple(float(x) for x in b)
     b_err = tuple(float(x) for x in b_err) if b_err is not None else None
+    if torch.compiler.is_compiling():
+        if b_err is None:  # the solution alone is a stage combination with the weights b
+            return triton_rk_stage_op(y0, list(ks), list(b), _dt_tensor(dt, y0))
+        return triton_rk_epilogue_op(y0, list(ks), list(b), list(b_err), _dt_tensor(dt, y0),
+                                     _tolerance_tensor(atol, y0), _tolerance_tensor(rtol, y0))
     return _Epilogue.apply(b, b_err, atol, rtol, y0, _dt_tensor(dt, y0), *ks)
+
+
+# ---------------------------------------------------------------------------------------------- custom ops
+# The same kernels as torch.library custom ops, so that torch.compile sees one node per call (dynamo cannot trace
+# the launchers' Python); eager calls keep the Functions above. Tolerances enter as tensors (0-dim or the state's
+# shape). A backward asked for with create_graph=True differentiates the spec instead, as the Functions do.
+Tensor = torch.Tensor
+
+
+@torch.library.custom_op("fastode::triton_rk_stage", mutates_args=())
+def triton_rk_stage_op(y: Optional[Tensor], ks: List[Tensor], coefs: List[float], dt: Tensor) -> Tensor:
+    """``y + dt * sum_j coefs[j] * ks[j]`` (``y`` None: without it)."""
+    return _K.rk_stage(y, ks, coefs, dt)
+
+
+@triton_rk_stage_op.register_fake
+def _(y, ks, coefs, dt):
+    return torch.empty_like(ks[0] if y is None else y)
+
+
+@torch.library.custom_op("fastode::triton_rk_stage_backward", mutates_args=())
+def triton_rk_stage_backward_op(g: Tensor, ks: List[Tensor], coefs: List[float], dt: Tensor
+                                ) -> Tuple[List[Tensor], Tensor]:
+    """``([dt c_j g], sum_j c_j <g, k_j>)``: the gradients of every stage derivative and of ``dt``."""
+    gks, gdt = _K.rk_stage_backward(g, ks, coefs, dt, True)
+    return gks, gdt.reshape(dt.shape).to(dt.dtype)
+
+
+@triton_rk_stage_backward_op.register_fake
+def _(g, ks, coefs, dt):
+    return [torch.empty_like(g) for _ in ks], torch.empty_like(dt)
+
+
+def _setup_stage_op(ctx, inputs, output):
+    y, ks, coefs, dt = inputs
+    ctx.coefs, ctx.has_y = list(coefs), y is not None
+    ctx.save_for_backward(dt, *ks)
+
+
+def _backward_stage_op(ctx, g):
+    dt, *ks = ctx.saved_tensors
+    gy = g if ctx.has_y else None
+    if torch.is_grad_enabled():  # a graph of the backward: the spec's formula, differentiable
+        ref = lambda dt, *ks: (combine_stages(None, dt, ctx.coefs, ks),)  # noqa: E731
+        gdt, *gks = reference_backward(ref, [dt, *ks], (g,), [True] * (1 + len(ks)))
+    else:
+        gks, gdt = triton_rk_stage_backward_op(g, ks, ctx.coefs, dt)
+    return gy, list(gks), None, gdt
+
+
+torch.library.register_autograd("fastode::triton_rk_stage", _backward_stage_op, setup_context=_setup_stage_op)
+
+
+@torch.library.custom_op("fastode::triton_rk_epilogue", mutates_args=())
+def triton_rk_epilogue_op(y0: Tensor, ks: List[Tensor], b: List[float], b_err: List[float], dt: Tensor, atol: Tensor,
+                          rtol: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(y1, err, ratio_rms, ratio_max, ratio_rms_sample, ratio_max_sample)`` of :func:`rk_epilogue`."""
+    return _K.rk_epilogue(y0, ks, b, b_err, dt, atol, rtol)
+
+
+def _ratio_fakes(y0):
+    B = 1 if y0.dim() <= 1 else y0.shape[0]
+    return y0.new_empty(()), y0.new_empty(()), y0.new_empty(B), y0.new_empty(B)
+
+
+@triton_rk_epilogue_op.register_fake
+def _(y0, ks, b, b_err, dt, atol, rtol):
+    return (torch.empty_like(y0), torch.empty_like(y0)) + _ratio_fakes(y0)
+
+
+@torch.library.custom_op("fastode::triton_rk_epilogue_backward", mutates_args=())
+def triton_rk_epilogue_backward_op(y0: Tensor, ks: List[Tensor], b: List[float], b_err: List[float], dt: Tensor,
+                                   atol: Tensor, rtol: Tensor, rms_b: Tensor, rms_s: Tensor, g1: Optional[Tensor],
+                                   ge: Optional[Tensor], grb: Optional[Tensor], grs: Optional[Tensor]
+                                   ) -> Tuple[Tensor, List[Tensor], Tensor]:
+    """``(g_y0, [g_k], g_dt)`` through ``y1``, ``err`` and the RMS ratios (absent gradients are None)."""
+    gy0, gks, gdt = _K.rk_epilogue_backward(y0, ks, b, b_err, dt, atol, rtol, rms_b, rms_s, g1=g1, ge=ge, grb=grb,
+                                            grs=grs, need_dt=True)
+    return gy0, gks, gdt.reshape(dt.shape).to(dt.dtype)
+
+
+@triton_rk_epilogue_backward_op.register_fake
+def _(y0, ks, b, b_err, dt, atol, rtol, rms_b, rms_s, g1, ge, grb, grs):
+    return torch.empty_like(y0), [torch.empty_like(y0) for _ in ks], torch.empty_like(dt)
+
+
+def _setup_epilogue_op(ctx, inputs, output):
+    y0, ks, b, b_err, dt, atol, rtol = inputs
+    ctx.b, ctx.b_err = list(b), list(b_err)
+    ctx.save_for_backward(y0, dt, atol, rtol, output[2], output[4], *ks)
+
+
+def _backward_epilogue_op(ctx, g1, ge, grb, _gmb, grs, _gms):
+    y0, dt, atol, rtol, rms_b, rms_s, *ks = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        def ref(y0, dt, *ks):
+            y1 = combine_stages(y0, dt, ctx.b, ks)
+            err = combine_stages(None, dt, ctx.b_err, ks)
+            return y1, err, *_rms_ratios(err, y0, y1, atol, rtol)
+        gy0, gdt, *gks = reference_backward(ref, [y0, dt, *ks], (g1, ge, grb, grs), [True] * (2 + len(ks)))
+    else:
+        gy0, gks, gdt = triton_rk_epilogue_backward_op(y0, ks, ctx.b, ctx.b_err, dt, atol, rtol, rms_b, rms_s,
+                                                       g1, ge, grb, grs)
+    return gy0, list(gks), None, None, gdt, None, None
+
+
+torch.library.register_autograd("fastode::triton_rk_epilogue", _backward_epilogue_op,
+                                setup_context=_setup_epilogue_op)
+
+
+@torch.library.custom_op("fastode::triton_rk_error_ratio", mutates_args=())
+def triton_rk_error_ratio_op(y_err: Tensor, y0: Tensor, y1: Tensor, atol: Tensor, rtol: Tensor
+                             ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(ratio_rms, ratio_max, ratio_rms_sample, ratio_max_sample)`` of :func:`rk_error_ratio`."""
+    return _K.rk_error_ratio(y_err, y0, y1, atol, rtol)
+
+
+@triton_rk_error_ratio_op.register_fake
+def _(y_err, y0, y1, atol, rtol):
+    return _ratio_fakes(y0)
+
+
+@torch.library.custom_op("fastode::triton_rk_error_ratio_backward", mutates_args=())
+def triton_rk_error_ratio_backward_op(y_err: Tensor, y0: Tensor, y1: Tensor, atol: Tensor, rtol: Tensor,
+                                      rms_b: Tensor, rms_s: Tensor, grb: Optional[Tensor], grs: Optional[Tensor]
+                                      ) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(g_y_err, g_y0, g_y1)`` through the RMS ratios."""
+    return _K.rk_error_ratio_backward(y_err, y0, y1, atol, rtol, rms_b, rms_s, grb=grb, grs=grs)
+
+
+@triton_rk_error_ratio_backward_op.register_fake
+def _(y_err, y0, y1, atol, rtol, rms_b, rms_s, grb, grs):
+    return torch.empty_like(y0), torch.empty_like(y0), torch.empty_like(y0)
+
+
+def _setup_ratio_op(ctx, inputs, output):
+    ctx.save_for_backward(*inputs, output[0], output[2])
+
+
+def _backward_ratio_op(ctx, grb, _gmb, grs, _gms):
+    y_err, y0, y1, atol, rtol, rms_b, rms_s = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        ref = lambda y_err, y0, y1: _rms_ratios(y_err, y0, y1, atol, rtol)  # noqa: E731
+        ge, g0, g1 = reference_backward(ref, [y_err, y0, y1], (grb, grs), [True] * 3)
+    else:
+        ge, g0, g1 = triton_rk_error_ratio_backward_op(y_err, y0, y1, atol, rtol, rms_b, rms_s, grb, grs)
+    return ge, g0, g1, None, None
+
+
+torch.library.register_autograd("fastode::triton_rk_error_ratio", _backward_ratio_op, setup_context=_setup_ratio_op)
+
+
+def _tolerance_tensor(x, like):
+    """A tolerance as a tensor input of the ops: 0-dim (a number) or the tensor the user gave."""
+    return x.to(dtype=like.dtype, device=like.device) if isinstance(x, torch.Tensor) else \
+        torch.full((), float(x), dtype=like.dtype, device=like.device)
 
 
 # ------------------------------------------------------------------------------------------ registration
