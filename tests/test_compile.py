@@ -384,15 +384,20 @@ def _interpreted_triton_rk():
     return pytest.importorskip("fastode.ops.triton_rk")
 
 
+def _rk_inputs(shape, stages, dt, seed, dtype=torch.float64):
+    """A state, its stage derivatives and a step size, all requiring gradients."""
+    torch.manual_seed(seed)
+    y0 = torch.randn(*shape, dtype=dtype, requires_grad=True)
+    ks = [torch.randn(*shape, dtype=dtype, requires_grad=True) for _ in range(stages)]
+    return y0, ks, torch.tensor(dt, dtype=dtype, requires_grad=True)
+
+
 def test_opcheck_the_triton_rk_ops_under_the_interpreter():
     """The fused Triton stage, epilogue and error-ratio kernels as custom ops: opcheck, and the op path's values and
     gradients against the eager autograd Functions (tiny sizes: the interpreter runs them)."""
     tr = _interpreted_triton_rk()
-    torch.manual_seed(0)
-    dtype = torch.float64
-    y0 = torch.randn(5, 3, dtype=dtype, requires_grad=True)
-    ks = [torch.randn(5, 3, dtype=dtype, requires_grad=True) for _ in range(3)]
-    dt = torch.tensor(0.2, dtype=dtype, requires_grad=True)
+    y0, ks, dt = _rk_inputs((5, 3), stages=3, dt=0.2, seed=0)
+    dtype = y0.dtype
     atol, rtol = torch.tensor(1e-3, dtype=dtype), torch.tensor(1e-2, dtype=dtype)
     b, b_err = [0.25, 0.5, 0.25], [0.1, -0.3, 0.2]
     torch.library.opcheck(tr.triton_rk_stage_op, (y0, ks, [0.5, 0.0, -1.5], dt))
@@ -421,11 +426,8 @@ def test_opcheck_the_triton_rk_ops_under_the_interpreter():
 def test_the_triton_rk_ops_double_backward_through_the_spec():
     """create_graph=True through the op path differentiates the spec (as the eager Functions do)."""
     tr = _interpreted_triton_rk()
-    torch.manual_seed(1)
-    dtype = torch.float64
-    y0 = torch.randn(4, 2, dtype=dtype, requires_grad=True)
-    ks = [torch.randn(4, 2, dtype=dtype, requires_grad=True) for _ in range(2)]
-    dt = torch.tensor(0.3, dtype=dtype, requires_grad=True)
+    y0, ks, dt = _rk_inputs((4, 2), stages=2, dt=0.3, seed=1)
+    dtype = y0.dtype
     at, rt = torch.tensor(1e-3, dtype=dtype), torch.tensor(1e-2, dtype=dtype)
     fn = lambda y0, k0, k1, dt: tr.triton_rk_epilogue_op(y0, [k0, k1], [0.5, 0.5], [0.2, -0.2], dt, at, rt)[4].sum()  # noqa: E731,E501
     assert torch.autograd.gradgradcheck(fn, (y0, *ks, dt))

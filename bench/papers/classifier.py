@@ -62,7 +62,6 @@ class ODEClassifier(torch.nn.Module):
         if reg in ("r2", "r3", "rnode"):
             zT, r, stats = self._augmented(z0, ts, reg)
             return self.head(zT), r, stats
-        want_stats = reg is not None
         sol = fastode.odeint(self.f, z0, ts, method="dopri5", rtol=RTOL, atol=ATOL, return_stats=True)
         zs, stats = sol
         value = None
@@ -70,7 +69,6 @@ class ODEClassifier(torch.nn.Module):
             value = sum(e * abs(h) for e, h in zip(stats.step_errors, stats.step_sizes))
         elif reg in ("local_error", "local_error_biased"):
             value = self._local(z0, stats, biased=reg.endswith("biased"))
-        del want_stats
         return self.head(zs[-1]), value, stats
 
     def _augmented(self, z0, ts, reg):
