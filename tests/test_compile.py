@@ -349,13 +349,18 @@ def test_opcheck_the_rk_epilogue_and_its_closed_form_gradient():
         torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12)
 
 
-def test_opcheck_the_triton_mlp_ops_under_the_interpreter():
-    """The Triton concatsquash kernels as custom ops (run by the Triton interpreter on the CPU; tiny sizes)."""
+def _interpreted(module: str):
+    """``module`` (a Triton backend) when the Triton interpreter runs its kernels on the CPU, else skip."""
     from fastode.kernels._common import interpreter_active
 
     if not interpreter_active():
         pytest.skip("needs TRITON_INTERPRET=1 (set by conftest on a machine without CUDA)")
-    tm = pytest.importorskip("fastode.ops.triton_mlp")
+    return pytest.importorskip(module)
+
+
+def test_opcheck_the_triton_mlp_ops_under_the_interpreter():
+    """The Triton concatsquash kernels as custom ops (run by the Triton interpreter on the CPU; tiny sizes)."""
+    tm = _interpreted("fastode.ops.triton_mlp")
     torch.manual_seed(0)
     dtype = torch.float64
     params = _flat(ConcatSquashMLP(2, (8,)), dtype)
@@ -376,14 +381,6 @@ def test_opcheck_the_triton_mlp_ops_under_the_interpreter():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-def _interpreted_triton_rk():
-    from fastode.kernels._common import interpreter_active
-
-    if not interpreter_active():
-        pytest.skip("needs TRITON_INTERPRET=1 (set by conftest on a machine without CUDA)")
-    return pytest.importorskip("fastode.ops.triton_rk")
-
-
 def _rk_inputs(shape, stages, dt, seed, dtype=torch.float64):
     """A state, its stage derivatives and a step size, all requiring gradients."""
     torch.manual_seed(seed)
@@ -395,7 +392,7 @@ def _rk_inputs(shape, stages, dt, seed, dtype=torch.float64):
 def test_opcheck_the_triton_rk_ops_under_the_interpreter():
     """The fused Triton stage, epilogue and error-ratio kernels as custom ops: opcheck, and the op path's values and
     gradients against the eager autograd Functions (tiny sizes: the interpreter runs them)."""
-    tr = _interpreted_triton_rk()
+    tr = _interpreted("fastode.ops.triton_rk")
     y0, ks, dt = _rk_inputs((5, 3), stages=3, dt=0.2, seed=0)
     dtype = y0.dtype
     atol, rtol = torch.tensor(1e-3, dtype=dtype), torch.tensor(1e-2, dtype=dtype)
@@ -425,7 +422,7 @@ def test_opcheck_the_triton_rk_ops_under_the_interpreter():
 
 def test_the_triton_rk_ops_double_backward_through_the_spec():
     """create_graph=True through the op path differentiates the spec (as the eager Functions do)."""
-    tr = _interpreted_triton_rk()
+    tr = _interpreted("fastode.ops.triton_rk")
     y0, ks, dt = _rk_inputs((4, 2), stages=2, dt=0.3, seed=1)
     dtype = y0.dtype
     at, rt = torch.tensor(1e-3, dtype=dtype), torch.tensor(1e-2, dtype=dtype)
@@ -436,7 +433,7 @@ def test_the_triton_rk_ops_double_backward_through_the_spec():
 def test_a_fixed_grid_odeint_on_the_triton_rk_ops_compiles_without_a_break(monkeypatch):
     """odeint's stage combinations on the fused Triton kernels (forced on the CPU through the interpreter): one
     graph, the custom op in it, the eager solve's values and gradients."""
-    _interpreted_triton_rk()
+    _interpreted("fastode.ops.triton_rk")
     import functools
 
     from fastode.ops import rk as spec

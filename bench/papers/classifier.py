@@ -62,8 +62,7 @@ class ODEClassifier(torch.nn.Module):
         if reg in ("r2", "r3", "rnode"):
             zT, r, stats = self._augmented(z0, ts, reg)
             return self.head(zT), r, stats
-        sol = fastode.odeint(self.f, z0, ts, method="dopri5", rtol=RTOL, atol=ATOL, return_stats=True)
-        zs, stats = sol
+        zs, stats = fastode.odeint(self.f, z0, ts, method="dopri5", rtol=RTOL, atol=ATOL, return_stats=True)
         value = None
         if reg == "global_error":
             value = sum(e * abs(h) for e, h in zip(stats.step_errors, stats.step_sizes))

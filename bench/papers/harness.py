@@ -14,6 +14,7 @@ iteration, which pays one-time costs), on the threads ``run.py`` pins.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -110,14 +111,6 @@ class FlowRun:
     def median_iter_s(self) -> float:
         return float(np.median(self.iter_s)) if self.iter_s else float("nan")
 
-    def summary(self) -> dict:
-        out = {"name": self.name, "iters": self.iters, "wall_s": self.wall_s, "mean_nfe": self.mean_nfe,
-               "late_nfe": self.late_nfe(), "median_iter_s": self.median_iter_s,
-               "final_loss": float(np.mean(self.loss[-max(1, len(self.loss) // 20):])) if self.loss else None,
-               "final_T": self.T[-1] if self.T else None, "config": self.config}
-        out.update({f"eval_{k}": v for k, v in self.evals.items()})
-        return out
-
     def as_dict(self) -> dict:
         return asdict(self)
 
@@ -177,7 +170,7 @@ def evaluate_flow(flow, x: torch.Tensor, *, solver: dict | None = None, inverse_
     ``mean ||f^-1(f(x)) - x||`` on the first ``inverse_n`` test points (Onken & Ruthotto eq. 17)."""
     flow.eval()
     try:
-        ctx = flow.using_solver(**solver) if solver else _null()
+        ctx = flow.using_solver(**solver) if solver else contextlib.nullcontext()
         with torch.no_grad(), ctx:
             n0 = flow.nfe
             nll = float(-flow.log_prob(x).mean())
@@ -219,14 +212,6 @@ def plot_curves(runs: dict, attr: str, title: str):
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 class RunCache:

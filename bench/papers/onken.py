@@ -15,6 +15,8 @@ data times (the released code predicts at 0.05 k against data at 1.5 k/29).
 """
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 from scipy.integrate import solve_ivp
@@ -62,8 +64,6 @@ def ts_loss(model, mode: str, t, y0, data, tol=None):
 
 
 def train_ts(mode: str, iters: int, seed: int, t, y0, data, progress):
-    import time
-
     model = Spiral(seed)
     opt = torch.optim.Adam(model.parameters(), lr=0.1)
     out = {"loss": [], "iter_s": [], "nfe_f": [], "nfe_b": [], "snapshots": {}}

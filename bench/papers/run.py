@@ -27,6 +27,7 @@ if __name__ == "__main__":
 
 import argparse  # noqa: E402
 import importlib  # noqa: E402
+import json  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -66,7 +67,7 @@ def parse_args(argv=None):
 
 def render(path: Path) -> Path:
     """Rewrite ``papers*.md`` from its JSON (same content; e.g. after a change of the report's layout)."""
-    data = common.json.loads(path.read_text())
+    data = json.loads(path.read_text())
     modules = {n: importlib.import_module(PAPERS[n]) for n in data["wall_s"]}
     scale = H.Scale(**data["meta"]["scale"])
     verdicts = [H.Verdict(**v) for v in data["verdicts"]]

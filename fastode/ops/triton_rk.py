@@ -48,8 +48,7 @@ class _Stage(torch.autograd.Function):
         dt, *ks = ctx.saved_tensors
         if torch.is_grad_enabled():
             gy = g if ctx.needs_input_grad[1] else None
-            ref = lambda dt, *ks: (combine_stages(None, dt, ctx.coefs, ks),)  # noqa: E731
-            return (None, gy) + reference_backward(ref, [dt, *ks], (g,), ctx.needs_input_grad[2:])
+            return (None, gy) + reference_backward(_stage_spec(ctx.coefs), [dt, *ks], (g,), ctx.needs_input_grad[2:])
         need_k = any(ctx.needs_input_grad[3:])
         need_dt = ctx.needs_input_grad[2]
         g_y = g if ctx.needs_input_grad[1] else None
@@ -87,13 +86,8 @@ class _Epilogue(torch.autograd.Function):
             (g1,) = grads
         none = (None,) * (4 + 2 + len(ks))
         if torch.is_grad_enabled():
-            def ref(y0, dt, *ks):
-                y1 = combine_stages(y0, dt, ctx.b, ks)
-                if ctx.b_err is None:
-                    return (y1,)
-                err = combine_stages(None, dt, ctx.b_err, ks)
-                return y1, err, *_rms_ratios(err, y0, y1, ctx.atol, ctx.rtol)
             gs = (g1,) if ctx.b_err is None else (g1, ge, grb, grs)
+            ref = _epilogue_spec(ctx.b, ctx.b_err, ctx.atol, ctx.rtol)
             return (None,) * 4 + reference_backward(ref, [y0, dt, *ks], gs, ctx.needs_input_grad[4:])
         if all(g is None for g in (g1, ge, grb, grs)):
             return none
@@ -122,9 +116,8 @@ class _ErrorRatio(torch.autograd.Function):
             return (None,) * 5
         y_err, y0, y1, rms_b, rms_s = ctx.saved_tensors
         if torch.is_grad_enabled():
-            def ref(y_err, y0, y1):
-                return _rms_ratios(y_err, y0, y1, ctx.atol, ctx.rtol)
-            return (None, None) + reference_backward(ref, [y_err, y0, y1], (grb, grs), ctx.needs_input_grad[2:])
+            return (None, None) + reference_backward(_ratio_spec(ctx.atol, ctx.rtol), [y_err, y0, y1], (grb, grs),
+                                                     ctx.needs_input_grad[2:])
         ge, g0, g1 = _K.rk_error_ratio_backward(y_err, y0, y1, ctx.atol, ctx.rtol, rms_b, rms_s, grb=grb, grs=grs)
         n = ctx.needs_input_grad
         return None, None, ge if n[2] else None, g0 if n[3] else None, g1 if n[4] else None
@@ -136,7 +129,28 @@ def _rms_ratios(err, y0, y1, atol, rtol):
             sample_error_ratios(err, y0, y1, rtol, atol, "rms"))
 
 
-def _dt_tensor(dt, like):
+# The spec's formula of each kernel's differentiable outputs, what a backward with create_graph=True differentiates
+# (the eager Functions and the custom ops alike).
+def _stage_spec(coefs):
+    return lambda dt, *ks: (combine_stages(None, dt, coefs, ks),)
+
+
+def _epilogue_spec(b, b_err, atol, rtol):
+    def ref(y0, dt, *ks):
+        y1 = combine_stages(y0, dt, b, ks)
+        if b_err is None:
+            return (y1,)
+        err = combine_stages(None, dt, b_err, ks)
+        return y1, err, *_rms_ratios(err, y0, y1, atol, rtol)
+    return ref
+
+
+def _ratio_spec(atol, rtol):
+    return lambda y_err, y0, y1: _rms_ratios(y_err, y0, y1, atol, rtol)
+
+
+def _tensor_arg(dt, like):
+    """``dt`` (or a tolerance: a number or a tensor) as a tensor argument in ``like``'s dtype and device."""
     if isinstance(dt, torch.Tensor):
         return dt if dt.dtype == like.dtype and dt.device == like.device else dt.to(like)
     if torch.compiler.is_compiling():  # a constant of the graph, not the eager launchers' cache
@@ -154,15 +168,15 @@ def rk_stage(y, ks: Sequence[torch.Tensor], coefs: Sequence[float], dt) -> torch
     if all(c == 0.0 for c in coefs):
         return y if y is not None else torch.zeros_like(ks[0])
     if torch.compiler.is_compiling():
-        return triton_rk_stage_op(y, list(ks), list(coefs), _dt_tensor(dt, ks[0]))
-    return _Stage.apply(coefs, y, _dt_tensor(dt, ks[0]), *ks)
+        return triton_rk_stage_op(y, list(ks), list(coefs), _tensor_arg(dt, ks[0]))
+    return _Stage.apply(coefs, y, _tensor_arg(dt, ks[0]), *ks)
 
 
 def rk_error_ratio(y_err: torch.Tensor, y0: torch.Tensor, y1: torch.Tensor, atol=0.0, rtol=0.0):
     """``r = y_err / (atol + rtol * max(|y0|, |y1|))`` reduced in one launch to ``(rms, max, rms per sample,
     max per sample)``; the RMS values are differentiable w.r.t. ``y_err``, ``y0``, ``y1``."""
     if torch.compiler.is_compiling():
-        return triton_rk_error_ratio_op(y_err, y0, y1, _tolerance_tensor(atol, y0), _tolerance_tensor(rtol, y0))
+        return triton_rk_error_ratio_op(y_err, y0, y1, _tensor_arg(atol, y0), _tensor_arg(rtol, y0))
     return _ErrorRatio.apply(atol, rtol, y_err, y0, y1)
 
 
@@ -172,10 +186,10 @@ def rk_epilogue(y0: torch.Tensor, ks: Sequence[torch.Tensor], b: Sequence[float]
     b_err = tuple(float(x) for x in b_err) if b_err is not None else None
     if torch.compiler.is_compiling():
         if b_err is None:  # the solution alone is a stage combination with the weights b
-            return triton_rk_stage_op(y0, list(ks), list(b), _dt_tensor(dt, y0))
-        return triton_rk_epilogue_op(y0, list(ks), list(b), list(b_err), _dt_tensor(dt, y0),
-                                     _tolerance_tensor(atol, y0), _tolerance_tensor(rtol, y0))
-    return _Epilogue.apply(b, b_err, atol, rtol, y0, _dt_tensor(dt, y0), *ks)
+            return triton_rk_stage_op(y0, list(ks), list(b), _tensor_arg(dt, y0))
+        return triton_rk_epilogue_op(y0, list(ks), list(b), list(b_err), _tensor_arg(dt, y0),
+                                     _tensor_arg(atol, y0), _tensor_arg(rtol, y0))
+    return _Epilogue.apply(b, b_err, atol, rtol, y0, _tensor_arg(dt, y0), *ks)
 
 
 # ---------------------------------------------------------------------------------------------- custom ops
@@ -219,8 +233,7 @@ def _backward_stage_op(ctx, g):
     dt, *ks = ctx.saved_tensors
     gy = g if ctx.has_y else None
     if torch.is_grad_enabled():  # a graph of the backward: the spec's formula, differentiable
-        ref = lambda dt, *ks: (combine_stages(None, dt, ctx.coefs, ks),)  # noqa: E731
-        gdt, *gks = reference_backward(ref, [dt, *ks], (g,), [True] * (1 + len(ks)))
+        gdt, *gks = reference_backward(_stage_spec(ctx.coefs), [dt, *ks], (g,), [True] * (1 + len(ks)))
     else:
         gks, gdt = triton_rk_stage_backward_op(g, ks, ctx.coefs, dt)
     return gy, list(gks), None, gdt
@@ -271,10 +284,7 @@ def _setup_epilogue_op(ctx, inputs, output):
 def _backward_epilogue_op(ctx, g1, ge, grb, _gmb, grs, _gms):
     y0, dt, atol, rtol, rms_b, rms_s, *ks = ctx.saved_tensors
     if torch.is_grad_enabled():
-        def ref(y0, dt, *ks):
-            y1 = combine_stages(y0, dt, ctx.b, ks)
-            err = combine_stages(None, dt, ctx.b_err, ks)
-            return y1, err, *_rms_ratios(err, y0, y1, atol, rtol)
+        ref = _epilogue_spec(ctx.b, ctx.b_err, atol, rtol)
         gy0, gdt, *gks = reference_backward(ref, [y0, dt, *ks], (g1, ge, grb, grs), [True] * (2 + len(ks)))
     else:
         gy0, gks, gdt = triton_rk_epilogue_backward_op(y0, ks, ctx.b, ctx.b_err, dt, atol, rtol, rms_b, rms_s,
@@ -318,8 +328,7 @@ def _setup_ratio_op(ctx, inputs, output):
 def _backward_ratio_op(ctx, grb, _gmb, grs, _gms):
     y_err, y0, y1, atol, rtol, rms_b, rms_s = ctx.saved_tensors
     if torch.is_grad_enabled():
-        ref = lambda y_err, y0, y1: _rms_ratios(y_err, y0, y1, atol, rtol)  # noqa: E731
-        ge, g0, g1 = reference_backward(ref, [y_err, y0, y1], (grb, grs), [True] * 3)
+        ge, g0, g1 = reference_backward(_ratio_spec(atol, rtol), [y_err, y0, y1], (grb, grs), [True] * 3)
     else:
         ge, g0, g1 = triton_rk_error_ratio_backward_op(y_err, y0, y1, atol, rtol, rms_b, rms_s, grb, grs)
     return ge, g0, g1, None, None
@@ -327,11 +336,6 @@ def _backward_ratio_op(ctx, grb, _gmb, grs, _gms):
 
 torch.library.register_autograd("fastode::triton_rk_error_ratio", _backward_ratio_op, setup_context=_setup_ratio_op)
 
-
-def _tolerance_tensor(x, like):
-    """A tolerance as a tensor input of the ops: 0-dim (a number) or the tensor the user gave."""
-    return x.to(dtype=like.dtype, device=like.device) if isinstance(x, torch.Tensor) else \
-        torch.full((), float(x), dtype=like.dtype, device=like.device)
 
 
 # ------------------------------------------------------------------------------------------ registration
