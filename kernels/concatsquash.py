@@ -104,11 +104,12 @@ def _probe(e_ptr, rows64, rmask, cn, D, i, MODE: tl.constexpr):
 
 
 @triton.jit
-def _fwd_layer(x_ptr, x_rs, x_cols, xrm, w_l, v_l, n_in, n_out, t, pre_ptr, h_ptr, f_ptr, rows64, rmask, D,
+def _fwd_layer(x_ptr, x_rs, x_cols, xrm, w_l, v_l, n_in, n_out, t, pre_ptr, h_ptr, f_ptr, f_rs, rows64, rmask, D,
                kin, P: tl.constexpr, BM: tl.constexpr, CH: tl.constexpr, CD: tl.constexpr,
                FIRST: tl.constexpr, LAST: tl.constexpr, ACT: tl.constexpr, PRE: tl.constexpr,
                WRITE_F: tl.constexpr, PREC: tl.constexpr):
-    """One forward layer for one tile. PRE: 0 store nothing, 1 store u (pre-activation), 2 store a."""
+    """One forward layer for one tile. PRE: 0 store nothing, 1 store u (pre-activation), 2 store a.
+    ``f`` (last layer) goes to ``f_ptr + rows64 * f_rs`` (a global output or a per-program scratch slot)."""
     if FIRST:
         KC: tl.constexpr = CD
     else:
@@ -132,7 +133,7 @@ def _fwd_layer(x_ptr, x_rs, x_cols, xrm, w_l, v_l, n_in, n_out, t, pre_ptr, h_pt
         if LAST:
             if WRITE_F:
                 fm = rmask[:, None] & (cn < D)[None, :]
-                tl.store(f_ptr + rows64[:, None] * D + cn[None, :], u, mask=fm)
+                tl.store(f_ptr + rows64[:, None] * f_rs + cn[None, :], u, mask=fm)
                 kin += tl.sum(tl.where(fm, u * u, 0.0), axis=1)
         else:
             tl.store(h_ptr + loc, act_fwd(u, ACT))
@@ -145,7 +146,8 @@ def _fwd_layer(x_ptr, x_rs, x_cols, xrm, w_l, v_l, n_in, n_out, t, pre_ptr, h_pt
 @triton.jit
 def _vjp_layer_fwd(scr, w_ptr, v_ptr, dims_ptr, e_ptr, vjp_ptr, rows64, rmask, D, t, i, tr, fr,
                    l: tl.constexpr, L: tl.constexpr, P: tl.constexpr, BM: tl.constexpr, CH: tl.constexpr,
-                   CD: tl.constexpr, ACT: tl.constexpr, MODE: tl.constexpr, PREC: tl.constexpr):
+                   CD: tl.constexpr, ACT: tl.constexpr, MODE: tl.constexpr, WRITE_VJP: tl.constexpr,
+                   PREC: tl.constexpr):
     """beta_l = alpha_l @ W_l; then alpha_{l-1} = beta_l * act'(u_{l-1}) * s_{l-1}, or the outputs at l = 0."""
     if l == 0:
         KC: tl.constexpr = CD
@@ -165,7 +167,7 @@ def _vjp_layer_fwd(scr, w_ptr, v_ptr, dims_ptr, e_ptr, vjp_ptr, rows64, rmask, D
         beta = _mm_bwd(g_in, w_ptr + l * P * P, k0, n_out, 0, w_ptr, P, BM, KC, NC, False, PREC)
         if l == 0:
             vm = rmask[:, None] & (ck < D)[None, :]
-            if MODE == 1:
+            if WRITE_VJP:
                 tl.store(vjp_ptr + rows64[:, None] * D + ck[None, :], beta, mask=vm)
             ev = _probe(e_ptr, rows64, rmask, ck, D, i, MODE)
             tr += tl.sum(beta * ev, axis=1)
@@ -179,12 +181,61 @@ def _vjp_layer_fwd(scr, w_ptr, v_ptr, dims_ptr, e_ptr, vjp_ptr, rows64, rmask, D
 
 
 @triton.jit
+def mlp_tile_forward(scr, x_ptr, x_rs, xrm, f_ptr, f_rs, f_rows, rows64, rmask, e_ptr, vjp_ptr, w_ptr, v_ptr,
+                     dims_ptr, D, t,
+                     L: tl.constexpr, P: tl.constexpr, ACT: tl.constexpr, MODE: tl.constexpr, BM: tl.constexpr,
+                     CH: tl.constexpr, CD: tl.constexpr, WRITE_VJP: tl.constexpr, PREC: tl.constexpr):
+    """The MLP (and, MODE > 0, its VJP / trace) of one tile: ``(kinetic, trace, frob)`` per row.
+
+    Input rows ``x_ptr + r * x_rs`` (``D`` wide, rows where ``xrm``); ``f`` to ``f_ptr + f_rows * f_rs``; ``rows64``
+    index ``e`` / ``vjp`` (global rows). Scratch slots (BM x P each): H_{l} (l=1..L-1) at l-1; U_l at L-1+l;
+    alpha ping-pong at 2L-1, 2L. Shared by the MLP kernel and the fused RK step kernels.
+    """
+    SL: tl.constexpr = BM * P
+    r = tl.arange(0, BM)
+    allr = r < BM
+    kin = tl.zeros((BM,), dtype=w_ptr.dtype.element_ty)
+    for l in tl.static_range(L):
+        n_in = tl.load(dims_ptr + l)
+        n_out = tl.load(dims_ptr + l + 1)
+        if l == 0:
+            kin = _fwd_layer(x_ptr, x_rs, D, xrm, w_ptr, v_ptr, n_in, n_out, t,
+                             scr + (L - 1) * SL, scr, f_ptr, f_rs, f_rows, rmask, D, kin,
+                             P, BM, CH, CD, True, L == 1, ACT, (MODE > 0) * 1, True, PREC)
+        else:
+            kin = _fwd_layer(scr + (l - 1) * SL, P, P, allr, w_ptr + l * P * P, v_ptr + l * 4 * P,
+                             n_in, n_out, t, scr + (L - 1 + l) * SL, scr + l * SL, f_ptr, f_rs, f_rows, rmask,
+                             D, kin, P, BM, CH, CD, False, l == L - 1, ACT, (MODE > 0) * 1, True, PREC)
+        tl.debug_barrier()
+    tr = tl.zeros((BM,), dtype=w_ptr.dtype.element_ty)
+    fr = tl.zeros((BM,), dtype=w_ptr.dtype.element_ty)
+    if MODE > 0:
+        if MODE == 1:
+            nprobe = 1
+        else:
+            nprobe = D
+        for i in range(0, nprobe):
+            g_last = scr + (2 * L - 1 + (L - 1) % 2) * SL
+            for n0 in range(0, D, CD):
+                cn = n0 + tl.arange(0, CD)
+                b, s, c = _gate(v_ptr + (L - 1) * 4 * P, cn, t, P)
+                ev = _probe(e_ptr, rows64, rmask, cn, D, i, MODE)
+                tl.store(g_last + r[:, None] * P + cn[None, :], ev * s[None, :])
+            tl.debug_barrier()
+            for j in tl.static_range(L):
+                tr, fr = _vjp_layer_fwd(scr, w_ptr, v_ptr, dims_ptr, e_ptr, vjp_ptr, rows64, rmask, D, t, i,
+                                        tr, fr, L - 1 - j, L, P, BM, CH, CD, ACT, MODE, WRITE_VJP, PREC)
+                tl.debug_barrier()
+    return kin, tr, fr
+
+
+@triton.jit
 def csq_fwd_kernel(t_ptr, z_ptr, e_ptr, w_ptr, v_ptr, dims_ptr,
                    f_ptr, vjp_ptr, tr_ptr, kin_ptr, frob_ptr, scr_ptr,
                    B, D, n_tiles,
                    L: tl.constexpr, P: tl.constexpr, ACT: tl.constexpr, MODE: tl.constexpr,
                    BM: tl.constexpr, CH: tl.constexpr, CD: tl.constexpr, PREC: tl.constexpr):
-    """Scratch slots (BM x P each): H_{l} (l=1..L-1) at l-1; U_l at L-1+l; alpha ping-pong at 2L-1, 2L."""
+    """One persistent program per group of row tiles; each tile runs :func:`mlp_tile_forward`."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     SL: tl.constexpr = BM * P
@@ -192,45 +243,15 @@ def csq_fwd_kernel(t_ptr, z_ptr, e_ptr, w_ptr, v_ptr, dims_ptr,
     scr = scr_ptr + pid.to(tl.int64) * (NS * SL)
     t = tl.load(t_ptr)
     r = tl.arange(0, BM)
-    allr = r < BM
     for tile in range(pid, n_tiles, nprog):
         rows = tile * BM + r
         rmask = rows < B
         rows64 = rows.to(tl.int64)
         z_tile = z_ptr + tl.cast(tile, tl.int64) * BM * D
-        kin = tl.zeros((BM,), dtype=z_ptr.dtype.element_ty)
-        for l in tl.static_range(L):
-            n_in = tl.load(dims_ptr + l)
-            n_out = tl.load(dims_ptr + l + 1)
-            if l == 0:
-                kin = _fwd_layer(z_tile, D, D, rmask, w_ptr, v_ptr, n_in, n_out, t,
-                                 scr + (L - 1) * SL, scr, f_ptr, rows64, rmask, D, kin,
-                                 P, BM, CH, CD, True, L == 1, ACT, (MODE > 0) * 1, True, PREC)
-            else:
-                kin = _fwd_layer(scr + (l - 1) * SL, P, P, allr, w_ptr + l * P * P, v_ptr + l * 4 * P,
-                                 n_in, n_out, t, scr + (L - 1 + l) * SL, scr + l * SL, f_ptr, rows64, rmask,
-                                 D, kin, P, BM, CH, CD, False, l == L - 1, ACT, (MODE > 0) * 1, True, PREC)
-            tl.debug_barrier()
+        kin, tr, fr = mlp_tile_forward(scr, z_tile, D, rmask, f_ptr, D, rows64, rows64, rmask, e_ptr, vjp_ptr,
+                                       w_ptr, v_ptr, dims_ptr, D, t, L, P, ACT, MODE, BM, CH, CD, MODE == 1, PREC)
         tl.store(kin_ptr + rows, kin, mask=rmask)
         if MODE > 0:
-            tr = tl.zeros((BM,), dtype=z_ptr.dtype.element_ty)
-            fr = tl.zeros((BM,), dtype=z_ptr.dtype.element_ty)
-            if MODE == 1:
-                nprobe = 1
-            else:
-                nprobe = D
-            for i in range(0, nprobe):
-                g_last = scr + (2 * L - 1 + (L - 1) % 2) * SL
-                for n0 in range(0, D, CD):
-                    cn = n0 + tl.arange(0, CD)
-                    b, s, c = _gate(v_ptr + (L - 1) * 4 * P, cn, t, P)
-                    ev = _probe(e_ptr, rows64, rmask, cn, D, i, MODE)
-                    tl.store(g_last + r[:, None] * P + cn[None, :], ev * s[None, :])
-                tl.debug_barrier()
-                for j in tl.static_range(L):
-                    tr, fr = _vjp_layer_fwd(scr, w_ptr, v_ptr, dims_ptr, e_ptr, vjp_ptr, rows64, rmask, D, t, i,
-                                            tr, fr, L - 1 - j, L, P, BM, CH, CD, ACT, MODE, PREC)
-                    tl.debug_barrier()
             tl.store(tr_ptr + rows, tr, mask=rmask)
             tl.store(frob_ptr + rows, fr, mask=rmask)
 
@@ -410,12 +431,12 @@ def csq_bwd_kernel(t_ptr, z_ptr, e_ptr, w_ptr, v_ptr, dims_ptr,
             n_out = tl.load(dims_ptr + l + 1)
             if l == 0:
                 dummy = _fwd_layer(z_tile, D, D, rmask, w_ptr, v_ptr, n_in, n_out, t,
-                                   scr + (L - 1) * SL, scr, z_ptr, rows64, rmask, D, dummy,
+                                   scr + (L - 1) * SL, scr, z_ptr, D, rows64, rmask, D, dummy,
                                    P, BM, CH, CD, True, L == 1, ACT, 2, False, PREC)
             else:
                 dummy = _fwd_layer(scr + (l - 1) * SL, P, P, allr, w_ptr + l * P * P, v_ptr + l * 4 * P,
-                                   n_in, n_out, t, scr + (L - 1 + l) * SL, scr + l * SL, z_ptr, rows64, rmask,
-                                   D, dummy, P, BM, CH, CD, False, l == L - 1, ACT, 2, False, PREC)
+                                   n_in, n_out, t, scr + (L - 1 + l) * SL, scr + l * SL, z_ptr, D, rows64,
+                                   rmask, D, dummy, P, BM, CH, CD, False, l == L - 1, ACT, 2, False, PREC)
             tl.debug_barrier()
         # ---- steps 2 + 3: VJP and its adjoint, once per probe ----
         if SECOND:

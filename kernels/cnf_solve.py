@@ -1,0 +1,299 @@
+"""Launchers of the fused CNF step kernels (:mod:`fastode.kernels.cnf_step`): whole solves on the device.
+
+* :meth:`TritonCnfSolver.adaptive`: a batch-global adaptive solve with torchdiffeq's semantics (the first step by
+  the Hairer-Norsett-Wanner heuristic of the RK spec, :func:`fastode.ops.rk.initial_step`, run on the device with
+  the fused MLP; then one launch per step attempt, the controller on the device; overshoot and torchdiffeq's
+  quartic interpolation at the end time, queued on the device). The host reads the control block only every
+  ``sync_every`` launches (0: once at the end, after launching as many attempts as the previous solve needed --
+  launches after the end are no-ops -- and more only if those did not suffice).
+* :meth:`TritonCnfSolver.grid`: a fixed-grid solve, one launch per step and no host read (a CUDA graph can capture
+  it).
+* :meth:`TritonCnfSolver.per_tile`: a per-tile adaptive solve in one persistent launch.
+
+Launchers own shapes, buffers, the grid and the read-back; the kernels know pointers, shapes and tableau constants.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import triton
+
+from fastode.ops.launch_count import host_read, launched
+from fastode.ops.rk import initial_step
+
+from . import cnf_step as K
+from . import concatsquash as CS
+from ._common import ACT_CODES, DOT_PRECISION, empty, max_programs
+
+RATE_CODES = {"-trace": 0, "trace": 1, "kinetic": 2, "jac_frob": 3}
+TRACE_MODES = {"none": CS.MODE_F, "hutchinson": CS.MODE_HUTCH, "exact": CS.MODE_EXACT}
+
+#: at most this many accepted steps are recorded (step_ts / step_sizes) per solve
+MAX_RECORDED_STEPS = 100_000
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    """A tableau as the step kernel's constants (all Python floats from :mod:`fastode.tableaus`)."""
+
+    S: int
+    C: tuple
+    A: tuple          # row-major s x s
+    BW: tuple
+    EW: tuple
+    CM: tuple
+    FSAL: bool
+    ORDER: int
+    ADAPTIVE: bool
+
+    @classmethod
+    def of(cls, tab, adaptive: bool) -> "StepSpec":
+        s = len(tab.c)
+        a = [0.0] * (s * s)
+        for i, row in enumerate(tab.a):
+            for j, v in enumerate(row):
+                a[i * s + j] = float(v)
+        zeros = (0.0,) * s
+        if adaptive:
+            if tab.b_err is None or tab.c_mid is None or not tab.fsal:
+                raise ValueError(f"tableau {tab.name!r}: the fused adaptive step needs an FSAL tableau with an error "
+                                 "estimate and midpoint weights (dopri5, tsit5, bosh3)")
+            ew, cm = tuple(float(v) for v in tab.b_err), tuple(float(v) for v in tab.c_mid)
+        else:
+            ew = cm = zeros
+        return cls(s, tuple(float(v) for v in tab.c), tuple(a), tuple(float(v) for v in tab.b), ew, cm,
+                   bool(tab.fsal and adaptive), int(tab.order), bool(adaptive))
+
+    def constexprs(self) -> dict:
+        return dict(S=self.S, C=self.C, A=self.A, BW=self.BW, EW=self.EW, CM=self.CM, FSAL=self.FSAL,
+                    ADAPTIVE=self.ADAPTIVE, ORDER=self.ORDER)
+
+
+def _scratch_per_program(L: int, S: int, NQ: int, BM: int, P: int) -> int:
+    return (2 * L + 2 + S) * BM * P + S * NQ * BM
+
+
+class TritonCnfSolver:
+    """The fused solves of one CNF configuration: a packed concatsquash MLP (:class:`~fastode.kernels.concatsquash.
+    PackedParams`), its activation, the trace mode (``"hutchinson"``, ``"exact"``, ``"none"``), the ``q`` rates
+    (names of :data:`RATE_CODES`), how many ``q`` columns steer the step (``nq_norm``) and a tableau."""
+
+    _expected_attempts: dict = {}
+
+    def __init__(self, packed: CS.PackedParams, activation: str, trace: str, rates: Sequence[str], nq_norm: int,
+                 tableau, *, adaptive: bool, BM: Optional[int] = None, max_programs: Optional[int] = None,
+                 num_warps: int = 4):
+        self.packed = packed
+        self.activation = activation
+        self.mode = TRACE_MODES[trace]
+        self.rates = tuple(RATE_CODES[r] for r in rates)
+        self.nq = len(self.rates)
+        self.nq_norm = min(int(nq_norm), self.nq)
+        self.tableau = tableau
+        self.spec = StepSpec.of(tableau, adaptive)
+        dtype = packed.W.dtype
+        cfg = CS.default_config(packed.D, packed.widths, dtype)
+        self.BM = BM or cfg["BM"]
+        self.max_programs = max_programs
+        self.num_warps = num_warps
+
+    # -------------------------------------------------------------------------------------------- pieces
+    def _grid(self, B: int, device) -> tuple:
+        n_tiles = triton.cdiv(B, self.BM)
+        cap = max_programs(device) if self.max_programs is None else self.max_programs
+        return n_tiles, max(1, min(n_tiles, cap))
+
+    def evaluate(self, t: torch.Tensor, z: torch.Tensor, e: Optional[torch.Tensor]):
+        """The rates at ``(t, z)`` (``t`` a 0-dim device tensor of z's dtype): ``(f (B, D), q rates (B, NQ))``."""
+        launched("csq_fwd_kernel")
+        f, _, tr, kin, fr = CS.concatsquash_fwd(t, z, e, self.packed, self.activation, self.mode, BM=self.BM,
+                                                max_progs=self.max_programs, num_warps=self.num_warps)
+        cols = {0: (lambda: -tr), 1: (lambda: tr), 2: (lambda: kin), 3: (lambda: fr)}
+        q = torch.stack([cols[c]() for c in self.rates], -1) if self.nq else z.new_zeros(z.shape[0], 0)
+        return f, q
+
+    def _launch_step(self, bufs, e, ctl, opt, part, cnt, steps_t, steps_dt, cap, grid, step_i, scr, B, D, n_tiles,
+                     nprog, time_f32):
+        Z, Q, F, FQ, MID, MIDQ = bufs
+        pk = self.packed
+        launched("cnf_step_kernel")
+        K.cnf_step_kernel[(nprog,)](
+            Z, Q, F, FQ, MID, MIDQ, e, pk.W, pk.V, pk.dims, ctl, opt, part, cnt, steps_t, steps_dt, cap, grid,
+            step_i, scr, B, D, n_tiles,
+            L=pk.L, P=pk.P, ACT=ACT_CODES[self.activation], MODE=self.mode, BM=self.BM, CH=pk.CH, CD=pk.CD,
+            PREC=DOT_PRECISION, RATES=self.rates or (0,), NQ=self.nq, NQN=self.nq_norm, TIME_F32=time_f32,
+            num_warps=self.num_warps, **self.spec.constexprs())
+
+    def _buffers(self, z0, q0):
+        B, D = z0.shape
+        nqb = max(self.nq, 1)
+        Z, F, MID = (empty((2, B, D), z0) for _ in range(3))
+        Q, FQ, MIDQ = (empty((2, B, nqb), z0) for _ in range(3))
+        Z[0] = z0
+        if self.nq:
+            Q[0] = q0
+        return Z, Q, F, FQ, MID, MIDQ
+
+    def _scratch(self, nprog, like):
+        pk = self.packed
+        return empty((nprog * _scratch_per_program(pk.L, self.spec.S, self.nq, self.BM, pk.P),), like)
+
+    # -------------------------------------------------------------------------------------------- fixed grid
+    def grid(self, grid: torch.Tensor, z0: torch.Tensor, q0: torch.Tensor, e: Optional[torch.Tensor]):
+        """``(zT, qT)`` after one RK step per grid interval (``grid``: 1-D times, at least two)."""
+        B, D = z0.shape
+        n = grid.numel() - 1
+        time_f32 = grid.dtype == torch.float32
+        g64 = grid.detach().to(torch.float64).contiguous()
+        bufs = self._buffers(z0.contiguous(), q0.contiguous())
+        n_tiles, nprog = self._grid(B, z0.device)
+        scr = self._scratch(nprog, z0)
+        e_arg = e.contiguous() if e is not None else z0
+        dummy = g64
+        for i in range(n):
+            self._launch_step(bufs, e_arg, dummy, dummy, dummy, dummy, dummy, dummy, 0, g64, i, scr, B, D, n_tiles,
+                              nprog, time_f32)
+        Z, Q = bufs[0], bufs[1]
+        return Z[n % 2], Q[n % 2, :, : self.nq]
+
+    # -------------------------------------------------------------------------------------------- adaptive
+    def adaptive(self, t0: torch.Tensor, t1: torch.Tensor, z0: torch.Tensor, q0: torch.Tensor,
+                 e: Optional[torch.Tensor], *, rtol: float, atol: float, safety: float, ifactor: float,
+                 dfactor: float, min_step: float, max_step: float, first_step: Optional[float], max_num_steps: int,
+                 time_dtype: torch.dtype, sync_every: int = 0):
+        """A batch-global adaptive solve from ``t0`` to ``t1`` (0-dim tensors, any device): ``(zT, qT, record)``.
+
+        ``record``: a dict of the solve's counts (``status``, ``t_status``, ``nfe``, ``steps``, ``accepted``,
+        ``rejected``, ``step_ts``, ``step_sizes``, ``finite``) read back once at the end (and every
+        ``sync_every`` launches while running).
+        """
+        dev, dtype = z0.device, z0.dtype
+        B, D = z0.shape
+        z0, q0 = z0.contiguous(), q0.contiguous()
+        e_arg = e.contiguous() if e is not None else z0
+        time_f32 = time_dtype == torch.float32
+        f64 = dict(dtype=torch.float64, device=dev)
+        rnd = (lambda x: x.to(torch.float32).to(torch.float64)) if time_f32 else (lambda x: x)
+        bufs = self._buffers(z0, q0)
+        Z, Q, F, FQ, MID, MIDQ = bufs
+        # ---- the clock and the first evaluation, on the device
+        t0d, t1d = t0.detach().to(**f64).reshape(()), t1.detach().to(**f64).reshape(())
+        dirn = torch.where(t1d < t0d, -1.0, 1.0).to(torch.float64)
+        tau0, tend = rnd(dirn * t0d), rnd(dirn * t1d)
+        f0, fq0 = self.evaluate(t0d.to(dtype), z0, e)
+        F[0] = f0
+        if self.nq:
+            FQ[0] = fq0
+        nfe0 = 1.0
+        if first_step is not None:
+            dtp = rnd(torch.full((), float(first_step), **f64))
+        else:
+            dtp = self._first_step(tau0, dirn, z0, q0, f0, fq0, e, rtol, atol, time_dtype).to(torch.float64)
+            nfe0 = 2.0
+        zero = torch.zeros((), **f64)
+        ctl = torch.stack([tau0, dtp, tau0, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero,
+                           zero + nfe0, tend, dirn, zero, zero])
+        opt = torch.tensor([rtol, atol, safety, ifactor, dfactor, min_step, max_step, float(max_num_steps)], **f64)
+        launched("cnf_prepare_kernel")
+        K.cnf_prepare_kernel[(1,)](ctl, opt, z0, TIME_F32=time_f32)
+        n_tiles, nprog = self._grid(B, dev)
+        scr = self._scratch(nprog, z0)
+        part = torch.zeros((2 * nprog,), **f64)
+        cnt = torch.zeros((), dtype=torch.int32, device=dev)
+        cap = int(min(max_num_steps, MAX_RECORDED_STEPS))
+        steps_t = torch.zeros((cap,), **f64)
+        steps_dt = torch.zeros((cap,), **f64)
+        # ---- the attempts: launches queue up; the host looks at `done` only between chunks
+        key = (self.spec, B, D, self.nq)
+        chunk = sync_every if sync_every > 0 else self._expected_attempts.get(key, 16)
+        launches = 0
+        while True:
+            n = min(chunk, max_num_steps + 1 - launches)
+            for _ in range(n):
+                self._launch_step(bufs, e_arg, ctl, opt, part, cnt, steps_t, steps_dt, cap, opt, 0, scr, B, D,
+                                  n_tiles, nprog, time_f32)
+            launches += n
+            host_read("solve status")
+            if bool(ctl[K.C_DONE.value] != 0) or launches > max_num_steps:
+                break
+            chunk = sync_every if sync_every > 0 else max(16, launches)
+        # ---- output at the end time inside the last accepted step (queued on the device)
+        zT, qT = self._interpolate(bufs, ctl, z0, q0, time_f32)
+        finite = torch.isfinite(zT).all() & torch.isfinite(qT).all()
+        host_read("solve record")
+        back = torch.cat([ctl, finite.to(torch.float64).reshape(1), steps_t, steps_dt]).cpu()
+        c = back[: K.NCTL].tolist()
+        acc = int(c[K.C_ACC.value])
+        nrec = min(acc, cap)
+        record = {"status": int(c[K.C_STATUS.value]), "t_status": c[K.C_TSTAT.value], "nfe": int(c[K.C_NFE.value]),
+                  "steps": int(c[K.C_ATT.value]), "accepted": acc, "rejected": int(c[K.C_REJ.value]),
+                  "finite": bool(back[K.NCTL] != 0),
+                  "step_ts": back[K.NCTL + 1: K.NCTL + 1 + nrec].tolist(),
+                  "step_sizes": back[K.NCTL + 1 + cap: K.NCTL + 1 + cap + nrec].tolist(),
+                  "launches": launches + 1}
+        self._expected_attempts[key] = max(1, record["steps"] + 1)
+        return zT, qT[:, : self.nq], record
+
+    def _first_step(self, tau0, dirn, z0, q0, f0, fq0, e, rtol, atol, time_dtype):
+        """The RK spec's initial step on the device, in odeint's tau = dir * t (its state: z and q flattened)."""
+        B, D = z0.shape
+        nqn = self.nq_norm
+        dtype = z0.dtype
+        sign = dirn.to(dtype)
+
+        def flat(z, q):
+            return torch.cat([z.reshape(-1), q.t().reshape(-1)])
+
+        def norm(x):
+            parts = [x[: B * D]] + [x[B * D + j * B: B * D + (j + 1) * B] for j in range(nqn)]
+            return torch.stack([p.abs().pow(2).mean().sqrt() for p in parts]).max()
+
+        def call(tt, y):
+            zz = y[: B * D].reshape(B, D)
+            f, q = self.evaluate((dirn * tt.to(torch.float64)).to(dtype), zz, e)
+            return flat(f, q) * sign
+
+        dt, _ = initial_step(call, tau0.to(time_dtype), flat(z0, q0), flat(f0, fq0) * sign, self.spec.ORDER - 1,
+                             rtol, atol, norm, step_dtype=dtype)
+        return dt.to(time_dtype)
+
+    def _interpolate(self, bufs, ctl, z0, q0, time_f32):
+        """torchdiffeq's quartic interpolant of the last accepted step at the end time (no host read)."""
+        Z, Q, F, FQ, MID, MIDQ = bufs
+        dtype = z0.dtype
+        cur = ctl[K.C_CUR.value].to(torch.long).reshape(1)
+        prev = 1 - cur
+        tau, taup, tend = ctl[K.C_TAU.value], ctl[K.C_TAUP.value], ctl[K.C_TEND.value]
+        width = tau - taup
+        if time_f32:
+            width = width.to(torch.float32).to(torch.float64)
+            x = ((tend - taup) / width).to(torch.float32)
+        else:
+            x = (tend - taup) / width
+        x = x.to(dtype)
+        dt = (ctl[K.C_DIR.value] * ctl[K.C_HP.value]).to(dtype)
+        moved = ctl[K.C_ACC.value] > 0
+
+        def quartic(Y, FF, M, start):
+            y0, y1 = Y.index_select(0, prev)[0], Y.index_select(0, cur)[0]
+            f0, f1 = FF.index_select(0, prev)[0], FF.index_select(0, cur)[0]
+            ym = M.index_select(0, cur)[0]
+            a = 2 * dt * (f1 - f0) - 8 * (y1 + y0) + 16 * ym
+            b = dt * (5 * f0 - 3 * f1) + 18 * y0 + 14 * y1 - 32 * ym
+            c = dt * (f1 - 4 * f0) - 11 * y0 - 5 * y1 + 16 * ym
+            d = dt * f0
+            total = y0 + x * d
+            xp = x * x
+            total = total + xp * c
+            xp = xp * x
+            total = total + xp * b
+            xp = xp * x
+            total = total + xp * a
+            return torch.where(moved, total, start)
+
+        zT = quartic(Z, F, MID, z0)
+        qT = quartic(Q, FQ, MIDQ, q0 if self.nq else Q[0]) if self.nq else q0
+        return zT, qT
+

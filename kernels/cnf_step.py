@@ -1,0 +1,391 @@
+"""Fused CNF Runge-Kutta step kernels: every stage's concatsquash MLP and trace, the step's end, its error norm and
+(adaptive) the step-size controller, in one launch; and a per-tile adaptive solve in one persistent launch.
+
+The augmented state is ``z`` (B, D) and ``q`` (B, NQ): the log-density change and the regulariser integrals. Their
+rates per stage are ``f`` (the MLP) and, per ``q`` column, a rate code of ``RATES``: 0 ``-trace``, 2 kinetic
+``|f|^2``, 3 Jacobian-Frobenius ``|e^T J|^2`` (the codes of the C++ stepper).
+
+Kernel layout
+-------------
+* One persistent program per group of row tiles (``BM`` rows); each tile runs all ``S`` stages with the stage
+  inputs and derivatives in the program's scratch slots (``BM x P`` each; they stay in L1/L2): the MLP of
+  :func:`fastode.kernels.concatsquash.mlp_tile_forward`, then the stage combination ``z + sum_j k_j fl(a_ij dt)``
+  (torchdiffeq's rounding), then the end ``z1 = z0 + sum_i k_i fl(b_i dt)``, the error ``sum_i k_i fl(e_i dt)``,
+  the midpoint ``z0 + sum_i k_i fl(cmid_i dt)`` (torchdiffeq's quartic interpolant needs it) and the FSAL stage.
+* Tableau coefficients are ``constexpr`` tuples from :mod:`fastode.tableaus` (through the launcher); zero ones
+  skip their loads. Nothing here writes a coefficient down.
+* Batch-global step control (torchdiffeq's semantics): each program writes its partial sums of squared error
+  ratios (float64, NaN kept: sums propagate NaN, unlike ``tl.max``); the last program to arrive (an atomic ticket)
+  reduces them in a fixed order -- deterministic -- into the CNF's norm ``max(RMS_z, RMS_q[:NQN])`` and runs the
+  controller of :mod:`fastode.solvers.controller` on the device: accept/reject, the next step, the clock, counts,
+  status, the accepted step's time and size, and the next attempt's ``t0, dt``. The state is double-buffered
+  (slot ``cur`` holds the step start, ``1 - cur`` the candidate; acceptance flips ``cur``), so a launch never
+  reads what it writes, and a launch after the end (``done``) does nothing: the host can queue launches without
+  reading anything back.
+* Fixed grid (``ADAPTIVE=False``): step ``i`` of a device grid, buffers by ``i % 2``; no controller, no ticket.
+* Per tile (:func:`cnf_tile_solve_kernel`): each program integrates its tiles to the end time with the tile's own
+  step size (the same controller on the tile's norm), one launch for the whole solve.
+
+Control block ``ctl`` (float64, indices ``C_*``) and options ``opt`` (float64, indices ``O_*``) are device
+tensors; the launcher (:mod:`fastode.kernels.cnf_solve`) owns their set-up and read-back.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .concatsquash import mlp_tile_forward
+
+# control block fields (float64)
+C_TAU = tl.constexpr(0)         # the integration variable tau = dir * t (rounded as the time dtype)
+C_DTP = tl.constexpr(1)         # the proposed step size (unsigned)
+C_TAUP = tl.constexpr(2)        # tau at the start of the last accepted step
+C_HP = tl.constexpr(3)          # the last accepted step's size (state-rounded, unsigned)
+C_TNEW = tl.constexpr(4)        # tau at the end of the current attempt
+C_H = tl.constexpr(5)           # the current attempt's size (clamped, unsigned)
+C_T0 = tl.constexpr(6)          # the current attempt's start time t (signed)
+C_DT = tl.constexpr(7)          # the current attempt's step in t (signed, state-rounded)
+C_CUR = tl.constexpr(8)         # buffer slot of the step start
+C_DONE = tl.constexpr(9)        # 1: the solve has ended (success or failure); launches are no-ops
+C_STATUS = tl.constexpr(10)     # 0 ok, 1 max_num_steps, 2 step-size underflow, 3 NaN/inf
+C_TSTAT = tl.constexpr(11)      # t where the solve stopped (status != 0)
+C_ATT = tl.constexpr(12)        # attempts (max_num_steps counts these)
+C_ACC = tl.constexpr(13)        # accepted steps
+C_REJ = tl.constexpr(14)        # rejected steps
+C_NFE = tl.constexpr(15)        # network evaluations
+C_TEND = tl.constexpr(16)       # tau at the end time
+C_DIR = tl.constexpr(17)        # +1 / -1: direction of time
+C_SEEN = tl.constexpr(18)       # a non-finite attempt since the last acceptance (an underflow then is NaN/inf)
+C_RATIO = tl.constexpr(19)      # the last attempt's error ratio
+NCTL = 20
+
+# options (float64)
+O_RTOL = tl.constexpr(0)
+O_ATOL = tl.constexpr(1)
+O_SAFETY = tl.constexpr(2)
+O_IFACTOR = tl.constexpr(3)
+O_DFACTOR = tl.constexpr(4)
+O_MIN = tl.constexpr(5)
+O_MAX = tl.constexpr(6)
+O_MAXN = tl.constexpr(7)
+NOPT = 8
+
+ST_MAX_STEPS, ST_UNDERFLOW, ST_NONFINITE = 1, 2, 3
+
+
+# ------------------------------------------------------------------------------------------------
+# the controller (scalars, float64): fastode.solvers.controller.IntegralController on the device
+# ------------------------------------------------------------------------------------------------
+@triton.jit
+def _round_time(x, TIME_F32: tl.constexpr):
+    """A time as the host loop holds it: float64, rounded to float32 for a float32 time tensor."""
+    if TIME_F32:
+        x = x.to(tl.float32).to(tl.float64)
+    return x
+
+
+@triton.jit
+def _finite(x):
+    return (x - x) == 0.0  # False for NaN and +-inf
+
+
+@triton.jit
+def _factor(r, safety, ifactor, dfactor, ORDER: tl.constexpr):
+    """IntegralController.factor: safety / r^(1/order) limited to [1 or dfactor, ifactor]; NaN / inf / 0 cases."""
+    fin = _finite(r)
+    safe = tl.where(fin & (r > 0.0), r, 1.0)
+    lower = tl.where(r < 1.0, 1.0, dfactor)
+    f = tl.minimum(tl.maximum(safety / tl.exp(tl.log(safe) / ORDER), lower), ifactor)
+    f = tl.where(r == 0.0, ifactor, f)
+    f = tl.where((r == r) & (fin == 0), tl.minimum(ifactor, tl.maximum(0.0, dfactor)), f)
+    return tl.where(r != r, tl.minimum(dfactor, 1.0), f)
+
+
+@triton.jit
+def _state_round(x, DT_DTYPE: tl.constexpr):
+    return x.to(DT_DTYPE).to(tl.float64)
+
+
+@triton.jit
+def prepare_attempt(ctl, opt, TIME_F32: tl.constexpr, DT_DTYPE: tl.constexpr):
+    """Set up the next attempt (or end the solve): odeint's checks before a step -- the end time reached, then
+    max_num_steps, then the step-size underflow -- and the attempt's ``h``, ``t0``, ``dt``."""
+    tau = tl.load(ctl + C_TAU)
+    tend = tl.load(ctl + C_TEND)
+    att = tl.load(ctl + C_ATT)
+    dtp = tl.load(ctl + C_DTP)
+    dirn = tl.load(ctl + C_DIR)
+    seen = tl.load(ctl + C_SEEN)
+    mn = tl.load(opt + O_MIN)
+    mx = tl.load(opt + O_MAX)
+    h = tl.where(_finite(dtp), dtp, mn)
+    h = tl.minimum(tl.maximum(h, mn), mx)
+    tnew = _round_time(tau + h, TIME_F32)
+    running = tend > tau
+    over = running & (att >= tl.load(opt + O_MAXN))
+    under = running & (over == 0) & ((tnew > tau) == 0)
+    status = tl.where(over, 1.0, tl.where(under, tl.where(seen > 0.0, 3.0, 2.0), 0.0))
+    go = running & (status == 0.0)
+    hs = _state_round(h, DT_DTYPE)
+    tl.store(ctl + C_H, h)
+    tl.store(ctl + C_TNEW, tnew)
+    tl.store(ctl + C_T0, dirn * tau)
+    tl.store(ctl + C_DT, dirn * hs)
+    tl.store(ctl + C_STATUS, status)
+    tl.store(ctl + C_TSTAT, dirn * tau)
+    tl.store(ctl + C_DONE, tl.where(go, 0.0, 1.0))
+
+
+@triton.jit
+def _control(ctl, opt, ratio, steps_t, steps_dt, cap, NFE_PER: tl.constexpr, ORDER: tl.constexpr,
+             TIME_F32: tl.constexpr, DT_DTYPE: tl.constexpr):
+    """After an attempt with error ratio ``ratio``: IntegralController.adapt, the bookkeeping of
+    fastode.solvers.rk_adaptive._adaptive_step (counts, the clock, the accepted step's record), then
+    :func:`prepare_attempt`."""
+    h = tl.load(ctl + C_H)
+    mn = tl.load(opt + O_MIN)
+    mx = tl.load(opt + O_MAX)
+    fin = _finite(ratio)
+    accept = (ratio <= 1.0) & (h <= mx)
+    accept = accept | (h <= mn)
+    f = _factor(ratio, tl.load(opt + O_SAFETY), tl.load(opt + O_IFACTOR), tl.load(opt + O_DFACTOR), ORDER)
+    dt_next = tl.minimum(tl.maximum(h * f, mn), mx)
+    forced_nan = (h <= mn) & (fin == 0)
+    tau = tl.load(ctl + C_TAU)
+    dirn = tl.load(ctl + C_DIR)
+    acc = tl.load(ctl + C_ACC)
+    cur = tl.load(ctl + C_CUR)
+    tnew = tl.load(ctl + C_TNEW)
+    # the accepted step's record (the stats' step_ts / step_sizes, the backward's tape)
+    slot = acc.to(tl.int64)
+    ok = accept & (forced_nan == 0)
+    tl.store(steps_t + slot, dirn * tau, mask=ok & (slot < cap))
+    tl.store(steps_dt + slot, dirn * (tnew - tau), mask=ok & (slot < cap))
+    tl.store(ctl + C_RATIO, ratio)
+    tl.store(ctl + C_ATT, tl.load(ctl + C_ATT) + 1.0)
+    tl.store(ctl + C_NFE, tl.load(ctl + C_NFE) + NFE_PER)
+    tl.store(ctl + C_ACC, tl.where(ok, acc + 1.0, acc))
+    tl.store(ctl + C_REJ, tl.load(ctl + C_REJ) + tl.where(accept, 0.0, 1.0))
+    tl.store(ctl + C_TAUP, tl.where(ok, tau, tl.load(ctl + C_TAUP)))
+    tl.store(ctl + C_HP, tl.where(ok, _state_round(h, DT_DTYPE), tl.load(ctl + C_HP)))
+    tl.store(ctl + C_TAU, tl.where(ok, tnew, tau))
+    tl.store(ctl + C_CUR, tl.where(ok, 1.0 - cur, cur))
+    tl.store(ctl + C_SEEN, tl.where(ok, 0.0, tl.where(fin, tl.load(ctl + C_SEEN), 1.0)))
+    tl.store(ctl + C_DTP, dt_next)
+    if forced_nan:  # odeint: NonFiniteError when dt <= min_step and the ratio is not finite
+        tl.store(ctl + C_STATUS, 3.0)
+        tl.store(ctl + C_TSTAT, dirn * tau)
+        tl.store(ctl + C_DONE, 1.0)
+    else:
+        prepare_attempt(ctl, opt, TIME_F32, DT_DTYPE)
+
+
+@triton.jit
+def _mixed_norm(sz, sq, B, D, NQN: tl.constexpr):
+    """The CNF's norm from sums of squares: max(RMS of z, RMS of the first NQN q columns), NaN-propagating."""
+    r = tl.sqrt(sz / (tl.cast(B, tl.float64) * D))
+    if NQN > 0:
+        rq = tl.sqrt(sq / (tl.cast(B, tl.float64) * NQN))
+        r = tl.where((rq > r) | (rq != rq), rq, r)
+    return r
+
+
+# ------------------------------------------------------------------------------------------------
+# one step of one tile
+# ------------------------------------------------------------------------------------------------
+@triton.jit
+def _rate(kin, tr, fr, code: tl.constexpr):
+    if code == 0:
+        v = -tr
+    elif code == 1:
+        v = tr
+    elif code == 2:
+        v = kin
+    else:
+        v = fr
+    return v
+
+
+@triton.jit
+def _tile_step(z0_ptr, q0_ptr, f0_ptr, fq0_ptr, z1_ptr, q1_ptr, f1_ptr, fq1_ptr, mid_ptr, midq_ptr,
+               e_ptr, w_ptr, v_ptr, dims_ptr, scr, rows, rmask, B, D, t0, dt, rtol, atol,
+               L: tl.constexpr, P: tl.constexpr, ACT: tl.constexpr, MODE: tl.constexpr, BM: tl.constexpr,
+               CH: tl.constexpr, CD: tl.constexpr, PREC: tl.constexpr,
+               S: tl.constexpr, C: tl.constexpr, A: tl.constexpr, BW: tl.constexpr, EW: tl.constexpr,
+               CM: tl.constexpr, FSAL: tl.constexpr, ADAPTIVE: tl.constexpr, RATES: tl.constexpr,
+               NQ: tl.constexpr, NQN: tl.constexpr, TIME_F32: tl.constexpr):
+    """All stages and the end of one step of one tile (rows ``rows``; global pointers are the tile's slots).
+
+    Returns the tile's sums of squared error ratios ``(sz, sq)`` (float64; zero without ``ADAPTIVE``).
+    Scratch: the MLP's 2L+1 slots, then the stage input, then S stage derivatives (BM x P each), then S x NQ
+    per-row q rates (BM each).
+    """
+    SL: tl.constexpr = BM * P
+    dtype = w_ptr.dtype.element_ty
+    r = tl.arange(0, BM)
+    allr = r < BM
+    rows64 = rows.to(tl.int64)
+    # torchdiffeq's rounding (fastode.ops.rk.combine_stages_exact): weights fl(c) * fl(dt) in the state dtype,
+    # products summed in stage order
+    dts = dt.to(dtype)
+    zin = scr + (2 * L + 1) * SL
+    kz = zin + SL
+    kq = kz + S * SL
+    for i in tl.static_range(S):
+        if i == 0 and FSAL:
+            # k_0 = f(t0, z0): the previous step's last stage (or the first evaluation)
+            for n0 in range(0, D, CD):
+                cn = n0 + tl.arange(0, CD)
+                m = rmask[:, None] & (cn < D)[None, :]
+                k = tl.load(f0_ptr + rows64[:, None] * D + cn[None, :], mask=m, other=0.0)
+                tl.store(kz + r[:, None] * P + cn[None, :], k)
+            for j in tl.static_range(NQ):
+                tl.store(kq + j * BM + r, tl.load(fq0_ptr + rows64 * NQ + j, mask=rmask, other=0.0))
+        else:
+            for n0 in range(0, D, CD):
+                cn = n0 + tl.arange(0, CD)
+                m = rmask[:, None] & (cn < D)[None, :]
+                acc = tl.zeros((BM, CD), dtype=dtype)
+                for j in tl.static_range(i):
+                    if A[i * S + j] != 0.0:
+                        kj = tl.load(kz + j * SL + r[:, None] * P + cn[None, :], mask=m, other=0.0)
+                        acc += kj * (dts * A[i * S + j])
+                y = tl.load(z0_ptr + rows64[:, None] * D + cn[None, :], mask=m, other=0.0) + acc
+                tl.store(zin + r[:, None] * P + cn[None, :], tl.where(m, y, 0.0))
+            tl.debug_barrier()
+            ti = _round_time(t0 + C[i] * dt, TIME_F32).to(dtype)
+            kin, tr, fr = mlp_tile_forward(scr, zin, P, allr, kz + i * SL, P, r.to(tl.int64), rows64, rmask, e_ptr,
+                                           e_ptr, w_ptr, v_ptr, dims_ptr, D, ti, L, P, ACT, MODE, BM, CH, CD,
+                                           False, PREC)
+            for j in tl.static_range(NQ):
+                tl.store(kq + (i * NQ + j) * BM + r, _rate(kin, tr, fr, RATES[j]))
+        tl.debug_barrier()
+    # ---- the step's end, error, midpoint and FSAL stage
+    sz = tl.zeros((BM,), dtype=tl.float64)
+    sq = tl.zeros((BM,), dtype=tl.float64)
+    for n0 in range(0, D, CD):
+        cn = n0 + tl.arange(0, CD)
+        m = rmask[:, None] & (cn < D)[None, :]
+        g = rows64[:, None] * D + cn[None, :]
+        y0 = tl.load(z0_ptr + g, mask=m, other=0.0)
+        sb = tl.zeros((BM, CD), dtype=dtype)
+        se = tl.zeros((BM, CD), dtype=dtype)
+        sm = tl.zeros((BM, CD), dtype=dtype)
+        for j in tl.static_range(S):
+            if BW[j] != 0.0 or EW[j] != 0.0 or CM[j] != 0.0 or (j == S - 1):
+                kj = tl.load(kz + j * SL + r[:, None] * P + cn[None, :], mask=m, other=0.0)
+                if BW[j] != 0.0:
+                    sb += kj * (dts * BW[j])
+                if EW[j] != 0.0:
+                    se += kj * (dts * EW[j])
+                if CM[j] != 0.0:
+                    sm += kj * (dts * CM[j])
+                if ADAPTIVE and (j == S - 1):
+                    tl.store(f1_ptr + g, kj, mask=m)
+        y1 = y0 + sb
+        tl.store(z1_ptr + g, y1, mask=m)
+        if ADAPTIVE:
+            tl.store(mid_ptr + g, y0 + sm, mask=m)
+            tol = atol + rtol * tl.maximum(tl.abs(y0), tl.abs(y1))
+            ratio = tl.where(m, se / tol, 0.0).to(tl.float64)
+            sz += tl.sum(ratio * ratio, axis=1)
+    for j in tl.static_range(NQ):
+        y0 = tl.load(q0_ptr + rows64 * NQ + j, mask=rmask, other=0.0)
+        sb = tl.zeros((BM,), dtype=dtype)
+        se = tl.zeros((BM,), dtype=dtype)
+        sm = tl.zeros((BM,), dtype=dtype)
+        for i in tl.static_range(S):
+            ki = tl.load(kq + (i * NQ + j) * BM + r)
+            if BW[i] != 0.0:
+                sb += ki * (dts * BW[i])
+            if EW[i] != 0.0:
+                se += ki * (dts * EW[i])
+            if CM[i] != 0.0:
+                sm += ki * (dts * CM[i])
+            if ADAPTIVE and (i == S - 1):
+                tl.store(fq1_ptr + rows64 * NQ + j, ki, mask=rmask)
+        y1 = y0 + sb
+        tl.store(q1_ptr + rows64 * NQ + j, y1, mask=rmask)
+        if ADAPTIVE:
+            tl.store(midq_ptr + rows64 * NQ + j, y0 + sm, mask=rmask)
+            if j < NQN:
+                tol = atol + rtol * tl.maximum(tl.abs(y0), tl.abs(y1))
+                ratio = tl.where(rmask, se / tol, 0.0).to(tl.float64)
+                sq += ratio * ratio
+    tl.debug_barrier()
+    return tl.sum(sz, axis=0), tl.sum(sq, axis=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# batch-global step (adaptive: with the controller) and fixed-grid step
+# ------------------------------------------------------------------------------------------------
+@triton.jit(do_not_specialize=["cap", "step_i", "B", "D", "n_tiles"])
+def cnf_step_kernel(z_ptr, q_ptr, f_ptr, fq_ptr, mid_ptr, midq_ptr, e_ptr, w_ptr, v_ptr, dims_ptr,
+                    ctl, opt, part_ptr, cnt_ptr, steps_t, steps_dt, cap, grid_ptr, step_i, scr_ptr,
+                    B, D, n_tiles,
+                    L: tl.constexpr, P: tl.constexpr, ACT: tl.constexpr, MODE: tl.constexpr, BM: tl.constexpr,
+                    CH: tl.constexpr, CD: tl.constexpr, PREC: tl.constexpr,
+                    S: tl.constexpr, C: tl.constexpr, A: tl.constexpr, BW: tl.constexpr, EW: tl.constexpr,
+                    CM: tl.constexpr, FSAL: tl.constexpr, ADAPTIVE: tl.constexpr, RATES: tl.constexpr,
+                    NQ: tl.constexpr, NQN: tl.constexpr, ORDER: tl.constexpr, TIME_F32: tl.constexpr):
+    """One step attempt of the whole batch. State buffers are ``(2, B, ...)``: slot ``cur`` is read, ``1 - cur``
+    written. Adaptive: ``t0, dt, cur`` from ``ctl``, the last program runs the controller. Fixed grid: step
+    ``step_i`` of ``grid_ptr`` (float64 times), ``cur = step_i % 2``."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    dtype = w_ptr.dtype.element_ty
+    SL: tl.constexpr = BM * P
+    NS: tl.constexpr = (2 * L + 2 + S) * SL + S * NQ * BM
+    scr = scr_ptr + pid.to(tl.int64) * NS
+    if ADAPTIVE:
+        done = tl.load(ctl + C_DONE)
+        cur = tl.load(ctl + C_CUR).to(tl.int64)
+        t0 = tl.load(ctl + C_T0)
+        dt = tl.load(ctl + C_DT)
+        rtol = tl.load(opt + O_RTOL).to(dtype)
+        atol = tl.load(opt + O_ATOL).to(dtype)
+    else:
+        done = 0.0
+        cur = tl.cast(step_i % 2, tl.int64)
+        t0 = tl.load(grid_ptr + step_i)
+        dt = _round_time(tl.load(grid_ptr + step_i + 1) - t0, TIME_F32)
+        rtol = tl.zeros((), dtype=dtype)
+        atol = tl.zeros((), dtype=dtype) + 1.0
+    if done == 0.0:
+        nxt = 1 - cur
+        BD = tl.cast(B, tl.int64) * D
+        BQ = tl.cast(B, tl.int64) * NQ
+        psz = tl.zeros((), dtype=tl.float64)
+        psq = tl.zeros((), dtype=tl.float64)
+        for tile in range(pid, n_tiles, nprog):
+            rows = tile * BM + tl.arange(0, BM)
+            rmask = rows < B
+            sz, sq = _tile_step(z_ptr + cur * BD, q_ptr + cur * BQ, f_ptr + cur * BD, fq_ptr + cur * BQ,
+                                z_ptr + nxt * BD, q_ptr + nxt * BQ, f_ptr + nxt * BD, fq_ptr + nxt * BQ,
+                                mid_ptr + nxt * BD, midq_ptr + nxt * BQ, e_ptr, w_ptr, v_ptr, dims_ptr, scr, rows,
+                                rmask, B, D, t0, dt, rtol, atol, L, P, ACT, MODE, BM, CH, CD, PREC, S, C, A, BW,
+                                EW, CM, FSAL, ADAPTIVE, RATES, NQ, NQN, TIME_F32)
+            psz += sz
+            psq += sq
+        if ADAPTIVE:
+            tl.store(part_ptr + 2 * pid, psz)
+            tl.store(part_ptr + 2 * pid + 1, psq)
+            tl.debug_barrier()
+            ticket = tl.atomic_add(cnt_ptr, 1, sem="acq_rel")
+            if ticket == nprog - 1:
+                # the last program: fixed-order reduction of every program's partials (L2 reads), the controller
+                tz = tl.zeros((), dtype=tl.float64)
+                tq = tl.zeros((), dtype=tl.float64)
+                for p in range(0, nprog):
+                    tz += tl.load(part_ptr + 2 * p, cache_modifier=".cg")
+                    tq += tl.load(part_ptr + 2 * p + 1, cache_modifier=".cg")
+                ratio = _mixed_norm(tz, tq, B, D, NQN)
+                _control(ctl, opt, ratio, steps_t, steps_dt, cap, S - 1, ORDER, TIME_F32, dtype)
+                tl.atomic_xchg(cnt_ptr, 0)
+
+
+@triton.jit
+def cnf_prepare_kernel(ctl, opt, like_ptr, TIME_F32: tl.constexpr):
+    """One program: the first attempt's set-up (after the first step size is on the device); ``like_ptr``: a
+    tensor of the state's dtype (the step is rounded to it)."""
+    prepare_attempt(ctl, opt, TIME_F32, like_ptr.dtype.element_ty)
