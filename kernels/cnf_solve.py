@@ -107,7 +107,6 @@ class TritonCnfSolver:
 
     def evaluate(self, t: torch.Tensor, z: torch.Tensor, e: Optional[torch.Tensor]):
         """The rates at ``(t, z)`` (``t`` a 0-dim device tensor of z's dtype): ``(f (B, D), q rates (B, NQ))``."""
-        launched("csq_fwd_kernel")
         f, _, tr, kin, fr = CS.concatsquash_fwd(t, z, e, self.packed, self.activation, self.mode, BM=self.BM,
                                                 max_progs=self.max_programs, num_warps=self.num_warps)
         cols = {0: (lambda: -tr), 1: (lambda: tr), 2: (lambda: kin), 3: (lambda: fr)}

@@ -31,6 +31,8 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from . import cnf_solve as CSV  # noqa: E402
+from . import cnf_step as STEP  # noqa: E402
 from . import concatsquash as CS  # noqa: E402
 from . import rk as RK  # noqa: E402
 from ._common import ACT_CODES, DOT_PRECISION  # noqa: E402
@@ -188,6 +190,35 @@ def _rk_records(dtype: str, arch: int):
     return recs
 
 
+def _cnf_step(dtype: str, method: str, mode: int, rates: tuple, L: int, D: int, width: int, BM, act="tanh",
+              num_warps=4, arch=90):
+    """The fused CNF step kernel for ``method``'s tableau (adaptive methods with the device controller)."""
+    from fastode.solvers import method_info  # type: ignore
+
+    info = method_info(method)
+    spec = CSV.StepSpec.of(info.rk_tableau, info.adaptive)
+    BM, CH, CD, P = _csq_tiles(dtype, D, width, BM, None)
+    p = "*" + _TY[dtype]
+    types = {n: p for n in ("z_ptr", "q_ptr", "f_ptr", "fq_ptr", "mid_ptr", "midq_ptr", "e_ptr", "w_ptr", "v_ptr",
+                            "scr_ptr")}
+    types.update({n: "*fp64" for n in ("ctl", "opt", "part_ptr", "steps_t", "steps_dt", "grid_ptr")})
+    types.update(dims_ptr="*i32", cnt_ptr="*i32", cap="i32", step_i="i32", B="i32", D="i32", n_tiles="i32")
+    codes = tuple(CSV.RATE_CODES[r] for r in rates)
+    cx = dict(L=L, P=P, ACT=ACT_CODES[act], MODE=mode, BM=BM, CH=CH, CD=CD, PREC=DOT_PRECISION, RATES=codes or (0,),
+              NQ=len(codes), NQN=min(1, len(codes)), TIME_F32=dtype == "float32", **spec.constexprs())
+    rec = compile_one(STEP.cnf_step_kernel, types, cx, arch, num_warps)
+    rec["config"] = dict(dtype=dtype, method=method, mode=mode, rates=list(rates), L=L, D=D, hidden=width, BM=BM,
+                         CH=CH, CD=CD, P=P, act=act)
+    return rec
+
+
+def _cnf_prepare(dtype: str, arch=90):
+    types = dict(ctl="*fp64", opt="*fp64", like_ptr="*" + _TY[dtype])
+    rec = compile_one(STEP.cnf_prepare_kernel, types, dict(TIME_F32=dtype == "float32"), arch, 1)
+    rec["config"] = dict(dtype=dtype)
+    return rec
+
+
 def compile_all(arch: int = 90, quick: bool = False, log=None) -> list[dict]:
     """Compile every kernel in representative configurations; returns one record per compiled kernel."""
     recs = []
@@ -209,6 +240,19 @@ def compile_all(arch: int = 90, quick: bool = False, log=None) -> list[dict]:
             recs.append(rec)
             if log:
                 log(rec)
+    # the fused CNF step: every method the engines run, on the toy model with the RNODE integrands (quick: a small
+    # model, bosh3 -- the full step of dopri5 on the toy model takes ~70 s to compile)
+    if quick:
+        add(_cnf_step, "float32", "bosh3", CS.MODE_HUTCH, ("trace", "kinetic"), 2, 2, 32, None)
+    else:
+        add(_cnf_step, "float32", "dopri5", CS.MODE_HUTCH, ("trace", "kinetic", "jac_frob"), 4, 2, 64, None)
+    add(_cnf_prepare, "float32")
+    if not quick:
+        for method in ("tsit5", "bosh3", "rk4", "rk4_classic"):
+            add(_cnf_step, "float32", method, CS.MODE_HUTCH, ("trace",), 4, 2, 64, None)
+        add(_cnf_step, "float32", "dopri5", CS.MODE_EXACT, ("trace",), 4, 2, 64, None)
+        add(_cnf_step, "float64", "dopri5", CS.MODE_HUTCH, ("trace", "kinetic", "jac_frob"), 4, 2, 64, None)
+        add(_cnf_prepare, "float64")
     if not quick:
         # wide (256) and deep (6 layers), other activations, a larger tile
         add(_csq_fwd, "float32", CS.MODE_HUTCH, 3, 16, 256, 32, act="softplus")

@@ -34,6 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastode.ops.launch_count import launched
+
 from ._common import ACT_CODES, DOT_PRECISION, act_d1, act_d2, act_fwd, empty as _empty, max_programs
 
 MODE_F, MODE_HUTCH, MODE_EXACT = 0, 1, 2
@@ -580,6 +582,7 @@ def concatsquash_fwd(t, z, e, packed: PackedParams, activation: str, mode: int, 
     fr = _empty((B,), z) if mode != MODE_F else None
     scr = _empty((nprog, 2 * L + 1, BM, P), z)
     e_arg = e if e is not None else z
+    launched("csq_fwd_kernel")
     csq_fwd_kernel[(nprog,)](
         t, z, e_arg, packed.W, packed.V, packed.dims,
         f, vjp if vjp is not None else f, tr if tr is not None else kin, kin, fr if fr is not None else kin, scr,
@@ -612,6 +615,7 @@ def concatsquash_bwd(t, z, e, packed: PackedParams, activation: str, mode: int, 
         gtr = None
     dummy = z
     second = (mode != MODE_F and gtr is not None) or (mode == MODE_HUTCH and (gv is not None or gfrob is not None))
+    launched("csq_bwd_kernel")
     csq_bwd_kernel[(nprog,)](
         t, z, e if e is not None else dummy, packed.W, packed.V, packed.dims,
         gf if gf is not None else dummy, gv if gv is not None else dummy, gtr if gtr is not None else dummy,

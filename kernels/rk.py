@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastode.ops.launch_count import launched
+
 from ._common import empty, empty_like, max_programs
 
 
@@ -303,6 +305,7 @@ def rk_stage(y, ks: Sequence[torch.Tensor], coefs: Sequence[float], dt) -> torch
     dt_t = as_device_scalar(dt, like)
     out = empty_like(like)
     N = like.numel()
+    launched("rk_stage_kernel")
     rk_stage_kernel[(triton.cdiv(N, _STAGE_BLOCK),)](y if y is not None else out, kk, dt_t, out, N, COEFS=cc,
                                                      HAS_Y=y is not None, BLOCK=_STAGE_BLOCK)
     return out
@@ -322,6 +325,7 @@ def rk_stage_backward(g, ks, coefs, dt, need_dt: bool):
     N = g.numel()
     nprog = triton.cdiv(N, _STAGE_BLOCK)
     part = empty((nprog,), g) if need_dt else g
+    launched("rk_stage_bwd_kernel")
     rk_stage_bwd_kernel[(nprog,)](g, kk, dt_t, outs, part, N, COEFS=cc, NEED_DT=need_dt, BLOCK=_STAGE_BLOCK)
     for j, o in zip(idx, outs):
         gks[j] = o
@@ -396,6 +400,7 @@ def rk_error_ratio(y_err, y0, y1, atol=0.0, rtol=0.0, *, grid_split=None):
     at, at_t = _tol_arg(atol, y0)
     rt, rt_t = _tol_arg(rtol, y0)
     psq, pmax, rms_s, max_s, rms_b, max_b = _ratio_buffers(B, n_c, y0)
+    launched("rk_epilogue_kernel")
     rk_epilogue_kernel[(n_r, n_c)](
         y0, (y1, y_err), as_device_scalar(1.0, y0), at, rt, y0, y0, psq, pmax, rms_s, max_s, rms_b, max_b,
         _counter(y0.device), B, M, split_w, BCOEF=(0.0, 0.0), ECOEF=(0.0, 0.0), ATOL_T=at_t, RTOL_T=rt_t,
@@ -412,6 +417,7 @@ def rk_error_ratio_backward(y_err, y0, y1, atol, rtol, rms_b, rms_s, grb=None, g
     rt, rt_t = _tol_arg(rtol, y0)
     gy0, gy1, gerr = empty_like(y0), empty_like(y0), empty_like(y0)
     c = lambda g: g.contiguous() if g is not None else y0  # noqa: E731
+    launched("rk_epilogue_bwd_kernel")
     rk_epilogue_bwd_kernel[(n_r, n_c)](
         y0, (y1, y_err), as_device_scalar(1.0, y0), at, rt, y0, y0, c(grb), c(grs), c(rms_b), c(rms_s), gy0,
         (gy1, gerr), y0, B, M, split_w, BCOEF=(0.0, 0.0), ECOEF=(0.0, 0.0), ATOL_T=at_t, RTOL_T=rt_t,
@@ -442,6 +448,7 @@ def rk_epilogue(y0, ks, b, b_err, dt, atol=0.0, rtol=0.0, *, grid_split=None):
         psq, pmax, rms_s, max_s, rms_b, max_b = _ratio_buffers(B, n_c, y0)
     else:
         err = psq = pmax = rms_s = max_s = rms_b = max_b = y1
+    launched("rk_epilogue_kernel")
     rk_epilogue_kernel[(n_r, n_c)](
         y0, ks, dt_t, at, rt, y1, err, psq, pmax, rms_s, max_s, rms_b, max_b, _counter(y0.device),
         B, M, split_w, BCOEF=bc, ECOEF=ec, ATOL_T=at_t, RTOL_T=rt_t, HAS_ERR=has_err, PRECOMP=False, BR=BR, BC=BC,
@@ -467,6 +474,7 @@ def rk_epilogue_backward(y0, ks, b, b_err, dt, atol, rtol, rms_b, rms_s, g1=None
     gks = tuple(empty_like(y0) for _ in ks)
     part = empty((n_r * n_c,), y0) if need_dt else y0
     c = lambda g: g.contiguous() if g is not None else y0  # noqa: E731
+    launched("rk_epilogue_bwd_kernel")
     rk_epilogue_bwd_kernel[(n_r, n_c)](
         y0, ks, dt_t, at, rt, c(g1), c(ge), c(grb), c(grs),
         rms_b if rms_b is not None else y0, rms_s if rms_s is not None else y0, gy0, gks, part,

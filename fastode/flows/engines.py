@@ -45,6 +45,8 @@ __all__ = [
     "Engine",
     "CppGridEngine",
     "CppAdaptiveEngine",
+    "TritonGridEngine",
+    "TritonAdaptiveEngine",
     "OdeintEngine",
     "TorchdiffeqEngine",
     "register_engine",
@@ -311,10 +313,15 @@ _UNDER_COMPILE = ("under torch.compile with a gradient (the fused adaptive solve
 
 
 def _fused_method_info(solve: CnfSolve):
-    """The solver's :class:`~fastode.solvers.MethodInfo`, or a :class:`Skip` (fused engines off, unknown method):
-    the cheap checks a fused engine makes first."""
+    """The solver's :class:`~fastode.solvers.MethodInfo`, or a :class:`Skip` (fused CPU engines off, unknown method):
+    the cheap checks a fused C++ engine makes first."""
     if not solve.allow_fused:
         return Skip("fused_cpu is off")
+    return _method_info(solve)
+
+
+def _method_info(solve: CnfSolve):
+    """The solver's :class:`~fastode.solvers.MethodInfo`, or a :class:`Skip` naming why not."""
     from fastode.solvers import method_info
 
     try:
@@ -612,9 +619,253 @@ class CppAdaptiveEngine(Engine):
 
 
 # --------------------------------------------------------------------------------------------------------
+# the fused Triton solves (CUDA; the CPU under TRITON_INTERPRET=1 when the MLP backend is "triton" explicitly)
+
+_NO_TRITON_GRAD = ("a gradient is wanted: the fused Triton solves have no discrete adjoint yet (odeint's per-stage "
+                   "path runs, with the Triton MLP and RK kernels per stage)")
+
+
+def _fused_triton_common(solve: CnfSolve):
+    """What both fused Triton engines need of a solve: Triton importable, a float CUDA input (or the CPU under the
+    Triton interpreter), a plain ConcatSquashMLP whose backend resolves to "triton", a trace or none, kinetic /
+    Jacobian-Frobenius integrands only, no error regularisers, the CNF's state norm, no gradient. Returns
+    ``(rates, nq_norm)`` or a :class:`Skip`."""
+    x = solve.x
+    if x.dtype not in (torch.float32, torch.float64):
+        return Skip(f"the input is {x.dtype}")
+    try:
+        from fastode.kernels._common import interpreter_active
+    except Exception as exc:  # triton is optional
+        return Skip(f"Triton is not importable ({exc})")
+    if x.device.type != "cuda" and not (x.device.type == "cpu" and interpreter_active()):
+        return Skip(f"the input is on {x.device} (the fused Triton solves run on CUDA)")
+    if solve.errors:
+        return Skip("error-estimate regularisers")
+    if solve.trace not in ("hutchinson", "exact", "none"):
+        return Skip(f"trace={solve.trace!r}")
+    rates = [] if solve.trace == "none" else ["trace"]
+    for r in solve.integrands:
+        if isinstance(r, R.KineticEnergy):
+            rates.append("kinetic")
+        elif isinstance(r, R.JacobianFrobenius) and solve.trace == "hutchinson":
+            rates.append("jac_frob")
+        else:
+            return Skip(f"regulariser {r.name!r} with trace={solve.trace!r}")
+    if solve.solver.backend == "torchdiffeq":
+        return Skip(_PEER_ONLY)
+    controlled = getattr(solve.norm, "num_controlled", None)
+    if controlled is None:
+        return Skip("the norm is not the CNF's state norm")
+    dyn = solve.dynamics
+    from fastode.nn import ConcatSquashMLP
+    from fastode.nn import backends as nn_backends
+
+    if type(dyn) is not ConcatSquashMLP:
+        return Skip(f"the dynamics is a {type(dyn).__name__}, not a plain ConcatSquashMLP")
+    if dyn._forward_hooks or dyn._forward_pre_hooks:
+        return Skip("the dynamics has forward hooks")
+    for layer in dyn.params():
+        for p in layer:
+            if p.dtype != x.dtype or p.device != x.device:
+                return Skip(f"an MLP parameter is {p.dtype} on {p.device}, the input {x.dtype} on {x.device}")
+    t0 = torch.zeros((), dtype=x.dtype, device=x.device)
+    try:
+        name = nn_backends.resolve_backend_name(dyn.backend, x.device, (t0, x, dyn.params(), dyn.activation))
+    except ValueError as exc:
+        return Skip(f"the MLP backend cannot be resolved ({exc})")
+    if name != "triton":
+        return Skip(f"the MLP backend resolves to {name!r}, not 'triton'")
+    if _wants_grad(solve):
+        return Skip(_NO_TRITON_GRAD)
+    return tuple(rates), max(0, int(controlled) - 1)
+
+
+class _TritonGridPlan(NamedTuple):
+    tableau: Any
+    step_size: Optional[float]
+    rates: tuple            # q rate names: "trace", then one per integrand regulariser
+    nq_norm: int            # q columns in the step norm
+    check_finite: bool
+
+
+def _triton_solver(solve: CnfSolve, tableau, rates, nq_norm, adaptive: bool):
+    from fastode.kernels.cnf_solve import TritonCnfSolver
+    from fastode.ops import triton_mlp as TB
+
+    x, dyn = solve.x, solve.dynamics
+    with torch.no_grad():
+        layers = [tuple(p.detach() for p in layer) for layer in dyn.params()]
+    widths = [layers[0][0].shape[1]] + [layer[0].shape[0] for layer in layers]
+    cfg = TB._config(x.shape[1], widths, x.dtype)
+    packed = TB._packed(layers, cfg["CH"], cfg["CD"])
+    return TritonCnfSolver(packed, dyn.activation, solve.trace, rates, nq_norm, tableau, adaptive=adaptive,
+                           BM=cfg["BM"], max_programs=TB.CONFIG["max_programs"], num_warps=TB.CONFIG["num_warps"])
+
+
+def _q0(solve: CnfSolve, rates) -> torch.Tensor:
+    x = solve.x
+    return torch.stack(solve.y0[1:], -1) if rates else x.new_zeros(x.shape[0], 0)
+
+
+def _ends(solve: CnfSolve, zT, qT, rates) -> tuple:
+    ends = (zT,) + (tuple(qT.unbind(-1)) if rates else (solve.y0[1],))
+    return tuple(torch.stack([a0, b1]) for a0, b1 in zip(solve.y0, ends))
+
+
+class TritonGridEngine(Engine):
+    """A fixed-grid solve as one fused Triton launch per step (:meth:`fastode.kernels.cnf_solve.TritonCnfSolver.
+    grid`): every stage's MLP and trace, the stage combinations and the step's end in one kernel; no host read
+    inside the solve, so the launch sequence can be captured in a CUDA graph.
+
+    Eligible: what :func:`_fused_triton_common` checks, a fixed-grid one-step explicit RK method (rk4, rk4_classic,
+    euler, midpoint, heun...), every option but ``step_size`` / ``check_finite`` at its default, and no gradient.
+    ``check_finite`` (default on) reads the result's finiteness once after the solve; a non-finite result declines,
+    so that ``"odeint"`` re-runs the solve and raises the error naming the step.
+    """
+
+    name = "triton_grid"
+    _HANDLED_OPTIONS = ("step_size", "check_finite")
+
+    def plan(self, solve):
+        solver = solve.solver
+        info = _method_info(solve)
+        if isinstance(info, Skip):
+            return info
+        if info.adaptive or not info.fixed_grid or info.rk_tableau is None:
+            return Skip(f"method {solver.method!r} is not a fixed-grid one-step RK method")
+        if solve.step_rows:
+            return Skip(_PER_TILE)
+        common = _fused_triton_common(solve)
+        if isinstance(common, Skip):
+            return common
+        why = _options_at_defaults(solver, info, self._HANDLED_OPTIONS)
+        if why is not None:
+            return Skip(why)
+        opts = solver.full_options()
+        h = opts.get("step_size")
+        if h is not None:
+            try:
+                h = float(h.item() if isinstance(h, torch.Tensor) else h)
+            except (TypeError, ValueError, RuntimeError):
+                return Skip(f"step_size {h!r}")
+            if not (h > 0 and math.isfinite(h)):
+                return Skip(f"step_size {h!r}")
+        return _TritonGridPlan(info.rk_tableau, h, common[0], common[1], bool(opts.get("check_finite", True)))
+
+    def run(self, solve, plan: "_TritonGridPlan"):
+        from fastode.ops.launch_count import host_read
+        from fastode.solvers.fixed_grid import step_size_grid
+        from fastode.stats import SolveStats
+
+        rates, nq_norm = plan.rates, plan.nq_norm
+        t = solve.t
+        grid = t if plan.step_size is None else step_size_grid(t, plan.step_size)
+        stepper = _triton_solver(solve, plan.tableau, rates, nq_norm, adaptive=False)
+        e = solve.e if solve.trace == "hutchinson" else None
+        zT, qT = stepper.grid(grid.detach(), solve.x.detach(), _q0(solve, rates).detach(), e)
+        if plan.check_finite:
+            host_read("finite check")
+            if not bool(torch.isfinite(zT).all() and torch.isfinite(qT).all()):
+                from fastode.errors import warn_fallback_once
+
+                reason = ("the fused Triton grid solve produced NaN/inf; re-running it on the odeint path, which "
+                          "raises NonFiniteError naming the step")
+                warn_fallback_once("cnf-fused-triton-nonfinite", f"CNF: {reason}")
+                return Skip(reason)
+        solve.dynamics.last_backend = "triton"
+        g = host_floats(grid.detach())
+        n = len(g) - 1
+        nfe = len(plan.tableau.c) * n
+        solve.counter.add(nfe)
+        stats = SolveStats(num_fevals=nfe, num_steps=n, num_accepted_steps=n, step_ts=g[:-1],
+                           step_sizes=[b - a for a, b in zip(g[:-1], g[1:])], method=solve.solver.method)
+        stats.launches = n
+        return EngineResult(_ends(solve, zT, qT, rates), stats)
+
+
+class TritonAdaptiveEngine(Engine):
+    """A batch-global adaptive solve with one fused Triton launch per step attempt and the step-size controller on
+    the device (:meth:`fastode.kernels.cnf_solve.TritonCnfSolver.adaptive`): torchdiffeq's semantics as the
+    ``"odeint"`` and ``"cpp_adaptive"`` engines (the first step by the RK spec's heuristic, the integral controller
+    with ``safety``, ``ifactor``, ``dfactor``, ``min_step``, ``max_step``, ``first_step``, ``max_num_steps``, the CNF's
+    norm, overshoot and the quartic interpolation at the end time). float64: the same steps, NFE and values (to
+    rounding) as ``"odeint"``; float32: the kernels sum in their own order, so values agree to the solve's
+    tolerance and a borderline step can go the other way.
+
+    The host reads the device's control block every :attr:`sync_every` launches (0, the default: once at the end --
+    it launches as many attempts as the previous solve of this configuration needed, launches after the end are
+    no-ops, and it reads again only if those did not suffice). Eligible: :func:`_fused_triton_common`, an FSAL
+    tableau with an error estimate and midpoint weights (dopri5, tsit5, bosh3), two output times, the other options
+    at their defaults, no gradient. A solve the device loop cannot finish (``max_num_steps``, step-size underflow,
+    NaN/inf) declines, so that ``"odeint"`` re-runs it and raises its error naming the time.
+    """
+
+    name = "triton_adaptive"
+    sync_every = 0
+    _HANDLED_OPTIONS = CppAdaptiveEngine._HANDLED_OPTIONS
+
+    def plan(self, solve):
+        solver = solve.solver
+        info = _method_info(solve)
+        if isinstance(info, Skip):
+            return info
+        tab = info.rk_tableau
+        if not info.adaptive or tab is None:
+            return Skip(f"method {solver.method!r} is not an adaptive one-step RK method")
+        if not tab.fsal or tab.b_err is None or tab.c_mid is None:
+            return Skip(f"method {solver.method!r}: this engine runs FSAL tableaus with an error estimate and "
+                        "midpoint weights (dopri5, tsit5, bosh3)")
+        if solve.step_rows:
+            return Skip("per-tile step control runs on 'triton_per_tile' and 'cpp_adaptive'")
+        if len(solve.t) != 2:
+            return Skip("more than two output times")
+        common = _fused_triton_common(solve)
+        if isinstance(common, Skip):
+            return common
+        why = _options_at_defaults(solver, info, self._HANDLED_OPTIONS)
+        if why is not None:
+            return Skip(why)
+        opts = {**info.options, **solver.full_options()}
+        try:
+            ctl = dict(rtol=float(solver.rtol), atol=float(solver.atol),
+                       **{k: float(opts[k]) for k in ("safety", "ifactor", "dfactor", "min_step", "max_step")},
+                       first_step=None if opts["first_step"] is None else float(opts["first_step"]),
+                       max_num_steps=int(opts["max_num_steps"]))
+        except (TypeError, ValueError) as exc:
+            return Skip(f"solver options ({exc})")
+        return tab, common, ctl
+
+    def run(self, solve, plan):
+        from fastode.stats import SolveStats
+
+        tab, (rates, nq_norm), ctl = plan
+        t = solve.t
+        stepper = _triton_solver(solve, tab, rates, nq_norm, adaptive=True)
+        e = solve.e if solve.trace == "hutchinson" else None
+        zT, qT, rec = stepper.adaptive(t[0], t[1], solve.x.detach(), _q0(solve, rates).detach(), e,
+                                       time_dtype=t.dtype, sync_every=self.sync_every, **ctl)
+        if rec["status"] or not rec["finite"]:
+            from fastode.errors import warn_fallback_once
+
+            why = _STATUS.get(rec["status"] or 3, f"status {rec['status']}")
+            reason = (f"the fused Triton adaptive solve stopped at t={rec['t_status']:.6g} ({why}); re-running it on "
+                      "the odeint path, which raises the error naming the time")
+            warn_fallback_once("cnf-fused-triton-failed", f"CNF: {reason}")
+            return Skip(reason)
+        solve.dynamics.last_backend = "triton"
+        solve.counter.add(rec["nfe"])
+        stats = SolveStats(num_fevals=rec["nfe"], num_steps=rec["steps"], num_accepted_steps=rec["accepted"],
+                           num_rejected_steps=rec["rejected"], step_ts=rec["step_ts"], step_sizes=rec["step_sizes"],
+                           method=solve.solver.method)
+        stats.launches = rec["launches"]
+        return EngineResult(_ends(solve, zT, qT, rates), stats)
+
+
+# --------------------------------------------------------------------------------------------------------
 # the registry
 
-_ENGINES: list = [CppGridEngine(), CppAdaptiveEngine(), OdeintEngine(), TorchdiffeqEngine()]
+_ENGINES: list = [TritonGridEngine(), TritonAdaptiveEngine(), CppGridEngine(), CppAdaptiveEngine(), OdeintEngine(),
+                  TorchdiffeqEngine()]
 
 
 def register_engine(engine: Engine, before: Optional[str] = None) -> None:

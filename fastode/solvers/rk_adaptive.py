@@ -36,6 +36,7 @@ from ..errors import (InvalidOptionError, MaxStepsExceededError, NonFiniteError,
                       STEP_FAILURE_REMEDIES, STIFF_REMEDIES)
 from ..events import find_event
 from ..interp import quartic_eval, quartic_fit, tableau_dense
+from ..ops.launch_count import host_read
 from ..ops.rk import combine_stages_exact, resolve_rk_ops, rk_step
 from ..tableaus import TABLEAUS, ButcherTableau
 from .base import Perturb, Solver, _null_callback, number_option, real_dtype, state_time_value, tableau_solver
@@ -338,6 +339,7 @@ class RKAdaptiveSolver(Solver):
                 ratio = self.ops.error_ratio(y_err, e0, e1, self.rtol, self.atol, self.norm)
         else:
             ratio = self.ops.error_ratio(y_err, e0, e1, self.rtol, self.atol, self.norm)
+        host_read("error ratio")
         r = float(ratio.detach())
         finite = math.isfinite(r)
         # (a landed step can exceed max_step by an ulp of rounding: not a reason to reject it)

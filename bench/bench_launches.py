@@ -1,0 +1,122 @@
+"""Kernel launches and host reads per CNF solve: the per-stage Triton path against the fused Triton engines.
+
+    python bench/bench_launches.py [--batch 64] [--out bench/results/launches.json]
+
+Counts what the launchers and the solver loops report (:mod:`fastode.ops.launch_count`): fastode's own kernel
+launches (not the PyTorch operators between them) and host reads of device values (each one a host
+synchronisation on a GPU). Counts do not depend on the device, so this runs under the Triton interpreter on a
+CPU-only machine (``TRITON_INTERPRET=1`` is set when CUDA is absent); with CUDA it runs compiled and also records
+the wall time per solve (median of 5).
+
+Engines, on the FFJORD toy CNF (2 -> 32 -> 32 -> 2 here, tanh, Hutchinson trace, inference):
+* ``odeint`` per stage: one MLP launch per stage, the Triton RK ops for the stage combinations and the epilogue,
+  the error ratio read on the host every attempt;
+* ``triton_adaptive``: one fused launch per step attempt, the controller on the device (``sync_every=0``: one read
+  at the end; ``sync_every=4``: a read every 4 launches);
+* fixed grid rk4: ``odeint`` per stage against ``triton_grid``.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+from fastode.flows import CNF  # noqa: E402
+from fastode.flows.engines import get_engine  # noqa: E402
+from fastode.nn import ConcatSquashMLP  # noqa: E402
+from fastode.ops import rk as rk_spec  # noqa: E402
+from fastode.ops.launch_count import counting  # noqa: E402
+from fastode.solvers import fixed_grid, rk_adaptive  # noqa: E402
+
+
+def _cnf(method, dev, step_size=None):
+    torch.manual_seed(0)
+    dyn = ConcatSquashMLP(2, (32, 32), "tanh", backend="triton")
+    return CNF(dyn, T=0.5, method=method, rtol=1e-5, atol=1e-5, step_size=step_size, trace="hutchinson",
+               eval_trace="hutchinson").to(dev).eval()
+
+
+def _measure(cnf, x, e, engine, sync_every=0, timed=False):
+    eng = get_engine("triton_adaptive")
+    old = eng.sync_every
+    eng.sync_every = sync_every
+    cnf.engine = engine
+    try:
+        with torch.no_grad():
+            cnf(x, noise=e)  # warm-up (compiles; the adaptive launcher learns the attempt count)
+            with counting() as c:
+                cnf(x, noise=e)
+            times = []
+            if timed:
+                for _ in range(5):
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    cnf(x, noise=e)
+                    torch.cuda.synchronize()
+                    times.append(time.perf_counter() - t0)
+    finally:
+        eng.sync_every = old
+    st = cnf.last_solve.stats
+    row = {"engine": cnf.last_solve.engine, "method": st.method, "sync_every": sync_every if engine != "odeint" else "-",
+           "nfe": st.num_fevals, "attempts": st.num_steps, "launches": c.total_launches,
+           "launches_per_attempt": c.total_launches / max(1, st.num_steps), "host_reads": c.total_host_reads,
+           "by_kernel": dict(c.launches), "reads": dict(c.host_reads)}
+    if timed:
+        row["ms_per_solve"] = 1e3 * statistics.median(times)
+    return row
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--out", default="bench/results/launches.json")
+    args = ap.parse_args(argv)
+    common.pin_threads(1)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    timed = dev == "cuda"
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch, 2, generator=g).to(dev)
+    e = torch.randn(args.batch, 2, generator=g).to(dev)
+    # the per-stage path on the Triton RK ops (auto already picks them on CUDA)
+    rk_adaptive.resolve_rk_ops = functools.partial(rk_spec.resolve_rk_ops, backend="triton")
+    fixed_grid.resolve_rk_ops = functools.partial(rk_spec.resolve_rk_ops, backend="triton")
+    rows = []
+    cnf = _cnf("dopri5", dev)
+    rows.append(_measure(cnf, x, e, "odeint", timed=timed))
+    rows.append(_measure(cnf, x, e, "triton_adaptive", 0, timed))
+    rows.append(_measure(cnf, x, e, "triton_adaptive", 4, timed))
+    cnf = _cnf("rk4", dev, step_size=0.125)
+    rows.append(_measure(cnf, x, e, "odeint", timed=timed))
+    rows.append(_measure(cnf, x, e, "triton_grid", timed=timed))
+    meta = common.metadata(device=torch.cuda.get_device_name() if timed else "cpu (Triton interpreter: counts only)",
+                           batch=args.batch, model="2-32-32-2 tanh, Hutchinson, T=0.5, rtol=atol=1e-5")
+    common.write_json(args.out, {"meta": meta, "rows": rows})
+    cols = {"engine": "engine", "method": "method", "sync_every": "sync_every", "nfe": "NFE", "attempts": "attempts",
+            "launches": "launches", "launches_per_attempt": "launches / attempt", "host_reads": "host reads"}
+    if timed:
+        cols["ms_per_solve"] = "ms / solve"
+    text = ["# Kernel launches and host reads per CNF solve", "",
+            "`python bench/bench_launches.py` (fastode's own launches as its launchers count them, not the PyTorch "
+            "operators between them; host reads of device values, each a host synchronisation on a GPU).", "",
+            common.markdown_table(rows, cols), "", "Launches by kernel:", ""]
+    for r in rows:
+        text.append(f"- {r['engine']} {r['method']} (sync_every={r['sync_every']}): {r['by_kernel']}; reads {r['reads']}")
+    text += ["", common.metadata_markdown(meta), ""]
+    common.write_text(os.path.splitext(args.out)[0] + ".md", "\n".join(text))
+    print("\n".join(text))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

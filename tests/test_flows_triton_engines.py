@@ -1,0 +1,183 @@
+"""The fused Triton CNF engines ("triton_grid", "triton_adaptive"; fastode/flows/engines.py, kernels/cnf_step.py,
+kernels/cnf_solve.py), under the Triton interpreter on the CPU (compiled on CUDA).
+
+Reference: the same CNF on the "odeint" engine (fastode.odeint with one network call per stage, checked against
+torchdiffeq elsewhere): the same steps, NFE and stats and the same values (float64: to rounding; float32: to the
+solve's tolerance -- the kernels sum in their own order). Tiny shapes: a ragged batch of 37 rows in tiles of 16 on
+two persistent programs (so one program runs two tiles and the last tile is partial), one hidden layer of 16, loose
+tolerances (few steps); outputs and scratch NaN-poisoned before the kernels write them.
+"""
+import warnings
+
+import pytest
+import torch
+
+from _kernels_env import KDEV, KMARK, SKIP_REASON, small_poisoned_mlp_kernels
+
+pytestmark = [KMARK, pytest.mark.skipif(SKIP_REASON is not None, reason=SKIP_REASON or "")]
+
+if SKIP_REASON is None:
+    from fastode.errors import FallbackWarning
+    from fastode.flows import CNF, EngineUnavailableError
+    from fastode.nn import ConcatSquashMLP
+    from fastode.ops.launch_count import counting
+
+B, D = 37, 2
+TOL = {torch.float64: dict(rtol=1e-10, atol=1e-11), torch.float32: dict(rtol=2e-3, atol=2e-4)}
+
+
+@pytest.fixture(autouse=True)
+def _small_poisoned():
+    with small_poisoned_mlp_kernels():
+        yield
+
+
+def _cnf(dtype, method="dopri5", trace="hutchinson", tol=1e-4, regs=(), **kw):
+    torch.manual_seed(0)
+    dyn = ConcatSquashMLP(D, (16,), "tanh", backend="triton")
+    cnf = CNF(dyn, T=0.6, method=method, rtol=tol, atol=tol, trace=trace, eval_trace=trace, regularizers=regs, **kw)
+    return cnf.to(dtype=dtype, device=KDEV).eval()
+
+
+def _data(dtype, scale=1.0):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(B, D, generator=g, dtype=dtype) * scale
+    e = torch.randn(B, D, generator=g, dtype=dtype)
+    return x.to(KDEV), e.to(KDEV)
+
+
+def _solve(cnf, x, e, engine, reverse=False, compute_reg=None):
+    """One solve on ``engine``; the "odeint" reference evaluates the network with the PyTorch backend (the Triton
+    MLP kernels per stage are tested elsewhere and slow in the interpreter)."""
+    cnf.engine = engine
+    cnf._counter.n = 0
+    cnf.dynamics.backend = "torch" if engine == "odeint" else "triton"
+    with torch.no_grad():
+        o = cnf(x, noise=e, reverse=reverse, compute_reg=compute_reg)
+    return o, cnf.last_solve, cnf._counter.n
+
+
+def _same_stats(a, b, dtype):
+    for k in ("num_fevals", "num_steps", "num_accepted_steps", "num_rejected_steps", "method"):
+        assert getattr(a, k) == getattr(b, k), k
+    if dtype == torch.float64:
+        assert a.step_ts == pytest.approx(b.step_ts, rel=1e-9, abs=1e-12)
+        assert a.step_sizes == pytest.approx(b.step_sizes, rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize("dtype, method, trace, reverse", [
+    (torch.float64, "dopri5", "hutchinson", False),
+    (torch.float64, "tsit5", "exact", True),
+    (torch.float64, "bosh3", "hutchinson", False),
+    (torch.float32, "dopri5", "exact", False),
+])
+def test_adaptive_matches_the_odeint_engine(dtype, method, trace, reverse):
+    cnf = _cnf(dtype, method, trace)
+    x, e = _data(dtype)
+    o1, r1, n1 = _solve(cnf, x, e, "triton_adaptive", reverse)
+    o0, r0, n0 = _solve(cnf, x, e, "odeint", reverse)
+    assert r1.engine == "triton_adaptive" and r1.mlp_backend == "triton" and r0.engine == "odeint"
+    assert "triton_adaptive" in dict(r0.skipped) or r0.skipped == ()
+    torch.testing.assert_close(o1.out, o0.out, **TOL[dtype])
+    torch.testing.assert_close(o1.logdet, o0.logdet, **TOL[dtype])
+    assert n1 == r1.stats.num_fevals > 0
+    if dtype == torch.float64:
+        assert n1 == n0
+        _same_stats(r1.stats, r0.stats, dtype)
+    else:  # a float32 step whose error estimate is rounding noise may go the other way
+        assert abs(r1.stats.num_steps - r0.stats.num_steps) <= 1
+
+
+def test_adaptive_integrals_options_and_rejections():
+    """Kinetic and Jacobian-Frobenius integrals (not in the norm), max_step, and a first step too large for the
+    tolerance (rejected steps, the shrinking factor): as odeint does."""
+    dtype = torch.float64
+    cnf = _cnf(dtype, tol=2e-8, regs={"kinetic": 0.1, "jf": 0.1}, options={"first_step": 0.5, "max_step": 0.4})
+    x, e = _data(dtype, scale=2.0)
+    o1, r1, _ = _solve(cnf, x, e, "triton_adaptive", compute_reg=True)
+    o0, r0, _ = _solve(cnf, x, e, "odeint", compute_reg=True)
+    assert r1.engine == "triton_adaptive" and set(o1.reg) == {"kinetic", "jacobian_frobenius"}
+    assert r0.stats.num_rejected_steps > 0
+    _same_stats(r1.stats, r0.stats, dtype)
+    for k in o0.reg:
+        torch.testing.assert_close(o1.reg[k], o0.reg[k], **TOL[dtype])
+    torch.testing.assert_close(o1.out, o0.out, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype, method, trace", [(torch.float64, "rk4", "hutchinson"),
+                                                  (torch.float32, "rk4_classic", "exact")])
+def test_grid_matches_the_odeint_engine(dtype, method, trace):
+    cnf = _cnf(dtype, method, trace, step_size=0.25, regs={"kinetic": 0.1})
+    x, e = _data(dtype)
+    o1, r1, n1 = _solve(cnf, x, e, "triton_grid", compute_reg=True)
+    o0, r0, n0 = _solve(cnf, x, e, "odeint", compute_reg=True)
+    assert r1.engine == "triton_grid" and r1.mlp_backend == "triton"
+    tol = TOL[dtype] if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(o1.out, o0.out, **tol)
+    torch.testing.assert_close(o1.logdet, o0.logdet, **tol)
+    torch.testing.assert_close(o1.reg["kinetic"], o0.reg["kinetic"], **tol)
+    assert n1 == n0 == 4 * 3
+    assert r1.stats.step_ts == pytest.approx(r0.stats.step_ts)
+
+
+def test_launches_and_host_reads_per_solve():
+    """One launch per step attempt and one host read at the end (sync_every=0, after a first solve of the same
+    configuration told the launcher how many attempts to queue); sync_every=K reads every K launches."""
+    from fastode.flows.engines import get_engine
+
+    cnf = _cnf(torch.float64)
+    x, e = _data(torch.float64)
+    _solve(cnf, x, e, "triton_adaptive")  # learns the attempt count
+    with counting() as c:
+        _, r, _ = _solve(cnf, x, e, "triton_adaptive")
+    attempts = r.stats.num_steps
+    assert c.launches["cnf_step_kernel"] == attempts + 1  # + one no-op launch after the end
+    assert c.launches["csq_fwd_kernel"] == 2  # the first evaluation and the first-step heuristic's trial
+    assert c.host_reads["solve status"] == 1 and c.total_host_reads == 2  # + the record, read once at the end
+    eng = get_engine("triton_adaptive")
+    eng.sync_every = 2
+    try:
+        with counting() as c:
+            _solve(cnf, x, e, "triton_adaptive")
+    finally:
+        eng.sync_every = 0
+    assert c.host_reads["solve status"] == -(-attempts // 2)  # the last attempt ends the solve
+    with counting() as c:  # the per-stage path: a host read of the error ratio per attempt
+        _, r0, _ = _solve(cnf, x, e, "odeint")
+    assert c.host_reads["error ratio"] == r0.stats.num_steps
+
+
+@pytest.mark.parametrize("options, error", [
+    ({"first_step": 0.1, "min_step": 0.1}, "NonFiniteError"),  # forced acceptance of a NaN step: status NaN/inf
+    ({"first_step": 0.1, "max_num_steps": 2}, "MaxStepsExceededError"),  # rejected and shrunk until the budget
+])
+def test_nan_stage_declines_to_odeint_which_raises_its_error(options, error):
+    """A non-finite stage (a NaN probe entry makes one row's trace NaN; sums keep NaN, so the batch norm is NaN):
+    the device controller rejects (NaN factor) or, at min_step, stops with status NaN/inf; the engine declines and
+    odeint re-runs the solve and raises the error it raises on its own, naming the time."""
+    import fastode.errors as E
+
+    cnf = _cnf(torch.float64, options=options)
+    x, e = _data(torch.float64)
+    e[3, 0] = float("nan")
+    with pytest.raises(EngineUnavailableError, match="NaN/inf" if error == "NonFiniteError" else "max_num_steps"):
+        _solve(cnf, x, e, "triton_adaptive")
+    with pytest.raises(getattr(E, error)) as direct:
+        _solve(cnf, x, e, "odeint")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FallbackWarning)
+        with pytest.raises(getattr(E, error)) as auto:
+            _solve(cnf, x, e, "auto")
+    assert str(auto.value) == str(direct.value) and "t=" in str(auto.value)
+    assert cnf.last_solve.engine == "odeint" and "triton_adaptive" in dict(cnf.last_solve.skipped)
+
+
+def test_explicit_engine_says_why_not():
+    cnf = _cnf(torch.float64, method="adaptive_heun")
+    x, e = _data(torch.float64)
+    with pytest.raises(EngineUnavailableError, match="FSAL"):
+        _solve(cnf, x, e, "triton_adaptive")
+    cnf = _cnf(torch.float64)
+    cnf.engine = "triton_adaptive"
+    with pytest.raises(EngineUnavailableError, match="gradient"):
+        cnf(x.requires_grad_(), noise=e)
