@@ -8,7 +8,6 @@
   launches after the end are no-ops -- and more only if those did not suffice).
 * :meth:`TritonCnfSolver.grid`: a fixed-grid solve, one launch per step and no host read (a CUDA graph can capture
   it).
-* :meth:`TritonCnfSolver.per_tile`: a per-tile adaptive solve in one persistent launch.
 
 Launchers own shapes, buffers, the grid and the read-back; the kernels know pointers, shapes and tableau constants.
 """

@@ -1,5 +1,5 @@
 """Fused CNF Runge-Kutta step kernels: every stage's concatsquash MLP and trace, the step's end, its error norm and
-(adaptive) the step-size controller, in one launch; and a per-tile adaptive solve in one persistent launch.
+(adaptive) the step-size controller, in one launch.
 
 The augmented state is ``z`` (B, D) and ``q`` (B, NQ): the log-density change and the regulariser integrals. Their
 rates per stage are ``f`` (the MLP) and, per ``q`` column, a rate code of ``RATES``: 0 ``-trace``, 2 kinetic
@@ -23,8 +23,8 @@ Kernel layout
   reads what it writes, and a launch after the end (``done``) does nothing: the host can queue launches without
   reading anything back.
 * Fixed grid (``ADAPTIVE=False``): step ``i`` of a device grid, buffers by ``i % 2``; no controller, no ticket.
-* Per tile (:func:`cnf_tile_solve_kernel`): each program integrates its tiles to the end time with the tile's own
-  step size (the same controller on the tile's norm), one launch for the whole solve.
+* The controller (:func:`prepare_attempt`, ``_control``) reads and writes a control block in memory, so a per-tile
+  solve (one block per tile, a loop of attempts inside one persistent launch) can reuse it as it is.
 
 Control block ``ctl`` (float64, indices ``C_*``) and options ``opt`` (float64, indices ``O_*``) are device
 tensors; the launcher (:mod:`fastode.kernels.cnf_solve`) owns their set-up and read-back.

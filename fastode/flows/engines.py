@@ -8,6 +8,9 @@ solve and, if not, why:
   for solves it computes identically to ``"odeint"`` (see :class:`CppGridEngine`);
 * ``"cpp_adaptive"``: a whole adaptive solve (dopri5, tsit5, bosh3) in one C++ call with batch-global step control,
   with its exact discrete gradient (a checkpointed discrete adjoint; see :class:`CppAdaptiveEngine`);
+* ``"triton_grid"`` / ``"triton_adaptive"``: on CUDA, one fused Triton launch per step (attempt) -- every stage's
+  MLP and trace, the step's end and error norm, and (adaptive) the step-size controller on the device, so a solve
+  reads nothing back but its record at the end (see :class:`TritonAdaptiveEngine`); no gradient yet;
 * ``"odeint"``: :func:`fastode.odeint` with one dynamics call per RK stage (every solve fastode supports);
 * ``"torchdiffeq"``: torchdiffeq's solver, a peer for side-by-side comparisons that runs only when the solver
   asks for it (``Solver(backend="torchdiffeq")``); fastode never falls back to it.
@@ -816,7 +819,7 @@ class TritonAdaptiveEngine(Engine):
             return Skip(f"method {solver.method!r}: this engine runs FSAL tableaus with an error estimate and "
                         "midpoint weights (dopri5, tsit5, bosh3)")
         if solve.step_rows:
-            return Skip("per-tile step control runs on 'triton_per_tile' and 'cpp_adaptive'")
+            return Skip(_PER_TILE)
         if len(solve.t) != 2:
             return Skip("more than two output times")
         common = _fused_triton_common(solve)

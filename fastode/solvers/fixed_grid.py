@@ -25,6 +25,7 @@ from ..interp import hermite_cubic, linear
 from ..tableaus import ButcherTableau
 from .base import (Perturb, Solver, _null_callback, all_finite, number_option, real_dtype, state_time_value,
                    tableau_solver)
+from ..ops.launch_count import host_read
 from ..ops.rk import resolve_rk_ops, rk_step
 
 __all__ = ["FixedGridSolver", "FIXED_GRID_SOLVERS", "MAX_EVENT_ITERS", "step_size_grid"]
@@ -199,6 +200,7 @@ class FixedGridSolver(Solver):
             if torch.compiler.is_compiling():  # no host read in a compiled graph: an in-graph assertion, no step index
                 check(first_bad == n_steps, lambda: self._first_bad_error(None, g_host))
             else:
+                host_read("finite check")
                 self._check_first_bad(int(first_bad), g_host)
         return torch.stack(solution)
 
