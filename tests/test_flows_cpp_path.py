@@ -207,4 +207,5 @@ def test_solver_backend_torchdiffeq_runs_the_peer():
     cnf = _cnf(torch.float64, train_solver=Solver(method="rk4", step_size=0.05, backend="torchdiffeq"))
     path, reason = _path(cnf)
     assert path == "torchdiffeq" and "torchdiffeq" in reason
-    assert [n for n, _ in cnf.last_solve.skipped] == ["cpp_grid", "cpp_adaptive", "odeint"] and cnf.last_stats is None
+    assert [n for n, _ in cnf.last_solve.skipped] == ["cpp_grid", "cpp_adaptive", "triton_grid", "triton_adaptive",
+                                                      "odeint"] and cnf.last_stats is None

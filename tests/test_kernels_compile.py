@@ -17,7 +17,7 @@ pytestmark = pytest.mark.compile_only
 triton = pytest.importorskip("triton")
 
 KERNELS = {"csq_fwd_kernel", "csq_bwd_kernel", "rk_stage_kernel", "rk_stage_bwd_kernel", "rk_epilogue_kernel",
-           "rk_epilogue_bwd_kernel"}
+           "rk_epilogue_bwd_kernel", "cnf_step_kernel", "cnf_prepare_kernel"}
 
 
 def test_every_kernel_compiles_for_sm90(tmp_path):
@@ -37,7 +37,7 @@ def test_every_kernel_compiles_for_sm90(tmp_path):
     for r in recs:
         assert r["registers"] is not None and r["registers"] <= 255, r
         assert not r["tf32"], f"TF32 instructions in {r['kernel']} {r['config']}"
-        if r["config"]["dtype"] == "float32" and r["kernel"].startswith("csq"):
+        if r["config"]["dtype"] == "float32" and r["kernel"].startswith(("csq", "cnf_step")):
             # input_precision="ieee": exact FP32 FMA dots, not tensor-core (TF32) mma
             assert not r["mma"], f"{r['kernel']} {r['config']} uses mma for float32 dots"
         # default tiles stay (nearly) spill-free: a few dozen bytes at most

@@ -30,6 +30,7 @@ CUDA and CPU) plug in with :func:`register_engine`.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -260,6 +261,16 @@ def _fused_cpp_common(solve: CnfSolve, allow_no_trace: bool = False):
         return Skip(f"the input is {x.dtype}")
     if solve.trace not in ("hutchinson", "exact") and not (allow_no_trace and solve.trace == "none"):
         return Skip(f"trace={solve.trace!r}")
+    rates = _fused_rates(solve)
+    if isinstance(rates, Skip):
+        return rates
+    why = _why_not_fused_dynamics(solve.dynamics, x, "cpp")
+    return Skip(why) if why is not None else rates
+
+
+def _fused_rates(solve: CnfSolve):
+    """The fused steppers' q rate names for a solve ("trace" unless trace="none", then "kinetic" / "jac_frob" per
+    integrand), or a :class:`Skip`: error regularisers, another integrand, the torchdiffeq peer."""
     if solve.errors:
         return Skip("error-estimate regularisers")
     rates = [] if solve.trace == "none" else ["trace"]
@@ -272,11 +283,11 @@ def _fused_cpp_common(solve: CnfSolve, allow_no_trace: bool = False):
             return Skip(f"regulariser {r.name!r} with trace={solve.trace!r}")
     if solve.solver.backend == "torchdiffeq":
         return Skip(_PEER_ONLY)
-    why = _why_not_cpp_dynamics(solve.dynamics, x)
-    return Skip(why) if why is not None else tuple(rates)
+    return tuple(rates)
 
 
-def _why_not_cpp_dynamics(dyn, x) -> Optional[str]:
+def _why_not_fused_dynamics(dyn, x, backend: str) -> Optional[str]:
+    """Why a fused engine of MLP backend ``backend`` cannot evaluate ``dyn`` on ``x`` (None if it can)."""
     from fastode.nn import ConcatSquashMLP
     from fastode.nn import backends as nn_backends
 
@@ -293,8 +304,8 @@ def _why_not_cpp_dynamics(dyn, x) -> Optional[str]:
         name = nn_backends.resolve_backend_name(dyn.backend, x.device, (t0, x, dyn.params(), dyn.activation))
     except ValueError as exc:
         return f"the MLP backend cannot be resolved ({exc})"
-    if name != "cpp":
-        return f"the MLP backend resolves to {name!r}, not 'cpp'"
+    if name != backend:
+        return f"the MLP backend resolves to {name!r}, not {backend!r}"
     return None
 
 
@@ -629,58 +640,34 @@ _NO_TRITON_GRAD = ("a gradient is wanted: the fused Triton solves have no discre
 
 
 def _fused_triton_common(solve: CnfSolve):
-    """What both fused Triton engines need of a solve: Triton importable, a float CUDA input (or the CPU under the
-    Triton interpreter), a plain ConcatSquashMLP whose backend resolves to "triton", a trace or none, kinetic /
-    Jacobian-Frobenius integrands only, no error regularisers, the CNF's state norm, no gradient. Returns
+    """What both fused Triton engines need of a solve: a float CUDA input (or the CPU under the Triton interpreter),
+    Triton importable, a trace or none, kinetic / Jacobian-Frobenius integrands only, no error regularisers, the
+    CNF's state norm, a plain ConcatSquashMLP whose backend resolves to "triton", no gradient. Returns
     ``(rates, nq_norm)`` or a :class:`Skip`."""
     x = solve.x
     if x.dtype not in (torch.float32, torch.float64):
         return Skip(f"the input is {x.dtype}")
-    try:
-        from fastode.kernels._common import interpreter_active
-    except Exception as exc:  # triton is optional
-        return Skip(f"Triton is not importable ({exc})")
-    if x.device.type != "cuda" and not (x.device.type == "cpu" and interpreter_active()):
+    interpreted = x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    if x.device.type != "cuda" and not interpreted:  # (checked first: CPU solves never import Triton here)
         return Skip(f"the input is on {x.device} (the fused Triton solves run on CUDA)")
-    if solve.errors:
-        return Skip("error-estimate regularisers")
+    try:
+        import fastode.kernels.cnf_solve  # noqa: F401
+    except Exception as exc:  # triton is optional
+        return Skip(f"the Triton kernels are not importable ({exc})")
     if solve.trace not in ("hutchinson", "exact", "none"):
         return Skip(f"trace={solve.trace!r}")
-    rates = [] if solve.trace == "none" else ["trace"]
-    for r in solve.integrands:
-        if isinstance(r, R.KineticEnergy):
-            rates.append("kinetic")
-        elif isinstance(r, R.JacobianFrobenius) and solve.trace == "hutchinson":
-            rates.append("jac_frob")
-        else:
-            return Skip(f"regulariser {r.name!r} with trace={solve.trace!r}")
-    if solve.solver.backend == "torchdiffeq":
-        return Skip(_PEER_ONLY)
+    rates = _fused_rates(solve)
+    if isinstance(rates, Skip):
+        return rates
     controlled = getattr(solve.norm, "num_controlled", None)
     if controlled is None:
         return Skip("the norm is not the CNF's state norm")
-    dyn = solve.dynamics
-    from fastode.nn import ConcatSquashMLP
-    from fastode.nn import backends as nn_backends
-
-    if type(dyn) is not ConcatSquashMLP:
-        return Skip(f"the dynamics is a {type(dyn).__name__}, not a plain ConcatSquashMLP")
-    if dyn._forward_hooks or dyn._forward_pre_hooks:
-        return Skip("the dynamics has forward hooks")
-    for layer in dyn.params():
-        for p in layer:
-            if p.dtype != x.dtype or p.device != x.device:
-                return Skip(f"an MLP parameter is {p.dtype} on {p.device}, the input {x.dtype} on {x.device}")
-    t0 = torch.zeros((), dtype=x.dtype, device=x.device)
-    try:
-        name = nn_backends.resolve_backend_name(dyn.backend, x.device, (t0, x, dyn.params(), dyn.activation))
-    except ValueError as exc:
-        return Skip(f"the MLP backend cannot be resolved ({exc})")
-    if name != "triton":
-        return Skip(f"the MLP backend resolves to {name!r}, not 'triton'")
+    why = _why_not_fused_dynamics(solve.dynamics, x, "triton")
+    if why is not None:
+        return Skip(why)
     if _wants_grad(solve):
         return Skip(_NO_TRITON_GRAD)
-    return tuple(rates), max(0, int(controlled) - 1)
+    return rates, max(0, int(controlled) - 1)
 
 
 class _TritonGridPlan(NamedTuple):
@@ -867,7 +854,7 @@ class TritonAdaptiveEngine(Engine):
 # --------------------------------------------------------------------------------------------------------
 # the registry
 
-_ENGINES: list = [TritonGridEngine(), TritonAdaptiveEngine(), CppGridEngine(), CppAdaptiveEngine(), OdeintEngine(),
+_ENGINES: list = [CppGridEngine(), CppAdaptiveEngine(), TritonGridEngine(), TritonAdaptiveEngine(), OdeintEngine(),
                   TorchdiffeqEngine()]
 
 
