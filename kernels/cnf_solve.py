@@ -112,23 +112,25 @@ class TritonCnfSolver:
         q = torch.stack([cols[c]() for c in self.rates], -1) if self.nq else z.new_zeros(z.shape[0], 0)
         return f, q
 
-    def _launch_step(self, bufs, e, ctl, opt, part, cnt, steps_t, steps_dt, cap, grid, step_i, scr, B, D, n_tiles,
+    def _launch_step(self, bufs, e, ctl, opt, part, cnt, steps, cap, grid, step_i, tape, scr, B, D, n_tiles,
                      nprog, time_f32):
         Z, Q, F, FQ, MID, MIDQ = bufs
         pk = self.packed
         launched("cnf_step_kernel")
         K.cnf_step_kernel[(nprog,)](
-            Z, Q, F, FQ, MID, MIDQ, e, pk.W, pk.V, pk.dims, ctl, opt, part, cnt, steps_t, steps_dt, cap, grid,
-            step_i, scr, B, D, n_tiles,
+            Z, Q, F, FQ, MID, MIDQ, e, pk.W, pk.V, pk.dims, ctl, opt, part, cnt, steps[0], steps[1], steps[2], cap,
+            grid, step_i, tape if tape is not None else Z, scr, B, D, n_tiles,
             L=pk.L, P=pk.P, ACT=ACT_CODES[self.activation], MODE=self.mode, BM=self.BM, CH=pk.CH, CD=pk.CD,
             PREC=DOT_PRECISION, RATES=self.rates or (0,), NQ=self.nq, NQN=self.nq_norm, TIME_F32=time_f32,
-            num_warps=self.num_warps, **self.spec.constexprs())
+            TAPE=tape is not None, num_warps=self.num_warps, **self.spec.constexprs())
 
-    def _buffers(self, z0, q0):
+    def _buffers(self, z0, q0, slots: int = 2):
         B, D = z0.shape
         nqb = max(self.nq, 1)
-        Z, F, MID = (empty((2, B, D), z0) for _ in range(3))
-        Q, FQ, MIDQ = (empty((2, B, nqb), z0) for _ in range(3))
+        Z = empty((slots, B, D), z0)
+        F, MID = (empty((2, B, D), z0) for _ in range(2))
+        Q = empty((slots, B, nqb), z0)
+        FQ, MIDQ = (empty((2, B, nqb), z0) for _ in range(2))
         Z[0] = z0
         if self.nq:
             Q[0] = q0
@@ -139,33 +141,44 @@ class TritonCnfSolver:
         return empty((nprog * _scratch_per_program(pk.L, self.spec.S, self.nq, self.BM, pk.P),), like)
 
     # -------------------------------------------------------------------------------------------- fixed grid
-    def grid(self, grid: torch.Tensor, z0: torch.Tensor, q0: torch.Tensor, e: Optional[torch.Tensor]):
-        """``(zT, qT)`` after one RK step per grid interval (``grid``: 1-D times, at least two)."""
+    def grid(self, grid: torch.Tensor, z0: torch.Tensor, q0: torch.Tensor, e: Optional[torch.Tensor],
+             tape: bool = False):
+        """``(zT, qT, saved)`` after one RK step per grid interval (``grid``: 1-D times, at least two). ``tape``: keep
+        every step's start (``saved``, what :meth:`grid_backward` needs; else None)."""
         B, D = z0.shape
         n = grid.numel() - 1
         time_f32 = grid.dtype == torch.float32
         g64 = grid.detach().to(torch.float64).contiguous()
-        bufs = self._buffers(z0.contiguous(), q0.contiguous())
+        bufs = self._buffers(z0.contiguous(), q0.contiguous(), n + 1 if tape else 2)
         n_tiles, nprog = self._grid(B, z0.device)
         scr = self._scratch(nprog, z0)
         e_arg = e.contiguous() if e is not None else z0
         dummy = g64
         for i in range(n):
-            self._launch_step(bufs, e_arg, dummy, dummy, dummy, dummy, dummy, dummy, 0, g64, i, scr, B, D, n_tiles,
-                              nprog, time_f32)
+            self._launch_step(bufs, e_arg, dummy, dummy, dummy, dummy, (dummy,) * 3, 0, g64, i, bufs[0] if tape else None,
+                              scr, B, D, n_tiles, nprog, time_f32)
         Z, Q = bufs[0], bufs[1]
-        return Z[n % 2], Q[n % 2, :, : self.nq]
+        last = n if tape else n % 2
+        saved = None
+        if tape:
+            t0s = g64[:-1].contiguous()
+            dts = g64[1:] - g64[:-1]
+            if time_f32:
+                dts = dts.to(torch.float32).to(torch.float64)
+            saved = {"tape": Z, "t0s": t0s, "dts": dts.contiguous(), "steps": n, "e": e_arg, "time_f32": time_f32}
+        return Z[last], Q[last, :, : self.nq], saved
 
     # -------------------------------------------------------------------------------------------- adaptive
     def adaptive(self, t0: torch.Tensor, t1: torch.Tensor, z0: torch.Tensor, q0: torch.Tensor,
                  e: Optional[torch.Tensor], *, rtol: float, atol: float, safety: float, ifactor: float,
                  dfactor: float, min_step: float, max_step: float, first_step: Optional[float], max_num_steps: int,
-                 time_dtype: torch.dtype, sync_every: int = 0):
+                 time_dtype: torch.dtype, sync_every: int = 0, tape: bool = False):
         """A batch-global adaptive solve from ``t0`` to ``t1`` (0-dim tensors, any device): ``(zT, qT, record)``.
 
         ``record``: a dict of the solve's counts (``status``, ``t_status``, ``nfe``, ``steps``, ``accepted``,
         ``rejected``, ``step_ts``, ``step_sizes``, ``finite``) read back once at the end (and every
-        ``sync_every`` launches while running).
+        ``sync_every`` launches while running). ``tape``: keep what :meth:`adaptive_backward` needs (``record["saved"]``):
+        each accepted step's start, its time and step, and the last step's interpolation data.
         """
         dev, dtype = z0.device, z0.dtype
         B, D = z0.shape
@@ -201,16 +214,18 @@ class TritonCnfSolver:
         part = torch.zeros((2 * nprog,), **f64)
         cnt = torch.zeros((), dtype=torch.int32, device=dev)
         cap = int(min(max_num_steps, MAX_RECORDED_STEPS))
-        steps_t = torch.zeros((cap,), **f64)
-        steps_dt = torch.zeros((cap,), **f64)
+        steps = tuple(torch.zeros((cap,), **f64) for _ in range(3))  # t0, width, the kernel's dt of accepted steps
+        ztape = None
         # ---- the attempts: launches queue up; the host looks at `done` only between chunks
         key = (self.spec, B, D, self.nq)
         chunk = sync_every if sync_every > 0 else self._expected_attempts.get(key, 16)
         launches = 0
         while True:
             n = min(chunk, max_num_steps + 1 - launches)
+            if tape:  # room for every attempt of this chunk to be accepted (accepted <= launches)
+                ztape = _grown(ztape, launches + n, z0)
             for _ in range(n):
-                self._launch_step(bufs, e_arg, ctl, opt, part, cnt, steps_t, steps_dt, cap, opt, 0, scr, B, D,
+                self._launch_step(bufs, e_arg, ctl, opt, part, cnt, steps, cap, opt, 0, ztape, scr, B, D,
                                   n_tiles, nprog, time_f32)
             launches += n
             host_read("solve status")
@@ -221,7 +236,7 @@ class TritonCnfSolver:
         zT, qT = self._interpolate(bufs, ctl, z0, q0, time_f32)
         finite = torch.isfinite(zT).all() & torch.isfinite(qT).all()
         host_read("solve record")
-        back = torch.cat([ctl, finite.to(torch.float64).reshape(1), steps_t, steps_dt]).cpu()
+        back = torch.cat([ctl, finite.to(torch.float64).reshape(1), steps[0], steps[1]]).cpu()
         c = back[: K.NCTL].tolist()
         acc = int(c[K.C_ACC.value])
         nrec = min(acc, cap)
@@ -232,7 +247,127 @@ class TritonCnfSolver:
                   "step_sizes": back[K.NCTL + 1 + cap: K.NCTL + 1 + cap + nrec].tolist(),
                   "launches": launches + 1}
         self._expected_attempts[key] = max(1, record["steps"] + 1)
+        if tape:
+            record["saved"] = {"tape": ztape, "t0s": steps[0], "dts": steps[2], "steps": nrec, "bufs": bufs,
+                               "ctl": ctl, "e": e_arg, "time_f32": time_f32, "z0": z0, "q0": q0}
         return zT, qT[:, : self.nq], record
+
+    # -------------------------------------------------------------------------------------------- backward
+    def _stage_needs(self) -> tuple:
+        """``(NEED, KNEED)`` per stage: a cotangent reaches it (a solution weight or a later needed stage), and its
+        derivative enters a later needed stage's input. With ``seeded`` every stage is needed (the interpolant)."""
+        sp = self.spec
+        S = sp.S
+        need = [False] * S
+        for i in reversed(range(S)):
+            need[i] = sp.BW[i] != 0.0 or any(sp.A[j * S + i] != 0.0 and need[j] for j in range(i + 1, S))
+        kneed = [any(sp.A[j * S + i] != 0.0 and need[j] for j in range(i + 1, S)) for i in range(S)]
+        return tuple(need), tuple(kneed)
+
+    def _step_backward(self, saved, n, gz1, gq1, seeds, dw, dv, scr, nprog):
+        """One launch: the cotangent of step ``n``'s start from that of its end (``gz1`` (B, D), ``gq1`` (B, NQ)) and
+        the per-stage ``seeds`` (None, or ``(sk (S, B, D), skq (S, B, NQ))``); parameter partials into dw / dv."""
+        pk, sp = self.packed, self.spec
+        B, D = gz1.shape
+        n_tiles = triton.cdiv(B, self.BM)
+        need, kneed = self._stage_needs()
+        if seeds is not None:
+            need = (True,) * sp.S
+            kneed = tuple(any(sp.A[j * sp.S + i] != 0.0 for j in range(i + 1, sp.S)) for i in range(sp.S))
+        gz0 = empty((B, D), gz1)
+        sk, skq = seeds if seeds is not None else (gz1, gq1)
+        launched("cnf_step_bwd_kernel")
+        K.cnf_step_bwd_kernel[(nprog,)](
+            saved["tape"], saved["e"], pk.W, pk.V, pk.dims, saved["t0s"], saved["dts"], n, gz1, gq1, sk, skq, gz0,
+            dw, dv, scr, B, D, n_tiles,
+            L=pk.L, P=pk.P, ACT=ACT_CODES[self.activation], MODE=self.mode, BM=self.BM, CH=pk.CH, CD=pk.CD,
+            PREC=DOT_PRECISION, S=sp.S, C=sp.C, A=sp.A, BW=sp.BW, RATES=self.rates or (0,), NQ=self.nq, NEED=need,
+            KNEED=kneed, HAS_SEED=seeds is not None, HAS_TR=any(c in (0, 1) for c in self.rates),
+            HAS_KIN=2 in self.rates, HAS_FR=3 in self.rates, TIME_F32=saved["time_f32"], num_warps=self.num_warps)
+        return gz0
+
+    def _backward_buffers(self, like):
+        pk = self.packed
+        B = like.shape[0]
+        _, nprog = self._grid(B, like.device)
+        SL = self.BM * pk.P
+        per = (6 * pk.L + 2) * SL + (3 * self.spec.S + 1) * SL + 3 * self.BM
+        dw = torch.zeros((nprog, pk.L, pk.P, pk.P), dtype=like.dtype, device=like.device)
+        dv = torch.zeros((nprog, pk.L, 4, pk.P), dtype=like.dtype, device=like.device)
+        return dw, dv, empty((nprog * per,), like), nprog
+
+    def param_grads(self, dw, dv) -> list:
+        """Per-parameter gradients ``[W, b, gw, gb, bw] * L`` from the programs' partials (a fixed-order sum)."""
+        dw, dv = dw.sum(0), dv.sum(0)
+        out = []
+        for l in range(self.packed.L):
+            o, i = self.packed.widths[l + 1], self.packed.widths[l]
+            out += [dw[l, :o, :i], dv[l, 0, :o], dv[l, 1, :o], dv[l, 2, :o], dv[l, 3, :o]]
+        return out
+
+    def grid_backward(self, saved, gzT, gqT):
+        """The exact gradient of :meth:`grid` (its tape): ``(gz0, gq0, param grads)``."""
+        dw, dv, scr, nprog = self._backward_buffers(gzT)
+        gz = gzT.contiguous()
+        gq = (gqT if self.nq else gzT.new_zeros(gzT.shape[0], 1)).contiguous()
+        for n in reversed(range(saved["steps"])):
+            gz = self._step_backward(saved, n, gz, gq, None, dw, dv, scr, nprog)
+        return gz, gqT, self.param_grads(dw, dv)
+
+    def adaptive_backward(self, saved, gzT, gqT, want_t1: bool):
+        """The exact gradient of :meth:`adaptive` (step sizes are constants, the end time enters through the
+        interpolation): ``(gz0, gq0, g_t1 or None, param grads)``."""
+        n_acc = saved["steps"]
+        dw, dv, scr, nprog = self._backward_buffers(gzT)
+        if n_acc == 0:  # t0 == t1: the identity
+            return gzT, gqT, (gzT.new_zeros(()) if want_t1 else None), self.param_grads(dw, dv)
+        Z, Q, F, FQ, MID, MIDQ = saved["bufs"]
+        ctl = saved["ctl"]
+        dtype = gzT.dtype
+        cur = ctl[K.C_CUR.value].to(torch.long).reshape(1)
+        prev = 1 - cur
+        pick = lambda X, i: X.index_select(0, i)[0]  # noqa: E731
+        tau, taup, tend = ctl[K.C_TAU.value], ctl[K.C_TAUP.value], ctl[K.C_TEND.value]
+        width = tau - taup
+        if saved["time_f32"]:
+            width = width.to(torch.float32).to(torch.float64)
+        dts = (ctl[K.C_DIR.value] * ctl[K.C_HP.value]).to(dtype)
+        nq = self.nq
+        # ---- the interpolant's adjoint (PyTorch autograd on the quartic: a few tensor ops, once per solve)
+        with torch.enable_grad():
+            x = ((tend - taup) / width).to(dtype).detach().requires_grad_(want_t1)
+            parts = [pick(Z, prev), pick(Z, cur), pick(MID, cur), pick(F, prev), pick(F, cur)]
+            leaves = [p.detach().requires_grad_() for p in parts]
+            outs, gouts = [_quartic(*leaves, dts, x)], [gzT]
+            if nq:
+                qparts = [pick(Q, prev)[:, :nq], pick(Q, cur)[:, :nq], pick(MIDQ, cur)[:, :nq], pick(FQ, prev)[:, :nq],
+                          pick(FQ, cur)[:, :nq]]
+                qleaves = [p.detach().requires_grad_() for p in qparts]
+                outs.append(_quartic(*qleaves, dts, x))
+                gouts.append(gqT)
+                leaves = leaves + qleaves
+            grads = torch.autograd.grad(outs, leaves + ([x] if want_t1 else []), gouts)
+        gy0, gy1, gym, gf0, gf1 = grads[:5]
+        cm = self.spec.CM
+        S = self.spec.S
+        w = [torch.full((), c, dtype=dtype, device=gzT.device) * dts for c in cm]  # fl(cmid_i) * fl(dt), as the kernel
+        sk = torch.stack([gym * w[i] + (gf0 if i == 0 else 0) + (gf1 if i == S - 1 else 0) for i in range(S)])
+        if nq:
+            qy0, qy1, qym, qf0, qf1 = grads[5:10]
+            skq = torch.stack([qym * w[i] + (qf0 if i == 0 else 0) + (qf1 if i == S - 1 else 0) for i in range(S)])
+            gq_last, gq_before = qy1.contiguous(), (qy1 + qy0 + qym).contiguous()
+        else:
+            skq = gq_last = gq_before = gzT.new_zeros(gzT.shape[0], 1)
+            skq = torch.zeros((S,) + tuple(skq.shape), dtype=dtype, device=gzT.device)
+        gz = self._step_backward(saved, n_acc - 1, gy1.contiguous(), gq_last, (sk.contiguous(), skq.contiguous()), dw,
+                                 dv, scr, nprog)
+        gz = gz + gy0 + gym
+        for n in reversed(range(n_acc - 1)):
+            gz = self._step_backward(saved, n, gz.contiguous(), gq_before, None, dw, dv, scr, nprog)
+        g_t1 = None
+        if want_t1:  # x = (dir * t1 - taup) / width
+            g_t1 = grads[-1].to(torch.float64) * ctl[K.C_DIR.value] / width
+        return gz, (gq_before if nq else gqT), g_t1, self.param_grads(dw, dv)
 
     def _first_step(self, tau0, dirn, z0, q0, f0, fq0, e, rtol, atol, time_dtype):
         """The RK spec's initial step on the device, in odeint's tau = dir * t (its state: z and q flattened)."""
@@ -275,23 +410,37 @@ class TritonCnfSolver:
         moved = ctl[K.C_ACC.value] > 0
 
         def quartic(Y, FF, M, start):
-            y0, y1 = Y.index_select(0, prev)[0], Y.index_select(0, cur)[0]
-            f0, f1 = FF.index_select(0, prev)[0], FF.index_select(0, cur)[0]
-            ym = M.index_select(0, cur)[0]
-            a = 2 * dt * (f1 - f0) - 8 * (y1 + y0) + 16 * ym
-            b = dt * (5 * f0 - 3 * f1) + 18 * y0 + 14 * y1 - 32 * ym
-            c = dt * (f1 - 4 * f0) - 11 * y0 - 5 * y1 + 16 * ym
-            d = dt * f0
-            total = y0 + x * d
-            xp = x * x
-            total = total + xp * c
-            xp = xp * x
-            total = total + xp * b
-            xp = xp * x
-            total = total + xp * a
+            pick = lambda X, i: X.index_select(0, i)[0]  # noqa: E731
+            total = _quartic(pick(Y, prev), pick(Y, cur), pick(M, cur), pick(FF, prev), pick(FF, cur), dt, x)
             return torch.where(moved, total, start)
 
         zT = quartic(Z, F, MID, z0)
         qT = quartic(Q, FQ, MIDQ, q0 if self.nq else Q[0]) if self.nq else q0
         return zT, qT
 
+
+
+def _quartic(y0, y1, ym, f0, f1, dt, x):
+    """torchdiffeq's quartic interpolant of a step from its ends, midpoint and end slopes, at fraction ``x``
+    (fastode.interp.quartic_fit / quartic_eval's operations, with the midpoint given)."""
+    a = 2 * dt * (f1 - f0) - 8 * (y1 + y0) + 16 * ym
+    b = dt * (5 * f0 - 3 * f1) + 18 * y0 + 14 * y1 - 32 * ym
+    c = dt * (f1 - 4 * f0) - 11 * y0 - 5 * y1 + 16 * ym
+    d = dt * f0
+    total = y0 + x * d
+    xp = x * x
+    total = total + xp * c
+    xp = xp * x
+    total = total + xp * b
+    xp = xp * x
+    return total + xp * a
+
+
+def _grown(buf: Optional[torch.Tensor], n: int, like: torch.Tensor) -> torch.Tensor:
+    """A tape of at least ``n`` states like ``like`` holding ``buf``'s (grown geometrically: one copy per doubling)."""
+    if buf is not None and buf.shape[0] >= n:
+        return buf
+    out = empty((max(n, 2 * (buf.shape[0] if buf is not None else 0)),) + tuple(like.shape), like)
+    if buf is not None:
+        out[: buf.shape[0]] = buf
+    return out

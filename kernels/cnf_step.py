@@ -34,7 +34,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .concatsquash import mlp_tile_forward
+from .concatsquash import mlp_tile_backward, mlp_tile_forward
 
 # control block fields (float64)
 C_TAU = tl.constexpr(0)         # the integration variable tau = dir * t (rounded as the time dtype)
@@ -137,7 +137,7 @@ def prepare_attempt(ctl, opt, TIME_F32: tl.constexpr, DT_DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _control(ctl, opt, ratio, steps_t, steps_dt, cap, NFE_PER: tl.constexpr, ORDER: tl.constexpr,
+def _control(ctl, opt, ratio, steps_t, steps_dt, steps_h, cap, NFE_PER: tl.constexpr, ORDER: tl.constexpr,
              TIME_F32: tl.constexpr, DT_DTYPE: tl.constexpr):
     """After an attempt with error ratio ``ratio``: IntegralController.adapt, the bookkeeping of
     fastode.solvers.rk_adaptive._adaptive_step (counts, the clock, the accepted step's record), then
@@ -161,6 +161,7 @@ def _control(ctl, opt, ratio, steps_t, steps_dt, cap, NFE_PER: tl.constexpr, ORD
     ok = accept & (forced_nan == 0)
     tl.store(steps_t + slot, dirn * tau, mask=ok & (slot < cap))
     tl.store(steps_dt + slot, dirn * (tnew - tau), mask=ok & (slot < cap))
+    tl.store(steps_h + slot, tl.load(ctl + C_DT), mask=ok & (slot < cap))  # the step the kernel took (signed)
     tl.store(ctl + C_RATIO, ratio)
     tl.store(ctl + C_ATT, tl.load(ctl + C_ATT) + 1.0)
     tl.store(ctl + C_NFE, tl.load(ctl + C_NFE) + NFE_PER)
@@ -321,16 +322,19 @@ def _tile_step(z0_ptr, q0_ptr, f0_ptr, fq0_ptr, z1_ptr, q1_ptr, f1_ptr, fq1_ptr,
 # ------------------------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=["cap", "step_i", "B", "D", "n_tiles"])
 def cnf_step_kernel(z_ptr, q_ptr, f_ptr, fq_ptr, mid_ptr, midq_ptr, e_ptr, w_ptr, v_ptr, dims_ptr,
-                    ctl, opt, part_ptr, cnt_ptr, steps_t, steps_dt, cap, grid_ptr, step_i, scr_ptr,
+                    ctl, opt, part_ptr, cnt_ptr, steps_t, steps_dt, steps_h, cap, grid_ptr, step_i, tape_ptr, scr_ptr,
                     B, D, n_tiles,
                     L: tl.constexpr, P: tl.constexpr, ACT: tl.constexpr, MODE: tl.constexpr, BM: tl.constexpr,
                     CH: tl.constexpr, CD: tl.constexpr, PREC: tl.constexpr,
                     S: tl.constexpr, C: tl.constexpr, A: tl.constexpr, BW: tl.constexpr, EW: tl.constexpr,
                     CM: tl.constexpr, FSAL: tl.constexpr, ADAPTIVE: tl.constexpr, RATES: tl.constexpr,
-                    NQ: tl.constexpr, NQN: tl.constexpr, ORDER: tl.constexpr, TIME_F32: tl.constexpr):
+                    NQ: tl.constexpr, NQN: tl.constexpr, ORDER: tl.constexpr, TIME_F32: tl.constexpr,
+                    TAPE: tl.constexpr):
     """One step attempt of the whole batch. State buffers are ``(2, B, ...)``: slot ``cur`` is read, ``1 - cur``
-    written. Adaptive: ``t0, dt, cur`` from ``ctl``, the last program runs the controller. Fixed grid: step
-    ``step_i`` of ``grid_ptr`` (float64 times), ``cur = step_i % 2``."""
+    written. Adaptive: ``t0, dt, cur`` from ``ctl``, the last program runs the controller; ``TAPE``: the attempt's
+    start ``z`` is written to ``tape_ptr[accepted]`` (the backward's checkpoint of the step, kept if it is accepted).
+    Fixed grid: step ``step_i`` of ``grid_ptr`` (float64 times); ``TAPE``: the state buffer holds every step
+    (``(n + 1, B, D)``: read ``step_i``, write ``step_i + 1``), else ``cur = step_i % 2``."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     dtype = w_ptr.dtype.element_ty
@@ -346,13 +350,19 @@ def cnf_step_kernel(z_ptr, q_ptr, f_ptr, fq_ptr, mid_ptr, midq_ptr, e_ptr, w_ptr
         atol = tl.load(opt + O_ATOL).to(dtype)
     else:
         done = 0.0
-        cur = tl.cast(step_i % 2, tl.int64)
+        if TAPE:
+            cur = tl.cast(step_i, tl.int64)
+        else:
+            cur = tl.cast(step_i % 2, tl.int64)
         t0 = tl.load(grid_ptr + step_i)
         dt = _round_time(tl.load(grid_ptr + step_i + 1) - t0, TIME_F32)
         rtol = tl.zeros((), dtype=dtype)
         atol = tl.zeros((), dtype=dtype) + 1.0
     if done == 0.0:
-        nxt = 1 - cur
+        if ADAPTIVE or (TAPE == 0):
+            nxt = 1 - cur
+        else:
+            nxt = cur + 1
         BD = tl.cast(B, tl.int64) * D
         BQ = tl.cast(B, tl.int64) * NQ
         psz = tl.zeros((), dtype=tl.float64)
@@ -360,6 +370,14 @@ def cnf_step_kernel(z_ptr, q_ptr, f_ptr, fq_ptr, mid_ptr, midq_ptr, e_ptr, w_ptr
         for tile in range(pid, n_tiles, nprog):
             rows = tile * BM + tl.arange(0, BM)
             rmask = rows < B
+            if ADAPTIVE and TAPE:
+                acc = tl.load(ctl + C_ACC).to(tl.int64)
+                rows64 = rows.to(tl.int64)
+                for n0 in range(0, D, CD):
+                    cn = n0 + tl.arange(0, CD)
+                    m = rmask[:, None] & (cn < D)[None, :]
+                    g = rows64[:, None] * D + cn[None, :]
+                    tl.store(tape_ptr + acc * BD + g, tl.load(z_ptr + cur * BD + g, mask=m), mask=m)
             sz, sq = _tile_step(z_ptr + cur * BD, q_ptr + cur * BQ, f_ptr + cur * BD, fq_ptr + cur * BQ,
                                 z_ptr + nxt * BD, q_ptr + nxt * BQ, f_ptr + nxt * BD, fq_ptr + nxt * BQ,
                                 mid_ptr + nxt * BD, midq_ptr + nxt * BQ, e_ptr, w_ptr, v_ptr, dims_ptr, scr, rows,
@@ -380,7 +398,7 @@ def cnf_step_kernel(z_ptr, q_ptr, f_ptr, fq_ptr, mid_ptr, midq_ptr, e_ptr, w_ptr
                     tz += tl.load(part_ptr + 2 * p, cache_modifier=".cg")
                     tq += tl.load(part_ptr + 2 * p + 1, cache_modifier=".cg")
                 ratio = _mixed_norm(tz, tq, B, D, NQN)
-                _control(ctl, opt, ratio, steps_t, steps_dt, cap, S - 1, ORDER, TIME_F32, dtype)
+                _control(ctl, opt, ratio, steps_t, steps_dt, steps_h, cap, S - 1, ORDER, TIME_F32, dtype)
                 tl.atomic_xchg(cnt_ptr, 0)
 
 
@@ -389,3 +407,129 @@ def cnf_prepare_kernel(ctl, opt, like_ptr, TIME_F32: tl.constexpr):
     """One program: the first attempt's set-up (after the first step size is on the device); ``like_ptr``: a
     tensor of the state's dtype (the step is rounded to it)."""
     prepare_attempt(ctl, opt, TIME_F32, like_ptr.dtype.element_ty)
+
+
+# ------------------------------------------------------------------------------------------------
+# the backward of one step (the fused discrete adjoint)
+# ------------------------------------------------------------------------------------------------
+@triton.jit(do_not_specialize=["step_i", "B", "D", "n_tiles"])
+def cnf_step_bwd_kernel(ztape_ptr, e_ptr, w_ptr, v_ptr, dims_ptr, t0s, dts, step_i, gz1_ptr, gq1_ptr, sk_ptr,
+                        skq_ptr, gz0_ptr, dw_ptr, dv_ptr, scr_ptr, B, D, n_tiles,
+                        L: tl.constexpr, P: tl.constexpr, ACT: tl.constexpr, MODE: tl.constexpr, BM: tl.constexpr,
+                        CH: tl.constexpr, CD: tl.constexpr, PREC: tl.constexpr,
+                        S: tl.constexpr, C: tl.constexpr, A: tl.constexpr, BW: tl.constexpr, RATES: tl.constexpr,
+                        NQ: tl.constexpr, NEED: tl.constexpr, KNEED: tl.constexpr, HAS_SEED: tl.constexpr,
+                        HAS_TR: tl.constexpr, HAS_KIN: tl.constexpr, HAS_FR: tl.constexpr, TIME_F32: tl.constexpr):
+    """The exact backward of step ``step_i`` (start ``ztape[step_i]``, start time ``t0s[step_i]``, step
+    ``dts[step_i]``): the stages are recomputed on chip from the checkpointed start, then walked in reverse:
+    ``kbar_i = fl(b_i dt) gz1 [+ seed_i] + sum_{j>i} fl(a_ji dt) Zbar_j`` and ``qbar_i = fl(b_i dt) gq1 [+ seed_i]``
+    go through the MLP's backward at ``(t_i, Z_i)`` (second-order terms of the trace / RNODE rates included) to
+    ``Zbar_i``; ``gz0 = gz1 + sum_i Zbar_i``. Parameter gradients are added to the program's partials (``dv`` rows
+    ``[db, dgw, dgb, dbw]``, converted at each stage's time): each program owns the same tiles in every launch,
+    so the host's fixed-order sum over programs is deterministic. ``NEED[i]``: stage i has a cotangent;
+    ``KNEED[i]``: its derivative enters a later needed stage's input (both from the tableau, by the launcher).
+    ``HAS_SEED``: per-stage cotangents ``sk`` (S, B, D) / ``skq`` (S, B, NQ) are added (the last step: the
+    interpolant's dependence on the stages). ``HAS_TR`` / ``HAS_KIN`` / ``HAS_FR``: which rates ``RATES`` holds.
+    """
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    dtype = w_ptr.dtype.element_ty
+    SL: tl.constexpr = BM * P
+    MS: tl.constexpr = (6 * L + 2) * SL            # the MLP backward's scratch
+    NS: tl.constexpr = MS + (3 * S + 1) * SL + 3 * BM
+    scr = scr_ptr + pid.to(tl.int64) * NS
+    zin = scr + MS                                 # S stage inputs
+    kz = zin + S * SL                              # S stage derivatives
+    gzs = kz + S * SL                              # S stage-input cotangents
+    kb = gzs + S * SL                              # the current stage's kbar
+    gq = kb + SL                                   # per-row cotangents of trace, kinetic, frob
+    dw_p = dw_ptr + pid.to(tl.int64) * (L * P * P)
+    dv_p = dv_ptr + pid.to(tl.int64) * (L * 4 * P)
+    t0 = tl.load(t0s + step_i)
+    dt = tl.load(dts + step_i)
+    dts_ = dt.to(dtype)
+    r = tl.arange(0, BM)
+    allr = r < BM
+    rl = r.to(tl.int64)
+    BD = tl.cast(B, tl.int64) * D
+    BQ = tl.cast(B, tl.int64) * NQ
+    z0_ptr = ztape_ptr + tl.cast(step_i, tl.int64) * BD
+    for tile in range(pid, n_tiles, nprog):
+        rows = tile * BM + r
+        rmask = rows < B
+        rows64 = rows.to(tl.int64)
+        # ---- recompute the stage inputs (and the derivatives later stages need)
+        for i in tl.static_range(S):
+            if NEED[i] or KNEED[i]:
+                for n0 in range(0, D, CD):
+                    cn = n0 + tl.arange(0, CD)
+                    m = rmask[:, None] & (cn < D)[None, :]
+                    acc = tl.zeros((BM, CD), dtype=dtype)
+                    for j in tl.static_range(i):
+                        if A[i * S + j] != 0.0:
+                            kj = tl.load(kz + j * SL + r[:, None] * P + cn[None, :], mask=m, other=0.0)
+                            acc += kj * (dts_ * A[i * S + j])
+                    y = tl.load(z0_ptr + rows64[:, None] * D + cn[None, :], mask=m, other=0.0) + acc
+                    tl.store(zin + i * SL + r[:, None] * P + cn[None, :], tl.where(m, y, 0.0))
+                tl.debug_barrier()
+                if KNEED[i]:
+                    ti = _round_time(t0 + C[i] * dt, TIME_F32).to(dtype)
+                    mlp_tile_forward(scr, zin + i * SL, P, allr, kz + i * SL, P, rl, rows64, rmask, e_ptr, e_ptr,
+                                     w_ptr, v_ptr, dims_ptr, D, ti, L, P, ACT, 0, BM, CH, CD, False, PREC)
+                    tl.debug_barrier()
+        # ---- the stages in reverse
+        for jj in tl.static_range(S):
+            i = S - 1 - jj
+            if NEED[i]:
+                for n0 in range(0, D, CD):
+                    cn = n0 + tl.arange(0, CD)
+                    m = rmask[:, None] & (cn < D)[None, :]
+                    g = rows64[:, None] * D + cn[None, :]
+                    kbar = tl.zeros((BM, CD), dtype=dtype)
+                    if BW[i] != 0.0:
+                        kbar += tl.load(gz1_ptr + g, mask=m, other=0.0) * (dts_ * BW[i])
+                    if HAS_SEED:
+                        kbar += tl.load(sk_ptr + i * BD + g, mask=m, other=0.0)
+                    for j in tl.static_range(i + 1, S):
+                        if A[j * S + i] != 0.0 and NEED[j]:
+                            kbar += tl.load(gzs + j * SL + r[:, None] * P + cn[None, :], mask=m, other=0.0) * \
+                                (dts_ * A[j * S + i])
+                    tl.store(kb + r[:, None] * P + cn[None, :], tl.where(m, kbar, 0.0))
+                gtr = tl.zeros((BM,), dtype=dtype)
+                gkin = tl.zeros((BM,), dtype=dtype)
+                gfr = tl.zeros((BM,), dtype=dtype)
+                for c in tl.static_range(NQ):
+                    qbar = tl.zeros((BM,), dtype=dtype)
+                    if BW[i] != 0.0:
+                        qbar += tl.load(gq1_ptr + rows64 * NQ + c, mask=rmask, other=0.0) * (dts_ * BW[i])
+                    if HAS_SEED:
+                        qbar += tl.load(skq_ptr + i * BQ + rows64 * NQ + c, mask=rmask, other=0.0)
+                    if RATES[c] == 0:
+                        gtr -= qbar
+                    elif RATES[c] == 1:
+                        gtr += qbar
+                    elif RATES[c] == 2:
+                        gkin += qbar
+                    else:
+                        gfr += qbar
+                tl.store(gq + r, gtr)
+                tl.store(gq + BM + r, gkin)
+                tl.store(gq + 2 * BM + r, gfr)
+                tl.debug_barrier()
+                ti = _round_time(t0 + C[i] * dt, TIME_F32).to(dtype)
+                mlp_tile_backward(scr, zin + i * SL, P, rows64, rmask, rl, P, e_ptr, kb, kb, gq, gq + BM,
+                                  gq + 2 * BM, gzs + i * SL, kb, w_ptr, v_ptr, dims_ptr, dw_p, dv_p, D, ti,
+                                  L, P, ACT, MODE, BM, CH, CD, PREC, True, False, HAS_TR and (MODE > 0), HAS_KIN,
+                                  HAS_FR and (MODE == 1), False, (MODE > 0) and (HAS_TR or HAS_FR), 1)
+                tl.debug_barrier()
+        # ---- the step start's cotangent
+        for n0 in range(0, D, CD):
+            cn = n0 + tl.arange(0, CD)
+            m = rmask[:, None] & (cn < D)[None, :]
+            g = rows64[:, None] * D + cn[None, :]
+            acc = tl.load(gz1_ptr + g, mask=m, other=0.0)
+            for i in tl.static_range(S):
+                if NEED[i]:
+                    acc += tl.load(gzs + i * SL + r[:, None] * P + cn[None, :], mask=m, other=0.0)
+            tl.store(gz0_ptr + g, acc, mask=m)
+        tl.debug_barrier()

@@ -303,10 +303,10 @@ def _vjp_layer_bwd(scr, w_ptr, v_ptr, dims_ptr, t,
 
 
 @triton.jit
-def _vjp_adj_layer(scr, w_ptr, v_ptr, dims_ptr, dw_p, dv_p, t, ge_ptr, gtr_ptr, rows, rows64, rmask, D,
+def _vjp_adj_layer(scr, w_ptr, v_ptr, dims_ptr, dw_p, dv_p, t, ge_ptr, gtr_ptr, io, rows64, rmask, D,
                    l: tl.constexpr, L: tl.constexpr, P: tl.constexpr, BM: tl.constexpr, CH: tl.constexpr,
                    CD: tl.constexpr, ACT: tl.constexpr, NEED_GE: tl.constexpr, HAS_GTR: tl.constexpr,
-                   PREC: tl.constexpr):
+                   CONV: tl.constexpr, PREC: tl.constexpr):
     """Step 3 (forward over l): abar_l = rho_l @ W_l^T, dW_l += alpha_l^T rho_l, sbar, rho_{l+1}, U2_l."""
     if l == 0:
         KC: tl.constexpr = CD
@@ -330,8 +330,7 @@ def _vjp_adj_layer(scr, w_ptr, v_ptr, dims_ptr, dw_p, dv_p, t, ge_ptr, gtr_ptr, 
         b, s, c = _gate(v_ptr + l * 4 * P, cn, t, P)
         dbar = abar * s[None, :]
         delta = tl.load(scr + (2 * L - 1 + l) * SL + loc)
-        sb_ptr = dv_p + l * 3 * P + P + cn
-        tl.store(sb_ptr, tl.load(sb_ptr) + tl.sum(abar * delta, axis=0))
+        _gate_grads(dv_p + l * (3 + CONV) * P, cn, tl.sum(abar * delta, axis=0), s, t, P, CONV)
         if l < L - 1:
             a = tl.load(scr + (L - 1 + l) * SL + loc)
             u = a * s[None, :] + c[None, :]
@@ -344,15 +343,16 @@ def _vjp_adj_layer(scr, w_ptr, v_ptr, dims_ptr, dw_p, dv_p, t, ge_ptr, gtr_ptr, 
                 m = rmask[:, None] & (cn < D)[None, :]
                 ge = dbar
                 if HAS_GTR:
-                    gtr = tl.load(gtr_ptr + rows, mask=rmask, other=0.0)
+                    gtr = tl.load(gtr_ptr + io, mask=rmask, other=0.0)
                     ge += gtr[:, None] * tl.load(scr + (4 * L - 1) * SL + loc)
                 tl.store(ge_ptr + rows64[:, None] * D + cn[None, :], ge, mask=m)
 
 
 @triton.jit
-def _fwd_adj_layer(scr, z_tile, w_ptr, v_ptr, dims_ptr, dw_p, dv_p, t, gz_ptr, rows64, rmask, D,
+def _fwd_adj_layer(scr, x_ptr, x_rs, w_ptr, v_ptr, dims_ptr, dw_p, dv_p, t, gz_ptr, io, io_rs, rmask, D,
                    l: tl.constexpr, L: tl.constexpr, P: tl.constexpr, BM: tl.constexpr, CH: tl.constexpr,
-                   CD: tl.constexpr, ACT: tl.constexpr, SECOND: tl.constexpr, PREC: tl.constexpr):
+                   CD: tl.constexpr, ACT: tl.constexpr, SECOND: tl.constexpr, CONV: tl.constexpr,
+                   PREC: tl.constexpr):
     """Step 4 (reverse over l): hbar_l = abar_l @ W_l, dW_l += abar_l^T h_l, then abar_{l-1} or gz."""
     if l == 0:
         KC: tl.constexpr = CD
@@ -371,7 +371,7 @@ def _fwd_adj_layer(scr, z_tile, w_ptr, v_ptr, dims_ptr, dw_p, dv_p, t, gz_ptr, r
         ck = k0 + tl.arange(0, KC)
         loc = r[:, None] * P + ck[None, :]
         if l == 0:
-            h = tl.load(z_tile + r[:, None] * D + ck[None, :], mask=rmask[:, None] & (ck < D)[None, :], other=0.0)
+            h = tl.load(x_ptr + r[:, None] * x_rs + ck[None, :], mask=rmask[:, None] & (ck < D)[None, :], other=0.0)
         else:
             h = tl.load(scr + (l - 1) * SL + loc)
         hbar = _mm_bwd(ab, w_ptr + l * P * P, k0, n_out, h, dw_p + l * P * P, P, BM, KC, NC, True, PREC)
@@ -382,22 +382,150 @@ def _fwd_adj_layer(scr, z_tile, w_ptr, v_ptr, dims_ptr, dw_p, dv_p, t, gz_ptr, r
             ubar = hbar * act_d1(u, ACT)
             if SECOND:
                 ubar += tl.load(scr + (5 * L - 1 + l - 1) * SL + loc)
-            _vec_grads(dv_p + (l - 1) * 3 * P, ck, ubar, a, s, P)
+            _vec_grads(dv_p + (l - 1) * (3 + CONV) * P, ck, ubar, a, s, t, P, CONV)
             tl.store(scr + (6 * L + (l - 1) % 2) * SL + loc, ubar * s[None, :])
         else:
             m = rmask[:, None] & (ck < D)[None, :]
-            tl.store(gz_ptr + rows64[:, None] * D + ck[None, :], hbar, mask=m)
+            tl.store(gz_ptr + io[:, None] * io_rs + ck[None, :], hbar, mask=m)
 
 
 @triton.jit
-def _vec_grads(dv_l, cn, ubar, a, s, P: tl.constexpr):
-    """Accumulate db = sum(ubar * s), sbar = sum(ubar * a), cbar = sum(ubar) over the tile's rows."""
+def _gate_grads(dv_l, cn, sbar, s, t, P: tl.constexpr, CONV: tl.constexpr):
+    """Add ``sbar`` (dLoss/ds summed over rows) to the layer's gradients: as is (``CONV=0``, slot 1 of
+    ``[db, sbar, cbar]``) or converted at this ``t`` (``CONV=1``, slots 1-2 of ``[db, dgw, dgb, dbw]``: the fused
+    solve's backward evaluates the MLP at many times, so it accumulates parameter gradients directly)."""
+    if CONV:
+        dpre = sbar * s * (1.0 - s)
+        p1 = dv_l + P + cn
+        tl.store(p1, tl.load(p1) + dpre * t)
+        p2 = dv_l + 2 * P + cn
+        tl.store(p2, tl.load(p2) + dpre)
+    else:
+        p1 = dv_l + P + cn
+        tl.store(p1, tl.load(p1) + sbar)
+
+
+@triton.jit
+def _vec_grads(dv_l, cn, ubar, a, s, t, P: tl.constexpr, CONV: tl.constexpr):
+    """Accumulate db = sum(ubar * s), sbar = sum(ubar * a), cbar = sum(ubar) over the tile's rows (``CONV``: as
+    the gradients of gw, gb and bw at this ``t``, see :func:`_gate_grads`)."""
     p0 = dv_l + cn
     tl.store(p0, tl.load(p0) + tl.sum(ubar * s[None, :], axis=0))
-    p1 = dv_l + P + cn
-    tl.store(p1, tl.load(p1) + tl.sum(ubar * a, axis=0))
-    p2 = dv_l + 2 * P + cn
-    tl.store(p2, tl.load(p2) + tl.sum(ubar, axis=0))
+    _gate_grads(dv_l, cn, tl.sum(ubar * a, axis=0), s, t, P, CONV)
+    p2 = dv_l + (2 + CONV) * P + cn
+    if CONV:
+        tl.store(p2, tl.load(p2) + tl.sum(ubar, axis=0) * t)
+    else:
+        tl.store(p2, tl.load(p2) + tl.sum(ubar, axis=0))
+
+
+@triton.jit
+def mlp_tile_backward(scr, x_ptr, x_rs, rows64, rmask, io, io_rs, e_ptr, gf_ptr, gv_ptr, gtr_ptr, gkin_ptr,
+                      gfrob_ptr, gz_ptr, ge_ptr, w_ptr, v_ptr, dims_ptr, dw_p, dv_p, D, t,
+                      L: tl.constexpr, P: tl.constexpr, ACT: tl.constexpr, MODE: tl.constexpr, BM: tl.constexpr,
+                      CH: tl.constexpr, CD: tl.constexpr, PREC: tl.constexpr, HAS_GF: tl.constexpr,
+                      HAS_GV: tl.constexpr, HAS_GTR: tl.constexpr, HAS_GKIN: tl.constexpr, HAS_GFROB: tl.constexpr,
+                      NEED_GE: tl.constexpr, SECOND: tl.constexpr, CONV: tl.constexpr):
+    """The backward of :func:`mlp_tile_forward` for one tile: ``gz`` and the tile's parameter gradients added to
+    the program's partials ``dw_p`` / ``dv_p``.
+
+    Input rows ``x_ptr + r * x_rs``; ``e``, ``gv``, ``ge`` at global rows ``rows64`` (stride D); ``gf`` and ``gz`` at
+    rows ``io`` with stride ``io_rs``, the per-row cotangents ``gtr``, ``gkin``, ``gfrob`` at ``io`` (a global output
+    or a per-program scratch slot). SECOND: the loss depends on the VJP outputs (trace / vjp / frob), so steps
+    2-3 run. CONV: parameter gradients of the gate and time bias accumulated directly at ``t`` (``dv_p`` rows
+    ``[db, dgw, dgb, dbw]`` per layer) rather than as ``[db, sbar, cbar]``.
+    """
+    SL: tl.constexpr = BM * P
+    r = tl.arange(0, BM)
+    allr = r < BM
+    dummy = tl.zeros((BM,), dtype=w_ptr.dtype.element_ty)
+    # ---- step 1: forward, storing a_l and h_l ----
+    for l in tl.static_range(L):
+        n_in = tl.load(dims_ptr + l)
+        n_out = tl.load(dims_ptr + l + 1)
+        if l == 0:
+            dummy = _fwd_layer(x_ptr, x_rs, D, rmask, w_ptr, v_ptr, n_in, n_out, t,
+                               scr + (L - 1) * SL, scr, w_ptr, D, rows64, rmask, D, dummy,
+                               P, BM, CH, CD, True, L == 1, ACT, 2, False, PREC)
+        else:
+            dummy = _fwd_layer(scr + (l - 1) * SL, P, P, allr, w_ptr + l * P * P, v_ptr + l * 4 * P,
+                               n_in, n_out, t, scr + (L - 1 + l) * SL, scr + l * SL, w_ptr, D, rows64,
+                               rmask, D, dummy, P, BM, CH, CD, False, l == L - 1, ACT, 2, False, PREC)
+        tl.debug_barrier()
+    # ---- steps 2 + 3: VJP and its adjoint, once per probe ----
+    if SECOND:
+        for l in tl.static_range(L - 1):
+            n_out = tl.load(dims_ptr + l + 1)
+            for n0 in range(0, n_out, CH):
+                cn = n0 + tl.arange(0, CH)
+                tl.store(scr + (5 * L - 1 + l) * SL + r[:, None] * P + cn[None, :],
+                         tl.zeros((BM, CH), dtype=w_ptr.dtype.element_ty))
+        if MODE == 1:
+            nprobe = 1
+        else:
+            nprobe = D
+        for i in range(0, nprobe):
+            # seed delta_{L-1} = e, alpha_{L-1} = e * s_{L-1}
+            for n0 in range(0, D, CD):
+                cn = n0 + tl.arange(0, CD)
+                loc = r[:, None] * P + cn[None, :]
+                b, s, c = _gate(v_ptr + (L - 1) * 4 * P, cn, t, P)
+                ev = _probe(e_ptr, rows64, rmask, cn, D, i, MODE)
+                tl.store(scr + (3 * L - 2) * SL + loc, ev)
+                tl.store(scr + (4 * L - 2) * SL + loc, ev * s[None, :])
+            tl.debug_barrier()
+            for j in tl.static_range(L):
+                _vjp_layer_bwd(scr, w_ptr, v_ptr, dims_ptr, t, L - 1 - j, L, P, BM, CH, CD, ACT, PREC)
+                tl.debug_barrier()
+            # rho_0 = gv + gtr * e + 2 * gfrob * vjp
+            for k0 in range(0, D, CD):
+                ck = k0 + tl.arange(0, CD)
+                loc = r[:, None] * P + ck[None, :]
+                m = rmask[:, None] & (ck < D)[None, :]
+                rho = tl.zeros((BM, CD), dtype=w_ptr.dtype.element_ty)
+                if HAS_GTR:
+                    gtr = tl.load(gtr_ptr + io, mask=rmask, other=0.0)
+                    rho += gtr[:, None] * _probe(e_ptr, rows64, rmask, ck, D, i, MODE)
+                if MODE == 1:
+                    if HAS_GV:
+                        rho += tl.load(gv_ptr + rows64[:, None] * D + ck[None, :], mask=m, other=0.0)
+                    if HAS_GFROB:
+                        gfr = tl.load(gfrob_ptr + io, mask=rmask, other=0.0)
+                        rho += 2.0 * gfr[:, None] * tl.load(scr + (4 * L - 1) * SL + loc)
+                tl.store(scr + (6 * L - 2) * SL + loc, rho)
+            tl.debug_barrier()
+            for l in tl.static_range(L):
+                _vjp_adj_layer(scr, w_ptr, v_ptr, dims_ptr, dw_p, dv_p, t, ge_ptr, gtr_ptr, io, rows64,
+                               rmask, D, l, L, P, BM, CH, CD, ACT, NEED_GE, HAS_GTR, CONV, PREC)
+                tl.debug_barrier()
+    else:
+        if NEED_GE:
+            # e enters only through the trace: dLoss/de = gtr * vjp (vjp = beta_0 is not computed here)
+            for k0 in range(0, D, CD):
+                ck = k0 + tl.arange(0, CD)
+                tl.store(ge_ptr + rows64[:, None] * D + ck[None, :],
+                         tl.zeros((BM, CD), dtype=w_ptr.dtype.element_ty),
+                         mask=rmask[:, None] & (ck < D)[None, :])
+    # ---- step 4: ubar_{L-1} = gf + 2 gkin f, then the ordinary backward pass ----
+    for n0 in range(0, D, CD):
+        cn = n0 + tl.arange(0, CD)
+        loc = r[:, None] * P + cn[None, :]
+        m = rmask[:, None] & (cn < D)[None, :]
+        a = tl.load(scr + (2 * L - 2) * SL + loc)
+        b, s, c = _gate(v_ptr + (L - 1) * 4 * P, cn, t, P)
+        ubar = tl.zeros((BM, CD), dtype=w_ptr.dtype.element_ty)
+        if HAS_GF:
+            ubar += tl.load(gf_ptr + io[:, None] * io_rs + cn[None, :], mask=m, other=0.0)
+        if HAS_GKIN:
+            gk = tl.load(gkin_ptr + io, mask=rmask, other=0.0)
+            ubar += tl.where(m, 2.0 * gk[:, None] * (a * s[None, :] + c[None, :]), 0.0)
+        _vec_grads(dv_p + (L - 1) * (3 + CONV) * P, cn, ubar, a, s, t, P, CONV)
+        tl.store(scr + (6 * L + (L - 1) % 2) * SL + loc, ubar * s[None, :])
+    tl.debug_barrier()
+    for j in tl.static_range(L):
+        _fwd_adj_layer(scr, x_ptr, x_rs, w_ptr, v_ptr, dims_ptr, dw_p, dv_p, t, gz_ptr, io, io_rs, rmask, D,
+                       L - 1 - j, L, P, BM, CH, CD, ACT, SECOND, CONV, PREC)
+        tl.debug_barrier()
 
 
 @triton.jit
@@ -410,7 +538,7 @@ def csq_bwd_kernel(t_ptr, z_ptr, e_ptr, w_ptr, v_ptr, dims_ptr,
                    HAS_GF: tl.constexpr, HAS_GV: tl.constexpr, HAS_GTR: tl.constexpr,
                    HAS_GKIN: tl.constexpr, HAS_GFROB: tl.constexpr, NEED_GE: tl.constexpr,
                    SECOND: tl.constexpr):
-    """SECOND: the loss depends on the VJP outputs (trace / vjp / frob), so steps 2-3 run."""
+    """One persistent program per group of row tiles; each tile runs :func:`mlp_tile_backward`."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     SL: tl.constexpr = BM * P
@@ -420,100 +548,14 @@ def csq_bwd_kernel(t_ptr, z_ptr, e_ptr, w_ptr, v_ptr, dims_ptr,
     dv_p = dv_ptr + pid.to(tl.int64) * (L * 3 * P)
     t = tl.load(t_ptr)
     r = tl.arange(0, BM)
-    allr = r < BM
     for tile in range(pid, n_tiles, nprog):
         rows = tile * BM + r
         rmask = rows < B
         rows64 = rows.to(tl.int64)
         z_tile = z_ptr + tl.cast(tile, tl.int64) * BM * D
-        dummy = tl.zeros((BM,), dtype=z_ptr.dtype.element_ty)
-        # ---- step 1: forward, storing a_l and h_l ----
-        for l in tl.static_range(L):
-            n_in = tl.load(dims_ptr + l)
-            n_out = tl.load(dims_ptr + l + 1)
-            if l == 0:
-                dummy = _fwd_layer(z_tile, D, D, rmask, w_ptr, v_ptr, n_in, n_out, t,
-                                   scr + (L - 1) * SL, scr, z_ptr, D, rows64, rmask, D, dummy,
-                                   P, BM, CH, CD, True, L == 1, ACT, 2, False, PREC)
-            else:
-                dummy = _fwd_layer(scr + (l - 1) * SL, P, P, allr, w_ptr + l * P * P, v_ptr + l * 4 * P,
-                                   n_in, n_out, t, scr + (L - 1 + l) * SL, scr + l * SL, z_ptr, D, rows64,
-                                   rmask, D, dummy, P, BM, CH, CD, False, l == L - 1, ACT, 2, False, PREC)
-            tl.debug_barrier()
-        # ---- steps 2 + 3: VJP and its adjoint, once per probe ----
-        if SECOND:
-            for l in tl.static_range(L - 1):
-                n_out = tl.load(dims_ptr + l + 1)
-                for n0 in range(0, n_out, CH):
-                    cn = n0 + tl.arange(0, CH)
-                    tl.store(scr + (5 * L - 1 + l) * SL + r[:, None] * P + cn[None, :],
-                             tl.zeros((BM, CH), dtype=z_ptr.dtype.element_ty))
-            if MODE == 1:
-                nprobe = 1
-            else:
-                nprobe = D
-            for i in range(0, nprobe):
-                # seed delta_{L-1} = e, alpha_{L-1} = e * s_{L-1}
-                for n0 in range(0, D, CD):
-                    cn = n0 + tl.arange(0, CD)
-                    loc = r[:, None] * P + cn[None, :]
-                    b, s, c = _gate(v_ptr + (L - 1) * 4 * P, cn, t, P)
-                    ev = _probe(e_ptr, rows64, rmask, cn, D, i, MODE)
-                    tl.store(scr + (3 * L - 2) * SL + loc, ev)
-                    tl.store(scr + (4 * L - 2) * SL + loc, ev * s[None, :])
-                tl.debug_barrier()
-                for j in tl.static_range(L):
-                    _vjp_layer_bwd(scr, w_ptr, v_ptr, dims_ptr, t, L - 1 - j, L, P, BM, CH, CD, ACT, PREC)
-                    tl.debug_barrier()
-                # rho_0 = gv + gtr * e + 2 * gfrob * vjp
-                for k0 in range(0, D, CD):
-                    ck = k0 + tl.arange(0, CD)
-                    loc = r[:, None] * P + ck[None, :]
-                    m = rmask[:, None] & (ck < D)[None, :]
-                    rho = tl.zeros((BM, CD), dtype=z_ptr.dtype.element_ty)
-                    if HAS_GTR:
-                        gtr = tl.load(gtr_ptr + rows, mask=rmask, other=0.0)
-                        rho += gtr[:, None] * _probe(e_ptr, rows64, rmask, ck, D, i, MODE)
-                    if MODE == 1:
-                        if HAS_GV:
-                            rho += tl.load(gv_ptr + rows64[:, None] * D + ck[None, :], mask=m, other=0.0)
-                        if HAS_GFROB:
-                            gfr = tl.load(gfrob_ptr + rows, mask=rmask, other=0.0)
-                            rho += 2.0 * gfr[:, None] * tl.load(scr + (4 * L - 1) * SL + loc)
-                    tl.store(scr + (6 * L - 2) * SL + loc, rho)
-                tl.debug_barrier()
-                for l in tl.static_range(L):
-                    _vjp_adj_layer(scr, w_ptr, v_ptr, dims_ptr, dw_p, dv_p, t, ge_ptr, gtr_ptr, rows, rows64,
-                                   rmask, D, l, L, P, BM, CH, CD, ACT, NEED_GE, HAS_GTR, PREC)
-                    tl.debug_barrier()
-        else:
-            if NEED_GE:
-                # e enters only through the trace: dLoss/de = gtr * vjp (vjp = beta_0 is not computed here)
-                for k0 in range(0, D, CD):
-                    ck = k0 + tl.arange(0, CD)
-                    tl.store(ge_ptr + rows64[:, None] * D + ck[None, :],
-                             tl.zeros((BM, CD), dtype=z_ptr.dtype.element_ty),
-                             mask=rmask[:, None] & (ck < D)[None, :])
-        # ---- step 4: ubar_{L-1} = gf + 2 gkin f, then the ordinary backward pass ----
-        for n0 in range(0, D, CD):
-            cn = n0 + tl.arange(0, CD)
-            loc = r[:, None] * P + cn[None, :]
-            m = rmask[:, None] & (cn < D)[None, :]
-            a = tl.load(scr + (2 * L - 2) * SL + loc)
-            b, s, c = _gate(v_ptr + (L - 1) * 4 * P, cn, t, P)
-            ubar = tl.zeros((BM, CD), dtype=z_ptr.dtype.element_ty)
-            if HAS_GF:
-                ubar += tl.load(gf_ptr + rows64[:, None] * D + cn[None, :], mask=m, other=0.0)
-            if HAS_GKIN:
-                gk = tl.load(gkin_ptr + rows, mask=rmask, other=0.0)
-                ubar += tl.where(m, 2.0 * gk[:, None] * (a * s[None, :] + c[None, :]), 0.0)
-            _vec_grads(dv_p + (L - 1) * 3 * P, cn, ubar, a, s, P)
-            tl.store(scr + (6 * L + (L - 1) % 2) * SL + loc, ubar * s[None, :])
-        tl.debug_barrier()
-        for j in tl.static_range(L):
-            _fwd_adj_layer(scr, z_tile, w_ptr, v_ptr, dims_ptr, dw_p, dv_p, t, gz_ptr, rows64, rmask, D,
-                           L - 1 - j, L, P, BM, CH, CD, ACT, SECOND, PREC)
-            tl.debug_barrier()
+        mlp_tile_backward(scr, z_tile, D, rows64, rmask, rows64, D, e_ptr, gf_ptr, gv_ptr, gtr_ptr, gkin_ptr,
+                          gfrob_ptr, gz_ptr, ge_ptr, w_ptr, v_ptr, dims_ptr, dw_p, dv_p, D, t, L, P, ACT, MODE, BM,
+                          CH, CD, PREC, HAS_GF, HAS_GV, HAS_GTR, HAS_GKIN, HAS_GFROB, NEED_GE, SECOND, 0)
 
 
 # ------------------------------------------------------------------------------------------------
