@@ -293,7 +293,7 @@ class TritonCnfSolver:
         SL = self.BM * pk.P
         per = (6 * pk.L + 2) * SL + (3 * self.spec.S + 1) * SL + 3 * self.BM
         dw = torch.zeros((nprog, pk.L, pk.P, pk.P), dtype=like.dtype, device=like.device)
-        dv = torch.zeros((nprog, pk.L, 4, pk.P), dtype=like.dtype, device=like.device)
+        dv = torch.zeros((nprog, pk.L, 5, pk.P), dtype=like.dtype, device=like.device)
         return dw, dv, empty((nprog * per,), like), nprog
 
     def param_grads(self, dw, dv) -> list:
@@ -314,13 +314,15 @@ class TritonCnfSolver:
             gz = self._step_backward(saved, n, gz, gq, None, dw, dv, scr, nprog)
         return gz, gqT, self.param_grads(dw, dv)
 
-    def adaptive_backward(self, saved, gzT, gqT, want_t1: bool):
-        """The exact gradient of :meth:`adaptive` (step sizes are constants, the end time enters through the
-        interpolation): ``(gz0, gq0, g_t1 or None, param grads)``."""
+    def adaptive_backward(self, saved, gzT, gqT, want_t: bool):
+        """The exact gradient of :meth:`adaptive`: ``(gz0, gq0, g_t or None, param grads)``. Step sizes are constants
+        and the clock is ``t0 + constant``: ``t1`` enters through the interpolation coordinate, ``t0`` through every
+        stage time and the coordinate (``g_t``: the gradients of both, float64)."""
         n_acc = saved["steps"]
         dw, dv, scr, nprog = self._backward_buffers(gzT)
+        want_t1 = want_t
         if n_acc == 0:  # t0 == t1: the identity
-            return gzT, gqT, (gzT.new_zeros(()) if want_t1 else None), self.param_grads(dw, dv)
+            return gzT, gqT, (gzT.new_zeros(2, dtype=torch.float64) if want_t else None), self.param_grads(dw, dv)
         Z, Q, F, FQ, MID, MIDQ = saved["bufs"]
         ctl = saved["ctl"]
         dtype = gzT.dtype
@@ -364,10 +366,12 @@ class TritonCnfSolver:
         gz = gz + gy0 + gym
         for n in reversed(range(n_acc - 1)):
             gz = self._step_backward(saved, n, gz.contiguous(), gq_before, None, dw, dv, scr, nprog)
-        g_t1 = None
-        if want_t1:  # x = (dir * t1 - taup) / width
-            g_t1 = grads[-1].to(torch.float64) * ctl[K.C_DIR.value] / width
-        return gz, (gq_before if nq else gqT), g_t1, self.param_grads(dw, dv)
+        g_t = None
+        if want_t:  # x = (dir * t1 - taup) / width, taup = dir * t0 + constant; every stage time is t0 + constant
+            g_x = grads[-1].to(torch.float64) * ctl[K.C_DIR.value] / width
+            anchor = dv[:, :, 4].sum().to(torch.float64)
+            g_t = torch.stack([anchor - g_x, g_x])
+        return gz, (gq_before if nq else gqT), g_t, self.param_grads(dw, dv)
 
     def _first_step(self, tau0, dirn, z0, q0, f0, fq0, e, rtol, atol, time_dtype):
         """The RK spec's initial step on the device, in odeint's tau = dir * t (its state: z and q flattened)."""

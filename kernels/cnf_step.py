@@ -425,7 +425,7 @@ def cnf_step_bwd_kernel(ztape_ptr, e_ptr, w_ptr, v_ptr, dims_ptr, t0s, dts, step
     ``kbar_i = fl(b_i dt) gz1 [+ seed_i] + sum_{j>i} fl(a_ji dt) Zbar_j`` and ``qbar_i = fl(b_i dt) gq1 [+ seed_i]``
     go through the MLP's backward at ``(t_i, Z_i)`` (second-order terms of the trace / RNODE rates included) to
     ``Zbar_i``; ``gz0 = gz1 + sum_i Zbar_i``. Parameter gradients are added to the program's partials (``dv`` rows
-    ``[db, dgw, dgb, dbw]``, converted at each stage's time): each program owns the same tiles in every launch,
+    ``[db, dgw, dgb, dbw, dt]``, converted at each stage's time; ``dt``: the stage times' gradient): each program owns the same tiles in every launch,
     so the host's fixed-order sum over programs is deterministic. ``NEED[i]``: stage i has a cotangent;
     ``KNEED[i]``: its derivative enters a later needed stage's input (both from the tableau, by the launcher).
     ``HAS_SEED``: per-stage cotangents ``sk`` (S, B, D) / ``skq`` (S, B, NQ) are added (the last step: the
@@ -444,7 +444,7 @@ def cnf_step_bwd_kernel(ztape_ptr, e_ptr, w_ptr, v_ptr, dims_ptr, t0s, dts, step
     kb = gzs + S * SL                              # the current stage's kbar
     gq = kb + SL                                   # per-row cotangents of trace, kinetic, frob
     dw_p = dw_ptr + pid.to(tl.int64) * (L * P * P)
-    dv_p = dv_ptr + pid.to(tl.int64) * (L * 4 * P)
+    dv_p = dv_ptr + pid.to(tl.int64) * (L * 5 * P)
     t0 = tl.load(t0s + step_i)
     dt = tl.load(dts + step_i)
     dts_ = dt.to(dtype)

@@ -330,7 +330,8 @@ def _vjp_adj_layer(scr, w_ptr, v_ptr, dims_ptr, dw_p, dv_p, t, ge_ptr, gtr_ptr, 
         b, s, c = _gate(v_ptr + l * 4 * P, cn, t, P)
         dbar = abar * s[None, :]
         delta = tl.load(scr + (2 * L - 1 + l) * SL + loc)
-        _gate_grads(dv_p + l * (3 + CONV) * P, cn, tl.sum(abar * delta, axis=0), s, t, P, CONV)
+        _gate_grads(dv_p + l * (3 + 2 * CONV) * P, v_ptr + l * 4 * P, cn, tl.sum(abar * delta, axis=0), s, t, P,
+                    CONV)
         if l < L - 1:
             a = tl.load(scr + (L - 1 + l) * SL + loc)
             u = a * s[None, :] + c[None, :]
@@ -382,7 +383,7 @@ def _fwd_adj_layer(scr, x_ptr, x_rs, w_ptr, v_ptr, dims_ptr, dw_p, dv_p, t, gz_p
             ubar = hbar * act_d1(u, ACT)
             if SECOND:
                 ubar += tl.load(scr + (5 * L - 1 + l - 1) * SL + loc)
-            _vec_grads(dv_p + (l - 1) * (3 + CONV) * P, ck, ubar, a, s, t, P, CONV)
+            _vec_grads(dv_p + (l - 1) * (3 + 2 * CONV) * P, v_ptr + (l - 1) * 4 * P, ck, ubar, a, s, t, P, CONV)
             tl.store(scr + (6 * L + (l - 1) % 2) * SL + loc, ubar * s[None, :])
         else:
             m = rmask[:, None] & (ck < D)[None, :]
@@ -390,31 +391,37 @@ def _fwd_adj_layer(scr, x_ptr, x_rs, w_ptr, v_ptr, dims_ptr, dw_p, dv_p, t, gz_p
 
 
 @triton.jit
-def _gate_grads(dv_l, cn, sbar, s, t, P: tl.constexpr, CONV: tl.constexpr):
+def _gate_grads(dv_l, v_l, cn, sbar, s, t, P: tl.constexpr, CONV: tl.constexpr):
     """Add ``sbar`` (dLoss/ds summed over rows) to the layer's gradients: as is (``CONV=0``, slot 1 of
-    ``[db, sbar, cbar]``) or converted at this ``t`` (``CONV=1``, slots 1-2 of ``[db, dgw, dgb, dbw]``: the fused
-    solve's backward evaluates the MLP at many times, so it accumulates parameter gradients directly)."""
+    ``[db, sbar, cbar]``) or converted at this ``t`` (``CONV=1``, slots 1, 2 and 4 of ``[db, dgw, dgb, dbw, dt]``: the
+    fused solve's backward evaluates the MLP at many times, so it accumulates the parameter gradients and the
+    gradient w.r.t. the evaluation time directly)."""
     if CONV:
         dpre = sbar * s * (1.0 - s)
         p1 = dv_l + P + cn
         tl.store(p1, tl.load(p1) + dpre * t)
         p2 = dv_l + 2 * P + cn
         tl.store(p2, tl.load(p2) + dpre)
+        p4 = dv_l + 4 * P + cn
+        tl.store(p4, tl.load(p4) + dpre * tl.load(v_l + P + cn))
     else:
         p1 = dv_l + P + cn
         tl.store(p1, tl.load(p1) + sbar)
 
 
 @triton.jit
-def _vec_grads(dv_l, cn, ubar, a, s, t, P: tl.constexpr, CONV: tl.constexpr):
+def _vec_grads(dv_l, v_l, cn, ubar, a, s, t, P: tl.constexpr, CONV: tl.constexpr):
     """Accumulate db = sum(ubar * s), sbar = sum(ubar * a), cbar = sum(ubar) over the tile's rows (``CONV``: as
-    the gradients of gw, gb and bw at this ``t``, see :func:`_gate_grads`)."""
+    the gradients of gw, gb, bw and the time at this ``t``, see :func:`_gate_grads`)."""
     p0 = dv_l + cn
     tl.store(p0, tl.load(p0) + tl.sum(ubar * s[None, :], axis=0))
-    _gate_grads(dv_l, cn, tl.sum(ubar * a, axis=0), s, t, P, CONV)
+    _gate_grads(dv_l, v_l, cn, tl.sum(ubar * a, axis=0), s, t, P, CONV)
     p2 = dv_l + (2 + CONV) * P + cn
     if CONV:
-        tl.store(p2, tl.load(p2) + tl.sum(ubar, axis=0) * t)
+        cbar = tl.sum(ubar, axis=0)
+        tl.store(p2, tl.load(p2) + cbar * t)
+        p4 = dv_l + 4 * P + cn
+        tl.store(p4, tl.load(p4) + cbar * tl.load(v_l + 3 * P + cn))
     else:
         tl.store(p2, tl.load(p2) + tl.sum(ubar, axis=0))
 
@@ -432,8 +439,8 @@ def mlp_tile_backward(scr, x_ptr, x_rs, rows64, rmask, io, io_rs, e_ptr, gf_ptr,
     Input rows ``x_ptr + r * x_rs``; ``e``, ``gv``, ``ge`` at global rows ``rows64`` (stride D); ``gf`` and ``gz`` at
     rows ``io`` with stride ``io_rs``, the per-row cotangents ``gtr``, ``gkin``, ``gfrob`` at ``io`` (a global output
     or a per-program scratch slot). SECOND: the loss depends on the VJP outputs (trace / vjp / frob), so steps
-    2-3 run. CONV: parameter gradients of the gate and time bias accumulated directly at ``t`` (``dv_p`` rows
-    ``[db, dgw, dgb, dbw]`` per layer) rather than as ``[db, sbar, cbar]``.
+    2-3 run. CONV: parameter gradients of the gate and time bias, and the gradient w.r.t. ``t``, accumulated
+    directly (``dv_p`` rows ``[db, dgw, dgb, dbw, dt]`` per layer) rather than as ``[db, sbar, cbar]``.
     """
     SL: tl.constexpr = BM * P
     r = tl.arange(0, BM)
@@ -519,7 +526,7 @@ def mlp_tile_backward(scr, x_ptr, x_rs, rows64, rmask, io, io_rs, e_ptr, gf_ptr,
         if HAS_GKIN:
             gk = tl.load(gkin_ptr + io, mask=rmask, other=0.0)
             ubar += tl.where(m, 2.0 * gk[:, None] * (a * s[None, :] + c[None, :]), 0.0)
-        _vec_grads(dv_p + (L - 1) * (3 + CONV) * P, cn, ubar, a, s, t, P, CONV)
+        _vec_grads(dv_p + (L - 1) * (3 + 2 * CONV) * P, v_ptr + (L - 1) * 4 * P, cn, ubar, a, s, t, P, CONV)
         tl.store(scr + (6 * L + (L - 1) % 2) * SL + loc, ubar * s[None, :])
     tl.debug_barrier()
     for j in tl.static_range(L):

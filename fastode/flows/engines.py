@@ -635,14 +635,11 @@ class CppAdaptiveEngine(Engine):
 # --------------------------------------------------------------------------------------------------------
 # the fused Triton solves (CUDA; the CPU under TRITON_INTERPRET=1 when the MLP backend is "triton" explicitly)
 
-_NO_TRITON_GRAD = ("a gradient is wanted: the fused Triton solves have no discrete adjoint yet (odeint's per-stage "
-                   "path runs, with the Triton MLP and RK kernels per stage)")
-
-
 def _fused_triton_common(solve: CnfSolve):
     """What both fused Triton engines need of a solve: a float CUDA input (or the CPU under the Triton interpreter),
     Triton importable, a trace or none, kinetic / Jacobian-Frobenius integrands only, no error regularisers, the
-    CNF's state norm, a plain ConcatSquashMLP whose backend resolves to "triton", no gradient. Returns
+    CNF's state norm, a plain ConcatSquashMLP whose backend resolves to "triton"; with a gradient ``"direct"`` or
+    ``"checkpoint"`` (the fused discrete adjoint), no gradient w.r.t. the probe, not under torch.compile. Returns
     ``(rates, nq_norm)`` or a :class:`Skip`."""
     x = solve.x
     if x.dtype not in (torch.float32, torch.float64):
@@ -666,7 +663,13 @@ def _fused_triton_common(solve: CnfSolve):
     if why is not None:
         return Skip(why)
     if _wants_grad(solve):
-        return Skip(_NO_TRITON_GRAD)
+        if solve.solver.gradient not in ("direct", "checkpoint"):
+            return Skip(f"gradient={solve.solver.gradient!r} (the fused Triton solves' gradient is the discrete one: "
+                        "'direct' or 'checkpoint')")
+        if solve.e is not None and solve.e.requires_grad:
+            return Skip("the Hutchinson probe requires a gradient")
+        if torch.compiler.is_compiling():
+            return Skip("under torch.compile with a gradient (the fused solve's tape has a data-dependent length)")
     return rates, max(0, int(controlled) - 1)
 
 
@@ -692,6 +695,25 @@ def _triton_solver(solve: CnfSolve, tableau, rates, nq_norm, adaptive: bool):
                            BM=cfg["BM"], max_programs=TB.CONFIG["max_programs"], num_warps=TB.CONFIG["num_warps"])
 
 
+def _mlp_params(solve: CnfSolve) -> list:
+    """The dynamics' parameters as views that carry gradients, in the kernels' ``[W, b, gw, gb, bw] * L`` order."""
+    with torch.enable_grad():
+        return [p for layer in solve.dynamics.params() for p in layer]
+
+
+def _backward_counter(solve: CnfSolve, stats, per_step: int, extra: int):
+    """With ``gradient="checkpoint"``, the backward's network evaluations are counted as odeint's checkpoint mode
+    counts them (``per_step`` per step and ``extra`` once); "direct" counts none (odeint's direct mode neither)."""
+    if solve.solver.gradient != "checkpoint":
+        return None
+
+    def count(n_steps, counter=solve.counter, stats=stats):
+        n = per_step * n_steps + extra
+        counter.add(n)
+        stats.num_fevals_backward += n
+    return count
+
+
 def _q0(solve: CnfSolve, rates) -> torch.Tensor:
     x = solve.x
     return torch.stack(solve.y0[1:], -1) if rates else x.new_zeros(x.shape[0], 0)
@@ -708,9 +730,12 @@ class TritonGridEngine(Engine):
     inside the solve, so the launch sequence can be captured in a CUDA graph.
 
     Eligible: what :func:`_fused_triton_common` checks, a fixed-grid one-step explicit RK method (rk4, rk4_classic,
-    euler, midpoint, heun...), every option but ``step_size`` / ``check_finite`` at its default, and no gradient.
-    ``check_finite`` (default on) reads the result's finiteness once after the solve; a non-finite result declines,
-    so that ``"odeint"`` re-runs the solve and raises the error naming the step.
+    euler, midpoint, heun...), every option but ``step_size`` / ``check_finite`` at its default, output times
+    without a gradient (a learned end time moves the grid). Gradient (``"direct"`` or ``"checkpoint"``, the same):
+    the fused discrete adjoint, one launch per step in reverse from the stored step starts
+    (:class:`fastode.ops.triton_cnf.TritonCnfSolve`); once differentiable. ``check_finite`` (default on) reads the
+    result's finiteness once after the solve; a non-finite result declines, so that ``"odeint"`` re-runs the solve
+    and raises the error naming the step.
     """
 
     name = "triton_grid"
@@ -728,6 +753,8 @@ class TritonGridEngine(Engine):
         common = _fused_triton_common(solve)
         if isinstance(common, Skip):
             return common
+        if solve.t.requires_grad and _wants_grad(solve):
+            return Skip("the output times require a gradient (a learned end time moves the fixed grid)")
         why = _options_at_defaults(solver, info, self._HANDLED_OPTIONS)
         if why is not None:
             return Skip(why)
@@ -751,8 +778,25 @@ class TritonGridEngine(Engine):
         t = solve.t
         grid = t if plan.step_size is None else step_size_grid(t, plan.step_size)
         stepper = _triton_solver(solve, plan.tableau, rates, nq_norm, adaptive=False)
-        e = solve.e if solve.trace == "hutchinson" else None
-        zT, qT = stepper.grid(grid.detach(), solve.x.detach(), _q0(solve, rates).detach(), e)
+        e = solve.e.detach() if solve.trace == "hutchinson" else None
+        g = host_floats(grid.detach())
+        n = len(g) - 1
+        nfe = len(plan.tableau.c) * n
+        stats = SolveStats(num_fevals=nfe, num_steps=n, num_accepted_steps=n, step_ts=g[:-1],
+                           step_sizes=[b - a for a, b in zip(g[:-1], g[1:])], method=solve.solver.method)
+        stats.launches = n
+        if _wants_grad(solve):
+            from fastode.ops.triton_cnf import SolveRunner, TritonCnfSolve
+
+            def forward(x, q0, tape):
+                zT, qT, saved = stepper.grid(grid.detach(), x, q0, e, tape=tape)
+                return zT, qT, saved, None
+
+            runner = SolveRunner(stepper, forward, adaptive=False,
+                                 count_backward=_backward_counter(solve, stats, len(plan.tableau.c), 0))
+            zT, qT = TritonCnfSolve.apply(runner, solve.x, _q0(solve, rates), t, *_mlp_params(solve))
+        else:
+            zT, qT, _ = stepper.grid(grid.detach(), solve.x.detach(), _q0(solve, rates).detach(), e)
         if plan.check_finite:
             host_read("finite check")
             if not bool(torch.isfinite(zT).all() and torch.isfinite(qT).all()):
@@ -763,13 +807,7 @@ class TritonGridEngine(Engine):
                 warn_fallback_once("cnf-fused-triton-nonfinite", f"CNF: {reason}")
                 return Skip(reason)
         solve.dynamics.last_backend = "triton"
-        g = host_floats(grid.detach())
-        n = len(g) - 1
-        nfe = len(plan.tableau.c) * n
         solve.counter.add(nfe)
-        stats = SolveStats(num_fevals=nfe, num_steps=n, num_accepted_steps=n, step_ts=g[:-1],
-                           step_sizes=[b - a for a, b in zip(g[:-1], g[1:])], method=solve.solver.method)
-        stats.launches = n
         return EngineResult(_ends(solve, zT, qT, rates), stats)
 
 
@@ -786,8 +824,12 @@ class TritonAdaptiveEngine(Engine):
     it launches as many attempts as the previous solve of this configuration needed, launches after the end are
     no-ops, and it reads again only if those did not suffice). Eligible: :func:`_fused_triton_common`, an FSAL
     tableau with an error estimate and midpoint weights (dopri5, tsit5, bosh3), two output times, the other options
-    at their defaults, no gradient. A solve the device loop cannot finish (``max_num_steps``, step-size underflow,
-    NaN/inf) declines, so that ``"odeint"`` re-runs it and raises its error naming the time.
+    at their defaults. Gradient (``"direct"`` or ``"checkpoint"``, the same): the fused discrete adjoint
+    (:class:`fastode.ops.triton_cnf.TritonCnfSolve`): the forward keeps each accepted step's start, the backward
+    walks the steps in reverse, one launch per step, recomputing the stages on chip (z, log p, the end time and
+    every parameter, through the trace and the RNODE terms); once differentiable. A solve the device loop cannot
+    finish (``max_num_steps``, step-size underflow, NaN/inf) declines, so that ``"odeint"`` re-runs it and raises
+    its error naming the time.
     """
 
     name = "triton_adaptive"
@@ -831,9 +873,23 @@ class TritonAdaptiveEngine(Engine):
         tab, (rates, nq_norm), ctl = plan
         t = solve.t
         stepper = _triton_solver(solve, tab, rates, nq_norm, adaptive=True)
-        e = solve.e if solve.trace == "hutchinson" else None
-        zT, qT, rec = stepper.adaptive(t[0], t[1], solve.x.detach(), _q0(solve, rates).detach(), e,
-                                       time_dtype=t.dtype, sync_every=self.sync_every, **ctl)
+        e = solve.e.detach() if solve.trace == "hutchinson" else None
+        td = t.detach()
+        runner = None
+        if _wants_grad(solve):
+            from fastode.ops.triton_cnf import SolveRunner, TritonCnfSolve
+
+            def forward(x, q0, tape):
+                zT, qT, rec = stepper.adaptive(td[0], td[1], x, q0, e, time_dtype=t.dtype, sync_every=self.sync_every,
+                                               tape=tape, **ctl)
+                return zT, qT, rec.get("saved"), rec
+
+            runner = SolveRunner(stepper, forward, adaptive=True)
+            zT, qT = TritonCnfSolve.apply(runner, solve.x, _q0(solve, rates), t, *_mlp_params(solve))
+            rec = runner.record
+        else:
+            zT, qT, rec = stepper.adaptive(td[0], td[1], solve.x.detach(), _q0(solve, rates).detach(), e,
+                                           time_dtype=t.dtype, sync_every=self.sync_every, **ctl)
         if rec["status"] or not rec["finite"]:
             from fastode.errors import warn_fallback_once
 
@@ -848,6 +904,8 @@ class TritonAdaptiveEngine(Engine):
                            num_rejected_steps=rec["rejected"], step_ts=rec["step_ts"], step_sizes=rec["step_sizes"],
                            method=solve.solver.method)
         stats.launches = rec["launches"]
+        if runner is not None:  # checkpoint-mode counting, as odeint's: s - 1 per accepted step and the first stage
+            runner.count_backward = _backward_counter(solve, stats, len(tab.c) - 1, 1)
         return EngineResult(_ends(solve, zT, qT, rates), stats)
 
 
