@@ -252,6 +252,82 @@ class TritonCnfSolver:
                                "ctl": ctl, "e": e_arg, "time_f32": time_f32, "z0": z0, "q0": q0}
         return zT, qT[:, : self.nq], record
 
+    # -------------------------------------------------------------------------------------------- per tile
+    def per_tile(self, t0: torch.Tensor, t1: torch.Tensor, z0: torch.Tensor, q0: torch.Tensor,
+                 e: Optional[torch.Tensor], *, rtol: float, atol: float, safety: float, ifactor: float,
+                 dfactor: float, min_step: float, max_step: float, first_step: Optional[float], max_num_steps: int,
+                 time_dtype: torch.dtype):
+        """Every tile of ``BM`` rows solved to ``t1`` with its own step size, in one launch: ``(zT, qT, tiles)``
+        (``tiles``: each tile's counts and status, read back once at the end)."""
+        dev, dtype = z0.device, z0.dtype
+        B, D = z0.shape
+        z0, q0 = z0.contiguous(), q0.contiguous()
+        e_arg = e.contiguous() if e is not None else z0
+        time_f32 = time_dtype == torch.float32
+        f64 = dict(dtype=torch.float64, device=dev)
+        rnd = (lambda x: x.to(torch.float32).to(torch.float64)) if time_f32 else (lambda x: x)
+        bufs = self._buffers(z0, q0)
+        n_tiles, nprog = self._grid(B, dev)
+        t0d, t1d = t0.detach().to(**f64).reshape(()), t1.detach().to(**f64).reshape(())
+        dirn = torch.where(t1d < t0d, -1.0, 1.0).to(torch.float64)
+        tau0, tend = rnd(dirn * t0d), rnd(dirn * t1d)
+        ctl = torch.zeros((n_tiles, K.NCTL), **f64)
+        ctl[:, K.C_TAU.value] = tau0
+        ctl[:, K.C_TAUP.value] = tau0
+        ctl[:, K.C_TEND.value] = tend
+        ctl[:, K.C_DIR.value] = dirn
+        if first_step is not None:
+            ctl[:, K.C_DTP.value] = rnd(torch.full((), float(first_step), **f64))
+        opt = torch.tensor([rtol, atol, safety, ifactor, dfactor, min_step, max_step, float(max_num_steps)], **f64)
+        steps = torch.zeros((3, 1), **f64)  # per-tile step records are not kept (cap 0): counts only
+        pk = self.packed
+        Z, Q, F, FQ, MID, MIDQ = bufs
+        launched("cnf_tile_solve_kernel")
+        K.cnf_tile_solve_kernel[(nprog,)](
+            Z, Q, F, FQ, MID, MIDQ, e_arg, pk.W, pk.V, pk.dims, ctl, opt, steps[0], steps[1], steps[2], 0,
+            self._scratch(nprog, z0), B, D, n_tiles,
+            L=pk.L, P=pk.P, ACT=ACT_CODES[self.activation], MODE=self.mode, BM=self.BM, CH=pk.CH, CD=pk.CD,
+            PREC=DOT_PRECISION, S=self.spec.S, C=self.spec.C, A=self.spec.A, BW=self.spec.BW, EW=self.spec.EW,
+            CM=self.spec.CM, RATES=self.rates or (0,), NQ=self.nq, NQN=self.nq_norm, ORDER=self.spec.ORDER,
+            TIME_F32=time_f32, FIRST_GIVEN=first_step is not None, num_warps=self.num_warps)
+        # ---- each row's tile's interpolation at the end time (queued on the device)
+        tile_of = torch.arange(B, device=dev) // self.BM
+        rows = torch.arange(B, device=dev)
+        c = ctl[tile_of]
+        cur = c[:, K.C_CUR.value].to(torch.long)
+        prev = 1 - cur
+        width = c[:, K.C_TAU.value] - c[:, K.C_TAUP.value]
+        if time_f32:
+            width = width.to(torch.float32).to(torch.float64)
+            x = ((c[:, K.C_TEND.value] - c[:, K.C_TAUP.value]) / width).to(torch.float32)
+        else:
+            x = (c[:, K.C_TEND.value] - c[:, K.C_TAUP.value]) / width
+        x = x.to(dtype)[:, None]
+        dt = (c[:, K.C_DIR.value] * c[:, K.C_HP.value]).to(dtype)[:, None]
+        moved = (c[:, K.C_ACC.value] > 0)[:, None]
+
+        def at(Y, i):
+            return Y[i, rows]
+
+        zT = torch.where(moved, _quartic(at(Z, prev), at(Z, cur), at(MID, cur), at(F, prev), at(F, cur), dt, x), z0)
+        qT = q0
+        if self.nq:
+            qT = torch.where(moved, _quartic(at(Q, prev), at(Q, cur), at(MIDQ, cur), at(FQ, prev), at(FQ, cur), dt,
+                                             x)[:, : self.nq], q0)
+        finite = torch.isfinite(zT).all() & torch.isfinite(qT).all()
+        host_read("solve record")
+        back = torch.cat([ctl.reshape(-1), finite.to(torch.float64).reshape(1)]).cpu()
+        cc = back[:-1].reshape(n_tiles, K.NCTL).tolist()
+        tiles = [{"status": int(r[K.C_STATUS.value]), "t_status": r[K.C_TSTAT.value], "nfe": int(r[K.C_NFE.value]),
+                  "steps": int(r[K.C_ATT.value]), "accepted": int(r[K.C_ACC.value]),
+                  "rejected": int(r[K.C_REJ.value]), "step_ts": [], "step_sizes": []} for r in cc]
+        if not bool(back[-1] != 0):
+            bad = next((i for i in range(n_tiles)
+                        if not bool(torch.isfinite(zT[tile_of == i]).all() & torch.isfinite(qT[tile_of == i]).all())),
+                       0)
+            tiles[bad]["status"] = tiles[bad]["status"] or K.ST_NONFINITE
+        return zT, qT, tiles
+
     # -------------------------------------------------------------------------------------------- backward
     def _stage_needs(self) -> tuple:
         """``(NEED, KNEED)`` per stage: a cotangent reaches it (a solution weight or a later needed stage), and its

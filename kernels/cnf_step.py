@@ -533,3 +533,140 @@ def cnf_step_bwd_kernel(ztape_ptr, e_ptr, w_ptr, v_ptr, dims_ptr, t0s, dts, step
                     acc += tl.load(gzs + i * SL + r[:, None] * P + cn[None, :], mask=m, other=0.0)
             tl.store(gz0_ptr + g, acc, mask=m)
         tl.debug_barrier()
+
+
+# ------------------------------------------------------------------------------------------------
+# a per-tile adaptive solve in one launch
+# ------------------------------------------------------------------------------------------------
+@triton.jit
+def _tile_norm(zp, qcols, rmask, n_rows, D, NQN: tl.constexpr):
+    """The CNF's norm over one tile (sums of squares ``zp`` of the z part, ``qcols`` of the first NQN q columns)."""
+    return _mixed_norm(zp, qcols, n_rows, D, NQN)
+
+
+@triton.jit
+def _tile_rates(scr, x_ptr, x_rs, xrm, f_ptr, f_rs, f_rows, fq_ptr, rows64, rmask, e_ptr, w_ptr, v_ptr, dims_ptr, D,
+                t, L: tl.constexpr, P: tl.constexpr, ACT: tl.constexpr, MODE: tl.constexpr, BM: tl.constexpr,
+                CH: tl.constexpr, CD: tl.constexpr, PREC: tl.constexpr, RATES: tl.constexpr, NQ: tl.constexpr):
+    """f of one tile into ``f_ptr`` and its q rates into ``fq_ptr + rows64 * NQ`` (global rows)."""
+    kin, tr, fr = mlp_tile_forward(scr, x_ptr, x_rs, xrm, f_ptr, f_rs, f_rows, rows64, rmask, e_ptr, e_ptr, w_ptr,
+                                   v_ptr, dims_ptr, D, t, L, P, ACT, MODE, BM, CH, CD, False, PREC)
+    for j in tl.static_range(NQ):
+        tl.store(fq_ptr + rows64 * NQ + j, _rate(kin, tr, fr, RATES[j]), mask=rmask)
+    tl.debug_barrier()
+
+
+@triton.jit
+def _scaled_sums(a_ptr, aq_ptr, b_ptr, bq_ptr, y_ptr, yq_ptr, rows64, rmask, D, rtol, atol, sign,
+                 BM: tl.constexpr, CD: tl.constexpr, NQ: tl.constexpr, NQN: tl.constexpr):
+    """Sums of squares of ``(a - sign * b) / (atol + rtol |y|)`` over the tile's rows (the z part, the first NQN q
+    columns): the initial-step heuristic's ``d0`` (a = y), ``d1`` (a = f0) with ``sign = 0``, ``d2`` (f1 - f0)."""
+    sz = tl.zeros((BM,), dtype=tl.float64)
+    sq = tl.zeros((BM,), dtype=tl.float64)
+    for n0 in range(0, D, CD):
+        cn = n0 + tl.arange(0, CD)
+        m = rmask[:, None] & (cn < D)[None, :]
+        g = rows64[:, None] * D + cn[None, :]
+        y = tl.load(y_ptr + g, mask=m, other=0.0)
+        v = tl.load(a_ptr + g, mask=m, other=0.0) - sign * tl.load(b_ptr + g, mask=m, other=0.0)
+        r = tl.where(m, v / (atol + tl.abs(y) * rtol), 0.0).to(tl.float64)
+        sz += tl.sum(r * r, axis=1)
+    for j in tl.static_range(NQN):
+        y = tl.load(yq_ptr + rows64 * NQ + j, mask=rmask, other=0.0)
+        v = tl.load(aq_ptr + rows64 * NQ + j, mask=rmask, other=0.0) - \
+            sign * tl.load(bq_ptr + rows64 * NQ + j, mask=rmask, other=0.0)
+        r = tl.where(rmask, v / (atol + tl.abs(y) * rtol), 0.0).to(tl.float64)
+        sq += r * r
+    return tl.sum(sz, axis=0), tl.sum(sq, axis=0)
+
+
+@triton.jit(do_not_specialize=["cap", "B", "D", "n_tiles"])
+def cnf_tile_solve_kernel(z_ptr, q_ptr, f_ptr, fq_ptr, mid_ptr, midq_ptr, e_ptr, w_ptr, v_ptr, dims_ptr,
+                          ctl_ptr, opt, steps_t, steps_dt, steps_h, cap, scr_ptr, B, D, n_tiles,
+                          L: tl.constexpr, P: tl.constexpr, ACT: tl.constexpr, MODE: tl.constexpr, BM: tl.constexpr,
+                          CH: tl.constexpr, CD: tl.constexpr, PREC: tl.constexpr,
+                          S: tl.constexpr, C: tl.constexpr, A: tl.constexpr, BW: tl.constexpr, EW: tl.constexpr,
+                          CM: tl.constexpr, RATES: tl.constexpr, NQ: tl.constexpr, NQN: tl.constexpr,
+                          ORDER: tl.constexpr, TIME_F32: tl.constexpr, FIRST_GIVEN: tl.constexpr):
+    """Every tile of ``BM`` rows integrated to the end time with its own step size, in one launch (opt-in per-tile
+    control: each tile is its own batch-global problem, as the C++ engine's per-tile mode). Tile ``k`` has its own
+    control block ``ctl_ptr + k * NCTL`` (set up by the launcher: the clock and the counts; with ``FIRST_GIVEN`` the
+    first step) and step records ``steps_* + k * cap``. Per tile: the first evaluation, the first step by the RK
+    spec's heuristic on the tile's norm (:func:`fastode.ops.rk.initial_step`), then attempts until the end time or
+    a failure, each one :func:`_tile_step` and the device controller. Slot ``cur`` of the state buffers is per tile.
+    """
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    dtype = w_ptr.dtype.element_ty
+    SL: tl.constexpr = BM * P
+    NS: tl.constexpr = (2 * L + 2 + S) * SL + S * NQ * BM
+    scr = scr_ptr + pid.to(tl.int64) * NS
+    zin = scr + (2 * L + 1) * SL
+    rtol = tl.load(opt + O_RTOL).to(dtype)
+    atol = tl.load(opt + O_ATOL).to(dtype)
+    BD = tl.cast(B, tl.int64) * D
+    BQ = tl.cast(B, tl.int64) * NQ
+    r = tl.arange(0, BM)
+    allr = r < BM
+    for tile in range(pid, n_tiles, nprog):
+        ctl = ctl_ptr + tl.cast(tile, tl.int64) * NCTL
+        rows = tile * BM + r
+        rmask = rows < B
+        rows64 = rows.to(tl.int64)
+        n_rows = tl.minimum(B - tile * BM, BM)
+        dirn = tl.load(ctl + C_DIR)
+        tau0 = tl.load(ctl + C_TAU)
+        sign = dirn.to(dtype)
+        # ---- the first evaluation (slot 0) and the first step
+        z_tile = z_ptr + tl.cast(tile, tl.int64) * BM * D  # (the MLP reads its input rows from the tile's start)
+        _tile_rates(scr, z_tile, D, rmask, f_ptr, D, rows64, fq_ptr, rows64, rmask, e_ptr, w_ptr, v_ptr, dims_ptr, D,
+                    (dirn * tau0).to(dtype), L, P, ACT, MODE, BM, CH, CD, PREC, RATES, NQ)
+        if FIRST_GIVEN == 0:
+            s0z, s0q = _scaled_sums(z_ptr, q_ptr, z_ptr, q_ptr, z_ptr, q_ptr, rows64, rmask, D, rtol, atol, 0.0, BM,
+                                    CD, NQ, NQN)
+            s1z, s1q = _scaled_sums(f_ptr, fq_ptr, f_ptr, fq_ptr, z_ptr, q_ptr, rows64, rmask, D, rtol, atol, 0.0, BM,
+                                    CD, NQ, NQN)
+            d0 = _tile_norm(s0z, s0q, rmask, n_rows, D, NQN).to(dtype)
+            d1 = _tile_norm(s1z, s1q, rmask, n_rows, D, NQN).to(dtype)
+            h0 = tl.where((d0 < 1e-5) | (d1 < 1e-5), 1e-6, 0.01 * d0 / d1).to(dtype)
+            # the trial Euler step y0 + h0 * (dir f0) into slot 1 (overwritten by the first attempt)
+            for n0 in range(0, D, CD):
+                cn = n0 + tl.arange(0, CD)
+                m = rmask[:, None] & (cn < D)[None, :]
+                g = rows64[:, None] * D + cn[None, :]
+                y = tl.load(z_ptr + g, mask=m, other=0.0) + h0 * (sign * tl.load(f_ptr + g, mask=m, other=0.0))
+                tl.store(zin + r[:, None] * P + cn[None, :], tl.where(m, y, 0.0))
+            tl.debug_barrier()
+            t_trial = dirn * _round_time(tau0 + h0.to(tl.float64), TIME_F32)
+            _tile_rates(scr, zin, P, allr, f_ptr + BD, D, rows64, fq_ptr + BQ, rows64, rmask, e_ptr, w_ptr, v_ptr,
+                        dims_ptr, D, t_trial.to(dtype), L, P, ACT, MODE, BM, CH, CD, PREC, RATES, NQ)
+            s2z, s2q = _scaled_sums(f_ptr + BD, fq_ptr + BQ, f_ptr, fq_ptr, z_ptr, q_ptr, rows64, rmask, D, rtol, atol,
+                                    1.0, BM, CD, NQ, NQN)
+            d2 = (_tile_norm(s2z, s2q, rmask, n_rows, D, NQN).to(dtype) / h0)
+            h1 = tl.where((d1 <= 1e-15) & (d2 <= 1e-15), tl.maximum(h0 * 1e-3, 1e-6),
+                          tl.exp(tl.log(0.01 / tl.maximum(d1, d2)) / ORDER))
+            dt0 = tl.minimum(100.0 * h0, tl.abs(h1).to(dtype))
+            tl.store(ctl + C_DTP, _round_time(dt0.to(tl.float64), TIME_F32))
+            tl.store(ctl + C_NFE, 2.0)
+        else:
+            tl.store(ctl + C_NFE, 1.0)
+        tl.debug_barrier()
+        prepare_attempt(ctl, opt, TIME_F32, dtype)
+        tl.debug_barrier()
+        # ---- the attempts
+        done = tl.load(ctl + C_DONE)
+        while done == 0.0:
+            cur = tl.load(ctl + C_CUR).to(tl.int64)
+            nxt = 1 - cur
+            t0 = tl.load(ctl + C_T0)
+            dt = tl.load(ctl + C_DT)
+            sz, sq = _tile_step(z_ptr + cur * BD, q_ptr + cur * BQ, f_ptr + cur * BD, fq_ptr + cur * BQ,
+                                z_ptr + nxt * BD, q_ptr + nxt * BQ, f_ptr + nxt * BD, fq_ptr + nxt * BQ,
+                                mid_ptr + nxt * BD, midq_ptr + nxt * BQ, e_ptr, w_ptr, v_ptr, dims_ptr, scr, rows,
+                                rmask, B, D, t0, dt, rtol, atol, L, P, ACT, MODE, BM, CH, CD, PREC, S, C, A, BW,
+                                EW, CM, True, True, RATES, NQ, NQN, TIME_F32)
+            ratio = _mixed_norm(sz, sq, n_rows, D, NQN)
+            _control(ctl, opt, ratio, steps_t + tl.cast(tile, tl.int64) * cap, steps_dt + tl.cast(tile, tl.int64) * cap,
+                     steps_h + tl.cast(tile, tl.int64) * cap, cap, S - 1, ORDER, TIME_F32, dtype)
+            tl.debug_barrier()
+            done = tl.load(ctl + C_DONE)

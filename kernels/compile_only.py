@@ -212,6 +212,34 @@ def _cnf_step(dtype: str, method: str, mode: int, rates: tuple, L: int, D: int, 
     return rec
 
 
+def _cnf_step_bwd(dtype: str, method: str, mode: int, rates: tuple, L: int, D: int, width: int, BM, act="tanh",
+                  seeded=False, num_warps=4, arch=90):
+    """The fused discrete adjoint of one CNF step for ``method``'s tableau."""
+    from fastode.solvers import method_info  # type: ignore
+
+    info = method_info(method)
+    spec = CSV.StepSpec.of(info.rk_tableau, info.adaptive)
+    BM, CH, CD, P = _csq_tiles(dtype, D, width, BM, None)
+    p = "*" + _TY[dtype]
+    types = {n: p for n in ("ztape_ptr", "e_ptr", "w_ptr", "v_ptr", "gz1_ptr", "gq1_ptr", "sk_ptr", "skq_ptr",
+                            "gz0_ptr", "dw_ptr", "dv_ptr", "scr_ptr")}
+    types.update(t0s="*fp64", dts="*fp64", dims_ptr="*i32", step_i="i32", B="i32", D="i32", n_tiles="i32")
+    codes = tuple(CSV.RATE_CODES[r] for r in rates)
+    S = spec.S
+    need = [False] * S
+    for i in reversed(range(S)):
+        need[i] = seeded or spec.BW[i] != 0.0 or any(spec.A[j * S + i] != 0.0 and need[j] for j in range(i + 1, S))
+    kneed = [any(spec.A[j * S + i] != 0.0 and need[j] for j in range(i + 1, S)) for i in range(S)]
+    cx = dict(L=L, P=P, ACT=ACT_CODES[act], MODE=mode, BM=BM, CH=CH, CD=CD, PREC=DOT_PRECISION, S=S, C=spec.C,
+              A=spec.A, BW=spec.BW, RATES=codes or (0,), NQ=len(codes), NEED=tuple(need), KNEED=tuple(kneed),
+              HAS_SEED=seeded, HAS_TR=any(c in (0, 1) for c in codes), HAS_KIN=2 in codes, HAS_FR=3 in codes,
+              TIME_F32=dtype == "float32")
+    rec = compile_one(STEP.cnf_step_bwd_kernel, types, cx, arch, num_warps)
+    rec["config"] = dict(dtype=dtype, method=method, mode=mode, rates=list(rates), L=L, D=D, hidden=width, BM=BM,
+                         CH=CH, CD=CD, P=P, act=act, seeded=seeded)
+    return rec
+
+
 def _cnf_prepare(dtype: str, arch=90):
     types = dict(ctl="*fp64", opt="*fp64", like_ptr="*" + _TY[dtype])
     rec = compile_one(STEP.cnf_prepare_kernel, types, dict(TIME_F32=dtype == "float32"), arch, 1)
@@ -244,8 +272,13 @@ def compile_all(arch: int = 90, quick: bool = False, log=None) -> list[dict]:
     # model, bosh3 -- the full step of dopri5 on the toy model takes ~70 s to compile)
     if quick:
         add(_cnf_step, "float32", "bosh3", CS.MODE_HUTCH, ("trace", "kinetic"), 2, 2, 32, None)
+        add(_cnf_step_bwd, "float32", "bosh3", CS.MODE_HUTCH, ("trace", "kinetic"), 2, 2, 32, None)
     else:
         add(_cnf_step, "float32", "dopri5", CS.MODE_HUTCH, ("trace", "kinetic", "jac_frob"), 4, 2, 64, None)
+        for seeded in (False, True):
+            add(_cnf_step_bwd, "float32", "dopri5", CS.MODE_HUTCH, ("trace", "kinetic", "jac_frob"), 4, 2, 64, None,
+                seeded=seeded)
+        add(_cnf_step_bwd, "float32", "rk4", CS.MODE_HUTCH, ("trace",), 4, 2, 64, None)
     add(_cnf_prepare, "float32")
     if not quick:
         for method in ("tsit5", "bosh3", "rk4", "rk4_classic"):

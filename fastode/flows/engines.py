@@ -904,8 +904,8 @@ class TritonAdaptiveEngine(Engine):
                            num_rejected_steps=rec["rejected"], step_ts=rec["step_ts"], step_sizes=rec["step_sizes"],
                            method=solve.solver.method)
         stats.launches = rec["launches"]
-        if runner is not None:  # checkpoint-mode counting, as odeint's: s - 1 per accepted step and the first stage
-            runner.count_backward = _backward_counter(solve, stats, len(tab.c) - 1, 1)
+        if runner is not None:  # checkpoint-mode counting, as odeint's checkpoint mode: s per accepted step
+            runner.count_backward = _backward_counter(solve, stats, len(tab.c), 0)
         return EngineResult(_ends(solve, zT, qT, rates), stats)
 
 
