@@ -14,7 +14,10 @@ Engines, on the FFJORD toy CNF (2 -> 32 -> 32 -> 2 here, tanh, Hutchinson trace,
   counted here; the error ratio is read on the host every attempt;
 * ``triton_adaptive``: one fused launch per step attempt, the controller on the device (``sync_every=0``: one read
   at the end; ``sync_every=4``: a read every 4 launches);
-* fixed grid rk4: ``odeint`` per stage against ``triton_grid``.
+* ``triton_adaptive`` per tile (16-row tiles): the whole solve in one launch;
+* fixed grid rk4: ``odeint`` per stage against ``triton_grid``;
+* training (forward + backward, ``gradient="direct"``): the per-stage path's autograd backward (one MLP backward
+  launch per stage) against the fused discrete adjoint (one launch per step).
 """
 from __future__ import annotations
 
@@ -53,35 +56,47 @@ def _triton_rk_ops(like, norm, backend="auto"):
     return rk_spec.RKOps(comb.impl, rk_spec.combine_stages_exact, ratio.impl, comb.backend, comb.reason or ratio.reason)
 
 
-def _cnf(method, dev, step_size=None):
+def _cnf(method, dev, step_size=None, **kw):
     torch.manual_seed(0)
     dyn = ConcatSquashMLP(2, (32, 32), "tanh", backend="triton")
     return CNF(dyn, T=1.0, method=method, rtol=1e-7, atol=1e-7, step_size=step_size, trace="hutchinson",
-               eval_trace="hutchinson").to(dev).eval()
+               eval_trace="hutchinson", **kw).to(dev).eval()
 
 
-def _measure(cnf, x, e, engine, sync_every=0, timed=False):
+def _run(cnf, x, e, train):
+    if not train:
+        with torch.no_grad():
+            return cnf(x, noise=e)
+    cnf.zero_grad()
+    o = cnf(x, noise=e)
+    (o.out.pow(2).sum() + o.logdet.sum()).backward()
+    return o
+
+
+def _measure(cnf, x, e, engine, sync_every=0, timed=False, train=False, label=None):
     eng = get_engine("triton_adaptive")
     old = eng.sync_every
     eng.sync_every = sync_every
     cnf.engine = engine
+    cnf.train(train)
     try:
-        with torch.no_grad():
-            cnf(x, noise=e)  # warm-up (compiles; the adaptive launcher learns the attempt count)
-            with counting() as c:
-                cnf(x, noise=e)
-            times = []
-            if timed:
-                for _ in range(5):
-                    torch.cuda.synchronize()
-                    t0 = time.perf_counter()
-                    cnf(x, noise=e)
-                    torch.cuda.synchronize()
-                    times.append(time.perf_counter() - t0)
+        _run(cnf, x, e, train)  # warm-up (compiles; the adaptive launcher learns the attempt count)
+        with counting() as c:
+            _run(cnf, x, e, train)
+        times = []
+        if timed:
+            for _ in range(5):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                _run(cnf, x, e, train)
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
     finally:
         eng.sync_every = old
     st = cnf.last_solve.stats
-    row = {"engine": cnf.last_solve.engine, "method": st.method, "sync_every": sync_every if engine != "odeint" else "-",
+    row = {"engine": label or cnf.last_solve.engine, "method": st.method,
+           "work": "forward + backward" if train else "forward",
+           "sync_every": sync_every if engine != "odeint" else "-",
            "nfe": st.num_fevals, "attempts": st.num_steps, "launches": c.total_launches,
            "launches_per_attempt": c.total_launches / max(1, st.num_steps), "host_reads": c.total_host_reads,
            "by_kernel": dict(c.launches), "reads": dict(c.host_reads)}
@@ -109,13 +124,20 @@ def main(argv=None) -> int:
     rows.append(_measure(cnf, x, e, "odeint", timed=timed))
     rows.append(_measure(cnf, x, e, "triton_adaptive", 0, timed))
     rows.append(_measure(cnf, x, e, "triton_adaptive", 4, timed))
+    rows.append(_measure(cnf, x, e, "odeint", timed=timed, train=True))
+    rows.append(_measure(cnf, x, e, "triton_adaptive", 0, timed, train=True))
+    tiles = _cnf("dopri5", dev, step_control="per_tile", step_rows=16)
+    rows.append(_measure(tiles, x, e, "triton_adaptive", timed=timed, label="triton_adaptive per tile (16 rows)"))
     cnf = _cnf("rk4", dev, step_size=0.25)
     rows.append(_measure(cnf, x, e, "odeint", timed=timed))
     rows.append(_measure(cnf, x, e, "triton_grid", timed=timed))
+    rows.append(_measure(cnf, x, e, "odeint", timed=timed, train=True))
+    rows.append(_measure(cnf, x, e, "triton_grid", timed=timed, train=True))
     meta = common.metadata(device=torch.cuda.get_device_name() if timed else "cpu (Triton interpreter: counts only)",
                            batch=args.batch, model="2-32-32-2 tanh, Hutchinson, T=1, rtol=atol=1e-7")
     common.write_json(args.out, {"meta": meta, "rows": rows})
-    cols = {"engine": "engine", "method": "method", "sync_every": "sync_every", "nfe": "NFE", "attempts": "attempts",
+    cols = {"engine": "engine", "method": "method", "work": "work", "sync_every": "sync_every", "nfe": "NFE",
+            "attempts": "attempts",
             "launches": "launches", "launches_per_attempt": "launches / attempt", "host_reads": "host reads"}
     if timed:
         cols["ms_per_solve"] = "ms / solve"
@@ -124,7 +146,8 @@ def main(argv=None) -> int:
             "operators between them; host reads of device values, each a host synchronisation on a GPU).", "",
             common.markdown_table(rows, cols), "", "Launches by kernel:", ""]
     for r in rows:
-        text.append(f"- {r['engine']} {r['method']} (sync_every={r['sync_every']}): {r['by_kernel']}; reads {r['reads']}")
+        text.append(f"- {r['engine']} {r['method']} {r['work']} (sync_every={r['sync_every']}): {r['by_kernel']}; "
+                    f"reads {r['reads']}")
     text += ["", common.metadata_markdown(meta), ""]
     common.write_text(os.path.splitext(args.out)[0] + ".md", "\n".join(text))
     print("\n".join(text))

@@ -478,8 +478,7 @@ def cnf_step_bwd_kernel(ztape_ptr, e_ptr, w_ptr, v_ptr, dims_ptr, t0s, dts, step
                                      w_ptr, v_ptr, dims_ptr, D, ti, L, P, ACT, 0, BM, CH, CD, False, PREC)
                     tl.debug_barrier()
         # ---- the stages in reverse
-        for jj in tl.static_range(S):
-            i = S - 1 - jj
+        for i in tl.static_range(S - 1, -1, -1):
             if NEED[i]:
                 for n0 in range(0, D, CD):
                     cn = n0 + tl.arange(0, CD)

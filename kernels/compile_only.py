@@ -191,7 +191,7 @@ def _rk_records(dtype: str, arch: int):
 
 
 def _cnf_step(dtype: str, method: str, mode: int, rates: tuple, L: int, D: int, width: int, BM, act="tanh",
-              num_warps=4, arch=90):
+              tape=False, num_warps=4, arch=90):
     """The fused CNF step kernel for ``method``'s tableau (adaptive methods with the device controller)."""
     from fastode.solvers import method_info  # type: ignore
 
@@ -200,13 +200,35 @@ def _cnf_step(dtype: str, method: str, mode: int, rates: tuple, L: int, D: int, 
     BM, CH, CD, P = _csq_tiles(dtype, D, width, BM, None)
     p = "*" + _TY[dtype]
     types = {n: p for n in ("z_ptr", "q_ptr", "f_ptr", "fq_ptr", "mid_ptr", "midq_ptr", "e_ptr", "w_ptr", "v_ptr",
-                            "scr_ptr")}
-    types.update({n: "*fp64" for n in ("ctl", "opt", "part_ptr", "steps_t", "steps_dt", "grid_ptr")})
+                            "tape_ptr", "scr_ptr")}
+    types.update({n: "*fp64" for n in ("ctl", "opt", "part_ptr", "steps_t", "steps_dt", "steps_h", "grid_ptr")})
     types.update(dims_ptr="*i32", cnt_ptr="*i32", cap="i32", step_i="i32", B="i32", D="i32", n_tiles="i32")
     codes = tuple(CSV.RATE_CODES[r] for r in rates)
     cx = dict(L=L, P=P, ACT=ACT_CODES[act], MODE=mode, BM=BM, CH=CH, CD=CD, PREC=DOT_PRECISION, RATES=codes or (0,),
-              NQ=len(codes), NQN=min(1, len(codes)), TIME_F32=dtype == "float32", **spec.constexprs())
+              NQ=len(codes), NQN=min(1, len(codes)), TIME_F32=dtype == "float32", TAPE=tape, **spec.constexprs())
     rec = compile_one(STEP.cnf_step_kernel, types, cx, arch, num_warps)
+    rec["config"] = dict(dtype=dtype, method=method, mode=mode, rates=list(rates), L=L, D=D, hidden=width, BM=BM,
+                         CH=CH, CD=CD, P=P, act=act, tape=tape)
+    return rec
+
+
+def _cnf_tile_solve(dtype: str, method: str, mode: int, rates: tuple, L: int, D: int, width: int, BM, act="tanh",
+                    num_warps=4, arch=90):
+    """The per-tile adaptive solve kernel (one launch per solve) for ``method``'s tableau."""
+    from fastode.solvers import method_info  # type: ignore
+
+    spec = CSV.StepSpec.of(method_info(method).rk_tableau, True)
+    BM, CH, CD, P = _csq_tiles(dtype, D, width, BM, None)
+    p = "*" + _TY[dtype]
+    types = {n: p for n in ("z_ptr", "q_ptr", "f_ptr", "fq_ptr", "mid_ptr", "midq_ptr", "e_ptr", "w_ptr", "v_ptr",
+                            "scr_ptr")}
+    types.update({n: "*fp64" for n in ("ctl_ptr", "opt", "steps_t", "steps_dt", "steps_h")})
+    types.update(dims_ptr="*i32", cap="i32", B="i32", D="i32", n_tiles="i32")
+    codes = tuple(CSV.RATE_CODES[r] for r in rates)
+    cx = dict(L=L, P=P, ACT=ACT_CODES[act], MODE=mode, BM=BM, CH=CH, CD=CD, PREC=DOT_PRECISION, S=spec.S, C=spec.C,
+              A=spec.A, BW=spec.BW, EW=spec.EW, CM=spec.CM, RATES=codes or (0,), NQ=len(codes), NQN=min(1, len(codes)),
+              ORDER=spec.ORDER, TIME_F32=dtype == "float32", FIRST_GIVEN=False)
+    rec = compile_one(STEP.cnf_tile_solve_kernel, types, cx, arch, num_warps)
     rec["config"] = dict(dtype=dtype, method=method, mode=mode, rates=list(rates), L=L, D=D, hidden=width, BM=BM,
                          CH=CH, CD=CD, P=P, act=act)
     return rec
@@ -273,8 +295,12 @@ def compile_all(arch: int = 90, quick: bool = False, log=None) -> list[dict]:
     if quick:
         add(_cnf_step, "float32", "bosh3", CS.MODE_HUTCH, ("trace", "kinetic"), 2, 2, 32, None)
         add(_cnf_step_bwd, "float32", "bosh3", CS.MODE_HUTCH, ("trace", "kinetic"), 2, 2, 32, None)
+        add(_cnf_tile_solve, "float32", "bosh3", CS.MODE_HUTCH, ("trace", "kinetic"), 2, 2, 32, None)
     else:
         add(_cnf_step, "float32", "dopri5", CS.MODE_HUTCH, ("trace", "kinetic", "jac_frob"), 4, 2, 64, None)
+        add(_cnf_step, "float32", "dopri5", CS.MODE_HUTCH, ("trace", "kinetic", "jac_frob"), 4, 2, 64, None,
+            tape=True)
+        add(_cnf_tile_solve, "float32", "dopri5", CS.MODE_HUTCH, ("trace", "kinetic", "jac_frob"), 4, 2, 64, None)
         for seeded in (False, True):
             add(_cnf_step_bwd, "float32", "dopri5", CS.MODE_HUTCH, ("trace", "kinetic", "jac_frob"), 4, 2, 64, None,
                 seeded=seeded)

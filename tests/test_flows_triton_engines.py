@@ -228,3 +228,38 @@ def test_grid_gradient_is_the_discrete_one():
     for a, b in zip(g1, g0):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     assert r1.stats.num_fevals_backward == r0.stats.num_fevals_backward > 0
+
+
+def test_per_tile_is_the_batch_solve_of_each_tile():
+    """Per-tile control in one launch: each tile of 16 rows takes the steps odeint takes on that tile's rows alone
+    (its own first step, accept/reject and norm), the same values; the rows are scaled so that the tiles need
+    different step counts; stats are the row-weighted means and every tile's counts."""
+    dtype = torch.float64
+    cnf = _cnf(dtype, method="bosh3", tol=1e-6, step_control="per_tile", step_rows=16)
+    x, e = _data(dtype)
+    x = x * torch.linspace(0.3, 3.0, B, dtype=dtype, device=KDEV)[:, None]
+    o, r, n = _solve(cnf, x, e, "triton_adaptive")
+    tiles = r.stats.tiles
+    assert r.engine == "triton_adaptive" and len(tiles) == 3 and len({t["nfe"] for t in tiles}) > 1
+    ref = _cnf(dtype, method="bosh3", tol=1e-6)
+    for k, tile in enumerate(tiles):
+        rows = slice(16 * k, min(B, 16 * (k + 1)))
+        o0, r0, _ = _solve(ref, x[rows], e[rows], "odeint")
+        torch.testing.assert_close(o.out[rows], o0.out, **TOL[dtype])
+        torch.testing.assert_close(o.logdet[rows], o0.logdet, **TOL[dtype])
+        assert (tile["nfe"], tile["steps"], tile["rejected"], tile["status"]) == (
+            r0.stats.num_fevals, r0.stats.num_steps, r0.stats.num_rejected_steps, 0)
+    weights = [16 / B, 16 / B, 5 / B]
+    assert r.stats.num_fevals == round(sum(w * t["nfe"] for w, t in zip(weights, tiles))) == n
+
+
+def test_per_tile_failure_raises_odeints_error_naming_the_tile():
+    """No other engine runs per-tile control on this device, so a failed tile raises here: the error class odeint
+    raises (a NaN probe entry in row 20 makes tile 1's norm NaN; at min_step the NaN step stops it)."""
+    from fastode.errors import NonFiniteError
+
+    cnf = _cnf(torch.float64, step_control="per_tile", step_rows=16, options={"first_step": 0.1, "min_step": 0.1})
+    x, e = _data(torch.float64)
+    e[20, 1] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"tile 1 \(rows 16\.\.31\)"):
+        _solve(cnf, x, e, "triton_adaptive")

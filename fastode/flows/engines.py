@@ -192,7 +192,7 @@ def integrate(func, y0: tuple, t: torch.Tensor, solver: Solver, norm: Callable):
 
 
 _PEER_ONLY = "the solver asks for the torchdiffeq peer (Solver(backend='torchdiffeq'))"
-_PER_TILE = "per-tile step control runs only on the fused adaptive engine ('cpp_adaptive')"
+_PER_TILE = "per-tile step control runs only on the fused adaptive engines ('cpp_adaptive', 'triton_adaptive')"
 
 
 class OdeintEngine(Engine):
@@ -448,17 +448,16 @@ _STATUS = {1: "max_num_steps was exceeded", 2: "the step size underflowed", 3: "
 STORED_STEPS_BYTES = 1 << 30
 
 
-def _tile_failure(st: dict, tile: int, rows: int, B: int, plan: _AdaptivePlan) -> Exception:
+def _tile_failure(st: dict, tile: int, rows: int, B: int, rtol: float, atol: float, max_num_steps: int) -> Exception:
     """The error ``odeint`` raises for the same failure (its class, the time, the remedies), for tile ``tile`` of a
     per-tile solve: each tile is its own batch-global problem, so this is what ``odeint`` on its rows would raise."""
     from fastode.errors import STEP_FAILURE_REMEDIES, MaxStepsExceededError, NonFiniteError, StepSizeUnderflowError
 
     where = (f"at t={st['t_status']:.6g} in tile {tile} (rows {tile * rows}..{min(B, (tile + 1) * rows) - 1}) of the "
              "per-tile solve")
-    rtol, atol = plan.ctl[0], plan.ctl[1]
     if st["status"] == 1:
         return MaxStepsExceededError(
-            f"max_num_steps exceeded ({plan.max_num_steps}): {plan.max_num_steps} step attempts did not reach the "
+            f"max_num_steps exceeded ({max_num_steps}): {max_num_steps} step attempts did not reach the "
             f"end time; stopped {where}. If the problem genuinely needs more steps, raise "
             "options={'max_num_steps': ...}. " + STEP_FAILURE_REMEDIES)
     if st["status"] == 2:
@@ -587,7 +586,7 @@ class CppAdaptiveEngine(Engine):
             st = next((s_ for s_ in tiles if s_["status"]), None) or _mean_tile_stats(tiles, B, solve.step_rows)
         if st["status"] and tiles is not None:  # no other engine runs per-tile control: raise odeint's error here
             i = next(k for k, s_ in enumerate(tiles) if s_["status"])
-            raise _tile_failure(st, i, solve.step_rows, B, plan)
+            raise _tile_failure(st, i, solve.step_rows, B, plan.ctl[0], plan.ctl[1], plan.max_num_steps)
         if st["status"]:
             from fastode.errors import warn_fallback_once
 
@@ -847,13 +846,18 @@ class TritonAdaptiveEngine(Engine):
         if not tab.fsal or tab.b_err is None or tab.c_mid is None:
             return Skip(f"method {solver.method!r}: this engine runs FSAL tableaus with an error estimate and "
                         "midpoint weights (dopri5, tsit5, bosh3)")
-        if solve.step_rows:
-            return Skip(_PER_TILE)
         if len(solve.t) != 2:
             return Skip("more than two output times")
         common = _fused_triton_common(solve)
         if isinstance(common, Skip):
             return common
+        if solve.step_rows:
+            rows = solve.step_rows
+            if rows not in (16, 32, 64, 128):
+                return Skip(f"step_rows={rows} (the per-tile Triton solve runs tiles of 16, 32, 64 or 128 rows)")
+            if _wants_grad(solve):
+                return Skip("per-tile step control with a gradient (the per-tile Triton solve has no fused adjoint "
+                            "yet; 'cpp_adaptive' has one on the CPU)")
         why = _options_at_defaults(solver, info, self._HANDLED_OPTIONS)
         if why is not None:
             return Skip(why)
@@ -876,6 +880,8 @@ class TritonAdaptiveEngine(Engine):
         e = solve.e.detach() if solve.trace == "hutchinson" else None
         td = t.detach()
         runner = None
+        if solve.step_rows:
+            return self._run_per_tile(solve, tab, rates, nq_norm, ctl, e)
         if _wants_grad(solve):
             from fastode.ops.triton_cnf import SolveRunner, TritonCnfSolve
 
@@ -906,6 +912,33 @@ class TritonAdaptiveEngine(Engine):
         stats.launches = rec["launches"]
         if runner is not None:  # checkpoint-mode counting, as odeint's checkpoint mode: s per accepted step
             runner.count_backward = _backward_counter(solve, stats, len(tab.c), 0)
+        return EngineResult(_ends(solve, zT, qT, rates), stats)
+
+    def _run_per_tile(self, solve, tab, rates, nq_norm, ctl, e):
+        """Per-tile control (``CNF(step_control="per_tile", step_rows=k)``), one launch: each tile of ``k`` rows is
+        its own batch-global problem (as ``cpp_adaptive``'s per-tile mode: the same steps per tile as ``odeint`` on
+        the tile's rows); stats are the row-weighted mean counts, ``stats.tiles`` each tile's. A failed tile raises
+        the error class ``odeint`` raises, naming the time, the tile and its rows."""
+        from fastode.kernels.cnf_solve import TritonCnfSolver
+        from fastode.stats import SolveStats
+
+        base = _triton_solver(solve, tab, rates, nq_norm, adaptive=True)
+        stepper = TritonCnfSolver(base.packed, base.activation, solve.trace, rates, nq_norm, tab, adaptive=True,
+                                  BM=solve.step_rows, max_programs=base.max_programs, num_warps=base.num_warps)
+        t = solve.t.detach()
+        zT, qT, tiles = stepper.per_tile(t[0], t[1], solve.x.detach(), _q0(solve, rates).detach(), e,
+                                         time_dtype=solve.t.dtype, **ctl)
+        B = solve.x.shape[0]
+        bad = next((i for i, s_ in enumerate(tiles) if s_["status"]), None)
+        if bad is not None:
+            raise _tile_failure(tiles[bad], bad, solve.step_rows, B, ctl["rtol"], ctl["atol"], ctl["max_num_steps"])
+        st = _mean_tile_stats(tiles, B, solve.step_rows)
+        solve.dynamics.last_backend = "triton"
+        solve.counter.add(st["nfe"])
+        stats = SolveStats(num_fevals=st["nfe"], num_steps=st["steps"], num_accepted_steps=st["accepted"],
+                           num_rejected_steps=st["rejected"], method=solve.solver.method)
+        stats.tiles = tiles
+        stats.launches = 1
         return EngineResult(_ends(solve, zT, qT, rates), stats)
 
 
