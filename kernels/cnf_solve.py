@@ -237,14 +237,14 @@ class TritonCnfSolver:
         finite = torch.isfinite(zT).all() & torch.isfinite(qT).all()
         host_read("solve record")
         back = torch.cat([ctl, finite.to(torch.float64).reshape(1), steps[0], steps[1]]).cpu()
-        c = back[: K.NCTL].tolist()
+        c = back[: K.NCTL.value].tolist()
         acc = int(c[K.C_ACC.value])
         nrec = min(acc, cap)
         record = {"status": int(c[K.C_STATUS.value]), "t_status": c[K.C_TSTAT.value], "nfe": int(c[K.C_NFE.value]),
                   "steps": int(c[K.C_ATT.value]), "accepted": acc, "rejected": int(c[K.C_REJ.value]),
-                  "finite": bool(back[K.NCTL] != 0),
-                  "step_ts": back[K.NCTL + 1: K.NCTL + 1 + nrec].tolist(),
-                  "step_sizes": back[K.NCTL + 1 + cap: K.NCTL + 1 + cap + nrec].tolist(),
+                  "finite": bool(back[K.NCTL.value] != 0),
+                  "step_ts": back[K.NCTL.value + 1: K.NCTL.value + 1 + nrec].tolist(),
+                  "step_sizes": back[K.NCTL.value + 1 + cap: K.NCTL.value + 1 + cap + nrec].tolist(),
                   "launches": launches + 1}
         self._expected_attempts[key] = max(1, record["steps"] + 1)
         if tape:
@@ -271,7 +271,7 @@ class TritonCnfSolver:
         t0d, t1d = t0.detach().to(**f64).reshape(()), t1.detach().to(**f64).reshape(())
         dirn = torch.where(t1d < t0d, -1.0, 1.0).to(torch.float64)
         tau0, tend = rnd(dirn * t0d), rnd(dirn * t1d)
-        ctl = torch.zeros((n_tiles, K.NCTL), **f64)
+        ctl = torch.zeros((n_tiles, K.NCTL.value), **f64)
         ctl[:, K.C_TAU.value] = tau0
         ctl[:, K.C_TAUP.value] = tau0
         ctl[:, K.C_TEND.value] = tend
@@ -317,7 +317,7 @@ class TritonCnfSolver:
         finite = torch.isfinite(zT).all() & torch.isfinite(qT).all()
         host_read("solve record")
         back = torch.cat([ctl.reshape(-1), finite.to(torch.float64).reshape(1)]).cpu()
-        cc = back[:-1].reshape(n_tiles, K.NCTL).tolist()
+        cc = back[:-1].reshape(n_tiles, K.NCTL.value).tolist()
         tiles = [{"status": int(r[K.C_STATUS.value]), "t_status": r[K.C_TSTAT.value], "nfe": int(r[K.C_NFE.value]),
                   "steps": int(r[K.C_ATT.value]), "accepted": int(r[K.C_ACC.value]),
                   "rejected": int(r[K.C_REJ.value]), "step_ts": [], "step_sizes": []} for r in cc]

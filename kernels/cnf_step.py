@@ -57,7 +57,7 @@ C_TEND = tl.constexpr(16)       # tau at the end time
 C_DIR = tl.constexpr(17)        # +1 / -1: direction of time
 C_SEEN = tl.constexpr(18)       # a non-finite attempt since the last acceptance (an underflow then is NaN/inf)
 C_RATIO = tl.constexpr(19)      # the last attempt's error ratio
-NCTL = 20
+NCTL = tl.constexpr(20)
 
 # options (float64)
 O_RTOL = tl.constexpr(0)
@@ -68,7 +68,7 @@ O_DFACTOR = tl.constexpr(4)
 O_MIN = tl.constexpr(5)
 O_MAX = tl.constexpr(6)
 O_MAXN = tl.constexpr(7)
-NOPT = 8
+NOPT = tl.constexpr(8)
 
 ST_MAX_STEPS, ST_UNDERFLOW, ST_NONFINITE = 1, 2, 3
 

@@ -10,7 +10,8 @@ solve and, if not, why:
   with its exact discrete gradient (a checkpointed discrete adjoint; see :class:`CppAdaptiveEngine`);
 * ``"triton_grid"`` / ``"triton_adaptive"``: on CUDA, one fused Triton launch per step (attempt) -- every stage's
   MLP and trace, the step's end and error norm, and (adaptive) the step-size controller on the device, so a solve
-  reads nothing back but its record at the end (see :class:`TritonAdaptiveEngine`); no gradient yet;
+  reads nothing back but its record at the end, and the fused discrete adjoint as its gradient (see
+  :class:`TritonAdaptiveEngine`); per-tile control in one launch;
 * ``"odeint"``: :func:`fastode.odeint` with one dynamics call per RK stage (every solve fastode supports);
 * ``"torchdiffeq"``: torchdiffeq's solver, a peer for side-by-side comparisons that runs only when the solver
   asks for it (``Solver(backend="torchdiffeq")``); fastode never falls back to it.
