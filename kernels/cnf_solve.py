@@ -296,14 +296,8 @@ class TritonCnfSolver:
         c = ctl[tile_of]
         cur = c[:, K.C_CUR.value].to(torch.long)
         prev = 1 - cur
-        width = c[:, K.C_TAU.value] - c[:, K.C_TAUP.value]
-        if time_f32:
-            width = width.to(torch.float32).to(torch.float64)
-            x = ((c[:, K.C_TEND.value] - c[:, K.C_TAUP.value]) / width).to(torch.float32)
-        else:
-            x = (c[:, K.C_TEND.value] - c[:, K.C_TAUP.value]) / width
-        x = x.to(dtype)[:, None]
-        dt = (c[:, K.C_DIR.value] * c[:, K.C_HP.value]).to(dtype)[:, None]
+        x, _, dt = _end_coordinate(c, time_f32, dtype)
+        x, dt = x[:, None], dt[:, None]
         moved = (c[:, K.C_ACC.value] > 0)[:, None]
 
         def at(Y, i):
@@ -340,26 +334,32 @@ class TritonCnfSolver:
         kneed = [any(sp.A[j * S + i] != 0.0 and need[j] for j in range(i + 1, S)) for i in range(S)]
         return tuple(need), tuple(kneed)
 
+    def _seeded_needs(self) -> tuple:
+        """``(NEED, KNEED)`` of the last step, whose every stage enters the interpolant."""
+        sp = self.spec
+        return (True,) * sp.S, tuple(any(sp.A[j * sp.S + i] != 0.0 for j in range(i + 1, sp.S)) for i in range(sp.S))
+
+    def _bwd_constexprs(self, time_f32: bool) -> dict:
+        pk, sp = self.packed, self.spec
+        return dict(L=pk.L, P=pk.P, ACT=ACT_CODES[self.activation], MODE=self.mode, BM=self.BM, CH=pk.CH, CD=pk.CD,
+                    PREC=DOT_PRECISION, S=sp.S, C=sp.C, A=sp.A, BW=sp.BW, RATES=self.rates or (0,), NQ=self.nq,
+                    HAS_TR=any(c in (0, 1) for c in self.rates), HAS_KIN=2 in self.rates, HAS_FR=3 in self.rates,
+                    TIME_F32=time_f32, num_warps=self.num_warps)
+
     def _step_backward(self, saved, n, gz1, gq1, seeds, dw, dv, scr, nprog):
         """One launch: the cotangent of step ``n``'s start from that of its end (``gz1`` (B, D), ``gq1`` (B, NQ)) and
-        the per-stage ``seeds`` (None, or ``(sk (S, B, D), skq (S, B, NQ))``); parameter partials into dw / dv."""
-        pk, sp = self.packed, self.spec
+        the seeds (None, or ``(sk (S, B, D), skq (S, B, NQ), gzx (B, D))``); parameter partials into dw / dv."""
+        pk = self.packed
         B, D = gz1.shape
         n_tiles = triton.cdiv(B, self.BM)
-        need, kneed = self._stage_needs()
-        if seeds is not None:
-            need = (True,) * sp.S
-            kneed = tuple(any(sp.A[j * sp.S + i] != 0.0 for j in range(i + 1, sp.S)) for i in range(sp.S))
+        need, kneed = self._stage_needs() if seeds is None else self._seeded_needs()
         gz0 = empty((B, D), gz1)
-        sk, skq = seeds if seeds is not None else (gz1, gq1)
+        sk, skq, gzx = seeds if seeds is not None else (gz1, gq1, gz1)
         launched("cnf_step_bwd_kernel")
         K.cnf_step_bwd_kernel[(nprog,)](
-            saved["tape"], saved["e"], pk.W, pk.V, pk.dims, saved["t0s"], saved["dts"], n, gz1, gq1, sk, skq, gz0,
-            dw, dv, scr, B, D, n_tiles,
-            L=pk.L, P=pk.P, ACT=ACT_CODES[self.activation], MODE=self.mode, BM=self.BM, CH=pk.CH, CD=pk.CD,
-            PREC=DOT_PRECISION, S=sp.S, C=sp.C, A=sp.A, BW=sp.BW, RATES=self.rates or (0,), NQ=self.nq, NEED=need,
-            KNEED=kneed, HAS_SEED=seeds is not None, HAS_TR=any(c in (0, 1) for c in self.rates),
-            HAS_KIN=2 in self.rates, HAS_FR=3 in self.rates, TIME_F32=saved["time_f32"], num_warps=self.num_warps)
+            saved["tape"], saved["e"], pk.W, pk.V, pk.dims, saved["t0s"], saved["dts"], n, gz1, gq1, sk, skq, gzx,
+            gz0, dw, dv, scr, B, D, n_tiles, NEED=need, KNEED=kneed, HAS_SEED=seeds is not None,
+            **self._bwd_constexprs(saved["time_f32"]))
         return gz0
 
     def _backward_buffers(self, like):
@@ -390,64 +390,70 @@ class TritonCnfSolver:
             gz = self._step_backward(saved, n, gz, gq, None, dw, dv, scr, nprog)
         return gz, gqT, self.param_grads(dw, dv)
 
+    def _interpolation_adjoint(self, bufs, prev, cur, x, dts, gzT, gqT, want_x: bool):
+        """The quartic interpolant's adjoint (PyTorch autograd on a few tensor ops, once per solve): the last
+        step's cotangents ``(gy1, gq_last, gq_before, seeds (sk, skq, gzx), g_x)``. ``prev`` / ``cur`` index the
+        state slots per row (shape (1,) or (B,)), ``x`` / ``dts`` are 0-dim or (B, 1)."""
+        Z, Q, F, FQ, MID, MIDQ = bufs
+        B = gzT.shape[0]
+        rows = torch.arange(B, device=gzT.device)
+        nq = self.nq
+
+        def at(X, i, width=None):
+            v = X[i.expand(B), rows]
+            return v if width is None else v[:, :width]
+
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(want_x)
+            leaves = [at(X, i).detach().requires_grad_() for X, i in ((Z, prev), (Z, cur), (MID, cur), (F, prev),
+                                                                     (F, cur))]
+            outs, gouts = [_quartic(*leaves, dts, x)], [gzT]
+            if nq:
+                qleaves = [at(X, i, nq).detach().requires_grad_() for X, i in ((Q, prev), (Q, cur), (MIDQ, cur),
+                                                                              (FQ, prev), (FQ, cur))]
+                outs.append(_quartic(*qleaves, dts, x))
+                gouts.append(gqT)
+                leaves = leaves + qleaves
+            grads = torch.autograd.grad(outs, leaves + ([x] if want_x else []), gouts)
+        S = self.spec.S
+        w = [torch.full((), c, dtype=gzT.dtype, device=gzT.device) * dts for c in self.spec.CM]  # fl(c) fl(dt)
+
+        def seeds(ym, f0, f1):
+            return torch.stack([ym * w[i] + (f0 if i == 0 else 0) + (f1 if i == S - 1 else 0)
+                                for i in range(S)]).contiguous()
+
+        gy0, gy1, gym, gf0, gf1 = grads[:5]
+        sk = seeds(gym, gf0, gf1)
+        if nq:
+            qy0, qy1, qym, qf0, qf1 = grads[5:10]
+            skq, gq_last, gq_before = seeds(qym, qf0, qf1), qy1.contiguous(), (qy1 + qy0 + qym).contiguous()
+        else:
+            gq_last = gq_before = gzT.new_zeros(B, 1)
+            skq = gzT.new_zeros(S, B, 1)
+        return gy1.contiguous(), gq_last, gq_before, (sk, skq, (gy0 + gym).contiguous()), (grads[-1] if want_x
+                                                                                             else None)
+
     def adaptive_backward(self, saved, gzT, gqT, want_t: bool):
         """The exact gradient of :meth:`adaptive`: ``(gz0, gq0, g_t or None, param grads)``. Step sizes are constants
         and the clock is ``t0 + constant``: ``t1`` enters through the interpolation coordinate, ``t0`` through every
         stage time and the coordinate (``g_t``: the gradients of both, float64)."""
         n_acc = saved["steps"]
         dw, dv, scr, nprog = self._backward_buffers(gzT)
-        want_t1 = want_t
         if n_acc == 0:  # t0 == t1: the identity
             return gzT, gqT, (gzT.new_zeros(2, dtype=torch.float64) if want_t else None), self.param_grads(dw, dv)
-        Z, Q, F, FQ, MID, MIDQ = saved["bufs"]
         ctl = saved["ctl"]
-        dtype = gzT.dtype
         cur = ctl[K.C_CUR.value].to(torch.long).reshape(1)
-        prev = 1 - cur
-        pick = lambda X, i: X.index_select(0, i)[0]  # noqa: E731
-        tau, taup, tend = ctl[K.C_TAU.value], ctl[K.C_TAUP.value], ctl[K.C_TEND.value]
-        width = tau - taup
-        if saved["time_f32"]:
-            width = width.to(torch.float32).to(torch.float64)
-        dts = (ctl[K.C_DIR.value] * ctl[K.C_HP.value]).to(dtype)
-        nq = self.nq
-        # ---- the interpolant's adjoint (PyTorch autograd on the quartic: a few tensor ops, once per solve)
-        with torch.enable_grad():
-            x = ((tend - taup) / width).to(dtype).detach().requires_grad_(want_t1)
-            parts = [pick(Z, prev), pick(Z, cur), pick(MID, cur), pick(F, prev), pick(F, cur)]
-            leaves = [p.detach().requires_grad_() for p in parts]
-            outs, gouts = [_quartic(*leaves, dts, x)], [gzT]
-            if nq:
-                qparts = [pick(Q, prev)[:, :nq], pick(Q, cur)[:, :nq], pick(MIDQ, cur)[:, :nq], pick(FQ, prev)[:, :nq],
-                          pick(FQ, cur)[:, :nq]]
-                qleaves = [p.detach().requires_grad_() for p in qparts]
-                outs.append(_quartic(*qleaves, dts, x))
-                gouts.append(gqT)
-                leaves = leaves + qleaves
-            grads = torch.autograd.grad(outs, leaves + ([x] if want_t1 else []), gouts)
-        gy0, gy1, gym, gf0, gf1 = grads[:5]
-        cm = self.spec.CM
-        S = self.spec.S
-        w = [torch.full((), c, dtype=dtype, device=gzT.device) * dts for c in cm]  # fl(cmid_i) * fl(dt), as the kernel
-        sk = torch.stack([gym * w[i] + (gf0 if i == 0 else 0) + (gf1 if i == S - 1 else 0) for i in range(S)])
-        if nq:
-            qy0, qy1, qym, qf0, qf1 = grads[5:10]
-            skq = torch.stack([qym * w[i] + (qf0 if i == 0 else 0) + (qf1 if i == S - 1 else 0) for i in range(S)])
-            gq_last, gq_before = qy1.contiguous(), (qy1 + qy0 + qym).contiguous()
-        else:
-            skq = gq_last = gq_before = gzT.new_zeros(gzT.shape[0], 1)
-            skq = torch.zeros((S,) + tuple(skq.shape), dtype=dtype, device=gzT.device)
-        gz = self._step_backward(saved, n_acc - 1, gy1.contiguous(), gq_last, (sk.contiguous(), skq.contiguous()), dw,
-                                 dv, scr, nprog)
-        gz = gz + gy0 + gym
+        x, width, dts = _end_coordinate(ctl, saved["time_f32"], gzT.dtype)
+        gy1, gq_last, gq_before, seeds, g_x = self._interpolation_adjoint(saved["bufs"], 1 - cur, cur, x, dts, gzT,
+                                                                         gqT, want_t)
+        gz = self._step_backward(saved, n_acc - 1, gy1, gq_last, seeds, dw, dv, scr, nprog)
         for n in reversed(range(n_acc - 1)):
             gz = self._step_backward(saved, n, gz.contiguous(), gq_before, None, dw, dv, scr, nprog)
         g_t = None
         if want_t:  # x = (dir * t1 - taup) / width, taup = dir * t0 + constant; every stage time is t0 + constant
-            g_x = grads[-1].to(torch.float64) * ctl[K.C_DIR.value] / width
-            anchor = dv[:, :, 4].sum().to(torch.float64)
-            g_t = torch.stack([anchor - g_x, g_x])
-        return gz, (gq_before if nq else gqT), g_t, self.param_grads(dw, dv)
+            g_x = g_x.to(torch.float64) * ctl[K.C_DIR.value] / width
+            g_t = torch.stack([dv[:, :, 4].sum().to(torch.float64) - g_x, g_x])
+        return gz, (gq_before if self.nq else gqT), g_t, self.param_grads(dw, dv)
 
     def _first_step(self, tau0, dirn, z0, q0, f0, fq0, e, rtol, atol, time_dtype):
         """The RK spec's initial step on the device, in odeint's tau = dir * t (its state: z and q flattened)."""
@@ -475,18 +481,9 @@ class TritonCnfSolver:
     def _interpolate(self, bufs, ctl, z0, q0, time_f32):
         """torchdiffeq's quartic interpolant of the last accepted step at the end time (no host read)."""
         Z, Q, F, FQ, MID, MIDQ = bufs
-        dtype = z0.dtype
         cur = ctl[K.C_CUR.value].to(torch.long).reshape(1)
         prev = 1 - cur
-        tau, taup, tend = ctl[K.C_TAU.value], ctl[K.C_TAUP.value], ctl[K.C_TEND.value]
-        width = tau - taup
-        if time_f32:
-            width = width.to(torch.float32).to(torch.float64)
-            x = ((tend - taup) / width).to(torch.float32)
-        else:
-            x = (tend - taup) / width
-        x = x.to(dtype)
-        dt = (ctl[K.C_DIR.value] * ctl[K.C_HP.value]).to(dtype)
+        x, _, dt = _end_coordinate(ctl, time_f32, z0.dtype)
         moved = ctl[K.C_ACC.value] > 0
 
         def quartic(Y, FF, M, start):
@@ -524,3 +521,16 @@ def _grown(buf: Optional[torch.Tensor], n: int, like: torch.Tensor) -> torch.Ten
     if buf is not None:
         out[: buf.shape[0]] = buf
     return out
+
+
+def _end_coordinate(ctl: torch.Tensor, time_f32: bool, dtype: torch.dtype):
+    """``(x, width, dt)`` of the last accepted step from control blocks ``ctl`` (``(NCTL,)`` or ``(n, NCTL)``): the end
+    time's fraction of the step (odeint's ``_interpolate``), the step's width in tau and its signed state step."""
+    tau, taup, tend = ctl[..., K.C_TAU.value], ctl[..., K.C_TAUP.value], ctl[..., K.C_TEND.value]
+    width = tau - taup
+    if time_f32:
+        width = width.to(torch.float32).to(torch.float64)
+        x = ((tend - taup) / width).to(torch.float32)
+    else:
+        x = (tend - taup) / width
+    return x.to(dtype), width, (ctl[..., K.C_DIR.value] * ctl[..., K.C_HP.value]).to(dtype)

@@ -47,7 +47,7 @@ C_T0 = tl.constexpr(6)          # the current attempt's start time t (signed)
 C_DT = tl.constexpr(7)          # the current attempt's step in t (signed, state-rounded)
 C_CUR = tl.constexpr(8)         # buffer slot of the step start
 C_DONE = tl.constexpr(9)        # 1: the solve has ended (success or failure); launches are no-ops
-C_STATUS = tl.constexpr(10)     # 0 ok, 1 max_num_steps, 2 step-size underflow, 3 NaN/inf
+C_STATUS = tl.constexpr(10)     # 0 ok, 1 max_num_steps, 2 step-size underflow, 3 NaN/inf, 4 the tape is full
 C_TSTAT = tl.constexpr(11)      # t where the solve stopped (status != 0)
 C_ATT = tl.constexpr(12)        # attempts (max_num_steps counts these)
 C_ACC = tl.constexpr(13)        # accepted steps
@@ -70,7 +70,7 @@ O_MAX = tl.constexpr(6)
 O_MAXN = tl.constexpr(7)
 NOPT = tl.constexpr(8)
 
-ST_MAX_STEPS, ST_UNDERFLOW, ST_NONFINITE = 1, 2, 3
+ST_MAX_STEPS, ST_UNDERFLOW, ST_NONFINITE, ST_TAPE_FULL = 1, 2, 3, 4
 
 
 # ------------------------------------------------------------------------------------------------
@@ -412,126 +412,144 @@ def cnf_prepare_kernel(ctl, opt, like_ptr, TIME_F32: tl.constexpr):
 # ------------------------------------------------------------------------------------------------
 # the backward of one step (the fused discrete adjoint)
 # ------------------------------------------------------------------------------------------------
-@triton.jit(do_not_specialize=["step_i", "B", "D", "n_tiles"])
-def cnf_step_bwd_kernel(ztape_ptr, e_ptr, w_ptr, v_ptr, dims_ptr, t0s, dts, step_i, gz1_ptr, gq1_ptr, sk_ptr,
-                        skq_ptr, gz0_ptr, dw_ptr, dv_ptr, scr_ptr, B, D, n_tiles,
-                        L: tl.constexpr, P: tl.constexpr, ACT: tl.constexpr, MODE: tl.constexpr, BM: tl.constexpr,
-                        CH: tl.constexpr, CD: tl.constexpr, PREC: tl.constexpr,
-                        S: tl.constexpr, C: tl.constexpr, A: tl.constexpr, BW: tl.constexpr, RATES: tl.constexpr,
-                        NQ: tl.constexpr, NEED: tl.constexpr, KNEED: tl.constexpr, HAS_SEED: tl.constexpr,
-                        HAS_TR: tl.constexpr, HAS_KIN: tl.constexpr, HAS_FR: tl.constexpr, TIME_F32: tl.constexpr):
-    """The exact backward of step ``step_i`` (start ``ztape[step_i]``, start time ``t0s[step_i]``, step
-    ``dts[step_i]``): the stages are recomputed on chip from the checkpointed start, then walked in reverse:
+@triton.jit
+def _tile_step_bwd(z0_ptr, e_ptr, w_ptr, v_ptr, dims_ptr, t0, dt, gz1_ptr, gq1_ptr, sk_ptr, skq_ptr, gzx_ptr,
+                   gz0_ptr, dw_p, dv_p, scr, rows, rmask, B, D,
+                   L: tl.constexpr, P: tl.constexpr, ACT: tl.constexpr, MODE: tl.constexpr, BM: tl.constexpr,
+                   CH: tl.constexpr, CD: tl.constexpr, PREC: tl.constexpr,
+                   S: tl.constexpr, C: tl.constexpr, A: tl.constexpr, BW: tl.constexpr, RATES: tl.constexpr,
+                   NQ: tl.constexpr, NEED: tl.constexpr, KNEED: tl.constexpr, HAS_SEED: tl.constexpr,
+                   HAS_TR: tl.constexpr, HAS_KIN: tl.constexpr, HAS_FR: tl.constexpr, TIME_F32: tl.constexpr):
+    """The exact backward of one step of one tile (start ``z0_ptr``, time ``t0``, step ``dt``; rows ``rows``):
+    the stages are recomputed on chip from the checkpointed start, then walked in reverse:
     ``kbar_i = fl(b_i dt) gz1 [+ seed_i] + sum_{j>i} fl(a_ji dt) Zbar_j`` and ``qbar_i = fl(b_i dt) gq1 [+ seed_i]``
     go through the MLP's backward at ``(t_i, Z_i)`` (second-order terms of the trace / RNODE rates included) to
-    ``Zbar_i``; ``gz0 = gz1 + sum_i Zbar_i``. Parameter gradients are added to the program's partials (``dv`` rows
-    ``[db, dgw, dgb, dbw, dt]``, converted at each stage's time; ``dt``: the stage times' gradient): each program owns the same tiles in every launch,
-    so the host's fixed-order sum over programs is deterministic. ``NEED[i]``: stage i has a cotangent;
-    ``KNEED[i]``: its derivative enters a later needed stage's input (both from the tableau, by the launcher).
-    ``HAS_SEED``: per-stage cotangents ``sk`` (S, B, D) / ``skq`` (S, B, NQ) are added (the last step: the
-    interpolant's dependence on the stages). ``HAS_TR`` / ``HAS_KIN`` / ``HAS_FR``: which rates ``RATES`` holds.
+    ``Zbar_i``; ``gz0 = gz1 + sum_i Zbar_i [+ gzx]``. Parameter gradients are added to the program's partials
+    ``dw_p`` / ``dv_p`` (``dv`` rows ``[db, dgw, dgb, dbw, dt]``, converted at each stage's time; ``dt``: the stage
+    times' gradient). ``NEED[i]``: stage i has a cotangent; ``KNEED[i]``: its derivative enters a later needed
+    stage's input (both from the tableau, by the launcher). ``HAS_SEED``: per-stage cotangents ``sk`` (S, B, D) /
+    ``skq`` (S, B, NQ) and ``gzx`` (B, D) are added (the last step: the interpolant's dependence on the stages and
+    the start). ``HAS_TR`` / ``HAS_KIN`` / ``HAS_FR``: which rates ``RATES`` holds.
     """
-    pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
     dtype = w_ptr.dtype.element_ty
     SL: tl.constexpr = BM * P
     MS: tl.constexpr = (6 * L + 2) * SL            # the MLP backward's scratch
-    NS: tl.constexpr = MS + (3 * S + 1) * SL + 3 * BM
-    scr = scr_ptr + pid.to(tl.int64) * NS
     zin = scr + MS                                 # S stage inputs
     kz = zin + S * SL                              # S stage derivatives
     gzs = kz + S * SL                              # S stage-input cotangents
     kb = gzs + S * SL                              # the current stage's kbar
     gq = kb + SL                                   # per-row cotangents of trace, kinetic, frob
-    dw_p = dw_ptr + pid.to(tl.int64) * (L * P * P)
-    dv_p = dv_ptr + pid.to(tl.int64) * (L * 5 * P)
-    t0 = tl.load(t0s + step_i)
-    dt = tl.load(dts + step_i)
     dts_ = dt.to(dtype)
     r = tl.arange(0, BM)
     allr = r < BM
     rl = r.to(tl.int64)
     BD = tl.cast(B, tl.int64) * D
     BQ = tl.cast(B, tl.int64) * NQ
-    z0_ptr = ztape_ptr + tl.cast(step_i, tl.int64) * BD
-    for tile in range(pid, n_tiles, nprog):
-        rows = tile * BM + r
-        rmask = rows < B
-        rows64 = rows.to(tl.int64)
-        # ---- recompute the stage inputs (and the derivatives later stages need)
-        for i in tl.static_range(S):
-            if NEED[i] or KNEED[i]:
-                for n0 in range(0, D, CD):
-                    cn = n0 + tl.arange(0, CD)
-                    m = rmask[:, None] & (cn < D)[None, :]
-                    acc = tl.zeros((BM, CD), dtype=dtype)
-                    for j in tl.static_range(i):
-                        if A[i * S + j] != 0.0:
-                            kj = tl.load(kz + j * SL + r[:, None] * P + cn[None, :], mask=m, other=0.0)
-                            acc += kj * (dts_ * A[i * S + j])
-                    y = tl.load(z0_ptr + rows64[:, None] * D + cn[None, :], mask=m, other=0.0) + acc
-                    tl.store(zin + i * SL + r[:, None] * P + cn[None, :], tl.where(m, y, 0.0))
-                tl.debug_barrier()
-                if KNEED[i]:
-                    ti = _round_time(t0 + C[i] * dt, TIME_F32).to(dtype)
-                    mlp_tile_forward(scr, zin + i * SL, P, allr, kz + i * SL, P, rl, rows64, rmask, e_ptr, e_ptr,
-                                     w_ptr, v_ptr, dims_ptr, D, ti, L, P, ACT, 0, BM, CH, CD, False, PREC)
-                    tl.debug_barrier()
-        # ---- the stages in reverse
-        for i in tl.static_range(S - 1, -1, -1):
-            if NEED[i]:
-                for n0 in range(0, D, CD):
-                    cn = n0 + tl.arange(0, CD)
-                    m = rmask[:, None] & (cn < D)[None, :]
-                    g = rows64[:, None] * D + cn[None, :]
-                    kbar = tl.zeros((BM, CD), dtype=dtype)
-                    if BW[i] != 0.0:
-                        kbar += tl.load(gz1_ptr + g, mask=m, other=0.0) * (dts_ * BW[i])
-                    if HAS_SEED:
-                        kbar += tl.load(sk_ptr + i * BD + g, mask=m, other=0.0)
-                    for j in tl.static_range(i + 1, S):
-                        if A[j * S + i] != 0.0 and NEED[j]:
-                            kbar += tl.load(gzs + j * SL + r[:, None] * P + cn[None, :], mask=m, other=0.0) * \
-                                (dts_ * A[j * S + i])
-                    tl.store(kb + r[:, None] * P + cn[None, :], tl.where(m, kbar, 0.0))
-                gtr = tl.zeros((BM,), dtype=dtype)
-                gkin = tl.zeros((BM,), dtype=dtype)
-                gfr = tl.zeros((BM,), dtype=dtype)
-                for c in tl.static_range(NQ):
-                    qbar = tl.zeros((BM,), dtype=dtype)
-                    if BW[i] != 0.0:
-                        qbar += tl.load(gq1_ptr + rows64 * NQ + c, mask=rmask, other=0.0) * (dts_ * BW[i])
-                    if HAS_SEED:
-                        qbar += tl.load(skq_ptr + i * BQ + rows64 * NQ + c, mask=rmask, other=0.0)
-                    if RATES[c] == 0:
-                        gtr -= qbar
-                    elif RATES[c] == 1:
-                        gtr += qbar
-                    elif RATES[c] == 2:
-                        gkin += qbar
-                    else:
-                        gfr += qbar
-                tl.store(gq + r, gtr)
-                tl.store(gq + BM + r, gkin)
-                tl.store(gq + 2 * BM + r, gfr)
-                tl.debug_barrier()
+    rows64 = rows.to(tl.int64)
+    # ---- recompute the stage inputs (and the derivatives later stages need)
+    for i in tl.static_range(S):
+        if NEED[i] or KNEED[i]:
+            for n0 in range(0, D, CD):
+                cn = n0 + tl.arange(0, CD)
+                m = rmask[:, None] & (cn < D)[None, :]
+                acc = tl.zeros((BM, CD), dtype=dtype)
+                for j in tl.static_range(i):
+                    if A[i * S + j] != 0.0:
+                        kj = tl.load(kz + j * SL + r[:, None] * P + cn[None, :], mask=m, other=0.0)
+                        acc += kj * (dts_ * A[i * S + j])
+                y = tl.load(z0_ptr + rows64[:, None] * D + cn[None, :], mask=m, other=0.0) + acc
+                tl.store(zin + i * SL + r[:, None] * P + cn[None, :], tl.where(m, y, 0.0))
+            tl.debug_barrier()
+            if KNEED[i]:
                 ti = _round_time(t0 + C[i] * dt, TIME_F32).to(dtype)
-                mlp_tile_backward(scr, zin + i * SL, P, rows64, rmask, rl, P, e_ptr, kb, kb, gq, gq + BM,
-                                  gq + 2 * BM, gzs + i * SL, kb, w_ptr, v_ptr, dims_ptr, dw_p, dv_p, D, ti,
-                                  L, P, ACT, MODE, BM, CH, CD, PREC, True, False, HAS_TR and (MODE > 0), HAS_KIN,
-                                  HAS_FR and (MODE == 1), False, (MODE > 0) and (HAS_TR or HAS_FR), 1)
+                mlp_tile_forward(scr, zin + i * SL, P, allr, kz + i * SL, P, rl, rows64, rmask, e_ptr, e_ptr,
+                                 w_ptr, v_ptr, dims_ptr, D, ti, L, P, ACT, 0, BM, CH, CD, False, PREC)
                 tl.debug_barrier()
-        # ---- the step start's cotangent
-        for n0 in range(0, D, CD):
-            cn = n0 + tl.arange(0, CD)
-            m = rmask[:, None] & (cn < D)[None, :]
-            g = rows64[:, None] * D + cn[None, :]
-            acc = tl.load(gz1_ptr + g, mask=m, other=0.0)
-            for i in tl.static_range(S):
-                if NEED[i]:
-                    acc += tl.load(gzs + i * SL + r[:, None] * P + cn[None, :], mask=m, other=0.0)
-            tl.store(gz0_ptr + g, acc, mask=m)
-        tl.debug_barrier()
+    # ---- the stages in reverse
+    for i in tl.static_range(S - 1, -1, -1):
+        if NEED[i]:
+            for n0 in range(0, D, CD):
+                cn = n0 + tl.arange(0, CD)
+                m = rmask[:, None] & (cn < D)[None, :]
+                g = rows64[:, None] * D + cn[None, :]
+                kbar = tl.zeros((BM, CD), dtype=dtype)
+                if BW[i] != 0.0:
+                    kbar += tl.load(gz1_ptr + g, mask=m, other=0.0) * (dts_ * BW[i])
+                if HAS_SEED:
+                    kbar += tl.load(sk_ptr + i * BD + g, mask=m, other=0.0)
+                for j in tl.static_range(i + 1, S):
+                    if A[j * S + i] != 0.0 and NEED[j]:
+                        kbar += tl.load(gzs + j * SL + r[:, None] * P + cn[None, :], mask=m, other=0.0) * \
+                            (dts_ * A[j * S + i])
+                tl.store(kb + r[:, None] * P + cn[None, :], tl.where(m, kbar, 0.0))
+            gtr = tl.zeros((BM,), dtype=dtype)
+            gkin = tl.zeros((BM,), dtype=dtype)
+            gfr = tl.zeros((BM,), dtype=dtype)
+            for c in tl.static_range(NQ):
+                qbar = tl.zeros((BM,), dtype=dtype)
+                if BW[i] != 0.0:
+                    qbar += tl.load(gq1_ptr + rows64 * NQ + c, mask=rmask, other=0.0) * (dts_ * BW[i])
+                if HAS_SEED:
+                    qbar += tl.load(skq_ptr + i * BQ + rows64 * NQ + c, mask=rmask, other=0.0)
+                if RATES[c] == 0:
+                    gtr -= qbar
+                elif RATES[c] == 1:
+                    gtr += qbar
+                elif RATES[c] == 2:
+                    gkin += qbar
+                else:
+                    gfr += qbar
+            tl.store(gq + r, gtr)
+            tl.store(gq + BM + r, gkin)
+            tl.store(gq + 2 * BM + r, gfr)
+            tl.debug_barrier()
+            ti = _round_time(t0 + C[i] * dt, TIME_F32).to(dtype)
+            mlp_tile_backward(scr, zin + i * SL, P, rows64, rmask, rl, P, e_ptr, kb, kb, gq, gq + BM,
+                              gq + 2 * BM, gzs + i * SL, kb, w_ptr, v_ptr, dims_ptr, dw_p, dv_p, D, ti,
+                              L, P, ACT, MODE, BM, CH, CD, PREC, True, False, HAS_TR and (MODE > 0), HAS_KIN,
+                              HAS_FR and (MODE == 1), False, (MODE > 0) and (HAS_TR or HAS_FR), 1)
+            tl.debug_barrier()
+    # ---- the step start's cotangent
+    for n0 in range(0, D, CD):
+        cn = n0 + tl.arange(0, CD)
+        m = rmask[:, None] & (cn < D)[None, :]
+        g = rows64[:, None] * D + cn[None, :]
+        acc = tl.load(gz1_ptr + g, mask=m, other=0.0)
+        if HAS_SEED:  # the interpolant's direct dependence on the step start (its y0 and midpoint terms)
+            acc += tl.load(gzx_ptr + g, mask=m, other=0.0)
+        for i in tl.static_range(S):
+            if NEED[i]:
+                acc += tl.load(gzs + i * SL + r[:, None] * P + cn[None, :], mask=m, other=0.0)
+        tl.store(gz0_ptr + g, acc, mask=m)
+    tl.debug_barrier()
+
+
+@triton.jit(do_not_specialize=["step_i", "B", "D", "n_tiles"])
+def cnf_step_bwd_kernel(ztape_ptr, e_ptr, w_ptr, v_ptr, dims_ptr, t0s, dts, step_i, gz1_ptr, gq1_ptr, sk_ptr,
+                        skq_ptr, gzx_ptr, gz0_ptr, dw_ptr, dv_ptr, scr_ptr, B, D, n_tiles,
+                        L: tl.constexpr, P: tl.constexpr, ACT: tl.constexpr, MODE: tl.constexpr, BM: tl.constexpr,
+                        CH: tl.constexpr, CD: tl.constexpr, PREC: tl.constexpr,
+                        S: tl.constexpr, C: tl.constexpr, A: tl.constexpr, BW: tl.constexpr, RATES: tl.constexpr,
+                        NQ: tl.constexpr, NEED: tl.constexpr, KNEED: tl.constexpr, HAS_SEED: tl.constexpr,
+                        HAS_TR: tl.constexpr, HAS_KIN: tl.constexpr, HAS_FR: tl.constexpr, TIME_F32: tl.constexpr):
+    """The backward of step ``step_i`` of a batch-global or grid solve (start ``ztape[step_i]``, time
+    ``t0s[step_i]``, step ``dts[step_i]``) for the whole batch: :func:`_tile_step_bwd` per tile. Each program owns
+    the same tiles in every launch, so the host's fixed-order sum of the programs' partials is deterministic."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    SL: tl.constexpr = BM * P
+    NS: tl.constexpr = (6 * L + 2) * SL + (3 * S + 1) * SL + 3 * BM
+    scr = scr_ptr + pid.to(tl.int64) * NS
+    dw_p = dw_ptr + pid.to(tl.int64) * (L * P * P)
+    dv_p = dv_ptr + pid.to(tl.int64) * (L * 5 * P)
+    t0 = tl.load(t0s + step_i)
+    dt = tl.load(dts + step_i)
+    z0_ptr = ztape_ptr + tl.cast(step_i, tl.int64) * (tl.cast(B, tl.int64) * D)
+    for tile in range(pid, n_tiles, nprog):
+        rows = tile * BM + tl.arange(0, BM)
+        _tile_step_bwd(z0_ptr, e_ptr, w_ptr, v_ptr, dims_ptr, t0, dt, gz1_ptr, gq1_ptr, sk_ptr, skq_ptr, gzx_ptr,
+                       gz0_ptr, dw_p, dv_p, scr, rows, rows < B, B, D, L, P, ACT, MODE, BM, CH, CD, PREC, S, C, A, BW,
+                       RATES, NQ, NEED, KNEED, HAS_SEED, HAS_TR, HAS_KIN, HAS_FR, TIME_F32)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -581,18 +599,21 @@ def _scaled_sums(a_ptr, aq_ptr, b_ptr, bq_ptr, y_ptr, yq_ptr, rows64, rmask, D, 
 
 @triton.jit(do_not_specialize=["cap", "B", "D", "n_tiles"])
 def cnf_tile_solve_kernel(z_ptr, q_ptr, f_ptr, fq_ptr, mid_ptr, midq_ptr, e_ptr, w_ptr, v_ptr, dims_ptr,
-                          ctl_ptr, opt, steps_t, steps_dt, steps_h, cap, scr_ptr, B, D, n_tiles,
+                          ctl_ptr, opt, steps_t, steps_dt, steps_h, cap, tape_ptr, scr_ptr, B, D, n_tiles,
                           L: tl.constexpr, P: tl.constexpr, ACT: tl.constexpr, MODE: tl.constexpr, BM: tl.constexpr,
                           CH: tl.constexpr, CD: tl.constexpr, PREC: tl.constexpr,
                           S: tl.constexpr, C: tl.constexpr, A: tl.constexpr, BW: tl.constexpr, EW: tl.constexpr,
                           CM: tl.constexpr, RATES: tl.constexpr, NQ: tl.constexpr, NQN: tl.constexpr,
-                          ORDER: tl.constexpr, TIME_F32: tl.constexpr, FIRST_GIVEN: tl.constexpr):
+                          ORDER: tl.constexpr, TIME_F32: tl.constexpr, FIRST_GIVEN: tl.constexpr,
+                          TAPE: tl.constexpr):
     """Every tile of ``BM`` rows integrated to the end time with its own step size, in one launch (opt-in per-tile
     control: each tile is its own batch-global problem, as the C++ engine's per-tile mode). Tile ``k`` has its own
     control block ``ctl_ptr + k * NCTL`` (set up by the launcher: the clock and the counts; with ``FIRST_GIVEN`` the
     first step) and step records ``steps_* + k * cap``. Per tile: the first evaluation, the first step by the RK
     spec's heuristic on the tile's norm (:func:`fastode.ops.rk.initial_step`), then attempts until the end time or
     a failure, each one :func:`_tile_step` and the device controller. Slot ``cur`` of the state buffers is per tile.
+    ``TAPE``: each attempt's start rows go to ``tape_ptr[accepted]`` (``cap`` states per tile; a tile that needs more
+    stops with status 4 and the launcher runs the solve again with a larger tape).
     """
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -659,6 +680,14 @@ def cnf_tile_solve_kernel(z_ptr, q_ptr, f_ptr, fq_ptr, mid_ptr, midq_ptr, e_ptr,
             nxt = 1 - cur
             t0 = tl.load(ctl + C_T0)
             dt = tl.load(ctl + C_DT)
+            if TAPE:
+                acc = tl.load(ctl + C_ACC).to(tl.int64)
+                ok = acc < cap
+                for n0 in range(0, D, CD):
+                    cn = n0 + tl.arange(0, CD)
+                    m = rmask[:, None] & (cn < D)[None, :] & ok
+                    g = rows64[:, None] * D + cn[None, :]
+                    tl.store(tape_ptr + acc * BD + g, tl.load(z_ptr + cur * BD + g, mask=m), mask=m)
             sz, sq = _tile_step(z_ptr + cur * BD, q_ptr + cur * BQ, f_ptr + cur * BD, fq_ptr + cur * BQ,
                                 z_ptr + nxt * BD, q_ptr + nxt * BQ, f_ptr + nxt * BD, fq_ptr + nxt * BQ,
                                 mid_ptr + nxt * BD, midq_ptr + nxt * BQ, e_ptr, w_ptr, v_ptr, dims_ptr, scr, rows,
@@ -668,4 +697,53 @@ def cnf_tile_solve_kernel(z_ptr, q_ptr, f_ptr, fq_ptr, mid_ptr, midq_ptr, e_ptr,
             _control(ctl, opt, ratio, steps_t + tl.cast(tile, tl.int64) * cap, steps_dt + tl.cast(tile, tl.int64) * cap,
                      steps_h + tl.cast(tile, tl.int64) * cap, cap, S - 1, ORDER, TIME_F32, dtype)
             tl.debug_barrier()
+            if TAPE:
+                if (tl.load(ctl + C_ACC).to(tl.int64) > cap) & (tl.load(ctl + C_STATUS) == 0.0):
+                    tl.store(ctl + C_STATUS, 4.0)  # an accepted step whose start the tape could not keep
+                    tl.store(ctl + C_DONE, 1.0)
+                tl.debug_barrier()
             done = tl.load(ctl + C_DONE)
+
+
+@triton.jit(do_not_specialize=["cap", "B", "D", "n_tiles"])
+def cnf_tile_bwd_kernel(ztape_ptr, e_ptr, w_ptr, v_ptr, dims_ptr, ctl_ptr, steps_t, steps_h, cap, gb_ptr, qb_ptr,
+                        sk_ptr, skq_ptr, gzx_ptr, dw_ptr, dv_ptr, scr_ptr, B, D, n_tiles,
+                        L: tl.constexpr, P: tl.constexpr, ACT: tl.constexpr, MODE: tl.constexpr, BM: tl.constexpr,
+                        CH: tl.constexpr, CD: tl.constexpr, PREC: tl.constexpr,
+                        S: tl.constexpr, C: tl.constexpr, A: tl.constexpr, BW: tl.constexpr, RATES: tl.constexpr,
+                        NQ: tl.constexpr, NEED: tl.constexpr, KNEED: tl.constexpr, SNEED: tl.constexpr,
+                        SKNEED: tl.constexpr, HAS_TR: tl.constexpr, HAS_KIN: tl.constexpr, HAS_FR: tl.constexpr,
+                        TIME_F32: tl.constexpr):
+    """The backward of a per-tile solve in one launch: every tile walks its own accepted steps in reverse
+    (:func:`_tile_step_bwd`; the last one with the interpolant's seeds). ``gb`` (4, B, D): slots 0-1 ping-pong,
+    2 the last step's end cotangent (set by the launcher), 3 the result; ``qb`` (2, B, NQ): the q cotangent at the
+    last step's end and before it. ``SNEED`` / ``SKNEED``: ``NEED`` / ``KNEED`` of the seeded last step."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    SL: tl.constexpr = BM * P
+    NS: tl.constexpr = (6 * L + 2) * SL + (3 * S + 1) * SL + 3 * BM
+    scr = scr_ptr + pid.to(tl.int64) * NS
+    dw_p = dw_ptr + pid.to(tl.int64) * (L * P * P)
+    dv_p = dv_ptr + pid.to(tl.int64) * (L * 5 * P)
+    BD = tl.cast(B, tl.int64) * D
+    BQ = tl.cast(B, tl.int64) * NQ
+    for tile in range(pid, n_tiles, nprog):
+        rows = tile * BM + tl.arange(0, BM)
+        rmask = rows < B
+        acc = tl.load(ctl_ptr + tl.cast(tile, tl.int64) * NCTL + C_ACC).to(tl.int64)
+        base = tl.cast(tile, tl.int64) * cap
+        if acc > 0:
+            n = acc - 1
+            dst = tl.where(n == 0, 3, n % 2)
+            _tile_step_bwd(ztape_ptr + n * BD, e_ptr, w_ptr, v_ptr, dims_ptr, tl.load(steps_t + base + n),
+                           tl.load(steps_h + base + n), gb_ptr + 2 * BD, qb_ptr, sk_ptr, skq_ptr, gzx_ptr,
+                           gb_ptr + dst * BD, dw_p, dv_p, scr, rows, rmask, B, D, L, P, ACT, MODE, BM, CH, CD, PREC,
+                           S, C, A, BW, RATES, NQ, SNEED, SKNEED, True, HAS_TR, HAS_KIN, HAS_FR, TIME_F32)
+            for k in range(0, acc - 1):
+                n = acc - 2 - k
+                dst = tl.where(n == 0, 3, n % 2)
+                _tile_step_bwd(ztape_ptr + n * BD, e_ptr, w_ptr, v_ptr, dims_ptr, tl.load(steps_t + base + n),
+                               tl.load(steps_h + base + n), gb_ptr + ((n + 1) % 2) * BD, qb_ptr + BQ, sk_ptr,
+                               skq_ptr, gzx_ptr, gb_ptr + dst * BD, dw_p, dv_p, scr, rows, rmask, B, D, L, P, ACT,
+                               MODE, BM, CH, CD, PREC, S, C, A, BW, RATES, NQ, NEED, KNEED, False, HAS_TR, HAS_KIN,
+                               HAS_FR, TIME_F32)
