@@ -256,9 +256,28 @@ class TritonCnfSolver:
     def per_tile(self, t0: torch.Tensor, t1: torch.Tensor, z0: torch.Tensor, q0: torch.Tensor,
                  e: Optional[torch.Tensor], *, rtol: float, atol: float, safety: float, ifactor: float,
                  dfactor: float, min_step: float, max_step: float, first_step: Optional[float], max_num_steps: int,
-                 time_dtype: torch.dtype):
-        """Every tile of ``BM`` rows solved to ``t1`` with its own step size, in one launch: ``(zT, qT, tiles)``
-        (``tiles``: each tile's counts and status, read back once at the end)."""
+                 time_dtype: torch.dtype, tape: bool = False):
+        """Every tile of ``BM`` rows solved to ``t1`` with its own step size, in one launch: ``(zT, qT, tiles, saved)``
+        (``tiles``: each tile's counts and status, read back once at the end; ``saved``: with ``tape``, what
+        :meth:`per_tile_backward` needs -- each tile's accepted step starts, times and steps -- else None). The tape
+        holds as many steps per tile as the previous solve of this configuration needed (32 at first); a tile that
+        needs more stops, and the solve runs again with a tape twice as long."""
+        key = ("tile", self.spec, z0.shape, self.nq)
+        cap = max(1, self._expected_attempts.get(key, 32)) if tape else 0
+        while True:
+            zT, qT, tiles, saved = self._per_tile_once(
+                t0, t1, z0, q0, e, cap, tape, rtol=rtol, atol=atol, safety=safety, ifactor=ifactor, dfactor=dfactor,
+                min_step=min_step, max_step=max_step, first_step=first_step, max_num_steps=max_num_steps,
+                time_dtype=time_dtype)
+            if not any(t_["status"] == K.ST_TAPE_FULL for t_ in tiles):
+                break
+            cap *= 2
+        if tape:
+            self._expected_attempts[key] = max(t_["accepted"] for t_ in tiles) + 1
+        return zT, qT, tiles, saved
+
+    def _per_tile_once(self, t0, t1, z0, q0, e, cap, tape, *, rtol, atol, safety, ifactor, dfactor, min_step,
+                       max_step, first_step, max_num_steps, time_dtype):
         dev, dtype = z0.device, z0.dtype
         B, D = z0.shape
         z0, q0 = z0.contiguous(), q0.contiguous()
@@ -279,17 +298,18 @@ class TritonCnfSolver:
         if first_step is not None:
             ctl[:, K.C_DTP.value] = rnd(torch.full((), float(first_step), **f64))
         opt = torch.tensor([rtol, atol, safety, ifactor, dfactor, min_step, max_step, float(max_num_steps)], **f64)
-        steps = torch.zeros((3, 1), **f64)  # per-tile step records are not kept (cap 0): counts only
+        steps = torch.zeros((3, max(1, n_tiles * cap)), **f64)  # per tile: t0, width, dt of its accepted steps
+        ztape = empty((max(1, cap), B, D), z0) if tape else None
         pk = self.packed
         Z, Q, F, FQ, MID, MIDQ = bufs
         launched("cnf_tile_solve_kernel")
         K.cnf_tile_solve_kernel[(nprog,)](
-            Z, Q, F, FQ, MID, MIDQ, e_arg, pk.W, pk.V, pk.dims, ctl, opt, steps[0], steps[1], steps[2], 0,
-            self._scratch(nprog, z0), B, D, n_tiles,
+            Z, Q, F, FQ, MID, MIDQ, e_arg, pk.W, pk.V, pk.dims, ctl, opt, steps[0], steps[1], steps[2], cap,
+            ztape if tape else Z, self._scratch(nprog, z0), B, D, n_tiles,
             L=pk.L, P=pk.P, ACT=ACT_CODES[self.activation], MODE=self.mode, BM=self.BM, CH=pk.CH, CD=pk.CD,
             PREC=DOT_PRECISION, S=self.spec.S, C=self.spec.C, A=self.spec.A, BW=self.spec.BW, EW=self.spec.EW,
             CM=self.spec.CM, RATES=self.rates or (0,), NQ=self.nq, NQN=self.nq_norm, ORDER=self.spec.ORDER,
-            TIME_F32=time_f32, FIRST_GIVEN=first_step is not None, num_warps=self.num_warps)
+            TIME_F32=time_f32, FIRST_GIVEN=first_step is not None, TAPE=tape, num_warps=self.num_warps)
         # ---- each row's tile's interpolation at the end time (queued on the device)
         tile_of = torch.arange(B, device=dev) // self.BM
         rows = torch.arange(B, device=dev)
@@ -320,7 +340,43 @@ class TritonCnfSolver:
                         if not bool(torch.isfinite(zT[tile_of == i]).all() & torch.isfinite(qT[tile_of == i]).all())),
                        0)
             tiles[bad]["status"] = tiles[bad]["status"] or K.ST_NONFINITE
-        return zT, qT, tiles
+        saved = None
+        if tape:
+            saved = {"tape": ztape, "steps_t": steps[0], "steps_h": steps[2], "cap": cap, "ctl": ctl, "bufs": bufs,
+                     "e": e_arg, "time_f32": time_f32, "steps": sum(t_["accepted"] for t_ in tiles)}
+        return zT, qT, tiles, saved
+
+    def per_tile_backward(self, saved, gzT, gqT, want_t: bool):
+        """The exact gradient of :meth:`per_tile` in one launch (every tile walks its own steps in reverse):
+        ``(gz0, gq0, g_t or None, param grads)``, as :meth:`adaptive_backward` per tile."""
+        B, D = gzT.shape
+        dev, dtype = gzT.device, gzT.dtype
+        dw, dv, scr, nprog = self._backward_buffers(gzT)
+        ctl = saved["ctl"]
+        c = ctl[torch.arange(B, device=dev) // self.BM]
+        cur = c[:, K.C_CUR.value].to(torch.long)
+        x, width, dts = _end_coordinate(c, saved["time_f32"], dtype)
+        gy1, gq_last, gq_before, (sk, skq, gzx), g_x = self._interpolation_adjoint(
+            saved["bufs"], 1 - cur, cur, x[:, None], dts[:, None], gzT, gqT, want_t)
+        gb = empty((4, B, D), gzT)
+        gb[2] = gy1
+        qb = torch.stack([gq_last, gq_before]).contiguous()
+        need, kneed = self._stage_needs()
+        sneed, skneed = self._seeded_needs()
+        pk = self.packed
+        launched("cnf_tile_bwd_kernel")
+        K.cnf_tile_bwd_kernel[(nprog,)](
+            saved["tape"], saved["e"], pk.W, pk.V, pk.dims, ctl, saved["steps_t"], saved["steps_h"], saved["cap"],
+            gb, qb, sk, skq, gzx, dw, dv, scr, B, D, triton.cdiv(B, self.BM), NEED=need, KNEED=kneed, SNEED=sneed,
+            SKNEED=skneed, **self._bwd_constexprs(saved["time_f32"]))
+        moved = c[:, K.C_ACC.value] > 0
+        gz = torch.where(moved[:, None], gb[3], gzT)
+        gq = torch.where(moved[:, None], gq_before, gqT) if self.nq else gqT
+        g_t = None
+        if want_t:  # per row: its tile's coordinate; every stage time of every tile is t0 + constant
+            g_x = torch.where(moved, g_x[:, 0].to(torch.float64) * c[:, K.C_DIR.value] / width, 0.0).sum()
+            g_t = torch.stack([dv[:, :, 4].sum().to(torch.float64) - g_x, g_x])
+        return gz, gq, g_t, self.param_grads(dw, dv)
 
     # -------------------------------------------------------------------------------------------- backward
     def _stage_needs(self) -> tuple:
@@ -381,14 +437,15 @@ class TritonCnfSolver:
             out += [dw[l, :o, :i], dv[l, 0, :o], dv[l, 1, :o], dv[l, 2, :o], dv[l, 3, :o]]
         return out
 
-    def grid_backward(self, saved, gzT, gqT):
-        """The exact gradient of :meth:`grid` (its tape): ``(gz0, gq0, param grads)``."""
+    def grid_backward(self, saved, gzT, gqT, want_t: bool = False):
+        """The exact gradient of :meth:`grid` (its tape): ``(gz0, gq0, None, param grads)`` (the grid's times are
+        constants: the engine declines a differentiable ``t``)."""
         dw, dv, scr, nprog = self._backward_buffers(gzT)
         gz = gzT.contiguous()
         gq = (gqT if self.nq else gzT.new_zeros(gzT.shape[0], 1)).contiguous()
         for n in reversed(range(saved["steps"])):
             gz = self._step_backward(saved, n, gz, gq, None, dw, dv, scr, nprog)
-        return gz, gqT, self.param_grads(dw, dv)
+        return gz, gqT, None, self.param_grads(dw, dv)
 
     def _interpolation_adjoint(self, bufs, prev, cur, x, dts, gzT, gqT, want_x: bool):
         """The quartic interpolant's adjoint (PyTorch autograd on a few tensor ops, once per solve): the last

@@ -682,10 +682,10 @@ def cnf_tile_solve_kernel(z_ptr, q_ptr, f_ptr, fq_ptr, mid_ptr, midq_ptr, e_ptr,
             dt = tl.load(ctl + C_DT)
             if TAPE:
                 acc = tl.load(ctl + C_ACC).to(tl.int64)
-                ok = acc < cap
+                keep = rmask & ((rows64 * 0 + acc) < cap)  # (a full tape stops the tile after this attempt)
                 for n0 in range(0, D, CD):
                     cn = n0 + tl.arange(0, CD)
-                    m = rmask[:, None] & (cn < D)[None, :] & ok
+                    m = keep[:, None] & (cn < D)[None, :]
                     g = rows64[:, None] * D + cn[None, :]
                     tl.store(tape_ptr + acc * BD + g, tl.load(z_ptr + cur * BD + g, mask=m), mask=m)
             sz, sq = _tile_step(z_ptr + cur * BD, q_ptr + cur * BQ, f_ptr + cur * BD, fq_ptr + cur * BQ,

@@ -792,7 +792,7 @@ class TritonGridEngine(Engine):
                 zT, qT, saved = stepper.grid(grid.detach(), x, q0, e, tape=tape)
                 return zT, qT, saved, None
 
-            runner = SolveRunner(stepper, forward, adaptive=False,
+            runner = SolveRunner(forward, stepper.grid_backward,
                                  count_backward=_backward_counter(solve, stats, len(plan.tableau.c), 0))
             zT, qT = TritonCnfSolve.apply(runner, solve.x, _q0(solve, rates), t, *_mlp_params(solve))
         else:
@@ -856,9 +856,7 @@ class TritonAdaptiveEngine(Engine):
             rows = solve.step_rows
             if rows not in (16, 32, 64, 128):
                 return Skip(f"step_rows={rows} (the per-tile Triton solve runs tiles of 16, 32, 64 or 128 rows)")
-            if _wants_grad(solve):
-                return Skip("per-tile step control with a gradient (the per-tile Triton solve has no fused adjoint "
-                            "yet; 'cpp_adaptive' has one on the CPU)")
+
         why = _options_at_defaults(solver, info, self._HANDLED_OPTIONS)
         if why is not None:
             return Skip(why)
@@ -891,7 +889,7 @@ class TritonAdaptiveEngine(Engine):
                                                tape=tape, **ctl)
                 return zT, qT, rec.get("saved"), rec
 
-            runner = SolveRunner(stepper, forward, adaptive=True)
+            runner = SolveRunner(forward, stepper.adaptive_backward)
             zT, qT = TritonCnfSolve.apply(runner, solve.x, _q0(solve, rates), t, *_mlp_params(solve))
             rec = runner.record
         else:
@@ -918,17 +916,30 @@ class TritonAdaptiveEngine(Engine):
     def _run_per_tile(self, solve, tab, rates, nq_norm, ctl, e):
         """Per-tile control (``CNF(step_control="per_tile", step_rows=k)``), one launch: each tile of ``k`` rows is
         its own batch-global problem (as ``cpp_adaptive``'s per-tile mode: the same steps per tile as ``odeint`` on
-        the tile's rows); stats are the row-weighted mean counts, ``stats.tiles`` each tile's. A failed tile raises
-        the error class ``odeint`` raises, naming the time, the tile and its rows."""
+        the tile's rows); stats are the row-weighted mean counts, ``stats.tiles`` each tile's. Gradient: the fused
+        discrete adjoint of every tile in one launch. A failed tile raises the error class ``odeint`` raises, naming
+        the time, the tile and its rows."""
         from fastode.kernels.cnf_solve import TritonCnfSolver
         from fastode.stats import SolveStats
 
         base = _triton_solver(solve, tab, rates, nq_norm, adaptive=True)
         stepper = TritonCnfSolver(base.packed, base.activation, solve.trace, rates, nq_norm, tab, adaptive=True,
                                   BM=solve.step_rows, max_programs=base.max_programs, num_warps=base.num_warps)
-        t = solve.t.detach()
-        zT, qT, tiles = stepper.per_tile(t[0], t[1], solve.x.detach(), _q0(solve, rates).detach(), e,
-                                         time_dtype=solve.t.dtype, **ctl)
+        td = solve.t.detach()
+        runner = None
+
+        def forward(x, q0, tape):
+            zT, qT, tiles, saved = stepper.per_tile(td[0], td[1], x, q0, e, time_dtype=solve.t.dtype, tape=tape, **ctl)
+            return zT, qT, saved, tiles
+
+        if _wants_grad(solve):
+            from fastode.ops.triton_cnf import SolveRunner, TritonCnfSolve
+
+            runner = SolveRunner(forward, stepper.per_tile_backward)
+            zT, qT = TritonCnfSolve.apply(runner, solve.x, _q0(solve, rates), solve.t, *_mlp_params(solve))
+            tiles = runner.record
+        else:
+            zT, qT, _, tiles = forward(solve.x.detach(), _q0(solve, rates).detach(), False)
         B = solve.x.shape[0]
         bad = next((i for i, s_ in enumerate(tiles) if s_["status"]), None)
         if bad is not None:
@@ -940,6 +951,8 @@ class TritonAdaptiveEngine(Engine):
                            num_rejected_steps=st["rejected"], method=solve.solver.method)
         stats.tiles = tiles
         stats.launches = 1
+        if runner is not None:  # checkpoint-mode counting as the batch solve's, with each row's tile's steps
+            runner.count_backward = _backward_counter(solve, stats, 0, len(tab.c) * st["accepted"])
         return EngineResult(_ends(solve, zT, qT, rates), stats)
 
 

@@ -17,15 +17,15 @@ __all__ = ["TritonCnfSolve", "SolveRunner"]
 
 
 class SolveRunner:
-    """What one solve needs: ``solver`` (a TritonCnfSolver), ``forward(x, q0, tape) -> (zT, qT, saved, record)``
-    and whether the end time is differentiated; ``record`` is left here for the engine to read."""
+    """One solve: ``forward(x, q0, tape) -> (zT, qT, saved, record)`` and ``backward(saved, gzT, gqT, want_t) ->
+    (gz0, gq0, g_t or None, param grads)`` (a TritonCnfSolver's ``grid`` / ``adaptive`` / ``per_tile`` and their
+    backward); ``record`` is left here for the engine to read; ``count_backward(n_steps)``: optional NFE counting."""
 
-    def __init__(self, solver: Any, forward: Callable, adaptive: bool, count_backward: Optional[Callable] = None):
-        self.solver = solver
+    def __init__(self, forward: Callable, backward: Callable, count_backward: Optional[Callable] = None):
         self.forward = forward
-        self.adaptive = adaptive
+        self.backward = backward
         self.count_backward = count_backward
-        self.record: Optional[dict] = None
+        self.record: Any = None
 
 
 class TritonCnfSolve(torch.autograd.Function):
@@ -36,7 +36,7 @@ class TritonCnfSolve(torch.autograd.Function):
     def forward(ctx, runner: SolveRunner, x, q0, t, *params):
         zT, qT, saved, record = runner.forward(x.detach(), q0.detach(), True)
         runner.record = record
-        ctx.runner, ctx.saved, ctx.t_dtype = runner, saved, t.dtype
+        ctx.runner, ctx.saved, ctx.t_dtype, ctx.q_like = runner, saved, t.dtype, qT.detach()
         ctx.want_t = ctx.needs_input_grad[3]
         return zT, qT
 
@@ -44,15 +44,9 @@ class TritonCnfSolve(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, gzT, gqT):
         runner, saved = ctx.runner, ctx.saved
-        solver = runner.solver
         gzT = torch.zeros_like(saved["tape"][0]) if gzT is None else gzT.contiguous()
-        if gqT is None:
-            gqT = gzT.new_zeros(gzT.shape[0], solver.nq)
-        if runner.adaptive:
-            gz, gq, g_t, gp = solver.adaptive_backward(saved, gzT, gqT.contiguous(), ctx.want_t)
-        else:  # (the grid engine declines a differentiable t: a learned end time moves the grid)
-            gz, gq, gp = solver.grid_backward(saved, gzT, gqT.contiguous())
-            g_t = None
+        gqT = torch.zeros_like(ctx.q_like) if gqT is None else gqT.contiguous()
+        gz, gq, g_t, gp = runner.backward(saved, gzT, gqT, ctx.want_t)
         if runner.count_backward is not None:
             runner.count_backward(saved["steps"])
         ctx.saved = None
