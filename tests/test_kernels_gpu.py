@@ -214,3 +214,34 @@ def test_fused_adaptive_solve_makes_no_host_sync():
             cnf_solve.host_read = orig
     assert cnf.last_solve.engine == "triton_adaptive"
     assert reads == ["solve status", "solve record"]  # sync mode was lifted only for these two reads
+
+
+def test_fused_grid_solve_captures_in_a_cuda_graph():
+    """The fixed-grid fused solve is a sequence of launches with no host read: it captures in a CUDA graph, and a
+    replay with new inputs gives the eager result."""
+    from fastode.kernels.cnf_solve import TritonCnfSolver
+    from fastode.kernels.concatsquash import PackedParams
+    from fastode.tableaus import get_tableau
+
+    m, params = ffjord_params(torch.float32)
+    cfg = TB._config(2, [2, 64, 64, 64, 2], torch.float32)
+    packed = PackedParams([tuple(p.detach() for p in layer) for layer in params], cfg["CH"], cfg["CD"])
+    solver = TritonCnfSolver(packed, "tanh", "hutchinson", ["trace", "kinetic"], 1, get_tableau("rk4"),
+                             adaptive=False)
+    grid = torch.linspace(0, 0.5, 11, device=DEV, dtype=torch.float64)
+    z0 = torch.randn(4099, 2, device=DEV)
+    e = torch.randn(4099, 2, device=DEV)
+    q0 = torch.zeros(4099, 2, device=DEV)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        solver.grid(grid, z0, q0, e)  # compiles outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        zT, qT, _ = solver.grid(grid, z0, q0, e)
+    z0.copy_(torch.randn_like(z0))
+    graph.replay()
+    want_z, want_q, _ = solver.grid(grid, z0, q0, e)
+    torch.testing.assert_close(zT, want_z, rtol=0, atol=0)
+    torch.testing.assert_close(qT, want_q, rtol=0, atol=0)
