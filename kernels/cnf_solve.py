@@ -361,14 +361,14 @@ class TritonCnfSolver:
         gb = empty((4, B, D), gzT)
         gb[2] = gy1
         qb = torch.stack([gq_last, gq_before]).contiguous()
-        need, kneed = self._stage_needs()
+        need, _ = self._stage_needs()
         sneed, skneed = self._seeded_needs()
         pk = self.packed
         launched("cnf_tile_bwd_kernel")
         K.cnf_tile_bwd_kernel[(nprog,)](
             saved["tape"], saved["e"], pk.W, pk.V, pk.dims, ctl, saved["steps_t"], saved["steps_h"], saved["cap"],
-            gb, qb, sk, skq, gzx, dw, dv, scr, B, D, triton.cdiv(B, self.BM), NEED=need, KNEED=kneed, SNEED=sneed,
-            SKNEED=skneed, **self._bwd_constexprs(saved["time_f32"]))
+            gb, qb, sk, skq, gzx, dw, dv, scr, B, D, triton.cdiv(B, self.BM), NEED=need, SNEED=sneed, SKNEED=skneed,
+            **self._bwd_constexprs(saved["time_f32"]))
         moved = c[:, K.C_ACC.value] > 0
         gz = torch.where(moved[:, None], gb[3], gzT)
         gq = torch.where(moved[:, None], gq_before, gqT) if self.nq else gqT

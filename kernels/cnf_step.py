@@ -413,23 +413,89 @@ def cnf_prepare_kernel(ctl, opt, like_ptr, TIME_F32: tl.constexpr):
 # the backward of one step (the fused discrete adjoint)
 # ------------------------------------------------------------------------------------------------
 @triton.jit
-def _tile_step_bwd(z0_ptr, e_ptr, w_ptr, v_ptr, dims_ptr, t0, dt, gz1_ptr, gq1_ptr, sk_ptr, skq_ptr, gzx_ptr,
-                   gz0_ptr, dw_p, dv_p, scr, rows, rmask, B, D,
+def _stage_adjoint(i: tl.constexpr, seed, e_ptr, w_ptr, v_ptr, dims_ptr, t0, dt, dts_, gz1_ptr, gq1_ptr, sk_ptr,
+                   skq_ptr, dw_p, dv_p, scr, zin, gzs, kb, gq, rows64, rmask, BD, BQ, D,
                    L: tl.constexpr, P: tl.constexpr, ACT: tl.constexpr, MODE: tl.constexpr, BM: tl.constexpr,
                    CH: tl.constexpr, CD: tl.constexpr, PREC: tl.constexpr,
                    S: tl.constexpr, C: tl.constexpr, A: tl.constexpr, BW: tl.constexpr, RATES: tl.constexpr,
-                   NQ: tl.constexpr, NEED: tl.constexpr, KNEED: tl.constexpr, HAS_SEED: tl.constexpr,
+                   NQ: tl.constexpr, NEED_U: tl.constexpr, NEED_S: tl.constexpr, HAS_SEED: tl.constexpr,
                    HAS_TR: tl.constexpr, HAS_KIN: tl.constexpr, HAS_FR: tl.constexpr, TIME_F32: tl.constexpr):
+    """Stage ``i`` of a step's adjoint: its cotangents ``kbar_i`` / ``qbar_i`` (``seed``: rows of the seeded, last
+    step) through the MLP's backward at ``(t_i, Z_i)`` to ``Zbar_i`` (slot ``i`` of ``gzs``)."""
+    dtype = w_ptr.dtype.element_ty
+    SL: tl.constexpr = BM * P
+    r = tl.arange(0, BM)
+    rl = r.to(tl.int64)
+    for n0 in range(0, D, CD):
+        cn = n0 + tl.arange(0, CD)
+        m = rmask[:, None] & (cn < D)[None, :]
+        ms = m & seed[:, None]
+        g = rows64[:, None] * D + cn[None, :]
+        kbar = tl.zeros((BM, CD), dtype=dtype)
+        if BW[i] != 0.0:
+            kbar += tl.load(gz1_ptr + g, mask=m, other=0.0) * (dts_ * BW[i])
+        if HAS_SEED:
+            kbar += tl.load(sk_ptr + i * BD + g, mask=ms, other=0.0)
+        for j in tl.static_range(i + 1, S):
+            if A[j * S + i] != 0.0:
+                loc = gzs + j * SL + r[:, None] * P + cn[None, :]
+                if NEED_U[j]:
+                    kbar += tl.load(loc, mask=m, other=0.0) * (dts_ * A[j * S + i])
+                elif NEED_S[j]:  # a stage that runs only in the seeded step
+                    kbar += tl.load(loc, mask=ms, other=0.0) * (dts_ * A[j * S + i])
+        tl.store(kb + r[:, None] * P + cn[None, :], tl.where(m, kbar, 0.0))
+    gtr = tl.zeros((BM,), dtype=dtype)
+    gkin = tl.zeros((BM,), dtype=dtype)
+    gfr = tl.zeros((BM,), dtype=dtype)
+    for c in tl.static_range(NQ):
+        qbar = tl.zeros((BM,), dtype=dtype)
+        if BW[i] != 0.0:
+            qbar += tl.load(gq1_ptr + rows64 * NQ + c, mask=rmask, other=0.0) * (dts_ * BW[i])
+        if HAS_SEED:
+            qbar += tl.load(skq_ptr + i * BQ + rows64 * NQ + c, mask=rmask & seed, other=0.0)
+        if RATES[c] == 0:
+            gtr -= qbar
+        elif RATES[c] == 1:
+            gtr += qbar
+        elif RATES[c] == 2:
+            gkin += qbar
+        else:
+            gfr += qbar
+    tl.store(gq + r, gtr)
+    tl.store(gq + BM + r, gkin)
+    tl.store(gq + 2 * BM + r, gfr)
+    tl.debug_barrier()
+    ti = _round_time(t0 + C[i] * dt, TIME_F32).to(dtype)
+    mlp_tile_backward(scr, zin + i * SL, P, rows64, rmask, rl, P, e_ptr, kb, kb, gq, gq + BM, gq + 2 * BM,
+                      gzs + i * SL, kb, w_ptr, v_ptr, dims_ptr, dw_p, dv_p, D, ti, L, P, ACT, MODE, BM, CH, CD, PREC,
+                      True, False, HAS_TR and (MODE > 0), HAS_KIN, HAS_FR and (MODE == 1), False,
+                      (MODE > 0) and (HAS_TR or HAS_FR), 1)
+    tl.debug_barrier()
+
+
+@triton.jit
+def _tile_step_bwd(z0_ptr, e_ptr, w_ptr, v_ptr, dims_ptr, t0, dt, seed_on, gz1_ptr, gq1_ptr, sk_ptr, skq_ptr,
+                   gzx_ptr, gz0_ptr, dw_p, dv_p, scr, rows, rmask, B, D,
+                   L: tl.constexpr, P: tl.constexpr, ACT: tl.constexpr, MODE: tl.constexpr, BM: tl.constexpr,
+                   CH: tl.constexpr, CD: tl.constexpr, PREC: tl.constexpr,
+                   S: tl.constexpr, C: tl.constexpr, A: tl.constexpr, BW: tl.constexpr, RATES: tl.constexpr,
+                   NQ: tl.constexpr, NEED_U: tl.constexpr, NEED_S: tl.constexpr, KNEED_S: tl.constexpr,
+                   HAS_SEED: tl.constexpr, HAS_TR: tl.constexpr, HAS_KIN: tl.constexpr, HAS_FR: tl.constexpr,
+                   TIME_F32: tl.constexpr):
     """The exact backward of one step of one tile (start ``z0_ptr``, time ``t0``, step ``dt``; rows ``rows``):
     the stages are recomputed on chip from the checkpointed start, then walked in reverse:
     ``kbar_i = fl(b_i dt) gz1 [+ seed_i] + sum_{j>i} fl(a_ji dt) Zbar_j`` and ``qbar_i = fl(b_i dt) gq1 [+ seed_i]``
     go through the MLP's backward at ``(t_i, Z_i)`` (second-order terms of the trace / RNODE rates included) to
     ``Zbar_i``; ``gz0 = gz1 + sum_i Zbar_i [+ gzx]``. Parameter gradients are added to the program's partials
     ``dw_p`` / ``dv_p`` (``dv`` rows ``[db, dgw, dgb, dbw, dt]``, converted at each stage's time; ``dt``: the stage
-    times' gradient). ``NEED[i]``: stage i has a cotangent; ``KNEED[i]``: its derivative enters a later needed
-    stage's input (both from the tableau, by the launcher). ``HAS_SEED``: per-stage cotangents ``sk`` (S, B, D) /
-    ``skq`` (S, B, NQ) and ``gzx`` (B, D) are added (the last step: the interpolant's dependence on the stages and
-    the start). ``HAS_TR`` / ``HAS_KIN`` / ``HAS_FR``: which rates ``RATES`` holds.
+    times' gradient).
+
+    Which stages run (from the tableau, by the launcher): ``NEED_U[i]`` stage i has a cotangent in an unseeded
+    step, ``NEED_S[i]`` in the seeded one (the last step: per-stage cotangents ``sk`` (S, B, D) / ``skq`` (S, B, NQ)
+    and ``gzx`` (B, D) from the interpolant, added when ``HAS_SEED`` and the runtime ``seed_on``); ``KNEED_S[i]``:
+    its derivative enters a later stage's input. A stage needed only when seeded runs under a runtime branch, so
+    one kernel serves both kinds of step with one copy of each stage's code. ``HAS_TR`` / ``HAS_KIN`` / ``HAS_FR``:
+    which rates ``RATES`` holds.
     """
     dtype = w_ptr.dtype.element_ty
     SL: tl.constexpr = BM * P
@@ -446,9 +512,10 @@ def _tile_step_bwd(z0_ptr, e_ptr, w_ptr, v_ptr, dims_ptr, t0, dt, gz1_ptr, gq1_p
     BD = tl.cast(B, tl.int64) * D
     BQ = tl.cast(B, tl.int64) * NQ
     rows64 = rows.to(tl.int64)
+    seed = (rows64 * 0 + seed_on) != 0             # (a per-row mask: the seeded step's loads)
     # ---- recompute the stage inputs (and the derivatives later stages need)
     for i in tl.static_range(S):
-        if NEED[i] or KNEED[i]:
+        if NEED_S[i] or KNEED_S[i]:
             for n0 in range(0, D, CD):
                 cn = n0 + tl.arange(0, CD)
                 m = rmask[:, None] & (cn < D)[None, :]
@@ -460,66 +527,38 @@ def _tile_step_bwd(z0_ptr, e_ptr, w_ptr, v_ptr, dims_ptr, t0, dt, gz1_ptr, gq1_p
                 y = tl.load(z0_ptr + rows64[:, None] * D + cn[None, :], mask=m, other=0.0) + acc
                 tl.store(zin + i * SL + r[:, None] * P + cn[None, :], tl.where(m, y, 0.0))
             tl.debug_barrier()
-            if KNEED[i]:
+            if KNEED_S[i]:
                 ti = _round_time(t0 + C[i] * dt, TIME_F32).to(dtype)
                 mlp_tile_forward(scr, zin + i * SL, P, allr, kz + i * SL, P, rl, rows64, rmask, e_ptr, e_ptr,
                                  w_ptr, v_ptr, dims_ptr, D, ti, L, P, ACT, 0, BM, CH, CD, False, PREC)
                 tl.debug_barrier()
     # ---- the stages in reverse
     for i in tl.static_range(S - 1, -1, -1):
-        if NEED[i]:
-            for n0 in range(0, D, CD):
-                cn = n0 + tl.arange(0, CD)
-                m = rmask[:, None] & (cn < D)[None, :]
-                g = rows64[:, None] * D + cn[None, :]
-                kbar = tl.zeros((BM, CD), dtype=dtype)
-                if BW[i] != 0.0:
-                    kbar += tl.load(gz1_ptr + g, mask=m, other=0.0) * (dts_ * BW[i])
-                if HAS_SEED:
-                    kbar += tl.load(sk_ptr + i * BD + g, mask=m, other=0.0)
-                for j in tl.static_range(i + 1, S):
-                    if A[j * S + i] != 0.0 and NEED[j]:
-                        kbar += tl.load(gzs + j * SL + r[:, None] * P + cn[None, :], mask=m, other=0.0) * \
-                            (dts_ * A[j * S + i])
-                tl.store(kb + r[:, None] * P + cn[None, :], tl.where(m, kbar, 0.0))
-            gtr = tl.zeros((BM,), dtype=dtype)
-            gkin = tl.zeros((BM,), dtype=dtype)
-            gfr = tl.zeros((BM,), dtype=dtype)
-            for c in tl.static_range(NQ):
-                qbar = tl.zeros((BM,), dtype=dtype)
-                if BW[i] != 0.0:
-                    qbar += tl.load(gq1_ptr + rows64 * NQ + c, mask=rmask, other=0.0) * (dts_ * BW[i])
-                if HAS_SEED:
-                    qbar += tl.load(skq_ptr + i * BQ + rows64 * NQ + c, mask=rmask, other=0.0)
-                if RATES[c] == 0:
-                    gtr -= qbar
-                elif RATES[c] == 1:
-                    gtr += qbar
-                elif RATES[c] == 2:
-                    gkin += qbar
-                else:
-                    gfr += qbar
-            tl.store(gq + r, gtr)
-            tl.store(gq + BM + r, gkin)
-            tl.store(gq + 2 * BM + r, gfr)
-            tl.debug_barrier()
-            ti = _round_time(t0 + C[i] * dt, TIME_F32).to(dtype)
-            mlp_tile_backward(scr, zin + i * SL, P, rows64, rmask, rl, P, e_ptr, kb, kb, gq, gq + BM,
-                              gq + 2 * BM, gzs + i * SL, kb, w_ptr, v_ptr, dims_ptr, dw_p, dv_p, D, ti,
-                              L, P, ACT, MODE, BM, CH, CD, PREC, True, False, HAS_TR and (MODE > 0), HAS_KIN,
-                              HAS_FR and (MODE == 1), False, (MODE > 0) and (HAS_TR or HAS_FR), 1)
-            tl.debug_barrier()
+        if NEED_U[i]:
+            _stage_adjoint(i, seed, e_ptr, w_ptr, v_ptr, dims_ptr, t0, dt, dts_, gz1_ptr, gq1_ptr, sk_ptr, skq_ptr,
+                           dw_p, dv_p, scr, zin, gzs, kb, gq, rows64, rmask, BD, BQ, D, L, P, ACT, MODE, BM, CH, CD,
+                           PREC, S, C, A, BW, RATES, NQ, NEED_U, NEED_S, HAS_SEED, HAS_TR, HAS_KIN, HAS_FR, TIME_F32)
+        elif NEED_S[i]:
+            if seed_on:
+                _stage_adjoint(i, seed, e_ptr, w_ptr, v_ptr, dims_ptr, t0, dt, dts_, gz1_ptr, gq1_ptr, sk_ptr,
+                               skq_ptr, dw_p, dv_p, scr, zin, gzs, kb, gq, rows64, rmask, BD, BQ, D, L, P, ACT, MODE,
+                               BM, CH, CD, PREC, S, C, A, BW, RATES, NQ, NEED_U, NEED_S, HAS_SEED, HAS_TR, HAS_KIN,
+                               HAS_FR, TIME_F32)
     # ---- the step start's cotangent
     for n0 in range(0, D, CD):
         cn = n0 + tl.arange(0, CD)
         m = rmask[:, None] & (cn < D)[None, :]
+        ms = m & seed[:, None]
         g = rows64[:, None] * D + cn[None, :]
         acc = tl.load(gz1_ptr + g, mask=m, other=0.0)
         if HAS_SEED:  # the interpolant's direct dependence on the step start (its y0 and midpoint terms)
-            acc += tl.load(gzx_ptr + g, mask=m, other=0.0)
+            acc += tl.load(gzx_ptr + g, mask=ms, other=0.0)
         for i in tl.static_range(S):
-            if NEED[i]:
-                acc += tl.load(gzs + i * SL + r[:, None] * P + cn[None, :], mask=m, other=0.0)
+            loc = gzs + i * SL + r[:, None] * P + cn[None, :]
+            if NEED_U[i]:
+                acc += tl.load(loc, mask=m, other=0.0)
+            elif NEED_S[i]:
+                acc += tl.load(loc, mask=ms, other=0.0)
         tl.store(gz0_ptr + g, acc, mask=m)
     tl.debug_barrier()
 
@@ -547,20 +586,14 @@ def cnf_step_bwd_kernel(ztape_ptr, e_ptr, w_ptr, v_ptr, dims_ptr, t0s, dts, step
     z0_ptr = ztape_ptr + tl.cast(step_i, tl.int64) * (tl.cast(B, tl.int64) * D)
     for tile in range(pid, n_tiles, nprog):
         rows = tile * BM + tl.arange(0, BM)
-        _tile_step_bwd(z0_ptr, e_ptr, w_ptr, v_ptr, dims_ptr, t0, dt, gz1_ptr, gq1_ptr, sk_ptr, skq_ptr, gzx_ptr,
-                       gz0_ptr, dw_p, dv_p, scr, rows, rows < B, B, D, L, P, ACT, MODE, BM, CH, CD, PREC, S, C, A, BW,
-                       RATES, NQ, NEED, KNEED, HAS_SEED, HAS_TR, HAS_KIN, HAS_FR, TIME_F32)
+        _tile_step_bwd(z0_ptr, e_ptr, w_ptr, v_ptr, dims_ptr, t0, dt, HAS_SEED, gz1_ptr, gq1_ptr, sk_ptr, skq_ptr,
+                       gzx_ptr, gz0_ptr, dw_p, dv_p, scr, rows, rows < B, B, D, L, P, ACT, MODE, BM, CH, CD, PREC, S, C,
+                       A, BW, RATES, NQ, NEED, NEED, KNEED, HAS_SEED, HAS_TR, HAS_KIN, HAS_FR, TIME_F32)
 
 
 # ------------------------------------------------------------------------------------------------
 # a per-tile adaptive solve in one launch
 # ------------------------------------------------------------------------------------------------
-@triton.jit
-def _tile_norm(zp, qcols, rmask, n_rows, D, NQN: tl.constexpr):
-    """The CNF's norm over one tile (sums of squares ``zp`` of the z part, ``qcols`` of the first NQN q columns)."""
-    return _mixed_norm(zp, qcols, n_rows, D, NQN)
-
-
 @triton.jit
 def _tile_rates(scr, x_ptr, x_rs, xrm, f_ptr, f_rs, f_rows, fq_ptr, rows64, rmask, e_ptr, w_ptr, v_ptr, dims_ptr, D,
                 t, L: tl.constexpr, P: tl.constexpr, ACT: tl.constexpr, MODE: tl.constexpr, BM: tl.constexpr,
@@ -646,8 +679,8 @@ def cnf_tile_solve_kernel(z_ptr, q_ptr, f_ptr, fq_ptr, mid_ptr, midq_ptr, e_ptr,
                                     CD, NQ, NQN)
             s1z, s1q = _scaled_sums(f_ptr, fq_ptr, f_ptr, fq_ptr, z_ptr, q_ptr, rows64, rmask, D, rtol, atol, 0.0, BM,
                                     CD, NQ, NQN)
-            d0 = _tile_norm(s0z, s0q, rmask, n_rows, D, NQN).to(dtype)
-            d1 = _tile_norm(s1z, s1q, rmask, n_rows, D, NQN).to(dtype)
+            d0 = _mixed_norm(s0z, s0q, n_rows, D, NQN).to(dtype)
+            d1 = _mixed_norm(s1z, s1q, n_rows, D, NQN).to(dtype)
             h0 = tl.where((d0 < 1e-5) | (d1 < 1e-5), 1e-6, 0.01 * d0 / d1).to(dtype)
             # the trial Euler step y0 + h0 * (dir f0) into slot 1 (overwritten by the first attempt)
             for n0 in range(0, D, CD):
@@ -662,7 +695,7 @@ def cnf_tile_solve_kernel(z_ptr, q_ptr, f_ptr, fq_ptr, mid_ptr, midq_ptr, e_ptr,
                         dims_ptr, D, t_trial.to(dtype), L, P, ACT, MODE, BM, CH, CD, PREC, RATES, NQ)
             s2z, s2q = _scaled_sums(f_ptr + BD, fq_ptr + BQ, f_ptr, fq_ptr, z_ptr, q_ptr, rows64, rmask, D, rtol, atol,
                                     1.0, BM, CD, NQ, NQN)
-            d2 = (_tile_norm(s2z, s2q, rmask, n_rows, D, NQN).to(dtype) / h0)
+            d2 = (_mixed_norm(s2z, s2q, n_rows, D, NQN).to(dtype) / h0)
             h1 = tl.where((d1 <= 1e-15) & (d2 <= 1e-15), tl.maximum(h0 * 1e-3, 1e-6),
                           tl.exp(tl.log(0.01 / tl.maximum(d1, d2)) / ORDER))
             dt0 = tl.minimum(100.0 * h0, tl.abs(h1).to(dtype))
@@ -711,13 +744,14 @@ def cnf_tile_bwd_kernel(ztape_ptr, e_ptr, w_ptr, v_ptr, dims_ptr, ctl_ptr, steps
                         L: tl.constexpr, P: tl.constexpr, ACT: tl.constexpr, MODE: tl.constexpr, BM: tl.constexpr,
                         CH: tl.constexpr, CD: tl.constexpr, PREC: tl.constexpr,
                         S: tl.constexpr, C: tl.constexpr, A: tl.constexpr, BW: tl.constexpr, RATES: tl.constexpr,
-                        NQ: tl.constexpr, NEED: tl.constexpr, KNEED: tl.constexpr, SNEED: tl.constexpr,
-                        SKNEED: tl.constexpr, HAS_TR: tl.constexpr, HAS_KIN: tl.constexpr, HAS_FR: tl.constexpr,
+                        NQ: tl.constexpr, NEED: tl.constexpr, SNEED: tl.constexpr, SKNEED: tl.constexpr,
+                        HAS_TR: tl.constexpr, HAS_KIN: tl.constexpr, HAS_FR: tl.constexpr,
                         TIME_F32: tl.constexpr):
     """The backward of a per-tile solve in one launch: every tile walks its own accepted steps in reverse
     (:func:`_tile_step_bwd`; the last one with the interpolant's seeds). ``gb`` (4, B, D): slots 0-1 ping-pong,
     2 the last step's end cotangent (set by the launcher), 3 the result; ``qb`` (2, B, NQ): the q cotangent at the
-    last step's end and before it. ``SNEED`` / ``SKNEED``: ``NEED`` / ``KNEED`` of the seeded last step."""
+    last step's end and before it. ``NEED``: the stages an unseeded step needs; ``SNEED`` / ``SKNEED``: the seeded
+    last step's (one copy of the step's code serves both, see :func:`_tile_step_bwd`)."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     SL: tl.constexpr = BM * P
@@ -732,18 +766,12 @@ def cnf_tile_bwd_kernel(ztape_ptr, e_ptr, w_ptr, v_ptr, dims_ptr, ctl_ptr, steps
         rmask = rows < B
         acc = tl.load(ctl_ptr + tl.cast(tile, tl.int64) * NCTL + C_ACC).to(tl.int64)
         base = tl.cast(tile, tl.int64) * cap
-        if acc > 0:
-            n = acc - 1
+        for k in range(0, acc):  # the tile's steps in reverse; the first of them (the last step) is seeded
+            n = acc - 1 - k
+            src = tl.where(k == 0, 2, (n + 1) % 2)
             dst = tl.where(n == 0, 3, n % 2)
             _tile_step_bwd(ztape_ptr + n * BD, e_ptr, w_ptr, v_ptr, dims_ptr, tl.load(steps_t + base + n),
-                           tl.load(steps_h + base + n), gb_ptr + 2 * BD, qb_ptr, sk_ptr, skq_ptr, gzx_ptr,
-                           gb_ptr + dst * BD, dw_p, dv_p, scr, rows, rmask, B, D, L, P, ACT, MODE, BM, CH, CD, PREC,
-                           S, C, A, BW, RATES, NQ, SNEED, SKNEED, True, HAS_TR, HAS_KIN, HAS_FR, TIME_F32)
-            for k in range(0, acc - 1):
-                n = acc - 2 - k
-                dst = tl.where(n == 0, 3, n % 2)
-                _tile_step_bwd(ztape_ptr + n * BD, e_ptr, w_ptr, v_ptr, dims_ptr, tl.load(steps_t + base + n),
-                               tl.load(steps_h + base + n), gb_ptr + ((n + 1) % 2) * BD, qb_ptr + BQ, sk_ptr,
-                               skq_ptr, gzx_ptr, gb_ptr + dst * BD, dw_p, dv_p, scr, rows, rmask, B, D, L, P, ACT,
-                               MODE, BM, CH, CD, PREC, S, C, A, BW, RATES, NQ, NEED, KNEED, False, HAS_TR, HAS_KIN,
-                               HAS_FR, TIME_F32)
+                           tl.load(steps_h + base + n), k == 0, gb_ptr + src * BD, qb_ptr + tl.where(k == 0, 0, 1) * BQ,
+                           sk_ptr, skq_ptr, gzx_ptr, gb_ptr + dst * BD, dw_p, dv_p, scr, rows, rmask, B, D, L, P, ACT,
+                           MODE, BM, CH, CD, PREC, S, C, A, BW, RATES, NQ, NEED, SNEED, SKNEED, True, HAS_TR,
+                           HAS_KIN, HAS_FR, TIME_F32)

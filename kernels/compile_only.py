@@ -190,75 +190,100 @@ def _rk_records(dtype: str, arch: int):
     return recs
 
 
-def _cnf_step(dtype: str, method: str, mode: int, rates: tuple, L: int, D: int, width: int, BM, act="tanh",
-              tape=False, num_warps=4, arch=90):
-    """The fused CNF step kernel for ``method``'s tableau (adaptive methods with the device controller)."""
+def _cnf_types(dtype: str, state: tuple, fp64: tuple, ints: tuple) -> dict:
+    """Argument types of a fused CNF kernel: state-dtype pointers, float64 pointers, ``dims_ptr`` and int32 scalars."""
+    p = "*" + _TY[dtype]
+    types = {n: p for n in state}
+    types.update({n: "*fp64" for n in fp64})
+    types.update({n: "i32" for n in ints}, dims_ptr="*i32")
+    return types
+
+
+def _cnf_common(dtype: str, method: str, mode: int, rates: tuple, L: int, D: int, width: int, BM, act: str):
+    """``(spec, rate codes, constexprs shared by the fused CNF kernels, config record)`` of one configuration."""
     from fastode.solvers import method_info  # type: ignore
 
     info = method_info(method)
     spec = CSV.StepSpec.of(info.rk_tableau, info.adaptive)
     BM, CH, CD, P = _csq_tiles(dtype, D, width, BM, None)
-    p = "*" + _TY[dtype]
-    types = {n: p for n in ("z_ptr", "q_ptr", "f_ptr", "fq_ptr", "mid_ptr", "midq_ptr", "e_ptr", "w_ptr", "v_ptr",
-                            "tape_ptr", "scr_ptr")}
-    types.update({n: "*fp64" for n in ("ctl", "opt", "part_ptr", "steps_t", "steps_dt", "steps_h", "grid_ptr")})
-    types.update(dims_ptr="*i32", cnt_ptr="*i32", cap="i32", step_i="i32", B="i32", D="i32", n_tiles="i32")
     codes = tuple(CSV.RATE_CODES[r] for r in rates)
     cx = dict(L=L, P=P, ACT=ACT_CODES[act], MODE=mode, BM=BM, CH=CH, CD=CD, PREC=DOT_PRECISION, RATES=codes or (0,),
-              NQ=len(codes), NQN=min(1, len(codes)), TIME_F32=dtype == "float32", TAPE=tape, **spec.constexprs())
+              NQ=len(codes), TIME_F32=dtype == "float32")
+    config = dict(dtype=dtype, method=method, mode=mode, rates=list(rates), L=L, D=D, hidden=width, BM=BM, CH=CH,
+                  CD=CD, P=P, act=act)
+    return spec, codes, cx, config
+
+
+_STATE = ("z_ptr", "q_ptr", "f_ptr", "fq_ptr", "mid_ptr", "midq_ptr", "e_ptr", "w_ptr", "v_ptr", "scr_ptr")
+
+
+def _cnf_step(dtype: str, method: str, mode: int, rates: tuple, L: int, D: int, width: int, BM, act="tanh",
+              tape=False, num_warps=4, arch=90):
+    """The fused CNF step kernel for ``method``'s tableau (adaptive methods with the device controller)."""
+    spec, codes, cx, config = _cnf_common(dtype, method, mode, rates, L, D, width, BM, act)
+    types = _cnf_types(dtype, _STATE + ("tape_ptr",), ("ctl", "opt", "part_ptr", "steps_t", "steps_dt", "steps_h",
+                                                     "grid_ptr"), ("cap", "step_i", "B", "D", "n_tiles"))
+    types["cnt_ptr"] = "*i32"
+    cx.update(NQN=min(1, len(codes)), TAPE=tape, **spec.constexprs())
     rec = compile_one(STEP.cnf_step_kernel, types, cx, arch, num_warps)
-    rec["config"] = dict(dtype=dtype, method=method, mode=mode, rates=list(rates), L=L, D=D, hidden=width, BM=BM,
-                         CH=CH, CD=CD, P=P, act=act, tape=tape)
+    rec["config"] = dict(config, tape=tape)
     return rec
 
 
 def _cnf_tile_solve(dtype: str, method: str, mode: int, rates: tuple, L: int, D: int, width: int, BM, act="tanh",
                     num_warps=4, arch=90):
-    """The per-tile adaptive solve kernel (one launch per solve) for ``method``'s tableau."""
-    from fastode.solvers import method_info  # type: ignore
-
-    spec = CSV.StepSpec.of(method_info(method).rk_tableau, True)
-    BM, CH, CD, P = _csq_tiles(dtype, D, width, BM, None)
-    p = "*" + _TY[dtype]
-    types = {n: p for n in ("z_ptr", "q_ptr", "f_ptr", "fq_ptr", "mid_ptr", "midq_ptr", "e_ptr", "w_ptr", "v_ptr",
-                            "scr_ptr")}
-    types.update({n: "*fp64" for n in ("ctl_ptr", "opt", "steps_t", "steps_dt", "steps_h")})
-    types.update(dims_ptr="*i32", cap="i32", B="i32", D="i32", n_tiles="i32")
-    codes = tuple(CSV.RATE_CODES[r] for r in rates)
-    cx = dict(L=L, P=P, ACT=ACT_CODES[act], MODE=mode, BM=BM, CH=CH, CD=CD, PREC=DOT_PRECISION, S=spec.S, C=spec.C,
-              A=spec.A, BW=spec.BW, EW=spec.EW, CM=spec.CM, RATES=codes or (0,), NQ=len(codes), NQN=min(1, len(codes)),
-              ORDER=spec.ORDER, TIME_F32=dtype == "float32", FIRST_GIVEN=False)
+    """The per-tile adaptive solve kernel (one launch per solve) for ``method``'s tableau, with its tape."""
+    spec, codes, cx, config = _cnf_common(dtype, method, mode, rates, L, D, width, BM, act)
+    types = _cnf_types(dtype, _STATE + ("tape_ptr",), ("ctl_ptr", "opt", "steps_t", "steps_dt", "steps_h"),
+                       ("cap", "B", "D", "n_tiles"))
+    cx.update(S=spec.S, C=spec.C, A=spec.A, BW=spec.BW, EW=spec.EW, CM=spec.CM, NQN=min(1, len(codes)),
+              ORDER=spec.ORDER, FIRST_GIVEN=False, TAPE=True)
     rec = compile_one(STEP.cnf_tile_solve_kernel, types, cx, arch, num_warps)
-    rec["config"] = dict(dtype=dtype, method=method, mode=mode, rates=list(rates), L=L, D=D, hidden=width, BM=BM,
-                         CH=CH, CD=CD, P=P, act=act)
+    rec["config"] = config
     return rec
 
 
-def _cnf_step_bwd(dtype: str, method: str, mode: int, rates: tuple, L: int, D: int, width: int, BM, act="tanh",
-                  seeded=False, num_warps=4, arch=90):
-    """The fused discrete adjoint of one CNF step for ``method``'s tableau."""
-    from fastode.solvers import method_info  # type: ignore
-
-    info = method_info(method)
-    spec = CSV.StepSpec.of(info.rk_tableau, info.adaptive)
-    BM, CH, CD, P = _csq_tiles(dtype, D, width, BM, None)
-    p = "*" + _TY[dtype]
-    types = {n: p for n in ("ztape_ptr", "e_ptr", "w_ptr", "v_ptr", "gz1_ptr", "gq1_ptr", "sk_ptr", "skq_ptr",
-                            "gz0_ptr", "dw_ptr", "dv_ptr", "scr_ptr")}
-    types.update(t0s="*fp64", dts="*fp64", dims_ptr="*i32", step_i="i32", B="i32", D="i32", n_tiles="i32")
-    codes = tuple(CSV.RATE_CODES[r] for r in rates)
+def _stage_needs(spec, seeded: bool) -> tuple:
+    """NEED / KNEED of the step backward (as the launcher computes them: fastode.kernels.cnf_solve)."""
     S = spec.S
     need = [False] * S
     for i in reversed(range(S)):
         need[i] = seeded or spec.BW[i] != 0.0 or any(spec.A[j * S + i] != 0.0 and need[j] for j in range(i + 1, S))
     kneed = [any(spec.A[j * S + i] != 0.0 and need[j] for j in range(i + 1, S)) for i in range(S)]
-    cx = dict(L=L, P=P, ACT=ACT_CODES[act], MODE=mode, BM=BM, CH=CH, CD=CD, PREC=DOT_PRECISION, S=S, C=spec.C,
-              A=spec.A, BW=spec.BW, RATES=codes or (0,), NQ=len(codes), NEED=tuple(need), KNEED=tuple(kneed),
-              HAS_SEED=seeded, HAS_TR=any(c in (0, 1) for c in codes), HAS_KIN=2 in codes, HAS_FR=3 in codes,
-              TIME_F32=dtype == "float32")
+    return tuple(need), tuple(kneed)
+
+
+def _cnf_bwd_cx(spec, codes, cx: dict) -> dict:
+    return dict(cx, S=spec.S, C=spec.C, A=spec.A, BW=spec.BW, HAS_TR=any(c in (0, 1) for c in codes),
+                HAS_KIN=2 in codes, HAS_FR=3 in codes)
+
+
+def _cnf_step_bwd(dtype: str, method: str, mode: int, rates: tuple, L: int, D: int, width: int, BM, act="tanh",
+                  seeded=False, num_warps=4, arch=90):
+    """The fused discrete adjoint of one CNF step (batch-global / grid solves) for ``method``'s tableau."""
+    spec, codes, cx, config = _cnf_common(dtype, method, mode, rates, L, D, width, BM, act)
+    types = _cnf_types(dtype, ("ztape_ptr", "e_ptr", "w_ptr", "v_ptr", "gz1_ptr", "gq1_ptr", "sk_ptr", "skq_ptr",
+                               "gzx_ptr", "gz0_ptr", "dw_ptr", "dv_ptr", "scr_ptr"), ("t0s", "dts"),
+                       ("step_i", "B", "D", "n_tiles"))
+    need, kneed = _stage_needs(spec, seeded)
+    cx = dict(_cnf_bwd_cx(spec, codes, cx), NEED=need, KNEED=kneed, HAS_SEED=seeded)
     rec = compile_one(STEP.cnf_step_bwd_kernel, types, cx, arch, num_warps)
-    rec["config"] = dict(dtype=dtype, method=method, mode=mode, rates=list(rates), L=L, D=D, hidden=width, BM=BM,
-                         CH=CH, CD=CD, P=P, act=act, seeded=seeded)
+    rec["config"] = dict(config, seeded=seeded)
+    return rec
+
+
+def _cnf_tile_bwd(dtype: str, method: str, mode: int, rates: tuple, L: int, D: int, width: int, BM, act="tanh",
+                  num_warps=4, arch=90):
+    """The per-tile backward (every tile's steps in reverse, one launch) for ``method``'s tableau."""
+    spec, codes, cx, config = _cnf_common(dtype, method, mode, rates, L, D, width, BM, act)
+    types = _cnf_types(dtype, ("ztape_ptr", "e_ptr", "w_ptr", "v_ptr", "gb_ptr", "qb_ptr", "sk_ptr", "skq_ptr",
+                               "gzx_ptr", "dw_ptr", "dv_ptr", "scr_ptr"), ("ctl_ptr", "steps_t", "steps_h"),
+                       ("cap", "B", "D", "n_tiles"))
+    need, _ = _stage_needs(spec, False)
+    sneed, skneed = _stage_needs(spec, True)
+    cx = dict(_cnf_bwd_cx(spec, codes, cx), NEED=need, SNEED=sneed, SKNEED=skneed)
+    rec = compile_one(STEP.cnf_tile_bwd_kernel, types, cx, arch, num_warps)
+    rec["config"] = config
     return rec
 
 
@@ -296,11 +321,13 @@ def compile_all(arch: int = 90, quick: bool = False, log=None) -> list[dict]:
         add(_cnf_step, "float32", "bosh3", CS.MODE_HUTCH, ("trace", "kinetic"), 2, 2, 32, None)
         add(_cnf_step_bwd, "float32", "bosh3", CS.MODE_HUTCH, ("trace", "kinetic"), 2, 2, 32, None)
         add(_cnf_tile_solve, "float32", "bosh3", CS.MODE_HUTCH, ("trace", "kinetic"), 2, 2, 32, None)
+        add(_cnf_tile_bwd, "float32", "bosh3", CS.MODE_HUTCH, ("trace", "kinetic"), 1, 2, 16, None)
     else:
         add(_cnf_step, "float32", "dopri5", CS.MODE_HUTCH, ("trace", "kinetic", "jac_frob"), 4, 2, 64, None)
         add(_cnf_step, "float32", "dopri5", CS.MODE_HUTCH, ("trace", "kinetic", "jac_frob"), 4, 2, 64, None,
             tape=True)
         add(_cnf_tile_solve, "float32", "dopri5", CS.MODE_HUTCH, ("trace", "kinetic", "jac_frob"), 4, 2, 64, None)
+        add(_cnf_tile_bwd, "float32", "dopri5", CS.MODE_HUTCH, ("trace", "kinetic", "jac_frob"), 4, 2, 64, None)
         for seeded in (False, True):
             add(_cnf_step_bwd, "float32", "dopri5", CS.MODE_HUTCH, ("trace", "kinetic", "jac_frob"), 4, 2, 64, None,
                 seeded=seeded)

@@ -18,7 +18,7 @@ triton = pytest.importorskip("triton")
 
 KERNELS = {"csq_fwd_kernel", "csq_bwd_kernel", "rk_stage_kernel", "rk_stage_bwd_kernel", "rk_epilogue_kernel",
            "rk_epilogue_bwd_kernel", "cnf_step_kernel", "cnf_prepare_kernel",
-           "cnf_step_bwd_kernel", "cnf_tile_solve_kernel"}
+           "cnf_step_bwd_kernel", "cnf_tile_solve_kernel", "cnf_tile_bwd_kernel"}
 
 
 def test_every_kernel_compiles_for_sm90(tmp_path):
