@@ -186,13 +186,10 @@ class TritonCnfSolver:
         e_arg = e.contiguous() if e is not None else z0
         time_f32 = time_dtype == torch.float32
         f64 = dict(dtype=torch.float64, device=dev)
-        rnd = (lambda x: x.to(torch.float32).to(torch.float64)) if time_f32 else (lambda x: x)
         bufs = self._buffers(z0, q0)
         Z, Q, F, FQ, MID, MIDQ = bufs
         # ---- the clock and the first evaluation, on the device
-        t0d, t1d = t0.detach().to(**f64).reshape(()), t1.detach().to(**f64).reshape(())
-        dirn = torch.where(t1d < t0d, -1.0, 1.0).to(torch.float64)
-        tau0, tend = rnd(dirn * t0d), rnd(dirn * t1d)
+        t0d, dirn, tau0, tend, rnd = _clock(t0, t1, time_f32)
         f0, fq0 = self.evaluate(t0d.to(dtype), z0, e)
         F[0] = f0
         if self.nq:
@@ -284,12 +281,9 @@ class TritonCnfSolver:
         e_arg = e.contiguous() if e is not None else z0
         time_f32 = time_dtype == torch.float32
         f64 = dict(dtype=torch.float64, device=dev)
-        rnd = (lambda x: x.to(torch.float32).to(torch.float64)) if time_f32 else (lambda x: x)
         bufs = self._buffers(z0, q0)
         n_tiles, nprog = self._grid(B, dev)
-        t0d, t1d = t0.detach().to(**f64).reshape(()), t1.detach().to(**f64).reshape(())
-        dirn = torch.where(t1d < t0d, -1.0, 1.0).to(torch.float64)
-        tau0, tend = rnd(dirn * t0d), rnd(dirn * t1d)
+        _, dirn, tau0, tend, rnd = _clock(t0, t1, time_f32)
         ctl = torch.zeros((n_tiles, K.NCTL.value), **f64)
         ctl[:, K.C_TAU.value] = tau0
         ctl[:, K.C_TAUP.value] = tau0
@@ -591,3 +585,13 @@ def _end_coordinate(ctl: torch.Tensor, time_f32: bool, dtype: torch.dtype):
     else:
         x = (tend - taup) / width
     return x.to(dtype), width, (ctl[..., K.C_DIR.value] * ctl[..., K.C_HP.value]).to(dtype)
+
+
+def _clock(t0: torch.Tensor, t1: torch.Tensor, time_f32: bool):
+    """``(t0, dir, tau0, tau_end, rnd)`` on the device (float64): odeint integrates ``tau = dir * t`` forwards,
+    its times rounded as the time dtype (``rnd``)."""
+    rnd = (lambda x: x.to(torch.float32).to(torch.float64)) if time_f32 else (lambda x: x)
+    t0d = t0.detach().to(torch.float64).reshape(())
+    t1d = t1.detach().to(device=t0d.device, dtype=torch.float64).reshape(())
+    dirn = torch.where(t1d < t0d, -1.0, 1.0).to(torch.float64)
+    return t0d, dirn, rnd(dirn * t0d), rnd(dirn * t1d), rnd

@@ -183,6 +183,29 @@ def _vjp_layer_fwd(scr, w_ptr, v_ptr, dims_ptr, e_ptr, vjp_ptr, rows64, rmask, D
 
 
 @triton.jit
+def _fwd_layers(scr, x_ptr, x_rs, xrm, w_ptr, v_ptr, dims_ptr, t, f_ptr, f_rs, f_rows, rmask, D,
+                L: tl.constexpr, P: tl.constexpr, BM: tl.constexpr, CH: tl.constexpr, CD: tl.constexpr,
+                ACT: tl.constexpr, PRE: tl.constexpr, WRITE_F: tl.constexpr, PREC: tl.constexpr):
+    """Every layer's forward for one tile (inputs of the hidden layers in scratch slots 0..L-2, pre-activations per
+    ``PRE`` in slots L-1..2L-2); ``f`` written when ``WRITE_F``. Returns ``|f|^2`` per row (when written)."""
+    SL: tl.constexpr = BM * P
+    allr = tl.arange(0, BM) < BM
+    kin = tl.zeros((BM,), dtype=w_ptr.dtype.element_ty)
+    for l in tl.static_range(L):
+        n_in = tl.load(dims_ptr + l)
+        n_out = tl.load(dims_ptr + l + 1)
+        if l == 0:
+            kin = _fwd_layer(x_ptr, x_rs, D, xrm, w_ptr, v_ptr, n_in, n_out, t, scr + (L - 1) * SL, scr, f_ptr, f_rs,
+                             f_rows, rmask, D, kin, P, BM, CH, CD, True, L == 1, ACT, PRE, WRITE_F, PREC)
+        else:
+            kin = _fwd_layer(scr + (l - 1) * SL, P, P, allr, w_ptr + l * P * P, v_ptr + l * 4 * P, n_in, n_out, t,
+                             scr + (L - 1 + l) * SL, scr + l * SL, f_ptr, f_rs, f_rows, rmask, D, kin, P, BM, CH, CD,
+                             False, l == L - 1, ACT, PRE, WRITE_F, PREC)
+        tl.debug_barrier()
+    return kin
+
+
+@triton.jit
 def mlp_tile_forward(scr, x_ptr, x_rs, xrm, f_ptr, f_rs, f_rows, rows64, rmask, e_ptr, vjp_ptr, w_ptr, v_ptr,
                      dims_ptr, D, t,
                      L: tl.constexpr, P: tl.constexpr, ACT: tl.constexpr, MODE: tl.constexpr, BM: tl.constexpr,
@@ -195,20 +218,8 @@ def mlp_tile_forward(scr, x_ptr, x_rs, xrm, f_ptr, f_rs, f_rows, rows64, rmask, 
     """
     SL: tl.constexpr = BM * P
     r = tl.arange(0, BM)
-    allr = r < BM
-    kin = tl.zeros((BM,), dtype=w_ptr.dtype.element_ty)
-    for l in tl.static_range(L):
-        n_in = tl.load(dims_ptr + l)
-        n_out = tl.load(dims_ptr + l + 1)
-        if l == 0:
-            kin = _fwd_layer(x_ptr, x_rs, D, xrm, w_ptr, v_ptr, n_in, n_out, t,
-                             scr + (L - 1) * SL, scr, f_ptr, f_rs, f_rows, rmask, D, kin,
-                             P, BM, CH, CD, True, L == 1, ACT, (MODE > 0) * 1, True, PREC)
-        else:
-            kin = _fwd_layer(scr + (l - 1) * SL, P, P, allr, w_ptr + l * P * P, v_ptr + l * 4 * P,
-                             n_in, n_out, t, scr + (L - 1 + l) * SL, scr + l * SL, f_ptr, f_rs, f_rows, rmask,
-                             D, kin, P, BM, CH, CD, False, l == L - 1, ACT, (MODE > 0) * 1, True, PREC)
-        tl.debug_barrier()
+    kin = _fwd_layers(scr, x_ptr, x_rs, xrm, w_ptr, v_ptr, dims_ptr, t, f_ptr, f_rs, f_rows, rmask, D, L, P, BM, CH,
+                      CD, ACT, (MODE > 0) * 1, True, PREC)
     tr = tl.zeros((BM,), dtype=w_ptr.dtype.element_ty)
     fr = tl.zeros((BM,), dtype=w_ptr.dtype.element_ty)
     if MODE > 0:
@@ -444,21 +455,9 @@ def mlp_tile_backward(scr, x_ptr, x_rs, rows64, rmask, io, io_rs, e_ptr, gf_ptr,
     """
     SL: tl.constexpr = BM * P
     r = tl.arange(0, BM)
-    allr = r < BM
-    dummy = tl.zeros((BM,), dtype=w_ptr.dtype.element_ty)
     # ---- step 1: forward, storing a_l and h_l ----
-    for l in tl.static_range(L):
-        n_in = tl.load(dims_ptr + l)
-        n_out = tl.load(dims_ptr + l + 1)
-        if l == 0:
-            dummy = _fwd_layer(x_ptr, x_rs, D, rmask, w_ptr, v_ptr, n_in, n_out, t,
-                               scr + (L - 1) * SL, scr, w_ptr, D, rows64, rmask, D, dummy,
-                               P, BM, CH, CD, True, L == 1, ACT, 2, False, PREC)
-        else:
-            dummy = _fwd_layer(scr + (l - 1) * SL, P, P, allr, w_ptr + l * P * P, v_ptr + l * 4 * P,
-                               n_in, n_out, t, scr + (L - 1 + l) * SL, scr + l * SL, w_ptr, D, rows64,
-                               rmask, D, dummy, P, BM, CH, CD, False, l == L - 1, ACT, 2, False, PREC)
-        tl.debug_barrier()
+    _fwd_layers(scr, x_ptr, x_rs, rmask, w_ptr, v_ptr, dims_ptr, t, w_ptr, D, rows64, rmask, D, L, P, BM, CH, CD, ACT,
+                2, False, PREC)
     # ---- steps 2 + 3: VJP and its adjoint, once per probe ----
     if SECOND:
         for l in tl.static_range(L - 1):

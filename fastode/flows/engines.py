@@ -310,6 +310,24 @@ def _why_not_fused_dynamics(dyn, x, backend: str) -> Optional[str]:
     return None
 
 
+def _grid_options(solver: Solver, info, handled):
+    """``(step_size or None, check_finite)`` of a fixed-grid solve, or a :class:`Skip` (an option other than
+    ``handled`` off its default, a step size that is not a positive finite number)."""
+    why = _options_at_defaults(solver, info, handled)
+    if why is not None:
+        return Skip(why)
+    opts = solver.full_options()
+    h = opts.get("step_size")
+    if h is not None:
+        try:
+            h = float(h.item() if isinstance(h, torch.Tensor) else h)
+        except (TypeError, ValueError, RuntimeError):
+            return Skip(f"step_size {h!r}")
+        if not (h > 0 and math.isfinite(h)):
+            return Skip(f"step_size {h!r}")
+    return h, bool(opts.get("check_finite", True))
+
+
 def _options_at_defaults(solver: Solver, info, handled) -> Optional[str]:
     """Why not, if a solver option outside ``handled`` differs from the method's default."""
     for key, value in solver.full_options().items():
@@ -382,19 +400,11 @@ class CppGridEngine(Engine):
             return rates
         if solver.gradient != "direct":
             return Skip(f"gradient={solver.gradient!r}")
-        why = _options_at_defaults(solver, info, self._HANDLED_OPTIONS)
-        if why is not None:
-            return Skip(why)
-        opts = solver.full_options()
-        h = opts.get("step_size")
-        if h is not None:
-            try:
-                h = float(h.item() if isinstance(h, torch.Tensor) else h)
-            except (TypeError, ValueError, RuntimeError):
-                return Skip(f"step_size {h!r}")
-            if not (h > 0 and math.isfinite(h)):
-                return Skip(f"step_size {h!r}")
-        return _GridPlan(info.rk_tableau, h, rates, bool(opts.get("check_finite", True)))
+        grid = _grid_options(solver, info, self._HANDLED_OPTIONS)
+        if isinstance(grid, Skip):
+            return grid
+        h, check_finite = grid
+        return _GridPlan(info.rk_tableau, h, rates, check_finite)
 
     def run(self, solve, plan: _GridPlan):
         import fastode.cpp as fc
@@ -755,19 +765,11 @@ class TritonGridEngine(Engine):
             return common
         if solve.t.requires_grad and _wants_grad(solve):
             return Skip("the output times require a gradient (a learned end time moves the fixed grid)")
-        why = _options_at_defaults(solver, info, self._HANDLED_OPTIONS)
-        if why is not None:
-            return Skip(why)
-        opts = solver.full_options()
-        h = opts.get("step_size")
-        if h is not None:
-            try:
-                h = float(h.item() if isinstance(h, torch.Tensor) else h)
-            except (TypeError, ValueError, RuntimeError):
-                return Skip(f"step_size {h!r}")
-            if not (h > 0 and math.isfinite(h)):
-                return Skip(f"step_size {h!r}")
-        return _TritonGridPlan(info.rk_tableau, h, common[0], common[1], bool(opts.get("check_finite", True)))
+        grid = _grid_options(solver, info, self._HANDLED_OPTIONS)
+        if isinstance(grid, Skip):
+            return grid
+        h, check_finite = grid
+        return _TritonGridPlan(info.rk_tableau, h, common[0], common[1], check_finite)
 
     def run(self, solve, plan: "_TritonGridPlan"):
         from fastode.ops.launch_count import host_read
