@@ -317,6 +317,16 @@ def _tile_step(z0_ptr, q0_ptr, f0_ptr, fq0_ptr, z1_ptr, q1_ptr, f1_ptr, fq1_ptr,
     return tl.sum(sz, axis=0), tl.sum(sq, axis=0)
 
 
+@triton.jit
+def _checkpoint_start(dst, src, rows64, rmask, D, CD: tl.constexpr):
+    """Copy the attempt's start rows (``src``, a state slot) to the tape slot ``dst`` (kept if it is accepted)."""
+    for n0 in range(0, D, CD):
+        cn = n0 + tl.arange(0, CD)
+        m = rmask[:, None] & (cn < D)[None, :]
+        g = rows64[:, None] * D + cn[None, :]
+        tl.store(dst + g, tl.load(src + g, mask=m), mask=m)
+
+
 # ------------------------------------------------------------------------------------------------
 # batch-global step (adaptive: with the controller) and fixed-grid step
 # ------------------------------------------------------------------------------------------------
@@ -371,13 +381,8 @@ def cnf_step_kernel(z_ptr, q_ptr, f_ptr, fq_ptr, mid_ptr, midq_ptr, e_ptr, w_ptr
             rows = tile * BM + tl.arange(0, BM)
             rmask = rows < B
             if ADAPTIVE and TAPE:
-                acc = tl.load(ctl + C_ACC).to(tl.int64)
-                rows64 = rows.to(tl.int64)
-                for n0 in range(0, D, CD):
-                    cn = n0 + tl.arange(0, CD)
-                    m = rmask[:, None] & (cn < D)[None, :]
-                    g = rows64[:, None] * D + cn[None, :]
-                    tl.store(tape_ptr + acc * BD + g, tl.load(z_ptr + cur * BD + g, mask=m), mask=m)
+                _checkpoint_start(tape_ptr + tl.load(ctl + C_ACC).to(tl.int64) * BD, z_ptr + cur * BD,
+                                  rows.to(tl.int64), rmask, D, CD)
             sz, sq = _tile_step(z_ptr + cur * BD, q_ptr + cur * BQ, f_ptr + cur * BD, fq_ptr + cur * BQ,
                                 z_ptr + nxt * BD, q_ptr + nxt * BQ, f_ptr + nxt * BD, fq_ptr + nxt * BQ,
                                 mid_ptr + nxt * BD, midq_ptr + nxt * BQ, e_ptr, w_ptr, v_ptr, dims_ptr, scr, rows,
@@ -716,11 +721,7 @@ def cnf_tile_solve_kernel(z_ptr, q_ptr, f_ptr, fq_ptr, mid_ptr, midq_ptr, e_ptr,
             if TAPE:
                 acc = tl.load(ctl + C_ACC).to(tl.int64)
                 keep = rmask & ((rows64 * 0 + acc) < cap)  # (a full tape stops the tile after this attempt)
-                for n0 in range(0, D, CD):
-                    cn = n0 + tl.arange(0, CD)
-                    m = keep[:, None] & (cn < D)[None, :]
-                    g = rows64[:, None] * D + cn[None, :]
-                    tl.store(tape_ptr + acc * BD + g, tl.load(z_ptr + cur * BD + g, mask=m), mask=m)
+                _checkpoint_start(tape_ptr + acc * BD, z_ptr + cur * BD, rows64, keep, D, CD)
             sz, sq = _tile_step(z_ptr + cur * BD, q_ptr + cur * BQ, f_ptr + cur * BD, fq_ptr + cur * BQ,
                                 z_ptr + nxt * BD, q_ptr + nxt * BQ, f_ptr + nxt * BD, fq_ptr + nxt * BQ,
                                 mid_ptr + nxt * BD, midq_ptr + nxt * BQ, e_ptr, w_ptr, v_ptr, dims_ptr, scr, rows,
