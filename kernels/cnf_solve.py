@@ -97,6 +97,7 @@ class TritonCnfSolver:
         self.BM = BM or cfg["BM"]
         self.max_programs = max_programs
         self.num_warps = num_warps
+        self._tables: dict = {}
 
     # -------------------------------------------------------------------------------------------- pieces
     def _grid(self, B: int, device) -> tuple:
@@ -355,13 +356,12 @@ class TritonCnfSolver:
         gb = empty((4, B, D), gzT)
         gb[2] = gy1
         qb = torch.stack([gq_last, gq_before]).contiguous()
-        need, _ = self._stage_needs()
-        sneed, skneed = self._seeded_needs()
+        tab, needs = self._bwd_tables(gzT, "tiles")
         pk = self.packed
         launched("cnf_tile_bwd_kernel")
         K.cnf_tile_bwd_kernel[(nprog,)](
-            saved["tape"], saved["e"], pk.W, pk.V, pk.dims, ctl, saved["steps_t"], saved["steps_h"], saved["cap"],
-            gb, qb, sk, skq, gzx, dw, dv, scr, B, D, triton.cdiv(B, self.BM), NEED=need, SNEED=sneed, SKNEED=skneed,
+            saved["tape"], tab, needs, saved["e"], pk.W, pk.V, pk.dims, ctl, saved["steps_t"], saved["steps_h"],
+            saved["cap"], gb, qb, sk, skq, gzx, dw, dv, scr, B, D, triton.cdiv(B, self.BM),
             **self._bwd_constexprs(saved["time_f32"]))
         moved = c[:, K.C_ACC.value] > 0
         gz = torch.where(moved[:, None], gb[3], gzT)
@@ -392,9 +392,25 @@ class TritonCnfSolver:
     def _bwd_constexprs(self, time_f32: bool) -> dict:
         pk, sp = self.packed, self.spec
         return dict(L=pk.L, P=pk.P, ACT=ACT_CODES[self.activation], MODE=self.mode, BM=self.BM, CH=pk.CH, CD=pk.CD,
-                    PREC=DOT_PRECISION, S=sp.S, C=sp.C, A=sp.A, BW=sp.BW, RATES=self.rates or (0,), NQ=self.nq,
+                    PREC=DOT_PRECISION, S=sp.S, RATES=self.rates or (0,), NQ=self.nq,
                     HAS_TR=any(c in (0, 1) for c in self.rates), HAS_KIN=2 in self.rates, HAS_FR=3 in self.rates,
                     TIME_F32=time_f32, num_warps=self.num_warps)
+
+    def _bwd_tables(self, like: torch.Tensor, kind: str):
+        """The backward kernels' tableau (float64 ``[c, a, b]``) and stage table (int32 ``[NEED_U, NEED_S,
+        KNEED_S]``) for an unseeded step (``"plain"``), the seeded last step (``"seeded"``) or a per-tile solve
+        (``"tiles"``: both kinds in one launch)."""
+        key = (like.device, kind)
+        hit = self._tables.get(key)
+        if hit is None:
+            sp = self.spec
+            tab = torch.tensor(sp.C + sp.A + sp.BW, dtype=torch.float64, device=like.device)
+            need, kneed = self._stage_needs()
+            sneed, skneed = self._seeded_needs()
+            rows = {"plain": (need, need, kneed), "seeded": (sneed, sneed, skneed), "tiles": (need, sneed, skneed)}
+            needs = torch.tensor([int(v) for row in rows[kind] for v in row], dtype=torch.int32, device=like.device)
+            hit = self._tables[key] = (tab, needs)
+        return hit
 
     def _step_backward(self, saved, n, gz1, gq1, seeds, dw, dv, scr, nprog):
         """One launch: the cotangent of step ``n``'s start from that of its end (``gz1`` (B, D), ``gq1`` (B, NQ)) and
@@ -402,13 +418,13 @@ class TritonCnfSolver:
         pk = self.packed
         B, D = gz1.shape
         n_tiles = triton.cdiv(B, self.BM)
-        need, kneed = self._stage_needs() if seeds is None else self._seeded_needs()
+        tab, needs = self._bwd_tables(gz1, "plain" if seeds is None else "seeded")
         gz0 = empty((B, D), gz1)
         sk, skq, gzx = seeds if seeds is not None else (gz1, gq1, gz1)
         launched("cnf_step_bwd_kernel")
         K.cnf_step_bwd_kernel[(nprog,)](
-            saved["tape"], saved["e"], pk.W, pk.V, pk.dims, saved["t0s"], saved["dts"], n, gz1, gq1, sk, skq, gzx,
-            gz0, dw, dv, scr, B, D, n_tiles, NEED=need, KNEED=kneed, HAS_SEED=seeds is not None,
+            saved["tape"], tab, needs, saved["e"], pk.W, pk.V, pk.dims, saved["t0s"], saved["dts"], n, gz1, gq1, sk,
+            skq, gzx, gz0, dw, dv, scr, B, D, n_tiles, HAS_SEED=seeds is not None,
             **self._bwd_constexprs(saved["time_f32"]))
         return gz0
 

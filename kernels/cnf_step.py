@@ -418,44 +418,45 @@ def cnf_prepare_kernel(ctl, opt, like_ptr, TIME_F32: tl.constexpr):
 # the backward of one step (the fused discrete adjoint)
 # ------------------------------------------------------------------------------------------------
 @triton.jit
-def _stage_adjoint(i: tl.constexpr, seed, e_ptr, w_ptr, v_ptr, dims_ptr, t0, dt, dts_, gz1_ptr, gq1_ptr, sk_ptr,
-                   skq_ptr, dw_p, dv_p, scr, zin, gzs, kb, gq, rows64, rmask, BD, BQ, D,
+def _rows_flag(flag, rows64):
+    """A scalar condition as a per-row mask (masks combine element-wise, in the interpreter too)."""
+    return (rows64 * 0 + flag.to(tl.int64)) != 0
+
+
+@triton.jit
+def _stage_adjoint(i, seed, tab_ptr, needs_ptr, e_ptr, w_ptr, v_ptr, dims_ptr, t0, dt, dts_, gz1_ptr, gq1_ptr,
+                   sk_ptr, skq_ptr, dw_p, dv_p, scr, zin, gzs, kb, gq, rows64, rmask, BD, BQ, D, seed_on,
                    L: tl.constexpr, P: tl.constexpr, ACT: tl.constexpr, MODE: tl.constexpr, BM: tl.constexpr,
-                   CH: tl.constexpr, CD: tl.constexpr, PREC: tl.constexpr,
-                   S: tl.constexpr, C: tl.constexpr, A: tl.constexpr, BW: tl.constexpr, RATES: tl.constexpr,
-                   NQ: tl.constexpr, NEED_U: tl.constexpr, NEED_S: tl.constexpr, HAS_SEED: tl.constexpr,
-                   HAS_TR: tl.constexpr, HAS_KIN: tl.constexpr, HAS_FR: tl.constexpr, TIME_F32: tl.constexpr):
-    """Stage ``i`` of a step's adjoint: its cotangents ``kbar_i`` / ``qbar_i`` (``seed``: rows of the seeded, last
-    step) through the MLP's backward at ``(t_i, Z_i)`` to ``Zbar_i`` (slot ``i`` of ``gzs``)."""
+                   CH: tl.constexpr, CD: tl.constexpr, PREC: tl.constexpr, S: tl.constexpr, RATES: tl.constexpr,
+                   NQ: tl.constexpr, HAS_SEED: tl.constexpr, HAS_TR: tl.constexpr, HAS_KIN: tl.constexpr,
+                   HAS_FR: tl.constexpr, TIME_F32: tl.constexpr):
+    """Stage ``i`` (a runtime index) of a step's adjoint: ``kbar_i = fl(b_i) fl(dt) gz1 [+ seed_i] + sum_{j>i}
+    fl(a_ji) fl(dt) Zbar_j`` over the stages ``j`` that ran, and ``qbar_i``, through the MLP's backward at
+    ``(t_i, Z_i)`` to ``Zbar_i`` (slot ``i`` of ``gzs``). ``seed``: the per-row mask of the seeded (last) step."""
     dtype = w_ptr.dtype.element_ty
     SL: tl.constexpr = BM * P
     r = tl.arange(0, BM)
     rl = r.to(tl.int64)
+    b_i = tl.load(tab_ptr + S + S * S + i)
+    wb = dts_ * b_i.to(dtype)  # the forward's weight fl(b_i) * fl(dt)
     for n0 in range(0, D, CD):
         cn = n0 + tl.arange(0, CD)
         m = rmask[:, None] & (cn < D)[None, :]
-        ms = m & seed[:, None]
         g = rows64[:, None] * D + cn[None, :]
-        kbar = tl.zeros((BM, CD), dtype=dtype)
-        if BW[i] != 0.0:
-            kbar += tl.load(gz1_ptr + g, mask=m, other=0.0) * (dts_ * BW[i])
+        kbar = tl.load(gz1_ptr + g, mask=m, other=0.0) * wb
         if HAS_SEED:
-            kbar += tl.load(sk_ptr + i * BD + g, mask=ms, other=0.0)
-        for j in tl.static_range(i + 1, S):
-            if A[j * S + i] != 0.0:
-                loc = gzs + j * SL + r[:, None] * P + cn[None, :]
-                if NEED_U[j]:
-                    kbar += tl.load(loc, mask=m, other=0.0) * (dts_ * A[j * S + i])
-                elif NEED_S[j]:  # a stage that runs only in the seeded step
-                    kbar += tl.load(loc, mask=ms, other=0.0) * (dts_ * A[j * S + i])
+            kbar += tl.load(sk_ptr + i * BD + g, mask=m & seed[:, None], other=0.0)
+        for j in range(i + 1, S):
+            a_ji = tl.load(tab_ptr + S + j * S + i)
+            ran = (tl.load(needs_ptr + j) != 0) | ((tl.load(needs_ptr + S + j) != 0) & seed_on)
+            kbar += tl.load(gzs + j * SL + r[:, None] * P + cn[None, :],
+                            mask=m & _rows_flag(ran & (a_ji != 0.0), rows64)[:, None], other=0.0) * (dts_ * a_ji.to(dtype))
         tl.store(kb + r[:, None] * P + cn[None, :], tl.where(m, kbar, 0.0))
     gtr = tl.zeros((BM,), dtype=dtype)
     gkin = tl.zeros((BM,), dtype=dtype)
     gfr = tl.zeros((BM,), dtype=dtype)
     for c in tl.static_range(NQ):
-        qbar = tl.zeros((BM,), dtype=dtype)
-        if BW[i] != 0.0:
-            qbar += tl.load(gq1_ptr + rows64 * NQ + c, mask=rmask, other=0.0) * (dts_ * BW[i])
+        qbar = tl.load(gq1_ptr + rows64 * NQ + c, mask=rmask, other=0.0) * wb
         if HAS_SEED:
             qbar += tl.load(skq_ptr + i * BQ + rows64 * NQ + c, mask=rmask & seed, other=0.0)
         if RATES[c] == 0:
@@ -470,7 +471,7 @@ def _stage_adjoint(i: tl.constexpr, seed, e_ptr, w_ptr, v_ptr, dims_ptr, t0, dt,
     tl.store(gq + BM + r, gkin)
     tl.store(gq + 2 * BM + r, gfr)
     tl.debug_barrier()
-    ti = _round_time(t0 + C[i] * dt, TIME_F32).to(dtype)
+    ti = _round_time(t0 + tl.load(tab_ptr + i) * dt, TIME_F32).to(dtype)
     mlp_tile_backward(scr, zin + i * SL, P, rows64, rmask, rl, P, e_ptr, kb, kb, gq, gq + BM, gq + 2 * BM,
                       gzs + i * SL, kb, w_ptr, v_ptr, dims_ptr, dw_p, dv_p, D, ti, L, P, ACT, MODE, BM, CH, CD, PREC,
                       True, False, HAS_TR and (MODE > 0), HAS_KIN, HAS_FR and (MODE == 1), False,
@@ -479,14 +480,12 @@ def _stage_adjoint(i: tl.constexpr, seed, e_ptr, w_ptr, v_ptr, dims_ptr, t0, dt,
 
 
 @triton.jit
-def _tile_step_bwd(z0_ptr, e_ptr, w_ptr, v_ptr, dims_ptr, t0, dt, seed_on, gz1_ptr, gq1_ptr, sk_ptr, skq_ptr,
-                   gzx_ptr, gz0_ptr, dw_p, dv_p, scr, rows, rmask, B, D,
+def _tile_step_bwd(z0_ptr, tab_ptr, needs_ptr, e_ptr, w_ptr, v_ptr, dims_ptr, t0, dt, seed_on, gz1_ptr, gq1_ptr,
+                   sk_ptr, skq_ptr, gzx_ptr, gz0_ptr, dw_p, dv_p, scr, rows, rmask, B, D,
                    L: tl.constexpr, P: tl.constexpr, ACT: tl.constexpr, MODE: tl.constexpr, BM: tl.constexpr,
-                   CH: tl.constexpr, CD: tl.constexpr, PREC: tl.constexpr,
-                   S: tl.constexpr, C: tl.constexpr, A: tl.constexpr, BW: tl.constexpr, RATES: tl.constexpr,
-                   NQ: tl.constexpr, NEED_U: tl.constexpr, NEED_S: tl.constexpr, KNEED_S: tl.constexpr,
-                   HAS_SEED: tl.constexpr, HAS_TR: tl.constexpr, HAS_KIN: tl.constexpr, HAS_FR: tl.constexpr,
-                   TIME_F32: tl.constexpr):
+                   CH: tl.constexpr, CD: tl.constexpr, PREC: tl.constexpr, S: tl.constexpr, RATES: tl.constexpr,
+                   NQ: tl.constexpr, HAS_SEED: tl.constexpr, HAS_TR: tl.constexpr, HAS_KIN: tl.constexpr,
+                   HAS_FR: tl.constexpr, TIME_F32: tl.constexpr):
     """The exact backward of one step of one tile (start ``z0_ptr``, time ``t0``, step ``dt``; rows ``rows``):
     the stages are recomputed on chip from the checkpointed start, then walked in reverse:
     ``kbar_i = fl(b_i dt) gz1 [+ seed_i] + sum_{j>i} fl(a_ji dt) Zbar_j`` and ``qbar_i = fl(b_i dt) gq1 [+ seed_i]``
@@ -495,12 +494,13 @@ def _tile_step_bwd(z0_ptr, e_ptr, w_ptr, v_ptr, dims_ptr, t0, dt, seed_on, gz1_p
     ``dw_p`` / ``dv_p`` (``dv`` rows ``[db, dgw, dgb, dbw, dt]``, converted at each stage's time; ``dt``: the stage
     times' gradient).
 
-    Which stages run (from the tableau, by the launcher): ``NEED_U[i]`` stage i has a cotangent in an unseeded
-    step, ``NEED_S[i]`` in the seeded one (the last step: per-stage cotangents ``sk`` (S, B, D) / ``skq`` (S, B, NQ)
-    and ``gzx`` (B, D) from the interpolant, added when ``HAS_SEED`` and the runtime ``seed_on``); ``KNEED_S[i]``:
-    its derivative enters a later stage's input. A stage needed only when seeded runs under a runtime branch, so
-    one kernel serves both kinds of step with one copy of each stage's code. ``HAS_TR`` / ``HAS_KIN`` / ``HAS_FR``:
-    which rates ``RATES`` holds.
+    The stage loops run at run time (one copy of the MLP's forward and backward in the compiled kernel: unrolling
+    them over the stages made the dopri5 backward take tens of minutes to compile): the tableau comes from
+    ``tab_ptr`` (float64 ``[c (S), a (S x S), b (S)]``, :mod:`fastode.tableaus`' numbers by the launcher) and the
+    stages to run from ``needs_ptr`` (int32 ``[NEED_U, NEED_S, KNEED_S]``, S each): stage i has a cotangent in an
+    unseeded step / in the seeded last step (per-stage cotangents ``sk`` (S, B, D) / ``skq`` (S, B, NQ) and ``gzx``
+    (B, D) from the interpolant, added when ``HAS_SEED`` and the runtime ``seed_on``), and its derivative enters a
+    later stage's input. ``HAS_TR`` / ``HAS_KIN`` / ``HAS_FR``: which rates ``RATES`` holds.
     """
     dtype = w_ptr.dtype.element_ty
     SL: tl.constexpr = BM * P
@@ -517,68 +517,65 @@ def _tile_step_bwd(z0_ptr, e_ptr, w_ptr, v_ptr, dims_ptr, t0, dt, seed_on, gz1_p
     BD = tl.cast(B, tl.int64) * D
     BQ = tl.cast(B, tl.int64) * NQ
     rows64 = rows.to(tl.int64)
+    son = (tl.zeros((), dtype=tl.int32) + seed_on) != 0  # (a scalar: whether this is the seeded step)
     seed = (rows64 * 0 + seed_on) != 0             # (a per-row mask: the seeded step's loads)
     # ---- recompute the stage inputs (and the derivatives later stages need)
-    for i in tl.static_range(S):
-        if NEED_S[i] or KNEED_S[i]:
+    for i in range(0, S):
+        kneed = tl.load(needs_ptr + 2 * S + i) != 0
+        if (tl.load(needs_ptr + S + i) != 0) | kneed:
             for n0 in range(0, D, CD):
                 cn = n0 + tl.arange(0, CD)
                 m = rmask[:, None] & (cn < D)[None, :]
                 acc = tl.zeros((BM, CD), dtype=dtype)
-                for j in tl.static_range(i):
-                    if A[i * S + j] != 0.0:
-                        kj = tl.load(kz + j * SL + r[:, None] * P + cn[None, :], mask=m, other=0.0)
-                        acc += kj * (dts_ * A[i * S + j])
+                for j in range(0, i):
+                    a_ij = tl.load(tab_ptr + S + i * S + j)
+                    kj = tl.load(kz + j * SL + r[:, None] * P + cn[None, :],
+                                 mask=m & _rows_flag(a_ij != 0.0, rows64)[:, None], other=0.0)
+                    acc += kj * (dts_ * a_ij.to(dtype))
                 y = tl.load(z0_ptr + rows64[:, None] * D + cn[None, :], mask=m, other=0.0) + acc
                 tl.store(zin + i * SL + r[:, None] * P + cn[None, :], tl.where(m, y, 0.0))
             tl.debug_barrier()
-            if KNEED_S[i]:
-                ti = _round_time(t0 + C[i] * dt, TIME_F32).to(dtype)
+            if kneed:
+                ti = _round_time(t0 + tl.load(tab_ptr + i) * dt, TIME_F32).to(dtype)
                 mlp_tile_forward(scr, zin + i * SL, P, allr, kz + i * SL, P, rl, rows64, rmask, e_ptr, e_ptr,
                                  w_ptr, v_ptr, dims_ptr, D, ti, L, P, ACT, 0, BM, CH, CD, False, PREC)
                 tl.debug_barrier()
     # ---- the stages in reverse
-    for i in tl.static_range(S - 1, -1, -1):
-        if NEED_U[i]:
-            _stage_adjoint(i, seed, e_ptr, w_ptr, v_ptr, dims_ptr, t0, dt, dts_, gz1_ptr, gq1_ptr, sk_ptr, skq_ptr,
-                           dw_p, dv_p, scr, zin, gzs, kb, gq, rows64, rmask, BD, BQ, D, L, P, ACT, MODE, BM, CH, CD,
-                           PREC, S, C, A, BW, RATES, NQ, NEED_U, NEED_S, HAS_SEED, HAS_TR, HAS_KIN, HAS_FR, TIME_F32)
-        elif NEED_S[i]:
-            if seed_on:
-                _stage_adjoint(i, seed, e_ptr, w_ptr, v_ptr, dims_ptr, t0, dt, dts_, gz1_ptr, gq1_ptr, sk_ptr,
-                               skq_ptr, dw_p, dv_p, scr, zin, gzs, kb, gq, rows64, rmask, BD, BQ, D, L, P, ACT, MODE,
-                               BM, CH, CD, PREC, S, C, A, BW, RATES, NQ, NEED_U, NEED_S, HAS_SEED, HAS_TR, HAS_KIN,
-                               HAS_FR, TIME_F32)
+    for ii in range(0, S):
+        i = S - 1 - ii
+        run = (tl.load(needs_ptr + i) != 0) | ((tl.load(needs_ptr + S + i) != 0) & son)
+        if run:
+            _stage_adjoint(i, seed, tab_ptr, needs_ptr, e_ptr, w_ptr, v_ptr, dims_ptr, t0, dt, dts_, gz1_ptr,
+                           gq1_ptr, sk_ptr, skq_ptr, dw_p, dv_p, scr, zin, gzs, kb, gq, rows64, rmask, BD, BQ, D,
+                           son, L, P, ACT, MODE, BM, CH, CD, PREC, S, RATES, NQ, HAS_SEED, HAS_TR, HAS_KIN,
+                           HAS_FR, TIME_F32)
     # ---- the step start's cotangent
     for n0 in range(0, D, CD):
         cn = n0 + tl.arange(0, CD)
         m = rmask[:, None] & (cn < D)[None, :]
-        ms = m & seed[:, None]
         g = rows64[:, None] * D + cn[None, :]
         acc = tl.load(gz1_ptr + g, mask=m, other=0.0)
         if HAS_SEED:  # the interpolant's direct dependence on the step start (its y0 and midpoint terms)
-            acc += tl.load(gzx_ptr + g, mask=ms, other=0.0)
-        for i in tl.static_range(S):
-            loc = gzs + i * SL + r[:, None] * P + cn[None, :]
-            if NEED_U[i]:
-                acc += tl.load(loc, mask=m, other=0.0)
-            elif NEED_S[i]:
-                acc += tl.load(loc, mask=ms, other=0.0)
+            acc += tl.load(gzx_ptr + g, mask=m & seed[:, None], other=0.0)
+        for i in range(0, S):
+            ran = (tl.load(needs_ptr + i) != 0) | ((tl.load(needs_ptr + S + i) != 0) & son)
+            acc += tl.load(gzs + i * SL + r[:, None] * P + cn[None, :], mask=m & _rows_flag(ran, rows64)[:, None],
+                           other=0.0)
         tl.store(gz0_ptr + g, acc, mask=m)
     tl.debug_barrier()
 
 
 @triton.jit(do_not_specialize=["step_i", "B", "D", "n_tiles"])
-def cnf_step_bwd_kernel(ztape_ptr, e_ptr, w_ptr, v_ptr, dims_ptr, t0s, dts, step_i, gz1_ptr, gq1_ptr, sk_ptr,
-                        skq_ptr, gzx_ptr, gz0_ptr, dw_ptr, dv_ptr, scr_ptr, B, D, n_tiles,
+def cnf_step_bwd_kernel(ztape_ptr, tab_ptr, needs_ptr, e_ptr, w_ptr, v_ptr, dims_ptr, t0s, dts, step_i, gz1_ptr,
+                        gq1_ptr, sk_ptr, skq_ptr, gzx_ptr, gz0_ptr, dw_ptr, dv_ptr, scr_ptr, B, D, n_tiles,
                         L: tl.constexpr, P: tl.constexpr, ACT: tl.constexpr, MODE: tl.constexpr, BM: tl.constexpr,
-                        CH: tl.constexpr, CD: tl.constexpr, PREC: tl.constexpr,
-                        S: tl.constexpr, C: tl.constexpr, A: tl.constexpr, BW: tl.constexpr, RATES: tl.constexpr,
-                        NQ: tl.constexpr, NEED: tl.constexpr, KNEED: tl.constexpr, HAS_SEED: tl.constexpr,
-                        HAS_TR: tl.constexpr, HAS_KIN: tl.constexpr, HAS_FR: tl.constexpr, TIME_F32: tl.constexpr):
+                        CH: tl.constexpr, CD: tl.constexpr, PREC: tl.constexpr, S: tl.constexpr,
+                        RATES: tl.constexpr, NQ: tl.constexpr, HAS_SEED: tl.constexpr, HAS_TR: tl.constexpr,
+                        HAS_KIN: tl.constexpr, HAS_FR: tl.constexpr, TIME_F32: tl.constexpr):
     """The backward of step ``step_i`` of a batch-global or grid solve (start ``ztape[step_i]``, time
-    ``t0s[step_i]``, step ``dts[step_i]``) for the whole batch: :func:`_tile_step_bwd` per tile. Each program owns
-    the same tiles in every launch, so the host's fixed-order sum of the programs' partials is deterministic."""
+    ``t0s[step_i]``, step ``dts[step_i]``) for the whole batch: :func:`_tile_step_bwd` per tile (``HAS_SEED``: the
+    last step of an adaptive solve). Each program owns the same tiles in every launch, so the host's fixed-order
+    sum of the programs' partials is deterministic."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     SL: tl.constexpr = BM * P
@@ -591,9 +588,9 @@ def cnf_step_bwd_kernel(ztape_ptr, e_ptr, w_ptr, v_ptr, dims_ptr, t0s, dts, step
     z0_ptr = ztape_ptr + tl.cast(step_i, tl.int64) * (tl.cast(B, tl.int64) * D)
     for tile in range(pid, n_tiles, nprog):
         rows = tile * BM + tl.arange(0, BM)
-        _tile_step_bwd(z0_ptr, e_ptr, w_ptr, v_ptr, dims_ptr, t0, dt, HAS_SEED, gz1_ptr, gq1_ptr, sk_ptr, skq_ptr,
-                       gzx_ptr, gz0_ptr, dw_p, dv_p, scr, rows, rows < B, B, D, L, P, ACT, MODE, BM, CH, CD, PREC, S, C,
-                       A, BW, RATES, NQ, NEED, NEED, KNEED, HAS_SEED, HAS_TR, HAS_KIN, HAS_FR, TIME_F32)
+        _tile_step_bwd(z0_ptr, tab_ptr, needs_ptr, e_ptr, w_ptr, v_ptr, dims_ptr, t0, dt, HAS_SEED, gz1_ptr,
+                       gq1_ptr, sk_ptr, skq_ptr, gzx_ptr, gz0_ptr, dw_p, dv_p, scr, rows, rows < B, B, D, L, P, ACT,
+                       MODE, BM, CH, CD, PREC, S, RATES, NQ, HAS_SEED, HAS_TR, HAS_KIN, HAS_FR, TIME_F32)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -740,19 +737,16 @@ def cnf_tile_solve_kernel(z_ptr, q_ptr, f_ptr, fq_ptr, mid_ptr, midq_ptr, e_ptr,
 
 
 @triton.jit(do_not_specialize=["cap", "B", "D", "n_tiles"])
-def cnf_tile_bwd_kernel(ztape_ptr, e_ptr, w_ptr, v_ptr, dims_ptr, ctl_ptr, steps_t, steps_h, cap, gb_ptr, qb_ptr,
-                        sk_ptr, skq_ptr, gzx_ptr, dw_ptr, dv_ptr, scr_ptr, B, D, n_tiles,
+def cnf_tile_bwd_kernel(ztape_ptr, tab_ptr, needs_ptr, e_ptr, w_ptr, v_ptr, dims_ptr, ctl_ptr, steps_t, steps_h, cap,
+                        gb_ptr, qb_ptr, sk_ptr, skq_ptr, gzx_ptr, dw_ptr, dv_ptr, scr_ptr, B, D, n_tiles,
                         L: tl.constexpr, P: tl.constexpr, ACT: tl.constexpr, MODE: tl.constexpr, BM: tl.constexpr,
-                        CH: tl.constexpr, CD: tl.constexpr, PREC: tl.constexpr,
-                        S: tl.constexpr, C: tl.constexpr, A: tl.constexpr, BW: tl.constexpr, RATES: tl.constexpr,
-                        NQ: tl.constexpr, NEED: tl.constexpr, SNEED: tl.constexpr, SKNEED: tl.constexpr,
-                        HAS_TR: tl.constexpr, HAS_KIN: tl.constexpr, HAS_FR: tl.constexpr,
-                        TIME_F32: tl.constexpr):
+                        CH: tl.constexpr, CD: tl.constexpr, PREC: tl.constexpr, S: tl.constexpr,
+                        RATES: tl.constexpr, NQ: tl.constexpr, HAS_TR: tl.constexpr, HAS_KIN: tl.constexpr,
+                        HAS_FR: tl.constexpr, TIME_F32: tl.constexpr):
     """The backward of a per-tile solve in one launch: every tile walks its own accepted steps in reverse
-    (:func:`_tile_step_bwd`; the last one with the interpolant's seeds). ``gb`` (4, B, D): slots 0-1 ping-pong,
-    2 the last step's end cotangent (set by the launcher), 3 the result; ``qb`` (2, B, NQ): the q cotangent at the
-    last step's end and before it. ``NEED``: the stages an unseeded step needs; ``SNEED`` / ``SKNEED``: the seeded
-    last step's (one copy of the step's code serves both, see :func:`_tile_step_bwd`)."""
+    (:func:`_tile_step_bwd`; the first of them, the last step, with the interpolant's seeds). ``gb`` (4, B, D):
+    slots 0-1 ping-pong, 2 the last step's end cotangent (set by the launcher), 3 the result; ``qb`` (2, B, NQ): the
+    q cotangent at the last step's end and before it."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     SL: tl.constexpr = BM * P
@@ -771,8 +765,8 @@ def cnf_tile_bwd_kernel(ztape_ptr, e_ptr, w_ptr, v_ptr, dims_ptr, ctl_ptr, steps
             n = acc - 1 - k
             src = tl.where(k == 0, 2, (n + 1) % 2)
             dst = tl.where(n == 0, 3, n % 2)
-            _tile_step_bwd(ztape_ptr + n * BD, e_ptr, w_ptr, v_ptr, dims_ptr, tl.load(steps_t + base + n),
-                           tl.load(steps_h + base + n), k == 0, gb_ptr + src * BD, qb_ptr + tl.where(k == 0, 0, 1) * BQ,
-                           sk_ptr, skq_ptr, gzx_ptr, gb_ptr + dst * BD, dw_p, dv_p, scr, rows, rmask, B, D, L, P, ACT,
-                           MODE, BM, CH, CD, PREC, S, C, A, BW, RATES, NQ, NEED, SNEED, SKNEED, True, HAS_TR,
-                           HAS_KIN, HAS_FR, TIME_F32)
+            _tile_step_bwd(ztape_ptr + n * BD, tab_ptr, needs_ptr, e_ptr, w_ptr, v_ptr, dims_ptr,
+                           tl.load(steps_t + base + n), tl.load(steps_h + base + n), k == 0, gb_ptr + src * BD,
+                           qb_ptr + tl.where(k == 0, 0, 1) * BQ, sk_ptr, skq_ptr, gzx_ptr, gb_ptr + dst * BD, dw_p,
+                           dv_p, scr, rows, rmask, B, D, L, P, ACT, MODE, BM, CH, CD, PREC, S, RATES, NQ, True,
+                           HAS_TR, HAS_KIN, HAS_FR, TIME_F32)

@@ -243,19 +243,8 @@ def _cnf_tile_solve(dtype: str, method: str, mode: int, rates: tuple, L: int, D:
     return rec
 
 
-def _stage_needs(spec, seeded: bool) -> tuple:
-    """NEED / KNEED of the step backward (as the launcher computes them: fastode.kernels.cnf_solve)."""
-    S = spec.S
-    need = [False] * S
-    for i in reversed(range(S)):
-        need[i] = seeded or spec.BW[i] != 0.0 or any(spec.A[j * S + i] != 0.0 and need[j] for j in range(i + 1, S))
-    kneed = [any(spec.A[j * S + i] != 0.0 and need[j] for j in range(i + 1, S)) for i in range(S)]
-    return tuple(need), tuple(kneed)
-
-
-def _cnf_bwd_cx(spec, codes, cx: dict) -> dict:
-    return dict(cx, S=spec.S, C=spec.C, A=spec.A, BW=spec.BW, HAS_TR=any(c in (0, 1) for c in codes),
-                HAS_KIN=2 in codes, HAS_FR=3 in codes)
+def _cnf_bwd_cx(codes, cx: dict, S: int) -> dict:
+    return dict(cx, S=S, HAS_TR=any(c in (0, 1) for c in codes), HAS_KIN=2 in codes, HAS_FR=3 in codes)
 
 
 def _cnf_step_bwd(dtype: str, method: str, mode: int, rates: tuple, L: int, D: int, width: int, BM, act="tanh",
@@ -263,10 +252,10 @@ def _cnf_step_bwd(dtype: str, method: str, mode: int, rates: tuple, L: int, D: i
     """The fused discrete adjoint of one CNF step (batch-global / grid solves) for ``method``'s tableau."""
     spec, codes, cx, config = _cnf_common(dtype, method, mode, rates, L, D, width, BM, act)
     types = _cnf_types(dtype, ("ztape_ptr", "e_ptr", "w_ptr", "v_ptr", "gz1_ptr", "gq1_ptr", "sk_ptr", "skq_ptr",
-                               "gzx_ptr", "gz0_ptr", "dw_ptr", "dv_ptr", "scr_ptr"), ("t0s", "dts"),
+                               "gzx_ptr", "gz0_ptr", "dw_ptr", "dv_ptr", "scr_ptr"), ("tab_ptr", "t0s", "dts"),
                        ("step_i", "B", "D", "n_tiles"))
-    need, kneed = _stage_needs(spec, seeded)
-    cx = dict(_cnf_bwd_cx(spec, codes, cx), NEED=need, KNEED=kneed, HAS_SEED=seeded)
+    types["needs_ptr"] = "*i32"
+    cx = dict(_cnf_bwd_cx(codes, cx, spec.S), HAS_SEED=seeded)
     rec = compile_one(STEP.cnf_step_bwd_kernel, types, cx, arch, num_warps)
     rec["config"] = dict(config, seeded=seeded)
     return rec
@@ -277,12 +266,10 @@ def _cnf_tile_bwd(dtype: str, method: str, mode: int, rates: tuple, L: int, D: i
     """The per-tile backward (every tile's steps in reverse, one launch) for ``method``'s tableau."""
     spec, codes, cx, config = _cnf_common(dtype, method, mode, rates, L, D, width, BM, act)
     types = _cnf_types(dtype, ("ztape_ptr", "e_ptr", "w_ptr", "v_ptr", "gb_ptr", "qb_ptr", "sk_ptr", "skq_ptr",
-                               "gzx_ptr", "dw_ptr", "dv_ptr", "scr_ptr"), ("ctl_ptr", "steps_t", "steps_h"),
+                               "gzx_ptr", "dw_ptr", "dv_ptr", "scr_ptr"), ("tab_ptr", "ctl_ptr", "steps_t", "steps_h"),
                        ("cap", "B", "D", "n_tiles"))
-    need, _ = _stage_needs(spec, False)
-    sneed, skneed = _stage_needs(spec, True)
-    cx = dict(_cnf_bwd_cx(spec, codes, cx), NEED=need, SNEED=sneed, SKNEED=skneed)
-    rec = compile_one(STEP.cnf_tile_bwd_kernel, types, cx, arch, num_warps)
+    types["needs_ptr"] = "*i32"
+    rec = compile_one(STEP.cnf_tile_bwd_kernel, types, _cnf_bwd_cx(codes, cx, spec.S), arch, num_warps)
     rec["config"] = config
     return rec
 
@@ -321,7 +308,7 @@ def compile_all(arch: int = 90, quick: bool = False, log=None) -> list[dict]:
         add(_cnf_step, "float32", "bosh3", CS.MODE_HUTCH, ("trace", "kinetic"), 2, 2, 32, None)
         add(_cnf_step_bwd, "float32", "bosh3", CS.MODE_HUTCH, ("trace", "kinetic"), 2, 2, 32, None)
         add(_cnf_tile_solve, "float32", "bosh3", CS.MODE_HUTCH, ("trace", "kinetic"), 2, 2, 32, None)
-        add(_cnf_tile_bwd, "float32", "bosh3", CS.MODE_HUTCH, ("trace", "kinetic"), 1, 2, 16, None)
+        add(_cnf_tile_bwd, "float32", "bosh3", CS.MODE_HUTCH, ("trace", "kinetic"), 2, 2, 32, None)
     else:
         add(_cnf_step, "float32", "dopri5", CS.MODE_HUTCH, ("trace", "kinetic", "jac_frob"), 4, 2, 64, None)
         add(_cnf_step, "float32", "dopri5", CS.MODE_HUTCH, ("trace", "kinetic", "jac_frob"), 4, 2, 64, None,
@@ -350,6 +337,21 @@ def compile_all(arch: int = 90, quick: bool = False, log=None) -> list[dict]:
     return recs
 
 
+def _markdown(meta: dict, recs: list) -> str:
+    """The records as a table: one row per compiled configuration, spilling ones marked."""
+    lines = [f"# Registers and spills per kernel, {meta['target']} (compiled without a GPU)", "",
+             f"`{meta['generated_by']}`; Triton {meta['triton']}; {meta['note']}.", "",
+             "| kernel | configuration | registers | spill stores / loads (B) | shared (B) | compile (s) |",
+             "|---|---|---:|---:|---:|---:|"]
+    for r in recs:
+        cfg = ", ".join(f"{k}={v}" for k, v in r["config"].items())
+        spill = f"{r['spill_store_bytes']} / {r['spill_load_bytes']}"
+        if r["spill_store_bytes"]:
+            spill = f"**{spill}**"
+        lines.append(f"| {r['kernel']} | {cfg} | {r['registers']} | {spill} | {r['shared_bytes']} | {r['compile_s']} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, default=90)
@@ -370,6 +372,8 @@ def main(argv=None) -> int:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as fh:
             json.dump({"meta": meta, "kernels": recs}, fh, indent=1)
+        with open(os.path.splitext(args.out)[0] + ".md", "w") as fh:
+            fh.write(_markdown(meta, recs))
     return 0
 
 
