@@ -18,15 +18,19 @@ import torch
 from .ops.rk import combine_stages, combine_stages_exact
 from .tableaus import ButcherTableau, dense_weights
 
-__all__ = ["quartic_fit", "quartic_eval", "tableau_dense", "hermite_cubic", "linear"]
+__all__ = ["quartic_fit", "quartic_coefficients", "quartic_eval", "tableau_dense", "hermite_cubic", "linear"]
 
 Scalar = Union[float, torch.Tensor]
 
 
 def quartic_fit(y0, y1, k: Sequence[torch.Tensor], dt: Scalar, c_mid) -> List[torch.Tensor]:
     """Coefficients ``[e, d, c, b, a]`` of ``p(x) = e + d x + c x^2 + b x^3 + a x^4`` on ``x in [0, 1]``."""
-    y_mid = combine_stages_exact(y0, dt, c_mid, k)
-    f0, f1 = k[0], k[-1]
+    return quartic_coefficients(y0, y1, combine_stages_exact(y0, dt, c_mid, k), k[0], k[-1], dt)
+
+
+def quartic_coefficients(y0, y1, y_mid, f0, f1, dt: Scalar) -> List[torch.Tensor]:
+    """:func:`quartic_fit` from the step's ends, its midpoint ``y_mid`` and end slopes ``f0``, ``f1`` (a fused step
+    computes the midpoint itself)."""
     a = 2 * dt * (f1 - f0) - 8 * (y1 + y0) + 16 * y_mid
     b = dt * (5 * f0 - 3 * f1) + 18 * y0 + 14 * y1 - 32 * y_mid
     c = dt * (f1 - 4 * f0) - 11 * y0 - 5 * y1 + 16 * y_mid

@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 import torch
 import triton
 
+from fastode.interp import quartic_coefficients, quartic_eval
 from fastode.ops.launch_count import host_read, launched
 from fastode.ops.rk import initial_step
 
@@ -90,7 +91,6 @@ class TritonCnfSolver:
         self.rates = tuple(RATE_CODES[r] for r in rates)
         self.nq = len(self.rates)
         self.nq_norm = min(int(nq_norm), self.nq)
-        self.tableau = tableau
         self.spec = StepSpec.of(tableau, adaptive)
         dtype = packed.W.dtype
         cfg = CS.default_config(packed.D, packed.widths, dtype)
@@ -201,10 +201,8 @@ class TritonCnfSolver:
         else:
             dtp = self._first_step(tau0, dirn, z0, q0, f0, fq0, e, rtol, atol, time_dtype).to(torch.float64)
             nfe0 = 2.0
-        zero = torch.zeros((), **f64)
-        ctl = torch.stack([tau0, dtp, tau0, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero,
-                           zero + nfe0, tend, dirn, zero, zero])
-        opt = torch.tensor([rtol, atol, safety, ifactor, dfactor, min_step, max_step, float(max_num_steps)], **f64)
+        ctl = _control_blocks(1, tau0, tend, dirn, dtp, nfe0)[0]
+        opt = _options(dev, rtol, atol, safety, ifactor, dfactor, min_step, max_step, max_num_steps)
         launched("cnf_prepare_kernel")
         K.cnf_prepare_kernel[(1,)](ctl, opt, z0, TIME_F32=time_f32)
         n_tiles, nprog = self._grid(B, dev)
@@ -231,7 +229,9 @@ class TritonCnfSolver:
                 break
             chunk = sync_every if sync_every > 0 else max(16, launches)
         # ---- output at the end time inside the last accepted step (queued on the device)
-        zT, qT = self._interpolate(bufs, ctl, z0, q0, time_f32)
+        cur = ctl[K.C_CUR.value].to(torch.long).reshape(1)
+        x, _, dt = _end_coordinate(ctl, time_f32, dtype)
+        zT, qT = self._interpolate(bufs, 1 - cur, cur, x, dt, ctl[K.C_ACC.value] > 0, z0, q0)
         finite = torch.isfinite(zT).all() & torch.isfinite(qT).all()
         host_read("solve record")
         back = torch.cat([ctl, finite.to(torch.float64).reshape(1), steps[0], steps[1]]).cpu()
@@ -247,8 +247,8 @@ class TritonCnfSolver:
         self._expected_attempts[key] = max(1, record["steps"] + 1)
         if tape:
             record["saved"] = {"tape": ztape, "t0s": steps[0], "dts": steps[2], "steps": nrec, "bufs": bufs,
-                               "ctl": ctl, "e": e_arg, "time_f32": time_f32, "z0": z0, "q0": q0}
-        return zT, qT[:, : self.nq], record
+                               "ctl": ctl, "e": e_arg, "time_f32": time_f32}
+        return zT, qT, record
 
     # -------------------------------------------------------------------------------------------- per tile
     def per_tile(self, t0: torch.Tensor, t1: torch.Tensor, z0: torch.Tensor, q0: torch.Tensor,
@@ -285,14 +285,10 @@ class TritonCnfSolver:
         bufs = self._buffers(z0, q0)
         n_tiles, nprog = self._grid(B, dev)
         _, dirn, tau0, tend, rnd = _clock(t0, t1, time_f32)
-        ctl = torch.zeros((n_tiles, K.NCTL.value), **f64)
-        ctl[:, K.C_TAU.value] = tau0
-        ctl[:, K.C_TAUP.value] = tau0
-        ctl[:, K.C_TEND.value] = tend
-        ctl[:, K.C_DIR.value] = dirn
-        if first_step is not None:
-            ctl[:, K.C_DTP.value] = rnd(torch.full((), float(first_step), **f64))
-        opt = torch.tensor([rtol, atol, safety, ifactor, dfactor, min_step, max_step, float(max_num_steps)], **f64)
+        # (the kernel computes each tile's first step and counts its evaluations unless first_step is given)
+        dtp = rnd(torch.full((), float(first_step), **f64)) if first_step is not None else torch.zeros((), **f64)
+        ctl = _control_blocks(n_tiles, tau0, tend, dirn, dtp, 0.0)
+        opt = _options(dev, rtol, atol, safety, ifactor, dfactor, min_step, max_step, max_num_steps)
         steps = torch.zeros((3, max(1, n_tiles * cap)), **f64)  # per tile: t0, width, dt of its accepted steps
         ztape = empty((max(1, cap), B, D), z0) if tape else None
         pk = self.packed
@@ -307,22 +303,11 @@ class TritonCnfSolver:
             TIME_F32=time_f32, FIRST_GIVEN=first_step is not None, TAPE=tape, num_warps=self.num_warps)
         # ---- each row's tile's interpolation at the end time (queued on the device)
         tile_of = torch.arange(B, device=dev) // self.BM
-        rows = torch.arange(B, device=dev)
         c = ctl[tile_of]
         cur = c[:, K.C_CUR.value].to(torch.long)
-        prev = 1 - cur
         x, _, dt = _end_coordinate(c, time_f32, dtype)
-        x, dt = x[:, None], dt[:, None]
-        moved = (c[:, K.C_ACC.value] > 0)[:, None]
-
-        def at(Y, i):
-            return Y[i, rows]
-
-        zT = torch.where(moved, _quartic(at(Z, prev), at(Z, cur), at(MID, cur), at(F, prev), at(F, cur), dt, x), z0)
-        qT = q0
-        if self.nq:
-            qT = torch.where(moved, _quartic(at(Q, prev), at(Q, cur), at(MIDQ, cur), at(FQ, prev), at(FQ, cur), dt,
-                                             x)[:, : self.nq], q0)
+        zT, qT = self._interpolate(bufs, 1 - cur, cur, x[:, None], dt[:, None], (c[:, K.C_ACC.value] > 0)[:, None],
+                                   z0, q0)
         finite = torch.isfinite(zT).all() & torch.isfinite(qT).all()
         host_read("solve record")
         back = torch.cat([ctl.reshape(-1), finite.to(torch.float64).reshape(1)]).cpu()
@@ -374,8 +359,8 @@ class TritonCnfSolver:
 
     # -------------------------------------------------------------------------------------------- backward
     def _stage_needs(self) -> tuple:
-        """``(NEED, KNEED)`` per stage: a cotangent reaches it (a solution weight or a later needed stage), and its
-        derivative enters a later needed stage's input. With ``seeded`` every stage is needed (the interpolant)."""
+        """``(NEED, KNEED)`` per stage of an unseeded step: a cotangent reaches it (a solution weight or a later needed
+        stage), and its derivative enters a later needed stage's input."""
         sp = self.spec
         S = sp.S
         need = [False] * S
@@ -461,23 +446,15 @@ class TritonCnfSolver:
         """The quartic interpolant's adjoint (PyTorch autograd on a few tensor ops, once per solve): the last
         step's cotangents ``(gy1, gq_last, gq_before, seeds (sk, skq, gzx), g_x)``. ``prev`` / ``cur`` index the
         state slots per row (shape (1,) or (B,)), ``x`` / ``dts`` are 0-dim or (B, 1)."""
-        Z, Q, F, FQ, MID, MIDQ = bufs
         B = gzT.shape[0]
-        rows = torch.arange(B, device=gzT.device)
         nq = self.nq
-
-        def at(X, i, width=None):
-            v = X[i.expand(B), rows]
-            return v if width is None else v[:, :width]
-
+        zparts, qparts = self._last_step(bufs, prev, cur, B)
         with torch.enable_grad():
             x = x.detach().requires_grad_(want_x)
-            leaves = [at(X, i).detach().requires_grad_() for X, i in ((Z, prev), (Z, cur), (MID, cur), (F, prev),
-                                                                     (F, cur))]
+            leaves = [p.detach().requires_grad_() for p in zparts]
             outs, gouts = [_quartic(*leaves, dts, x)], [gzT]
             if nq:
-                qleaves = [at(X, i, nq).detach().requires_grad_() for X, i in ((Q, prev), (Q, cur), (MIDQ, cur),
-                                                                              (FQ, prev), (FQ, cur))]
+                qleaves = [p.detach().requires_grad_() for p in qparts]
                 outs.append(_quartic(*qleaves, dts, x))
                 gouts.append(gqT)
                 leaves = leaves + qleaves
@@ -545,39 +522,29 @@ class TritonCnfSolver:
                              rtol, atol, norm, step_dtype=dtype)
         return dt.to(time_dtype)
 
-    def _interpolate(self, bufs, ctl, z0, q0, time_f32):
-        """torchdiffeq's quartic interpolant of the last accepted step at the end time (no host read)."""
+    def _last_step(self, bufs, prev, cur, B: int):
+        """Each row's last accepted step as the interpolant needs it: ``[y0, y1, y_mid, f0, f1]`` for z and (sliced to
+        the NQ rates) for q; ``prev`` / ``cur``: the slots of the step's start and end, shape (1,) or (B,)."""
         Z, Q, F, FQ, MID, MIDQ = bufs
-        cur = ctl[K.C_CUR.value].to(torch.long).reshape(1)
-        prev = 1 - cur
-        x, _, dt = _end_coordinate(ctl, time_f32, z0.dtype)
-        moved = ctl[K.C_ACC.value] > 0
+        rows = torch.arange(B, device=Z.device)
+        prev, cur = prev.expand(B), cur.expand(B)
+        slots = (prev, cur, cur, prev, cur)
+        zparts = [X[i, rows] for X, i in zip((Z, Z, MID, F, F), slots)]
+        qparts = [X[i, rows][:, : self.nq] for X, i in zip((Q, Q, MIDQ, FQ, FQ), slots)] if self.nq else []
+        return zparts, qparts
 
-        def quartic(Y, FF, M, start):
-            pick = lambda X, i: X.index_select(0, i)[0]  # noqa: E731
-            total = _quartic(pick(Y, prev), pick(Y, cur), pick(M, cur), pick(FF, prev), pick(FF, cur), dt, x)
-            return torch.where(moved, total, start)
-
-        zT = quartic(Z, F, MID, z0)
-        qT = quartic(Q, FQ, MIDQ, q0 if self.nq else Q[0]) if self.nq else q0
+    def _interpolate(self, bufs, prev, cur, x, dt, moved, z0, q0):
+        """torchdiffeq's quartic interpolant of each row's last accepted step at the end time (no host read):
+        ``(zT, qT)``; rows whose solve took no step (``moved`` False: t0 == t1) keep their start."""
+        zparts, qparts = self._last_step(bufs, prev, cur, z0.shape[0])
+        zT = torch.where(moved, _quartic(*zparts, dt, x), z0)
+        qT = torch.where(moved, _quartic(*qparts, dt, x), q0) if self.nq else q0
         return zT, qT
 
 
-
 def _quartic(y0, y1, ym, f0, f1, dt, x):
-    """torchdiffeq's quartic interpolant of a step from its ends, midpoint and end slopes, at fraction ``x``
-    (fastode.interp.quartic_fit / quartic_eval's operations, with the midpoint given)."""
-    a = 2 * dt * (f1 - f0) - 8 * (y1 + y0) + 16 * ym
-    b = dt * (5 * f0 - 3 * f1) + 18 * y0 + 14 * y1 - 32 * ym
-    c = dt * (f1 - 4 * f0) - 11 * y0 - 5 * y1 + 16 * ym
-    d = dt * f0
-    total = y0 + x * d
-    xp = x * x
-    total = total + xp * c
-    xp = xp * x
-    total = total + xp * b
-    xp = xp * x
-    return total + xp * a
+    """torchdiffeq's quartic interpolant of a step from its ends, midpoint and end slopes, at fraction ``x``."""
+    return quartic_eval(quartic_coefficients(y0, y1, ym, f0, f1, dt), x)
 
 
 def _grown(buf: Optional[torch.Tensor], n: int, like: torch.Tensor) -> torch.Tensor:
@@ -588,6 +555,23 @@ def _grown(buf: Optional[torch.Tensor], n: int, like: torch.Tensor) -> torch.Ten
     if buf is not None:
         out[: buf.shape[0]] = buf
     return out
+
+
+def _options(device, rtol, atol, safety, ifactor, dfactor, min_step, max_step, max_num_steps) -> torch.Tensor:
+    """The kernels' options block (float64, indices ``O_*`` of :mod:`fastode.kernels.cnf_step`)."""
+    return torch.tensor([rtol, atol, safety, ifactor, dfactor, min_step, max_step, float(max_num_steps)],
+                        dtype=torch.float64, device=device)
+
+
+def _control_blocks(n: int, tau0, tend, dirn, dtp, nfe: float) -> torch.Tensor:
+    """``n`` fresh control blocks (float64 ``(n, NCTL)``, indices ``C_*``): the clock at ``tau0`` with the end
+    ``tend`` and direction ``dirn``, the proposed first step ``dtp`` (0: the kernel computes it), ``nfe`` evaluations
+    so far; everything else zero."""
+    ctl = torch.zeros((n, K.NCTL.value), dtype=torch.float64, device=tau0.device)
+    for field, value in ((K.C_TAU, tau0), (K.C_TAUP, tau0), (K.C_TEND, tend), (K.C_DIR, dirn), (K.C_DTP, dtp),
+                         (K.C_NFE, nfe)):
+        ctl[:, field.value] = value
+    return ctl
 
 
 def _end_coordinate(ctl: torch.Tensor, time_f32: bool, dtype: torch.dtype):

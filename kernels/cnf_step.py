@@ -68,7 +68,6 @@ O_DFACTOR = tl.constexpr(4)
 O_MIN = tl.constexpr(5)
 O_MAX = tl.constexpr(6)
 O_MAXN = tl.constexpr(7)
-NOPT = tl.constexpr(8)
 
 ST_MAX_STEPS, ST_UNDERFLOW, ST_NONFINITE, ST_TAPE_FULL = 1, 2, 3, 4
 

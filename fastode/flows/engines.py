@@ -328,6 +328,35 @@ def _grid_options(solver: Solver, info, handled):
     return h, bool(opts.get("check_finite", True))
 
 
+def _fsal_tableau(solver: Solver, info):
+    """The tableau the fused adaptive engines run (explicit, FSAL, an error estimate and torchdiffeq's midpoint
+    weights: dopri5, tsit5, bosh3), or a :class:`Skip`."""
+    tab = info.rk_tableau
+    if not info.adaptive or tab is None:
+        return Skip(f"method {solver.method!r} is not an adaptive one-step RK method")
+    if not tab.fsal or tab.b_err is None or tab.c_mid is None:
+        return Skip(f"method {solver.method!r}: this engine runs FSAL tableaus with an error estimate and "
+                    "midpoint weights (dopri5, tsit5, bosh3)")
+    return tab
+
+
+def _controller_options(solver: Solver, info, handled):
+    """The fused adaptive engines' controller settings as floats (``rtol``, ``atol``, ``safety``, ``ifactor``,
+    ``dfactor``, ``min_step``, ``max_step``, ``first_step`` or None, ``max_num_steps``), or a :class:`Skip` (an option
+    other than ``handled`` off its default, a value that is not a number)."""
+    why = _options_at_defaults(solver, info, handled)
+    if why is not None:
+        return Skip(why)
+    opts = {**info.options, **solver.full_options()}
+    try:
+        return dict(rtol=float(solver.rtol), atol=float(solver.atol),
+                    **{k: float(opts[k]) for k in ("safety", "ifactor", "dfactor", "min_step", "max_step")},
+                    first_step=None if opts["first_step"] is None else float(opts["first_step"]),
+                    max_num_steps=int(opts["max_num_steps"]))
+    except (TypeError, ValueError) as exc:
+        return Skip(f"solver options ({exc})")
+
+
 def _options_at_defaults(solver: Solver, info, handled) -> Optional[str]:
     """Why not, if a solver option outside ``handled`` differs from the method's default."""
     for key, value in solver.full_options().items():
@@ -537,12 +566,9 @@ class CppAdaptiveEngine(Engine):
             return info
         if torch.compiler.is_compiling() and _wants_grad(solve):  # the tape's length is data-dependent
             return Skip(_UNDER_COMPILE)
-        tab = info.rk_tableau
-        if not info.adaptive or tab is None:
-            return Skip(f"method {solver.method!r} is not an adaptive one-step RK method")
-        if not tab.fsal or tab.b_err is None or tab.c_mid is None:
-            return Skip(f"method {solver.method!r}: this engine runs FSAL tableaus with an error estimate and "
-                        "midpoint weights (dopri5, tsit5, bosh3)")
+        tab = _fsal_tableau(solver, info)
+        if isinstance(tab, Skip):
+            return tab
         rates = _fused_cpp_common(solve, allow_no_trace=True)
         if isinstance(rates, Skip):
             return rates
@@ -550,18 +576,12 @@ class CppAdaptiveEngine(Engine):
             return Skip("more than two output times")
         if _wants_grad(solve) and solver.gradient not in ("direct", "checkpoint"):
             return Skip(f"gradient={solver.gradient!r} (the fused adaptive solve's gradient is the discrete one)")
-        why = _options_at_defaults(solver, info, self._HANDLED_OPTIONS)
-        if why is not None:
-            return Skip(why)
-        opts = {**info.options, **solver.full_options()}
-        try:
-            ctl = [float(solver.rtol), float(solver.atol)] + [float(opts[k]) for k in
-                                                              ("safety", "ifactor", "dfactor", "min_step", "max_step")]
-            ctl.append(0.0 if opts["first_step"] is None else float(opts["first_step"]))
-            max_steps = int(opts["max_num_steps"])
-        except (TypeError, ValueError) as exc:
-            return Skip(f"solver options ({exc})")
-        return _AdaptivePlan(tab, rates, ctl, max_steps)
+        opts = _controller_options(solver, info, self._HANDLED_OPTIONS)
+        if isinstance(opts, Skip):
+            return opts
+        ctl = [opts[k] for k in ("rtol", "atol", "safety", "ifactor", "dfactor", "min_step", "max_step")]
+        ctl.append(0.0 if opts["first_step"] is None else opts["first_step"])
+        return _AdaptivePlan(tab, rates, ctl, opts["max_num_steps"])
 
     def run(self, solve, plan: _AdaptivePlan):
         from fastode.cpp import _dispatch
@@ -691,7 +711,9 @@ class _TritonGridPlan(NamedTuple):
     check_finite: bool
 
 
-def _triton_solver(solve: CnfSolve, tableau, rates, nq_norm, adaptive: bool):
+def _triton_solver(solve: CnfSolve, tableau, rates, nq_norm, adaptive: bool, rows: Optional[int] = None):
+    """The launcher of this solve's fused kernels; ``rows``: the tile height (per-tile control), else the MLP
+    kernels' tile."""
     from fastode.kernels.cnf_solve import TritonCnfSolver
     from fastode.ops import triton_mlp as TB
 
@@ -702,7 +724,8 @@ def _triton_solver(solve: CnfSolve, tableau, rates, nq_norm, adaptive: bool):
     cfg = TB._config(x.shape[1], widths, x.dtype)
     packed = TB._packed(layers, cfg["CH"], cfg["CD"])
     return TritonCnfSolver(packed, dyn.activation, solve.trace, rates, nq_norm, tableau, adaptive=adaptive,
-                           BM=cfg["BM"], max_programs=TB.CONFIG["max_programs"], num_warps=TB.CONFIG["num_warps"])
+                           BM=rows or cfg["BM"], max_programs=TB.CONFIG["max_programs"],
+                           num_warps=TB.CONFIG["num_warps"])
 
 
 def _mlp_params(solve: CnfSolve) -> list:
@@ -843,12 +866,9 @@ class TritonAdaptiveEngine(Engine):
         info = _method_info(solve)
         if isinstance(info, Skip):
             return info
-        tab = info.rk_tableau
-        if not info.adaptive or tab is None:
-            return Skip(f"method {solver.method!r} is not an adaptive one-step RK method")
-        if not tab.fsal or tab.b_err is None or tab.c_mid is None:
-            return Skip(f"method {solver.method!r}: this engine runs FSAL tableaus with an error estimate and "
-                        "midpoint weights (dopri5, tsit5, bosh3)")
+        tab = _fsal_tableau(solver, info)
+        if isinstance(tab, Skip):
+            return tab
         if len(solve.t) != 2:
             return Skip("more than two output times")
         common = _fused_triton_common(solve)
@@ -858,31 +878,20 @@ class TritonAdaptiveEngine(Engine):
             rows = solve.step_rows
             if rows not in (16, 32, 64, 128):
                 return Skip(f"step_rows={rows} (the per-tile Triton solve runs tiles of 16, 32, 64 or 128 rows)")
-
-        why = _options_at_defaults(solver, info, self._HANDLED_OPTIONS)
-        if why is not None:
-            return Skip(why)
-        opts = {**info.options, **solver.full_options()}
-        try:
-            ctl = dict(rtol=float(solver.rtol), atol=float(solver.atol),
-                       **{k: float(opts[k]) for k in ("safety", "ifactor", "dfactor", "min_step", "max_step")},
-                       first_step=None if opts["first_step"] is None else float(opts["first_step"]),
-                       max_num_steps=int(opts["max_num_steps"]))
-        except (TypeError, ValueError) as exc:
-            return Skip(f"solver options ({exc})")
-        return tab, common, ctl
+        ctl = _controller_options(solver, info, self._HANDLED_OPTIONS)
+        return ctl if isinstance(ctl, Skip) else (tab, common, ctl)
 
     def run(self, solve, plan):
         from fastode.stats import SolveStats
 
         tab, (rates, nq_norm), ctl = plan
-        t = solve.t
-        stepper = _triton_solver(solve, tab, rates, nq_norm, adaptive=True)
         e = solve.e.detach() if solve.trace == "hutchinson" else None
-        td = t.detach()
-        runner = None
         if solve.step_rows:
             return self._run_per_tile(solve, tab, rates, nq_norm, ctl, e)
+        t = solve.t
+        stepper = _triton_solver(solve, tab, rates, nq_norm, adaptive=True)
+        td = t.detach()
+        runner = None
         if _wants_grad(solve):
             from fastode.ops.triton_cnf import SolveRunner, TritonCnfSolve
 
@@ -921,12 +930,9 @@ class TritonAdaptiveEngine(Engine):
         the tile's rows); stats are the row-weighted mean counts, ``stats.tiles`` each tile's. Gradient: the fused
         discrete adjoint of every tile in one launch. A failed tile raises the error class ``odeint`` raises, naming
         the time, the tile and its rows."""
-        from fastode.kernels.cnf_solve import TritonCnfSolver
         from fastode.stats import SolveStats
 
-        base = _triton_solver(solve, tab, rates, nq_norm, adaptive=True)
-        stepper = TritonCnfSolver(base.packed, base.activation, solve.trace, rates, nq_norm, tab, adaptive=True,
-                                  BM=solve.step_rows, max_programs=base.max_programs, num_warps=base.num_warps)
+        stepper = _triton_solver(solve, tab, rates, nq_norm, adaptive=True, rows=solve.step_rows)
         td = solve.t.detach()
         runner = None
 
