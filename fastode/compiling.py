@@ -16,14 +16,22 @@ from typing import Callable, List
 
 import torch
 
-__all__ = ["host_floats", "host_constant", "check"]
+__all__ = ["host_floats", "host_constant", "check", "constant_result"]
+
+
+def constant_result(fn: Callable) -> Callable:
+    """``torch.compiler.assume_constant_result`` without its import of ``torch._dynamo`` (over a second, which
+    ``import fastode`` must not pay): that decorator only marks the function, as torch marks its own functions
+    (``torch/_dynamo/decorators.py``); ``tests/test_import_time.py`` checks that the mark is still torch's."""
+    fn._dynamo_marked_constant = True
+    return fn
 
 _CHANGED = ("fastode: a compiled solve read these times while it was traced and they changed since (under "
             "torch.compile the time values are part of the graph); call torch._dynamo.reset() to recompile, or "
             "keep the times fixed")
 
 
-@torch.compiler.assume_constant_result
+@constant_result
 def _traced_floats(t: torch.Tensor) -> tuple:
     return tuple(t.detach().to("cpu", torch.float64).tolist())
 
@@ -48,7 +56,7 @@ def host_constant(fn: Callable, *args):
     return _traced_call(fn, *args)
 
 
-@torch.compiler.assume_constant_result
+@constant_result
 def _traced_call(fn, *args):
     return fn(*args)
 

@@ -17,7 +17,7 @@ Rules (tested in ``tests/test_ops_registry.py``):
 3. Resolution is meant to happen once per solve (or per module call), not per stage: callers keep the
    :class:`Choice` and call ``choice.impl`` directly. Nothing here is consulted inside a solver's stage loop.
 
-This module imports nothing from fastode: it is the bottom layer.
+This module imports nothing from fastode but :mod:`fastode.compiling` (torch only): it is the bottom layer.
 """
 from __future__ import annotations
 
@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
+
+from ..compiling import constant_result
 
 __all__ = ["Choice", "BackendUnavailableError", "register", "register_lazy", "resolve", "backends_of",
            "AUTO_ORDER", "REFERENCE", "snapshot", "restore", "lookup"]
@@ -181,7 +183,7 @@ def _why_not_call(impl: _Impl, call) -> Tuple[Optional[_Impl], Optional[str]]:
     return impl, None
 
 
-@torch.compiler.assume_constant_result
+@constant_result
 def _plan_traced(op: str, backend: str, device_type: str) -> tuple:
     """``((name, why or None), ...)``: the candidates in order, each loaded (or not) and checked for the device.
     Run while tracing, before the traced code reads the registry, so that what it loads is seen there."""
