@@ -118,9 +118,11 @@ class FixedGridSolver(Solver):
         return lambda v: float(torch.tensor(v, dtype=dtype))
 
     def _stage_times(self, t0, dt, t1, rnd, grad_times=None):
-        """Times ``func`` sees for each stage (grid dtype arithmetic, cast to the state dtype, perturbed)."""
+        """Times ``func`` sees for each stage (grid dtype arithmetic, cast to the state dtype, perturbed).
+
+        ``grad_times``: ``(g0, gdt, g1)`` as tensors, when the times require grad; they only add their gradient
+        (:func:`_with_grad`), the values are the host arithmetic's either way."""
         out = []
-        dev = self.y0.device
         for i, c in enumerate(self.tableau.c):
             p = Perturb.NONE
             if self.perturb:
@@ -128,18 +130,25 @@ class FixedGridSolver(Solver):
                     p = Perturb.NEXT
                 elif c == 1.0:
                     p = Perturb.PREV
+            v = t0 if c == 0 else (t1 if c == 1.0 else rnd(t0 + rnd(c * dt)))
+            d = None
             if grad_times is not None:
                 g0, gdt, g1 = grad_times
-                tt = g0 if c == 0 else (g1 if c == 1.0 else g0 + gdt * c)
-                tt = tt.to(self.rdtype)
-                if p:
-                    tt = tt + (torch.nextafter(tt.detach(), torch.full((), math.inf * p, dtype=self.rdtype,
-                                                                          device=dev)) - tt.detach())
-                out.append(tt)
-                continue
-            v = t0 if c == 0 else (t1 if c == 1.0 else rnd(t0 + rnd(c * dt)))
-            out.append(torch.full((), state_time_value(v, self.rdtype, p), dtype=self.rdtype, device=dev))
+                d = g0 if c == 0 else (g1 if c == 1.0 else g0 + gdt * c)
+            out.append(self._with_grad(state_time_value(v, self.rdtype, p), d))
         return out
+
+    def _with_grad(self, value: float, d=None):
+        """The 0-dim state-dtype tensor holding ``value`` and, if the tensor ``d`` (the same quantity computed from
+        the differentiable times) is given, ``d``'s gradient: ``value + (d - d.detach())``. The value never comes
+        from ``d``'s tensor arithmetic, so a solve's values do not depend on whether the times require grad."""
+        out = torch.full((), value, dtype=self.rdtype, device=self.y0.device)
+        return out if d is None else out + (d - d.detach()).to(self.rdtype)
+
+    @staticmethod
+    def _fraction(rnd, tj, t0, t1) -> float:
+        """``(tj - t0) / (t1 - t0)`` in the grid's dtype, each operation rounded (as torchdiffeq's tensors)."""
+        return rnd(rnd(tj - t0) / rnd(t1 - t0))
 
     def _grid(self, t):
         grid = self.grid_constructor(self.func, self.y0, t)
@@ -205,16 +214,16 @@ class FixedGridSolver(Solver):
         return torch.stack(solution)
 
     def step_times(self, ctx, i):
-        """``(tc, dt)`` of grid step ``i``: the stage times ``func`` sees and the step size (a tensor when
-        differentiable w.r.t. the grid)."""
+        """``(tc, dt)`` of grid step ``i``: the stage times ``func`` sees and the step size (a tensor carrying the
+        grid's gradient when the times require grad; the same value either way)."""
         t0, t1 = ctx.g_host[i], ctx.g_host[i + 1]
         dt = ctx.rnd(t1 - t0)
+        dt_value = state_time_value(dt, self.rdtype) if ctx.grid.dtype != self.rdtype else dt
         if ctx.need_grad:
             g0, g1 = ctx.grid[i], ctx.grid[i + 1]
             gdt = g1 - g0
-            return self._stage_times(t0, dt, t1, ctx.rnd, (g0, gdt, g1)), gdt.to(self.rdtype)
-        tc = self._stage_times(t0, dt, t1, ctx.rnd)
-        return tc, (state_time_value(dt, self.rdtype) if ctx.grid.dtype != self.rdtype else dt)
+            return self._stage_times(t0, dt, t1, ctx.rnd, (g0, gdt, g1)), self._with_grad(dt_value, gdt)
+        return self._stage_times(t0, dt, t1, ctx.rnd), dt_value
 
     def grid_step(self, ctx, i, y0):
         """Step ``i`` of the grid from ``y0`` (shared by the solve and :meth:`replay`)."""
@@ -235,28 +244,22 @@ class FixedGridSolver(Solver):
         t, grid, need_grad, rnd = ctx.t, ctx.grid, ctx.need_grad, ctx.rnd
         tj, t0, t1 = ctx.t_host[j], ctx.g_host[i], ctx.g_host[i + 1]
         y1 = step.y1
+        if self.interp == "linear" and (tj == t0 or tj == t1) and not need_grad:
+            return y0 if tj == t0 else y1   # exactly y0 / y1, as torchdiffeq
+        # the interpolants' scalars are 0-dim tensors, as torchdiffeq's (a Python float would take the polynomial's
+        # powers in float64); with time gradients they carry them, with the same values
+        h = self._with_grad(state_time_value(self._fraction(rnd, tj, t0, t1), self.rdtype),
+                            (t[j] - grid[i]) / (grid[i + 1] - grid[i]) if need_grad else None)
         if self.interp == "linear":
-            if need_grad:
-                slope = ((t[j] - grid[i]) / (grid[i + 1] - grid[i])).to(self.rdtype)
-                if tj == t0 or tj == t1:
-                    # the value is exactly y0 / y1 (as torchdiffeq); the derivative w.r.t. the times is that of the
-                    # linear interpolant inside this step (torchdiffeq's branch would give the output time none)
-                    return (y0 if tj == t0 else y1) + (slope - slope.detach()) * (y1 - y0)
-                return linear(y0, y1, slope)
-            if tj == t0:
-                return y0
-            if tj == t1:
-                return y1
-            return linear(y0, y1, state_time_value(rnd((tj - t0) / rnd(t1 - t0)), self.rdtype))
+            if tj == t0 or tj == t1:
+                # the value is exactly y0 / y1; the derivative w.r.t. the times is that of the linear interpolant
+                # inside this step (torchdiffeq's branch would give the output time none)
+                return (y0 if tj == t0 else y1) + (h - h.detach()) * (y1 - y0)
+            return linear(y0, y1, h)
         # cubic Hermite: one more evaluation of func at the end of the step, per output (torchdiffeq)
-        if need_grad:
-            f1 = self.func(grid[i + 1].to(self.rdtype), y1)
-            dt = (grid[i + 1] - grid[i]).to(self.rdtype)
-            h = ((t[j] - grid[i]) / (grid[i + 1] - grid[i])).to(self.rdtype)
-        else:
-            f1 = self.func(torch.full((), state_time_value(t1, self.rdtype), dtype=self.rdtype, device=y0.device), y1)
-            dt = state_time_value(rnd(t1 - t0), self.rdtype)
-            h = state_time_value(rnd((tj - t0) / rnd(t1 - t0)), self.rdtype)
+        f1 = self.func(self._with_grad(state_time_value(t1, self.rdtype), grid[i + 1] if need_grad else None), y1)
+        dt = self._with_grad(state_time_value(rnd(t1 - t0), self.rdtype),
+                             grid[i + 1] - grid[i] if need_grad else None)
         return hermite_cubic(y0, step.k[0], y1, f1, dt, h)
 
     def _check_first_bad(self, first, g_host):

@@ -488,11 +488,13 @@ class RKAdaptiveSolver(Solver):
         t0, t1, y1 = last.t0, last.t1, last.y1
         if self.land_on is not None and next_t == t1:
             return y1
+        # a 0-dim tensor, as torchdiffeq's (a Python float would take the polynomial's powers in float64); with time
+        # gradients it carries them, with the same value
+        x = torch.full((), self._x(next_t, t0, t1), dtype=self.rdtype, device=self.y0.device)
         if self._t_tensor is not None:
             c0, width = self._step_frame(last)
-            x = ((self._t_tensor[i] - c0) / width).to(self.rdtype)
-        else:
-            x = self._x(next_t, t0, t1)
+            d = (self._t_tensor[i] - c0) / width
+            x = x + (d - d.detach()).to(self.rdtype)
         return self._eval_step(self.last, x)
 
     def _step_frame(self, last):
@@ -508,9 +510,10 @@ class RKAdaptiveSolver(Solver):
         return c0, width
 
     def _x(self, t, t0, t1):
-        x = self._round((t - t0) / self._round(t1 - t0)) if self.time_dtype != torch.float64 else \
-            (t - t0) / (t1 - t0)
-        return state_time_value(x, self.rdtype)
+        """The interpolation coordinate ``(t - t0) / (t1 - t0)``, each operation rounded to the time dtype (as
+        torchdiffeq's tensors, and as :meth:`_interpolate`'s differentiable coordinate: the same value)."""
+        rnd = self._round
+        return state_time_value(rnd(rnd(t - t0) / rnd(t1 - t0)), self.rdtype)
 
     def _eval_step(self, last, x):
         y0, y1, k, dt_arg = last.y0, last.y1, last.k, last.dt_arg
