@@ -20,6 +20,8 @@ class                              bases                                   raise
                                                                            shape or dtype
 ``NonFiniteError``                 ``RuntimeError``, ``AssertionError``    NaN/inf in the state or in ``func``'s
                                                                            output during the solve
+``NonFiniteStateError``            ``InvalidStateError``,                  NaN/inf in ``y0``: bad input, and the
+                                   ``NonFiniteError``                      solve's NaN/inf at its initial time
 ``StepSizeUnderflowError``         ``RuntimeError``, ``AssertionError``    adaptive step size underflow
 ``MaxStepsExceededError``          ``RuntimeError``, ``AssertionError``    ``max_num_steps`` reached
 ================================  ======================================  ==================================
@@ -32,7 +34,7 @@ from __future__ import annotations
 
 __all__ = [
     "FastodeError", "InvalidTimeError", "TimeDtypeError", "InvalidMethodError", "InvalidOptionError",
-    "InvalidStateError", "FuncOutputError", "NonFiniteError", "StepSizeUnderflowError",
+    "InvalidStateError", "FuncOutputError", "NonFiniteError", "NonFiniteStateError", "StepSizeUnderflowError",
     "MaxStepsExceededError", "FallbackWarning", "warn_fallback_once", "STEP_FAILURE_REMEDIES",
     "STIFF_REMEDIES",
 ]
@@ -68,6 +70,12 @@ class FuncOutputError(FastodeError, RuntimeError, AssertionError):
 
 class NonFiniteError(FastodeError, RuntimeError, AssertionError):
     """The state or ``func``'s output became NaN/inf during the solve."""
+
+
+class NonFiniteStateError(InvalidStateError, NonFiniteError):
+    """``y0`` holds NaN/inf: malformed input (``except InvalidStateError`` / ``ValueError``, as before) and the
+    solution's NaN/inf at the initial time (``except NonFiniteError``, as a solve that meets NaN/inf later; a fused
+    CNF engine that meets a NaN input row raises it too, through the odeint re-run)."""
 
 
 class StepSizeUnderflowError(FastodeError, RuntimeError, AssertionError):

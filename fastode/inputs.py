@@ -16,7 +16,8 @@ from collections import namedtuple
 import torch
 
 from .compiling import check, host_floats
-from .errors import (InvalidOptionError, InvalidStateError, InvalidTimeError, FuncOutputError, TimeDtypeError)
+from .errors import (InvalidOptionError, InvalidStateError, InvalidTimeError, FuncOutputError, NonFiniteStateError,
+                     TimeDtypeError)
 from .events import combine_event_functions
 from .norms import mixed_norm, rms_norm
 from .solvers import SOLVERS, get_solver
@@ -232,8 +233,9 @@ def check_inputs(func, y0, t, rtol, atol, method, options, event_fn, solvers=SOL
         t = t.to(y0.device)
 
     if check_y0:
-        check(torch.isfinite(y0).all(), lambda: InvalidStateError(
-            "y0 contains NaN or inf values; the initial state must be finite"))
+        check(torch.isfinite(y0).all(), lambda: NonFiniteStateError(
+            f"y0 contains NaN or inf values (the solution at the initial time t={t_vals[0]:.6g}); the initial state "
+            "must be finite"))
 
     # ---- the function the solver calls
     base = _make_base(func, shapes, t_is_reversed)

@@ -123,7 +123,10 @@ def prepare_attempt(ctl, opt, TIME_F32: tl.constexpr, DT_DTYPE: tl.constexpr):
     running = tend > tau
     over = running & (att >= tl.load(opt + O_MAXN))
     under = running & (over == 0) & ((tnew > tau) == 0)
-    status = tl.where(over, 1.0, tl.where(under, tl.where(seen > 0.0, 3.0, 2.0), 0.0))
+    # an underflow after a non-finite attempt, or from a non-finite proposed step (only the first step's heuristic
+    # gives one: its norms of a NaN/inf state or slope), is NaN/inf, as odeint reports it
+    nonfinite = (seen > 0.0) | (_finite(dtp) == 0)
+    status = tl.where(over, 1.0, tl.where(under, tl.where(nonfinite, 3.0, 2.0), 0.0))
     go = running & (status == 0.0)
     hs = _state_round(h, DT_DTYPE)
     tl.store(ctl + C_H, h)

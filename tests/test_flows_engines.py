@@ -104,13 +104,29 @@ def test_explicit_engine_runs_or_raises_with_the_reason():
 
 
 @needs_cpp
-def test_explicit_grid_engine_on_a_non_finite_solve_raises():
-    cnf = _cnf(engine="cpp_grid")
-    with torch.no_grad():
-        cnf.dynamics.layers[-1]._layer.bias[0] = float("nan")
+@pytest.mark.parametrize("engine", ["cpp_grid", "auto"])
+@pytest.mark.parametrize("where", ["weights", "input row"])
+def test_grid_engine_on_a_non_finite_solve_raises_odeints_error(engine, where, monkeypatch):
+    """Forced or automatic, a NaN in the fused grid solve raises odeint's NonFiniteError naming the step (the
+    grid solve is re-run on odeint, as the warning says), never an EngineUnavailableError."""
+    from fastode import errors
+
+    monkeypatch.setattr(errors, "_WARNED", set())
+    cnf = _cnf(engine=engine)
     x, e = _x()
-    with pytest.warns(Warning), pytest.raises(EngineUnavailableError, match="NaN/inf"):
-        cnf(x, noise=e)
+    if where == "weights":
+        with torch.no_grad():
+            cnf.dynamics.layers[-1]._layer.bias[0] = float("nan")
+    else:
+        x[3, 1] = float("nan")
+    # odeint names the step of a NaN from the weights, the initial time of a NaN input (also an InvalidStateError)
+    named = r"NaN/inf in the step from t=0.0 to t=0.1 \(RK4, step 0" if where == "weights" else \
+        r"y0 contains NaN or inf values \(the solution at the initial time t=0\)"
+    with pytest.warns(errors.FallbackWarning, match="fused C\\+\\+ grid solve produced NaN/inf; re-running"):
+        with pytest.raises(errors.NonFiniteError, match=named):
+            cnf(x, noise=e)
+    rec = cnf.last_solve
+    assert rec.engine == "odeint" and "produced NaN/inf" in dict(rec.skipped)["cpp_grid"]
 
 
 class _Spy(E.Engine):

@@ -151,25 +151,46 @@ def test_launches_and_host_reads_per_solve():
     ({"first_step": 0.1, "min_step": 0.1}, "NonFiniteError"),  # forced acceptance of a NaN step: status NaN/inf
     ({"first_step": 0.1, "max_num_steps": 2}, "MaxStepsExceededError"),  # rejected and shrunk until the budget
 ])
-def test_nan_stage_declines_to_odeint_which_raises_its_error(options, error):
+def test_nan_stage_reruns_on_odeint_which_raises_its_error(options, error, monkeypatch):
     """A non-finite stage (a NaN probe entry makes one row's trace NaN; sums keep NaN, so the batch norm is NaN):
-    the device controller rejects (NaN factor) or, at min_step, stops with status NaN/inf; the engine declines and
-    odeint re-runs the solve and raises the error it raises on its own, naming the time."""
+    the device controller rejects (NaN factor) or, at min_step, stops with status NaN/inf; forced or automatic, the
+    solve is re-run on odeint (warned, recorded), which raises the error it raises on its own, naming the time."""
     import fastode.errors as E
 
+    monkeypatch.setattr(E, "_WARNED", set())
     cnf = _cnf(torch.float64, options=options)
     x, e = _data(torch.float64)
     e[3, 0] = float("nan")
-    with pytest.raises(EngineUnavailableError, match="NaN/inf" if error == "NonFiniteError" else "max_num_steps"):
-        _solve(cnf, x, e, "triton_adaptive")
     with pytest.raises(getattr(E, error)) as direct:
         _solve(cnf, x, e, "odeint")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FallbackWarning)
-        with pytest.raises(getattr(E, error)) as auto:
-            _solve(cnf, x, e, "auto")
-    assert str(auto.value) == str(direct.value) and "t=" in str(auto.value)
-    assert cnf.last_solve.engine == "odeint" and "triton_adaptive" in dict(cnf.last_solve.skipped)
+    for engine in ("triton_adaptive", "auto"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with pytest.raises(getattr(E, error)) as got:
+                _solve(cnf, x, e, engine)
+        assert str(got.value) == str(direct.value) and "t=" in str(got.value)
+        assert cnf.last_solve.engine == "odeint" and "triton_adaptive" in dict(cnf.last_solve.skipped)
+    why = dict(cnf.last_solve.skipped)["triton_adaptive"]
+    assert ("NaN/inf" if error == "NonFiniteError" else "max_num_steps") in why
+    assert [w for w in caught if issubclass(w.category, FallbackWarning)] == []  # warned once per process
+
+
+@pytest.mark.parametrize("engine, method", [("triton_adaptive", "dopri5"), ("triton_grid", "rk4")])
+def test_nan_input_row_raises_odeints_non_finite_error(engine, method):
+    """A NaN in one input row: the adaptive first step is NaN, which the device reports as NaN/inf (not as a step-size
+    underflow); the grid's result is NaN. Forced, each raises odeint's NonFiniteError for the initial time."""
+    from fastode.errors import NonFiniteError
+
+    cnf = _cnf(torch.float64, method=method, **({"step_size": 0.3} if method == "rk4" else {}))
+    x, e = _data(torch.float64)
+    x[5, 1] = float("nan")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(NonFiniteError, match=r"NaN or inf values \(the solution at the initial time t=0\)"):
+            _solve(cnf, x, e, engine)
+    why = dict(cnf.last_solve.skipped)[engine]
+    assert "NaN/inf" in why and "underflow" not in why
+    assert not caught or all("NaN/inf" in str(w.message) for w in caught if issubclass(w.category, FallbackWarning))
 
 
 def test_explicit_engine_says_why_not():

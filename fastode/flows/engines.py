@@ -17,10 +17,11 @@ solve and, if not, why:
   asks for it (``Solver(backend="torchdiffeq")``); fastode never falls back to it.
 
 Rules (the same as the ops layer's, :mod:`fastode.ops.registry`): with ``engine="auto"`` the engines are tried
-in registry order and the first that can run, runs; one that declines at run time (the fused grid solve on a
-non-finite result, so that ``"odeint"`` re-runs the solve and raises the error naming the step) falls through to
-the next one. Every skipped engine's reason is kept. An explicitly requested engine that cannot run raises
-:class:`EngineUnavailableError` with the reason. Eligibility is derived from the method's solver class
+in registry order and the first that can run, runs; one that declines at run time falls through to the next one.
+Every skipped engine's reason is kept. An explicitly requested engine that cannot run raises
+:class:`EngineUnavailableError` with the reason. A fused solve that stops short (NaN/inf, step-size underflow,
+``max_num_steps``: :class:`Failed`) is re-run on ``"odeint"``, forced or automatic, so that the error raised is
+``odeint``'s own, naming the step or time (a fused grid solve does not know its failing step). Eligibility is derived from the method's solver class
 (:func:`fastode.solvers.method_info`: adaptive or not, its tableau, its options and their defaults), never from
 lists of method names.
 
@@ -45,6 +46,7 @@ __all__ = [
     "CnfSolve",
     "EngineResult",
     "Skip",
+    "Failed",
     "SolveRecord",
     "EngineUnavailableError",
     "Engine",
@@ -108,6 +110,17 @@ class Skip(NamedTuple):
     """An engine cannot run this solve, and why."""
 
     reason: str
+
+
+class Failed(NamedTuple):
+    """An engine ran this solve and it stopped short (NaN/inf, step-size underflow, ``max_num_steps``):
+    ``reason`` says what happened (and where, as far as the engine knows); ``error`` is the exception of that
+    failure's class (:mod:`fastode.errors`), raised if the ``"odeint"`` re-run that :func:`run_solve` makes to name
+    the step or time finishes the solve after all (the engines round differently) and the engine was asked for by
+    name."""
+
+    reason: str
+    error: Exception
 
 
 @dataclass(frozen=True)
@@ -405,8 +418,8 @@ class CppGridEngine(Engine):
     Frobenius norm, not the probe estimate odeint integrates) Jacobian-Frobenius integrands; no error
     regularisers. The fused backward is once-differentiable (no double backward).
 
-    ``check_finite`` (default on): a non-finite result declines at run time, so that ``"odeint"`` re-runs the solve
-    and raises :class:`~fastode.errors.NonFiniteError` naming the step; the re-run is warned once
+    ``check_finite`` (default on): a non-finite result is a :class:`Failed` solve: ``"odeint"`` re-runs it and
+    raises :class:`~fastode.errors.NonFiniteError` naming the step; the re-run is warned once
     (:class:`~fastode.errors.FallbackWarning`) and recorded.
     """
 
@@ -451,12 +464,7 @@ class CppGridEngine(Engine):
             check(torch.isfinite(zT).all() & torch.isfinite(qT).all(), lambda: NonFiniteError(
                 "the fused C++ grid solve produced NaN/inf (run it eagerly to have the step named)"))
         elif plan.check_finite and not bool(torch.isfinite(zT).all() and torch.isfinite(qT).all()):
-            from fastode.errors import warn_fallback_once
-
-            reason = ("the fused C++ grid solve produced NaN/inf; re-running it on the odeint path, which raises "
-                      "NonFiniteError naming the step")
-            warn_fallback_once("cnf-fused-cpu-nonfinite", f"CNF: {reason}")
-            return Skip(reason)
+            return _grid_failure("the fused C++ grid solve")
         dyn.last_backend = "cpp"
         g = host_floats(grid.detach())
         n = len(g) - 1
@@ -488,25 +496,49 @@ _STATUS = {1: "max_num_steps was exceeded", 2: "the step size underflowed", 3: "
 STORED_STEPS_BYTES = 1 << 30
 
 
-def _tile_failure(st: dict, tile: int, rows: int, B: int, rtol: float, atol: float, max_num_steps: int) -> Exception:
-    """The error ``odeint`` raises for the same failure (its class, the time, the remedies), for tile ``tile`` of a
-    per-tile solve: each tile is its own batch-global problem, so this is what ``odeint`` on its rows would raise."""
+def _status_error(status: int, where: str, rtol: float, atol: float, max_num_steps: int) -> Exception:
+    """The error ``odeint`` raises for a fused solve's stop ``status`` (its class, the remedies), stopped ``where``
+    (e.g. "at t=0.25 in tile 1 (rows 64..127) of the per-tile solve")."""
     from fastode.errors import STEP_FAILURE_REMEDIES, MaxStepsExceededError, NonFiniteError, StepSizeUnderflowError
 
-    where = (f"at t={st['t_status']:.6g} in tile {tile} (rows {tile * rows}..{min(B, (tile + 1) * rows) - 1}) of the "
-             "per-tile solve")
-    if st["status"] == 1:
+    if status == 1:
         return MaxStepsExceededError(
             f"max_num_steps exceeded ({max_num_steps}): {max_num_steps} step attempts did not reach the "
             f"end time; stopped {where}. If the problem genuinely needs more steps, raise "
             "options={'max_num_steps': ...}. " + STEP_FAILURE_REMEDIES)
-    if st["status"] == 2:
+    if status == 2:
         return StepSizeUnderflowError(f"underflow in dt: the adaptive step size became too small to advance time "
                                       f"{where} (rtol={rtol}, atol={atol}). " + STEP_FAILURE_REMEDIES)
-    if st["status"] == 3:
+    if status == 3:
         return NonFiniteError(f"the solution became NaN/inf {where}. " + STEP_FAILURE_REMEDIES)
-    return RuntimeError(f"the fused per-tile solve stopped {where} with status {st['status']} (a fastode bug: please "
-                        "report it)")
+    return RuntimeError(f"the fused solve stopped {where} with status {status} (a fastode bug: please report it)")
+
+
+def _tile_failure(st: dict, tile: int, rows: int, B: int, rtol: float, atol: float, max_num_steps: int) -> Exception:
+    """The error ``odeint`` raises for the same failure (its class, the time, the remedies), for tile ``tile`` of a
+    per-tile solve: each tile is its own batch-global problem, so this is what ``odeint`` on its rows would raise."""
+    where = (f"at t={st['t_status']:.6g} in tile {tile} (rows {tile * rows}..{min(B, (tile + 1) * rows) - 1}) of the "
+             "per-tile solve")
+    return _status_error(st["status"], where, rtol, atol, max_num_steps)
+
+
+def _adaptive_failure(what: str, status: int, t_status: float, rtol: float, atol: float,
+                      max_num_steps: int) -> Failed:
+    """:class:`Failed` for a batch-global fused adaptive solve (``what``: "the fused adaptive C++ solve") that
+    stopped with ``status`` at ``t_status``."""
+    why = _STATUS.get(status, f"status {status}")
+    return Failed(f"{what} stopped at t={t_status:.6g} ({why})",
+                  _status_error(status, f"at t={t_status:.6g} in {what}", rtol, atol, max_num_steps))
+
+
+def _grid_failure(what: str) -> Failed:
+    """:class:`Failed` for a fused grid solve (``what``: "the fused C++ grid solve") whose result is NaN/inf; it does
+    not know the step (the ``"odeint"`` re-run names it)."""
+    from fastode.errors import NonFiniteError
+
+    reason = f"{what} produced NaN/inf"
+    return Failed(reason, NonFiniteError(f"{reason} (a grid solve does not record which step; the odeint engine "
+                                         "finished the same solve: the engines round differently)"))
 
 
 def _wants_grad(solve: CnfSolve) -> bool:
@@ -619,13 +651,8 @@ class CppAdaptiveEngine(Engine):
             i = next(k for k, s_ in enumerate(tiles) if s_["status"])
             raise _tile_failure(st, i, solve.step_rows, B, plan.ctl[0], plan.ctl[1], plan.max_num_steps)
         if st["status"]:
-            from fastode.errors import warn_fallback_once
-
-            reason = (f"the fused adaptive C++ solve stopped at t={st['t_status']:.6g} "
-                      f"({_STATUS.get(st['status'], 'status ' + str(st['status']))}); re-running it on the odeint "
-                      "path, which raises the error naming the time")
-            warn_fallback_once("cnf-fused-adaptive-failed", f"CNF: {reason}")
-            return Skip(reason)
+            return _adaptive_failure("the fused adaptive C++ solve", st["status"], st["t_status"], plan.ctl[0],
+                                     plan.ctl[1], plan.max_num_steps)
         dyn.last_backend = "cpp"
         solve.counter.add(st["nfe"])
         stats = SolveStats(num_fevals=st["nfe"], num_steps=st["steps"], num_accepted_steps=st["accepted"],
@@ -825,12 +852,7 @@ class TritonGridEngine(Engine):
         if plan.check_finite:
             host_read("finite check")
             if not bool(torch.isfinite(zT).all() and torch.isfinite(qT).all()):
-                from fastode.errors import warn_fallback_once
-
-                reason = ("the fused Triton grid solve produced NaN/inf; re-running it on the odeint path, which "
-                          "raises NonFiniteError naming the step")
-                warn_fallback_once("cnf-fused-triton-nonfinite", f"CNF: {reason}")
-                return Skip(reason)
+                return _grid_failure("the fused Triton grid solve")
         solve.dynamics.last_backend = "triton"
         solve.counter.add(nfe)
         return EngineResult(_ends(solve, zT, qT, rates), stats)
@@ -907,13 +929,8 @@ class TritonAdaptiveEngine(Engine):
             zT, qT, rec = stepper.adaptive(td[0], td[1], solve.x.detach(), _q0(solve, rates).detach(), e,
                                            time_dtype=t.dtype, sync_every=self.sync_every, **ctl)
         if rec["status"] or not rec["finite"]:
-            from fastode.errors import warn_fallback_once
-
-            why = _STATUS.get(rec["status"] or 3, f"status {rec['status']}")
-            reason = (f"the fused Triton adaptive solve stopped at t={rec['t_status']:.6g} ({why}); re-running it on "
-                      "the odeint path, which raises the error naming the time")
-            warn_fallback_once("cnf-fused-triton-failed", f"CNF: {reason}")
-            return Skip(reason)
+            return _adaptive_failure("the fused Triton adaptive solve", rec["status"] or 3, rec["t_status"],
+                                     ctl["rtol"], ctl["atol"], ctl["max_num_steps"])
         solve.dynamics.last_backend = "triton"
         solve.counter.add(rec["nfe"])
         stats = SolveStats(num_fevals=rec["nfe"], num_steps=rec["steps"], num_accepted_steps=rec["accepted"],
@@ -1009,6 +1026,8 @@ def run_solve(solve: CnfSolve, engine: str = "auto", started: Optional[Callable]
         if not isinstance(plan, Skip) and started is not None:
             started(SolveRecord(eng.name, tuple(skipped)))
         result = plan if isinstance(plan, Skip) else eng.run(solve, plan)
+        if isinstance(result, Failed):
+            return _rerun_failed(solve, eng.name, result, tuple(skipped), engine == "auto", started)
         if isinstance(result, Skip):
             if engine != "auto":
                 raise EngineUnavailableError(f"CNF engine {eng.name!r} cannot run this solve: {result.reason}. "
@@ -1019,3 +1038,25 @@ def run_solve(solve: CnfSolve, engine: str = "auto", started: Optional[Callable]
         return result, record
     raise EngineUnavailableError("no CNF engine can run this solve: "
                                  + "; ".join(f"{n}: {r}" for n, r in skipped))
+
+
+def _rerun_failed(solve: CnfSolve, name: str, failed: Failed, skipped: tuple, auto: bool,
+                  started: Optional[Callable]):
+    """Engine ``name``'s solve stopped short: re-run it on ``"odeint"``, whose own error (the same class) names the
+    step or time, whether the engine was chosen automatically or by name. Should ``"odeint"`` finish it (the engines
+    round differently), ``engine="auto"`` takes its result and a named engine raises ``failed.error``."""
+    from fastode.errors import warn_fallback_once
+
+    warn_fallback_once(f"cnf-{name}-failed", f"CNF: {failed.reason}; re-running the solve on the odeint engine, "
+                       "whose error names the step or time")
+    skipped = skipped + ((name, failed.reason),)
+    odeint = get_engine("odeint")
+    plan = odeint.plan(solve)
+    if isinstance(plan, Skip):
+        raise failed.error
+    if started is not None:
+        started(SolveRecord(odeint.name, skipped))
+    result = odeint.run(solve, plan)
+    if not auto:
+        raise failed.error
+    return result, SolveRecord(odeint.name, skipped, result.stats, getattr(solve.dynamics, "last_backend", None))
