@@ -843,6 +843,53 @@ static void test_rk_generic() {
   CHECK(max_rel(mx, rmx) < 1e-12, "rk_epilogue row max err=%g", max_rel(mx, rmx));
 }
 
+// The buffer pool (pool.cpp): reuse of the same size and of a slightly larger block, never of a much larger one,
+// the real size kept for a block lent for a smaller request, and a buffer whose size drifts (a grid solve over a
+// learned end time) kept to a bounded cache instead of one block per size ever seen.
+static void test_pool() {
+  pool_clear();
+  const size_t MiB = size_t(1) << 20;
+  void* a = pool_take(MiB);
+  pool_give(a, MiB);
+  CHECK(pool_cached() == MiB, "a returned block is cached (%zu)", pool_cached());
+  void* b = pool_take(MiB);
+  CHECK(b == a && pool_cached() == 0, "the same size reuses the cached block");
+  pool_give(b, MiB);
+  void* c = pool_take(MiB - 4096);  // slightly smaller: the cached block serves it, and keeps its real size
+  CHECK(c == a, "a slightly smaller request reuses the cached block");
+  pool_give(c, MiB - 4096);
+  CHECK(pool_cached() == MiB, "the block comes back with its real size (%zu)", pool_cached());
+  void* d = pool_take(MiB / 4);  // a quarter: not worth pinning a block four times larger
+  CHECK(d != a, "a much smaller request does not take a much larger block");
+  pool_give(d, MiB / 4);
+  pool_clear();
+  CHECK(pool_cached() == 0, "pool_clear frees everything");
+  // drift: one buffer per iteration, its size growing by a step's worth every few iterations
+  const size_t step = 100 * 1024;
+  size_t largest = 0, most = 0, every_size = 0;
+  for (int it = 0; it < 300; ++it) {
+    const size_t bytes = (10 + it / 5) * step;
+    if (it % 5 == 0) every_size += bytes;
+    void* p = pool_take(bytes);
+    std::memset(p, 1, bytes);
+    pool_give(p, bytes);
+    largest = std::max(largest, bytes);
+    most = std::max(most, pool_cached());
+  }
+  CHECK(most <= 3 * largest, "a drifting buffer keeps at most a few blocks cached (%zu bytes for blocks of at most "
+        "%zu; one per size would be %zu)", most, largest, every_size);
+  // a working set of many same-size blocks (an adaptive solve's kept steps) is reused whole, every iteration
+  pool_clear();
+  std::vector<void*> steps(40);
+  for (int it = 0; it < 5; ++it) {
+    for (auto& p : steps) p = pool_take(step);
+    for (auto& p : steps) pool_give(p, step);
+  }
+  CHECK(pool_cached() == 40 * step, "the kept steps stay cached for the next iteration (%zu)",
+        pool_cached());
+  pool_clear();
+}
+
 int main(int argc, char** argv) {
   std::string only = argc > 1 ? argv[1] : "";
   auto want = [&](const char* g) { return only.empty() || only == g; };
@@ -887,9 +934,10 @@ int main(int argc, char** argv) {
   }
   if (group("threads")) test_threads_deterministic();
   if (group("rk")) test_rk_generic();
+  if (group("pool")) test_pool();
   if (!any) {
     std::printf("unknown group '%s'; groups: activations mlp_forward mlp_backward cnf_step cnf_grid gemm "
-                "threads rk\n", only.c_str());
+                "threads rk pool\n", only.c_str());
     return 2;
   }
   std::printf(g_failures ? "%d FAILED\n" : "all passed\n", g_failures);

@@ -44,6 +44,7 @@ __all__ = [
     "CnfStep",
     "CnfStepper",
     "empty_cache",
+    "cached_bytes",
     "RATE_CODES",
     "rk_stage",
     "rk_epilogue",
@@ -60,6 +61,11 @@ def __getattr__(name):  # live view of the dispatcher's record
 def empty_cache() -> int:
     """Free the C++ backend's cached buffers (saved activations, kept adaptive steps); returns the bytes released."""
     return ext().empty_cache() if available() else 0
+
+
+def cached_bytes() -> int:
+    """Bytes the C++ backend's buffer pool holds for reuse (freed buffers kept; bounded, see ``csrc/pool.cpp``)."""
+    return ext().cached_bytes() if available() else 0
 
 
 def build_info() -> dict:
