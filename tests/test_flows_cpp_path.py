@@ -209,3 +209,29 @@ def test_solver_backend_torchdiffeq_runs_the_peer():
     assert path == "torchdiffeq" and "torchdiffeq" in reason
     assert [n for n, _ in cnf.last_solve.skipped] == ["cpp_grid", "cpp_adaptive", "triton_grid", "triton_adaptive",
                                                       "odeint"] and cnf.last_stats is None
+
+
+def test_learned_end_time_keeps_the_buffer_pool_bounded():
+    """A fixed grid over a learned end time asks for a save buffer whose size follows the step count. The C++ pool
+    reuses a slightly larger block and frees blocks a whole iteration did not reuse, so training while T drifts
+    keeps about one buffer cached, not one per step count ever seen (which climbed to the 1 GiB cap in long runs)."""
+    cnf = _cnf(torch.float32, T=0.3)
+    x, e = _data(torch.float32)
+
+    def iteration(T):
+        cnf.set_T(T)
+        out = cnf(x, noise=e)
+        assert cnf.last_solve.engine == "cpp_grid"
+        (out.out.sum() + out.logdet.sum()).backward()
+
+    fc.empty_cache()
+    iteration(1.5)  # the largest buffer of the drift, alone
+    iteration(1.5)
+    one = fc.cached_bytes()
+    assert one > 0
+    fc.empty_cache()
+    most = 0
+    for T in torch.linspace(0.3, 1.5, 25).tolist():  # 6 .. 30 steps of 0.05
+        iteration(T)
+        most = max(most, fc.cached_bytes())
+    assert most <= 3 * one, f"{most / one:.1f}x one solve's cached buffers while T drifted"
