@@ -226,8 +226,11 @@ struct AdaptiveStats {
 // Large scratch buffers (the saved activations of training steps, the kept steps of adaptive solves) come from one
 // process-wide cache (pool.cpp): a training iteration allocates the same few buffers (megabytes each) every
 // iteration, and fresh memory costs a page fault per 4 KiB on first touch (~15% of an iteration; for the kept steps
-// as much as not recomputing them saves). Freed buffers are kept for reuse up to FASTODE_CPP_POOL_MB (default 1024)
-// MiB; pool_clear (fastode.cpp.empty_cache()) frees them. Buffers are 64-byte aligned.
+// as much as not recomputing them saves). A request takes the smallest cached block of at least its size and at
+// most twice it; a freed buffer is cached unless that would exceed FASTODE_CPP_POOL_MB (default 1024) MiB, and a
+// cached block that sat idle while more than twice the peak bytes lent at once were handed out (a whole working
+// set did not reuse it) is freed, so a buffer whose size drifts (a grid over a learned end time) does not leave one
+// block per size behind. pool_clear (fastode.cpp.empty_cache()) frees them all. Buffers are 64-byte aligned.
 void* pool_take(size_t bytes);
 void pool_give(void* p, size_t bytes) noexcept;
 size_t pool_clear();  // returns the bytes freed

@@ -6,7 +6,9 @@
 //   (its pages already resident) serves it without new memory, a much larger one would pin memory for a small use;
 // * blocks idle for more than twice the peak bytes lent at once are freed: a block that one whole working set of
 //   requests (an iteration) did not reuse is stale -- typically the previous size of a buffer whose size grew -- and
-//   caching every size ever seen made a learned-T training run climb to the cap (bench/results/soak.md);
+//   caching every size ever seen made a learned-T training run climb to the cap (bench/results/soak.md). The peak
+//   decays by a quarter of each request's bytes (never below what is lent now), so one early large solve does not
+//   widen the horizon for good; in a steady loop it stays at least 0.8x the iteration's working set;
 // * at most FASTODE_CPP_POOL_MB (default 1024) MiB cached, a hard limit on top.
 #include <algorithm>
 #include <cstdint>
@@ -68,6 +70,7 @@ void* pool_take(size_t bytes) {
   BufferPool& pl = pool();
   std::lock_guard<std::mutex> lk(pl.mu);
   pl.clock += bytes;
+  pl.peak_lent = std::max(pl.lent_bytes, pl.peak_lent - std::min(pl.peak_lent, bytes / 4));
   pl.free_stale();
   void* p = nullptr;
   size_t size = bytes;

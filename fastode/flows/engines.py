@@ -146,7 +146,8 @@ class SolveRecord:
 
 class Engine:
     """Base class of CNF engines: ``plan(solve)`` returns a plan (anything) or a :class:`Skip`;
-    ``run(solve, plan)`` returns an :class:`EngineResult`, or a :class:`Skip` to decline at run time."""
+    ``run(solve, plan)`` returns an :class:`EngineResult`, a :class:`Skip` to decline at run time, or :class:`Failed`
+    when its solve stopped short (re-run on ``"odeint"`` for the error naming the time)."""
 
     name: str = ""
 
@@ -582,8 +583,8 @@ class CppAdaptiveEngine(Engine):
     size, accept/reject, status and norm over its rows) in parallel over the threads, one thread per tile (the result
     does not depend on the thread count), and differentiated the same way (parameter gradients summed in tile
     order). Its stats are the row-weighted mean counts; ``stats.tiles`` holds each tile's.
-    A solve the C++ loop cannot finish (``max_num_steps``, step-size underflow, NaN/inf) declines at run time so that
-    ``odeint`` re-runs it and raises its error naming the time; that re-run is warned once. Per tile (no other engine
+    A solve the C++ loop cannot finish (``max_num_steps``, step-size underflow, NaN/inf) is :class:`Failed`: ``odeint``
+    re-runs it (forced or automatic) and raises its error naming the time; that re-run is warned once. Per tile (no other engine
     can re-run it) the engine raises the error class ``odeint`` raises (``MaxStepsExceededError``,
     ``StepSizeUnderflowError``, ``NonFiniteError``) naming the time, the tile and its rows.
     """
@@ -794,7 +795,7 @@ class TritonGridEngine(Engine):
     without a gradient (a learned end time moves the grid). Gradient (``"direct"`` or ``"checkpoint"``, the same):
     the fused discrete adjoint, one launch per step in reverse from the stored step starts
     (:class:`fastode.ops.triton_cnf.TritonCnfSolve`); once differentiable. ``check_finite`` (default on) reads the
-    result's finiteness once after the solve; a non-finite result declines, so that ``"odeint"`` re-runs the solve
+    result's finiteness once after the solve; a non-finite result is :class:`Failed`: ``"odeint"`` re-runs the solve
     and raises the error naming the step.
     """
 
@@ -875,7 +876,7 @@ class TritonAdaptiveEngine(Engine):
     (:class:`fastode.ops.triton_cnf.TritonCnfSolve`): the forward keeps each accepted step's start, the backward
     walks the steps in reverse, one launch per step, recomputing the stages on chip (z, log p, the end time and
     every parameter, through the trace and the RNODE terms); once differentiable. A solve the device loop cannot
-    finish (``max_num_steps``, step-size underflow, NaN/inf) declines, so that ``"odeint"`` re-runs it and raises
+    finish (``max_num_steps``, step-size underflow, NaN/inf) is :class:`Failed`: ``"odeint"`` re-runs it and raises
     its error naming the time.
     """
 
