@@ -109,3 +109,30 @@ def test_controller_landed_step_may_exceed_max_step():
     ctrl = IntegralController(5, max_step=0.1)
     assert ctrl.adapt(0.1 + 1e-17 + 1e-12, 0.5)[0] is False
     assert ctrl.adapt(0.1 + 1e-12, 0.5, landed=True)[0] is True
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_step_size_takes_the_floats_bits_and_the_tensors_gradient(dtype):
+    """combine_stages with a StepSize: the float path's values bit for bit (so a solve's values do not depend on
+    whether its times require grad), and every derivative of the tensor path: w.r.t. the step, the stages and,
+    through the product of both, second order (gradgradcheck in float64)."""
+    g = torch.Generator().manual_seed(0)
+    k = [torch.randn(7, 3, generator=g, dtype=dtype) for _ in range(4)]
+    y0 = torch.randn(7, 3, generator=g, dtype=dtype)
+    coeffs = get_tableau("rk4").b
+    dt = float(torch.tensor(0.1, dtype=dtype))
+    ref = spec.combine_stages(y0, dt, coeffs, k)
+    grad = torch.tensor(dt, dtype=dtype, requires_grad=True)
+    got = spec.combine_stages(y0, spec.StepSize(dt, grad), coeffs, k)
+    assert torch.equal(got, ref) and got.requires_grad
+    (d,) = torch.autograd.grad(got.sum(), grad)
+    expect = sum(c * kj for c, kj in zip(coeffs, k)).sum()
+    assert torch.allclose(d, expect, rtol=1e-5 if dtype == torch.float32 else 1e-12)
+    with torch.no_grad():  # no graph asked for: just the float path
+        assert torch.equal(spec.combine_stages(y0, spec.StepSize(dt, grad), coeffs, k), ref)
+    if dtype == torch.float64:
+        def f(step, *ks):
+            return spec.combine_stages(None, spec.StepSize(float(step), step), coeffs, ks)
+        args = (grad.detach().requires_grad_(), *(kj.detach().requires_grad_() for kj in k))
+        assert torch.autograd.gradcheck(f, args)
+        assert torch.autograd.gradgradcheck(f, args)

@@ -33,7 +33,7 @@ import torch
 from ..tableaus import ButcherTableau
 from . import registry
 
-__all__ = ["RKStep", "rk_step", "stage_times", "step_coefficient", "combine_stages", "combine_stages_exact", "error_tolerance",
+__all__ = ["RKStep", "rk_step", "stage_times", "StepSize", "combine_stages", "combine_stages_exact", "error_tolerance",
            "error_ratio", "sample_error_ratios", "safe_sqrt", "initial_step", "RKOps", "resolve_rk_ops"]
 
 Scalar = Union[float, torch.Tensor]
@@ -51,39 +51,45 @@ def stage_times(t0: Scalar, dt: Scalar, tableau: ButcherTableau) -> list:
     return [t0 + c * dt for c in tableau.c]
 
 
-def step_coefficient(a: Scalar, dt: Scalar) -> Scalar:
-    """``a * dt``, the factor of a stage derivative, with the same value whether ``dt`` is a Python float or a
-    0-dim tensor (that carries a time gradient): the values of a solve never depend on which inputs require grad.
+class StepSize(NamedTuple):
+    """A step size whose value and gradient come from two places: ``value``, the Python float every stage
+    combination computes with, and ``grad``, a 0-dim tensor holding the same value that carries its gradient (a
+    fixed grid over times that require grad). The values of a solve then never depend on which inputs require
+    grad: :func:`combine_stages` takes the float path and adds ``(grad - grad.detach()) * sum_j c_j k_j``, which
+    is zero in value and gives the exact derivative w.r.t. ``grad``."""
 
-    For a float ``a`` it is the float64 product either way (a Python float, or a 0-dim float64 tensor, which
-    multiplies a state as a Python scalar does: rounded once to the state's dtype); a tensor ``a`` (a
-    differentiable dense-output weight) multiplies as is.
-    """
-    if not isinstance(a, (float, int)) or isinstance(dt, (float, int)):
-        return a * dt
-    return dt.to(torch.float64) * a
+    value: float
+    grad: torch.Tensor
 
 
-def combine_stages(y0: Optional[torch.Tensor], dt: Scalar, coeffs: Sequence, k: Sequence[torch.Tensor]
-                   ) -> torch.Tensor:
+def combine_stages(y0: Optional[torch.Tensor], dt: Union[Scalar, StepSize], coeffs: Sequence,
+                   k: Sequence[torch.Tensor]) -> torch.Tensor:
     """``y0 + dt * sum_j coeffs[j] * k[j]`` over ``j < len(coeffs)`` (zero coefficients skipped).
 
-    ``dt`` is a Python float or a 0-dim tensor (differentiable step size); ``coeffs`` are Python floats or 0-dim
-    tensors (e.g. dense-output weights at a differentiable ``theta``). ``y0=None`` returns just
-    ``dt * sum_j coeffs[j] * k[j]`` (e.g. an error estimate). The increment is summed first and added to ``y0``
-    once: adding each small term to a large ``y0`` rounds once per stage, which over many float32 steps costs
-    about a digit (torchdiffeq also forms the increment first). Each term is one multiply by
-    :func:`step_coefficient` and one add, never a fused multiply-add (only a Python-float ``dt`` could use one), so
-    a float ``dt`` and a tensor ``dt`` of the same value give the same bits.
+    ``dt`` is a Python float, a 0-dim tensor (differentiable step size) or a :class:`StepSize` (the float's value
+    with a tensor's gradient); ``coeffs`` are Python floats or 0-dim tensors (e.g. dense-output weights at a
+    differentiable ``theta``). ``y0=None`` returns just ``dt * sum_j coeffs[j] * k[j]`` (e.g. an error estimate).
+    The increment is summed first and added to ``y0`` once: adding each small term to a large ``y0`` rounds once
+    per stage, which over many float32 steps costs about a digit (torchdiffeq also forms the increment first).
     """
+    grad = None
+    if isinstance(dt, StepSize):
+        dt, grad = dt.value, (dt.grad if dt.grad.requires_grad and torch.is_grad_enabled() else None)
     acc = None
+    python_dt = isinstance(dt, (float, int))
     for j, a in enumerate(coeffs):
-        if isinstance(a, (float, int)) and a == 0:
-            continue
-        term = k[j] * step_coefficient(a, dt)
+        if isinstance(a, (float, int)):
+            if a == 0:
+                continue
+            if python_dt:
+                acc = k[j] * (a * dt) if acc is None else torch.add(acc, k[j], alpha=a * dt)
+                continue
+        term = k[j] * (a * dt)
         acc = term if acc is None else acc + term
     if acc is None:
         return torch.zeros_like(k[0]) if y0 is None else y0
+    if grad is not None:  # zero in value: the float path's bits, with d/d(grad) = sum_j c_j k_j
+        acc = acc + (grad - grad.detach()) * combine_stages(None, 1.0, coeffs, k)
     return acc if y0 is None else y0 + acc
 
 

@@ -30,7 +30,7 @@ from fastode.kernels import rk as _K
 from ..norms import max_norm, rms_norm
 from . import registry
 from .reference_grad import reference_backward
-from .rk import combine_stages, error_ratio, sample_error_ratios
+from .rk import StepSize, combine_stages, error_ratio, sample_error_ratios
 
 __all__ = ["rk_stage", "rk_epilogue", "rk_error_ratio", "triton_rk_stage_op", "triton_rk_epilogue_op",
            "triton_rk_error_ratio_op"]
@@ -351,6 +351,8 @@ def _combine(y0, dt, coeffs, k):
     if n == 0 or not all(isinstance(a, (float, int)) for a in coeffs) or \
             not _same_layout(list(k[:n]) + ([y0] if y0 is not None else [])):
         return combine_stages(y0, dt, coeffs, k)
+    if isinstance(dt, StepSize):  # the kernel takes the step as a device scalar either way: the tensor carries the grad
+        dt = dt.grad
     return rk_stage(y0, k[:n], coeffs, dt)
 
 

@@ -53,7 +53,7 @@ import torch
 from ..errors import InvalidOptionError
 from ..tableaus import TABLEAUS
 from .fixed_grid import FixedGridSolver
-from ..ops.rk import RKStep, combine_stages, rk_step, step_coefficient
+from ..ops.rk import RKStep, combine_stages, rk_step
 
 __all__ = ["AdamsBashforthMoulton", "AdamsBashforth", "bashforth_coefficients", "moulton_coefficients",
            "MIN_ORDER", "MAX_ORDER", "MAX_ITERS"]
@@ -189,7 +189,7 @@ class AdamsBashforthMoulton(FixedGridSolver):
             for _ in range(self.max_iters):
                 dy_old = dy
                 f = self.func(tc[-1], y0 + dy)
-                dy = (f * step_coefficient(moulton[0], dt_arg)).type_as(y0) + delta
+                dy = combine_stages(None, dt_arg, moulton[:1], [f]).type_as(y0) + delta
                 converged = self._has_converged(dy_old, dy)
                 if converged:
                     break

@@ -26,7 +26,7 @@ from ..tableaus import ButcherTableau
 from .base import (Perturb, Solver, _null_callback, all_finite, number_option, real_dtype, state_time_value,
                    tableau_solver)
 from ..ops.launch_count import host_read
-from ..ops.rk import resolve_rk_ops, rk_step
+from ..ops.rk import StepSize, resolve_rk_ops, rk_step
 
 __all__ = ["FixedGridSolver", "FIXED_GRID_SOLVERS", "MAX_EVENT_ITERS", "step_size_grid"]
 
@@ -214,15 +214,16 @@ class FixedGridSolver(Solver):
         return torch.stack(solution)
 
     def step_times(self, ctx, i):
-        """``(tc, dt)`` of grid step ``i``: the stage times ``func`` sees and the step size (a tensor carrying the
-        grid's gradient when the times require grad; the same value either way)."""
+        """``(tc, dt)`` of grid step ``i``: the stage times ``func`` sees and the step size (a float, or when the times
+        require grad a :class:`~fastode.ops.rk.StepSize`: the same float with the grid's gradient)."""
         t0, t1 = ctx.g_host[i], ctx.g_host[i + 1]
         dt = ctx.rnd(t1 - t0)
         dt_value = state_time_value(dt, self.rdtype) if ctx.grid.dtype != self.rdtype else dt
         if ctx.need_grad:
             g0, g1 = ctx.grid[i], ctx.grid[i + 1]
             gdt = g1 - g0
-            return self._stage_times(t0, dt, t1, ctx.rnd, (g0, gdt, g1)), self._with_grad(dt_value, gdt)
+            return (self._stage_times(t0, dt, t1, ctx.rnd, (g0, gdt, g1)),
+                    StepSize(dt_value, self._with_grad(dt_value, gdt)))
         return self._stage_times(t0, dt, t1, ctx.rnd), dt_value
 
     def grid_step(self, ctx, i, y0):
