@@ -12,15 +12,40 @@ import inspect
 from collections.abc import Mapping
 from typing import NamedTuple, Optional
 
-from .base import ODEFunc, Perturb, Solver
-from .fixed_grid import FIXED_GRID_SOLVERS, FixedGridSolver
-from .rk_adaptive import ADAPTIVE_SOLVERS, DEFAULT_MAX_NUM_STEPS, RKAdaptiveSolver
+from .base import ODEFunc, Perturb, Solver, tableau_solver
+from .fixed_grid import FixedGridSolver
+from .rk_adaptive import DEFAULT_MAX_NUM_STEPS, RKAdaptiveSolver
 from ..ops.rk import RKStep, combine_stages, error_ratio, rk_step
+from ..tableaus import TABLEAUS
 
-__all__ = ["SOLVERS", "Solver", "ODEFunc", "Perturb", "RKAdaptiveSolver", "FixedGridSolver", "rk_step", "RKStep",
+__all__ = ["SOLVERS", "RK_SOLVERS", "Solver", "ODEFunc", "Perturb", "RKAdaptiveSolver", "FixedGridSolver", "rk_step", "RKStep",
            "combine_stages", "error_ratio", "DEFAULT_MAX_NUM_STEPS", "get_solver", "MethodInfo", "method_info"]
 
 # name -> (module, class name) for solvers imported lazily
+# torchdiffeq's class names for its methods (its warnings name the class: "Dopri5Solver: Unexpected arguments");
+# any other tableau's class is named after it ("my_rk" -> "MyRkSolver")
+_TORCHDIFFEQ_CLASS_NAMES = {
+    "dopri8": "Dopri8Solver", "dopri5": "Dopri5Solver", "tsit5": "Tsit5Solver", "bosh3": "Bosh3Solver",
+    "fehlberg2": "Fehlberg2", "adaptive_heun": "AdaptiveHeunSolver", "euler": "Euler", "midpoint": "Midpoint",
+    "heun2": "Heun2", "heun3": "Heun3", "rk4": "RK4", "rk4_classic": "RK4Classic",
+}
+
+
+def _rk_solvers() -> dict:
+    """Every explicit Runge-Kutta method, from :data:`fastode.tableaus.TABLEAUS` alone (DESIGN.md: a new method is
+    one tableau): a tableau with an embedded error estimate (``b_err``) is an adaptive method, one without a
+    fixed-grid method; in the tableaus' order."""
+    out = {}
+    for name, tab in TABLEAUS.items():
+        base = RKAdaptiveSolver if tab.b_err is not None else FixedGridSolver
+        cls_name = _TORCHDIFFEQ_CLASS_NAMES.get(name) or "".join(p.capitalize() for p in name.split("_")) + "Solver"
+        out[name] = tableau_solver(base, name, cls_name)
+    return out
+
+
+RK_SOLVERS = _rk_solvers()
+globals().update({cls.__name__: cls for cls in RK_SOLVERS.values()})  # importable (and picklable) by class name
+
 _LAZY = {
     "explicit_adams": (".adams", "AdamsBashforth"),
     "implicit_adams": (".adams", "AdamsBashforthMoulton"),
@@ -33,12 +58,8 @@ class _SolverTable(Mapping):
     """Read-only mapping name -> solver class that imports the lazy entries on access."""
 
     def __init__(self):
-        self._eager = {}
-        self._eager.update(ADAPTIVE_SOLVERS)
-        self._eager.update(FIXED_GRID_SOLVERS)
-        order = ["dopri8", "dopri5", "tsit5", "bosh3", "fehlberg2", "adaptive_heun", "euler", "midpoint", "heun2",
-                 "heun3", "rk4", "rk4_classic", "explicit_adams", "implicit_adams", "fixed_adams", "scipy_solver"]
-        self._names = [n for n in order if n in self._eager or n in _LAZY]
+        self._eager = dict(RK_SOLVERS)
+        self._names = list(self._eager) + [n for n in _LAZY if n not in self._eager]
 
     def __getitem__(self, name):
         if name in self._eager:

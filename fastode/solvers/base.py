@@ -258,10 +258,11 @@ def all_finite(y: torch.Tensor) -> torch.Tensor:
     return torch.isfinite(torch.stack(torch.aminmax(y))).all()
 
 
-def tableau_solver(base_cls, tableau_name: str, cls_name: str):
-    """A named subclass of ``base_cls`` (a Runge-Kutta loop) bound to the tableau ``tableau_name``."""
+def tableau_solver(base_cls, tableau_name: str, cls_name: str, module: str = __name__.rsplit(".", 1)[0]):
+    """A named subclass of ``base_cls`` (a Runge-Kutta loop) bound to the tableau ``tableau_name``, defined in
+    ``module`` (the solver table's package, where :mod:`fastode.solvers` also binds it by ``cls_name``)."""
     from ..tableaus import TABLEAUS
     tab = TABLEAUS[tableau_name]
     return type(cls_name, (base_cls,), {"tableau": tab, "order": tab.order, "name": tableau_name,
-                                        "__module__": base_cls.__module__,
+                                        "__module__": module, "__qualname__": cls_name,
                                         "__doc__": f"{base_cls.__name__} for the '{tableau_name}' tableau."})

@@ -23,12 +23,11 @@ from ..errors import InvalidOptionError, MaxStepsExceededError, NonFiniteError
 from ..events import find_event
 from ..interp import hermite_cubic, linear
 from ..tableaus import ButcherTableau
-from .base import (Perturb, Solver, _null_callback, all_finite, number_option, real_dtype, state_time_value,
-                   tableau_solver)
+from .base import Perturb, Solver, _null_callback, all_finite, number_option, real_dtype, state_time_value
 from ..ops.launch_count import host_read
 from ..ops.rk import StepSize, resolve_rk_ops, rk_step
 
-__all__ = ["FixedGridSolver", "FIXED_GRID_SOLVERS", "MAX_EVENT_ITERS", "step_size_grid"]
+__all__ = ["FixedGridSolver", "MAX_EVENT_ITERS", "step_size_grid"]
 
 MAX_EVENT_ITERS = 20000
 
@@ -318,14 +317,3 @@ class FixedGridSolver(Solver):
                     f"{MAX_EVENT_ITERS} steps of size {dt} (the solver reached t={self._describe(float(t1))}). "
                     f"Check that event_fn changes sign at the event, or use a larger step_size.")
         return event_time, torch.stack([self.y0, y1], dim=0)
-
-
-Euler = tableau_solver(FixedGridSolver, "euler", "Euler")
-Midpoint = tableau_solver(FixedGridSolver, "midpoint", "Midpoint")
-Heun2 = tableau_solver(FixedGridSolver, "heun2", "Heun2")
-Heun3 = tableau_solver(FixedGridSolver, "heun3", "Heun3")
-RK4 = tableau_solver(FixedGridSolver, "rk4", "RK4")
-RK4Classic = tableau_solver(FixedGridSolver, "rk4_classic", "RK4Classic")
-
-FIXED_GRID_SOLVERS = {"euler": Euler, "midpoint": Midpoint, "heun2": Heun2, "heun3": Heun3, "rk4": RK4,
-                      "rk4_classic": RK4Classic}

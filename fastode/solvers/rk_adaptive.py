@@ -39,10 +39,10 @@ from ..interp import quartic_eval, quartic_fit, tableau_dense
 from ..ops.launch_count import host_read
 from ..ops.rk import combine_stages_exact, resolve_rk_ops, rk_step
 from ..tableaus import TABLEAUS, ButcherTableau
-from .base import Perturb, Solver, _null_callback, number_option, real_dtype, state_time_value, tableau_solver
+from .base import Perturb, Solver, _null_callback, number_option, real_dtype, state_time_value
 from .controller import IntegralController
 
-__all__ = ["RKAdaptiveSolver", "DEFAULT_MAX_NUM_STEPS", "ADAPTIVE_SOLVERS", "StepRecord", "DenseStep"]
+__all__ = ["RKAdaptiveSolver", "DEFAULT_MAX_NUM_STEPS", "StepRecord", "DenseStep"]
 
 DEFAULT_MAX_NUM_STEPS = 10_000
 
@@ -586,16 +586,3 @@ class StepRecord(NamedTuple):
     anchor: Optional[tuple]    # ("t", index): the clock is t[index] + const; None: the clock is constant
     y0: torch.Tensor
     f0: Optional[torch.Tensor]  # only for ("stored",): methods whose reused stage is not f(t1, y1)
-
-
-Dopri8Solver = tableau_solver(RKAdaptiveSolver, "dopri8", "Dopri8Solver")
-Dopri5Solver = tableau_solver(RKAdaptiveSolver, "dopri5", "Dopri5Solver")
-Tsit5Solver = tableau_solver(RKAdaptiveSolver, "tsit5", "Tsit5Solver")
-Bosh3Solver = tableau_solver(RKAdaptiveSolver, "bosh3", "Bosh3Solver")
-Fehlberg2 = tableau_solver(RKAdaptiveSolver, "fehlberg2", "Fehlberg2")
-AdaptiveHeunSolver = tableau_solver(RKAdaptiveSolver, "adaptive_heun", "AdaptiveHeunSolver")
-
-ADAPTIVE_SOLVERS = {
-    "dopri8": Dopri8Solver, "dopri5": Dopri5Solver, "tsit5": Tsit5Solver, "bosh3": Bosh3Solver,
-    "fehlberg2": Fehlberg2, "adaptive_heun": AdaptiveHeunSolver,
-}
