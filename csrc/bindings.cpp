@@ -759,6 +759,27 @@ py::tuple rk_epilogue(const Tensor& y0_, const std::vector<Tensor>& ks_, const s
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastode C++ CPU kernels (fused concatsquash MLP, Hutchinson VJP, RK steps); see csrc/fastode.h";
   m.def("act_code", &fastode::act_from_name, "activation name -> code");
+  m.def("codes", [] {  // the core's enums, which tests/test_codes.py pins to fastode/codes.py
+    py::dict act, rate, status;
+    act["tanh"] = int(fastode::kTanh);
+    act["softplus"] = int(fastode::kSoftplus);
+    act["elu"] = int(fastode::kElu);
+    act["swish"] = int(fastode::kSwish);
+    act["identity"] = int(fastode::kIdentity);
+    rate["-trace"] = int(fastode::kNegTrace);
+    rate["trace"] = int(fastode::kTrace);
+    rate["kinetic"] = int(fastode::kKinetic);
+    rate["jac_frob"] = int(fastode::kJacFrob);
+    status["SOLVED"] = int(fastode::kSolved);
+    status["MAX_STEPS"] = int(fastode::kMaxSteps);
+    status["UNDERFLOW"] = int(fastode::kUnderflow);
+    status["NONFINITE"] = int(fastode::kNonFinite);
+    py::dict out;
+    out["activation"] = act;
+    out["rate"] = rate;
+    out["status"] = status;
+    return out;
+  });
   m.def("gemm_backend", &fastode::gemm_backend);
   m.def("set_gemm_backend", &fastode::set_gemm_backend);
   m.def("mlp_forward", &mlp_forward);

@@ -18,7 +18,7 @@ double state_round(double v) {
   return double(T(v));
 }
 
-// The CNF rates at (t, z): kz = f (B, D), kq (B, NQ) per rate code (0 -trace, 1 +trace, 2 kinetic, 3 jac_frob).
+// The CNF rates at (t, z): kz = f (B, D), kq (B, NQ) per rate code (enum Rate).
 template <typename T>
 struct Rates {
   const CnfSpec& spec;
@@ -39,7 +39,7 @@ struct Rates {
     for (int64_t b = 0; b < B; ++b)
       for (int64_t j = 0; j < NQ; ++j) {
         const int r = spec.rates[j];
-        kq[b * NQ + j] = r == 0 ? -trace[b] : r == 1 ? trace[b] : r == 2 ? kin[b] : frob[b];
+        kq[b * NQ + j] = r == kNegTrace ? -trace[b] : r == kTrace ? trace[b] : r == kKinetic ? kin[b] : frob[b];
       }
   }
 };
@@ -433,10 +433,10 @@ int64_t cnf_adaptive_backward(const CnfSpec& spec, const Tableau& tab, const std
       for (int64_t j = 0; j < NQ; ++j) {
         const int r = spec.rates[j];
         const T g = gk0q[b * NQ + j];
-        if (r == 0) gtr[b] -= g;
-        if (r == 1) gtr[b] += g;
-        if (r == 2) gkin[b] += g;
-        if (r == 3) gfr[b] += g;
+        if (r == kNegTrace) gtr[b] -= g;
+        if (r == kTrace) gtr[b] += g;
+        if (r == kKinetic) gkin[b] += g;
+        if (r == kJacFrob) gfr[b] += g;
       }
     T gt = 0;
     mlp_backward<T>(net, p, tape.t0[0], B, zs, K, spec.exact ? nullptr : e, true, msave.data(), f.data(), vjp.data(),

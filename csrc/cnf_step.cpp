@@ -158,7 +158,8 @@ void cnf_step_forward(const CnfSpec& spec, const Tableau& tab, const Params<T>& 
           for (int64_t r = 0; r < R; ++r)
             for (int64_t j = 0; j < NQ; ++j) {
               int code = spec.rates[j];
-              kqi[r * NQ + j] = code == 0 ? -w.TR[r] : code == 1 ? w.TR[r] : code == 2 ? w.KIN[r] : w.FR[r];
+              kqi[r * NQ + j] = code == kNegTrace ? -w.TR[r] : code == kTrace ? w.TR[r]
+                                : code == kKinetic ? w.KIN[r] : w.FR[r];
             }
           if (out.save) {
             std::memcpy(blk + c.bl.F, kzi, sizeof(T) * R * D);
@@ -264,8 +265,9 @@ void cnf_step_backward(const CnfSpec& spec, const Tableau& tab, const Params<T>&
           T *gtr = nullptr, *gkin = nullptr, *gfr = nullptr;
           for (int64_t j = 0; j < NQ; ++j) {
             int code = spec.rates[j];
-            T*& dst = (code <= 1) ? gtr : code == 2 ? gkin : gfr;
-            T* buf = (code <= 1) ? w.GTR : code == 2 ? w.GKIN : w.GFR;
+            const bool tr = code == kNegTrace || code == kTrace;
+            T*& dst = tr ? gtr : code == kKinetic ? gkin : gfr;
+            T* buf = tr ? w.GTR : code == kKinetic ? w.GKIN : w.GFR;
             if (!dst) {
               dst = buf;
               std::fill(dst, dst + R, T(0));

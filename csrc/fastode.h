@@ -21,7 +21,11 @@
 
 namespace fastode {
 
+// The codes Python sends (fastode/codes.py: ACTIVATION_CODES, RATE_CODES, Status); tests/test_codes.py pins these
+// enums to them through the extension's codes().
 enum Act : int { kTanh = 0, kSoftplus = 1, kElu = 2, kSwish = 3, kIdentity = 4 };
+// Integrands of a CNF's extra states q: the log-density change (-trace), +trace, |f|^2, sum_k |vjp_k|^2.
+enum Rate : int { kNegTrace = 0, kTrace = 1, kKinetic = 2, kJacFrob = 3 };
 // Names as in fastode.nn.functional.ACTIVATIONS; throws std::invalid_argument for an unknown name.
 int act_from_name(const std::string& name);
 
@@ -113,7 +117,7 @@ void rk_epilogue(int64_t B, int64_t M, const T* y0, int nk, const T* const* k, c
 
 // ---------------------------------------------------------------------------------------------------
 // Fused RK step of CNF dynamics:  dz/dt = f(t, z),  dq_j/dt = rate_j  for the NQ columns of q, where
-// rate code 0 = -trace, 1 = +trace, 2 = kinetic |f|^2, 3 = jac_frob.
+// rate codes: enum Rate.
 struct CnfSpec {
   Net net;
   int K = 1;              // probes (1 = Hutchinson with e; D = exact trace with e == nullptr)

@@ -11,7 +11,13 @@ import torch
 import triton
 import triton.language as tl
 
-ACT_CODES = {"tanh": 0, "softplus": 1, "elu": 2, "swish": 3, "identity": 4}
+from fastode.codes import ACTIVATION_CODES as ACT_CODES
+
+# the activation codes as constexprs, for the kernels' compile-time branches
+ACT_TANH = tl.constexpr(ACT_CODES["tanh"])
+ACT_SOFTPLUS = tl.constexpr(ACT_CODES["softplus"])
+ACT_ELU = tl.constexpr(ACT_CODES["elu"])
+ACT_SWISH = tl.constexpr(ACT_CODES["swish"])
 
 # FP32-accurate matmuls: TF32 noise (~1e-3 relative) would corrupt adaptive-step error estimates.
 DOT_PRECISION = "ieee"
@@ -67,15 +73,15 @@ def _tanh(x):
 @triton.jit
 def act_fwd(x, ACT: tl.constexpr):
     """Activation ``ACT`` (code from ACT_CODES) of ``x``."""
-    if ACT == 0:
+    if ACT == ACT_TANH:
         y = _tanh(x)
-    elif ACT == 1:
+    elif ACT == ACT_SOFTPLUS:
         # torch.nn.functional.softplus (beta=1, threshold=20)
         sp = tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
         y = tl.where(x > 20.0, x, sp)
-    elif ACT == 2:
+    elif ACT == ACT_ELU:
         y = tl.where(x > 0, x, tl.exp(tl.minimum(x, 0.0)) - 1.0)
-    elif ACT == 3:
+    elif ACT == ACT_SWISH:
         y = x * tl.sigmoid(x)
     else:
         y = x
@@ -85,14 +91,14 @@ def act_fwd(x, ACT: tl.constexpr):
 @triton.jit
 def act_d1(x, ACT: tl.constexpr):
     """First derivative of the activation at ``x``."""
-    if ACT == 0:
+    if ACT == ACT_TANH:
         y = _tanh(x)
         d = 1.0 - y * y
-    elif ACT == 1:
+    elif ACT == ACT_SOFTPLUS:
         d = tl.where(x > 20.0, 1.0, tl.sigmoid(x))
-    elif ACT == 2:
+    elif ACT == ACT_ELU:
         d = tl.where(x > 0, 1.0, tl.exp(tl.minimum(x, 0.0)))
-    elif ACT == 3:
+    elif ACT == ACT_SWISH:
         s = tl.sigmoid(x)
         d = s + x * s * (1.0 - s)
     else:
@@ -103,15 +109,15 @@ def act_d1(x, ACT: tl.constexpr):
 @triton.jit
 def act_d2(x, ACT: tl.constexpr):
     """Second derivative of the activation at ``x``."""
-    if ACT == 0:
+    if ACT == ACT_TANH:
         y = _tanh(x)
         d = -2.0 * y * (1.0 - y * y)
-    elif ACT == 1:
+    elif ACT == ACT_SOFTPLUS:
         s = tl.sigmoid(x)
         d = tl.where(x > 20.0, 0.0, s * (1.0 - s))
-    elif ACT == 2:
+    elif ACT == ACT_ELU:
         d = tl.where(x > 0, 0.0, tl.exp(tl.minimum(x, 0.0)))
-    elif ACT == 3:
+    elif ACT == ACT_SWISH:
         s = tl.sigmoid(x)
         d = s * (1.0 - s) * (2.0 + x * (1.0 - 2.0 * s))
     else:

@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 import torch
 import triton
 
+from fastode.codes import RATE_CODES, Status
 from fastode.interp import quartic_coefficients, quartic_eval
 from fastode.ops.launch_count import host_read, launched
 from fastode.ops.rk import initial_step
@@ -27,7 +28,6 @@ from . import cnf_step as K
 from . import concatsquash as CS
 from ._common import ACT_CODES, DOT_PRECISION, empty, max_programs
 
-RATE_CODES = {"-trace": 0, "trace": 1, "kinetic": 2, "jac_frob": 3}
 TRACE_MODES = {"none": CS.MODE_F, "hutchinson": CS.MODE_HUTCH, "exact": CS.MODE_EXACT}
 
 #: at most this many accepted steps are recorded (step_ts / step_sizes) per solve
@@ -267,7 +267,7 @@ class TritonCnfSolver:
                 t0, t1, z0, q0, e, cap, tape, rtol=rtol, atol=atol, safety=safety, ifactor=ifactor, dfactor=dfactor,
                 min_step=min_step, max_step=max_step, first_step=first_step, max_num_steps=max_num_steps,
                 time_dtype=time_dtype)
-            if not any(t_["status"] == K.ST_TAPE_FULL for t_ in tiles):
+            if not any(t_["status"] == Status.TAPE_FULL for t_ in tiles):
                 break
             cap *= 2
         if tape:
@@ -319,7 +319,7 @@ class TritonCnfSolver:
             bad = next((i for i in range(n_tiles)
                         if not bool(torch.isfinite(zT[tile_of == i]).all() & torch.isfinite(qT[tile_of == i]).all())),
                        0)
-            tiles[bad]["status"] = tiles[bad]["status"] or K.ST_NONFINITE
+            tiles[bad]["status"] = tiles[bad]["status"] or int(Status.NONFINITE)
         saved = None
         if tape:
             saved = {"tape": ztape, "steps_t": steps[0], "steps_h": steps[2], "cap": cap, "ctl": ctl, "bufs": bufs,

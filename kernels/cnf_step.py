@@ -34,6 +34,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from fastode.codes import RATE_CODES, Status
+
 from .concatsquash import mlp_tile_backward, mlp_tile_forward
 
 # control block fields (float64)
@@ -47,7 +49,7 @@ C_T0 = tl.constexpr(6)          # the current attempt's start time t (signed)
 C_DT = tl.constexpr(7)          # the current attempt's step in t (signed, state-rounded)
 C_CUR = tl.constexpr(8)         # buffer slot of the step start
 C_DONE = tl.constexpr(9)        # 1: the solve has ended (success or failure); launches are no-ops
-C_STATUS = tl.constexpr(10)     # 0 ok, 1 max_num_steps, 2 step-size underflow, 3 NaN/inf, 4 the tape is full
+C_STATUS = tl.constexpr(10)     # a fastode.codes.Status: 0 solved, else why the solve stopped
 C_TSTAT = tl.constexpr(11)      # t where the solve stopped (status != 0)
 C_ATT = tl.constexpr(12)        # attempts (max_num_steps counts these)
 C_ACC = tl.constexpr(13)        # accepted steps
@@ -69,7 +71,16 @@ O_MIN = tl.constexpr(5)
 O_MAX = tl.constexpr(6)
 O_MAXN = tl.constexpr(7)
 
-ST_MAX_STEPS, ST_UNDERFLOW, ST_NONFINITE, ST_TAPE_FULL = 1, 2, 3, 4
+# the rate codes (fastode.codes.RATE_CODES; the last one, jac_frob, is each branch's else)
+RATE_NEG_TRACE = tl.constexpr(RATE_CODES["-trace"])
+RATE_TRACE = tl.constexpr(RATE_CODES["trace"])
+RATE_KINETIC = tl.constexpr(RATE_CODES["kinetic"])
+
+# the status codes (fastode.codes.Status), as float constexprs: the control block is float64
+ST_MAX_STEPS = tl.constexpr(float(Status.MAX_STEPS))
+ST_UNDERFLOW = tl.constexpr(float(Status.UNDERFLOW))
+ST_NONFINITE = tl.constexpr(float(Status.NONFINITE))
+ST_TAPE_FULL = tl.constexpr(float(Status.TAPE_FULL))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -126,7 +137,7 @@ def prepare_attempt(ctl, opt, TIME_F32: tl.constexpr, DT_DTYPE: tl.constexpr):
     # an underflow after a non-finite attempt, or from a non-finite proposed step (only the first step's heuristic
     # gives one: its norms of a NaN/inf state or slope), is NaN/inf, as odeint reports it
     nonfinite = (seen > 0.0) | (_finite(dtp) == 0)
-    status = tl.where(over, 1.0, tl.where(under, tl.where(nonfinite, 3.0, 2.0), 0.0))
+    status = tl.where(over, ST_MAX_STEPS, tl.where(under, tl.where(nonfinite, ST_NONFINITE, ST_UNDERFLOW), 0.0))
     go = running & (status == 0.0)
     hs = _state_round(h, DT_DTYPE)
     tl.store(ctl + C_H, h)
@@ -176,7 +187,7 @@ def _control(ctl, opt, ratio, steps_t, steps_dt, steps_h, cap, NFE_PER: tl.const
     tl.store(ctl + C_SEEN, tl.where(ok, 0.0, tl.where(fin, tl.load(ctl + C_SEEN), 1.0)))
     tl.store(ctl + C_DTP, dt_next)
     if forced_nan:  # odeint: NonFiniteError when dt <= min_step and the ratio is not finite
-        tl.store(ctl + C_STATUS, 3.0)
+        tl.store(ctl + C_STATUS, ST_NONFINITE)
         tl.store(ctl + C_TSTAT, dirn * tau)
         tl.store(ctl + C_DONE, 1.0)
     else:
@@ -198,11 +209,11 @@ def _mixed_norm(sz, sq, B, D, NQN: tl.constexpr):
 # ------------------------------------------------------------------------------------------------
 @triton.jit
 def _rate(kin, tr, fr, code: tl.constexpr):
-    if code == 0:
+    if code == RATE_NEG_TRACE:
         v = -tr
-    elif code == 1:
+    elif code == RATE_TRACE:
         v = tr
-    elif code == 2:
+    elif code == RATE_KINETIC:
         v = kin
     else:
         v = fr
@@ -461,11 +472,11 @@ def _stage_adjoint(i, seed, tab_ptr, needs_ptr, e_ptr, w_ptr, v_ptr, dims_ptr, t
         qbar = tl.load(gq1_ptr + rows64 * NQ + c, mask=rmask, other=0.0) * wb
         if HAS_SEED:
             qbar += tl.load(skq_ptr + i * BQ + rows64 * NQ + c, mask=rmask & seed, other=0.0)
-        if RATES[c] == 0:
+        if RATES[c] == RATE_NEG_TRACE:
             gtr -= qbar
-        elif RATES[c] == 1:
+        elif RATES[c] == RATE_TRACE:
             gtr += qbar
-        elif RATES[c] == 2:
+        elif RATES[c] == RATE_KINETIC:
             gkin += qbar
         else:
             gfr += qbar
@@ -732,7 +743,7 @@ def cnf_tile_solve_kernel(z_ptr, q_ptr, f_ptr, fq_ptr, mid_ptr, midq_ptr, e_ptr,
             tl.debug_barrier()
             if TAPE:
                 if (tl.load(ctl + C_ACC).to(tl.int64) > cap) & (tl.load(ctl + C_STATUS) == 0.0):
-                    tl.store(ctl + C_STATUS, 4.0)  # an accepted step whose start the tape could not keep
+                    tl.store(ctl + C_STATUS, ST_TAPE_FULL)  # an accepted step whose start the tape could not keep
                     tl.store(ctl + C_DONE, 1.0)
                 tl.debug_barrier()
             done = tl.load(ctl + C_DONE)

@@ -92,6 +92,9 @@ def test_no_import_cycles(which):
 
 
 LOWER = {
+    "fastode.codes": ("fastode.ops", "fastode.solvers", "fastode.nn", "fastode.flows", "fastode.cpp", "fastode.grad",
+                      "fastode.odeint", "fastode.driver", "fastode.inputs", "fastode.train", "fastode.demo",
+                      "fastode.tableaus", "fastode.compiling"),
     "fastode.ops": ("fastode.solvers", "fastode.nn", "fastode.flows", "fastode.cpp", "fastode.grad",
                     "fastode.odeint", "fastode.driver", "fastode.train", "fastode.demo"),
     "fastode.solvers": ("fastode.nn", "fastode.flows", "fastode.cpp", "fastode.train", "fastode.demo"),

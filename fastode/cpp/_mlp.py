@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from ..codes import ACTIVATION_CODES, ACTIVATION_NAMES
 from ..ops import concatsquash as _ref
 from ..ops.mlp import BoundMLP
 from ..ops.reference_grad import reference_backward
@@ -26,8 +27,7 @@ from ._loader import ext
 
 __all__ = ["concatsquash_mlp", "concatsquash_mlp_hutchinson", "concatsquash_mlp_exact_trace", "supports", "bind"]
 
-_ACT_NAMES = ("tanh", "softplus", "elu", "swish", "identity")  # index = the C++ activation code
-_ACT_CODES = {name: i for i, name in enumerate(_ACT_NAMES)}
+_ACT_NAMES, _ACT_CODES = ACTIVATION_NAMES, ACTIVATION_CODES  # the C++ core's codes (pinned by tests/test_codes.py)
 
 
 def _flat(params):

@@ -12,6 +12,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ..compiling import host_floats
+from ..codes import RATE_CODES
 from ..ops import concatsquash as _ref
 from ..ops import rk as rk_spec
 from ..tableaus import get_tableau
@@ -21,9 +22,6 @@ from ._mlp import _ACT_CODES
 
 __all__ = ["RATE_CODES", "CnfStep", "CnfStepper", "cnf_rk_step", "rk_stage", "rk_epilogue"]
 
-RATE_CODES = {"-trace": 0, "trace": 1, "kinetic": 2, "jac_frob": 3}
-"""Integrands of the extra CNF states ``q``: ``"-trace"`` (log-density change, FFJORD's sign),
-``"trace"``, ``"kinetic"`` (``|f|^2``) and ``"jac_frob"`` (``sum_k |e_k^T df/dz|^2``)."""
 
 
 

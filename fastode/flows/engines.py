@@ -38,6 +38,7 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 
+from ..codes import ACTIVATION_CODES, RATE_CODES, Status
 from ..compiling import check, host_floats
 from . import regularizers as R
 from .solver import Solver
@@ -488,8 +489,6 @@ class _AdaptivePlan(NamedTuple):
     max_num_steps: int
 
 
-_STATUS = {1: "max_num_steps was exceeded", 2: "the step size underflowed", 3: "the solution became NaN/inf"}
-
 #: gradient="direct" on the fused adaptive engine keeps each accepted step's activations (up to this many bytes per
 #: solve; later steps are recomputed as with "checkpoint"): the same gradient without the backward's recomputation
 #: of the forward (1.1-1.2x a training iteration). "checkpoint" keeps only the step starts. The buffers come from the
@@ -497,39 +496,21 @@ _STATUS = {1: "max_num_steps was exceeded", 2: "the step size underflowed", 3: "
 STORED_STEPS_BYTES = 1 << 30
 
 
-def _status_error(status: int, where: str, rtol: float, atol: float, max_num_steps: int) -> Exception:
-    """The error ``odeint`` raises for a fused solve's stop ``status`` (its class, the remedies), stopped ``where``
-    (e.g. "at t=0.25 in tile 1 (rows 64..127) of the per-tile solve")."""
-    from fastode.errors import STEP_FAILURE_REMEDIES, MaxStepsExceededError, NonFiniteError, StepSizeUnderflowError
-
-    if status == 1:
-        return MaxStepsExceededError(
-            f"max_num_steps exceeded ({max_num_steps}): {max_num_steps} step attempts did not reach the "
-            f"end time; stopped {where}. If the problem genuinely needs more steps, raise "
-            "options={'max_num_steps': ...}. " + STEP_FAILURE_REMEDIES)
-    if status == 2:
-        return StepSizeUnderflowError(f"underflow in dt: the adaptive step size became too small to advance time "
-                                      f"{where} (rtol={rtol}, atol={atol}). " + STEP_FAILURE_REMEDIES)
-    if status == 3:
-        return NonFiniteError(f"the solution became NaN/inf {where}. " + STEP_FAILURE_REMEDIES)
-    return RuntimeError(f"the fused solve stopped {where} with status {status} (a fastode bug: please report it)")
-
-
 def _tile_failure(st: dict, tile: int, rows: int, B: int, rtol: float, atol: float, max_num_steps: int) -> Exception:
     """The error ``odeint`` raises for the same failure (its class, the time, the remedies), for tile ``tile`` of a
     per-tile solve: each tile is its own batch-global problem, so this is what ``odeint`` on its rows would raise."""
     where = (f"at t={st['t_status']:.6g} in tile {tile} (rows {tile * rows}..{min(B, (tile + 1) * rows) - 1}) of the "
              "per-tile solve")
-    return _status_error(st["status"], where, rtol, atol, max_num_steps)
+    return Status(st["status"]).error(where, rtol, atol, max_num_steps)
 
 
 def _adaptive_failure(what: str, status: int, t_status: float, rtol: float, atol: float,
                       max_num_steps: int) -> Failed:
     """:class:`Failed` for a batch-global fused adaptive solve (``what``: "the fused adaptive C++ solve") that
     stopped with ``status`` at ``t_status``."""
-    why = _STATUS.get(status, f"status {status}")
-    return Failed(f"{what} stopped at t={t_status:.6g} ({why})",
-                  _status_error(status, f"at t={t_status:.6g} in {what}", rtol, atol, max_num_steps))
+    st = Status(status)
+    return Failed(f"{what} stopped at t={t_status:.6g} ({st.message})",
+                  st.error(f"at t={t_status:.6g} in {what}", rtol, atol, max_num_steps))
 
 
 def _grid_failure(what: str) -> Failed:
@@ -618,8 +599,7 @@ class CppAdaptiveEngine(Engine):
 
     def run(self, solve, plan: _AdaptivePlan):
         from fastode.cpp import _dispatch
-        from fastode.cpp._mlp import _ACT_CODES
-        from fastode.cpp._rk import RATE_CODES, _tableau_lists, cnf_adaptive_solve
+        from fastode.cpp._rk import _tableau_lists, cnf_adaptive_solve
         from fastode.stats import SolveStats
 
         x, t, dyn = solve.x, solve.t, solve.dynamics
@@ -636,7 +616,7 @@ class CppAdaptiveEngine(Engine):
         if solve.solver.gradient == "direct" and _wants_grad(solve):  # keep step activations: no recomputation
             tiles = -(-B // solve.step_rows) if solve.step_rows else 1
             ctl.append(float(STORED_STEPS_BYTES // x.element_size() // tiles))
-        run = {"act": _ACT_CODES[dyn.activation], "rates": [RATE_CODES[r] for r in plan.rates],
+        run = {"act": ACTIVATION_CODES[dyn.activation], "rates": [RATE_CODES[r] for r in plan.rates],
                "tableau": _tableau_lists(tab), "c_mid": [float(v) for v in tab.c_mid], "ctl": ctl,
                "max_num_steps": plan.max_num_steps, "order": int(tab.order), "time_f32": t.dtype == torch.float32,
                "tile": _dispatch.mlp_tile_rows(B, layers), "step_rows": int(solve.step_rows)}
@@ -930,7 +910,7 @@ class TritonAdaptiveEngine(Engine):
             zT, qT, rec = stepper.adaptive(td[0], td[1], solve.x.detach(), _q0(solve, rates).detach(), e,
                                            time_dtype=t.dtype, sync_every=self.sync_every, **ctl)
         if rec["status"] or not rec["finite"]:
-            return _adaptive_failure("the fused Triton adaptive solve", rec["status"] or 3, rec["t_status"],
+            return _adaptive_failure("the fused Triton adaptive solve", rec["status"] or Status.NONFINITE, rec["t_status"],
                                      ctl["rtol"], ctl["atol"], ctl["max_num_steps"])
         solve.dynamics.last_backend = "triton"
         solve.counter.add(rec["nfe"])

@@ -26,6 +26,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from ..codes import ACTIVATION_NAMES
+
 __all__ = [
     "ACTIVATIONS",
     "apply_activation",
@@ -36,7 +38,7 @@ __all__ = [
     "concatsquash_mlp_exact_trace",
 ]
 
-ACTIVATIONS = ("tanh", "softplus", "elu", "swish", "identity")
+ACTIVATIONS = ACTIVATION_NAMES  # (fastode.codes: the kernels' and the C++ core's codes follow this order)
 """Activations every backend supports. ``swish = x * sigmoid(x)`` (beta fixed at 1); ``elu`` has alpha 1;
 ``softplus`` is torch's (beta 1)."""
 
