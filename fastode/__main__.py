@@ -1,8 +1,8 @@
 """The ``fastode`` command: ``fastode train ...`` (or ``python -m fastode train ...``) and ``fastode demo``.
 
-* ``train`` -- train a CNF density model (:mod:`fastode.train`; ``fastode train --help``).
+* ``train`` -- train a CNF density model (:mod:`fastode.apps.train`; ``fastode train --help``).
 * ``demo``  -- the main-job demo: a small CNF on built-in 2-D data trained with fastode and with torchdiffeq
-  from the same weights, noise and solver; speed and NLL side by side (:mod:`fastode.demo`).
+  from the same weights, noise and solver; speed and NLL side by side (:mod:`fastode.apps.demo`).
 """
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import sys
 from typing import Sequence
 
 COMMANDS = {
-    "train": ("fastode.train", "train a CNF density model"),
-    "demo": ("fastode.demo", "train a small CNF with fastode vs torchdiffeq and compare speed"),
+    "train": ("fastode.apps.train", "train a CNF density model"),
+    "demo": ("fastode.apps.demo", "train a small CNF with fastode vs torchdiffeq and compare speed"),
 }
 
 

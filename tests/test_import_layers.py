@@ -91,17 +91,17 @@ def test_no_import_cycles(which):
     assert not cycles, f"import cycles: {cycles}"
 
 
+_APPS = ("fastode.train", "fastode.demo", "fastode.apps")
 LOWER = {
     "fastode.codes": ("fastode.ops", "fastode.solvers", "fastode.nn", "fastode.flows", "fastode.cpp", "fastode.grad",
-                      "fastode.odeint", "fastode.driver", "fastode.inputs", "fastode.train", "fastode.demo",
-                      "fastode.tableaus", "fastode.compiling"),
+                      "fastode.odeint", "fastode.driver", "fastode.inputs", "fastode.tableaus", "fastode.compiling")
+    + _APPS,
     "fastode.ops": ("fastode.solvers", "fastode.nn", "fastode.flows", "fastode.cpp", "fastode.grad",
-                    "fastode.odeint", "fastode.driver", "fastode.train", "fastode.demo"),
-    "fastode.solvers": ("fastode.nn", "fastode.flows", "fastode.cpp", "fastode.train", "fastode.demo"),
-    "fastode.grad": ("fastode.nn", "fastode.flows", "fastode.cpp", "fastode.train", "fastode.demo"),
-    "fastode.cpp": ("fastode.nn", "fastode.flows", "fastode.solvers", "fastode.grad", "fastode.train",
-                    "fastode.demo"),
-    "fastode.nn": ("fastode.flows", "fastode.solvers", "fastode.train", "fastode.demo"),
+                    "fastode.odeint", "fastode.driver") + _APPS,
+    "fastode.solvers": ("fastode.nn", "fastode.flows", "fastode.cpp") + _APPS,
+    "fastode.grad": ("fastode.nn", "fastode.flows", "fastode.cpp") + _APPS,
+    "fastode.cpp": ("fastode.nn", "fastode.flows", "fastode.solvers", "fastode.grad") + _APPS,
+    "fastode.nn": ("fastode.flows", "fastode.solvers") + _APPS,
 }
 
 
@@ -112,6 +112,17 @@ def test_lower_layers_do_not_import_higher_ones(layer):
         if mod == layer or mod.startswith(layer + "."):
             bad += [(mod, n) for n in every if any(n == h or n.startswith(h + ".") for h in LOWER[layer])]
     assert not bad, f"{layer} imports a higher layer: {sorted(bad)}"
+
+
+def test_the_library_never_imports_the_applications():
+    """fastode.apps (train, demo, plots) sits above the library: only its aliases and the command entry point import
+    it."""
+    entry = {"fastode.train", "fastode.demo", "fastode.plots", "fastode.__main__"}
+    bad = [(mod, n) for mod, (_, every) in IMPORTS.items()
+           if not (mod == "fastode.apps" or mod.startswith("fastode.apps.")) and mod not in entry
+           for n in every if n == "fastode.apps" or n.startswith("fastode.apps.")]
+    assert not bad, f"library modules import the applications: {sorted(bad)}"
+    assert "fastode.apps.train" in IMPORTS["fastode.apps.demo"][0]  # the checker sees the applications' imports
 
 
 def test_the_checker_sees_imports():
