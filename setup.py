@@ -28,7 +28,7 @@ packages = find_packages(include=["fastode", "fastode.*"]) + ["fastode.kernels"]
 
 # the torch-free core, one translation unit per concern (csrc/README.md; CMakeLists.txt compiles the same list),
 # and the torch bindings; ninja compiles them in parallel and, with the build directory kept, only what changed
-EXT_SOURCES = ["csrc/activations.cpp", "csrc/gemm.cpp", "csrc/mlp.cpp", "csrc/rk.cpp", "csrc/cnf_step.cpp",
+EXT_SOURCES = ["csrc/activations.cpp", "csrc/gemm.cpp", "csrc/mlp.cpp", "csrc/cnf_step.cpp",
                "csrc/cnf_grid.cpp", "csrc/cnf_adaptive.cpp", "csrc/pool.cpp", "csrc/bindings.cpp"]
 
 

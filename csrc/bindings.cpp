@@ -695,65 +695,6 @@ py::tuple cnf_grid_backward(const std::vector<double>& ts, const Tensor& z0_, co
   return py::make_tuple(opt(gz0), opt(gq0), opt(ge), gp, need_ts ? py::cast(gts) : py::none());
 }
 
-// ------------------------------------------------------------------------------------------------
-// Generic RK helpers on flat tensors of one dtype.
-Tensor rk_combine(const Tensor& y0_, const std::vector<Tensor>& ks_, const std::vector<double>& w, double dtv) {
-  const auto dt = y0_.scalar_type();
-  Tensor y0 = prep(y0_, dt, "y0");
-  check(ks_.size() == w.size(), "one weight per stage");
-  std::vector<Tensor> ks;
-  for (const auto& k : ks_) {
-    ks.push_back(prep(k, dt, "k"));
-    check(ks.back().numel() == y0.numel(), "every k must have y0's number of elements");
-  }
-  Tensor out = at::empty(y0.sizes(), y0.options());
-  DISPATCH_FLOAT(dt, [&] {
-    std::vector<const scalar_t*> kp;
-    for (auto& k : ks) kp.push_back(k.data_ptr<scalar_t>());
-    fastode::rk_combine<scalar_t>(y0.numel(), y0.data_ptr<scalar_t>(), int(kp.size()), kp.data(), w.data(), dtv,
-                                  out.data_ptr<scalar_t>(), make_exec(0));
-  });
-  return out;
-}
-
-// Rows = the leading dimension (a 0/1-dim tensor is one row). atol / rtol: floats or tensors of y0's shape.
-// Returns (y1, y_err or None, per-row sum of squared error ratios (float64) or None, per-row max or None).
-py::tuple rk_epilogue(const Tensor& y0_, const std::vector<Tensor>& ks_, const std::vector<double>& b,
-                      const std::vector<double>& b_err, double dtv, const OptT& atol_t, double atol,
-                      const OptT& rtol_t, double rtol) {
-  const auto dt = y0_.scalar_type();
-  Tensor y0 = prep(y0_, dt, "y0");
-  check(ks_.size() == b.size() && (b_err.empty() || b_err.size() == b.size()), "one weight per stage");
-  std::vector<Tensor> ks;
-  for (const auto& k : ks_) {
-    ks.push_back(prep(k, dt, "k"));
-    check(ks.back().numel() == y0.numel(), "every k must have y0's number of elements");
-  }
-  OptT at = prep_opt(atol_t, dt, "atol"), rt = prep_opt(rtol_t, dt, "rtol");
-  if (at) check(at->numel() == y0.numel(), "a tensor atol must have y0's shape");
-  if (rt) check(rt->numel() == y0.numel(), "a tensor rtol must have y0's shape");
-  const int64_t B = y0.dim() <= 1 ? 1 : y0.size(0);
-  const int64_t M = B ? y0.numel() / B : 0;
-  Tensor y1 = at::empty(y0.sizes(), y0.options());
-  OptT err, ss, mx;
-  if (!b_err.empty()) {
-    err = at::empty(y0.sizes(), y0.options());
-    ss = at::empty({B}, y0.options().dtype(at::kDouble));
-    mx = at::empty({B}, y0.options().dtype(at::kDouble));
-  }
-  DISPATCH_FLOAT(dt, [&] {
-    std::vector<const scalar_t*> kp;
-    for (auto& k : ks) kp.push_back(k.data_ptr<scalar_t>());
-    fastode::rk_epilogue<scalar_t>(B, M, y0.data_ptr<scalar_t>(), int(kp.size()), kp.data(), b.data(),
-                                   b_err.empty() ? nullptr : b_err.data(), dtv, cptr<scalar_t>(at), atol,
-                                   cptr<scalar_t>(rt), rtol, y1.data_ptr<scalar_t>(), mptr<scalar_t>(err),
-                                   ss ? ss->data_ptr<double>() : nullptr, mx ? mx->data_ptr<double>() : nullptr,
-                                   make_exec(0));
-  });
-  auto opt = [](const OptT& x) { return x ? py::cast(*x) : py::none(); };
-  return py::make_tuple(y1, opt(err), opt(ss), opt(mx));
-}
-
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -814,8 +755,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("cnf_grid_backward", &cnf_grid_backward);
   m.def("cnf_adaptive_forward", &cnf_adaptive_forward);
   m.def("cnf_adaptive_backward", &cnf_adaptive_backward);
-  m.def("rk_combine", &rk_combine);
-  m.def("rk_epilogue", &rk_epilogue);
   m.def("empty_cache", &fastode::pool_clear, "free the cached buffers (saved activations, kept steps); returns bytes");
   m.def("cached_bytes", &fastode::pool_cached);
 #ifdef _OPENMP

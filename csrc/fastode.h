@@ -102,19 +102,6 @@ struct Tableau {
   bool has_err() const { return !b_err.empty(); }
 };
 
-// Generic stage combination on flat vectors of n elements: out = y0 + dt * sum_j w[j] * k[j].
-template <typename T>
-void rk_combine(int64_t n, const T* y0, int nk, const T* const* k, const double* w, double dt, T* out,
-                const Exec& ex);
-
-// Step epilogue on B rows of M elements: y1 = y0 + dt sum b_i k_i; y_err = dt sum b_err_i k_i; the error
-// ratio r = y_err / (atol + rtol max(|y0|, |y1|)) reduced per row to sum(r^2) and max|r|. atol / rtol are
-// per-element arrays (B*M) or, when nullptr, the scalars atol_s / rtol_s. Without b_err only y1 is made.
-template <typename T>
-void rk_epilogue(int64_t B, int64_t M, const T* y0, int nk, const T* const* k, const double* b,
-                 const double* b_err, double dt, const T* atol, double atol_s, const T* rtol, double rtol_s,
-                 T* y1, T* y_err, double* row_sumsq, double* row_max, const Exec& ex);
-
 // ---------------------------------------------------------------------------------------------------
 // Fused RK step of CNF dynamics:  dz/dt = f(t, z),  dq_j/dt = rate_j  for the NQ columns of q, where
 // rate codes: enum Rate.

@@ -299,56 +299,6 @@ def test_torch_export_of_a_fixed_grid_solve():
     torch.testing.assert_close(ep.module()(x), m(x), rtol=0, atol=0)
 
 
-@needs_ext
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_opcheck_the_rk_stage_and_it_compiles(dtype):
-    from fastode.cpp import _ops
-
-    torch.manual_seed(0)
-    y = torch.randn(37, 3, dtype=dtype, requires_grad=True)
-    ks = [torch.randn(37, 3, dtype=dtype, requires_grad=True) for _ in range(3)]
-    dt = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
-    torch.library.opcheck(_ops.cpp_rk_stage, (y, ks, [0.5, -0.25, 1.0], dt))
-    fn = lambda y, k0, k1: fc.rk_stage(y, [k0, k1], [0.3, 0.7], 0.05)  # noqa: E731
-    explanation = torch._dynamo.explain(fn)(y, ks[0], ks[1])
-    assert explanation.graph_break_count == 0
-    assert any("cpp_rk_stage" in str(n.target) for n in explanation.graphs[0].graph.nodes)
-    torch.testing.assert_close(torch.compile(fn, backend="aot_eager", fullgraph=True)(y, ks[0], ks[1]),
-                               fn(y, ks[0], ks[1]), rtol=0, atol=0)
-
-
-@needs_ext
-def test_opcheck_the_rk_epilogue_and_its_closed_form_gradient():
-    """The epilogue op's gradient (through y1, err and the RMS ratios) against the PyTorch reference's autograd."""
-    from fastode.cpp import _ops
-    from fastode.cpp._rk import _epilogue_torch
-
-    torch.manual_seed(0)
-    dtype = torch.float64
-    y0 = torch.randn(9, 4, dtype=dtype, requires_grad=True)
-    ks = [torch.randn(9, 4, dtype=dtype, requires_grad=True) for _ in range(3)]
-    dt = torch.tensor(0.2, dtype=dtype, requires_grad=True)
-    b, b_err = [0.25, 0.5, 0.25], [0.1, -0.3, 0.2]
-    torch.library.opcheck(_ops.cpp_rk_epilogue, (y0, ks, b, b_err, dt, None, 1e-3, None, 1e-2))
-    fn = lambda y0, k0, k1, k2, dt: fc.rk_epilogue(y0, [k0, k1, k2], b, b_err, dt, 1e-3, 1e-2)  # noqa: E731
-    explanation = torch._dynamo.explain(fn)(y0, *ks, dt)
-    assert explanation.graph_break_count == 0
-    assert any("cpp_rk_epilogue" in str(n.target) for n in explanation.graphs[0].graph.nodes)
-    torch._dynamo.reset()
-    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
-    got = compiled(y0, *ks, dt)
-    ref = _epilogue_torch(y0, ks, b, b_err, dt, 1e-3, 1e-2)
-    for a, r in zip(got, ref):
-        torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12)
-    weights = [torch.randn_like(r) for r in ref]
-    inputs = [y0, *ks, dt]
-    pick = (0, 1, 2, 4)  # y1, err, the batch RMS and the per-row RMS (the max ratios are not differentiable)
-    g_got = torch.autograd.grad(sum((got[i] * weights[i]).sum() for i in pick), inputs)
-    g_ref = torch.autograd.grad(sum((ref[i] * weights[i]).sum() for i in pick), inputs)
-    for a, r in zip(g_got, g_ref):
-        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12)
-
-
 def _interpreted(module: str):
     """``module`` (a Triton backend) when the Triton interpreter runs its kernels on the CPU, else skip."""
     from fastode.kernels._common import interpreter_active

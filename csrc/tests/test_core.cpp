@@ -1,6 +1,6 @@
 // Unit tests of the torch-free core (run by ctest): independent naive references in double precision
 // and central finite differences. Usage: test_core [group]   (no argument: every group; groups follow the
-// translation units of the core: activations, mlp_forward, mlp_backward, cnf_step, cnf_grid, gemm, threads, rk)
+// translation units of the core: activations, mlp_forward, mlp_backward, cnf_step, cnf_grid, gemm, threads, pool)
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -807,42 +807,6 @@ static void test_activation_accuracy() {
   }
 }
 
-static void test_rk_generic() {
-  const int64_t n = 40000;  // > one flat tile
-  auto y0 = randn(n, 1);
-  std::vector<std::vector<double>> k;
-  for (int j = 0; j < 3; ++j) k.push_back(randn(n, 10 + j));
-  const double* kp[3] = {k[0].data(), k[1].data(), k[2].data()};
-  double w[3] = {0.2, -0.5, 0.3}, b[3] = {1.0 / 6, 2.0 / 3, 1.0 / 6}, be[3] = {0.1, -0.2, 0.1};
-  double dt = 0.3;
-  std::vector<double> out(n), y1(n), err(n);
-  rk_combine<double>(n, y0.data(), 3, kp, w, dt, out.data(), Exec());
-  const int64_t B = 50, M = n / B;  // rows of M elements; per-element rtol on the second call
-  std::vector<double> ss(B), mx(B), rtol_v(n);
-  for (int64_t i = 0; i < n; ++i) rtol_v[i] = 1e-3 * (1 + (i % 3));
-  rk_epilogue<double>(B, M, y0.data(), 3, kp, b, be, dt, nullptr, 1e-4, rtol_v.data(), 0.0, y1.data(), err.data(),
-                      ss.data(), mx.data(), Exec());
-  std::vector<double> rout(n), ry1(n), rerr(n), rss(B, 0.0), rmx(B, 0.0);
-  for (int64_t i = 0; i < n; ++i) {
-    rout[i] = y0[i];
-    ry1[i] = y0[i];
-    rerr[i] = 0;
-    for (int j = 0; j < 3; ++j) {
-      rout[i] += dt * w[j] * k[j][i];
-      ry1[i] += dt * b[j] * k[j][i];
-      rerr[i] += dt * be[j] * k[j][i];
-    }
-    double sc = 1e-4 + rtol_v[i] * std::max(std::fabs(y0[i]), std::fabs(ry1[i]));
-    rss[i / M] += (rerr[i] / sc) * (rerr[i] / sc);
-    rmx[i / M] = std::max(rmx[i / M], std::fabs(rerr[i] / sc));
-  }
-  CHECK(max_rel(out, rout) < 1e-14, "rk_combine err=%g", max_rel(out, rout));
-  CHECK(max_rel(y1, ry1) < 1e-14, "rk_epilogue y1 err=%g", max_rel(y1, ry1));
-  CHECK(max_rel(err, rerr) < 1e-13, "rk_epilogue err err=%g", max_rel(err, rerr));
-  CHECK(max_rel(ss, rss) < 1e-10, "rk_epilogue row sumsq err=%g", max_rel(ss, rss));
-  CHECK(max_rel(mx, rmx) < 1e-12, "rk_epilogue row max err=%g", max_rel(mx, rmx));
-}
-
 // The buffer pool (pool.cpp): reuse of the same size and of a slightly larger block, never of a much larger one,
 // the real size kept for a block lent for a smaller request, and a buffer whose size drifts (a grid solve over a
 // learned end time) kept to a bounded cache instead of one block per size ever seen.
@@ -933,11 +897,10 @@ int main(int argc, char** argv) {
     for (int act : {kTanh, kIdentity, kSoftplus}) test_float_vs_double(act);
   }
   if (group("threads")) test_threads_deterministic();
-  if (group("rk")) test_rk_generic();
   if (group("pool")) test_pool();
   if (!any) {
     std::printf("unknown group '%s'; groups: activations mlp_forward mlp_backward cnf_step cnf_grid gemm "
-                "threads rk pool\n", only.c_str());
+                "threads pool\n", only.c_str());
     return 2;
   }
   std::printf(g_failures ? "%d FAILED\n" : "all passed\n", g_failures);

@@ -12,9 +12,6 @@ What it provides
   the extension is built; ``"auto"`` then picks it for float32/float64 CPU tensors.
 * :func:`cnf_rk_step`: one explicit RK step of CNF dynamics (``dz/dt = f``, ``dlogp/dt = -trace``,
   optional kinetic / Jacobian-Frobenius integrals) in a single C++ call, with its backward pass.
-* :func:`rk_stage`, :func:`rk_epilogue`: fused stage combination and step epilogue (solution, error
-  estimate, RMS/max error ratios) for any CPU tensors; same signatures and outputs as their Triton twins
-  in :mod:`fastode.ops.triton_rk`, so a solver can pick by device.
 
 Dispatch: ``backend="auto"`` (default) follows the global override of :func:`fastode.nn.set_backend` /
 ``FASTODE_NN_BACKEND``; otherwise C++ for CPU float32/float64 tensors when built, else ``"torch"``.
@@ -30,7 +27,7 @@ from __future__ import annotations
 
 from ._loader import available, error, ext
 from ._mlp import concatsquash_mlp, concatsquash_mlp_exact_trace, concatsquash_mlp_hutchinson, supports
-from ._rk import RATE_CODES, CnfStep, CnfStepper, cnf_rk_step, rk_epilogue, rk_stage
+from ._rk import RATE_CODES, CnfStep, CnfStepper, cnf_rk_step
 from . import _dispatch
 
 __all__ = [
@@ -46,8 +43,6 @@ __all__ = [
     "empty_cache",
     "cached_bytes",
     "RATE_CODES",
-    "rk_stage",
-    "rk_epilogue",
     "last_backend",
 ]
 

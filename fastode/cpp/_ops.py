@@ -12,9 +12,6 @@ that calls the backward op:
   ``cpp_grid``), and ``cpp_cnf_grid_backward``
 * ``cpp_cnf_adaptive(z0, q0, e, params, t0, t1, ...) -> (zT, qT, counts)``: a whole adaptive CNF solve without
   gradient (engine ``cpp_adaptive``; a log-likelihood or sampling)
-* ``cpp_rk_stage(y, ks, coefs, dt) -> y + dt sum coefs_j k_j`` (:func:`fastode.cpp.rk_stage`) and
-  ``cpp_rk_epilogue(y0, ks, b, b_err, dt, ...) -> (y1, err, ss, mx)`` (:func:`fastode.cpp.rk_epilogue` with an error
-  estimate; a closed-form backward)
 
 ``save`` holds the activations the backward reads (empty unless ``need_save``). The gradient is once
 differentiable (a graph of the backward, e.g. FFJORD's ``create_graph=True``, needs the PyTorch backend). Eager
@@ -33,8 +30,7 @@ from . import _dispatch
 from ._loader import ext
 
 __all__ = ["cpp_mlp", "cpp_mlp_probe", "cpp_mlp_backward", "cpp_cnf_grid", "cpp_cnf_grid_backward",
-           "cpp_cnf_adaptive", "cpp_rk_stage", "cpp_rk_epilogue",
-           "tile_for"]
+           "cpp_cnf_adaptive", "tile_for"]
 
 
 def tile_for(z: Tensor, params: List[Tensor]) -> int:
@@ -250,87 +246,3 @@ def _(z0, q0, e, params, t0, t1, act, rates, c, a, b, b_err, c_mid, ctl, max_num
       tile):
     return (z0.new_empty(z0.shape), z0.new_empty((z0.shape[0], len(rates))),
             torch.empty(len(_COUNTS), dtype=torch.float64))
-
-
-# ------------------------------------------------------------------------------------------------ RK stage input
-@torch.library.custom_op("fastode::cpp_rk_stage", mutates_args=())
-def cpp_rk_stage(y: Tensor, ks: List[Tensor], coefs: List[float], dt: Tensor) -> Tensor:
-    """``y + dt * sum_j coefs[j] * ks[j]`` in one pass (:func:`fastode.cpp.rk_stage`)."""
-    return ext().rk_combine(y, list(ks), list(coefs), float(dt))
-
-
-@cpp_rk_stage.register_fake
-def _(y, ks, coefs, dt):
-    return torch.empty_like(y)
-
-
-def _setup_stage(ctx, inputs, output):
-    _, ks, coefs, dt = inputs
-    ctx.coefs = list(coefs)
-    ctx.save_for_backward(dt, *ks)
-
-
-def _backward_stage(ctx, g):
-    dt, *ks = ctx.saved_tensors
-    gdt = sum(c * (g * k).sum() for c, k in zip(ctx.coefs, ks)).to(dt.dtype).reshape(dt.shape)
-    scale = dt.to(g.dtype)
-    return g, [g * (scale * c) for c in ctx.coefs], None, gdt
-
-
-torch.library.register_autograd("fastode::cpp_rk_stage", _backward_stage, setup_context=_setup_stage)
-
-
-# ----------------------------------------------------------------------------------------------- RK step epilogue
-@torch.library.custom_op("fastode::cpp_rk_epilogue", mutates_args=())
-def cpp_rk_epilogue(y0: Tensor, ks: List[Tensor], b: List[float], b_err: List[float], dt: Tensor,
-                    atol_t: Optional[Tensor], atol: float, rtol_t: Optional[Tensor], rtol: float
-                    ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(y1, err, ss, mx)`` of :func:`fastode.cpp.rk_epilogue` with an error estimate: ``ss`` / ``mx`` (float64,
-    one per row) the sum of squares and the max of ``r = err / (atol + rtol max(|y0|, |y1|))``."""
-    y1, err, ss, mx = ext().rk_epilogue(y0, list(ks), list(b), list(b_err), float(dt), atol_t, atol, rtol_t, rtol)
-    return y1, err, ss, mx
-
-
-@cpp_rk_epilogue.register_fake
-def _(y0, ks, b, b_err, dt, atol_t, atol, rtol_t, rtol):
-    B = 1 if y0.dim() <= 1 else y0.shape[0]
-    f64 = dict(dtype=torch.float64, device=y0.device)
-    return torch.empty_like(y0), torch.empty_like(y0), torch.empty(B, **f64), torch.empty(B, **f64)
-
-
-def _setup_epilogue(ctx, inputs, output):
-    y0, ks, b, b_err, dt, atol_t, atol, rtol_t, rtol = inputs
-    ctx.b, ctx.b_err, ctx.atol, ctx.rtol = list(b), list(b_err), atol, rtol
-    ctx.save_for_backward(y0, dt, output[0], output[1], atol_t, rtol_t, *ks)
-
-
-def _backward_epilogue(ctx, g_y1, g_err, g_ss, _g_mx):
-    """Closed form (the tolerances and the max are not differentiated): y1 = y0 + dt sum b k, err = dt sum b_err k,
-    ss = sum over a row of (err / tol)^2 with tol = atol + rtol max(|y0|, |y1|) (torch.maximum's tie rule)."""
-    y0, dt, y1, err, atol_t, rtol_t, *ks = ctx.saved_tensors
-    zeros = torch.zeros_like(y0)
-    g_y1 = zeros if g_y1 is None else g_y1
-    g_err = zeros if g_err is None else g_err
-    g_y0 = zeros
-    if g_ss is not None:
-        atol = atol_t if atol_t is not None else ctx.atol
-        rtol = rtol_t if rtol_t is not None else ctx.rtol
-        a0, a1 = y0.abs(), y1.abs()
-        tol = atol + rtol * torch.maximum(a0, a1)
-        r = err / tol
-        rows = 1 if y0.dim() <= 1 else y0.shape[0]
-        G = g_ss.to(y0.dtype).reshape((rows,) + (1,) * max(y0.dim() - 1, 0)) if y0.dim() > 1 else g_ss.to(y0.dtype)
-        g_err = g_err + G * 2 * r / tol
-        g_m = -G * 2 * r * r / tol * rtol
-        half = torch.where(a0 == a1, 0.5, 1.0).to(y0.dtype)
-        g_y0 = g_m * half * (a0 >= a1).to(y0.dtype) * torch.sign(y0)
-        g_y1 = g_y1 + g_m * half * (a1 >= a0).to(y0.dtype) * torch.sign(y1)
-    g_y0 = g_y0 + g_y1
-    per_k = [bi * g_y1 + ei * g_err for bi, ei in zip(ctx.b, ctx.b_err)]
-    scale = dt.to(y0.dtype)
-    g_ks = [scale * p for p in per_k]
-    g_dt = sum((p * k).sum() for p, k in zip(per_k, ks)).to(dt.dtype).reshape(dt.shape)
-    return g_y0, g_ks, None, None, g_dt, None, None, None, None
-
-
-torch.library.register_autograd("fastode::cpp_rk_epilogue", _backward_epilogue, setup_context=_setup_epilogue)

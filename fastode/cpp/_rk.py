@@ -20,7 +20,7 @@ from . import _dispatch, _ops
 from ._loader import ext
 from ._mlp import _ACT_CODES
 
-__all__ = ["RATE_CODES", "CnfStep", "CnfStepper", "cnf_rk_step", "rk_stage", "rk_epilogue"]
+__all__ = ["RATE_CODES", "CnfStep", "CnfStepper", "cnf_rk_step"]
 
 
 
@@ -51,14 +51,6 @@ def _tableau_lists_cached(tableau):
             if a[i * s + j] != 0.0:
                 raise ValueError("only explicit tableaus (strictly lower-triangular a) can be fused")
     return tuple(c), tuple(a), tuple(b), tuple(b_err)
-
-
-def _as_time_tensor(x) -> torch.Tensor:
-    if isinstance(x, torch.Tensor):
-        if x.numel() != 1:
-            raise ValueError(f"t0 and dt must be scalars, got shape {tuple(x.shape)}")
-        return x.reshape(())
-    return torch.tensor(float(x), dtype=torch.float64)
 
 
 def _per_column(v, n: int, name: str) -> list[float]:
@@ -392,149 +384,3 @@ def _cnf_step_torch(t0, dt, z0, q0, params, activation, tab, e, rates, kz0, kq0,
         k = torch.stack(step.k)
         return CnfStep(z1, q1, ez, eq, k[:, :, :D], k[:, :, D:], ss)
     return CnfStep(z1, q1, ez, eq, None, None, ss)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Generic stage combination / epilogue for any tensors of one shape: the CPU counterparts of
-# fastode.ops.triton_rk (same signatures and outputs), with PyTorch references.
-def _epilogue_torch(y0, ks, b, b_err, dt, atol, rtol):
-    """Reference (plain autograd) of :func:`rk_epilogue`; also the backward of the fused version."""
-    y1 = rk_spec.combine_stages(y0, dt, b, ks)
-    if y1 is y0:
-        y1 = y0.clone()
-    if b_err is None:
-        return y1
-    err = rk_spec.combine_stages(None, dt, b_err, ks)
-    rms_s = rk_spec.sample_error_ratios(err, y0, y1, rtol, atol, "rms")
-    max_s = rk_spec.sample_error_ratios(err, y0, y1, rtol, atol, "max")
-    r = err / rk_spec.error_tolerance(y0, y1, rtol, atol)
-    return y1, err, rk_spec.safe_sqrt(r.pow(2).mean()), max_s.max(), rms_s, max_s
-
-
-class _StageFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, coefs, y, dt, *ks):
-        ctx.coefs = coefs
-        ctx.save_for_backward(dt, *ks)
-        return ext().rk_combine(y, list(ks), list(coefs), float(dt))
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, g):
-        dt, *ks = ctx.saved_tensors
-        n = ctx.needs_input_grad
-        gdt = None
-        if n[2]:
-            gdt = sum(c * (g * k).sum() for c, k in zip(ctx.coefs, ks)).to(dt.dtype).reshape(dt.shape)
-        gks = [g * (float(dt) * c) if n[3 + i] else None for i, c in enumerate(ctx.coefs)]
-        return (None, g if n[1] else None, gdt, *gks)
-
-
-class _EpilogueFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, b, b_err, atol, rtol, y0, dt, *ks):
-        at = atol if isinstance(atol, torch.Tensor) else None
-        rt = rtol if isinstance(rtol, torch.Tensor) else None
-        y1, err, ss, mx = ext().rk_epilogue(y0, list(ks), list(b), list(b_err) if b_err is not None else [],
-                                            float(dt), at, 0.0 if at is not None else float(atol), rt,
-                                            0.0 if rt is not None else float(rtol))
-        ctx.b, ctx.b_err, ctx.atol, ctx.rtol = b, b_err, atol, rtol
-        ctx.save_for_backward(y0, dt, *ks)
-        ctx.set_materialize_grads(False)
-        if b_err is None:
-            return y1
-        rms_b, max_b, rms_s, max_s = _epilogue_ratios(y0, ss, mx)
-        ctx.mark_non_differentiable(max_b, max_s)
-        return y1, err, rms_b, max_b, rms_s, max_s
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, *grads):
-        y0, dt, *ks = ctx.saved_tensors
-        if ctx.b_err is None:
-            wanted = [(0, grads[0])]
-        else:
-            wanted = [(i, g) for i, g in enumerate(grads) if g is not None and i in (0, 1, 2, 4)]
-        n = ctx.needs_input_grad
-        none = (None,) * len(n)
-        if not wanted or all(g is None for _, g in wanted):
-            return none
-        # The epilogue is element-wise: its backward is the reference's, by autograd (no extra C++ kernel).
-        with torch.enable_grad():
-            inputs = [x.detach().requires_grad_(bool(n[j])) for j, x in ((4, y0), (5, dt))]
-            kd = [k.detach().requires_grad_(bool(n[6 + i])) for i, k in enumerate(ks)]
-            out = _epilogue_torch(inputs[0], kd, ctx.b, ctx.b_err, inputs[1], ctx.atol, ctx.rtol)
-            out = (out,) if ctx.b_err is None else out
-            outs = [out[i] for i, g in wanted if g is not None]
-            gouts = [g for _, g in wanted if g is not None]
-            req = [x for x in inputs + kd if x.requires_grad]
-            gs = iter(torch.autograd.grad(outs, req, gouts, allow_unused=True)) if req else iter(())
-        res = [next(gs) if x.requires_grad else None for x in inputs + kd]
-        return (None, None, None, None, *res)
-
-
-def _compiled_epilogue(y0, ks, b, b_err, dt, atol, rtol):
-    """:class:`_EpilogueFn`'s outputs from the custom op fastode::cpp_rk_epilogue (what a compiled graph calls)."""
-    at = atol if isinstance(atol, torch.Tensor) else None
-    rt = rtol if isinstance(rtol, torch.Tensor) else None
-    y1, err, ss, mx = _ops.cpp_rk_epilogue(y0, ks, list(b), list(b_err), dt, at, 0.0 if at is not None else float(atol),
-                                           rt, 0.0 if rt is not None else float(rtol))
-    rms_b, max_b, rms_s, max_s = _epilogue_ratios(y0, ss, mx)
-    return y1, err, rms_b, max_b.detach(), rms_s, max_s.detach()
-
-
-def _epilogue_ratios(y0, ss, mx):
-    """``(rms over the batch, max over the batch, rms per row, max per row)`` of the error ratios from the kernel's
-    per-row sums of squares ``ss`` and maxima ``mx``."""
-    B = ss.shape[0]
-    M = y0.numel() // max(B, 1)
-    rms_s = rk_spec.safe_sqrt(ss / max(M, 1)).to(y0.dtype)
-    max_s = mx.to(y0.dtype)
-    rms_b = rk_spec.safe_sqrt(ss.sum() / max(y0.numel(), 1)).to(y0.dtype)
-    max_b = max_s.max() if B else y0.new_zeros(())
-    return rms_b, max_b, rms_s, max_s
-
-
-def rk_stage(y: torch.Tensor, ks: Sequence[torch.Tensor], coefs: Sequence[float], dt, *,
-             backend: str = "auto") -> torch.Tensor:
-    """``y + dt * sum_j coefs[j] * ks[j]`` in one pass (differentiable); CPU twin of
-    :func:`fastode.ops.triton_rk.rk_stage`."""
-    ks = list(ks)
-    coefs = tuple(float(c) for c in coefs)
-    if len(coefs) != len(ks):
-        raise ValueError(f"{len(ks)} stage derivatives but {len(coefs)} coefficients; they must match")
-    if all(c == 0.0 for c in coefs):
-        return y
-    name = _dispatch.choose(backend, y, *ks)
-    if name == "cpp" and all(k.shape == y.shape for k in ks):
-        if torch.compiler.is_compiling():
-            return _ops.cpp_rk_stage(y, ks, list(coefs), _as_time_tensor(dt))
-        return _StageFn.apply(coefs, y, _as_time_tensor(dt), *ks)
-    _dispatch.last_backend = "torch"
-    return rk_spec.combine_stages(y, dt, coefs, ks)
-
-
-def rk_epilogue(y0: torch.Tensor, ks: Sequence[torch.Tensor], b: Sequence[float], b_err, dt, atol=0.0, rtol=0.0, *,
-                backend: str = "auto"):
-    """Fused step epilogue; CPU twin of :func:`fastode.ops.triton_rk.rk_epilogue` (same outputs).
-
-    ``y1 = y0 + dt sum b_i k_i``; with ``b_err``: ``(y1, err, ratio_rms, ratio_max, ratio_rms_sample,
-    ratio_max_sample)`` where ``err = dt sum b_err_i k_i``, ``r = err / (atol + rtol max(|y0|, |y1|))``,
-    ``ratio_rms`` = RMS of r (torchdiffeq's norm), ``*_sample`` over each row of the leading dimension.
-    ``atol``/``rtol``: numbers or tensors of ``y0``'s shape. Without ``b_err`` only ``y1`` is returned.
-    Differentiable in ``y0``, the ``k``, a tensor ``dt`` and through the RMS ratios (the max ratios are
-    not differentiable).
-    """
-    ks = list(ks)
-    b = tuple(float(x) for x in b)
-    b_err = tuple(float(x) for x in b_err) if b_err is not None else None
-    if len(b) != len(ks) or (b_err is not None and len(b_err) != len(ks)):
-        raise ValueError(f"{len(ks)} stages but {len(b)} weights b / {len(b_err or ())} weights b_err")
-    tol_tensors = [x for x in (atol, rtol) if isinstance(x, torch.Tensor)]
-    name = _dispatch.choose(backend, y0, *ks, *tol_tensors)
-    if name == "cpp" and all(k.shape == y0.shape for k in ks) and all(x.shape == y0.shape for x in tol_tensors):
-        if torch.compiler.is_compiling() and b_err is not None:
-            return _compiled_epilogue(y0, ks, b, b_err, _as_time_tensor(dt), atol, rtol)
-        return _EpilogueFn.apply(b, b_err, atol, rtol, y0, _as_time_tensor(dt), *ks)
-    _dispatch.last_backend = "torch"
-    return _epilogue_torch(y0, ks, b, b_err, dt, atol, rtol)
