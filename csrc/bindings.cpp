@@ -701,24 +701,19 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "fastode C++ CPU kernels (fused concatsquash MLP, Hutchinson VJP, RK steps); see csrc/fastode.h";
   m.def("act_code", &fastode::act_from_name, "activation name -> code");
   m.def("codes", [] {  // the core's enums, which tests/test_codes.py pins to fastode/codes.py
-    py::dict act, rate, status;
-    act["tanh"] = int(fastode::kTanh);
-    act["softplus"] = int(fastode::kSoftplus);
-    act["elu"] = int(fastode::kElu);
-    act["swish"] = int(fastode::kSwish);
-    act["identity"] = int(fastode::kIdentity);
-    rate["-trace"] = int(fastode::kNegTrace);
-    rate["trace"] = int(fastode::kTrace);
-    rate["kinetic"] = int(fastode::kKinetic);
-    rate["jac_frob"] = int(fastode::kJacFrob);
-    status["SOLVED"] = int(fastode::kSolved);
-    status["MAX_STEPS"] = int(fastode::kMaxSteps);
-    status["UNDERFLOW"] = int(fastode::kUnderflow);
-    status["NONFINITE"] = int(fastode::kNonFinite);
+    using Codes = std::initializer_list<std::pair<const char*, int>>;
+    auto dict = [](Codes codes) {
+      py::dict d;
+      for (const auto& [name, code] : codes) d[name] = code;
+      return d;
+    };
     py::dict out;
-    out["activation"] = act;
-    out["rate"] = rate;
-    out["status"] = status;
+    out["activation"] = dict({{"tanh", fastode::kTanh}, {"softplus", fastode::kSoftplus}, {"elu", fastode::kElu},
+                              {"swish", fastode::kSwish}, {"identity", fastode::kIdentity}});
+    out["rate"] = dict({{"-trace", fastode::kNegTrace}, {"trace", fastode::kTrace}, {"kinetic", fastode::kKinetic},
+                        {"jac_frob", fastode::kJacFrob}});
+    out["status"] = dict({{"SOLVED", fastode::kSolved}, {"MAX_STEPS", fastode::kMaxSteps},
+                          {"UNDERFLOW", fastode::kUnderflow}, {"NONFINITE", fastode::kNonFinite}});
     return out;
   });
   m.def("gemm_backend", &fastode::gemm_backend);
