@@ -136,3 +136,34 @@ def test_step_size_takes_the_floats_bits_and_the_tensors_gradient(dtype):
         args = (grad.detach().requires_grad_(), *(kj.detach().requires_grad_() for kj in k))
         assert torch.autograd.gradcheck(f, args)
         assert torch.autograd.gradgradcheck(f, args)
+
+
+def test_clip_controller_step_t_jump_t_and_landing():
+    """ClipController's rules on hand-made cases (the loops' parity with torchdiffeq's step_t / jump_t handling is
+    tested end to end in test_parity_torchdiffeq.py)."""
+    from fastode.solvers.controller import ClipController
+
+    c = ClipController(step_t=[0.5, 0.05, 1.5], jump_t=[0.7], max_step=1.0, rnd=float)
+    c.reset(0.1)  # 0.05 lies behind the start: dropped
+    free = c.propose(0.1, 0.3, 0.2)
+    assert (free.t1, free.dt, free.why, free.landed, free.on_step_t, free.on_jump_t) == (0.3, 0.2, None, False,
+                                                                                       False, False)
+    on = c.propose(0.3, 0.9, 0.6)  # step_t 0.5 inside: shortened to it (the jump at 0.7 lies beyond 0.5 now)
+    assert (on.t1, on.dt, on.why, on.on_step_t, on.on_jump_t) == (0.5, 0.5 - 0.3, ("const",), True, False)
+    c.advance(on)
+    jump = c.propose(0.5, 1.4, 0.9)  # next step_t 1.5 outside; the jump at 0.7 inside: shortened, f re-evaluated
+    assert (jump.t1, jump.why, jump.on_step_t, jump.on_jump_t) == (0.7, ("const",), False, True)
+    assert jump.dt == 0.7 - 0.5
+    c.advance(jump)
+    passed = c.propose(0.7, 1.2, 0.5, target=(3, 1.0))  # overshoots output 3 at t=1.0: lands on it
+    assert (passed.t1, passed.dt, passed.dt_unclipped, passed.why, passed.landed) == (1.0, 1.0 - 0.7, 0.5,
+                                                                                      ("target", 3), True)
+    near = c.propose(0.7, 0.998, 0.298, target=(3, 1.0))  # 0.7% of the step short of it: stretched onto it
+    assert near.landed and near.t1 == 1.0
+    short = c.propose(0.7, 0.9, 0.2, target=(3, 1.0))  # well short: left alone
+    assert not short.landed and short.t1 == 0.9 and short.why is None
+    far = ClipController(None, None, max_step=0.1, rnd=float)
+    far.reset(0.0)
+    assert not far.propose(0.0, 0.0995, 0.0995, target=(1, 0.1001)).landed  # the stretch would exceed max_step
+    with pytest.raises(ValueError, match="repeated"):
+        ClipController([0.2], [0.2], 1.0, float).reset(0.0)

@@ -24,7 +24,6 @@ Options (torchdiffeq's): ``first_step``, ``safety``, ``ifactor``, ``dfactor``, `
 """
 from __future__ import annotations
 
-import bisect
 import math
 from typing import NamedTuple, Optional
 
@@ -40,7 +39,7 @@ from ..ops.launch_count import host_read
 from ..ops.rk import combine_stages_exact, resolve_rk_ops, rk_step
 from ..tableaus import TABLEAUS, ButcherTableau
 from .base import Perturb, Solver, _null_callback, number_option, real_dtype, state_time_value
-from .controller import IntegralController
+from .controller import ClipController, IntegralController
 
 __all__ = ["RKAdaptiveSolver", "DEFAULT_MAX_NUM_STEPS", "StepRecord", "DenseStep"]
 
@@ -222,18 +221,8 @@ class RKAdaptiveSolver(Solver):
         self._interp_cache = None
         self._nonfinite = None
         self._f0_kind = ("init",)
-
-        def prep(vals):
-            if vals is None:
-                return []
-            return sorted(self._round(v) for v in vals if v >= t0)
-
-        self._step_ts = prep(self.step_t)
-        self._jump_ts = prep(self.jump_t)
-        if set(self._step_ts) & set(self._jump_ts):
-            raise ValueError("`step_t` and `jump_t` must not have any repeated elements between them.")
-        self._next_step = min(bisect.bisect(self._step_ts, t0), len(self._step_ts) - 1)
-        self._next_jump = min(bisect.bisect(self._jump_ts, t0), len(self._jump_ts) - 1)
+        self.clipper = ClipController(self.step_t, self.jump_t, self.max_step, self._round)
+        self.clipper.reset(t0)
 
     def _select_initial_step(self, t0, y0, f0):
         """The controller's first step (torchdiffeq's Hairer-Norsett-Wanner heuristic); one host sync."""
@@ -284,51 +273,43 @@ class RKAdaptiveSolver(Solver):
             f"problem is likely stiff or func is rough. " + STIFF_REMEDIES + " " + STEP_FAILURE_REMEDIES)
 
     def _adaptive_step(self, t_host, target):
-        """One attempted step from (self.t1, self.y, self.f) with proposed size self.dt."""
-        tab = self.tableau
+        """One attempt from ``(self.t1, self.y, self.f)`` with the proposed size ``self.dt``: clipped
+        (:class:`~fastode.solvers.controller.ClipController`: step_t / jump_t, landing on output ``target``), taken,
+        and accepted or rejected by the integral controller, which proposes the next size."""
         t0, y0, f0 = self.t1, self.y, self.f
-        dt = self.dt
-        if not math.isfinite(dt):
-            dt = self.min_step
-        dt = self.controller.clamp(dt)
+        dt = self.controller.clamp(self.dt if math.isfinite(self.dt) else self.min_step)
         if self.func.callback_step is not _null_callback:
-            self.func.callback_step(self._clock(t0), y0, torch.tensor(dt, dtype=self.time_dtype, device=y0.device))
+            self.func.callback_step(self._clock(t0), y0, self._dt_tensor(dt))
         t1 = self._round(t0 + dt)
         if not t1 > t0:
             self._raise_underflow(t0, dt)
+        clip = self.clipper.propose(t0, t1, dt, None if target is None else (target, t_host[target]))
+        step, dt_arg, dt_state = self._compute_step(t0, clip.t1, clip.dt, clip.why, y0, f0)
+        ratio = self._error_ratio(step, y0)
+        r = float(ratio.detach())
+        # (a landed step can exceed max_step by an ulp of rounding: not a reason to reject it)
+        accept, dt_next = self.controller.adapt_host(clip.dt, r, landed=clip.landed)
+        if not math.isfinite(r):
+            if clip.dt <= self.min_step:
+                self._raise_nonfinite(t0, clip.dt, y0, step, forced=True)
+            if self._nonfinite is None:
+                self._nonfinite = (t0, clip.dt, y0, step)
+        self.stats.num_steps += 1
+        if accept:
+            self._accept(t0, y0, clip, step, dt_arg, dt_state, ratio)
+            if clip.landed:  # landing shortened the step; the next one grows from the unlanded size
+                dt_next = self.controller.clamp(max(dt_next, clip.dt_unclipped))
+        else:
+            if self.func.callback_reject_step is not _null_callback:
+                self.func.callback_reject_step(self._clock(t0), y0, self._dt_tensor(clip.dt))
+            self.stats.num_rejected_steps += 1
+        self.dt = dt_next
 
-        # ---- respect prescribed grid points (torchdiffeq's step_t / jump_t logic) and landing targets
-        clipped = False
-        on_step_t = False
-        if self._step_ts:
-            nst = self._step_ts[self._next_step]
-            on_step_t = t0 < nst < t1
-            if on_step_t:
-                t1 = nst
-                dt = self._round(t1 - t0)
-                clipped = True
-        on_jump_t = False
-        if self._jump_ts:
-            njt = self._jump_ts[self._next_jump]
-            on_jump_t = t0 < njt < t0 + dt
-            if on_jump_t:
-                on_step_t = False
-                t1 = njt
-                dt = self._round(t1 - t0)
-                clipped = True
-        dt_unclipped = dt
-        landed = False
-        if target is not None:
-            tt = t_host[target]
-            if t1 >= tt or (tt - t1 <= 0.01 * dt and tt - t0 <= self.max_step):
-                t1 = tt
-                dt = self._round(t1 - t0)
-                landed = clipped = True
+    def _dt_tensor(self, dt: float) -> torch.Tensor:
+        return torch.tensor(dt, dtype=self.time_dtype, device=self.y0.device)
 
-        clip = None if not clipped else (("target", target) if landed else ("const",))
-        step, dt_arg, dt_state = self._compute_step(t0, t1, dt, clip, y0, f0)
-
-        # ---- error ratio (one host sync per step)
+    def _error_ratio(self, step, y0) -> torch.Tensor:
+        """The attempt's error ratio (the caller reads it: one host sync per attempt)."""
         y_err, e0, e1 = step.y_err, y0, step.y1
         if self._promote_0dim:
             # torchdiffeq keeps its tolerances as 0-dim float64 tensors, which promote a 0-dim state's error
@@ -340,56 +321,38 @@ class RKAdaptiveSolver(Solver):
         else:
             ratio = self.ops.error_ratio(y_err, e0, e1, self.rtol, self.atol, self.norm)
         host_read("error ratio")
-        r = float(ratio.detach())
-        finite = math.isfinite(r)
-        # (a landed step can exceed max_step by an ulp of rounding: not a reason to reject it)
-        accept, dt_next = self.controller.adapt_host(dt, r, landed=landed)
-        if dt <= self.min_step and not finite:
-            self._raise_nonfinite(t0, dt, y0, step, forced=True)
-        if not finite and self._nonfinite is None:
-            self._nonfinite = (t0, dt, y0, step)
+        return ratio
 
+    def _accept(self, t0, y0, clip, step, dt_arg, dt_state, ratio) -> None:
+        """An accepted attempt: the dense step, the record for observers, the clock's anchor, the next first stage
+        (FSAL, stored, or re-evaluated past a jump_t discontinuity), the clipping points passed, the stats."""
+        t1 = clip.t1
+        if self.func.callback_accept_step is not _null_callback:
+            self.func.callback_accept_step(self._clock(t0), y0, self._dt_tensor(clip.dt))
+        f1 = step.k[-1]
+        self.last = DenseStep(t0, t1, y0, step.y1, step.k, dt_arg, dt_state, self._dt_grad, self._anchor)
+        self._interp_cache = None
+        record = None
+        if self.observers:
+            record = StepRecord(t0, t1, clip.dt, clip.why, self._f0_kind, self._anchor_spec, y0.detach(),
+                                self.f.detach() if self._f0_kind[0] == "stored" else None)
+        self._f0_kind = ("jump",) if clip.on_jump_t else (("fsal",) if self.tableau.fsal else ("stored",))
+        if clip.why is not None:
+            self._set_anchor(clip.why if clip.why[0] == "target" else None)
+        self.clipper.advance(clip)
+        if clip.on_jump_t:  # just passed a discontinuity of f: re-evaluate f on the far side of it
+            self._dt_grad = None
+            f1 = self.func(self._time(t1, Perturb.NEXT), step.y1)
+        self.t0, self.t1, self.y, self.f = t0, t1, step.y1, f1
+        self._nonfinite = None
         stats = self.stats
-        stats.num_steps += 1
-        if accept:
-            if self.func.callback_accept_step is not _null_callback:
-                self.func.callback_accept_step(self._clock(t0), y0,
-                                               torch.tensor(dt, dtype=self.time_dtype, device=y0.device))
-            f1 = step.k[-1]
-            self.last = DenseStep(t0, t1, y0, step.y1, step.k, dt_arg, dt_state, self._dt_grad, self._anchor)
-            self._interp_cache = None
-            record = None
-            if self.observers:
-                record = StepRecord(t0, t1, dt, clip, self._f0_kind, self._anchor_spec, y0.detach(),
-                                    self.f.detach() if self._f0_kind[0] == "stored" else None)
-            self._f0_kind = ("jump",) if on_jump_t else (("fsal",) if tab.fsal else ("stored",))
-            if clip is not None:
-                self._set_anchor(clip if clip[0] == "target" else None)
-            if on_step_t and self._next_step != len(self._step_ts) - 1:
-                self._next_step += 1
-            if on_jump_t:
-                if self._next_jump != len(self._jump_ts) - 1:
-                    self._next_jump += 1
-                # just passed a discontinuity of f: re-evaluate f on the far side of it
-                self._dt_grad = None
-                f1 = self.func(self._time(t1, Perturb.NEXT), step.y1)
-            self.t0, self.t1, self.y, self.f = t0, t1, step.y1, f1
-            self._nonfinite = None
-            stats.num_accepted_steps += 1
-            stats.step_ts.append(t0)
-            stats.step_sizes.append(t1 - t0)
-            if self.observers:
-                self._notify_accepted(record, self.last, ratio)
-            else:
-                self._n_accepted += 1
+        stats.num_accepted_steps += 1
+        stats.step_ts.append(t0)
+        stats.step_sizes.append(t1 - t0)
+        if self.observers:
+            self._notify_accepted(record, self.last, ratio)
         else:
-            if self.func.callback_reject_step is not _null_callback:
-                self.func.callback_reject_step(self._clock(t0), y0,
-                                               torch.tensor(dt, dtype=self.time_dtype, device=y0.device))
-            stats.num_rejected_steps += 1
-        if landed and accept:
-            dt_next = self.controller.clamp(max(dt_next, dt_unclipped))
-        self.dt = dt_next
+            self._n_accepted += 1
 
     def _compute_step(self, t0, t1, dt, clip, y0, f0):
         """The RK step from ``(t0, y0, f0)`` to ``t1`` (shared by the solve and the checkpointed backward)."""
