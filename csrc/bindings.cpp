@@ -750,6 +750,14 @@ PYBIND11_MODULE(_C, m) {
   m.def("cnf_grid_backward", &cnf_grid_backward);
   m.def("cnf_adaptive_forward", &cnf_adaptive_forward);
   m.def("cnf_adaptive_backward", &cnf_adaptive_backward);
+  m.def(
+      "adapt_step",
+      [](const std::vector<double>& ctl_f, int order, double h, double ratio) {
+        const auto a = fastode::adapt_step(make_control(ctl_f, 1, order, false, 1), h, ratio);
+        return py::make_tuple(a.accept, a.dt_next);
+      },
+      "the adaptive solves' controller step (tests: against IntegralController.adapt_host)");
+  m.def("interp_coordinate", &fastode::interp_coordinate, "the output's fraction of the last step (tests)");
   m.def("empty_cache", &fastode::pool_clear, "free the cached buffers (saved activations, kept steps); returns bytes");
   m.def("cached_bytes", &fastode::pool_cached);
 #ifdef _OPENMP

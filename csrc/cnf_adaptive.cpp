@@ -110,6 +110,25 @@ void quartic(int64_t n, const T* y0, const T* y1, const T* k, int s, int64_t str
 
 }  // namespace
 
+Adapted adapt_step(const AdaptiveControl& ctl, double h, double r) {
+  bool accept = r <= 1;
+  if (h > ctl.max_step) accept = false;
+  if (h <= ctl.min_step) accept = true;
+  double f;  // IntegralController._factor_host
+  if (r == 0)
+    f = ctl.ifactor;
+  else if (!std::isfinite(r))
+    f = r != r ? std::min(ctl.dfactor, 1.0) : std::min(ctl.ifactor, std::max(0.0, ctl.dfactor));
+  else
+    f = std::min(ctl.ifactor, std::max(ctl.safety / std::pow(r, 1.0 / double(ctl.order)), r < 1 ? 1.0 : ctl.dfactor));
+  return {accept, std::min(std::max(h * f, ctl.min_step), ctl.max_step)};
+}
+
+double interp_coordinate(double t, double t0, double t1, bool time_f32) {
+  const Clock rnd{time_f32};
+  return rnd(rnd(t - t0) / rnd(t1 - t0));
+}
+
 template <typename T>
 AdaptiveStats cnf_adaptive_forward(const CnfSpec& spec, const Tableau& tab, const std::vector<double>& c_mid,
                                    const Params<T>& p_in, double t0, double t1, int64_t B, const T* z0,
@@ -233,19 +252,8 @@ AdaptiveStats cnf_adaptive_forward(const CnfSpec& spec, const Tableau& tab, cons
     for (int64_t j = 0; j < D; ++j) rz += sumsq[j];
     for (int64_t j = 0; j < ctl.nq_norm && j < NQ; ++j) rq += sumsq[D + j];
     const double r = mixed_from_sums(rz, rq, B, D, NQ, ctl.nq_norm);
-    const bool finite = std::isfinite(r);
-    bool accept = r <= 1;
-    if (h > ctl.max_step) accept = false;
-    if (h <= ctl.min_step) accept = true;
-    double f;
-    if (r == 0)
-      f = ctl.ifactor;
-    else if (!finite)
-      f = r != r ? std::min(ctl.dfactor, 1.0) : std::min(ctl.ifactor, std::max(0.0, ctl.dfactor));
-    else
-      f = std::min(ctl.ifactor, std::max(ctl.safety / std::pow(r, 1.0 / double(ctl.order)), r < 1 ? 1.0 : ctl.dfactor));
-    const double dt_next = std::min(std::max(h * f, ctl.min_step), ctl.max_step);
-    if (h <= ctl.min_step && !finite) return failed(kNonFinite, tau);
+    const auto [accept, dt_next] = adapt_step(ctl, h, r);
+    if (h <= ctl.min_step && !std::isfinite(r)) return failed(kNonFinite, tau);
     st.steps += 1;
     if (accept) {
       if (tape) {
@@ -283,7 +291,7 @@ AdaptiveStats cnf_adaptive_forward(const CnfSpec& spec, const Tableau& tab, cons
   if (!all_finite(z) || !all_finite(q)) return failed(kNonFinite, tau);
 
   // ---- output at tau_end inside the last accepted step (fastode.solvers.rk_adaptive._interpolate / _x)
-  const double x = ctl.time_f32 ? rnd((tau_end - tau_prev) / rnd(tau - tau_prev)) : (tau_end - tau_prev) / (tau - tau_prev);
+  const double x = interp_coordinate(tau_end, tau_prev, tau, ctl.time_f32);
   const T xs = T(x), dts = T(dir * h_prev);
   if (tape) {
     tape->x = double(xs);

@@ -207,6 +207,17 @@ struct AdaptiveControl {
 
 enum AdaptiveStatus : int { kSolved = 0, kMaxSteps = 1, kUnderflow = 2, kNonFinite = 3 };
 
+// Step-size control, named as the spec it mirrors (fastode/solvers/controller.py, fastode/solvers/rk_adaptive.py);
+// tests/test_cpp_control.py checks each against the spec through the extension.
+struct Adapted {
+  bool accept;
+  double dt_next;
+};
+// IntegralController.adapt_host: accept (ratio <= 1; refused above max_step, forced at min_step) and the next step.
+Adapted adapt_step(const AdaptiveControl& ctl, double h, double ratio);
+// RKAdaptiveSolver._x: the fraction of the step [t0, t1] at t, each operation rounded as the clock (float32 times).
+double interp_coordinate(double t, double t0, double t1, bool time_f32);
+
 struct AdaptiveStats {
   int status = kSolved;
   double t_status = 0;  // the time the solve stopped at (status != kSolved)

@@ -579,9 +579,9 @@ def _end_coordinate(ctl: torch.Tensor, time_f32: bool, dtype: torch.dtype):
     time's fraction of the step (odeint's ``_interpolate``), the step's width in tau and its signed state step."""
     tau, taup, tend = ctl[..., K.C_TAU.value], ctl[..., K.C_TAUP.value], ctl[..., K.C_TEND.value]
     width = tau - taup
-    if time_f32:
+    if time_f32:  # RKAdaptiveSolver._x: each operation rounded to float32
         width = width.to(torch.float32).to(torch.float64)
-        x = ((tend - taup) / width).to(torch.float32)
+        x = ((tend - taup).to(torch.float32).to(torch.float64) / width).to(torch.float32)
     else:
         x = (tend - taup) / width
     return x.to(dtype), width, (ctl[..., K.C_DIR.value] * ctl[..., K.C_HP.value]).to(dtype)
