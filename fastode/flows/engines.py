@@ -21,9 +21,9 @@ in registry order and the first that can run, runs; one that declines at run tim
 Every skipped engine's reason is kept. An explicitly requested engine that cannot run raises
 :class:`EngineUnavailableError` with the reason. A fused solve that stops short (NaN/inf, step-size underflow,
 ``max_num_steps``: :class:`Failed`) is re-run on ``"odeint"``, forced or automatic, so that the error raised is
-``odeint``'s own, naming the step or time (a fused grid solve does not know its failing step). Eligibility is derived from the method's solver class
-(:func:`fastode.solvers.method_info`: adaptive or not, its tableau, its options and their defaults), never from
-lists of method names.
+``odeint``'s own, naming the step or time (a fused grid solve does not know its failing step). Eligibility is
+derived from the method's solver class (:func:`fastode.solvers.method_info`: adaptive or not, its tableau, its
+options and their defaults), never from lists of method names.
 
 Each solve leaves one :class:`SolveRecord` (``CNF.last_solve``): the engine that ran, why the earlier ones did
 not, the :class:`fastode.SolveStats` and the MLP backend. New engines (fused whole-step / whole-solve engines on
@@ -565,8 +565,8 @@ class CppAdaptiveEngine(Engine):
     does not depend on the thread count), and differentiated the same way (parameter gradients summed in tile
     order). Its stats are the row-weighted mean counts; ``stats.tiles`` holds each tile's.
     A solve the C++ loop cannot finish (``max_num_steps``, step-size underflow, NaN/inf) is :class:`Failed`: ``odeint``
-    re-runs it (forced or automatic) and raises its error naming the time; that re-run is warned once. Per tile (no other engine
-    can re-run it) the engine raises the error class ``odeint`` raises (``MaxStepsExceededError``,
+    re-runs it (forced or automatic) and raises its error naming the time; that re-run is warned once. Per tile (no
+    other engine can re-run it) the engine raises the error class ``odeint`` raises (``MaxStepsExceededError``,
     ``StepSizeUnderflowError``, ``NonFiniteError``) naming the time, the tile and its rows.
     """
 
@@ -910,8 +910,8 @@ class TritonAdaptiveEngine(Engine):
             zT, qT, rec = stepper.adaptive(td[0], td[1], solve.x.detach(), _q0(solve, rates).detach(), e,
                                            time_dtype=t.dtype, sync_every=self.sync_every, **ctl)
         if rec["status"] or not rec["finite"]:
-            return _adaptive_failure("the fused Triton adaptive solve", rec["status"] or Status.NONFINITE, rec["t_status"],
-                                     ctl["rtol"], ctl["atol"], ctl["max_num_steps"])
+            return _adaptive_failure("the fused Triton adaptive solve", rec["status"] or Status.NONFINITE,
+                                     rec["t_status"], ctl["rtol"], ctl["atol"], ctl["max_num_steps"])
         solve.dynamics.last_backend = "triton"
         solve.counter.add(rec["nfe"])
         stats = SolveStats(num_fevals=rec["nfe"], num_steps=rec["steps"], num_accepted_steps=rec["accepted"],

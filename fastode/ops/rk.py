@@ -33,8 +33,9 @@ import torch
 from ..tableaus import ButcherTableau
 from . import registry
 
-__all__ = ["RKStep", "rk_step", "stage_times", "StepSize", "combine_stages", "combine_stages_exact", "error_tolerance",
-           "error_ratio", "sample_error_ratios", "safe_sqrt", "initial_step", "RKOps", "resolve_rk_ops"]
+__all__ = ["RKStep", "rk_step", "stage_times", "StepSize", "combine_stages", "combine_stages_exact",
+           "error_tolerance", "error_ratio", "sample_error_ratios", "safe_sqrt", "initial_step", "RKOps",
+           "resolve_rk_ops"]
 
 Scalar = Union[float, torch.Tensor]
 

@@ -18,10 +18,10 @@ from .rk_adaptive import DEFAULT_MAX_NUM_STEPS, RKAdaptiveSolver
 from ..ops.rk import RKStep, combine_stages, error_ratio, rk_step
 from ..tableaus import TABLEAUS
 
-__all__ = ["SOLVERS", "RK_SOLVERS", "Solver", "ODEFunc", "Perturb", "RKAdaptiveSolver", "FixedGridSolver", "rk_step", "RKStep",
-           "combine_stages", "error_ratio", "DEFAULT_MAX_NUM_STEPS", "get_solver", "MethodInfo", "method_info"]
+__all__ = ["SOLVERS", "RK_SOLVERS", "Solver", "ODEFunc", "Perturb", "RKAdaptiveSolver", "FixedGridSolver",
+           "rk_step", "RKStep", "combine_stages", "error_ratio", "DEFAULT_MAX_NUM_STEPS", "get_solver", "MethodInfo",
+           "method_info"]
 
-# name -> (module, class name) for solvers imported lazily
 # torchdiffeq's class names for its methods (its warnings name the class: "Dopri5Solver: Unexpected arguments");
 # any other tableau's class is named after it ("my_rk" -> "MyRkSolver")
 _TORCHDIFFEQ_CLASS_NAMES = {
@@ -46,6 +46,7 @@ def _rk_solvers() -> dict:
 RK_SOLVERS = _rk_solvers()
 globals().update({cls.__name__: cls for cls in RK_SOLVERS.values()})  # importable (and picklable) by class name
 
+# name -> (module, class name) for solvers imported lazily
 _LAZY = {
     "explicit_adams": (".adams", "AdamsBashforth"),
     "implicit_adams": (".adams", "AdamsBashforthMoulton"),

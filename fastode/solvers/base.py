@@ -91,8 +91,10 @@ def time_tensor(value: float, like: torch.Tensor, perturb: int = 0,
     """The 0-dim time tensor ``func`` receives for clock value ``value`` (a Python float).
 
     The value is rounded to ``like``'s real dtype (and nudged one ulp for ``perturb``), placed on ``like``'s
-    device without a host->device copy. If ``anchor`` (a 0-dim tensor that requires grad, normally ``t[0]``)
-    is given, the result carries gradient 1 with respect to it (the clock is ``t[0] + constant offsets``).
+    device without a host->device copy. If ``anchor`` (a 0-dim tensor: ``t[0]``, or the same time computed from
+    times that require grad) is given, the result carries its gradient (``value + (anchor - anchor.detach())``):
+    the value never comes from the anchor's tensor arithmetic, so a solve's values do not depend on whether the
+    times require grad.
     """
     dtype = real_dtype(like)
     out = torch.full((), state_time_value(value, dtype, perturb), dtype=dtype, device=like.device)

@@ -23,7 +23,8 @@ from ..errors import InvalidOptionError, MaxStepsExceededError, NonFiniteError
 from ..events import find_event
 from ..interp import hermite_cubic, linear
 from ..tableaus import ButcherTableau
-from .base import Perturb, Solver, _null_callback, all_finite, number_option, real_dtype, state_time_value
+from .base import (Perturb, Solver, _null_callback, all_finite, number_option, real_dtype, state_time_value,
+                   time_tensor)
 from ..ops.launch_count import host_read
 from ..ops.rk import StepSize, resolve_rk_ops, rk_step
 
@@ -120,7 +121,7 @@ class FixedGridSolver(Solver):
         """Times ``func`` sees for each stage (grid dtype arithmetic, cast to the state dtype, perturbed).
 
         ``grad_times``: ``(g0, gdt, g1)`` as tensors, when the times require grad; they only add their gradient
-        (:func:`_with_grad`), the values are the host arithmetic's either way."""
+        (:func:`~fastode.solvers.base.time_tensor`), the values are the host arithmetic's either way."""
         out = []
         for i, c in enumerate(self.tableau.c):
             p = Perturb.NONE
@@ -134,15 +135,8 @@ class FixedGridSolver(Solver):
             if grad_times is not None:
                 g0, gdt, g1 = grad_times
                 d = g0 if c == 0 else (g1 if c == 1.0 else g0 + gdt * c)
-            out.append(self._with_grad(state_time_value(v, self.rdtype, p), d))
+            out.append(time_tensor(v, self.y0, p, d))
         return out
-
-    def _with_grad(self, value: float, d=None):
-        """The 0-dim state-dtype tensor holding ``value`` and, if the tensor ``d`` (the same quantity computed from
-        the differentiable times) is given, ``d``'s gradient: ``value + (d - d.detach())``. The value never comes
-        from ``d``'s tensor arithmetic, so a solve's values do not depend on whether the times require grad."""
-        out = torch.full((), value, dtype=self.rdtype, device=self.y0.device)
-        return out if d is None else out + (d - d.detach()).to(self.rdtype)
 
     @staticmethod
     def _fraction(rnd, tj, t0, t1) -> float:
@@ -222,7 +216,7 @@ class FixedGridSolver(Solver):
             g0, g1 = ctx.grid[i], ctx.grid[i + 1]
             gdt = g1 - g0
             return (self._stage_times(t0, dt, t1, ctx.rnd, (g0, gdt, g1)),
-                    StepSize(dt_value, self._with_grad(dt_value, gdt)))
+                    StepSize(dt_value, time_tensor(dt_value, self.y0, anchor=gdt)))
         return self._stage_times(t0, dt, t1, ctx.rnd), dt_value
 
     def grid_step(self, ctx, i, y0):
@@ -248,8 +242,8 @@ class FixedGridSolver(Solver):
             return y0 if tj == t0 else y1   # exactly y0 / y1, as torchdiffeq
         # the interpolants' scalars are 0-dim tensors, as torchdiffeq's (a Python float would take the polynomial's
         # powers in float64); with time gradients they carry them, with the same values
-        h = self._with_grad(state_time_value(self._fraction(rnd, tj, t0, t1), self.rdtype),
-                            (t[j] - grid[i]) / (grid[i + 1] - grid[i]) if need_grad else None)
+        h = time_tensor(self._fraction(rnd, tj, t0, t1), self.y0,
+                        anchor=(t[j] - grid[i]) / (grid[i + 1] - grid[i]) if need_grad else None)
         if self.interp == "linear":
             if tj == t0 or tj == t1:
                 # the value is exactly y0 / y1; the derivative w.r.t. the times is that of the linear interpolant
@@ -257,9 +251,8 @@ class FixedGridSolver(Solver):
                 return (y0 if tj == t0 else y1) + (h - h.detach()) * (y1 - y0)
             return linear(y0, y1, h)
         # cubic Hermite: one more evaluation of func at the end of the step, per output (torchdiffeq)
-        f1 = self.func(self._with_grad(state_time_value(t1, self.rdtype), grid[i + 1] if need_grad else None), y1)
-        dt = self._with_grad(state_time_value(rnd(t1 - t0), self.rdtype),
-                             grid[i + 1] - grid[i] if need_grad else None)
+        f1 = self.func(time_tensor(t1, self.y0, anchor=grid[i + 1] if need_grad else None), y1)
+        dt = time_tensor(rnd(t1 - t0), self.y0, anchor=grid[i + 1] - grid[i] if need_grad else None)
         return hermite_cubic(y0, step.k[0], y1, f1, dt, h)
 
     def _check_first_bad(self, first, g_host):

@@ -38,7 +38,7 @@ from ..interp import quartic_eval, quartic_fit, tableau_dense
 from ..ops.launch_count import host_read
 from ..ops.rk import combine_stages_exact, resolve_rk_ops, rk_step
 from ..tableaus import TABLEAUS, ButcherTableau
-from .base import Perturb, Solver, _null_callback, number_option, real_dtype, state_time_value
+from .base import Perturb, Solver, _null_callback, number_option, real_dtype, state_time_value, time_tensor
 from .controller import ClipController, IntegralController
 
 __all__ = ["RKAdaptiveSolver", "DEFAULT_MAX_NUM_STEPS", "StepRecord", "DenseStep"]
@@ -453,12 +453,11 @@ class RKAdaptiveSolver(Solver):
             return y1
         # a 0-dim tensor, as torchdiffeq's (a Python float would take the polynomial's powers in float64); with time
         # gradients it carries them, with the same value
-        x = torch.full((), self._x(next_t, t0, t1), dtype=self.rdtype, device=self.y0.device)
+        d = None
         if self._t_tensor is not None:
             c0, width = self._step_frame(last)
             d = (self._t_tensor[i] - c0) / width
-            x = x + (d - d.detach()).to(self.rdtype)
-        return self._eval_step(self.last, x)
+        return self._eval_step(self.last, time_tensor(self._x(next_t, t0, t1), self.y0, anchor=d))
 
     def _step_frame(self, last):
         """``(start, width)`` of the accepted step ``last`` as time-dtype tensors that carry the time gradients:
