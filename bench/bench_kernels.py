@@ -48,7 +48,7 @@ def _cuda_timed(fn, iters):
 def bench_mlp(D, hidden, act, batch, repeats, iters):
     from fastode.nn import ConcatSquashMLP
     from fastode.nn import functional as F
-    from fastode.ops import triton_mlp as TB
+    from fastode.triton import _mlp as TB
 
     torch.manual_seed(0)
     m = ConcatSquashMLP(D, hidden, act, backend="torch").to(DEV)
@@ -99,7 +99,7 @@ def bench_mlp(D, hidden, act, batch, repeats, iters):
 
 
 def bench_epilogue(n_rows, n_cols, repeats, iters):
-    from fastode.ops.triton_rk import rk_epilogue
+    from fastode.triton._rk import rk_epilogue
 
     try:
         from fastode.tableaus import get_tableau

@@ -2,7 +2,7 @@
 
     python bench/bench_launches.py [--batch 64] [--out bench/results/launches.json]
 
-Counts what the launchers and the solver loops report (:mod:`fastode.ops.launch_count`): fastode's own kernel
+Counts what the launchers and the solver loops report (:mod:`fastode.launch_count`): fastode's own kernel
 launches (not the PyTorch operators between them) and host reads of device values (each one a host
 synchronisation on a GPU). Counts do not depend on the device, so this runs under the Triton interpreter on a
 CPU-only machine (``TRITON_INTERPRET=1`` is set when CUDA is absent); with CUDA it runs compiled and also records
@@ -40,7 +40,7 @@ from fastode.flows.engines import get_engine  # noqa: E402
 from fastode.nn import ConcatSquashMLP  # noqa: E402
 from fastode.ops import registry  # noqa: E402
 from fastode.ops import rk as rk_spec  # noqa: E402
-from fastode.ops.launch_count import counting  # noqa: E402
+from fastode.launch_count import counting  # noqa: E402
 from fastode.solvers import fixed_grid, rk_adaptive  # noqa: E402
 
 

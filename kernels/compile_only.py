@@ -201,10 +201,10 @@ def _cnf_types(dtype: str, state: tuple, fp64: tuple, ints: tuple) -> dict:
 
 def _cnf_common(dtype: str, method: str, mode: int, rates: tuple, L: int, D: int, width: int, BM, act: str):
     """``(spec, rate codes, constexprs shared by the fused CNF kernels, config record)`` of one configuration."""
-    from fastode.solvers import method_info  # type: ignore
+    from fastode.tableaus import get_tableau  # type: ignore
 
-    info = method_info(method)
-    spec = CSV.StepSpec.of(info.rk_tableau, info.adaptive)
+    tab = get_tableau(method)  # an embedded error estimate: the adaptive step kernel
+    spec = CSV.StepSpec.of(tab, tab.b_err is not None)
     BM, CH, CD, P = _csq_tiles(dtype, D, width, BM, None)
     codes = tuple(CSV.RATE_CODES[r] for r in rates)
     cx = dict(L=L, P=P, ACT=ACT_CODES[act], MODE=mode, BM=BM, CH=CH, CD=CD, PREC=DOT_PRECISION, RATES=codes or (0,),

@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastode.ops.launch_count import launched
+from fastode.launch_count import launched
 
 from ._common import ACT_CODES, DOT_PRECISION, act_d1, act_d2, act_fwd, empty as _empty, max_programs
 

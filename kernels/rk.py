@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastode.ops.launch_count import launched
+from fastode.launch_count import launched
 
 from ._common import empty, empty_like, max_programs
 

@@ -36,7 +36,7 @@ def small_poisoned_mlp_kernels():
     """The Triton MLP backend with the SMALL launch settings, outputs and scratch NaN-poisoned before the kernels
     write them, and an empty parameter cache; restored afterwards."""
     from fastode.kernels import _common as KC
-    from fastode.ops import triton_mlp as TB
+    from fastode.triton import _mlp as TB
 
     old = dict(TB.CONFIG)
     TB.configure(**SMALL)

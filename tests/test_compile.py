@@ -182,7 +182,7 @@ def test_a_fixed_grid_cnf_loss_has_no_graph_break(fused):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_opcheck_the_fused_grid_solve(dtype):
     from fastode.cpp import _ops
-    from fastode.cpp._rk import RATE_CODES, _tableau_lists
+    from fastode.cpp._rk import RATE_CODES, tableau_lists
     from fastode.tableaus import get_tableau
 
     torch.manual_seed(0)
@@ -193,7 +193,7 @@ def test_opcheck_the_fused_grid_solve(dtype):
     e = torch.randn(B, 2, dtype=dtype, requires_grad=True)
     times = [0.0, 0.1, 0.2, 0.35]
     ts_t = torch.tensor(times, dtype=torch.float64, requires_grad=True)
-    c, a, b, _ = _tableau_lists(get_tableau("rk4"))
+    c, a, b, _ = tableau_lists(get_tableau("rk4"))
     rates = [RATE_CODES["trace"], RATE_CODES["kinetic"]]
     tile = _ops.tile_for(z0, params)
     torch.library.opcheck(_ops.cpp_cnf_grid, (ts_t, z0, q0, e, params, times, 0, rates, c, a, b, tile, True))
@@ -263,7 +263,7 @@ def test_an_adaptive_log_likelihood_compiles_to_one_fused_op():
 @needs_ext
 def test_opcheck_the_fused_adaptive_solve():
     from fastode.cpp import _ops
-    from fastode.cpp._rk import RATE_CODES, _tableau_lists
+    from fastode.cpp._rk import RATE_CODES, tableau_lists
     from fastode.tableaus import get_tableau
 
     torch.manual_seed(0)
@@ -271,7 +271,7 @@ def test_opcheck_the_fused_adaptive_solve():
     params = _flat(ConcatSquashMLP(2, (16, 16)), dtype, requires_grad=False)
     z0, q0, e = torch.randn(37, 2, dtype=dtype), torch.zeros(37, 1, dtype=dtype), torch.randn(37, 2, dtype=dtype)
     tab = get_tableau("dopri5")
-    c, a, b, b_err = _tableau_lists(tab)
+    c, a, b, b_err = tableau_lists(tab)
     ctl = [1e-6, 1e-6, 0.9, 10.0, 0.2, 0.0, float("inf"), 0.0]
     for rows in (0, 10):
         args = (z0, q0, e, params, 0.0, 0.5, 0, [RATE_CODES["-trace"]], c, a, b, b_err, [float(v) for v in tab.c_mid],
@@ -310,7 +310,7 @@ def _interpreted(module: str):
 
 def test_opcheck_the_triton_mlp_ops_under_the_interpreter():
     """The Triton concatsquash kernels as custom ops (run by the Triton interpreter on the CPU; tiny sizes)."""
-    tm = _interpreted("fastode.ops.triton_mlp")
+    tm = _interpreted("fastode.triton._mlp")
     torch.manual_seed(0)
     dtype = torch.float64
     params = _flat(ConcatSquashMLP(2, (8,)), dtype)
@@ -342,7 +342,7 @@ def _rk_inputs(shape, stages, dt, seed, dtype=torch.float64):
 def test_opcheck_the_triton_rk_ops_under_the_interpreter():
     """The fused Triton stage, epilogue and error-ratio kernels as custom ops: opcheck, and the op path's values and
     gradients against the eager autograd Functions (tiny sizes: the interpreter runs them)."""
-    tr = _interpreted("fastode.ops.triton_rk")
+    tr = _interpreted("fastode.triton._rk")
     y0, ks, dt = _rk_inputs((5, 3), stages=3, dt=0.2, seed=0)
     dtype = y0.dtype
     atol, rtol = torch.tensor(1e-3, dtype=dtype), torch.tensor(1e-2, dtype=dtype)
@@ -372,7 +372,7 @@ def test_opcheck_the_triton_rk_ops_under_the_interpreter():
 
 def test_the_triton_rk_ops_double_backward_through_the_spec():
     """create_graph=True through the op path differentiates the spec (as the eager Functions do)."""
-    tr = _interpreted("fastode.ops.triton_rk")
+    tr = _interpreted("fastode.triton._rk")
     y0, ks, dt = _rk_inputs((4, 2), stages=2, dt=0.3, seed=1)
     dtype = y0.dtype
     at, rt = torch.tensor(1e-3, dtype=dtype), torch.tensor(1e-2, dtype=dtype)
@@ -383,7 +383,7 @@ def test_the_triton_rk_ops_double_backward_through_the_spec():
 def test_a_fixed_grid_odeint_on_the_triton_rk_ops_compiles_without_a_break(monkeypatch):
     """odeint's stage combinations on the fused Triton kernels (forced on the CPU through the interpreter): one
     graph, the custom op in it, the eager solve's values and gradients."""
-    _interpreted("fastode.ops.triton_rk")
+    _interpreted("fastode.triton._rk")
     import functools
 
     from fastode.ops import rk as spec

@@ -193,7 +193,7 @@ def _fused_tapes(out):
 def test_direct_keeps_the_step_activations_and_gives_the_checkpoint_gradient(monkeypatch, step_control):
     """gradient="direct" keeps every accepted step's activations (or as many as the budget holds; the rest are
     recomputed), "checkpoint" none: the gradients are the same numbers."""
-    from fastode.flows import engines
+    from fastode.flows.fused import cpp as engines
 
     dtype = torch.float64
     x, e = _data(dtype)

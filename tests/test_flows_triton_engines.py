@@ -20,7 +20,7 @@ if SKIP_REASON is None:
     from fastode.errors import FallbackWarning
     from fastode.flows import CNF, EngineUnavailableError
     from fastode.nn import ConcatSquashMLP
-    from fastode.ops.launch_count import counting
+    from fastode.launch_count import counting
 
 B, D = 37, 2
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-11), torch.float32: dict(rtol=2e-3, atol=2e-4)}

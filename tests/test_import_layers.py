@@ -1,5 +1,6 @@
 """The package's layers, read from its source with ``ast``: no import cycles, and the lower layers never import the
-higher ones (the ops layer is the bottom; the solver core never imports the models; the C++ package only the ops).
+higher ones (the ops layer is the bottom; the solver core never imports the models; the C++ and Triton packages only
+the ops; the kernels, ``kernels/`` shipped as ``fastode.kernels``, only each other and the bottom modules).
 
 Function-level (lazy) imports count: they are dependencies too. Cycles are checked on module-level imports (what
 runs at import time, where a cycle breaks or half-initialises a module) and on all imports.
@@ -10,11 +11,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "fastode"
+KERNELS = ROOT.parent / "kernels"  # installed as fastode.kernels (setup.py's package_dir)
 
 
 def _module_name(path: Path) -> str:
-    rel = path.relative_to(ROOT.parent).with_suffix("")
-    parts = list(rel.parts)
+    if path.is_relative_to(KERNELS):
+        parts = ["fastode", "kernels"] + list(path.relative_to(KERNELS).with_suffix("").parts)
+    else:
+        parts = list(path.relative_to(ROOT.parent).with_suffix("").parts)
     if parts[-1] == "__init__":
         parts.pop()
     return ".".join(parts)
@@ -35,7 +39,7 @@ def _resolve(mod: str, is_pkg: bool, node: ast.ImportFrom) -> list:
 
 def _imports():
     """module -> (module-level imports, all imports), restricted to fastode modules that exist."""
-    files = {(_module_name(p)): p for p in ROOT.rglob("*.py")}
+    files = {(_module_name(p)): p for p in list(ROOT.rglob("*.py")) + list(KERNELS.rglob("*.py"))}
     out = {}
     for mod, path in files.items():
         tree = ast.parse(path.read_text())
@@ -92,17 +96,25 @@ def test_no_import_cycles(which):
 
 
 _APPS = ("fastode.train", "fastode.demo", "fastode.apps")
+_BACKENDS = ("fastode.cpp", "fastode.triton", "fastode.kernels")
+_ABOVE_BOTTOM = ("fastode.ops", "fastode.solvers", "fastode.nn", "fastode.flows", "fastode.grad", "fastode.odeint",
+                 "fastode.driver", "fastode.inputs", "fastode.tableaus", "fastode.compiling") + _BACKENDS + _APPS
 LOWER = {
-    "fastode.codes": ("fastode.ops", "fastode.solvers", "fastode.nn", "fastode.flows", "fastode.cpp", "fastode.grad",
-                      "fastode.odeint", "fastode.driver", "fastode.inputs", "fastode.tableaus", "fastode.compiling")
-    + _APPS,
-    "fastode.ops": ("fastode.solvers", "fastode.nn", "fastode.flows", "fastode.cpp", "fastode.grad",
-                    "fastode.odeint", "fastode.driver") + _APPS,
-    "fastode.solvers": ("fastode.nn", "fastode.flows", "fastode.cpp") + _APPS,
-    "fastode.grad": ("fastode.nn", "fastode.flows", "fastode.cpp") + _APPS,
-    "fastode.cpp": ("fastode.nn", "fastode.flows", "fastode.solvers", "fastode.grad") + _APPS,
+    "fastode.codes": _ABOVE_BOTTOM,
+    "fastode.launch_count": _ABOVE_BOTTOM,
+    "fastode.ops": ("fastode.solvers", "fastode.nn", "fastode.flows", "fastode.grad", "fastode.odeint",
+                    "fastode.driver") + _BACKENDS + _APPS,
+    "fastode.solvers": ("fastode.nn", "fastode.flows") + _BACKENDS + _APPS,
+    "fastode.grad": ("fastode.nn", "fastode.flows") + _BACKENDS + _APPS,
+    "fastode.cpp": ("fastode.nn", "fastode.flows", "fastode.solvers", "fastode.grad", "fastode.triton",
+                    "fastode.kernels") + _APPS,
+    "fastode.triton": ("fastode.nn", "fastode.flows", "fastode.solvers", "fastode.grad", "fastode.cpp") + _APPS,
     "fastode.nn": ("fastode.flows", "fastode.solvers") + _APPS,
 }
+
+#: what the kernels may import: each other and the bottom modules (the tableaus and codes they take constants from,
+#: the launch counter)
+KERNEL_DEPS = ("fastode.kernels", "fastode.tableaus", "fastode.codes", "fastode.launch_count")
 
 
 @pytest.mark.parametrize("layer", sorted(LOWER))
@@ -112,6 +124,15 @@ def test_lower_layers_do_not_import_higher_ones(layer):
         if mod == layer or mod.startswith(layer + "."):
             bad += [(mod, n) for n in every if any(n == h or n.startswith(h + ".") for h in LOWER[layer])]
     assert not bad, f"{layer} imports a higher layer: {sorted(bad)}"
+
+
+def test_the_kernels_import_only_kernels_and_the_bottom():
+    """kernels/ holds kernels and their one-launch launchers: no solver, no autograd Function, no model; and nothing
+    it imports imports it back (no two-way dependency between packages)."""
+    bad = [(mod, n) for mod, (_, every) in IMPORTS.items() if mod.startswith("fastode.kernels")
+           for n in every if not any(n == k or n.startswith(k + ".") for k in KERNEL_DEPS)]
+    assert not bad, f"kernels import outside their layer: {sorted(bad)}"
+    assert "fastode.kernels.cnf_step" in IMPORTS["fastode.kernels.cnf_solve"][0]  # the checker reads kernels/
 
 
 def test_the_library_never_imports_the_applications():
@@ -130,4 +151,5 @@ def test_the_checker_sees_imports():
     assert "fastode.ops.registry" in IMPORTS["fastode.ops.rk"][0]
     assert "fastode.ops.concatsquash" in IMPORTS["fastode.cpp._mlp"][0]
     assert "fastode.flows.engines" in IMPORTS["fastode.flows.cnf"][0]
-    assert "fastode.cpp" in IMPORTS["fastode.flows.engines"][1]  # a lazy (function-level) import
+    assert "fastode.cpp" in IMPORTS["fastode.flows.fused.cpp"][1]  # a lazy (function-level) import
+    assert "fastode.kernels.cnf_solve" in IMPORTS["fastode.flows.fused.triton"][1]

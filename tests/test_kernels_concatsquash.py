@@ -16,7 +16,7 @@ pytestmark = [KMARK, pytest.mark.skipif(SKIP_REASON is not None, reason=SKIP_REA
 if SKIP_REASON is None:
     from fastode.nn import backends
     from fastode.nn import functional as F
-    from fastode.ops import triton_mlp as TB
+    from fastode.triton import _mlp as TB
 
 ACTS = ("tanh", "softplus", "elu", "swish", "identity")
 

@@ -19,8 +19,8 @@ if torch.cuda.is_available() and not INTERPRET:
     triton = pytest.importorskip("triton")
     from fastode.nn import ConcatSquashMLP, backends
     from fastode.nn import functional as F
-    from fastode.ops import triton_mlp as TB
-    from fastode.ops.triton_rk import rk_epilogue, rk_error_ratio, rk_stage
+    from fastode.triton import _mlp as TB
+    from fastode.triton._rk import rk_epilogue, rk_error_ratio, rk_stage
 
 DEV = "cuda"
 
@@ -196,7 +196,7 @@ def test_fused_cnf_solve_on_gpu_matches_cpu(method, kw):
 def test_fused_adaptive_solve_makes_no_host_sync():
     """A fused adaptive solve after a first one of the same configuration: every launch queued without a host
     synchronisation, except the one read of the solve's record at the end (checked by torch's sync debug mode)."""
-    from fastode.kernels import cnf_solve
+    from fastode.flows.fused import triton_solve as cnf_solve
 
     cnf = _toy_cnf("dopri5", torch.float32).to(DEV).eval()
     x = torch.randn(10_000, 2, device=DEV)
@@ -219,15 +219,16 @@ def test_fused_adaptive_solve_makes_no_host_sync():
 def test_fused_grid_solve_captures_in_a_cuda_graph():
     """The fixed-grid fused solve is a sequence of launches with no host read: it captures in a CUDA graph, and a
     replay with new inputs gives the eager result."""
-    from fastode.kernels.cnf_solve import TritonCnfSolver
+    from fastode.flows.fused.triton_solve import TritonCnfSolver
+    from fastode.kernels.cnf_solve import CnfLauncher
     from fastode.kernels.concatsquash import PackedParams
     from fastode.tableaus import get_tableau
 
     m, params = ffjord_params(torch.float32)
-    cfg = TB._config(2, [2, 64, 64, 64, 2], torch.float32)
+    cfg = TB.launch_config(2, [2, 64, 64, 64, 2], torch.float32)
     packed = PackedParams([tuple(p.detach() for p in layer) for layer in params], cfg["CH"], cfg["CD"])
-    solver = TritonCnfSolver(packed, "tanh", "hutchinson", ["trace", "kinetic"], 1, get_tableau("rk4"),
-                             adaptive=False)
+    solver = TritonCnfSolver(CnfLauncher(packed, "tanh", "hutchinson", ["trace", "kinetic"], 1, get_tableau("rk4"),
+                                         adaptive=False))
     grid = torch.linspace(0, 0.5, 11, device=DEV, dtype=torch.float64)
     z0 = torch.randn(4099, 2, device=DEV)
     e = torch.randn(4099, 2, device=DEV)

@@ -13,7 +13,7 @@ pytestmark = [KMARK, pytest.mark.skipif(SKIP_REASON is not None, reason=SKIP_REA
 if SKIP_REASON is None:
     from fastode.kernels import _common as KC
     from fastode.kernels import rk as K
-    from fastode.ops.triton_rk import rk_epilogue, rk_error_ratio, rk_stage
+    from fastode.triton._rk import rk_epilogue, rk_error_ratio, rk_stage
 
 tdq_rk = pytest.importorskip("torchdiffeq._impl.rk_common")
 tdq_misc = pytest.importorskip("torchdiffeq._impl.misc")

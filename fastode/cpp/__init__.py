@@ -27,8 +27,9 @@ from __future__ import annotations
 
 from ._loader import available, error, ext
 from ._mlp import concatsquash_mlp, concatsquash_mlp_exact_trace, concatsquash_mlp_hutchinson, supports
-from ._rk import RATE_CODES, CnfStep, CnfStepper, cnf_rk_step
+from ._rk import RATE_CODES, CnfStep, CnfStepper, cnf_adaptive_solve, cnf_rk_step, tableau_lists
 from . import _dispatch
+from ._dispatch import mlp_tile_rows
 
 __all__ = [
     "available",
@@ -38,6 +39,9 @@ __all__ = [
     "concatsquash_mlp_exact_trace",
     "supports",
     "cnf_rk_step",
+    "cnf_adaptive_solve",
+    "tableau_lists",
+    "mlp_tile_rows",
     "CnfStep",
     "CnfStepper",
     "empty_cache",

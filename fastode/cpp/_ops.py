@@ -214,7 +214,7 @@ torch.library.register_autograd("fastode::cpp_cnf_grid", _backward_grid, setup_c
 
 
 # ------------------------------------------------------------------------------- adaptive CNF solve, no gradient
-_COUNTS = ("status", "t_status", "nfe", "steps", "accepted", "rejected")
+COUNTS = ("status", "t_status", "nfe", "steps", "accepted", "rejected")
 
 
 @torch.library.custom_op("fastode::cpp_cnf_adaptive", mutates_args=())
@@ -232,12 +232,12 @@ def cpp_cnf_adaptive(z0: Tensor, q0: Tensor, e: Optional[Tensor], params: List[T
     tiles = st if isinstance(st, list) else [st]
     bad = next((s for s in tiles if s["status"]), None)
     if bad is not None:
-        vals = [float(bad[k]) for k in _COUNTS]
+        vals = [float(bad[k]) for k in COUNTS]
     else:
         B = z0.shape[0]
         rows = step_rows if step_rows else B
         w = [min(rows, B - i * rows) / max(B, 1) for i in range(len(tiles))]
-        vals = [0.0, 0.0] + [sum(wi * s[k] for wi, s in zip(w, tiles)) for k in _COUNTS[2:]]
+        vals = [0.0, 0.0] + [sum(wi * s[k] for wi, s in zip(w, tiles)) for k in COUNTS[2:]]
     return zT, qT, torch.tensor(vals, dtype=torch.float64)
 
 
@@ -245,4 +245,4 @@ def cpp_cnf_adaptive(z0: Tensor, q0: Tensor, e: Optional[Tensor], params: List[T
 def _(z0, q0, e, params, t0, t1, act, rates, c, a, b, b_err, c_mid, ctl, max_num_steps, order, time_f32, step_rows,
       tile):
     return (z0.new_empty(z0.shape), z0.new_empty((z0.shape[0], len(rates))),
-            torch.empty(len(_COUNTS), dtype=torch.float64))
+            torch.empty(len(COUNTS), dtype=torch.float64))

@@ -11,7 +11,7 @@ from typing import NamedTuple, Sequence
 import torch
 from torch.autograd.function import once_differentiable
 
-from ..compiling import host_floats
+from ..compiling import check, host_floats
 from ..codes import RATE_CODES
 from ..ops import concatsquash as _ref
 from ..ops import rk as rk_spec
@@ -20,13 +20,11 @@ from . import _dispatch, _ops
 from ._loader import ext
 from ._mlp import _ACT_CODES
 
-__all__ = ["RATE_CODES", "CnfStep", "CnfStepper", "cnf_rk_step"]
-
-
+__all__ = ["RATE_CODES", "CnfStep", "CnfStepper", "cnf_rk_step", "cnf_adaptive_solve", "tableau_lists"]
 
 
 # ---------------------------------------------------------------------------------------------------
-def _tableau_lists(tableau):
+def tableau_lists(tableau):
     """(c, a (s*s row-major), b, b_err or []) as python floats from a tableau object or name (cached: tableaus are
     immutable)."""
     if isinstance(tableau, str):
@@ -151,10 +149,12 @@ class _CnfGridFn(torch.autograd.Function):
 
 
 class _CnfAdaptiveFn(torch.autograd.Function):
-    """A whole adaptive CNF solve (batch-global control) and its exact discrete gradient (a checkpointed discrete
-    adjoint over the recorded steps). Inputs: t (the 2 output times, tensor), z0, q0, e, run (dict: the settings,
-    and where the forward leaves its stats), *params. Outputs: zT, qT. Step sizes are constants, the clock is
-    t[0] + a constant: dL/dt[1] comes through the interpolation coordinate, dL/dt[0] through every stage time."""
+    """A whole adaptive CNF solve (batch-global control, or per tile) and its exact discrete gradient (a checkpointed
+    discrete adjoint over the recorded steps). Inputs: t (the 2 output times, tensor), z0, q0, e, run (dict: the
+    settings, and ``count_backward``: None or ``f(n)`` called with the backward's network evaluations), *params.
+    Outputs: zT, qT and the solve's record (a dict of counts; per tile, a list of them). Step sizes are constants,
+    the clock is t[0] + a constant: dL/dt[1] comes through the interpolation coordinate, dL/dt[0] through every
+    stage time."""
 
     @staticmethod
     def forward(ctx, t, z0, q0, e, run, *params):
@@ -164,24 +164,23 @@ class _CnfAdaptiveFn(torch.autograd.Function):
             tt[0], tt[1], z0, q0, e, list(params), run["act"], run["rates"], *run["tableau"], run["c_mid"],
             run["ctl"], run["max_num_steps"], run["order"], run["time_f32"], 1, need, run.get("step_rows", 0),
             run["tile"])
-        run["stats"] = st
         ok = all(s_["status"] == 0 for s_ in st) if isinstance(st, list) else st["status"] == 0
         if need and ok:
             ctx.save_for_backward(z0, e, *params)
             ctx.tape, ctx.run, ctx.t_dtype = tape, run, t.dtype
         ctx.set_materialize_grads(False)
-        return zT, qT
+        return zT, qT, st
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, gzT, gqT):
+    def backward(ctx, gzT, gqT, _grecord):
         z0, e, *params = ctx.saved_tensors
         run, tape = ctx.run, ctx.tape
         n = ctx.needs_input_grad
         gz0, gq0, ge, gp, g_anchor, g_x, nfe = ext().cnf_adaptive_backward(
             z0, e, params, run["act"], run["rates"], *run["tableau"], run["c_mid"], tape, gzT, gqT, n[3], any(n[5:]),
             run.get("step_rows", 0), run["tile"])
-        if "count_backward" in run:
+        if run.get("count_backward") is not None:
             run["count_backward"](nfe)
         gt = None
         if n[0]:  # per tile: the tiles' own clocks all start at t[0] and end at t[1]
@@ -195,9 +194,22 @@ class _CnfAdaptiveFn(torch.autograd.Function):
 
 
 def cnf_adaptive_solve(t, z0, q0, e, params, run):
-    """``(zT, qT)`` of :class:`_CnfAdaptiveFn` (``run`` gets the solve's ``"stats"``; see
-    :class:`fastode.flows.engines.CppAdaptiveEngine`, which builds it)."""
-    return _CnfAdaptiveFn.apply(t, z0, q0, e, run, *params)
+    """``(zT, qT, record)`` of a whole adaptive CNF solve (``run``: the settings that
+    :class:`fastode.flows.fused.cpp.CppBackend` builds). Eagerly the autograd Function :class:`_CnfAdaptiveFn`
+    (``record``: the counts); under torch.compile, without a gradient, the custom op ``fastode::cpp_cnf_adaptive``
+    (``record``: ``{"counts": {name: 0-dim tensor}}``, data-dependent, kept in the graph, a failed solve checked
+    there)."""
+    if not torch.compiler.is_compiling():
+        return _CnfAdaptiveFn.apply(t, z0, q0, e, run, *params)
+    t0, t1 = host_floats(t.detach())
+    c, a, b, b_err = run["tableau"]
+    zT, qT, counts = _ops.cpp_cnf_adaptive(z0, q0, e, list(params), t0, t1, run["act"], run["rates"], c, a, b,
+                                           b_err, run["c_mid"], run["ctl"], run["max_num_steps"], run["order"],
+                                           run["time_f32"], run["step_rows"], run["tile"])
+    check(counts[0] == 0, lambda: RuntimeError(
+        "the fused adaptive CNF solve stopped (max_num_steps exceeded, step-size underflow or NaN/inf); call it "
+        "eagerly for the error naming the time"))
+    return zT, qT, {"counts": dict(zip(_ops.COUNTS, counts.unbind()))}
 
 
 def _mlp_params(params, activation):
@@ -250,7 +262,7 @@ class CnfStepper:
                 raise ValueError(f"unknown rate {r!r}; choose from {list(RATE_CODES)}")
         self.params, self.raw, self.activation, self.dim = params, raw, activation, D
         self.tab = get_tableau(tableau) if isinstance(tableau, str) else tableau
-        self.tableau = _tableau_lists(self.tab)
+        self.tableau = tableau_lists(self.tab)
         c, a, b, b_err = self.tableau
         ncol = D + len(self.rates)
         self.atol = _per_column(atol, ncol, "atol") if b_err else []

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..compiling import host_floats
+from ..nn.modules import BoundEvaluation
 from . import regularizers as R
 from .engines import CnfSolve, engine_names, integrate, run_solve
 from .solver import Solver, as_solver, local_error_step, method_tableau, state_norm
@@ -123,6 +124,13 @@ class _AugmentedDynamics(nn.Module):
         # the dynamics bound for this solve (backend and inputs settled at the first call); kept out of the
         # module's children (it may be the dynamics itself)
         self.__dict__["_net"] = None
+
+    @property
+    def mlp_backend(self):
+        """The MLP backend this solve's network evaluations ran on: the bound network's (chosen once, at the first
+        call), else the module's record of its latest call; None before the first call or for other networks."""
+        net = self.__dict__["_net"]
+        return getattr(net, "backend", None) if isinstance(net, BoundEvaluation) else getattr(net, "last_backend", None)
 
     def _bound(self, z):
         net = self.__dict__["_net"]
@@ -553,22 +561,20 @@ class CNF(Flow):
         else:
             times = [T, zero] if reverse else [zero, T]
         t = torch.stack(times)
-        B = x.shape[0]
-        y0 = (x, torch.zeros(B, dtype=x.dtype, device=x.device)) + tuple(
-            torch.zeros(B, dtype=x.dtype, device=x.device) for _ in integrands)
+        q0 = torch.zeros(x.shape[0], 1 + len(integrands), dtype=x.dtype, device=x.device)  # log-density, integrals
         norm = state_norm(2)
-        request = CnfSolve(func, y0, t, self.dynamics, e, trace, tuple(integrands), tuple(errors), solver, norm,
+        request = CnfSolve(func, x, q0, t, self.dynamics, e, trace, tuple(integrands), tuple(errors), solver, norm,
                            self._counter, allow_fused=self.fused_cpu,
                            step_rows={"batch": 0, "per_tile": self.step_rows, "per_row": 1}[self.step_control])
         result, self.last_solve = run_solve(request, self.engine, started=self._started)
-        sol, stats = result
-        out, logdet = sol[0][-1], sol[1][-1]
-        reg = {r.name: sol[2 + i][-1] for i, r in enumerate(integrands)}
+        (out, q), stats = result.end, result.stats
+        logdet = q[:, 0]
+        reg = {r.name: q[:, 1 + i] for i, r in enumerate(integrands)}
         for r in errors:
             if isinstance(r, R.GlobalError):
                 reg[r.name] = self._global_error(stats, solver)
             else:
-                u_reg = None if t_reg is None else (sol[0][1], sol[1][1])
+                u_reg = None if t_reg is None else (result.mid[0], result.mid[1][:, 0])
                 reg[r.name] = self._local_error(r, x, e, trace, T, t_reg, u_reg, stats, solver, norm)
         return FlowOutput(out, logdet, reg)
 

@@ -10,7 +10,7 @@ all differentiable by autograd, optionally ``supports(t, z, params, activation) 
 supported, a string = why not) and ``bind(params, activation, like)`` (see :mod:`fastode.ops.mlp`). Backends
 that cannot serve a call are skipped by ``"auto"`` and rejected with the reason when asked for by name.
 
-Built-in names: ``"torch"`` (the reference, any device), ``"triton"`` (:mod:`fastode.ops.triton_mlp`, CUDA, or
+Built-in names: ``"torch"`` (the reference, any device), ``"triton"`` (:mod:`fastode.triton._mlp`, CUDA, or
 CPU tensors under ``TRITON_INTERPRET=1``), ``"cpp"`` (:mod:`fastode.cpp`, registered on import when the C++
 extension is built). Optional backends are imported the first time they are asked for.
 

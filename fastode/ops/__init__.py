@@ -7,7 +7,7 @@ and a registry of faster backends with written fallback rules.
 * :mod:`fastode.ops.concatsquash` -- the concatsquash MLP spec (forward, Hutchinson VJP, exact trace);
 * :mod:`fastode.ops.mlp` -- the MLP ops ``mlp.forward`` / ``mlp.hutchinson`` / ``mlp.exact_trace`` / ``mlp.bind``,
   their backends ("torch"; "cpp" from :mod:`fastode.cpp`; "triton") and the user's backend preference;
-* :mod:`fastode.ops.triton_rk`, :mod:`fastode.ops.triton_mlp` -- the fused Triton Functions (backend "triton",
+* the fused Triton Functions (backend "triton" of these ops: :mod:`fastode.triton._rk`, :mod:`fastode.triton._mlp`;
   CUDA or the interpreter), imported lazily;
 * :mod:`fastode.ops.reference_grad` -- double backward of fused Functions through the reference.
 

@@ -12,7 +12,7 @@ Ops (each backend registers all four; ``call`` for ``supports`` is always ``(t, 
   and skip autograd bookkeeping when no gradient is wanted.
 
 Backends: ``"torch"`` (the reference, any device), ``"cpp"`` (:mod:`fastode.cpp`, CPU, registered when the
-extension is built), ``"triton"`` (:mod:`fastode.ops.triton_mlp`, CUDA or the interpreter). Automatic choice
+extension is built), ``"triton"`` (:mod:`fastode.triton._mlp`, CUDA or the interpreter). Automatic choice
 follows :data:`fastode.ops.registry.AUTO_ORDER` (cpp then torch on the CPU, triton then torch on CUDA).
 
 Preference: ``backend="auto"`` first defers to the user's global choice (:func:`set_preference`,
@@ -96,7 +96,7 @@ def _family(name: str, forward: Callable) -> MLPBackend:
 
 
 register_backend(registry.REFERENCE, spec, devices=("*",))
-registry.register_lazy("triton", "fastode.ops.triton_mlp")
+registry.register_lazy("triton", "fastode.triton._mlp")
 registry.register_lazy("cpp", "fastode.cpp")
 
 

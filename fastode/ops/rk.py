@@ -18,7 +18,7 @@ The step-size controller (accept / reject and the next step from the error ratio
 :mod:`fastode.solvers.controller`.
 
 The ops ``rk.combine`` and ``rk.error_ratio`` are registered here with these functions as their reference
-backend (``"torch"``); :mod:`fastode.ops.triton_rk` registers the fused CUDA kernels. A solver resolves them
+backend (``"torch"``); :mod:`fastode.triton._rk` registers the fused CUDA kernels. A solver resolves them
 once per solve with :func:`resolve_rk_ops`.
 """
 from __future__ import annotations
@@ -251,7 +251,7 @@ registry.register("rk.combine", registry.REFERENCE, combine_stages, devices=("*"
                   auto={"cuda": ("triton", registry.REFERENCE), "cpu": (registry.REFERENCE,)})
 registry.register("rk.error_ratio", registry.REFERENCE, error_ratio, devices=("*",),
                   auto={"cuda": ("triton", registry.REFERENCE), "cpu": (registry.REFERENCE,)})
-registry.register_lazy("triton", "fastode.ops.triton_rk")
+registry.register_lazy("triton", "fastode.triton._rk")
 
 
 class RKOps(NamedTuple):

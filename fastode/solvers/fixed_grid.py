@@ -25,7 +25,7 @@ from ..interp import hermite_cubic, linear
 from ..tableaus import ButcherTableau
 from .base import (Perturb, Solver, _null_callback, all_finite, number_option, real_dtype, state_time_value,
                    time_tensor)
-from ..ops.launch_count import host_read
+from ..launch_count import host_read
 from ..ops.rk import StepSize, resolve_rk_ops, rk_step
 
 __all__ = ["FixedGridSolver", "MAX_EVENT_ITERS", "step_size_grid"]

@@ -35,7 +35,7 @@ from ..errors import (InvalidOptionError, MaxStepsExceededError, NonFiniteError,
                       STEP_FAILURE_REMEDIES, STIFF_REMEDIES)
 from ..events import find_event
 from ..interp import quartic_eval, quartic_fit, tableau_dense
-from ..ops.launch_count import host_read
+from ..launch_count import host_read
 from ..ops.rk import combine_stages_exact, resolve_rk_ops, rk_step
 from ..tableaus import TABLEAUS, ButcherTableau
 from .base import Perturb, Solver, _null_callback, number_option, real_dtype, state_time_value, time_tensor

@@ -26,9 +26,9 @@ import torch
 from fastode.kernels import concatsquash as _K
 from fastode.kernels._common import interpreter_active
 
-from . import concatsquash as _F
-from .mlp import register_backend
-from .reference_grad import reference_backward
+from ..ops import concatsquash as _F
+from ..ops.mlp import register_backend
+from ..ops.reference_grad import reference_backward
 
 __all__ = [
     "concatsquash_mlp",
@@ -60,7 +60,7 @@ def clear_cache() -> None:
     _CACHE.clear()
 
 
-def _config(D: int, widths, dtype):
+def launch_config(D: int, widths, dtype):
     cfg = _K.default_config(D, widths, dtype)
     if CONFIG["BM"] is not None:
         cfg["BM"] = CONFIG["BM"]
@@ -70,7 +70,7 @@ def _config(D: int, widths, dtype):
     return cfg
 
 
-def _packed(params, CH: int, CD: int) -> _K.PackedParams:
+def packed_params(params, CH: int, CD: int) -> _K.PackedParams:
     # The cache entry keeps the tensors alive, so an equal data_ptr means the same storage; the version
     # counter (shared by views) changes whenever the storage is modified in place.
     key = tuple((p.data_ptr(), p._version, tuple(p.shape), tuple(p.stride())) for layer in params for p in layer)
@@ -125,8 +125,8 @@ def _layers(flat):
 
 def _setup(z, layers):
     """The launch configuration and the packed parameters of a call."""
-    cfg = _config(z.shape[1], [p[0].shape[0] for p in layers], z.dtype)
-    return cfg, _packed(layers, cfg["CH"], cfg["CD"])
+    cfg = launch_config(z.shape[1], [p[0].shape[0] for p in layers], z.dtype)
+    return cfg, packed_params(layers, cfg["CH"], cfg["CD"])
 
 
 def _launch_forward(mode, activation, t, z, e, layers):

@@ -28,9 +28,9 @@ import torch
 from fastode.kernels import rk as _K
 
 from ..norms import max_norm, rms_norm
-from . import registry
-from .reference_grad import reference_backward
-from .rk import StepSize, combine_stages, error_ratio, sample_error_ratios
+from ..ops import registry
+from ..ops.reference_grad import reference_backward
+from ..ops.rk import StepSize, combine_stages, error_ratio, sample_error_ratios
 
 __all__ = ["rk_stage", "rk_epilogue", "rk_error_ratio", "triton_rk_stage_op", "triton_rk_epilogue_op",
            "triton_rk_error_ratio_op"]
