@@ -166,7 +166,7 @@ def bench_config(key, cfg, opts, device, dtype):
             # differs from discretise-optimise's, so runs with different modes drift apart)
             "max_loss_diff_same_mode": same_mode,
             "repeats": len(timings[name].samples),
-            "nn_backend": getattr(p.flow.blocks[0].dynamics, "last_backend", None) or "plain PyTorch (autograd)",
+            "nn_backend": getattr(p.flow.blocks[0].last_solve, "mlp_backend", None) or "plain PyTorch (autograd)",
             "path": ("torchdiffeq" if library == "torchdiffeq" else
                      "fused grid" if p.path == "cpp_grid" else "odeint per stage"),
             "final_loss": p.losses[-1],

@@ -105,8 +105,8 @@ def measure(dim, width, batch, act, layers, repeats, budget_s):
         else:
             fns = {"cpp": _nograd_fn(fc, t, z, e, params, act), "torch": _nograd_fn(ref, t, z, e, params, act)}
         (oc, gc), (orf, grf) = fns["cpp"](), fns["torch"]()
-        if fc.last_backend != "cpp":
-            raise RuntimeError(f"the C++ backend did not run (last_backend={fc.last_backend!r}); build it first")
+        if fc.resolve_backend("auto", z, *(p for layer in params for p in layer)) != "cpp":
+            raise RuntimeError("the C++ backend cannot run these inputs; build it first")
         err = max(_relerr(oc, orf), _relerr(gc, grf) if gc else 0.0)
         tm = common.time_alternating(fns, repeats=repeats, warmup=1, budget_s=budget_s)
         rows.append({

@@ -112,11 +112,12 @@ def test_tile_size_does_not_change_results(monkeypatch):
         _close(other, outs[0], torch.float64)
 
 
-def test_registry_dispatch_and_last_backend():
+def test_registry_dispatch():
     m = ConcatSquashMLP(2, (8,))
     z = torch.randn(4, 2)
     m(0.0, z)
-    assert m.last_backend == "cpp" and backends.last_backend == "cpp"
+    assert m.last_backend == "cpp"
+    assert backends.resolve_backend_name("auto", "cpu", (torch.tensor(0.0), z, m.params(), "tanh")) == "cpp"
     assert "cpp" in backends.available_backends()
     with backends.use_backend("torch"):
         m(0.0, z)
@@ -137,13 +138,14 @@ def test_registry_dispatch_and_last_backend():
 def test_fused_ops_dispatch_and_override():
     m = _model("tanh", torch.float32)
     z, q = torch.randn(5, 2), torch.zeros(5, 1)
-    fc.cnf_rk_step(0.0, 0.1, z, q, m, "rk4", e=torch.randn(5, 2))
-    assert fc.last_backend == "cpp"
-    fc.cnf_rk_step(0.0, 0.1, z, q, m, "rk4", e=torch.randn(5, 2), backend="torch")
-    assert fc.last_backend == "torch"
+    e = torch.randn(5, 2)
+    stepper = fc.CnfStepper(m, "rk4")
+    assert stepper.backend == "cpp" and fc.resolve_backend("auto", z, e) == "cpp"
+    forced = fc.CnfStepper(m, "rk4", backend="torch")
+    assert forced.backend == "torch" and fc.resolve_backend("torch", z, e) == "torch"
+    torch.testing.assert_close(stepper.step(0.0, 0.1, z, q, e).z1, forced.step(0.0, 0.1, z, q, e).z1)
     with backends.use_backend("torch"):
-        fc.cnf_rk_step(0.0, 0.1, z, q, m, "rk4", e=torch.randn(5, 2))
-        assert fc.last_backend == "torch"
+        assert fc.CnfStepper(m, "rk4").backend == "torch" and fc.resolve_backend("auto", z) == "torch"
 
 
 def test_build_info():
@@ -178,7 +180,7 @@ assert not fc.available() and "not built" in info["error"], info
 m = ConcatSquashMLP(2, (8,))
 m(0.0, torch.randn(3, 2)); assert m.last_backend == "torch"
 r = fc.cnf_rk_step(0.0, 0.1, torch.randn(3, 2), torch.zeros(3, 1), m, "rk4", e=torch.randn(3, 2))
-assert fc.last_backend == "torch" and r.z1.shape == (3, 2)
+assert fc.CnfStepper(m, "rk4").backend == "torch" and r.z1.shape == (3, 2)
 print("ok")
 """
     env = dict(os.environ)

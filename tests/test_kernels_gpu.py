@@ -97,7 +97,7 @@ def test_deterministic_parameter_gradients():
 def test_auto_backend_is_triton_on_cuda():
     m, _ = ffjord_params(torch.float32)
     m(0.0, torch.randn(10, 2, device=DEV))
-    assert m.last_backend == "triton" and backends.last_backend == "triton"
+    assert m.last_backend == "triton" and backends.resolve_backend_name("auto", DEV) == "triton"
 
 
 def test_exact_trace_and_wide_network():

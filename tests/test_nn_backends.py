@@ -55,7 +55,7 @@ def test_global_override_env_and_context_manager(monkeypatch):
     z = torch.randn(4, 2)
     backends.set_backend("torch")
     m(0.0, z)
-    assert m.last_backend == "torch" and backends.last_backend == "torch"
+    assert m.last_backend == "torch" and backends.resolve_backend_name("auto", "cpu") == "torch"
     backends.set_backend(None)
     monkeypatch.setenv("FASTODE_NN_BACKEND", "torch")
     assert backends.get_global_backend() == "torch"

@@ -211,7 +211,7 @@ def run_demo(args) -> dict:
                     "step_size": args.step_size, "rtol": args.rtol, "atol": args.atol, "trace": args.trace,
                     "test_size": args.test_size, "seed": args.seed},
         "fastode": {**f, "gradient": args.gradient, "solver": resolve_backend(fast.blocks[0].train_solver),
-                    "nn_backend": getattr(fast.blocks[0].dynamics, "last_backend", None)},
+                    "nn_backend": getattr(fast.blocks[0].last_solve, "mlp_backend", None)},
         "torchdiffeq": {**b, "gradient": args.baseline_gradient,
                         "solver": "torchdiffeq." + ("odeint_adjoint" if args.baseline_gradient == "adjoint" else "odeint"),
                         "nn_backend": "plain PyTorch, autograd divergence"},

@@ -973,7 +973,7 @@ def _final_report(args, flow, source, dist_info, dtype, completed, best_val, bes
         "train_solver": [b.train_solver.describe() for b in flow.cnf_blocks()],
         "eval_solver": [b.eval_solver.describe() for b in flow.cnf_blocks()],
         "solver_backend": [_resolved_backend(b.train_solver) for b in flow.cnf_blocks()],
-        "nn_backend": [getattr(b.dynamics, "last_backend", None) for b in flow.cnf_blocks()],
+        "nn_backend": [getattr(b.last_solve, "mlp_backend", None) for b in flow.cnf_blocks()],
     })
     flow.eval()
     x = torch.as_tensor(source.tst[:args.test_batch_size], dtype=dtype, device=device)

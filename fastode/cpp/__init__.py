@@ -15,9 +15,8 @@ What it provides
 
 Dispatch: ``backend="auto"`` (default) follows the global override of :func:`fastode.nn.set_backend` /
 ``FASTODE_NN_BACKEND``; otherwise C++ for CPU float32/float64 tensors when built, else ``"torch"``.
-``backend="cpp"`` or ``"torch"`` forces one. :data:`last_backend` (read it as ``fastode.cpp.last_backend``)
-names the backend that ran the latest call of a function of this package; the MLP registry records
-its own in ``fastode.nn.backends.last_backend`` and ``ConcatSquashMLP.last_backend``.
+``backend="cpp"`` or ``"torch"`` forces one; :func:`resolve_backend` says which one a call on given tensors
+runs (a :class:`CnfStepper` holds its own in ``.backend``; a CNF solve's record in ``CNF.last_solve.mlp_backend``).
 
 Threads: the kernels use ``torch.get_num_threads()`` OpenMP threads over tiles of the batch; results do
 not depend on the thread count. ``FASTODE_CPP_TILE`` sets the rows per tile (default: 64, 128 from a
@@ -47,14 +46,10 @@ __all__ = [
     "empty_cache",
     "cached_bytes",
     "RATE_CODES",
-    "last_backend",
+    "resolve_backend",
 ]
 
-
-def __getattr__(name):  # live view of the dispatcher's record
-    if name == "last_backend":
-        return _dispatch.last_backend
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+resolve_backend = _dispatch.choose
 
 
 def empty_cache() -> int:

@@ -8,9 +8,6 @@ import torch
 from ..ops.mlp import get_preference
 from ._loader import available, error
 
-last_backend: str | None = None
-"""Backend that ran the latest call of a :mod:`fastode.cpp` function ("cpp" or "torch")."""
-
 _DTYPES = (torch.float32, torch.float64)
 
 WIDE_LAYER = 256
@@ -64,8 +61,7 @@ def cpp_unsupported(*tensors) -> str | None:
 
 
 def choose(backend: str, *tensors) -> str:
-    """Resolve ``backend`` ("auto", "cpp" or "torch") for a call on ``tensors``; records it."""
-    global last_backend
+    """Resolve ``backend`` ("auto", "cpp" or "torch") for a call on ``tensors``: the backend that runs it."""
     name = (backend or "auto").lower()
     if name == "auto":
         name = get_preference()
@@ -77,13 +73,10 @@ def choose(backend: str, *tensors) -> str:
             raise ValueError(f"backend 'cpp' cannot run this call: {reason}")
     elif name != "torch":  # auto (a global "triton" means: no preference among CPU backends)
         name = "cpp" if reason is None else "torch"
-    last_backend = name
     return name
 
 
 def prefer_cpp(*tensors) -> str:
     """"cpp" when the C++ kernels can take ``tensors``, else "torch" (no global override: used by the
-    registered MLP backend, whose selection the registry already made); records it."""
-    global last_backend
-    last_backend = "cpp" if cpp_unsupported(*tensors) is None else "torch"
-    return last_backend
+    registered MLP backend, whose selection the registry already made)."""
+    return "cpp" if cpp_unsupported(*tensors) is None else "torch"

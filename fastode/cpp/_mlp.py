@@ -12,7 +12,7 @@ transforms (jvp/vmap) are not supported; use backend "torch" for those (e.g. Tay
 extension directly, without an autograd Function, when no gradient is wanted (e.g. log-likelihood evaluation).
 
 When called directly for tensors the C++ kernels cannot take (not CPU, other dtypes, or the extension
-is not built) they run the PyTorch reference instead; :data:`fastode.cpp.last_backend` says which ran.
+is not built) they run the PyTorch reference instead; :func:`fastode.cpp.resolve_backend` says which runs.
 """
 from __future__ import annotations
 

@@ -296,7 +296,6 @@ class CnfStepper:
         if (kz0 is None) != (kq0 is None):
             raise ValueError("give both kz0 and kq0 (the first stage) or neither")
         if use_cpp:
-            _dispatch.last_backend = "cpp"
             c, a, b, b_err = self.tableau
             spec = (self._codes[0], self._codes[1], c, a, b, b_err, self.atol, self.rtol, bool(return_stages),
                     _dispatch.mlp_tile_rows(z0.shape[0], self.params))
@@ -306,7 +305,6 @@ class CnfStepper:
             if not return_stages:
                 kz = kq = None
             return CnfStep(z1, q1, ez, eq, kz, kq, ss)
-        _dispatch.last_backend = "torch"
         return _cnf_step_torch(t0, dt, z0, q0, self.params, self.activation, self.tab, e, self.rates, kz0, kq0,
                                self.atol, self.rtol, return_stages)
 
@@ -329,7 +327,6 @@ class CnfStepper:
                                           tile, need)
             return zT, qT
         if use_cpp:
-            _dispatch.last_backend = "cpp"
             c, a, b, _ = self.tableau
             spec = (self._codes[0], self._codes[1], c, a, b, _dispatch.mlp_tile_rows(z0.shape[0], self.params))
             ts_in = ts_t.reshape(-1) if ts_t is not None and ts_t.requires_grad else None
@@ -340,7 +337,6 @@ class CnfStepper:
             dt = (ts_t.reshape(-1)[i + 1] - ts_t.reshape(-1)[i]) if ts_t is not None else times[i + 1] - times[i]
             r = self.step(t0, dt, z, q, e)
             z, q = r.z1, r.q1
-        _dispatch.last_backend = "torch"
         return z, q
 
 

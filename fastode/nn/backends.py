@@ -16,8 +16,9 @@ extension is built). Optional backends are imported the first time they are aske
 
 Selection: an explicit name (per module or per call) wins; ``"auto"`` defers to the global override
 (:func:`set_backend`, :func:`use_backend`, ``FASTODE_NN_BACKEND``), and if that is unset the rule of
-:mod:`fastode.ops.registry`: ``"triton"`` for CUDA tensors, ``"cpp"`` for CPU tensors, else ``"torch"``. The
-name chosen by the latest selection is in :data:`last_backend`.
+:mod:`fastode.ops.registry`: ``"triton"`` for CUDA tensors, ``"cpp"`` for CPU tensors, else ``"torch"``.
+:func:`resolve_backend_name` says which backend a call resolves to; a module records the one its own latest call
+used (``ConcatSquashMLP.last_backend``), a CNF solve in its record (``CNF.last_solve.mlp_backend``).
 """
 from __future__ import annotations
 
@@ -36,11 +37,7 @@ __all__ = [
     "set_backend",
     "get_global_backend",
     "use_backend",
-    "last_backend",
 ]
-
-last_backend: str | None = None
-"""Name of the backend chosen by the most recent :func:`select_backend` / :func:`get_backend` call."""
 
 set_backend = _mlp.set_preference
 get_global_backend = _mlp.get_preference
@@ -75,19 +72,13 @@ def resolve_backend_name(name: str = "auto", device=None, call=None) -> str:
 
 
 def select_backend(name: str = "auto", t=None, z=None, params=None, activation=None):
-    """``(name, backend)`` for a concatsquash call on ``z``; records :data:`last_backend`."""
-    global last_backend
+    """``(name, backend)`` for a concatsquash call on ``z``."""
     call = None if z is None else (t, z, params, activation)
     chosen = _mlp.resolve(name or "auto", z.device.type if z is not None else "cpu", call)
-    last_backend = chosen.name
     return chosen.name, chosen
 
 
 def get_backend(name: str = "auto", device=None):
-    """The backend (its three functions) ``name`` resolves to for tensors on ``device``; records
-    :data:`last_backend`."""
-    global last_backend
+    """The backend (its three functions) ``name`` resolves to for tensors on ``device``."""
     device = torch.device(device) if device is not None else torch.device("cpu")
-    chosen = _mlp.resolve(name or "auto", device.type)
-    last_backend = chosen.name
-    return chosen
+    return _mlp.resolve(name or "auto", device.type)

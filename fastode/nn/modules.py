@@ -108,7 +108,7 @@ class ConcatSquashEvaluation:
         with torch.enable_grad():  # views made under no_grad would not carry gradients to the parameters later
             params = self.params_at(None)
         bound = _mlp_ops.bind(params, self.activation, like, self.backend)
-        self.last_backend = _backends.last_backend = bound.backend
+        self.last_backend = bound.backend
         return BoundEvaluation(self, bound)
 
     def _prepare(self, t, z):
@@ -163,8 +163,9 @@ class ConcatSquashMLP(ConcatSquashEvaluation, nn.Module):
 
     Usable directly as ``func(t, z)`` in :func:`fastode.odeint`. ``backend`` is ``"auto"`` (Triton on
     CUDA, the C++ extension on CPU when built, else the PyTorch reference; the global
-    :func:`fastode.nn.set_backend` override applies) or a backend name. The backend used by the latest
-    call is in :attr:`last_backend`.
+    :func:`fastode.nn.set_backend` override applies) or a backend name. The backend used by the module's own latest
+    call is in :attr:`last_backend` (the fused CNF engines do not call the module: ``CNF.last_solve.mlp_backend``
+    says which backend ran a solve).
 
     ``z`` may have leading batch dimensions ``(..., dim)``; they are flattened for the kernels.
     """
