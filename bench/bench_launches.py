@@ -74,7 +74,7 @@ def _run(cnf, x, e, train):
 
 
 def _measure(cnf, x, e, engine, sync_every=0, timed=False, train=False, label=None):
-    eng = get_engine("triton_adaptive")
+    eng = get_engine("triton_adaptive").backend
     old = eng.sync_every
     eng.sync_every = sync_every
     cnf.engine = engine

@@ -1,4 +1,6 @@
-"""The fused adaptive C++ engine of a CNF ("cpp_adaptive", fastode/flows/engines.py, csrc/cnf_adaptive.cpp).
+"""The fused adaptive C++ engine of a CNF ("cpp_adaptive", fastode/flows/fused/cpp.py, csrc/cnf_adaptive.cpp): what is
+particular to it -- thread determinism, checkpoint counting, kept step activations, failures, per-tile control. Its
+values, gradients, NFE, stats and declines against "odeint" are in tests/test_engine_conformance.py.
 
 Reference: the same CNF on the "odeint" engine (fastode.odeint, one network call per stage; checked against
 torchdiffeq in tests/test_flows_cnf.py and tests/test_parity_torchdiffeq.py): the same steps, NFE and stats, and the
@@ -42,52 +44,6 @@ def _solve(cnf, x, e, engine, reverse=False, compute_reg=None):
     return o, cnf.last_solve, cnf._counter.n
 
 
-def _same_stats(a, b, dtype=torch.float64):
-    """Same counts; the same step times in float64. In float32 an early step's error estimate can be below the
-    state's resolution (a ratio of 1e-5 here), so its value is rounding noise and the next step sizes follow the
-    summation order: then only the counts agree (and the values, to the tolerance)."""
-    for k in ("num_fevals", "num_steps", "num_accepted_steps", "num_rejected_steps", "method"):
-        assert getattr(a, k) == getattr(b, k), k
-    if dtype == torch.float64:
-        assert a.step_ts == pytest.approx(b.step_ts, rel=1e-9, abs=1e-12)
-        assert a.step_sizes == pytest.approx(b.step_sizes, rel=1e-9, abs=1e-12)
-
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("method", ["dopri5", "tsit5", "bosh3"])
-@pytest.mark.parametrize("trace, reverse", [("exact", False), ("hutchinson", False), ("exact", True)])
-def test_matches_the_odeint_engine(dtype, method, trace, reverse):
-    cnf = _cnf(dtype, method, trace)
-    x, e = _data(dtype)
-    o1, r1, n1 = _solve(cnf, x, e, "auto", reverse)
-    o0, r0, n0 = _solve(cnf, x, e, "odeint", reverse)
-    assert r1.engine == "cpp_adaptive" and r1.mlp_backend == "cpp" and r0.engine == "odeint"
-    torch.testing.assert_close(o1.out, o0.out, **TOL[dtype])
-    torch.testing.assert_close(o1.logdet, o0.logdet, **TOL[dtype])
-    assert n1 == n0 == r1.stats.num_fevals > 0
-    _same_stats(r1.stats, r0.stats, dtype)
-
-
-@pytest.mark.parametrize("options", [{"max_step": 0.1}, {"first_step": 0.45}])
-def test_regulariser_integrals_options_and_rejections(options):
-    """Kinetic and Jacobian-Frobenius integrals (not in the norm), max_step, and a first step too large for the
-    tolerance (rejected steps): all as odeint does."""
-    dtype = torch.float64
-    cnf = _cnf(dtype, trace="hutchinson", tol=1e-8, regs={"kinetic": 0.1, "jf": 0.1}, options=options)
-    x, e = _data(dtype, scale=2.5)
-    o1, r1, _ = _solve(cnf, x, e, "auto", compute_reg=True)
-    o0, r0, _ = _solve(cnf, x, e, "odeint", compute_reg=True)
-    assert r1.engine == "cpp_adaptive" and set(o1.reg) == {"kinetic", "jacobian_frobenius"}
-    for k in o1.reg:
-        torch.testing.assert_close(o1.reg[k], o0.reg[k], **TOL[dtype])
-    torch.testing.assert_close(o1.logdet, o0.logdet, **TOL[dtype])
-    _same_stats(r1.stats, r0.stats)
-    if "max_step" in options:
-        assert max(abs(h) for h in r1.stats.step_sizes) <= 0.1 + 1e-12
-    else:
-        assert r1.stats.num_rejected_steps > 0
-
-
 def test_one_and_two_threads_give_the_same_bits():
     cnf = _cnf(torch.float32, trace="hutchinson")
     x, e = _data(torch.float32)
@@ -100,56 +56,6 @@ def test_one_and_two_threads_give_the_same_bits():
     finally:
         torch.set_num_threads(old)
     assert torch.equal(outs[0].out, outs[1].out) and torch.equal(outs[0].logdet, outs[1].logdet)
-
-
-@pytest.mark.parametrize("make, why", [
-    (lambda: _cnf(torch.float64, method="fehlberg2"), "FSAL"),
-    (lambda: _cnf(torch.float64, options={"interp": "dense"}), "interp"),
-    (lambda: _cnf(torch.float64, method="rk4", step_size=0.1), "adaptive"),
-])
-def test_ineligible_solves_say_why(make, why):
-    cnf = make()
-    x, e = _data(torch.float64)
-    _, rec, _ = _solve(cnf, x, e, "auto")
-    assert rec.engine in ("odeint", "cpp_grid")
-    reasons = dict(rec.skipped)
-    if rec.engine == "odeint":
-        assert why in reasons["cpp_adaptive"]
-
-
-GRAD_CASES = {
-    "exact": dict(trace="exact"),
-    "hutchinson+kinetic+jf": dict(trace="hutchinson", regs={"kinetic": 0.1, "jf": 0.1}),
-    "reverse": dict(trace="hutchinson", reverse=True),
-    "tsit5": dict(trace="exact", method="tsit5"),
-}
-
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("case", list(GRAD_CASES))
-def test_gradients_match_the_odeint_engine(dtype, case):
-    """The fused discrete adjoint gives odeint's "direct" gradient: w.r.t. the input, the probe-weighted loss, every
-    parameter and the learned end time (through the interpolation, and in reverse through every stage time)."""
-    kw = dict(GRAD_CASES[case])
-    reverse = kw.pop("reverse", False)
-    cnf = _cnf(dtype, tol=1e-6, learn_T=True, **kw).train()
-    x, e = _data(dtype)
-    res = {}
-    for engine in ("auto", "odeint"):
-        cnf.engine = engine
-        xx = x.clone().requires_grad_()
-        o = cnf(xx, noise=e, reverse=reverse)
-        w = torch.linspace(0.5, 1.5, B, dtype=dtype)
-        loss = (o.out ** 2).sum() + (w * o.logdet).sum() + sum(0.3 * v.sum() for v in o.reg.values())
-        grads = torch.autograd.grad(loss, [xx] + list(cnf.parameters()))
-        res[cnf.last_solve.engine] = (loss.detach(), grads, cnf.last_stats)
-    (l1, g1, s1), (l0, g0, s0) = res["cpp_adaptive"], res["odeint"]
-    assert (s1.num_fevals, s1.num_steps) == (s0.num_fevals, s0.num_steps)
-    torch.testing.assert_close(l1, l0, **TOL[dtype])
-    rel = 1e-9 if dtype == torch.float64 else 3e-3  # float32: the steps' rounding, relative to each gradient's size
-    for a, b in zip(g1, g0):
-        assert (a - b).abs().max() <= rel * max(1.0, b.abs().max().item())
-    assert abs(float(g1[1])) > 0  # dL/dT (the raw end-time parameter) is there
 
 
 def test_checkpoint_mode_runs_it_with_the_same_gradient_and_counts_the_backward():

@@ -1,4 +1,7 @@
-"""The fused C++ grid engine of a CNF ("cpp_grid", fastode/flows/engines.py): same results as "odeint", or a fallback.
+"""The fused C++ grid engine of a CNF ("cpp_grid", fastode/flows/fused/): what is particular to it -- the
+``fused_cpu`` switch, density-loss NFE, fallbacks of settings it does not take, non-finite results, the buffer pool.
+Its values, gradients, NFE and stats against "odeint" are in the engine conformance suite
+(tests/test_engine_conformance.py).
 
 Reference: the same CNF with ``fused_cpu=False`` (fastode.odeint, one MLP call per RK stage), which the rest
 of the flow tests check against torchdiffeq, finite differences and analytic densities.
@@ -52,41 +55,6 @@ def _assert_same(a, b, dtype):
     assert len(a) == len(b)
     for u, v in zip(a, b):
         torch.testing.assert_close(u, v, **TOL[dtype])
-
-
-def _stats_equal(s1, s2):
-    for k in ("num_fevals", "num_steps", "num_accepted_steps", "num_rejected_steps", "num_fevals_backward",
-              "method"):
-        assert getattr(s1, k) == getattr(s2, k), k
-    assert s1.step_ts == pytest.approx(s2.step_ts, rel=1e-12, abs=1e-15)
-    assert s1.step_sizes == pytest.approx(s2.step_sizes, rel=1e-12, abs=1e-15)
-
-
-CASES = {
-    "hutchinson+kinetic+jf": dict(trace="hutchinson", regs={"kinetic": 0.1, "jf": 0.1}),
-    "exact+kinetic": dict(trace="exact", regs={"kinetic": 0.1}),
-    "hutchinson, T on the grid": dict(trace="hutchinson", T=0.5),
-    "rk4_classic, no step_size": dict(method="rk4_classic", step_size=None, T=0.3),
-    "heun3": dict(method="heun3", step_size=0.1),
-    "reverse": dict(trace="hutchinson", reverse=True),
-}
-
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("case", list(CASES))
-def test_fused_matches_odeint(dtype, case):
-    kw = dict(CASES[case])
-    reverse = kw.pop("reverse", False)
-    cnf = _cnf(dtype, **kw)
-    x, e = _data(dtype)
-    v1, g1, (path1, nfe1, st1) = _run(cnf, x, e, True, reverse)
-    v0, g0, (path0, nfe0, st0) = _run(cnf, x, e, False, reverse)
-    assert (path1, path0) == ("fused_cpu", "odeint")
-    _assert_same(v1, v0, dtype)
-    _assert_same(g1, g0, dtype)
-    assert g1[1] is not None and abs(float(g1[1])) > 0  # dL/dT (the raw end-time parameter) is there
-    assert nfe1 == nfe0 > 0
-    _stats_equal(st1, st0)
 
 
 def test_eval_no_grad_and_density_loss_nfe():

@@ -1,5 +1,7 @@
-"""The fused Triton CNF engines ("triton_grid", "triton_adaptive"; fastode/flows/engines.py, kernels/cnf_step.py,
-kernels/cnf_solve.py), under the Triton interpreter on the CPU (compiled on CUDA).
+"""The fused Triton CNF engines ("triton_grid", "triton_adaptive"; fastode/flows/fused/triton*.py,
+kernels/cnf_step.py, kernels/cnf_solve.py), under the Triton interpreter on the CPU (compiled on CUDA): what is
+particular to them -- launches and host reads, failures, per-tile control. Their values, gradients, NFE, stats and
+declines against "odeint" are in tests/test_engine_conformance.py.
 
 Reference: the same CNF on the "odeint" engine (fastode.odeint with one network call per stage, checked against
 torchdiffeq elsewhere): the same steps, NFE and stats and the same values (float64: to rounding; float32: to the
@@ -18,7 +20,7 @@ pytestmark = [KMARK, pytest.mark.skipif(SKIP_REASON is not None, reason=SKIP_REA
 
 if SKIP_REASON is None:
     from fastode.errors import FallbackWarning
-    from fastode.flows import CNF, EngineUnavailableError
+    from fastode.flows import CNF
     from fastode.nn import ConcatSquashMLP
     from fastode.launch_count import counting
 
@@ -57,69 +59,6 @@ def _solve(cnf, x, e, engine, reverse=False, compute_reg=None):
     return o, cnf.last_solve, cnf._counter.n
 
 
-def _same_stats(a, b, dtype):
-    for k in ("num_fevals", "num_steps", "num_accepted_steps", "num_rejected_steps", "method"):
-        assert getattr(a, k) == getattr(b, k), k
-    if dtype == torch.float64:
-        assert a.step_ts == pytest.approx(b.step_ts, rel=1e-9, abs=1e-12)
-        assert a.step_sizes == pytest.approx(b.step_sizes, rel=1e-9, abs=1e-12)
-
-
-@pytest.mark.parametrize("dtype, method, trace, reverse", [
-    (torch.float64, "dopri5", "hutchinson", False),
-    (torch.float64, "tsit5", "exact", True),
-    (torch.float64, "bosh3", "hutchinson", False),
-    (torch.float32, "dopri5", "exact", False),
-])
-def test_adaptive_matches_the_odeint_engine(dtype, method, trace, reverse):
-    cnf = _cnf(dtype, method, trace)
-    x, e = _data(dtype)
-    o1, r1, n1 = _solve(cnf, x, e, "triton_adaptive", reverse)
-    o0, r0, n0 = _solve(cnf, x, e, "odeint", reverse)
-    assert r1.engine == "triton_adaptive" and r1.mlp_backend == "triton" and r0.engine == "odeint"
-    assert "triton_adaptive" in dict(r0.skipped) or r0.skipped == ()
-    torch.testing.assert_close(o1.out, o0.out, **TOL[dtype])
-    torch.testing.assert_close(o1.logdet, o0.logdet, **TOL[dtype])
-    assert n1 == r1.stats.num_fevals > 0
-    if dtype == torch.float64:
-        assert n1 == n0
-        _same_stats(r1.stats, r0.stats, dtype)
-    else:  # a float32 step whose error estimate is rounding noise may go the other way
-        assert abs(r1.stats.num_steps - r0.stats.num_steps) <= 1
-
-
-def test_adaptive_integrals_options_and_rejections():
-    """Kinetic and Jacobian-Frobenius integrals (not in the norm), max_step, and a first step too large for the
-    tolerance (rejected steps, the shrinking factor): as odeint does."""
-    dtype = torch.float64
-    cnf = _cnf(dtype, tol=2e-8, regs={"kinetic": 0.1, "jf": 0.1}, options={"first_step": 0.5, "max_step": 0.4})
-    x, e = _data(dtype, scale=2.0)
-    o1, r1, _ = _solve(cnf, x, e, "triton_adaptive", compute_reg=True)
-    o0, r0, _ = _solve(cnf, x, e, "odeint", compute_reg=True)
-    assert r1.engine == "triton_adaptive" and set(o1.reg) == {"kinetic", "jacobian_frobenius"}
-    assert r0.stats.num_rejected_steps > 0
-    _same_stats(r1.stats, r0.stats, dtype)
-    for k in o0.reg:
-        torch.testing.assert_close(o1.reg[k], o0.reg[k], **TOL[dtype])
-    torch.testing.assert_close(o1.out, o0.out, **TOL[dtype])
-
-
-@pytest.mark.parametrize("dtype, method, trace", [(torch.float64, "rk4", "hutchinson"),
-                                                  (torch.float32, "rk4_classic", "exact")])
-def test_grid_matches_the_odeint_engine(dtype, method, trace):
-    cnf = _cnf(dtype, method, trace, step_size=0.25, regs={"kinetic": 0.1})
-    x, e = _data(dtype)
-    o1, r1, n1 = _solve(cnf, x, e, "triton_grid", compute_reg=True)
-    o0, r0, n0 = _solve(cnf, x, e, "odeint", compute_reg=True)
-    assert r1.engine == "triton_grid" and r1.mlp_backend == "triton"
-    tol = TOL[dtype] if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(o1.out, o0.out, **tol)
-    torch.testing.assert_close(o1.logdet, o0.logdet, **tol)
-    torch.testing.assert_close(o1.reg["kinetic"], o0.reg["kinetic"], **tol)
-    assert n1 == n0 == 4 * 3
-    assert r1.stats.step_ts == pytest.approx(r0.stats.step_ts)
-
-
 def test_launches_and_host_reads_per_solve():
     """One launch per step attempt and one host read at the end (sync_every=0, after a first solve of the same
     configuration told the launcher how many attempts to queue); sync_every=K reads every K launches."""
@@ -134,7 +73,7 @@ def test_launches_and_host_reads_per_solve():
     assert c.launches["cnf_step_kernel"] == attempts + 1  # + one no-op launch after the end
     assert c.launches["csq_fwd_kernel"] == 2  # the first evaluation and the first-step heuristic's trial
     assert c.host_reads["solve status"] == 1 and c.total_host_reads == 2  # + the record, read once at the end
-    eng = get_engine("triton_adaptive")
+    eng = get_engine("triton_adaptive").backend
     eng.sync_every = 2
     try:
         with counting() as c:
@@ -193,17 +132,6 @@ def test_nan_input_row_raises_odeints_non_finite_error(engine, method):
     assert not caught or all("NaN/inf" in str(w.message) for w in caught if issubclass(w.category, FallbackWarning))
 
 
-def test_explicit_engine_says_why_not():
-    cnf = _cnf(torch.float64, method="adaptive_heun")
-    x, e = _data(torch.float64)
-    with pytest.raises(EngineUnavailableError, match="FSAL"):
-        _solve(cnf, x, e, "triton_adaptive")
-    cnf = _cnf(torch.float64, gradient="adjoint")
-    cnf.engine = "triton_adaptive"
-    with pytest.raises(EngineUnavailableError, match="discrete one"):
-        cnf(x.requires_grad_(), noise=e)
-
-
 def _grads(cnf, x, e, engine):
     """A training loss's gradients w.r.t. the input and every CNF parameter (the end time included)."""
     cnf.engine = engine
@@ -215,40 +143,6 @@ def _grads(cnf, x, e, engine):
     loss = (o.out ** 2).sum() + 0.3 * o.logdet.sum() + sum(v.sum() for v in o.reg.values())
     loss.backward()
     return [xx.grad] + [p.grad.clone() for p in cnf.parameters()], cnf.last_solve
-
-
-@pytest.mark.parametrize("dtype, method, gradient", [
-    (torch.float64, "dopri5", "direct"),
-    (torch.float64, "bosh3", "checkpoint"),
-    (torch.float32, "tsit5", "direct"),
-])
-def test_adaptive_gradient_is_the_discrete_one(dtype, method, gradient):
-    """The fused discrete adjoint (stages recomputed from the stored step starts, in reverse) against autograd through
-    odeint's discrete solve: the input, the learned end time and every MLP parameter, through the trace and the
-    kinetic / Jacobian-Frobenius integrals."""
-    cnf = _cnf(dtype, method, learn_T=True, gradient=gradient, regs={"kinetic": 0.1, "jf": 0.1}, tol=1e-5)
-    cnf.train()
-    x, e = _data(dtype)
-    g1, r1 = _grads(cnf, x, e, "triton_adaptive")
-    g0, r0 = _grads(cnf, x, e, "odeint")
-    assert r1.engine == "triton_adaptive" and r0.engine == "odeint"
-    assert len(g1) == len(g0) and cnf._T_raw.requires_grad and g1[1].abs().sum() > 0  # the end time's gradient
-    tol = dict(rtol=1e-9, atol=1e-11) if dtype == torch.float64 else dict(rtol=2e-3, atol=2e-4)
-    for a, b in zip(g1, g0):
-        torch.testing.assert_close(a, b, **tol)
-    assert r1.stats.num_fevals_backward == r0.stats.num_fevals_backward  # 0 for direct; odeint's count for checkpoint
-
-
-def test_grid_gradient_is_the_discrete_one():
-    cnf = _cnf(torch.float64, "rk4", step_size=0.25, gradient="checkpoint", regs={"kinetic": 0.1})
-    cnf.train()
-    x, e = _data(torch.float64)
-    g1, r1 = _grads(cnf, x, e, "triton_grid")
-    g0, r0 = _grads(cnf, x, e, "odeint")
-    assert r1.engine == "triton_grid"
-    for a, b in zip(g1, g0):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
-    assert r1.stats.num_fevals_backward == r0.stats.num_fevals_backward > 0
 
 
 def test_per_tile_is_the_batch_solve_of_each_tile():
@@ -291,7 +185,7 @@ def test_per_tile_gradient_is_each_tiles_discrete_one(monkeypatch):
     reference gradient is the sum of odeint's gradients on each tile's rows alone (the end time's and the parameters'),
     and each tile's input gradient. The tape starts at 4 steps per tile, so the forward runs again with longer tapes
     until every tile's steps fit."""
-    from fastode.kernels.cnf_solve import TritonCnfSolver
+    from fastode.flows.fused.triton_solve import TritonCnfSolver
 
     class Four(dict):
         def get(self, key, default=None):
