@@ -6,9 +6,11 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/zeros.h>
+#include <pybind11/functional.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include <cstdlib>
+#include <functional>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -758,6 +760,20 @@ PYBIND11_MODULE(_C, m) {
       },
       "the adaptive solves' controller step (tests: against IntegralController.adapt_host)");
   m.def("interp_coordinate", &fastode::interp_coordinate, "the output's fraction of the last step (tests)");
+  m.def(
+      "initial_step",
+      [](double d0, double d1, const std::function<double(double)>& d2_of, int order, bool f32) {
+        double h0, dt;
+        if (f32) {
+          const float h = fastode::initial_trial_step<float>(d0, d1);
+          h0 = h, dt = fastode::initial_step_size<float>(h, d1, d2_of(h), order);
+        } else {
+          h0 = fastode::initial_trial_step<double>(d0, d1);
+          dt = fastode::initial_step_size<double>(h0, d1, d2_of(h0), order);
+        }
+        return py::make_tuple(h0, dt);
+      },
+      "(h0, dt) of the first-step heuristic from d0, d1 and d2(h0) (tests: against fastode.ops.rk.initial_step)");
   m.def("empty_cache", &fastode::pool_clear, "free the cached buffers (saved activations, kept steps); returns bytes");
   m.def("cached_bytes", &fastode::pool_cached);
 #ifdef _OPENMP

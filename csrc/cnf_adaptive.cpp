@@ -162,7 +162,8 @@ AdaptiveStats cnf_adaptive_forward(const CnfSpec& spec, const Tableau& tab, cons
     return true;
   };
 
-  // ---- first stage and first step (fastode.ops.rk.initial_step with order - 1, i.e. exponent 1/order)
+  // ---- first stage and first step (fastode.ops.rk.initial_step with order - 1, i.e. exponent 1/order: its norms
+  // here, its formulas in initial_trial_step / initial_step_size)
   rates(dir * tau, z.data(), kz0.data(), kq0.data());
   st.nfe += 1;
   if (tape) *tape = AdaptiveTape<T>();
@@ -185,7 +186,7 @@ AdaptiveStats cnf_adaptive_forward(const CnfSpec& spec, const Tableau& tab, cons
     };
     const double d0 = mixed_rms<T>(B, D, NQ, ctl.nq_norm, y_at, scale);
     const double d1 = mixed_rms<T>(B, D, NQ, ctl.nq_norm, f_at, scale);
-    const T h0 = T((d0 < 1e-5 || d1 < 1e-5) ? 1e-6 : 0.01 * d0 / d1);
+    const T h0 = initial_trial_step<T>(d0, d1);
     std::vector<T> zt(B * D), qt(B * NQ), fz(B * D), fq(B * NQ);
     for (int64_t i = 0; i < B * D; ++i) zt[i] = z[i] + h0 * T(dir) * kz0[i];
     for (int64_t i = 0; i < B * NQ; ++i) qt[i] = q[i] + h0 * T(dir) * kq0[i];
@@ -196,12 +197,7 @@ AdaptiveStats cnf_adaptive_forward(const CnfSpec& spec, const Tableau& tab, cons
       return T(dir) * (j < D ? fz[b * D + j] - kz0[b * D + j] : fq[b * NQ + (j - D)] - kq0[b * NQ + (j - D)]);
     };
     const double d2 = mixed_rms<T>(B, D, NQ, ctl.nq_norm, df_at, scale) / double(h0);
-    double h1;
-    if (d1 <= 1e-15 && d2 <= 1e-15)
-      h1 = std::max(1e-6, double(h0) * 1e-3);
-    else
-      h1 = std::pow(0.01 / std::max(d1, d2), 1.0 / double(ctl.order));
-    dt = double(std::min(T(100) * h0, T(std::abs(h1))));  // in the state dtype, as initial_step computes it
+    dt = initial_step_size<T>(h0, d1, d2, ctl.order);  // in the state dtype, as initial_step computes it
     if (!std::isfinite(dt) || dt <= 0) return failed(kNonFinite, tau);
     dt = rnd(dt);
   }

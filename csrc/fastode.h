@@ -13,6 +13,8 @@
 //   trace = sum_k <vjp_k, e_k>,  kinetic = |f|^2,  jac_frob = sum_k |vjp_k|^2.
 #pragma once
 
+#include <algorithm>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -217,6 +219,20 @@ struct Adapted {
 Adapted adapt_step(const AdaptiveControl& ctl, double h, double ratio);
 // RKAdaptiveSolver._x: the fraction of the step [t0, t1] at t, each operation rounded as the clock (float32 times).
 double interp_coordinate(double t, double t0, double t1, bool time_f32);
+// fastode.ops.rk.initial_step (Hairer, Norsett & Wanner) in its two formulas, around the one trial evaluation the
+// caller makes at t0 + h0: the trial step h0 from d0 = |y0/s| and d1 = |f0/s| (rounded to the state dtype T), then
+// the proposed first step min(100 h0, h1) from d1 and d2 = |(f1 - f0)/s| / h0, in T. `order` is the tableau's order
+// (the spec's order - 1 convention of the adaptive solver: exponent 1/order).
+template <typename T>
+T initial_trial_step(double d0, double d1) {
+  return T((d0 < 1e-5 || d1 < 1e-5) ? 1e-6 : 0.01 * d0 / d1);
+}
+template <typename T>
+double initial_step_size(T h0, double d1, double d2, int order) {
+  const double h1 = (d1 <= 1e-15 && d2 <= 1e-15) ? std::max(1e-6, double(h0) * 1e-3)
+                                                 : std::pow(0.01 / std::max(d1, d2), 1.0 / double(order));
+  return double(std::min(T(100) * h0, T(std::abs(h1))));
+}
 
 struct AdaptiveStats {
   int status = kSolved;
