@@ -14,7 +14,7 @@ Peers, on the same weights (one state dict) and the same noise:
   computes it;
 * ``odeint per-stage``: ``fastode.odeint`` over an ODE function calling ``ConcatSquashMLP.forward_with_trace``
   (one fused C++ call per stage; fastode's solver loop in Python) -- what ``fastode.flows.CNF`` runs when its
-  fused grid path does not apply (adaptive methods, ``fused_cpu=False``; see fastode/flows/engines.py);
+  fused grid path does not apply (adaptive methods, ``fused_cpu=False``; see fastode/flows/fused/);
 * ``fastode``: :class:`fastode.cpp.CnfStepper` -- training: the whole rk4 grid in one fused C++ call and
   one for its backward (:meth:`~fastode.cpp.CnfStepper.solve`; the CNF's default path for such solves);
   inference: one fused call per dopri5 step (:meth:`~fastode.cpp.CnfStepper.step`) inside torchdiffeq's

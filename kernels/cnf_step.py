@@ -27,7 +27,8 @@ Kernel layout
   solve (one block per tile, a loop of attempts inside one persistent launch) can reuse it as it is.
 
 Control block ``ctl`` (float64, indices ``C_*``) and options ``opt`` (float64, indices ``O_*``) are device
-tensors; the launcher (:mod:`fastode.kernels.cnf_solve`) owns their set-up and read-back.
+tensors; the launcher (:mod:`fastode.kernels.cnf_solve`) builds them, the solve driver
+(:mod:`fastode.flows.fused.triton_solve`) reads them back.
 """
 from __future__ import annotations
 

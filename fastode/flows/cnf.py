@@ -130,7 +130,9 @@ class _AugmentedDynamics(nn.Module):
         """The MLP backend this solve's network evaluations ran on: the bound network's (chosen once, at the first
         call), else the module's record of its latest call; None before the first call or for other networks."""
         net = self.__dict__["_net"]
-        return getattr(net, "backend", None) if isinstance(net, BoundEvaluation) else getattr(net, "last_backend", None)
+        if isinstance(net, BoundEvaluation):
+            return net.backend
+        return getattr(net, "last_backend", None)
 
     def _bound(self, z):
         net = self.__dict__["_net"]
@@ -405,7 +407,7 @@ class CNF(Flow):
         self.base = base if base is not None else StandardNormal(self.dim)
         self._counter = _Counter()
         self._override = None  # (solver, trace) from using_solver
-        self.fused_cpu = bool(fused_cpu)  # may the fused engines run (fastode/flows/engines.py)
+        self.fused_cpu = bool(fused_cpu)  # may the fused C++ engines run (fastode/flows/fused/)
         self.engine = engine
         self.step_control, self.step_rows = step_control, int(step_rows)
         self.last_solve = None            # SolveRecord of the latest solve

@@ -49,7 +49,7 @@ class CnfSolve:
     norm: Callable
     counter: Any
     allow_fused: bool = True
-    step_rows: int = 0  # 0: one step size for the batch; k > 0: per-tile control, tiles of k rows (the CNF's step_control)
+    step_rows: int = 0  # 0: one step size for the batch; k > 0: per-tile control in tiles of k rows
 
     @property
     def y0(self) -> tuple:

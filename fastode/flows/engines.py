@@ -188,8 +188,8 @@ class TorchdiffeqEngine(Engine):
 # the registry
 
 _CPP, _TRITON = CppBackend(), TritonBackend()
-_ENGINES: list = [FusedGridEngine(_CPP), FusedAdaptiveEngine(_CPP), FusedGridEngine(_TRITON), FusedAdaptiveEngine(_TRITON),
-                  OdeintEngine(), TorchdiffeqEngine()]
+_ENGINES: list = [FusedGridEngine(_CPP), FusedAdaptiveEngine(_CPP), FusedGridEngine(_TRITON),
+                  FusedAdaptiveEngine(_TRITON), OdeintEngine(), TorchdiffeqEngine()]
 
 
 def register_engine(engine: Engine, before: Optional[str] = None) -> None:

@@ -84,8 +84,9 @@ class TritonCnfSolver:
 
         ``record``: a dict of the solve's counts (``status``, ``t_status``, ``nfe``, ``steps``, ``accepted``,
         ``rejected``, ``step_ts``, ``step_sizes``, ``finite``) read back once at the end (and every
-        ``sync_every`` launches while running). ``tape``: keep what :meth:`adaptive_backward` needs (``record["saved"]``):
-        each accepted step's start, its time and step, and the last step's interpolation data.
+        ``sync_every`` launches while running). ``tape``: keep what :meth:`adaptive_backward` needs
+        (``record["saved"]``): each accepted step's start, its time and step, and the last step's interpolation
+        data.
         """
         dev, dtype = z0.device, z0.dtype
         B, D = z0.shape
