@@ -16,7 +16,13 @@ Model: FFJORD's toy CNF (concatsquash 2-64-64-64-2, tanh, T = 0.5), float32, one
 * ``train_fused``: a training iteration (rk4 h = 0.05, Hutchinson, backward, Adam) on the fused C++ grid path;
 * ``train_per_stage``: the same with ``fused_cpu=False`` (odeint path with autograd);
 * ``train_dopri5``: a training iteration with dopri5 1e-5 (adaptive, per-stage, autograd);
-* ``odeint_linear``: ``fastode.odeint`` dopri5 rtol 1e-8 on a 10-D linear ODE, float64 (solver loop only).
+* ``odeint_linear``: ``fastode.odeint`` dopri5 rtol 1e-8 on a 10-D linear ODE, float64 (solver loop only);
+* ``loglik_per_tile``: ``CNF.log_prob`` with per-tile step control (tiles of 16 rows), dopri5 1e-5;
+* ``train_dopri5_checkpoint``: ``train_dopri5`` with ``gradient="checkpoint"`` (the fused adaptive engine's
+  checkpointed discrete adjoint, its backward counted).
+
+``--name`` / ``--title`` name the result files and the report, so that each redesign keeps its own comparison
+(``dispatch``: the RK core / dispatch redesign; ``redesign_top``: the top-layer redesign of issue 26).
 
     git worktree add /tmp/base 2363de4 && cp fastode/_C*.so /tmp/base/fastode/   # csrc/ unchanged since
     python bench/bench_dispatch.py --against /tmp/base
@@ -59,10 +65,10 @@ def _data(batch: int, seed: int = 0):
     return torch.randn(batch, 2, generator=gen) * 1.5
 
 
-def _cnf(method="dopri5", rtol=1e-5, atol=1e-5, step_size=None, fused_cpu=True, seed=0):
+def _cnf(method="dopri5", rtol=1e-5, atol=1e-5, step_size=None, fused_cpu=True, seed=0, **kw):
     torch.manual_seed(seed)
     mlp = ConcatSquashMLP(2, (64, 64, 64), "tanh")
-    return CNF(mlp, T=0.5, method=method, rtol=rtol, atol=atol, step_size=step_size, fused_cpu=fused_cpu)
+    return CNF(mlp, T=0.5, method=method, rtol=rtol, atol=atol, step_size=step_size, fused_cpu=fused_cpu, **kw)
 
 
 def tasks():
@@ -77,6 +83,14 @@ def tasks():
                 cnf.log_prob(x)
                 return cnf.nfe
         out[f"loglik_{tol:g}"] = ll
+    tiled = _cnf(step_control="per_tile", step_rows=16).eval()
+
+    def ll_tiles():
+        with torch.no_grad():
+            tiled.reset_nfe()
+            tiled.log_prob(x)
+            return tiled.nfe
+    out["loglik_per_tile"] = ll_tiles
     mlp = _cnf().dynamics
     t = torch.tensor(0.25)
 
@@ -111,6 +125,7 @@ def tasks():
     out["train_fused"] = train(_cnf(method="rk4", step_size=0.05).train())
     out["train_per_stage"] = train(_cnf(method="rk4", step_size=0.05, fused_cpu=False).train())
     out["train_dopri5"] = train(_cnf(rtol=1e-5, atol=1e-5).train())
+    out["train_dopri5_checkpoint"] = train(_cnf(rtol=1e-5, atol=1e-5, gradient="checkpoint").train())
     A = torch.randn(10, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(2)) * 0.3
     y0 = torch.ones(10, dtype=torch.float64)
     tt = torch.tensor([0.0, 2.0], dtype=torch.float64)
@@ -147,8 +162,8 @@ def rows_from(samples: dict) -> dict:
     return rows
 
 
-def report(before: dict, after: dict) -> str:
-    lines = ["# Per-stage dispatch overhead, before and after the RK core / dispatch redesign", "",
+def report(before: dict, after: dict, title: str) -> str:
+    lines = [f"# {title}", "",
              __doc__.split("\n\n")[0], "",
              f"Before: commit {before['meta']['git_commit'][:7]}; after: commit {after['meta']['git_commit'][:7]}"
              f"{' (dirty tree)' if after['meta']['git_dirty'] else ''}. Medians over {after['meta'].get('rounds', 1)} "
@@ -181,7 +196,7 @@ def _tree_commit(tree: Path) -> tuple:
     return git("rev-parse", "HEAD"), bool(git("status", "--porcelain", "--untracked-files=no"))
 
 
-def compare(against: Path, rounds: int, repeats: int, budget_s: float) -> None:
+def compare(against: Path, rounds: int, repeats: int, budget_s: float, name: str, title: str) -> None:
     """Alternate worker processes on the baseline tree ``against`` and on this tree, ``rounds`` times, so that
     machine drift hits both alike; medians over every round's samples."""
     trees = {"before": against.resolve(), "after": Path(__file__).resolve().parents[1]}
@@ -205,10 +220,10 @@ def compare(against: Path, rounds: int, repeats: int, budget_s: float) -> None:
         meta = common.metadata(label=label, rounds=rounds)
         meta.update(git_commit=commit, git_dirty=dirty)
         docs[label] = {"meta": meta, "rows": rows}
-        common.write_json(RESULTS / f"dispatch_{label}.json", docs[label])
+        common.write_json(RESULTS / f"{name}_{label}.json", docs[label])
         _print(label, rows)
-    common.write_text(RESULTS / "dispatch.md", report(docs["before"], docs["after"]))
-    print(f"wrote {RESULTS / 'dispatch.md'}")
+    common.write_text(RESULTS / f"{name}.md", report(docs["before"], docs["after"], title))
+    print(f"wrote {RESULTS / f'{name}.md'}")
 
 
 def main(argv=None):
@@ -217,6 +232,8 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--repeats", type=int, default=10, help="timed repeats per task per round")
     ap.add_argument("--budget", type=float, default=15.0, help="seconds of timed repeats per round at most")
+    ap.add_argument("--name", default="dispatch", help="result files: bench/results/NAME.md, NAME_before/after.json")
+    ap.add_argument("--title", default="Per-stage dispatch overhead, before and after the RK core / dispatch redesign")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     common.pin_threads(1)
@@ -225,7 +242,7 @@ def main(argv=None):
         return
     if args.against is None:
         ap.error("pass --against DIR, a checkout of the baseline commit with fastode/_C built")
-    compare(args.against, args.rounds, args.repeats, args.budget)
+    compare(args.against, args.rounds, args.repeats, args.budget, args.name, args.title)
 
 
 if __name__ == "__main__":
