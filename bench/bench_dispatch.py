@@ -208,8 +208,8 @@ def compare(against: Path, rounds: int, repeats: int, budget_s: float, name: str
                 subprocess.run([sys.executable, __file__, "--worker", f.name, "--repeats", str(repeats),
                                 "--budget", str(budget_s)], env=env, check=True, cwd=trees[label])
                 got = json.loads(Path(f.name).read_text())
-            for name, v in got.items():
-                slot = pooled[label].setdefault(name, {"samples": [], "nfe": v["nfe"]})
+            for task, v in got.items():
+                slot = pooled[label].setdefault(task, {"samples": [], "nfe": v["nfe"]})
                 slot["samples"] += v["samples"]
         print(f"round {r + 1}/{rounds} done", flush=True)
     docs = {}
