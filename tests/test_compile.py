@@ -42,22 +42,23 @@ def test_opcheck_every_mlp_op(dtype, B):
     e = torch.randn(B, 3, dtype=dtype, requires_grad=True)
     t = torch.tensor(0.3, dtype=dtype, requires_grad=True)
     tile = _ops.tile_for(z, params)
-    torch.library.opcheck(_ops.cpp_mlp, (t, z, params, 0, tile, True))
-    torch.library.opcheck(_ops.cpp_mlp_probe, (t, z, e, params, 0, tile, True))
-    torch.library.opcheck(_ops.cpp_mlp_probe, (t, z, None, params, 0, tile, True))
+    torch.library.opcheck(_ops.CPP_MLP.op, (t, z, params, 0, tile, True))
+    torch.library.opcheck(_ops.CPP_MLP_PROBE.op, (t, z, e, params, 0, tile, True))
+    torch.library.opcheck(_ops.CPP_MLP_PROBE.op, (t, z, None, params, 0, tile, True))
     with torch.no_grad():  # the backward op has no gradient of its own
         zd, ed, td, pd = z.detach(), e.detach(), t.detach(), [p.detach() for p in params]
-        f, vjp, *_, save = _ops.cpp_mlp_probe(td, zd, ed, pd, 0, tile, True)
+        f, vjp, *_, save = _ops.CPP_MLP_PROBE.op(td, zd, ed, pd, 0, tile, True)
         g = torch.randn_like(zd)
         gtr = torch.randn(B, dtype=dtype)
         args = (td, zd, ed, True, pd, 0, save, f, vjp, g, None, gtr, None, None, True, True, True, True, tile)
-        torch.library.opcheck(_ops.cpp_mlp_backward, args)
+        torch.library.opcheck(_ops.CPP_MLP_PROBE.backward_op, args)
 
 
 @needs_ext
 def test_the_custom_ops_give_the_autograd_functions_gradients():
-    """The op path (used when compiling) against the eager autograd Functions, called directly."""
-    from fastode.cpp import _mlp, _ops
+    """The op path (used when compiling: the custom op, its autograd through the backward op) against the eager
+    autograd Function generated from the same declaration."""
+    from fastode.cpp import _ops
 
     torch.manual_seed(1)
     dtype = torch.float64
@@ -67,8 +68,8 @@ def test_the_custom_ops_give_the_autograd_functions_gradients():
     e = torch.randn(21, 2, dtype=dtype)
     t = torch.tensor(0.2, dtype=dtype, requires_grad=True)
     tile = _ops.tile_for(z, params)
-    f, vjp, tr, kin, fr, _ = _ops.cpp_mlp_probe(t, z, e, params, 0, tile, True)
-    ref = _mlp._Hutchinson.apply(t, z, e, 0, tile, *params)
+    f, vjp, tr, kin, fr, _ = _ops.CPP_MLP_PROBE.op(t, z, e, params, 0, tile, True)
+    ref = _ops.CPP_MLP_PROBE(t, z, e, params, 0, tile, True)[:5]
     for a, b in zip((f, vjp, tr, kin, fr), ref):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     w = [torch.randn_like(x) for x in ref]
@@ -196,7 +197,7 @@ def test_opcheck_the_fused_grid_solve(dtype):
     c, a, b, _ = tableau_lists(get_tableau("rk4"))
     rates = [RATE_CODES["trace"], RATE_CODES["kinetic"]]
     tile = _ops.tile_for(z0, params)
-    torch.library.opcheck(_ops.cpp_cnf_grid, (ts_t, z0, q0, e, params, times, 0, rates, c, a, b, tile, True))
+    torch.library.opcheck(_ops.CPP_CNF_GRID.op, (ts_t, z0, q0, e, params, times, 0, rates, c, a, b, tile, True))
 
 
 def test_a_compiled_cnf_training_step_matches_eager():
@@ -321,7 +322,7 @@ def test_opcheck_the_triton_mlp_ops_under_the_interpreter():
         torch.library.opcheck(tm.triton_mlp_op, (t, z, probe, params, mode, "tanh"))
     # the op path's gradients against the eager autograd Function
     out = tm.triton_mlp_op(t, z, e, params, tm._K.MODE_HUTCH, "tanh")
-    ref = tm._ConcatSquash.apply(tm._K.MODE_HUTCH, "tanh", t, z, e, *params)
+    ref = tm.TRITON_MLP(t, z, e, params, tm._K.MODE_HUTCH, "tanh")  # eager: the generated Function
     w = [torch.randn_like(r) for r in ref]
     g_op = torch.autograd.grad(sum((a * b).sum() for a, b in zip(out, w)), [t, z, e, *params])
     g_ref = torch.autograd.grad(sum((a * b).sum() for a, b in zip(ref, w)), [t, z, e, *params])
@@ -341,7 +342,8 @@ def _rk_inputs(shape, stages, dt, seed, dtype=torch.float64):
 
 def test_opcheck_the_triton_rk_ops_under_the_interpreter():
     """The fused Triton stage, epilogue and error-ratio kernels as custom ops: opcheck, and the op path's values and
-    gradients against the eager autograd Functions (tiny sizes: the interpreter runs them)."""
+    gradients against the eager autograd Functions generated from the same declarations (tiny sizes: the interpreter
+    runs them)."""
     tr = _interpreted("fastode.triton._rk")
     y0, ks, dt = _rk_inputs((5, 3), stages=3, dt=0.2, seed=0)
     dtype = y0.dtype
@@ -363,11 +365,11 @@ def test_opcheck_the_triton_rk_ops_under_the_interpreter():
             torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12)
 
     agree([tr.triton_rk_stage_op(y0, ks, [0.5, 0.0, -1.5], dt)],
-          [tr._Stage.apply((0.5, 0.0, -1.5), y0, dt, *ks)], [y0, dt, *ks], [0])
+          [tr.rk_stage(y0, ks, (0.5, 0.0, -1.5), dt)], [y0, dt, *ks], [0])
     agree(tr.triton_rk_epilogue_op(y0, ks, b, b_err, dt, atol, rtol),
-          tr._Epilogue.apply(tuple(b), tuple(b_err), 1e-3, 1e-2, y0, dt, *ks), [y0, dt, *ks], [0, 1, 2, 4])
+          tr.rk_epilogue(y0, ks, b, b_err, dt, 1e-3, 1e-2), [y0, dt, *ks], [0, 1, 2, 4])
     agree(tr.triton_rk_error_ratio_op(ks[1], y0, y1, atol, rtol),
-          tr._ErrorRatio.apply(1e-3, 1e-2, ks[1], y0, y1), [ks[1], y0, y1], [0, 2])
+          tr.rk_error_ratio(ks[1], y0, y1, 1e-3, 1e-2), [ks[1], y0, y1], [0, 2])
 
 
 def test_the_triton_rk_ops_double_backward_through_the_spec():

@@ -119,35 +119,6 @@ class _CnfStepFn(torch.autograd.Function):
                 gkz0 if n[5] else None, gkq0 if n[6] else None, None, *grads)
 
 
-class _CnfGridFn(torch.autograd.Function):
-    """Fixed-grid solve. Inputs: ts (list of floats), ts_t (tensor of the times or None), z0, q0, e, spec,
-    *params. Outputs: zT, qT."""
-
-    @staticmethod
-    def forward(ctx, ts, ts_t, z0, q0, e, spec, *params):
-        act, rates, c, a, b, tile = spec
-        need = any(ctx.needs_input_grad)
-        zT, qT, save = ext().cnf_grid_forward(ts, z0, q0, e, list(params), act, rates, c, a, b, need, tile)
-        if need:
-            ctx.save_for_backward(z0, e, *params)
-            ctx.ts, ctx.buf = ts, save
-        ctx.spec = spec
-        ctx.set_materialize_grads(False)
-        return zT, qT
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, gzT, gqT):
-        act, rates, c, a, b, tile = ctx.spec
-        z0, e, *params = ctx.saved_tensors
-        n = ctx.needs_input_grad
-        gz0, gq0, ge, gp, gts = ext().cnf_grid_backward(ctx.ts, z0, e, params, act, rates, c, a, b, ctx.buf, gzT,
-                                                        gqT, n[2], n[3], n[4], any(n[6:]), n[1], tile)
-        gts = torch.tensor(gts, dtype=torch.float64) if n[1] else None
-        grads = [g if n[6 + i] else None for i, g in enumerate(gp)] if gp else [None] * len(params)
-        return (None, gts, gz0 if n[2] else None, gq0 if n[3] else None, ge if n[4] else None, None, *grads)
-
-
 class _CnfAdaptiveFn(torch.autograd.Function):
     """A whole adaptive CNF solve (batch-global control, or per tile) and its exact discrete gradient (a checkpointed
     discrete adjoint over the recorded steps). Inputs: t (the 2 output times, tensor), z0, q0, e, run (dict: the
@@ -317,20 +288,18 @@ class CnfStepper:
         times = [float(x) for x in (host_floats(ts.detach().reshape(-1)) if ts_t is not None else ts)]
         if len(times) < 1:
             raise ValueError("the time grid needs at least one time")
-        if use_cpp and torch.compiler.is_compiling():  # one custom op (fastode::cpp_cnf_grid) in the graph
+        if use_cpp:  # one fused op: its Function eagerly, the custom op fastode::cpp_cnf_grid when compiling
             c, a, b, _ = self.tableau
             tile = _ops.tile_for(z0, self.raw)
-            t_in = ts_t.reshape(-1) if ts_t is not None else torch.tensor(times, dtype=torch.float64)
+            if torch.compiler.is_compiling():
+                t_in = ts_t.reshape(-1) if ts_t is not None else torch.tensor(times, dtype=torch.float64)
+            else:  # the times' tensor only when its gradient is wanted
+                t_in = ts_t.reshape(-1) if ts_t is not None and ts_t.requires_grad else None
             need = torch.is_grad_enabled() and any(x is not None and x.requires_grad
                                                    for x in (t_in, z0, q0, e, *self.raw))
-            zT, qT, _ = _ops.cpp_cnf_grid(t_in, z0, q0, e, self.raw, times, self._codes[0], self._codes[1], c, a, b,
-                                          tile, need)
+            zT, qT, _ = _ops.CPP_CNF_GRID(t_in, z0, q0, e, list(self.raw), times, self._codes[0], self._codes[1], c, a,
+                                          b, tile, need)
             return zT, qT
-        if use_cpp:
-            c, a, b, _ = self.tableau
-            spec = (self._codes[0], self._codes[1], c, a, b, _dispatch.mlp_tile_rows(z0.shape[0], self.params))
-            ts_in = ts_t.reshape(-1) if ts_t is not None and ts_t.requires_grad else None
-            return _CnfGridFn.apply(times, ts_in, z0, q0, e, spec, *self.raw)
         z, q = z0, q0
         for i in range(len(times) - 1):
             t0 = ts_t.reshape(-1)[i] if ts_t is not None else times[i]

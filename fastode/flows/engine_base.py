@@ -17,7 +17,11 @@ import torch
 
 from .solver import Solver
 
-__all__ = ["CnfSolve", "EngineResult", "Skip", "Failed", "SolveRecord", "EngineUnavailableError", "Engine"]
+__all__ = ["CnfSolve", "EngineResult", "Skip", "Failed", "SolveRecord", "EngineUnavailableError", "Engine",
+           "wants_grad", "PEER_ONLY", "PER_TILE_ONLY"]
+
+PEER_ONLY = "the solver asks for the torchdiffeq peer (Solver(backend='torchdiffeq'))"
+PER_TILE_ONLY = "per-tile step control runs only on the fused adaptive engines ('cpp_adaptive', 'triton_adaptive')"
 
 
 class EngineUnavailableError(ValueError):

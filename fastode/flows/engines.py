@@ -36,9 +36,9 @@ from typing import Callable, Optional
 
 import torch
 
-from .engine_base import (CnfSolve, Engine, EngineResult, EngineUnavailableError, Failed, Skip, SolveRecord,
-                          wants_grad)
-from .fused import PER_TILE_ONLY, CppBackend, FusedAdaptiveEngine, FusedGridEngine, TritonBackend
+from .engine_base import (PEER_ONLY, PER_TILE_ONLY, CnfSolve, Engine, EngineResult, EngineUnavailableError, Failed,
+                          Skip, SolveRecord, wants_grad)
+from .fused import CppBackend, FusedAdaptiveEngine, FusedGridEngine, TritonBackend
 from .solver import Solver
 
 __all__ = [
@@ -110,41 +110,6 @@ def integrate(func, y0: tuple, t: torch.Tensor, solver: Solver, norm: Callable):
     return run(func, y0, t, solver, norm)
 
 
-_PEER_ONLY = "the solver asks for the torchdiffeq peer (Solver(backend='torchdiffeq'))"
-_PER_TILE = "per-tile step control runs only on the fused adaptive engines ('cpp_adaptive', 'triton_adaptive')"
-
-
-class OdeintEngine(Engine):
-    """:func:`fastode.odeint` on the augmented state: any method, gradient mode, trace and regulariser."""
-
-    name = "odeint"
-
-    def plan(self, solve):
-        if solve.step_rows:
-            return Skip(_PER_TILE)
-        return Skip(_PEER_ONLY) if solve.solver.backend == "torchdiffeq" else None
-
-    def run(self, solve, plan):
-        return EngineResult(*_fastode_integrate(solve.func, solve.y0, solve.t, solve.solver, solve.norm))
-
-
-class TorchdiffeqEngine(Engine):
-    """torchdiffeq's solver: a peer for comparisons, only when chosen (``Solver(backend="torchdiffeq")``)."""
-
-    name = "torchdiffeq"
-
-    def plan(self, solve):
-        if solve.solver.backend != "torchdiffeq":
-            return Skip("torchdiffeq runs only when the solver asks for it (Solver(backend='torchdiffeq'))")
-        return Skip(_PER_TILE) if solve.step_rows else None
-
-    def run(self, solve, plan):
-        return EngineResult(*_torchdiffeq_integrate(solve.func, solve.y0, solve.t, solve.solver, solve.norm))
-
-
-_PEER_ONLY = "the solver asks for the torchdiffeq peer (Solver(backend='torchdiffeq'))"
-
-
 def _trajectory_result(solve: CnfSolve, trajectory: tuple, stats) -> EngineResult:
     """An :class:`EngineResult` from a generic engine's trajectory of the tuple state ``(z, logdet, *integrals)``:
     ``q`` stacked back into one tensor at the end (and at the middle one of three output times)."""
@@ -163,7 +128,7 @@ class OdeintEngine(Engine):
     def plan(self, solve):
         if solve.step_rows:
             return Skip(PER_TILE_ONLY)
-        return Skip(_PEER_ONLY) if solve.solver.backend == "torchdiffeq" else None
+        return Skip(PEER_ONLY) if solve.solver.backend == "torchdiffeq" else None
 
     def run(self, solve, plan):
         return _trajectory_result(solve, *_fastode_integrate(solve.func, solve.y0, solve.t, solve.solver, solve.norm))

@@ -1,4 +1,5 @@
-"""The "triton" backend of the concatsquash MLP: autograd Functions over the fused kernels.
+"""The "triton" backend of the concatsquash MLP: the fused kernels as one fused op (:data:`TRITON_MLP`, declared
+once: an autograd Function eagerly, the custom op ``fastode::triton_mlp`` under torch.compile).
 
 Kernel -> launcher -> Function: the kernels and launchers live in ``fastode.kernels.concatsquash``; this
 module decides what to save (only the inputs ``t, z, e`` and the parameters: the backward kernel recomputes
@@ -28,7 +29,7 @@ from fastode.kernels._common import interpreter_active
 
 from ..ops import concatsquash as _F
 from ..ops.mlp import register_backend
-from ..ops.reference_grad import reference_backward
+from ..ops.fused_op import FusedOp
 
 __all__ = [
     "concatsquash_mlp",
@@ -145,67 +146,17 @@ def _launch_backward(mode, activation, t, z, e, cfg, packed, gf, gv, gtr, gkin, 
                                num_warps=CONFIG["num_warps"])
 
 
-class _ConcatSquash(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, mode, activation, t, z, e, *flat):
-        z = z.contiguous()
-        e = e.contiguous() if e is not None else None
-        (f, vjp, tr, kin, fr), cfg, packed = _launch_forward(mode, activation, t, z, e, _layers(flat))
-        ctx.set_materialize_grads(False)
-        ctx.mode, ctx.activation, ctx.cfg, ctx.packed = mode, activation, cfg, packed
-        ctx.save_for_backward(t, z, e, *flat)
-        if mode == _K.MODE_F:
-            return f
-        if mode == _K.MODE_HUTCH:
-            return f, vjp, tr, kin, fr
-        return f, tr
-
-    @staticmethod
-    def backward(ctx, *grads):
-        t, z, e, *flat = ctx.saved_tensors
-        params = _layers(flat)
-        mode = ctx.mode
-        if torch.is_grad_enabled():  # create_graph=True: differentiable backward through the reference
-            act, mode_ = ctx.activation, mode
-
-            def ref(t, z, e, *flat):
-                ps = _layers(flat)
-                if mode_ == _K.MODE_F:
-                    return (_F.concatsquash_mlp(t, z, ps, act),)
-                if mode_ == _K.MODE_HUTCH:
-                    return _F.concatsquash_mlp_hutchinson(t, z, e, ps, act)
-                return _F.concatsquash_mlp_exact_trace(t, z, ps, act)
-            return (None, None) + reference_backward(ref, [t, z, e, *flat], grads, ctx.needs_input_grad[2:])
-        gf = gv = gtr = gkin = gfrob = None
-        if mode == _K.MODE_F:
-            (gf,) = grads
-        elif mode == _K.MODE_HUTCH:
-            gf, gv, gtr, gkin, gfrob = grads
-        else:
-            gf, gtr = grads
-        need_ge = mode == _K.MODE_HUTCH and ctx.needs_input_grad[4]
-        if all(g is None for g in (gf, gv, gtr, gkin, gfrob)):
-            return (None,) * (5 + len(flat))
-        gz, ge, dW, dV = _launch_backward(mode, ctx.activation, t, z, e, ctx.cfg, ctx.packed, gf, gv, gtr, gkin,
-                                          gfrob, need_ge)
-        pgrads, gt = _unpack_grads(ctx.packed, params, t, dW, dV, ctx.needs_input_grad[5:],
-                                    ctx.needs_input_grad[2])
-        return (None, None, gt, gz if ctx.needs_input_grad[3] else None, ge) + tuple(pgrads)
-
-
 def _flat(params):
     return [p for layer in params for p in layer]
 
 
-# ---------------------------------------------------------------------------------------------- custom ops
-# The same kernels as torch.library custom ops, so that torch.compile sees one node per call (it cannot trace the
-# launchers' Python); eager calls keep the autograd Function above. Outputs a mode does not produce are empty.
+# ---------------------------------------------------------------------------------------------- the fused op
+# One declaration (fastode.ops.fused_op): the eager Function and the custom op (what torch.compile sees, one node
+# per call) run the same launches. Outputs a mode does not produce are empty.
 
 
-@torch.library.custom_op("fastode::triton_mlp", mutates_args=())
-def triton_mlp_op(t: torch.Tensor, z: torch.Tensor, e: Optional[torch.Tensor], params: List[torch.Tensor],
-                  mode: int, activation: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                                       torch.Tensor]:
+def _mlp_forward(t: torch.Tensor, z: torch.Tensor, e: Optional[torch.Tensor], params: List[torch.Tensor], mode: int,
+                 activation: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     (f, vjp, tr, kin, fr), _, _ = _launch_forward(mode, activation, t, z.contiguous(),
                                                   e.contiguous() if e is not None else None, _layers(list(params)))
     hutch = mode == _K.MODE_HUTCH
@@ -214,8 +165,7 @@ def triton_mlp_op(t: torch.Tensor, z: torch.Tensor, e: Optional[torch.Tensor], p
             fr if hutch else empty())
 
 
-@triton_mlp_op.register_fake
-def _(t, z, e, params, mode, activation):
+def _mlp_fake(t, z, e, params, mode, activation):
     B = z.shape[0]
     hutch = mode == _K.MODE_HUTCH
     empty = lambda: z.new_empty(0)  # noqa: E731
@@ -224,11 +174,10 @@ def _(t, z, e, params, mode, activation):
             z.new_empty(B) if hutch else empty())
 
 
-@torch.library.custom_op("fastode::triton_mlp_backward", mutates_args=())
-def triton_mlp_backward_op(t: torch.Tensor, z: torch.Tensor, e: Optional[torch.Tensor], params: List[torch.Tensor],
-                           mode: int, activation: str, gf: Optional[torch.Tensor], gv: Optional[torch.Tensor],
-                           gtr: Optional[torch.Tensor], gkin: Optional[torch.Tensor], gfrob: Optional[torch.Tensor],
-                           need_ge: bool) -> Tuple[torch.Tensor, torch.Tensor, List[torch.Tensor], torch.Tensor]:
+def _mlp_backward(t: torch.Tensor, z: torch.Tensor, e: Optional[torch.Tensor], params: List[torch.Tensor], mode: int,
+                  activation: str, gf: Optional[torch.Tensor], gv: Optional[torch.Tensor], gtr: Optional[torch.Tensor],
+                  gkin: Optional[torch.Tensor], gfrob: Optional[torch.Tensor], need_ge: bool
+                  ) -> Tuple[torch.Tensor, torch.Tensor, List[torch.Tensor], torch.Tensor]:
     layers = _layers(list(params))
     cfg, packed = _setup(z, layers)
     gz, ge, dW, dV = _launch_backward(mode, activation, t, z.contiguous(), e.contiguous() if e is not None else None,
@@ -238,32 +187,41 @@ def triton_mlp_backward_op(t: torch.Tensor, z: torch.Tensor, e: Optional[torch.T
     return gz, ge if need_ge and ge is not None else z.new_empty(0), [g.clone() for g in pgrads], gt.clone()
 
 
-@triton_mlp_backward_op.register_fake
-def _(t, z, e, params, mode, activation, gf, gv, gtr, gkin, gfrob, need_ge):
+def _mlp_backward_fake(t, z, e, params, mode, activation, gf, gv, gtr, gkin, gfrob, need_ge):
     return (z.new_empty(z.shape), e.new_empty(e.shape) if need_ge and e is not None else z.new_empty(0),
             [p.new_empty(p.shape) for p in params], t.new_empty(t.shape))
 
 
-def _setup_op(ctx, inputs, output):
-    t, z, e, params, mode, activation = inputs
-    ctx.mode, ctx.activation = mode, activation
-    ctx.save_for_backward(t, z, e, *params)
-
-
-def _backward_op(ctx, gf, gv, gtr, gkin, gfrob):
-    t, z, e, *params = ctx.saved_tensors
+def _mlp_grads(args, extra, attrs, gouts, needs, backward):
+    t, z, e, params, mode, activation = args
     keep = lambda g: g if g is not None and g.numel() else None  # noqa: E731  (empty outputs of this mode)
-    need_ge = ctx.mode == _K.MODE_HUTCH and bool(ctx.needs_input_grad[2])
-    gz, ge, gp, gt = triton_mlp_backward_op(t, z, e, params, ctx.mode, ctx.activation, keep(gf), keep(gv), keep(gtr),
-                                            keep(gkin), keep(gfrob), need_ge)
-    return gt, gz, ge if need_ge else None, gp, None, None
+    need_ge = mode == _K.MODE_HUTCH and bool(needs[2])
+    gz, ge, gp, gt = backward(t, z, e, params, mode, activation, *(keep(g) for g in gouts), need_ge)
+    need_p = needs[3]
+    if isinstance(need_p, (list, tuple)):
+        gp = [g if n else None for g, n in zip(gp, need_p)]
+    return gt if needs[0] else None, gz if needs[1] else None, ge if need_ge else None, gp, None, None
 
 
-torch.library.register_autograd("fastode::triton_mlp", _backward_op, setup_context=_setup_op)
+def _mlp_reference(t, z, e, params, mode, activation):
+    layers = _layers(list(params))
+    if mode == _K.MODE_F:
+        return (_F.concatsquash_mlp(t, z, layers, activation),)
+    if mode == _K.MODE_HUTCH:
+        return _F.concatsquash_mlp_hutchinson(t, z, e, layers, activation)
+    return _F.concatsquash_mlp_exact_trace(t, z, layers, activation)
 
 
-def _compiled(mode, activation, t, z, e, params):
-    f, vjp, tr, kin, fr = triton_mlp_op(t, z, e, _flat(params), mode, activation)
+_OUTPUTS = {_K.MODE_F: (0,), _K.MODE_HUTCH: (0, 1, 2, 3, 4), _K.MODE_EXACT: (0, 2)}
+
+TRITON_MLP = FusedOp("triton_mlp", forward=_mlp_forward, fake=_mlp_fake, backward=_mlp_backward,
+                     backward_fake=_mlp_backward_fake, setup=lambda args, out: ([], None), grads=_mlp_grads,
+                     reference=_mlp_reference, differentiable_outputs=lambda args: _OUTPUTS[args[4]])
+triton_mlp_op = TRITON_MLP.op  # the custom op itself (opcheck, graphs)
+
+
+def _call(mode, activation, t, z, e, params):
+    f, vjp, tr, kin, fr = TRITON_MLP(t, z, e, _flat(params), mode, activation)
     if mode == _K.MODE_F:
         return f
     if mode == _K.MODE_HUTCH:
@@ -279,27 +237,21 @@ def concatsquash_mlp(t, z, params, activation):
     t = _F.check_inputs(t, z, params, activation)
     if _fallback(z):
         return _F.concatsquash_mlp(t, z, params, activation)
-    if torch.compiler.is_compiling():
-        return _compiled(_K.MODE_F, activation, t, z, None, params)
-    return _ConcatSquash.apply(_K.MODE_F, activation, t, z, None, *_flat(params))
+    return _call(_K.MODE_F, activation, t, z, None, params)
 
 
 def concatsquash_mlp_hutchinson(t, z, e, params, activation):
     t = _F.check_inputs(t, z, params, activation, e)
     if _fallback(z):
         return _F.concatsquash_mlp_hutchinson(t, z, e, params, activation)
-    if torch.compiler.is_compiling():
-        return _compiled(_K.MODE_HUTCH, activation, t, z, e, params)
-    return _ConcatSquash.apply(_K.MODE_HUTCH, activation, t, z, e, *_flat(params))
+    return _call(_K.MODE_HUTCH, activation, t, z, e, params)
 
 
 def concatsquash_mlp_exact_trace(t, z, params, activation):
     t = _F.check_inputs(t, z, params, activation)
     if _fallback(z):
         return _F.concatsquash_mlp_exact_trace(t, z, params, activation)
-    if torch.compiler.is_compiling():
-        return _compiled(_K.MODE_EXACT, activation, t, z, None, params)
-    return _ConcatSquash.apply(_K.MODE_EXACT, activation, t, z, None, *_flat(params))
+    return _call(_K.MODE_EXACT, activation, t, z, None, params)
 
 
 def _devices():

@@ -16,8 +16,8 @@ backend    :mod:`.cpp`                                     :mod:`.triton` (+ its
 """
 from .base import AdaptivePlan, FusedBackend, FusedRun, GridPlan
 from .cpp import CppBackend
-from .engines import PER_TILE_ONLY, FusedAdaptiveEngine, FusedGridEngine
+from .engines import FusedAdaptiveEngine, FusedGridEngine
 from .triton import TritonBackend
 
 __all__ = ["FusedBackend", "FusedRun", "GridPlan", "AdaptivePlan", "FusedGridEngine", "FusedAdaptiveEngine",
-           "CppBackend", "TritonBackend", "PER_TILE_ONLY"]
+           "CppBackend", "TritonBackend"]

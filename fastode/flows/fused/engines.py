@@ -21,14 +21,11 @@ from ...codes import Status
 from ...compiling import check, host_floats
 from ...launch_count import host_read
 from .. import regularizers as R
-from ..engine_base import CnfSolve, Engine, EngineResult, Failed, Skip, wants_grad
+from ..engine_base import PEER_ONLY, PER_TILE_ONLY, CnfSolve, Engine, EngineResult, Failed, Skip, wants_grad
 from ..solver import Solver
 from .base import AdaptivePlan, FusedBackend, GridPlan, mean_tile_counts, tile_failure
 
-__all__ = ["FusedGridEngine", "FusedAdaptiveEngine", "PER_TILE_ONLY"]
-
-PER_TILE_ONLY = "per-tile step control runs only on the fused adaptive engines ('cpp_adaptive', 'triton_adaptive')"
-_PEER_ONLY = "the solver asks for the torchdiffeq peer (Solver(backend='torchdiffeq'))"
+__all__ = ["FusedGridEngine", "FusedAdaptiveEngine"]
 
 
 class FusedGridEngine(Engine):
@@ -226,7 +223,7 @@ def _common(solve: CnfSolve, be: FusedBackend, traces: tuple, gradients: tuple):
         else:
             return Skip(f"regulariser {r.name!r} with trace={solve.trace!r}")
     if solve.solver.backend == "torchdiffeq":
-        return Skip(_PEER_ONLY)
+        return Skip(PEER_ONLY)
     controlled = getattr(solve.norm, "num_controlled", None)
     if controlled is None:
         return Skip("the norm is not the CNF's state norm")

@@ -37,7 +37,7 @@ class TritonBackend(FusedBackend):
         if x.device.type != "cuda" and not interpreted:  # (checked first: CPU solves never import Triton here)
             return f"the input is on {x.device} (the fused Triton solves run on CUDA)"
         try:
-            import fastode.kernels.cnf_solve  # noqa: F401
+            import fastode.kernels.cnf_solve  # noqa: F401  (Triton is optional: can the kernels load?)
         except Exception as exc:  # triton is optional
             return f"the Triton kernels are not importable ({exc})"
         return None
