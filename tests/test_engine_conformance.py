@@ -126,18 +126,26 @@ def _same_stats(a, b, dtype):
     assert a.step_sizes == pytest.approx(b.step_sizes, rel=1e-9, abs=1e-12)
 
 
-def _case_ids(cases):
-    return [c[0] for c in cases]
+def _peer_methods() -> tuple:
+    try:
+        from torchdiffeq._impl.odeint import SOLVERS
+    except Exception:  # torchdiffeq missing: the two engines that need it skip in _env
+        return ()
+    return tuple(SOLVERS)
 
 
-def _applies(name, env, kind, light, method):
-    if "torchdiffeq" in (name, env.ref):
-        from torchdiffeq._impl.odeint import SOLVERS as PEER_METHODS
+PEER_METHODS = _peer_methods()
 
-        if method not in PEER_METHODS:
-            pytest.skip(f"torchdiffeq has no {method!r}")
-    if KIND.get(name, kind) != kind:
-        pytest.skip(f"{name} runs {KIND[name]} solves")
+
+def _pairs(cases, engines=ENGINES, method_at=4):
+    """``(engine, case)`` for the cases each engine runs: its kind (grid or adaptive), and methods torchdiffeq has
+    when torchdiffeq is the engine or its reference."""
+    return [pytest.param(name, case, id=f"{name}-{case[0]}") for name in engines for case in cases
+            if KIND.get(name, case[1]) == case[1]
+            and not (name in ("odeint", "torchdiffeq") and PEER_METHODS and case[method_at] not in PEER_METHODS)]
+
+
+def _applies(env, light):
     if env.light_only and not light:
         pytest.skip("the Triton interpreter runs the light cases only")
 
@@ -167,12 +175,11 @@ VALUE_CASES = [  # (id, kind, light, dtype, method, CNF settings, solve settings
 ]
 
 
-@pytest.mark.parametrize("case", VALUE_CASES, ids=_case_ids(VALUE_CASES))
-@pytest.mark.parametrize("name", ENGINES)
+@pytest.mark.parametrize("name, case", _pairs(VALUE_CASES))
 def test_values_nfe_and_stats(name, case):
     _, kind, light, dtype, method, settings, run = case
     env = _env(name)
-    _applies(name, env, kind, light, method)
+    _applies(env, light)
     run = dict(run)
     x, e = _data(env, dtype, run.pop("scale", 1.0))
     cnf = _cnf(env, dtype, method, **settings).eval()
@@ -244,15 +251,14 @@ def _grads(cnf, env, engine, x, e, reverse=False):
     return loss.detach(), grads, cnf.last_solve
 
 
-@pytest.mark.parametrize("case", GRAD_CASES, ids=_case_ids(GRAD_CASES))
-@pytest.mark.parametrize("name", ENGINES)
+@pytest.mark.parametrize("name, case", _pairs(GRAD_CASES))
 def test_gradients(name, case):
     """The engine's gradient is the exact gradient of the same discrete solve: w.r.t. the input, the probe-weighted
     log-density, the integrals, every MLP parameter and the learned end time; checkpoint mode counts the backward's
     evaluations as odeint's does."""
     cid, kind, light, dtype, method, settings, run = case
     env = _env(name)
-    _applies(name, env, kind, light, method)
+    _applies(env, light)
     cnf = _cnf(env, dtype, method, tol=1e-6, **settings).train()
     x, e = _data(env, dtype)
     why = DECLINES.get((name, cid))
@@ -289,14 +295,12 @@ ERROR_CASES = [  # (id, kind, method, CNF settings, what to do to the input, the
 ]
 
 
-@pytest.mark.parametrize("case", ERROR_CASES, ids=_case_ids(ERROR_CASES))
-@pytest.mark.parametrize("name", [n for n in ENGINES if n != "torchdiffeq"])  # the peer raises its own errors
-def test_errors_are_odeints(name, case):
+@pytest.mark.parametrize("name, case", _pairs(ERROR_CASES, [n for n in ENGINES if n != "torchdiffeq"], method_at=2))
+def test_errors_are_odeints(name, case):  # (the peer raises its own errors)
     """A solve that cannot finish raises the error ``odeint`` raises (its class, naming the step or time): a fused
     engine's failed solve is re-run on ``"odeint"``, whose error it is (the re-run warned once)."""
     _, kind, method, settings, poison, error = case
     env = _env(name)
-    _applies(name, env, kind, True, method)
     cnf = _cnf(env, torch.float64, method, **settings).eval()
     x, e = _data(env, torch.float64)
     if poison == "nan":
@@ -329,15 +333,13 @@ SKIP_CASES = [  # (id, CNF settings, {engine or kind: the reason's words})
 ]
 
 
-@pytest.mark.parametrize("case", SKIP_CASES, ids=_case_ids(SKIP_CASES))
-@pytest.mark.parametrize("name", ENGINES)
+@pytest.mark.parametrize("name, case", [pytest.param(n, c, id=f"{n}-{c[0]}") for n in ENGINES for c in SKIP_CASES
+                                        if n in c[2] or KIND.get(n) in c[2]])
 def test_declines_say_why(name, case):
     """An explicitly requested engine that cannot run a solve raises :class:`EngineUnavailableError` with the reason
     (before any work), and the reason is the one ``engine="auto"`` records for it."""
     _, settings, reasons = case
     why = reasons.get(name, reasons.get(KIND.get(name, "")))
-    if why is None:
-        pytest.skip(f"{name} runs this solve")
     env = _env(name)
     settings = dict(settings)
     if settings.get("dyn") == "time-varying":
