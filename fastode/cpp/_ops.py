@@ -100,7 +100,7 @@ def _mlp_backward(t: Tensor, z: Tensor, e: Optional[Tensor], probes: bool, param
     gz, ge, gp, gt = ext().mlp_backward(float(t), z, e, probes, list(params), act, save, f, vjp, gf, gvjp, gtrace,
                                         gkin, gfrob, need_z, need_e, need_params, need_t, tile)
     return (gz if gz is not None else _empty(z), ge if ge is not None else _empty(z), list(gp) if gp else [],
-            gt.to(t.dtype).reshape(t.shape) if gt is not None else t.new_zeros(t.shape))
+            gt.to(t.dtype).reshape(t.shape) if need_t and gt is not None else _empty(t))
 
 
 def _mlp_backward_fake(t, z, e, probes, params, act, save, f, vjp, gf, gvjp, gtrace, gkin, gfrob, need_z, need_e,
@@ -108,7 +108,7 @@ def _mlp_backward_fake(t, z, e, probes, params, act, save, f, vjp, gf, gvjp, gtr
     gz = z.new_empty(z.shape) if need_z else _empty(z)
     ge = e.new_empty(e.shape) if need_e and e is not None else _empty(z)
     gp = [p.new_empty(p.shape) for p in params] if need_params else []
-    return gz, ge, gp, t.new_empty(t.shape)
+    return gz, ge, gp, t.new_empty(t.shape) if need_t else _empty(t)
 
 
 def _mlp_grads(args, extra, attrs, gouts, needs, backward):

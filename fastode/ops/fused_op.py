@@ -39,43 +39,71 @@ __all__ = ["FusedOp"]
 
 
 class _Layout:
-    """Where each argument of a call sits among the Function's positional inputs (a list argument is spread)."""
+    """How a call's arguments map to the Function's positional tensor inputs: a tensor (or None) takes one place, a
+    list of tensors is spread (its length kept), anything else (numbers, strings, lists of numbers) is a constant
+    kept here. Built in one pass over the arguments per call (the eager path runs per stage)."""
 
-    __slots__ = ("kinds",)
+    __slots__ = ("kinds", "consts")
 
-    def __init__(self, args):
-        self.kinds = tuple(len(a) if isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor)
-                           else (-1 if isinstance(a, (list, tuple)) else None) for a in args)
+    def __init__(self, kinds, consts):
+        self.kinds, self.consts = kinds, consts
 
-    def flatten(self, args) -> list:
-        flat = []
-        for a, k in zip(args, self.kinds):
-            if k is None or k < 0:
-                flat.append(a)
+    @staticmethod
+    def of(args) -> tuple:
+        """``(layout, tensors)`` of a call's arguments."""
+        kinds, tensors, consts = [], [], []
+        for a in args:
+            if a is None or isinstance(a, torch.Tensor):
+                kinds.append(-1)
+                tensors.append(a)
+            elif type(a) is list and a and isinstance(a[0], torch.Tensor):
+                kinds.append(len(a))
+                tensors.extend(a)
             else:
-                flat.extend(a)
-        return flat
+                kinds.append(-2)
+                consts.append(a)
+        return _Layout(kinds, consts), tensors
 
-    def unflatten(self, flat) -> list:
-        out, i = [], 0
+    def args(self, tensors, const=None) -> list:
+        """The call's arguments from its tensor inputs (``const``: what a constant argument becomes instead of
+        itself, e.g. False for its need of a gradient)."""
+        out, i, j = [], 0, 0
         for k in self.kinds:
-            if k is None or k < 0:
-                out.append(flat[i])
+            if k == -1:
+                out.append(tensors[i])
                 i += 1
-            else:
-                out.append(list(flat[i:i + k]))
+            elif k >= 0:
+                out.append(list(tensors[i:i + k]))
                 i += k
+            else:
+                out.append(self.consts[j] if const is None else const)
+                j += 1
         return out
 
-    def spread(self, grads) -> list:
-        """Per-argument gradients (a list argument's: a list or None) as the Function's per-input gradients."""
+    def spread(self, per_arg) -> list:
+        """Per-argument gradients (a list argument's: a list, or None for all its entries) as per-tensor ones."""
         flat = []
-        for g, k in zip(grads, self.kinds):
-            if k is None or k < 0:
+        for g, k in zip(per_arg, self.kinds):
+            if k == -1:
                 flat.append(g)
-            else:
-                flat.extend(g if g is not None else [None] * k)
+            elif k >= 0:
+                flat.extend(g if g is not None else (None,) * k)
         return flat
+
+    def gather(self, per_tensor) -> list:
+        """Per-tensor gradients as per-argument ones (a list argument's: a list, or None when all are None)."""
+        out, i = [], 0
+        for k in self.kinds:
+            if k == -1:
+                out.append(per_tensor[i])
+                i += 1
+            elif k >= 0:
+                g = list(per_tensor[i:i + k])
+                out.append(None if all(x is None for x in g) else g)
+                i += k
+            else:
+                out.append(None)
+        return out
 
 
 class FusedOp:
@@ -99,55 +127,43 @@ class FusedOp:
     def __call__(self, *args):
         if torch.compiler.is_compiling():
             return self.op(*args)
-        layout = _Layout(args)
-        return self.function.apply(self, layout, *layout.flatten(args))
+        if not torch.is_grad_enabled():  # no graph to record: the kernel call itself
+            return self.forward(*args)
+        layout, tensors = _Layout.of(args)
+        return self.function.apply(self, layout, *tensors)
 
     # ---- the custom op's autograd (what a compiled graph differentiates): through the backward op
     def _op_setup(self, ctx, inputs, output):
-        args = list(inputs)
-        extra, ctx.attrs = self.setup(args, output)
-        _save(ctx, _Layout(args), args, extra)
+        layout, tensors = _Layout.of(list(inputs))
+        extra, ctx.attrs = self.setup(layout.args(tensors), output)
+        ctx.save_for_backward(*tensors, *extra)
+        ctx.layout, ctx.n_inputs = layout, len(tensors)
 
     def _op_backward(self, ctx, *grad_outputs):
-        args, extra = _restore(ctx)
+        layout, saved = ctx.layout, ctx.saved_tensors
+        tensors, extra = saved[:ctx.n_inputs], list(saved[ctx.n_inputs:])
+        args = layout.args(tensors)
         if torch.is_grad_enabled() and self.reference is not None:  # a graph of the backward: through the spec
-            layout = ctx.layout  # (a list input has one need: every entry takes it)
-            needs = layout.flatten([[bool(n)] * k if k is not None and k >= 0 else bool(n)
-                                    for n, k in zip(ctx.needs_input_grad, layout.kinds)])
-            return tuple(layout.unflatten(_reference_grads(self, layout, args, grad_outputs, needs)))
+            needs = layout.spread([[bool(n)] * k if k >= 0 else bool(n)  # (a list input has one need for all)
+                                   for n, k in zip(ctx.needs_input_grad, layout.kinds)])
+            return tuple(layout.gather(_reference_grads(self, layout, tensors, args, grad_outputs, needs)))
         needs = [bool(n) for n in ctx.needs_input_grad]
         return tuple(self.grads(args, extra, ctx.attrs, grad_outputs, needs, self.backward_op))
-
-
-def _save(ctx, layout: _Layout, args: list, extra) -> None:
-    """Keep the call's tensor inputs and ``extra`` (the rest of the arguments as they are) for the backward."""
-    flat = layout.flatten(args)
-    at = [i for i, x in enumerate(flat) if isinstance(x, torch.Tensor)]
-    ctx.save_for_backward(*(flat[i] for i in at), *extra)
-    ctx.layout, ctx.tensor_at, ctx.flat = layout, at, [None if isinstance(x, torch.Tensor) else x for x in flat]
-
-
-def _restore(ctx) -> tuple:
-    """``(args, extra)`` as :func:`_save` kept them."""
-    saved = ctx.saved_tensors
-    flat = list(ctx.flat)
-    for i, x in zip(ctx.tensor_at, saved):
-        flat[i] = x
-    return ctx.layout.unflatten(flat), list(saved[len(ctx.tensor_at):])
 
 
 def _function(op: FusedOp):
     """The eager autograd Function of ``op`` (class ``Fused_<name>``, so that autograd graphs and profiles name it):
     the same forward and backward implementations, called directly."""
 
-    def forward(ctx, op_, layout, *flat):
-        args = layout.unflatten(flat)
+    def forward(ctx, op_, layout, *tensors):
+        args = layout.args(tensors)
         outputs = op_.forward(*args)
         extra, ctx.attrs = op_.setup(args, outputs)
-        _save(ctx, layout, args, extra)
-        ctx.op = op_
+        ctx.save_for_backward(*tensors, *extra)
+        ctx.op, ctx.layout, ctx.n_inputs = op_, layout, len(tensors)
         ctx.set_materialize_grads(False)
-        ctx.mark_non_differentiable(*(outputs[i] for i in op_.non_differentiable))
+        if op_.non_differentiable:
+            ctx.mark_non_differentiable(*(outputs[i] for i in op_.non_differentiable))
         return outputs
 
     def backward(ctx, *grad_outputs):
@@ -161,32 +177,21 @@ def _function(op: FusedOp):
 
 def _backward(ctx, grad_outputs) -> tuple:
     """The eager Function's backward: the op's backward implementation, or the spec's when a graph is wanted."""
-    op_, layout = ctx.op, ctx.layout
-    args, extra = _restore(ctx)
-    needs = layout.unflatten(ctx.needs_input_grad[2:])
-    if torch.is_grad_enabled() and op_.reference is not None:  # create_graph=True: through the spec
-        return (None, None) + _reference_grads(op_, layout, args, grad_outputs, ctx.needs_input_grad[2:])
     if all(g is None for g in grad_outputs):
         return (None,) * len(ctx.needs_input_grad)
-    grads = op_.grads(args, extra, ctx.attrs, grad_outputs, needs, op_.backward)
+    op_, layout, saved = ctx.op, ctx.layout, ctx.saved_tensors
+    tensors, extra = saved[:ctx.n_inputs], list(saved[ctx.n_inputs:])
+    args = layout.args(tensors)
+    needs = ctx.needs_input_grad[2:]
+    if torch.is_grad_enabled() and op_.reference is not None:  # create_graph=True: through the spec
+        return (None, None) + _reference_grads(op_, layout, tensors, args, grad_outputs, needs)
+    grads = op_.grads(args, extra, ctx.attrs, grad_outputs, layout.args(needs, const=False), op_.backward)
     return (None, None) + tuple(layout.spread(grads))
 
 
-def _reference_grads(op: FusedOp, layout: _Layout, args: list, grad_outputs, needs) -> tuple:
-    """A differentiable backward: the reference formula's vector-Jacobian product at the inputs."""
-    flat = layout.flatten(args)
-    at = [i for i, x in enumerate(flat) if isinstance(x, torch.Tensor)]
-
-    def ref(*tensors):
-        full = list(flat)
-        for i, x in zip(at, tensors):
-            full[i] = x
-        return op.reference(*layout.unflatten(full))
-
+def _reference_grads(op: FusedOp, layout: _Layout, tensors, args: list, grad_outputs, needs) -> tuple:
+    """A differentiable backward: the reference formula's vector-Jacobian product at the inputs (one gradient per
+    tensor input)."""
     which = op.differentiable_outputs
     gouts = tuple(grad_outputs[i] for i in (which(args) if callable(which) else which))
-    g = reference_backward(ref, [flat[i] for i in at], gouts, [needs[i] for i in at])
-    out = [None] * len(flat)
-    for i, gi in zip(at, g):
-        out[i] = gi
-    return tuple(out)
+    return reference_backward(lambda *ts: op.reference(*layout.args(ts)), list(tensors), gouts, list(needs))
