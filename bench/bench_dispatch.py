@@ -168,9 +168,9 @@ def report(before: dict, after: dict, title: str) -> str:
              f"Before: commit {before['meta']['git_commit'][:7]}; after: commit {after['meta']['git_commit'][:7]}"
              f"{' (dirty tree)' if after['meta']['git_dirty'] else ''}. Medians over {after['meta'].get('rounds', 1)} "
              "alternating rounds of worker processes on each tree (ms).", "",
-             "| task | NFE | before ms | after ms | after / before | before overhead us/stage | "
-             "after overhead us/stage | kernel share after |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| task | NFE | before ms | after ms | after / before | before quartiles ms | after quartiles ms | "
+             "before overhead us/stage | after overhead us/stage | kernel share after |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, b in before["rows"].items():
         a = after["rows"].get(name)
         if a is None:
@@ -178,8 +178,9 @@ def report(before: dict, after: dict, title: str) -> str:
         ob = common.fmt(b.get("overhead_us_per_stage", "")) if "overhead_us_per_stage" in b else ""
         oa = common.fmt(a.get("overhead_us_per_stage", "")) if "overhead_us_per_stage" in a else ""
         share = f"{100 * a['kernel_share']:.0f}%" if "kernel_share" in a else ""
+        iqr = [" - ".join(common.fmt(q) for q in r["iqr_ms"]) for r in (b, a)]
         lines.append(f"| {name} | {a['nfe']} | {common.fmt(b['ms'])} | {common.fmt(a['ms'])} | "
-                     f"{a['ms'] / b['ms']:.2f} | {ob} | {oa} | {share} |")
+                     f"{a['ms'] / b['ms']:.2f} | {iqr[0]} | {iqr[1]} | {ob} | {oa} | {share} |")
     lines += ["", common.metadata_markdown(after["meta"])]
     return "\n".join(lines) + "\n"
 
