@@ -28,7 +28,17 @@ from .base import AdaptivePlan, FusedBackend, GridPlan, mean_tile_counts, tile_f
 __all__ = ["FusedGridEngine", "FusedAdaptiveEngine"]
 
 
-class FusedGridEngine(Engine):
+class _FusedEngine(Engine):
+    """A fused engine over ``backend``, named ``f"{backend.name}_{kind}"``."""
+
+    kind = ""
+
+    def __init__(self, backend: FusedBackend):
+        self.backend = backend
+        self.name = f"{backend.name}_{self.kind}"
+
+
+class FusedGridEngine(_FusedEngine):
     """A whole fixed-grid solve on a fused backend: ``"cpp_grid"`` (one C++ call and one backward,
     :meth:`fastode.cpp.CnfStepper.solve`) or ``"triton_grid"`` (one fused launch per step, no host read inside the
     solve, so a CUDA graph can capture it).
@@ -42,18 +52,12 @@ class FusedGridEngine(Engine):
     a non-finite result is :class:`Failed`: ``"odeint"`` re-runs the solve and raises the error naming the step.
     """
 
+    kind = "grid"
     _HANDLED_OPTIONS = ("step_size", "check_finite")
-
-    def __init__(self, backend: FusedBackend):
-        self.backend = backend
-        self.name = f"{backend.name}_grid"
 
     def plan(self, solve: CnfSolve):
         be, solver = self.backend, solve.solver
-        why = be.available(solve)
-        if why is not None:
-            return Skip(why)
-        info = _method_info(solve)
+        info = _method_info(solve, be)
         if isinstance(info, Skip):
             return info
         if info.adaptive or not info.fixed_grid:
@@ -108,7 +112,7 @@ class FusedGridEngine(Engine):
         return _result(solve, plan.rates, out, stats, self.backend.name)
 
 
-class FusedAdaptiveEngine(Engine):
+class FusedAdaptiveEngine(_FusedEngine):
     """A whole adaptive solve on a fused backend with torchdiffeq's semantics, as the ``"odeint"`` engine: the
     Hairer-Norsett-Wanner first step, the integral controller (``safety``, ``ifactor``, ``dfactor``, ``min_step``,
     ``max_step``, ``first_step``, ``max_num_steps`` honoured), the CNF's norm, overshoot and the quartic interpolation
@@ -129,18 +133,12 @@ class FusedAdaptiveEngine(Engine):
     naming the time, the tile and its rows.
     """
 
+    kind = "adaptive"
     _HANDLED_OPTIONS = ("first_step", "safety", "ifactor", "dfactor", "min_step", "max_step", "max_num_steps")
-
-    def __init__(self, backend: FusedBackend):
-        self.backend = backend
-        self.name = f"{backend.name}_adaptive"
 
     def plan(self, solve: CnfSolve):
         be, solver = self.backend, solve.solver
-        why = be.available(solve)
-        if why is not None:
-            return Skip(why)
-        info = _method_info(solve)
+        info = _method_info(solve, be)
         if isinstance(info, Skip):
             return info
         tab = info.rk_tableau
@@ -259,10 +257,14 @@ def _why_not_dynamics(dyn, x, backend: str) -> Optional[str]:
     return None
 
 
-def _method_info(solve: CnfSolve):
-    """The solver's :class:`~fastode.solvers.MethodInfo`, or a :class:`Skip` naming why not."""
+def _method_info(solve: CnfSolve, be: FusedBackend):
+    """The solver's :class:`~fastode.solvers.MethodInfo`, or a :class:`Skip` naming why not: the backend's cheap
+    first checks (:meth:`~fastode.flows.fused.base.FusedBackend.available`), then the method."""
     from fastode.solvers import method_info
 
+    why = be.available(solve)
+    if why is not None:
+        return Skip(why)
     try:
         return method_info(solve.solver.method)
     except Exception as exc:

@@ -47,6 +47,15 @@ class TritonCnfSolver:
     def __init__(self, launcher):
         self.k = launcher
 
+    def _start(self, z0, q0, e, time_dtype):
+        """What every adaptive solve sets up first: ``(device, dtype, B, D, z0, q0, the probe argument, float32
+        times, float64 on the device, state buffers)`` (contiguous inputs; the kernels take ``z0`` for an absent
+        probe)."""
+        z0, q0 = z0.contiguous(), q0.contiguous()
+        B, D = z0.shape
+        return (z0.device, z0.dtype, B, D, z0, q0, e.contiguous() if e is not None else z0,
+                time_dtype == torch.float32, dict(dtype=torch.float64, device=z0.device), self.k.buffers(z0, q0))
+
     # -------------------------------------------------------------------------------------------- fixed grid
     def grid(self, grid: torch.Tensor, z0: torch.Tensor, q0: torch.Tensor, e: Optional[torch.Tensor],
              tape: bool = False):
@@ -88,13 +97,7 @@ class TritonCnfSolver:
         (``record["saved"]``): each accepted step's start, its time and step, and the last step's interpolation
         data.
         """
-        dev, dtype = z0.device, z0.dtype
-        B, D = z0.shape
-        z0, q0 = z0.contiguous(), q0.contiguous()
-        e_arg = e.contiguous() if e is not None else z0
-        time_f32 = time_dtype == torch.float32
-        f64 = dict(dtype=torch.float64, device=dev)
-        bufs = self.k.buffers(z0, q0)
+        dev, dtype, B, D, z0, q0, e_arg, time_f32, f64, bufs = self._start(z0, q0, e, time_dtype)
         Z, Q, F, FQ, MID, MIDQ = bufs
         # ---- the clock and the first evaluation, on the device
         t0d, dirn, tau0, tend, rnd = _clock(t0, t1, time_f32)
@@ -182,13 +185,7 @@ class TritonCnfSolver:
 
     def _per_tile_once(self, t0, t1, z0, q0, e, cap, tape, *, rtol, atol, safety, ifactor, dfactor, min_step,
                        max_step, first_step, max_num_steps, time_dtype):
-        dev, dtype = z0.device, z0.dtype
-        B, D = z0.shape
-        z0, q0 = z0.contiguous(), q0.contiguous()
-        e_arg = e.contiguous() if e is not None else z0
-        time_f32 = time_dtype == torch.float32
-        f64 = dict(dtype=torch.float64, device=dev)
-        bufs = self.k.buffers(z0, q0)
+        dev, dtype, B, D, z0, q0, e_arg, time_f32, f64, bufs = self._start(z0, q0, e, time_dtype)
         n_tiles, nprog = self.k.programs(B, dev)
         _, dirn, tau0, tend, rnd = _clock(t0, t1, time_f32)
         # (the kernel computes each tile's first step and counts its evaluations unless first_step is given)
