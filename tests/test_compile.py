@@ -236,10 +236,11 @@ def _adaptive_cnf(**kw):
 
 
 @needs_ext
-def test_an_adaptive_log_likelihood_compiles_to_one_fused_op():
-    """No gradient: the whole adaptive solve is fastode::cpp_cnf_adaptive (0 graph breaks), the same numbers as the
-    eager engine; a failed solve raises from inside the graph."""
-    cnf = _adaptive_cnf()
+@pytest.mark.parametrize("step_control", ["batch", "per_tile"])
+def test_an_adaptive_log_likelihood_compiles_to_one_fused_op(step_control):
+    """No gradient: the whole adaptive solve (batch-global or per tile) is fastode::cpp_cnf_adaptive (0 graph breaks),
+    the same numbers as the eager engine; a failed solve raises from inside the graph."""
+    cnf = _adaptive_cnf(**({"step_control": "per_tile", "step_rows": 8} if step_control == "per_tile" else {}))
     x = torch.randn(32, 2)
 
     def loglik(x):

@@ -173,20 +173,20 @@ class FusedAdaptiveEngine(_FusedEngine):
 
         stats = SolveStats(method=solve.solver.method)
         count = _backward_counter(solve, stats)
+        run = self.backend.per_tile if solve.step_rows else self.backend.adaptive
+        out = run(solve, plan, count)
+        rec = out.record
+        if isinstance(rec, dict) and "counts" in rec:  # compiled: data-dependent counts stay in the graph (checked)
+            stats.counts = rec["counts"]
+            return _result(solve, plan.rates, out, stats, self.backend.name)
         if solve.step_rows:
-            out = self.backend.per_tile(solve, plan, count)
-            tiles, B = out.record, solve.x.shape[0]
+            tiles, B = rec, solve.x.shape[0]
             bad = next((i for i, s_ in enumerate(tiles) if s_["status"]), None)
             if bad is not None:  # no other engine runs per-tile control: raise odeint's error here
                 raise tile_failure(tiles[bad], bad, solve.step_rows, B, plan.ctl)
             rec = mean_tile_counts(tiles, B, solve.step_rows)
             stats.tiles = tiles  # every tile's own counts and status
         else:
-            out = self.backend.adaptive(solve, plan, count)
-            rec = out.record
-            if "counts" in rec:  # compiled: the counts are data-dependent, they stay in the graph (checked there)
-                stats.counts = rec["counts"]
-                return _result(solve, plan.rates, out, stats, self.backend.name)
             if rec["status"]:
                 return _adaptive_failure(f"the fused {self.backend.title} adaptive solve", rec["status"],
                                          rec["t_status"], plan.ctl)
