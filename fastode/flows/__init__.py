@@ -32,7 +32,7 @@ Building blocks
 ``CNF(dynamics, T=0.5, learn_T=False, T_parametrization="sqrt", trace="hutchinson", noise="gaussian",
 method="dopri5", rtol=1e-5, atol=1e-5, step_size=None, options=None, gradient="direct", backend="auto",
 train_solver=None, eval_solver=None, eval_trace="exact", regularizers=(), base=None, dim=None,
-fused_cpu=True, engine="auto")``
+fused_cpu=True, engine="auto", step_control="batch", step_rows=64)``
     ``dynamics``: a :class:`fastode.nn.ConcatSquashMLP`, a :class:`TimeVaryingConcatSquashMLP`, or any
     module ``f(t, z)``; modules with ``forward_with_trace(t, z, e=None, exact=False) -> (f, trace,
     kinetic, jac_frob)`` use it (fused kernels), others go through autograd.
@@ -69,8 +69,11 @@ fused_cpu=True, engine="auto")``
       fixed-grid one-step RK method, ``gradient="direct"``, trace exact or Hutchinson, kinetic /
       Jacobian-Frobenius (Hutchinson only) regularisers: the whole grid in one C++ call and one backward),
       ``"cpp_adaptive"`` for the adaptive ones (dopri5, tsit5, bosh3; the whole solve and its discrete adjoint in
-      C++, batch-global step control as torchdiffeq), else ``"odeint"`` (:func:`fastode.odeint`). Same values,
-      gradients (dL/dT included), ``nfe`` and stats.
+      C++, batch-global step control as torchdiffeq), on CUDA ``"triton_grid"`` / ``"triton_adaptive"`` (the same
+      two engines over the Triton backend, :mod:`fastode.flows.fused`), else ``"odeint"`` (:func:`fastode.odeint`).
+      Same values, gradients (dL/dT included), ``nfe`` and stats (``tests/test_engine_conformance.py``).
+      ``step_control="per_tile"`` (tiles of ``step_rows`` rows) or ``"per_row"``: each tile its own step size, on
+      the fused adaptive engines only.
       ``fused_cpu=False`` excludes the fused engines; a name forces one (``EngineUnavailableError`` saying why
       when it cannot run). ``last_solve`` (per block; ``flow.last_solves()``) records the engine, why earlier
       ones did not run, the stats and the MLP backend; ``last_path`` / ``last_path_reason`` are its older
