@@ -113,6 +113,21 @@ def _factor(r, safety, ifactor, dfactor, ORDER: tl.constexpr):
 
 
 @triton.jit
+def _initial_trial_step(d0, d1):
+    """fastode.ops.rk.initial_step's trial step h0 from d0 = |y0/s| and d1 = |f0/s| (the C++ initial_trial_step)."""
+    return tl.where((d0 < 1e-5) | (d1 < 1e-5), 1e-6, 0.01 * d0 / d1)
+
+
+@triton.jit
+def _initial_step_size(h0, d1, d2, ORDER: tl.constexpr):
+    """fastode.ops.rk.initial_step's proposed first step min(100 h0, h1) in h0's dtype, from d1 and
+    d2 = |(f1 - f0)/s| / h0 (the C++ initial_step_size; ORDER: the tableau's order, exponent 1/ORDER)."""
+    h1 = tl.where((d1 <= 1e-15) & (d2 <= 1e-15), tl.maximum(h0 * 1e-3, 1e-6),
+                  tl.exp(tl.log(0.01 / tl.maximum(d1, d2)) / ORDER))
+    return tl.minimum(100.0 * h0, tl.abs(h1).to(h0.dtype))
+
+
+@triton.jit
 def _state_round(x, DT_DTYPE: tl.constexpr):
     return x.to(DT_DTYPE).to(tl.float64)
 
@@ -697,7 +712,7 @@ def cnf_tile_solve_kernel(z_ptr, q_ptr, f_ptr, fq_ptr, mid_ptr, midq_ptr, e_ptr,
                                     CD, NQ, NQN)
             d0 = _mixed_norm(s0z, s0q, n_rows, D, NQN).to(dtype)
             d1 = _mixed_norm(s1z, s1q, n_rows, D, NQN).to(dtype)
-            h0 = tl.where((d0 < 1e-5) | (d1 < 1e-5), 1e-6, 0.01 * d0 / d1).to(dtype)
+            h0 = _initial_trial_step(d0, d1).to(dtype)
             # the trial Euler step y0 + h0 * (dir f0) into slot 1 (overwritten by the first attempt)
             for n0 in range(0, D, CD):
                 cn = n0 + tl.arange(0, CD)
@@ -712,9 +727,7 @@ def cnf_tile_solve_kernel(z_ptr, q_ptr, f_ptr, fq_ptr, mid_ptr, midq_ptr, e_ptr,
             s2z, s2q = _scaled_sums(f_ptr + BD, fq_ptr + BQ, f_ptr, fq_ptr, z_ptr, q_ptr, rows64, rmask, D, rtol, atol,
                                     1.0, BM, CD, NQ, NQN)
             d2 = (_mixed_norm(s2z, s2q, n_rows, D, NQN).to(dtype) / h0)
-            h1 = tl.where((d1 <= 1e-15) & (d2 <= 1e-15), tl.maximum(h0 * 1e-3, 1e-6),
-                          tl.exp(tl.log(0.01 / tl.maximum(d1, d2)) / ORDER))
-            dt0 = tl.minimum(100.0 * h0, tl.abs(h1).to(dtype))
+            dt0 = _initial_step_size(h0, d1, d2, ORDER)
             tl.store(ctl + C_DTP, _round_time(dt0.to(tl.float64), TIME_F32))
             tl.store(ctl + C_NFE, 2.0)
         else:
