@@ -83,9 +83,15 @@ fused_cpu=True, engine="auto", step_control="batch", step_rows=64)``
     Rademacher), fixed across every RK stage, step and the backward pass; a tensor of ``x``'s shape uses
     it; a ``torch.Generator`` draws from it.
 
-``SequentialFlow(blocks, base=None)``: stacks CNF blocks (and any flow with the same ``forward``
-signature). Same methods as ``CNF``; ``noise`` may be a list with one entry per block (or one tensor used
-by every block); ``set_eval_solver``/``set_train_solver``/``using_solver`` apply to every CNF block.
+``SequentialFlow(blocks, base=None, carry_logdet=False)``: stacks CNF blocks (and any flow with the same
+``forward`` signature). Same methods as ``CNF``; ``noise`` may be a list with one entry per block (or one tensor
+used by every block); ``set_eval_solver``/``set_train_solver``/``using_solver`` apply to every CNF block.
+``carry_logdet``: each CNF block's log-density state starts at the change accumulated before it (FFJORD's chain;
+it steers step-size control).
+
+``MovingBatchNorm1d(dim, eps=1e-4, decay=0.1, bn_lag=0.0)``: FFJORD's moving batch normalisation as a flow layer.
+``load_ffjord(path_or_dict, activation=None)``: a model trained with FFJORD's or RNODE's code, as a fastode flow
+(:mod:`fastode.flows.ffjord`; ``python -m fastode.flows.ffjord checkpt.pth flow.pt`` converts once).
 
 ``StandardNormal(dim)``: the base distribution (``log_prob(z)``, ``sample(n, generator=None)``).
 
@@ -159,7 +165,9 @@ from .regularizers import (
     parse_regularizers,
     taylor_derivative,
 )
+from .batchnorm import MovingBatchNorm1d
 from .engines import EngineUnavailableError, SolveRecord, engine_names, register_engine
+from .ffjord import load_ffjord
 from .solver import FIXED_GRID_METHODS, Solver
 
 __all__ = [
@@ -168,5 +176,5 @@ __all__ = [
     "multilevel_train", "EndTimeOptimizer", "clip_end_time", "end_time_parameters", "network_parameters",
     "REGULARIZER_NAMES", "GlobalError", "JacobianFrobenius", "KineticEnergy", "LocalError", "Regularizer",
     "TaylorOrder", "parse_regularizers", "taylor_derivative", "regularizers", "FIXED_GRID_METHODS", "Solver",
-    "EngineUnavailableError", "SolveRecord", "engine_names", "register_engine",
+    "EngineUnavailableError", "SolveRecord", "engine_names", "register_engine", "MovingBatchNorm1d", "load_ffjord",
 ]

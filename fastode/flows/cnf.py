@@ -526,10 +526,12 @@ class CNF(Flow):
         raise ValueError(f"noise must be None, a tensor of the input's shape or a torch.Generator, got {type(noise)}")
 
     def forward(self, x: torch.Tensor, reverse: bool = False, noise=None, trace: str | None = None,
-                compute_reg: bool | None = None) -> FlowOutput:
+                compute_reg: bool | None = None, logdet0: torch.Tensor | None = None) -> FlowOutput:
         """Integrate ``x`` over ``[0, T]`` (``reverse=True``: ``[T, 0]``). ``trace`` overrides the trace mode
         (``"hutchinson"``, ``"exact"``, or ``"none"`` = no divergence, ``logdet`` zero). ``compute_reg``
-        overrides when regularisers are integrated (default: training mode, forward direction)."""
+        overrides when regularisers are integrated (default: training mode, forward direction). ``logdet0``: the
+        log-density change accumulated before this block, the start of its log-density state (as FFJORD's chain
+        carries it: the state's size enters the step-size control); ``logdet`` is still this block's own."""
         if x.dim() != 2 or x.shape[-1] != self.dim:
             raise ValueError(f"expected a (batch, {self.dim}) input, got shape {tuple(x.shape)}")
         trace = trace if trace is not None else self.active_trace
@@ -564,13 +566,15 @@ class CNF(Flow):
             times = [T, zero] if reverse else [zero, T]
         t = torch.stack(times)
         q0 = torch.zeros(x.shape[0], 1 + len(integrands), dtype=x.dtype, device=x.device)  # log-density, integrals
+        if logdet0 is not None and trace != "none":
+            q0 = torch.cat([logdet0.reshape(-1, 1).to(q0), q0[:, 1:]], 1)
         norm = state_norm(2)
         request = CnfSolve(func, x, q0, t, self.dynamics, e, trace, tuple(integrands), tuple(errors), solver, norm,
                            self._counter, allow_fused=self.fused_cpu,
                            step_rows={"batch": 0, "per_tile": self.step_rows, "per_row": 1}[self.step_control])
         result, self.last_solve = run_solve(request, self.engine, started=self._started)
         (out, q), stats = result.end, result.stats
-        logdet = q[:, 0]
+        logdet = q[:, 0] if logdet0 is None or trace == "none" else q[:, 0] - logdet0.reshape(-1)
         reg = {r.name: q[:, 1 + i] for i, r in enumerate(integrands)}
         for r in errors:
             if isinstance(r, R.GlobalError):
@@ -642,10 +646,16 @@ class CNF(Flow):
 
 
 class SequentialFlow(Flow):
-    """A stack of flows applied in order (data -> latent); the inverse applies them in reverse order."""
+    """A stack of flows applied in order (data -> latent); the inverse applies them in reverse order.
 
-    def __init__(self, blocks: Sequence[nn.Module], base: nn.Module | None = None):
+    ``carry_logdet`` (default False): each CNF block starts its log-density state at the change accumulated by the
+    blocks before it, as FFJORD's ``SequentialFlow`` does; the state's size takes part in step-size control, so a
+    model trained with FFJORD's code takes the same steps (:func:`fastode.flows.load_ffjord` turns it on). Off, each
+    block starts at zero (the blocks' steps do not depend on each other)."""
+
+    def __init__(self, blocks: Sequence[nn.Module], base: nn.Module | None = None, carry_logdet: bool = False):
         super().__init__()
+        self.carry_logdet = bool(carry_logdet)
         if len(blocks) == 0:
             raise ValueError("SequentialFlow needs at least one block")
         self.blocks = nn.ModuleList(blocks)
@@ -675,8 +685,9 @@ class SequentialFlow(Flow):
         reg: dict = {}
         h = x
         for i in order:
+            carry = {"logdet0": logdet} if self.carry_logdet and isinstance(self.blocks[i], CNF) else {}
             o = self.blocks[i](h, reverse=reverse, noise=self._block_noise(noise, i), trace=trace,
-                               compute_reg=compute_reg)
+                               compute_reg=compute_reg, **carry)
             h = o.out
             logdet = logdet + o.logdet
             for k, v in o.reg.items():
