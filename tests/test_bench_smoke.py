@@ -91,3 +91,22 @@ def test_papers_quick_writes_every_verdict(tmp_path):
     # the shared baseline arms trained once and every arm recorded its forward NFE per iteration
     runs = report["runs"]
     assert "toy none" in runs and all(0 < len(r["nfe"]) <= r["iters"] for r in runs.values())
+
+
+def test_roofline_smoke_reports_fractions_of_a_measured_peak(tmp_path):
+    """bench_roofline.py compiles the FMA / bandwidth probe, measures the floor and rates one network's fused paths
+    against it (structure only: positive rates, fractions in (0, 1.5])."""
+    import fastode.cpp as fc
+
+    if not fc.available():
+        pytest.skip("the C++ extension is not built")
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_roofline.py"), "--smoke", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads((tmp_path / "roofline_cpu.json").read_text())
+    assert doc["peak"]["fma_flops"] > 1e9 and doc["peak"]["l2_read_bytes_per_s"] > 1e9
+    paths = {r["path"] for r in doc["rows"]}
+    assert {"forward", "hutchinson", "exact", "hutchinson_backward"} <= paths
+    for r in doc["rows"]:
+        assert r["gflops"] > 0 and 0 < r["peak_fraction"] <= 1.5 and r["intensity_flop_per_byte"] > 0
+    assert "of FMA peak" in (tmp_path / "roofline_cpu.md").read_text()
