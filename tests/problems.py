@@ -161,3 +161,39 @@ class Counter:
     def __call__(self, t, y):
         self.n += 1
         return self.func(t, y)
+
+
+class InitialStepCase:
+    """A linear problem ``y' = A y`` for the first-step heuristic, and the spec's answer on it
+    (:func:`fastode.ops.rk.initial_step` with the adaptive solver's ``order - 1``): ``d0 = |y0/s|``, ``d1 = |f0/s|``,
+    ``d2_of(h0)`` (the norm of the slope's change over a trial step ``h0``, over ``h0``) and ``dt``. ``case``:
+    ``"ordinary"``, ``"tiny-state"`` (``d0 < 1e-5``), ``"flat"`` (``f = 0``: ``d1, d2 <= 1e-15``) or ``"stiff"``. The
+    native copies of the heuristic's two formulas are checked against it (tests/test_cpp_control.py,
+    tests/test_kernels_control.py)."""
+
+    CASES = ("ordinary", "tiny-state", "flat", "stiff")
+    ORDER, RTOL, ATOL = 5, 1e-5, 1e-7
+
+    def __init__(self, case: str, dtype: torch.dtype):
+        from fastode.ops.rk import initial_step
+
+        g = torch.Generator().manual_seed(3)
+        y0 = torch.randn(40, generator=g, dtype=torch.float64)
+        A = torch.randn(40, 40, generator=g, dtype=torch.float64) / 4
+        y0 = {"tiny-state": y0 * 1e-9}.get(case, y0)
+        A = {"flat": torch.zeros_like(A), "stiff": A * 1e4}.get(case, A)
+        self.dtype, self.y0, self.A = dtype, y0.to(dtype), A.to(dtype)
+        self.f0 = self.A @ self.y0
+        self.scale = self.ATOL + self.y0.abs() * self.RTOL
+        self.d0, self.d1 = float(self._norm(self.y0 / self.scale)), float(self._norm(self.f0 / self.scale))
+        dt, _ = initial_step(lambda t, y: self.A @ y, torch.zeros((), dtype=dtype), self.y0, self.f0, self.ORDER - 1,
+                             self.RTOL, self.ATOL, self._norm)
+        self.dt = float(dt)
+
+    @staticmethod
+    def _norm(x):
+        return x.pow(2).mean().sqrt()
+
+    def d2_of(self, h0: float) -> float:
+        h = torch.tensor(h0, dtype=self.dtype)
+        return float(self._norm((self.A @ (self.y0 + h * self.f0) - self.f0) / self.scale) / h)

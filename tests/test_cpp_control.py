@@ -9,6 +9,7 @@ import pytest
 
 import fastode.cpp as fc
 from fastode.solvers.controller import IntegralController
+from problems import InitialStepCase
 
 pytestmark = pytest.mark.skipif(not fc.available(), reason="the C++ extension fastode._C is not built")
 
@@ -49,45 +50,16 @@ def test_interp_coordinate_is_the_solvers(time_f32):
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
-@pytest.mark.parametrize("case", ["ordinary", "tiny-state", "flat", "stiff"])
+@pytest.mark.parametrize("case", InitialStepCase.CASES)
 def test_initial_step_is_the_specs(dtype, case):
     """The C++ first-step formulas (initial_trial_step, initial_step_size) around one trial evaluation give the
     spec's step (fastode.ops.rk.initial_step with the adaptive solver's order - 1): exactly in float64, to one float32
     rounding in float32 (the C++ forms 0.01 d0 / d1 in double, then rounds)."""
     import torch
 
-    from fastode.ops.rk import initial_step
-
-    dt_ = getattr(torch, dtype)
-    g = torch.Generator().manual_seed(3)
-    y0 = torch.randn(40, generator=g, dtype=torch.float64)
-    A = torch.randn(40, 40, generator=g, dtype=torch.float64) / 4
-    if case == "tiny-state":
-        y0 = y0 * 1e-9
-    if case == "flat":
-        A = torch.zeros_like(A)
-    if case == "stiff":
-        A = A * 1e4
-    y0, A = y0.to(dt_), A.to(dt_)
-    rtol, atol, order = 1e-5, 1e-7, 5
-
-    def call(t, y):
-        return A @ y
-
-    def norm(x):
-        return x.pow(2).mean().sqrt()
-
-    f0 = call(0.0, y0)
-    dt_spec, _ = initial_step(call, torch.zeros((), dtype=dt_), y0, f0, order - 1, rtol, atol, norm)
-    scale = atol + y0.abs() * rtol
-    d0, d1 = float(norm(y0 / scale)), float(norm(f0 / scale))
-
-    def d2_of(h0):
-        h = torch.tensor(h0, dtype=dt_)
-        return float(norm((call(h, y0 + h * f0) - f0) / scale) / h)
-
-    _, dt = _ext().initial_step(d0, d1, d2_of, order, dtype == "float32")
+    p = InitialStepCase(case, getattr(torch, dtype))
+    _, dt = _ext().initial_step(p.d0, p.d1, p.d2_of, p.ORDER, dtype == "float32")
     if dtype == "float64":
-        assert dt == float(dt_spec)
+        assert dt == p.dt
     else:
-        assert dt == pytest.approx(float(dt_spec), rel=3e-7)
+        assert dt == pytest.approx(p.dt, rel=3e-7)

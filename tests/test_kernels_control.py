@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from _kernels_env import KDEV, KMARK, SKIP_REASON
+from problems import InitialStepCase
 
 pytestmark = [KMARK, pytest.mark.skipif(SKIP_REASON is not None, reason=SKIP_REASON or "")]
 
@@ -55,36 +56,15 @@ def test_factor_is_the_integral_controllers(order, safety, ifactor, dfactor):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("case", ["ordinary", "tiny-state", "flat", "stiff"])
+@pytest.mark.parametrize("case", InitialStepCase.CASES)
 def test_initial_step_is_the_specs(dtype, case):
     """The batch solve runs the spec itself on the device; the per-tile kernel these two formulas around its trial
     evaluation: the same step (float64: to the kernel's exp/log against the host's pow; float32: one rounding)."""
-    from fastode.ops.rk import initial_step
-
-    g = torch.Generator().manual_seed(3)
-    y0 = torch.randn(40, generator=g, dtype=torch.float64)
-    A = torch.randn(40, 40, generator=g, dtype=torch.float64) / 4
-    y0 = {"tiny-state": y0 * 1e-9}.get(case, y0)
-    A = {"flat": torch.zeros_like(A), "stiff": A * 1e4}.get(case, A)
-    y0, A = y0.to(dtype), A.to(dtype)
-    rtol, atol, order = 1e-5, 1e-7, 5
-
-    def call(t, y):
-        return A @ y
-
-    def norm(x):
-        return x.pow(2).mean().sqrt()
-
-    f0 = call(0.0, y0)
-    dt_spec, _ = initial_step(call, torch.zeros((), dtype=dtype), y0, f0, order - 1, rtol, atol, norm)
-    scale = atol + y0.abs() * rtol
-    d0, d1 = norm(y0 / scale), norm(f0 / scale)
-    d = torch.tensor([float(d0), float(d1), 0.0, 0.0], dtype=dtype, device=KDEV)
+    p = InitialStepCase(case, dtype)
+    d = torch.tensor([p.d0, p.d1, 0.0, 0.0], dtype=dtype, device=KDEV)
     out = torch.full((1,), math.nan, dtype=dtype, device=KDEV)
-    _first_step_probe[(1,)](d, out, ORDER=order, STEP=False)
-    h0 = out[0].cpu()
-    d[2] = float(norm((call(h0, y0 + h0 * f0) - f0) / scale) / h0)
-    d[3] = h0
-    _first_step_probe[(1,)](d, out, ORDER=order, STEP=True)
-    rel = 1e-14 if dtype == torch.float64 else 3e-7
-    assert float(out[0]) == pytest.approx(float(dt_spec), rel=rel)
+    _first_step_probe[(1,)](d, out, ORDER=p.ORDER, STEP=False)
+    h0 = float(out[0])
+    d[2], d[3] = p.d2_of(h0), h0
+    _first_step_probe[(1,)](d, out, ORDER=p.ORDER, STEP=True)
+    assert float(out[0]) == pytest.approx(p.dt, rel=1e-14 if dtype == torch.float64 else 3e-7)
