@@ -25,7 +25,8 @@ A declaration (:class:`FusedOp`) names:
   (or a function of the arguments giving them);
 * ``non_differentiable``: the indices of outputs that carry no gradient (saved activations, maxima).
 
-``op(*args)`` runs the custom op when compiling and the Function otherwise.
+``op(*args)`` runs the custom op when compiling, the kernel call itself when no graph is recorded (grad mode off),
+and the Function otherwise. ``op.op`` / ``op.backward_op`` are the custom ops (for ``torch.library.opcheck``).
 """
 from __future__ import annotations
 
