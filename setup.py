@@ -95,6 +95,7 @@ _PLOTS = ["matplotlib"]
 _DATA = ["scikit-learn"]  # the sklearn toy sets (swissroll, circles, moons, rings) and digits/breast_cancer
 _PROGRESS = ["tqdm"]
 _DEMO = _PROGRESS + _PLOTS + _DATA + ["torchdiffeq==0.2.5"]  # torchdiffeq: the demo's peer
+_EXPORT = ["onnx", "onnxscript", "onnxruntime"]  # fastode.flows.export_flow to ONNX, and running it
 EXTRAS = {
     "plots": _PLOTS,
     "data": _DATA,
@@ -104,7 +105,8 @@ EXTRAS = {
     # Triton serves on CUDA machines and runs the kernel tests in its interpreter; it is not in "test"
     # so that the tests run (skipping the Triton tiers) where it cannot be installed.
     "triton": ["triton"],
-    "test": _DEMO + ["scipy", "pytest", "pytest-benchmark", "torchode", "hypothesis"],
+    "export": _EXPORT,
+    "test": _DEMO + _EXPORT + ["scipy", "pytest", "pytest-benchmark", "torchode", "hypothesis"],
 }
 
 setup(

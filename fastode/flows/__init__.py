@@ -92,6 +92,9 @@ it steers step-size control).
 ``MovingBatchNorm1d(dim, eps=1e-4, decay=0.1, bn_lag=0.0)``: FFJORD's moving batch normalisation as a flow layer.
 ``load_ffjord(path_or_dict, activation=None)``: a model trained with FFJORD's or RNODE's code, as a fastode flow
 (:mod:`fastode.flows.ffjord`; ``python -m fastode.flows.ffjord checkpt.pth flow.pt`` converts once).
+``DeployedFlow(flow, what="log_prob" | "sample", method="rk4", steps=None, step_size=None)``: the flow on a fixed grid
+with standard operators only; ``export_flow(flow, path, ...)`` writes it with ``torch.export`` (``.pt2``) or to ONNX
+(``.onnx``) (:mod:`fastode.flows.deploy`).
 
 ``StandardNormal(dim)``: the base distribution (``log_prob(z)``, ``sample(n, generator=None)``).
 
@@ -167,6 +170,7 @@ from .regularizers import (
 )
 from .batchnorm import MovingBatchNorm1d
 from .engines import EngineUnavailableError, SolveRecord, engine_names, register_engine
+from .deploy import DeployedFlow, export_flow
 from .ffjord import load_ffjord
 from .solver import FIXED_GRID_METHODS, Solver
 
@@ -177,4 +181,5 @@ __all__ = [
     "REGULARIZER_NAMES", "GlobalError", "JacobianFrobenius", "KineticEnergy", "LocalError", "Regularizer",
     "TaylorOrder", "parse_regularizers", "taylor_derivative", "regularizers", "FIXED_GRID_METHODS", "Solver",
     "EngineUnavailableError", "SolveRecord", "engine_names", "register_engine", "MovingBatchNorm1d", "load_ffjord",
+    "DeployedFlow", "export_flow",
 ]
