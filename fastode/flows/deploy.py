@@ -43,8 +43,8 @@ class DeployedFlow(nn.Module):
             raise ValueError(f"what must be 'log_prob' or 'sample', got {what!r}")
         info = method_info(method)
         if info.adaptive or info.rk_tableau is None:
-            raise ValueError(f"method {method!r} cannot be exported: an adaptive solve's number of steps depends on the "
-                             "data, which a static graph cannot hold; use a fixed-grid method, e.g. "
+            raise ValueError(f"method {method!r} cannot be exported: an adaptive solve's number of steps depends on "
+                             "the data, which a static graph cannot hold; use a fixed-grid method, e.g. "
                              "DeployedFlow(flow, method='rk4', steps=8)")
         self.what, self.method, self.tableau = what, method, info.rk_tableau
         blocks = list(flow.blocks) if isinstance(flow, SequentialFlow) else [flow]
