@@ -30,20 +30,17 @@ __all__ = ["concatsquash_mlp", "concatsquash_mlp_hutchinson", "concatsquash_mlp_
 _ACT_NAMES, _ACT_CODES = ACTIVATION_NAMES, ACTIVATION_CODES  # the C++ core's codes (pinned by tests/test_codes.py)
 
 
-def _flat(params):
-    return [p for layer in params for p in layer]
-
 
 
 def supports(t, z, params, activation) -> str | None:
     """None when the C++ kernels can run this call, else why not (used by the backend registry)."""
     if activation not in _ACT_CODES:
         return f"unknown activation {activation!r}"
-    return _dispatch.cpp_unsupported(z, *(_flat(params) if params is not None else ()))
+    return _dispatch.cpp_unsupported(z, *(_ref.flat_params(params) if params is not None else ()))
 
 
 def _use_cpp(t, z, params, activation, e=None) -> bool:
-    return activation in _ACT_CODES and _dispatch.prefer_cpp(t, z, e, *_flat(params)) == "cpp"
+    return activation in _ACT_CODES and _dispatch.prefer_cpp(t, z, e, *_ref.flat_params(params)) == "cpp"
 
 
 # Each call is one fused op of fastode.cpp._ops: its autograd Function eagerly, its custom op under torch.compile.
@@ -71,7 +68,7 @@ def concatsquash_mlp(t, z: torch.Tensor, params, activation: str) -> torch.Tenso
     t = _ref.check_inputs(t, z, params, activation)
     if not _use_cpp(t, z, params, activation):
         return _ref.concatsquash_mlp(t, z, params, activation)
-    return _forward(t, z, _flat(params), _ACT_CODES[activation])
+    return _forward(t, z, _ref.flat_params(params), _ACT_CODES[activation])
 
 
 def concatsquash_mlp_hutchinson(t, z: torch.Tensor, e: torch.Tensor, params, activation: str):
@@ -79,7 +76,7 @@ def concatsquash_mlp_hutchinson(t, z: torch.Tensor, e: torch.Tensor, params, act
     t = _ref.check_inputs(t, z, params, activation, e)
     if not _use_cpp(t, z, params, activation, e):
         return _ref.concatsquash_mlp_hutchinson(t, z, e, params, activation)
-    return _hutchinson(t, z, e, _flat(params), _ACT_CODES[activation])
+    return _hutchinson(t, z, e, _ref.flat_params(params), _ACT_CODES[activation])
 
 
 def concatsquash_mlp_exact_trace(t, z: torch.Tensor, params, activation: str):
@@ -87,7 +84,7 @@ def concatsquash_mlp_exact_trace(t, z: torch.Tensor, params, activation: str):
     t = _ref.check_inputs(t, z, params, activation)
     if not _use_cpp(t, z, params, activation):
         return _ref.concatsquash_mlp_exact_trace(t, z, params, activation)
-    return _exact_trace(t, z, _flat(params), _ACT_CODES[activation])
+    return _exact_trace(t, z, _ref.flat_params(params), _ACT_CODES[activation])
 
 
 def bind(params, activation: str, like: torch.Tensor) -> BoundMLP:
@@ -95,7 +92,7 @@ def bind(params, activation: str, like: torch.Tensor) -> BoundMLP:
 
     Per call it only converts ``t``; a call that needs no gradient (grad mode off, or nothing requiring grad) runs
     the kernels directly, one that does goes through the fused ops above."""
-    flat = _flat(params)
+    flat = _ref.flat_params(params)
     act = _ACT_CODES[activation]
     x = ext()
     params_grad = any(p.requires_grad for p in flat)

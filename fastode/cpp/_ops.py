@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ..codes import ACTIVATION_NAMES
 from ..ops import concatsquash as _ref
-from ..ops.fused_op import FusedOp
+from ..ops.fused_op import FusedOp, any_need, masked_grads
 from . import _dispatch
 from ._loader import ext
 
@@ -49,21 +49,6 @@ def _save_values(z: Tensor, params: List[Tensor], act: int, K: int, probes: bool
 
 def _empty(like: Tensor) -> Tensor:
     return like.new_empty(0)
-
-
-def _layers(flat):
-    return [flat[i:i + 5] for i in range(0, len(flat), 5)]
-
-
-def _masked(grads, needs):
-    """A list input's gradients as ``needs`` asks: per entry (eager) or all (compiled: one bool for the list)."""
-    if isinstance(needs, (list, tuple)):
-        return [g if n else None for g, n in zip(grads, needs)] if any(needs) else None
-    return list(grads) if needs else None
-
-
-def _any(needs) -> bool:
-    return any(needs) if isinstance(needs, (list, tuple)) else bool(needs)
 
 
 # ------------------------------------------------------------------------------------------------- the MLP
@@ -116,8 +101,8 @@ def _mlp_grads(args, extra, attrs, gouts, needs, backward):
     (save,) = extra
     need_t, need_z, need_p = bool(needs[0]), bool(needs[1]), needs[2]
     gz, _, gp, gt = backward(t, z, None, False, params, act, save, None, None, gouts[0], None, None, None, None,
-                             need_z, False, _any(need_p), need_t, tile)
-    return gt if need_t else None, gz if need_z else None, _masked(gp, need_p), None, None, None
+                             need_z, False, any_need(need_p), need_t, tile)
+    return gt if need_t else None, gz if need_z else None, masked_grads(gp, need_p), None, None, None
 
 
 def _probe_grads(args, extra, attrs, gouts, needs, backward):
@@ -129,19 +114,19 @@ def _probe_grads(args, extra, attrs, gouts, needs, backward):
     need_e = hutch and bool(needs[2])
     gz, ge, gp, gt = backward(t, z, e, True, params, act, save, f if hutch else None, vjp if hutch else None, gf,
                               gvjp if hutch else None, gtrace, gkin if hutch else None, gfrob if hutch else None,
-                              need_z, need_e, _any(need_p), need_t, tile)
-    return (gt if need_t else None, gz if need_z else None, ge if need_e else None, _masked(gp, need_p), None, None,
+                              need_z, need_e, any_need(need_p), need_t, tile)
+    return (gt if need_t else None, gz if need_z else None, ge if need_e else None, masked_grads(gp, need_p), None, None,
             None)
 
 
 def _mlp_reference(t, z, params, act, tile, need_save):
-    return (_ref.concatsquash_mlp(t, z, _layers(params), ACTIVATION_NAMES[act]),)
+    return (_ref.concatsquash_mlp(t, z, _ref.layer_params(params), ACTIVATION_NAMES[act]),)
 
 
 def _probe_reference(t, z, e, params, act, tile, need_save):
     if e is not None:
-        return _ref.concatsquash_mlp_hutchinson(t, z, e, _layers(params), ACTIVATION_NAMES[act])
-    return _ref.concatsquash_mlp_exact_trace(t, z, _layers(params), ACTIVATION_NAMES[act])
+        return _ref.concatsquash_mlp_hutchinson(t, z, e, _ref.layer_params(params), ACTIVATION_NAMES[act])
+    return _ref.concatsquash_mlp_exact_trace(t, z, _ref.layer_params(params), ACTIVATION_NAMES[act])
 
 
 CPP_MLP = FusedOp("cpp_mlp", forward=_mlp_forward, fake=_mlp_fake, backward=_mlp_backward,
@@ -207,9 +192,9 @@ def _grid_grads(args, extra, attrs, gouts, needs, backward):
     need_z0, need_q0, need_p = bool(needs[1]), bool(needs[2]), needs[4]
     need_e = e is not None and bool(needs[3])
     gz0, gq0, ge, gp, gts = backward(ts_t, z0, e, params, ts, act, rates, c, a, b, save, gouts[0], gouts[1],
-                                     need_z0, need_q0, need_e, _any(need_p), need_ts, tile)
+                                     need_z0, need_q0, need_e, any_need(need_p), need_ts, tile)
     return ((gts if need_ts else None, gz0 if need_z0 else None, gq0 if need_q0 else None, ge if need_e else None,
-             _masked(gp, need_p)) + (None,) * 8)
+             masked_grads(gp, need_p)) + (None,) * 8)
 
 
 CPP_CNF_GRID = FusedOp("cpp_cnf_grid", forward=_grid_forward, fake=_grid_fake, backward=_grid_backward,

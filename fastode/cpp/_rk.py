@@ -202,7 +202,7 @@ def _mlp_params(params, activation):
     if activation is None:
         raise ValueError("activation is required when params is a list of layer tuples")
     if raw is None:
-        raw = [p for layer in params for p in layer]
+        raw = _ref.flat_params(params)
     return params, raw, activation
 
 

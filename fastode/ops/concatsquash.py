@@ -36,6 +36,8 @@ __all__ = [
     "concatsquash_mlp",
     "concatsquash_mlp_hutchinson",
     "concatsquash_mlp_exact_trace",
+    "flat_params",
+    "layer_params",
 ]
 
 ACTIVATIONS = ACTIVATION_NAMES  # (fastode.codes: the kernels' and the C++ core's codes follow this order)
@@ -43,6 +45,16 @@ ACTIVATIONS = ACTIVATION_NAMES  # (fastode.codes: the kernels' and the C++ core'
 ``softplus`` is torch's (beta 1)."""
 
 Params = Sequence[Sequence[torch.Tensor]]
+
+
+def flat_params(params: Params) -> list:
+    """The per-layer ``(W, b, gw, gb, bw)`` tuples as one list, in the kernels' order."""
+    return [p for layer in params for p in layer]
+
+
+def layer_params(flat: Sequence[torch.Tensor]) -> list:
+    """:func:`flat_params` undone: the flat list regrouped into per-layer ``[W, b, gw, gb, bw]``."""
+    return [list(flat[i:i + 5]) for i in range(0, len(flat), 5)]
 
 
 def apply_activation(name: str, x: torch.Tensor) -> torch.Tensor:

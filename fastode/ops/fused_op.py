@@ -36,7 +36,19 @@ import torch
 
 from .reference_grad import reference_backward
 
-__all__ = ["FusedOp"]
+__all__ = ["FusedOp", "any_need", "masked_grads"]
+
+
+def any_need(needs) -> bool:
+    """Whether a list input needs any gradient (``needs``: one bool per entry eagerly, one for the list compiled)."""
+    return any(needs) if isinstance(needs, (list, tuple)) else bool(needs)
+
+
+def masked_grads(grads, needs):
+    """A list input's gradients as ``needs`` asks (per entry eagerly, all or none compiled), None for none."""
+    if isinstance(needs, (list, tuple)):
+        return [g if n else None for g, n in zip(grads, needs)] if any(needs) else None
+    return list(grads) if needs else None
 
 
 class _Layout:

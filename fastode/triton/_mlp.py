@@ -29,7 +29,7 @@ from fastode.kernels._common import interpreter_active
 
 from ..ops import concatsquash as _F
 from ..ops.mlp import register_backend
-from ..ops.fused_op import FusedOp
+from ..ops.fused_op import FusedOp, masked_grads
 
 __all__ = [
     "concatsquash_mlp",
@@ -120,9 +120,6 @@ def _unpack_grads(packed: _K.PackedParams, params, t, dW, dV, needs, need_t):
     return out, gt
 
 
-def _layers(flat):
-    return [flat[i:i + 5] for i in range(0, len(flat), 5)]
-
 
 def _setup(z, layers):
     """The launch configuration and the packed parameters of a call."""
@@ -146,9 +143,6 @@ def _launch_backward(mode, activation, t, z, e, cfg, packed, gf, gv, gtr, gkin, 
                                num_warps=CONFIG["num_warps"])
 
 
-def _flat(params):
-    return [p for layer in params for p in layer]
-
 
 # ---------------------------------------------------------------------------------------------- the fused op
 # One declaration (fastode.ops.fused_op): the eager Function and the custom op (what torch.compile sees, one node
@@ -158,7 +152,7 @@ def _flat(params):
 def _mlp_forward(t: torch.Tensor, z: torch.Tensor, e: Optional[torch.Tensor], params: List[torch.Tensor], mode: int,
                  activation: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     (f, vjp, tr, kin, fr), _, _ = _launch_forward(mode, activation, t, z.contiguous(),
-                                                  e.contiguous() if e is not None else None, _layers(list(params)))
+                                                  e.contiguous() if e is not None else None, _F.layer_params(list(params)))
     hutch = mode == _K.MODE_HUTCH
     empty = lambda: z.new_empty(0)  # noqa: E731  (one per output: outputs may not alias each other)
     return (f, vjp if hutch else empty(), tr if mode != _K.MODE_F else empty(), kin if hutch else empty(),
@@ -178,7 +172,7 @@ def _mlp_backward(t: torch.Tensor, z: torch.Tensor, e: Optional[torch.Tensor], p
                   activation: str, gf: Optional[torch.Tensor], gv: Optional[torch.Tensor], gtr: Optional[torch.Tensor],
                   gkin: Optional[torch.Tensor], gfrob: Optional[torch.Tensor], need_ge: bool
                   ) -> Tuple[torch.Tensor, torch.Tensor, List[torch.Tensor], torch.Tensor]:
-    layers = _layers(list(params))
+    layers = _F.layer_params(list(params))
     cfg, packed = _setup(z, layers)
     gz, ge, dW, dV = _launch_backward(mode, activation, t, z.contiguous(), e.contiguous() if e is not None else None,
                                       cfg, packed, gf, gv, gtr, gkin, gfrob, need_ge)
@@ -197,14 +191,12 @@ def _mlp_grads(args, extra, attrs, gouts, needs, backward):
     keep = lambda g: g if g is not None and g.numel() else None  # noqa: E731  (empty outputs of this mode)
     need_ge = mode == _K.MODE_HUTCH and bool(needs[2])
     gz, ge, gp, gt = backward(t, z, e, params, mode, activation, *(keep(g) for g in gouts), need_ge)
-    need_p = needs[3]
-    if isinstance(need_p, (list, tuple)):
-        gp = [g if n else None for g, n in zip(gp, need_p)]
-    return gt if needs[0] else None, gz if needs[1] else None, ge if need_ge else None, gp, None, None
+    return (gt if needs[0] else None, gz if needs[1] else None, ge if need_ge else None, masked_grads(gp, needs[3]),
+            None, None)
 
 
 def _mlp_reference(t, z, e, params, mode, activation):
-    layers = _layers(list(params))
+    layers = _F.layer_params(list(params))
     if mode == _K.MODE_F:
         return (_F.concatsquash_mlp(t, z, layers, activation),)
     if mode == _K.MODE_HUTCH:
@@ -221,7 +213,7 @@ triton_mlp_op = TRITON_MLP.op  # the custom op itself (opcheck, graphs)
 
 
 def _call(mode, activation, t, z, e, params):
-    f, vjp, tr, kin, fr = TRITON_MLP(t, z, e, _flat(params), mode, activation)
+    f, vjp, tr, kin, fr = TRITON_MLP(t, z, e, _F.flat_params(params), mode, activation)
     if mode == _K.MODE_F:
         return f
     if mode == _K.MODE_HUTCH:

@@ -27,10 +27,11 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from fastode.kernels import rk as _K
+from fastode.kernels._common import interpreter_active
 
 from ..norms import max_norm, rms_norm
 from ..ops import registry
-from ..ops.fused_op import FusedOp
+from ..ops.fused_op import FusedOp, any_need, masked_grads
 from ..ops.rk import StepSize, combine_stages, error_ratio, sample_error_ratios
 
 __all__ = ["rk_stage", "rk_epilogue", "rk_error_ratio", "triton_rk_stage_op", "triton_rk_epilogue_op",
@@ -115,10 +116,10 @@ def _stage_grads(args, extra, attrs, gouts, needs, backward):
     g = gouts[0]
     gy = g if y is not None and needs[0] else None
     need_k, need_dt = needs[1], bool(needs[3])
-    if not (_any(need_k) or need_dt):
+    if not (any_need(need_k) or need_dt):
         return gy, None, None, None
     gks, gdt = backward(g, ks, coefs, dt, need_dt)
-    return gy, _masked(gks, need_k), None, (gdt if need_dt else None)
+    return gy, masked_grads(gks, need_k), None, (gdt if need_dt else None)
 
 
 TRITON_RK_STAGE = FusedOp(
@@ -157,7 +158,7 @@ def _epilogue_grads(args, extra, attrs, gouts, needs, backward):
     g1, ge, grb, _gmb, grs, _gms = gouts
     need_dt = bool(needs[4])
     gy0, gks, gdt = backward(y0, ks, b, b_err, dt, atol, rtol, rms_b, rms_s, g1, ge, grb, grs, need_dt)
-    return gy0 if needs[0] else None, _masked(gks, needs[1]), None, None, (gdt if need_dt else None), None, None
+    return gy0 if needs[0] else None, masked_grads(gks, needs[1]), None, None, (gdt if need_dt else None), None, None
 
 
 TRITON_RK_EPILOGUE = FusedOp(
@@ -205,17 +206,6 @@ triton_rk_epilogue_op = TRITON_RK_EPILOGUE.op
 triton_rk_error_ratio_op = TRITON_RK_ERROR_RATIO.op
 
 
-def _any(needs) -> bool:
-    return any(needs) if isinstance(needs, (list, tuple)) else bool(needs)
-
-
-def _masked(grads, needs):
-    """A list input's gradients as ``needs`` asks: per entry (eager) or all (compiled: one bool for the list)."""
-    if isinstance(needs, (list, tuple)):
-        return [g if n else None for g, n in zip(grads, needs)] if any(needs) else None
-    return list(grads) if needs else None
-
-
 # ------------------------------------------------------------------------------------------ registration
 def _same_layout(tensors) -> bool:
     t0 = tensors[0]
@@ -249,9 +239,7 @@ def _ratio_supports(norm):
 
 
 def _devices():
-    import os
-
-    return ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else ("cuda",)
+    return ("cuda", "cpu") if interpreter_active() else ("cuda",)
 
 
 registry.register("rk.combine", "triton", _combine, devices=_devices())
