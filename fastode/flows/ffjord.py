@@ -30,6 +30,7 @@ from typing import Optional
 import torch
 
 from ..ops.concatsquash import ACTIVATIONS
+from ..solvers import SOLVERS
 from .batchnorm import MovingBatchNorm1d
 from .cnf import CNF, SequentialFlow
 
@@ -39,8 +40,6 @@ SUPPORTED = ("CNF blocks whose ODEnet is made of concatsquash linear layers (lay
              f"{', '.join(ACTIVATIONS)}; swish with its beta at 1), and MovingBatchNorm1d layers")
 
 _LAYER_KEYS = {"_layer.weight", "_layer.bias", "_hyper_bias.weight", "_hyper_gate.weight", "_hyper_gate.bias"}
-_METHODS = {"dopri5", "rk4", "midpoint", "euler", "adams", "explicit_adams", "fixed_adams", "bosh3", "dopri8",
-            "adaptive_heun", "heun3"}
 
 
 def load_ffjord(source, *, activation: Optional[str] = None, map_location="cpu", nn_backend: str = "auto"):
@@ -153,16 +152,16 @@ def _cnf_block(i: int, keys: dict, args: dict, activation: Optional[str], nn_bac
     dyn.load_state_dict({f"layers.{n}.{k}": v for n, layer in layers.items() for k, v in layer.items()})
     s = float(keys["sqrt_end_time"])
     method = args.get("solver", "dopri5")
-    if method not in _METHODS:
+    if method not in SOLVERS:
         raise ValueError(f"chain.{i}: solver {method!r} is not one of fastode's methods; choose one of "
-                         f"{sorted(_METHODS)} with cnf.set_train_solver(...) after loading")
+                         f"{sorted(SOLVERS)} with cnf.set_train_solver(...) after loading")
     trace = "exact" if args.get("divergence_fn") == "brute_force" else "hutchinson"
     cnf = CNF(dyn, T=s * s, learn_T=bool(args.get("train_T", True)), T_parametrization="sqrt", trace=trace,
               eval_trace="exact", noise="rademacher" if args.get("rademacher") else "gaussian", method=method,
               rtol=float(args.get("rtol", 1e-5)), atol=float(args.get("atol", 1e-5)),
               step_size=args.get("step_size")).to(dtype)
     test_method = args.get("test_solver") or method
-    if test_method not in _METHODS:
+    if test_method not in SOLVERS:
         raise ValueError(f"chain.{i}: test solver {test_method!r} is not one of fastode's methods")
     cnf.set_eval_solver(test_method, rtol=float(args.get("test_rtol") or cnf.train_solver.rtol),
                         atol=float(args.get("test_atol") or cnf.train_solver.atol))
