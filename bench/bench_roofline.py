@@ -42,6 +42,7 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 import torch  # noqa: E402
 
 import common  # noqa: E402
+from bench_cpp_width import make_params  # noqa: E402  (nn.Linear-like initial weights, per layer)
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -73,16 +74,6 @@ class Peak:
         return self.best
 
 
-def _params(D, hidden, gen):
-    dims = [D, *hidden, D]
-    flat = []
-    for n, m in zip(dims[:-1], dims[1:]):
-        bound = 1.0 / n ** 0.5
-        flat += [(torch.rand(m, n, generator=gen) * 2 - 1) * bound] + [(torch.rand(m, generator=gen) * 2 - 1) * bound
-                                                                        for _ in range(4)]
-    return dims, flat
-
-
 def paths(D, hidden, act, B, gen):
     """``{path: (callable, flops)}`` for one network and batch, and the torch.mm reference."""
     from fastode.codes import ACTIVATION_CODES
@@ -90,7 +81,8 @@ def paths(D, hidden, act, B, gen):
     from fastode.cpp._loader import ext
 
     x = ext()
-    dims, flat = _params(D, hidden, gen)
+    dims = [D, *hidden, D]
+    flat = [p for layer in make_params(D, hidden, gen) for p in layer]
     z, e = torch.randn(B, D, generator=gen), torch.randn(B, D, generator=gen)
     a = ACTIVATION_CODES[act]
     tile = _ops.tile_for(z, flat)
