@@ -1,7 +1,7 @@
 """fastode.flows.load_ffjord: checkpoints written the way FFJORD's and RNODE's training scripts write them load into a
 fastode flow with the same log-likelihood and samples.
 
-The reference is a re-statement, written here, of what those scripts build (``train_misc.build_model_tabular``:
+The reference is a re-statement, written for these tests (with tests/ffjord_reference.py), of what those scripts build (``train_misc.build_model_tabular``:
 ``SequentialFlow(chain=[MovingBatchNorm1d, CNF, MovingBatchNorm1d, ...])``; each CNF an ``ODEfunc`` around an
 ``ODEnet`` of concatsquash layers, wrapped in a ``RegularizedODEfunc`` when regularisers are trained, its end time
 stored as ``sqrt_end_time``) and of how they evaluate it (``logpx = log N(z) - delta_logp`` with torchdiffeq's
@@ -15,52 +15,12 @@ import torch
 from torch import nn
 
 from fastode.flows import CNF, MovingBatchNorm1d, SequentialFlow, load_ffjord
+from ffjord_reference import ODEnet, divergence_bf
 
 torchdiffeq = pytest.importorskip("torchdiffeq")
 
 
 # ------------------------------------------------------------------------------------ the reference model
-class RefConcatSquashLinear(nn.Module):
-    def __init__(self, d_in, d_out):
-        super().__init__()
-        self._layer = nn.Linear(d_in, d_out)
-        self._hyper_bias = nn.Linear(1, d_out, bias=False)
-        self._hyper_gate = nn.Linear(1, d_out)
-
-    def forward(self, t, x):
-        tt = t.reshape(1, 1)
-        return self._layer(x) * torch.sigmoid(self._hyper_gate(tt)) + self._hyper_bias(tt)
-
-
-class RefSquashLinear(nn.Module):  # another of FFJORD's layer types, which fastode does not load
-    def __init__(self, d_in, d_out):
-        super().__init__()
-        self._layer = nn.Linear(d_in, d_out)
-        self._hyper = nn.Linear(1, d_out)
-
-    def forward(self, t, x):
-        return self._layer(x) * torch.sigmoid(self._hyper(t.reshape(1, 1)))
-
-
-ACTS = {"tanh": nn.Tanh, "softplus": nn.Softplus, "elu": nn.ELU, "relu": nn.ReLU}
-
-
-class RefODEnet(nn.Module):
-    def __init__(self, hidden, dim, layer_type, nonlinearity):
-        super().__init__()
-        sizes = (dim,) + tuple(hidden) + (dim,)
-        cls = {"concatsquash": RefConcatSquashLinear, "squash": RefSquashLinear}[layer_type]
-        self.layers = nn.ModuleList(cls(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
-        self.activation_fns = nn.ModuleList(ACTS[nonlinearity]() for _ in sizes[1:-1])
-
-    def forward(self, t, y):
-        for i, layer in enumerate(self.layers):
-            y = layer(t, y)
-            if i < len(self.layers) - 1:
-                y = self.activation_fns[i](y)
-        return y
-
-
 class RefODEfunc(nn.Module):
     """f and minus the exact divergence (what the scripts' evaluation uses)."""
 
@@ -74,7 +34,7 @@ class RefODEfunc(nn.Module):
         with torch.enable_grad():
             y = y.detach().requires_grad_(True) if not y.requires_grad else y
             dy = self.diffeq(t, y)
-            div = sum(torch.autograd.grad(dy[:, i].sum(), y, create_graph=True)[0][:, i] for i in range(y.shape[1]))
+            div = divergence_bf(dy, y)
         return (dy, -div.reshape(-1, 1)) + tuple(torch.zeros_like(s) for s in states[2:])
 
 
@@ -159,7 +119,7 @@ def _build(args, dim, regularized=False, seed=0, dtype=torch.float32):
     ``dtype``: a float64 model's values are not float32 numbers)."""
     torch.manual_seed(seed)
     hidden = tuple(int(h) for h in args.dims.split("-"))
-    cnfs = [RefCNF(RefODEfunc(RefODEnet(hidden, dim, args.layer_type, args.nonlinearity)), args.time_length,
+    cnfs = [RefCNF(RefODEfunc(ODEnet(dim, hidden, args.nonlinearity, args.layer_type)), args.time_length,
                    args.train_T, regularized, args) for _ in range(args.num_blocks)]
     chain = cnfs
     if args.batch_norm:

@@ -4,62 +4,10 @@ import math
 
 import pytest
 import torch
-from torch import nn
 from torch.func import jacrev, vmap
 
 from fastode.nn import ConcatSquashLinear, ConcatSquashMLP
-
-
-# ---- FFJORD (rtqichen/ffjord lib/layers/diffeq_layers/basic.py, lib/layers/odefunc.py), re-typed ----
-class FfjordConcatSquashLinear(nn.Module):
-    def __init__(self, dim_in, dim_out):
-        super().__init__()
-        self._layer = nn.Linear(dim_in, dim_out)
-        self._hyper_bias = nn.Linear(1, dim_out, bias=False)
-        self._hyper_gate = nn.Linear(1, dim_out)
-
-    def forward(self, t, x):
-        return self._layer(x) * torch.sigmoid(self._hyper_gate(t.view(1, 1))) + self._hyper_bias(t.view(1, 1))
-
-
-class Swish(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.beta = nn.Parameter(torch.tensor(1.0))
-
-    def forward(self, x):
-        return x * torch.sigmoid(self.beta * x)
-
-
-NONLIN = {"tanh": nn.Tanh, "softplus": nn.Softplus, "elu": nn.ELU, "swish": Swish, "identity": nn.Identity}
-
-
-class FfjordODEnet(nn.Module):
-    def __init__(self, dim, hidden, act):
-        super().__init__()
-        dims = (dim,) + tuple(hidden) + (dim,)
-        self.layers = nn.ModuleList(FfjordConcatSquashLinear(a, b) for a, b in zip(dims[:-1], dims[1:]))
-        self.acts = [NONLIN[act]() for _ in range(len(dims) - 2)]
-
-    def forward(self, t, y):
-        dx = y
-        for i, layer in enumerate(self.layers):
-            dx = layer(t, dx)
-            if i < len(self.layers) - 1:
-                dx = self.acts[i](dx)
-        return dx
-
-
-def divergence_approx(f, y, e):
-    e_dzdx = torch.autograd.grad(f, y, e, create_graph=True)[0]
-    return (e_dzdx * e).view(y.shape[0], -1).sum(dim=1), e_dzdx
-
-
-def divergence_bf(dx, y):
-    s = 0.0
-    for i in range(y.shape[1]):
-        s = s + torch.autograd.grad(dx[:, i].sum(), y, create_graph=True)[0][:, i]
-    return s
+from ffjord_reference import ODEnet as FfjordODEnet, divergence_approx, divergence_bf
 
 
 def pair(dim, hidden, act, seed=0, dtype=torch.float64):
