@@ -5,7 +5,8 @@ from .odeint import odeint, odeint_dense, odeint_event  # noqa: E402
 from .stats import SolveStats  # noqa: E402
 from . import errors  # noqa: E402
 
-__all__ = ["odeint", "odeint_adjoint", "odeint_event", "odeint_dense", "SolveStats", "errors", "__version__"]
+__all__ = ["odeint", "odeint_adjoint", "odeint_event", "odeint_dense", "compiled_odeint", "SolveStats", "errors",
+           "__version__"]
 
 
 def __getattr__(name):
@@ -13,4 +14,7 @@ def __getattr__(name):
     if name == "odeint_adjoint":
         from .grad.adjoint import odeint_adjoint
         return odeint_adjoint
+    if name == "compiled_odeint":   # imports torch._dynamo: only when asked for
+        from .compiled.engine import compiled_odeint
+        return compiled_odeint
     raise AttributeError(f"module 'fastode' has no attribute {name!r}")

@@ -2,6 +2,8 @@
 signatures and defaults; fastode additions are keyword arguments with torchdiffeq-compatible defaults)."""
 from __future__ import annotations
 
+import os
+
 import torch
 from torch.autograd.functional import vjp
 
@@ -21,7 +23,7 @@ _ADJOINT_KWARGS = {"adjoint_params", "adjoint_rtol", "adjoint_atol", "adjoint_me
 
 
 def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, event_fn=None,
-           gradient="direct", return_stats=False, **kwargs):
+           gradient="direct", return_stats=False, compile=None, **kwargs):
     """Integrate ``dy/dt = func(t, y), y(t[0]) = y0`` (torchdiffeq-compatible).
 
     Args:
@@ -56,6 +58,13 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, even
             needs no other change.
         return_stats: if True, also return a :class:`~fastode.stats.SolveStats` as the last element of the result:
             ``(solution, stats)`` or ``(event_t, solution, stats)``.
+        compile: ``True`` runs the whole adaptive solve (and, for ``"direct"`` / ``"checkpoint"``, its exact
+            gradient) as one program compiled by ``torch.compile``: the same steps and values as the eager loop,
+            without the interpreter between stages (:mod:`fastode.compiled`; the first call of each shape
+            compiles, for tens of seconds). What cannot be compiled raises
+            :class:`~fastode.compiled.engine.CompileError` naming the reason. ``None`` (default): the environment
+            variable ``FASTODE_COMPILE=1`` turns it on, falling back to the eager loop with one warning where it
+            cannot. For a training loop, :func:`fastode.compiled_odeint` returns the reusable handle.
 
     Returns:
         ``solution`` of shape ``(len(t), *y0.shape)`` (a tuple for tuple states), dtype of ``y0``; with
@@ -64,6 +73,19 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, even
     unknown = set(kwargs) - _ADJOINT_KWARGS
     if unknown:
         raise TypeError(f"odeint() got unexpected keyword arguments {sorted(unknown)}")
+    if _compiling_requested(compile):
+        from .compiled import engine
+
+        if gradient == "adjoint" and torch.is_grad_enabled():
+            engine.decline_adjoint()
+        elif event_fn is None and not torch.compiler.is_compiling():
+            return engine.solve(func, y0, t, fallback=compile is None, return_stats=return_stats, rtol=rtol,
+                                atol=atol, method=method, options=options, gradient=gradient,
+                                adjoint_params=kwargs.get("adjoint_params"))
+        elif compile:
+            raise engine.CompileError("fastode: odeint(compile=True) cannot compile a solve with event_fn (events "
+                                      "are located on the host) or one inside an outer torch.compile (which "
+                                      "compiles the eager loop itself); call without compile=True")
     if gradient == "direct":
         # adjoint-only keywords are accepted (and ignored) so that switching `gradient` needs no other change
         return solve(func, y0, t, rtol=rtol, atol=atol, method=method, options=options, event_fn=event_fn,
@@ -78,6 +100,13 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, even
         return odeint_adjoint(func, y0, t, rtol=rtol, atol=atol, method=method, options=options,
                               event_fn=event_fn, **kwargs)
     raise InvalidOptionError(f"gradient must be one of {GRADIENT_MODES}, got {gradient!r}")
+
+
+def _compiling_requested(compile) -> bool:
+    """``compile``, or with ``None`` the environment's ``FASTODE_COMPILE`` (read without importing the engine)."""
+    if compile is None:
+        return os.environ.get("FASTODE_COMPILE", "0") not in ("0", "")
+    return bool(compile)
 
 
 def odeint_dense(func, y0, t0, t1, *, rtol=1e-7, atol=1e-9, method=None, options=None):

@@ -49,6 +49,8 @@ fastode differences (documented in the README's migration note):
 """
 from __future__ import annotations
 
+import os
+
 import warnings
 
 import torch
@@ -290,7 +292,7 @@ def _max(*values):
 
 def odeint_adjoint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, event_fn=None,
                    adjoint_rtol=None, adjoint_atol=None, adjoint_method=None, adjoint_options=None,
-                   adjoint_params=None, return_stats=False):
+                   adjoint_params=None, return_stats=False, compile=None):
     """Solve like :func:`fastode.odeint`; gradients by the continuous adjoint (torchdiffeq's ``odeint_adjoint``).
 
     Args: as :func:`fastode.odeint`, plus
@@ -303,9 +305,20 @@ def odeint_adjoint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=No
             ``func`` is not an ``nn.Module``; ``()`` if there are none).
         return_stats: also return a :class:`~fastode.stats.SolveStats`; its ``num_fevals_backward`` is filled in
             when backward runs.
+        compile: as :func:`fastode.odeint`'s. The continuous adjoint is not compiled: a solve that needs its
+            gradient runs eagerly (with one warning); ``odeint(..., gradient="checkpoint", compile=True)`` is the
+            compiled exact gradient.
 
     Returns: like :func:`fastode.odeint`.
     """
+    if compile or (compile is None and os.environ.get("FASTODE_COMPILE", "0") not in ("0", "")):
+        from ..compiled import engine
+
+        if event_fn is None and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            # no gradient wanted: the forward solve is all there is, and it compiles
+            return engine.solve(func, y0, t, fallback=not compile, return_stats=return_stats, rtol=rtol,
+                                atol=atol, method=method, options=options)
+        engine.decline_adjoint()
     adjoint_params = gradient_parameters(func, adjoint_params, "")
 
     # Before normalisation: the adjoint settings refer to the user's inputs.

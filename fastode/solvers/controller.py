@@ -85,13 +85,15 @@ class IntegralController:
         """``(accept, dt_next)`` after a step of size ``dt`` with error ratio ``ratio``.
 
         ``landed``: the step was shortened to land on a time point, so ``dt > max_step`` by an ulp of rounding
-        does not reject it (the host loop's case; a device loop passes ``False``)."""
+        does not reject it (a bool, or with tensors a 0-dim bool tensor: the compiled loop's case)."""
         if not (isinstance(dt, torch.Tensor) or isinstance(ratio, torch.Tensor)):
             return self.adapt_host(dt, ratio, landed=landed)
         r = torch.as_tensor(ratio)
         dt = torch.as_tensor(dt, dtype=r.dtype if r.is_floating_point() else None, device=r.device)
         accept = r <= 1
-        if not landed:
+        if isinstance(landed, torch.Tensor):
+            accept = accept & ((dt <= self.max_step) | landed)
+        elif not landed:
             accept = accept & (dt <= self.max_step)
         accept = accept | (dt <= self.min_step)
         return accept, self.clamp(dt * self.factor(r))

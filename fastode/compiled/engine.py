@@ -1,0 +1,334 @@
+"""The compiled engine: ``odeint(..., compile=True)``, :class:`CompiledOdeint` and ``FASTODE_COMPILE=1``.
+
+One program per (func, shapes, dtypes, device, method, options, what is recorded): the whole adaptive solve of
+:class:`~fastode.compiled.loop.AdaptiveLoop` as one ``while_loop`` under ``torch.compile(fullgraph=True)``, read
+once at the end (status, counts); a bad status raises the eager loop's error class naming the time. Gradients
+(``"direct"`` and ``"checkpoint"``: both the discrete solve's exact gradient) come from a second compiled
+program, the reverse loop of :mod:`fastode.compiled.adjoint`, inside one ``torch.autograd.Function``; nothing is
+recompiled per training iteration. The continuous adjoint, events and step callbacks are not compiled: a call
+that needs them runs the eager loop (with the reason recorded, see :attr:`CompiledOdeint.reason`).
+
+A ``func`` that cannot be traced whole (a graph break, data-dependent Python) raises :class:`CompileError` naming
+the break when compiling was asked for explicitly; under ``FASTODE_COMPILE=1`` (code written for torchdiffeq) the
+solve falls back to the eager loop with one :class:`~fastode.errors.FallbackWarning`.
+
+This module imports ``torch._dynamo`` and inductor; :mod:`fastode.odeint` imports it only when compiling.
+"""
+from __future__ import annotations
+
+import os
+import weakref
+from typing import Dict, Optional
+
+import torch
+import torch.nn as nn
+
+from ..codes import Status
+from ..driver import build_solver, finish, gradient_parameters
+from ..errors import FastodeError, NonFiniteError, StepSizeUnderflowError, warn_fallback_once
+from ..inputs import check_inputs
+from ..solvers import SOLVERS
+from ..solvers.rk_adaptive import RKAdaptiveSolver
+from ..stats import SolveStats
+from .adjoint import AdjointLoop, FuncModule
+from .loop import INIT_FAILED, AdaptiveLoop, LoopState
+
+__all__ = ["CompiledOdeint", "CompileError", "compiled_odeint", "env_enabled", "ENV", "solve"]
+
+ENV = "FASTODE_COMPILE"
+_FIRST_CAPACITY = 64
+
+
+class CompileError(FastodeError, RuntimeError):
+    """A solve asked to be compiled cannot be (the message names the reason and what to change)."""
+
+
+def env_enabled() -> bool:
+    """``FASTODE_COMPILE=1``: every ``odeint`` call compiles (falling back to the eager loop with a warning)."""
+    return os.environ.get(ENV, "0") not in ("0", "")
+
+
+class _Program:
+    """One compiled forward (and, when gradients are wanted, backward) program and its tape capacity."""
+
+    def __init__(self, owner: "CompiledOdeint", norm, solver, module, names, record: bool, record_states: bool,
+                 t_grad: bool, t0: float):
+        self.owner, self.solver, self.base = owner, solver, norm.func.base
+        self.module, self.names = module, names
+        self.record, self.record_states, self.t_grad, self.t0 = record, record_states, t_grad, t0
+        self.capacity = _FIRST_CAPACITY if record else 0
+        self._build()
+
+    def _build(self):
+        from torch._higher_order_ops import while_loop
+
+        loop = AdaptiveLoop(self.solver, self.base, capacity=self.capacity, record_states=self.record_states)
+        t0 = self.t0
+
+        def forward(y0, t_out):
+            return tuple(loop.solve(y0, t_out, t0, while_loop))
+
+        self.loop = loop
+        self.forward = self.owner._compile(forward)
+        self.backward = None
+        if self.record_states:
+            adj = AdjointLoop(loop, FuncModule(self.module, self.base), self.names, self.t_grad)
+
+            def backward(state, t_out, g_ys, *params):
+                return adj.run(LoopState(*state), t_out, g_ys, params, while_loop)
+
+            self.backward = self.owner._compile(backward)
+
+    def run(self, y0, t_out) -> LoopState:
+        """The forward solve (no autograd), re-run with a larger tape while the tape overflows."""
+        while True:
+            with torch.no_grad():
+                st = LoopState(*self.owner._call(self.forward, y0, t_out))
+            if int(st.status) != Status.TAPE_FULL:
+                return st
+            self.capacity *= 4
+            self._build()
+
+
+class _Solve(torch.autograd.Function):
+    """The compiled forward and its compiled discrete adjoint as one autograd node."""
+
+    @staticmethod
+    def forward(ctx, program: _Program, box: list, y0, t_out, *params):
+        st = program.run(y0, t_out)
+        box.append(st)
+        ctx.program, ctx.state = program, st
+        ctx.save_for_backward(t_out, *params)
+        return st.ys
+
+    @staticmethod
+    def backward(ctx, g_ys):
+        program = ctx.program
+        t_out, *params = ctx.saved_tensors
+        with torch.no_grad():
+            g_y0, g_t, g_p = program.owner._call(program.backward, tuple(ctx.state), t_out, g_ys.contiguous(), *params)
+        return (None, None, g_y0, g_t.to(t_out.dtype) if ctx.needs_input_grad[3] else None, *g_p)
+
+
+class CompiledOdeint:
+    """``odeint`` compiled once for ``func`` and these settings: call it as ``solve(y0, t)`` (-> the solution,
+    shaped as ``odeint``'s) in a training loop; each new shape, dtype or device compiles one more program, later
+    calls reuse it.
+
+    Args:
+        func, rtol, atol, method, options: as :func:`fastode.odeint` (explicit adaptive Runge-Kutta methods).
+        gradient: ``"direct"`` or ``"checkpoint"`` (the same exact gradient of the discrete solve, from a
+            compiled reverse loop: two states stored per accepted step); ``"adjoint"`` runs the eager
+            continuous adjoint (recorded in :attr:`reason`).
+        adjoint_params: the tensors to differentiate (default: ``func``'s parameters; ``func`` must be an
+            ``nn.Module`` for gradients to reach parameters).
+        backend: ``torch.compile``'s backend (``"inductor"``; ``"eager"`` / ``"aot_eager"`` trace without
+            generating code, e.g. to check that ``func`` traces).
+        cpp_wrapper: inductor's C++ wrapper, which runs the loop itself natively (default: on for CPU
+            tensors); the Python wrapper pays the interpreter once per attempt.
+        fallback: if True, a solve that cannot be compiled runs the eager loop with one warning (the reason in
+            :attr:`reason`) instead of raising :class:`CompileError`.
+
+    Attributes:
+        reason: why the last call ran the eager loop (None if it ran compiled).
+        compiles: how many programs were built (a test counts recompilations with it and a counting backend).
+    """
+
+    def __init__(self, func, *, rtol=1e-7, atol=1e-9, method=None, options=None, gradient="direct",
+                 adjoint_params=None, backend="inductor", cpp_wrapper: Optional[bool] = None, fallback=False):
+        if gradient not in ("direct", "checkpoint", "adjoint"):
+            raise ValueError(f"gradient must be 'direct', 'checkpoint' or 'adjoint', got {gradient!r}")
+        self.func, self.rtol, self.atol, self.method = func, rtol, atol, method
+        self.options = None if options is None else dict(options)
+        self.gradient, self.adjoint_params = gradient, adjoint_params
+        self.backend, self.cpp_wrapper, self.fallback = backend, cpp_wrapper, fallback
+        self.reason: Optional[str] = None
+        self.compiles = 0
+        self._programs: Dict[tuple, _Program] = {}
+        self._device_type = "cpu"
+
+    # ------------------------------------------------------------------------------------------ compiling
+    def _compile(self, fn):
+        import torch._dynamo  # noqa: F401  (only a compiled solve pays for it)
+
+        self.compiles += 1
+        kwargs = dict(fullgraph=True, dynamic=False, backend=self.backend)
+        if self.backend == "inductor":
+            cpp = self._device_type == "cpu" if self.cpp_wrapper is None else self.cpp_wrapper
+            kwargs["options"] = {"cpp_wrapper": bool(cpp)}
+        return torch.compile(fn, **kwargs)
+
+    def _call(self, fn, *args):
+        import torch._dynamo.exc as exc
+
+        try:
+            return fn(*args)
+        except (exc.TorchDynamoException, exc.BackendCompilerFailed) as e:
+            raise CompileError(self._break_message(e)) from e
+
+    @staticmethod
+    def _break_message(e: Exception) -> str:
+        text = str(e).strip().splitlines()
+        head = "\n".join(text[:12])
+        return ("fastode: this solve cannot be compiled as one program: torch.compile could not trace func "
+                f"whole ({type(e).__name__}):\n{head}\nfunc must be traceable without graph breaks: no .item() / "
+                "float() / print / numpy on tensors, no Python branches on tensor values (use torch.where), no "
+                "side effects. Fix func, or call without compile=True (or pass fallback=True to run the eager "
+                "loop).")
+
+    # ------------------------------------------------------------------------------------------ calls
+    def __call__(self, y0, t, *, return_stats: bool = False):
+        norm = check_inputs(self.func, y0, t, self.rtol, self.atol, self.method, self.options, None, SOLVERS)
+        solver = build_solver(norm)
+        params, names, reason = self._gradient_setup(norm, solver)
+        if reason is None:
+            reason = self._decline(norm, solver)
+        if reason is not None:
+            return self._eager(y0, t, reason, return_stats)
+        self.reason = None
+        self._device_type = norm.y0.device.type
+        t_out = norm.t.to(solver.time_dtype)
+        need_grad = names is not None
+        t_grad = need_grad and t_out.requires_grad
+        t0 = float(t_out[0]) if (solver.step_t or solver.jump_t) else 0.0
+        key = (tuple(norm.y0.shape), norm.y0.dtype, str(norm.y0.device), None if norm.shapes is None else
+               tuple(tuple(s) for s in norm.shapes), norm.t_is_reversed, tuple(t_out.shape), t_out.dtype,
+               return_stats, need_grad, t_grad, names, t0)
+        program = self._programs.get(key)
+        if program is None:
+            program = _Program(self, norm, solver, self._module(), names, record=return_stats or need_grad,
+                               record_states=need_grad, t_grad=t_grad, t0=t0)
+            self._programs[key] = program
+        box: list = []
+        if need_grad:
+            ys = _Solve.apply(program, box, norm.y0, t_out, *params)
+            st = box[0]
+        else:
+            st = program.run(norm.y0, t_out)
+            ys = st.ys
+        self._check(st, program, norm, solver)
+        if return_stats:
+            self._fill_stats(norm.stats, st, program)
+        return finish(norm, ys, return_stats=return_stats)
+
+    def _module(self):
+        return self.func if isinstance(self.func, nn.Module) else None
+
+    def _gradient_setup(self, norm, solver):
+        """``(params, names, reason)``: the tensors the backward differentiates and their names in ``func``
+        (``names`` None: no gradient wanted), or the reason the compiled engine cannot give this gradient."""
+        if not torch.is_grad_enabled():
+            return (), None, None
+        module = self._module()
+        if module is None:
+            if self.adjoint_params or norm.y0.requires_grad or norm.t.requires_grad:
+                return (), None, ("gradients through a compiled solve need func to be an nn.Module (the backward "
+                                  "differentiates its parameters); wrap func in a module")
+            return (), None, None
+        params = tuple(p for p in gradient_parameters(module, self.adjoint_params, "") if p.requires_grad)
+        if not params and not norm.y0.requires_grad and not norm.t.requires_grad:
+            return (), None, None
+        by_id = {id(p): name for name, p in module.named_parameters()}
+        if any(id(p) not in by_id for p in params):
+            return (), None, "adjoint_params holds tensors that are not parameters of func"
+        if norm.t.requires_grad and (solver.step_t or solver.jump_t or solver.land_on):
+            return (), None, "gradients w.r.t. t with step_t, jump_t or land_on are not compiled"
+        if solver.jump_t:
+            return (), None, "gradients with jump_t are not compiled"
+        return params, tuple("user." + by_id[id(p)] for p in params), None
+
+    def _decline(self, norm, solver) -> Optional[str]:
+        if self.gradient == "adjoint" and torch.is_grad_enabled():
+            return "the continuous adjoint (gradient='adjoint') is not compiled: it runs eagerly"
+        if not isinstance(solver, RKAdaptiveSolver):
+            return f"method {norm.method!r} is not an adaptive Runge-Kutta method (the compiled loop's)"
+        if norm.y0.is_complex():
+            return "complex states are not compiled"
+        if any(n in (self.options or {}) for n in ("callback_step", "callback_accept_step", "callback_reject_step")):
+            return "step callbacks are host Python"
+        from ..solvers.base import _null_callback
+
+        f = norm.func
+        if any(getattr(f, n) is not _null_callback for n in ("callback_step", "callback_accept_step",
+                                                             "callback_reject_step")):
+            return "func has step callbacks (host Python, called every step)"
+        return None
+
+    def _eager(self, y0, t, reason: str, return_stats: bool):
+        from ..odeint import odeint
+
+        self.reason = reason
+        if not self.fallback and self.gradient != "adjoint":
+            raise CompileError(f"fastode: this solve cannot be compiled: {reason}. Call without compile=True, or "
+                               f"pass fallback=True to run the eager loop.")
+        warn_fallback_once("compile:" + reason, f"fastode: odeint(compile=True) runs the eager loop: {reason}")
+        return odeint(self.func, y0, t, rtol=self.rtol, atol=self.atol, method=self.method, options=self.options,
+                      gradient=self.gradient, return_stats=return_stats, compile=False,
+                      **({} if self.adjoint_params is None else {"adjoint_params": self.adjoint_params}))
+
+    # ------------------------------------------------------------------------------------------ results
+    def _check(self, st: LoopState, program: _Program, norm, solver):
+        """The one host read: a bad status becomes the eager loop's error class, naming the time."""
+        code = int(st.status)
+        if code == 0:
+            return
+        where = f"at t={float(norm.func.describe_time(float(st.t_fail))):.6g}"
+        if code == INIT_FAILED:
+            raise (NonFiniteError if not bool(torch.isfinite(st.f).all()) else StepSizeUnderflowError)(
+                f"could not select an initial step {where}; pass options={{'first_step': ...}} or check func "
+                f"(it returned NaN/inf: {not bool(torch.isfinite(st.f).all())})")
+        raise Status(code).error(where + " (compiled solve)", solver.rtol, solver.atol, solver.max_num_steps)
+
+    @staticmethod
+    def _fill_stats(stats: SolveStats, st: LoopState, program: _Program):
+        n = int(st.n_accepted)
+        stats.num_fevals = int(program.loop.num_fevals(st))
+        stats.num_steps = int(st.n_attempts)
+        stats.num_accepted_steps = n
+        stats.num_rejected_steps = int(st.n_rejected)
+        stats.step_ts = st.tape_t[:n].tolist()
+        stats.step_sizes = [b - a for a, b in zip(stats.step_ts, stats.step_ts[1:] + [float(st.t)])]
+
+
+_HANDLES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _settings_key(value):
+    if isinstance(value, torch.Tensor):
+        return ("tensor", value.dtype, tuple(value.detach().reshape(-1).tolist()))
+    if isinstance(value, dict):
+        return tuple(sorted((k, _settings_key(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(_settings_key(v) for v in value)
+    if isinstance(value, (int, float, str, bool, type(None), torch.dtype)):
+        return value
+    return ("id", id(value))
+
+
+def compiled_odeint(func, **settings) -> CompiledOdeint:
+    """The :class:`CompiledOdeint` that ``odeint(func, ..., compile=True, **settings)`` uses: one per func and
+    settings, kept while ``func`` lives (a bound method is keyed by its object and function)."""
+    owner, inner = (func.__self__, func.__func__) if hasattr(func, "__self__") and hasattr(func, "__func__") \
+        else (func, None)
+    key = (inner, _settings_key(settings))
+    try:
+        table = _HANDLES.setdefault(owner, {})
+    except TypeError:   # not weakly referenceable: no reuse across calls
+        return CompiledOdeint(func, **settings)
+    handle = table.get(key)
+    if handle is None:
+        handle = table[key] = CompiledOdeint(func, **settings)
+    return handle
+
+
+def decline_adjoint() -> None:
+    """The continuous adjoint is not compiled: say so once; the caller runs it eagerly."""
+    warn_fallback_once("compile:adjoint", "fastode: the continuous adjoint (odeint_adjoint / gradient='adjoint') is "
+                       "not compiled and runs eagerly; odeint(..., gradient='checkpoint', compile=True) is the "
+                       "compiled exact gradient of the discrete solve")
+
+
+def solve(func, y0, t, *, fallback: bool, return_stats: bool, **settings):
+    """``odeint(..., compile=True)``'s body."""
+    return compiled_odeint(func, fallback=fallback, **settings)(y0, t, return_stats=return_stats)
+
