@@ -24,7 +24,7 @@ from typing import Callable, Dict, Sequence
 import torch
 import torch.nn as nn
 
-from .loop import AdaptiveLoop, unaliased
+from .loop import unaliased
 
 __all__ = ["FuncModule", "AdjointLoop"]
 
@@ -45,9 +45,12 @@ class FuncModule(nn.Module):
 
 
 class AdjointLoop:
-    """The reverse loop of :mod:`fastode.compiled.adjoint` for one forward :class:`AdaptiveLoop`."""
+    """The reverse loop of :mod:`fastode.compiled.adjoint` over a forward loop's tape: an
+    :class:`~fastode.compiled.loop.AdaptiveLoop` (which carries the first stage, ``fsal``) or a
+    :class:`~fastode.compiled.grid_loop.GridLoop`. The loop supplies ``record(state, aux, j)`` (step ``j``'s start
+    and end times, start state, first stage and its own record) and ``replay`` (the step map differentiated)."""
 
-    def __init__(self, loop: AdaptiveLoop, module: FuncModule, names: Sequence[str], t_grad: bool):
+    def __init__(self, loop, module: FuncModule, names: Sequence[str], t_grad: bool):
         self.loop = loop
         self.module = module
         self.names = tuple(names)
@@ -57,65 +60,54 @@ class AdjointLoop:
         mapping: Dict[str, torch.Tensor] = dict(zip(self.names, params))
         return lambda t, y: torch.func.functional_call(self.module, mapping, (t, y))
 
-    def _step_map(self, t0, dt, t1, t_out, land, y_dim):
-        """The map whose VJP one backward iteration applies (see the module docstring)."""
-        lp = self.loop
-
-        def g(y0, f0, s, x, *params):
-            call = self._call(params)
-            func = (lambda tt, yy: call(tt + s.to(tt.dtype), yy)) if self.t_grad else call
-            step, dt_arg = lp.step(t0, dt, t1, y0, f0, func=func)
-            vals = lp.interpolate(y0, step.y1, step.k, dt_arg, x)
-            if land is not None:
-                vals = torch.where((t_out == t1).reshape((-1,) + (1,) * y_dim), step.y1[None], vals)
-            return step.y1, step.k[-1], vals
-        return g
-
-    def run(self, st, t_out: torch.Tensor, g_ys: torch.Tensor, params: Sequence[torch.Tensor], loop_fn: Callable):
-        """Gradients ``(y0, t_out, params)`` of ``<g_ys, ys>`` for the forward run ``st`` (a
-        :class:`~fastode.compiled.loop.LoopState` with its tape); ``loop_fn`` is ``while_loop``."""
+    def run(self, st, aux, t_out: torch.Tensor, g_ys: torch.Tensor, params: Sequence[torch.Tensor],
+            loop_fn: Callable):
+        """Gradients ``(y0, t_out, params)`` of ``<g_ys, ys>`` for the forward run ``st`` (its tape; ``aux``: the
+        grid of a fixed-grid loop); ``loop_fn`` is ``while_loop``."""
         lp = self.loop
         t_out = t_out.to(_F64)
-        n = st.n_accepted
-        land = lp.s.land_on
-        y_dim = st.y.dim()
-        zero_s = torch.zeros((), dtype=lp.rdtype, device=st.y.device)
+        y_like = st.y
+        y_dim = y_like.dim()
+        zero_s = torch.zeros((), dtype=lp.rdtype, device=y_like.device)
         params = tuple(params)
+        fsal = lp.fsal
 
         def cond(j, *rest):
             return j >= 0
 
         def body(j, a_y, a_f, g_s, g_x, *g_p):
-            idx = j.reshape(1)
-            t0 = st.tape_t.index_select(0, idx)[0]
-            dt = st.tape_dt.index_select(0, idx)[0]
-            t1 = torch.where(j == n - 1, st.t, st.tape_t.index_select(0, (j + 1).clamp(max=lp.capacity).reshape(1))[0])
-            y0 = st.tape_y.index_select(0, idx)[0]
-            f0 = st.tape_f.index_select(0, idx)[0]
+            t0, t1, y0, f0, rec = lp.record(st, aux, j)
             covered = (t_out > t0) & (t_out <= t1)
             width = lp.rnd(t1 - t0)
-            x = lp.rnd(lp.rnd(t_out - t0) / width).to(lp.rdtype)
-            g = self._step_map(t0, dt, t1, t_out, land, y_dim)
-            _, vjp = torch.func.vjp(g, y0, f0, zero_s, x, *params)
+            x = lp.fraction(t_out, t0, t1)
+
+            def g(y0, f0, s, x, *ps):
+                call = self._call(ps)
+                func = (lambda tt, yy: call(tt + s.to(tt.dtype), yy)) if self.t_grad else call
+                y1, k_last, vals = lp.replay(rec, t0, t1, y0, f0 if fsal else None, t_out, covered, x, func)
+                return y1, (k_last if fsal else torch.zeros_like(y1)), vals
+
+            _, vjp = torch.func.vjp(g, y0, f0 if fsal else torch.zeros_like(y0), zero_s, x, *params)
             g_out = torch.where(covered.reshape((-1,) + (1,) * y_dim), g_ys, torch.zeros_like(g_ys))
             d_y0, d_f0, d_s, d_x, *d_p = vjp((a_y, a_f, g_out))
             d_x = torch.where(covered, d_x.to(_F64) / width, torch.zeros_like(g_x))
             return unaliased((j - 1, d_y0, d_f0, g_s + d_s.to(_F64), g_x + d_x,
                               *[acc + d for acc, d in zip(g_p, d_p)]), (j, a_y, a_f, g_s, g_x, *g_p))
 
-        init = (n - 1, torch.zeros_like(st.y), torch.zeros_like(st.y), torch.zeros((), dtype=_F64, device=st.y.device),
-                torch.zeros_like(t_out), *[torch.zeros_like(p) for p in params])
+        init = (lp.steps_taken(st) - 1, torch.zeros_like(y_like), torch.zeros_like(y_like),
+                torch.zeros((), dtype=_F64, device=y_like.device), torch.zeros_like(t_out),
+                *[torch.zeros_like(p) for p in params])
         j, a_y, a_f, g_s, g_x, *g_p = loop_fn(cond, body, init)
-        # the initial evaluation f0 = func(t[0], y0) takes the first step's f0 cotangent
+        g_y0 = a_y + g_ys[0]
+        g_t0 = g_s - g_x.sum()
+        if fsal:
+            # the initial evaluation f0 = func(t[0], y0) takes the first step's f0 cotangent
+            def f_init(y0, s, *ps):
+                return self._call(ps)(lp.state_time(t_out[0]) + s, y0)
 
-        def f_init(y0, s, *ps):
-            c = self._call(ps)
-            return c(lp.state_time(t_out[0]) + s, y0)
-
-        _, vjp0 = torch.func.vjp(f_init, st.ys[0], zero_s, *params)
-        d_y0, d_s0, *d_p0 = vjp0(a_f)
-        g_y0 = a_y + d_y0 + g_ys[0]
-        g_t = g_x.clone()
-        g_t0 = g_s + d_s0.to(_F64) - g_x.sum()
-        g_t = torch.cat([g_t0.reshape(1), g_t[1:]])
-        return g_y0, g_t, tuple(a + b for a, b in zip(g_p, d_p0))
+            _, vjp0 = torch.func.vjp(f_init, st.ys[0], zero_s, *params)
+            d_y0, d_s0, *d_p0 = vjp0(a_f)
+            g_y0 = g_y0 + d_y0
+            g_t0 = g_t0 + d_s0.to(_F64)
+            g_p = [a + b for a, b in zip(g_p, d_p0)]
+        return g_y0, torch.cat([g_t0.reshape(1), g_x[1:]]), tuple(g_p)

@@ -27,10 +27,12 @@ from ..codes import Status
 from ..driver import build_solver, finish, gradient_parameters
 from ..errors import FastodeError, NonFiniteError, StepSizeUnderflowError, warn_fallback_once
 from ..inputs import check_inputs
-from ..solvers import SOLVERS
+from ..solvers import RK_SOLVERS, SOLVERS
+from ..solvers.fixed_grid import FixedGridSolver
 from ..solvers.rk_adaptive import RKAdaptiveSolver
 from ..stats import SolveStats
 from .adjoint import AdjointLoop, FuncModule
+from .grid_loop import GridLoop, GridState
 from .loop import INIT_FAILED, AdaptiveLoop, LoopState
 
 __all__ = ["CompiledOdeint", "CompileError", "compiled_odeint", "env_enabled", "ENV", "solve"]
@@ -49,42 +51,55 @@ def env_enabled() -> bool:
 
 
 class _Program:
-    """One compiled forward (and, when gradients are wanted, backward) program and its tape capacity."""
+    """One compiled forward (and, when gradients are wanted, backward) program: an adaptive loop (with its tape
+    capacity) or a fixed-grid loop (``n_steps`` grid steps, the grid an input)."""
 
     def __init__(self, owner: "CompiledOdeint", norm, solver, module, names, record: bool, record_states: bool,
-                 t_grad: bool, t0: float):
+                 t_grad: bool, t0: float, grid: Optional[torch.Tensor]):
         self.owner, self.solver, self.base = owner, solver, norm.func.base
         self.module, self.names = module, names
         self.record, self.record_states, self.t_grad, self.t0 = record, record_states, t_grad, t0
+        self.grid_steps = None if grid is None else grid.shape[0] - 1
+        self.grid_dtype = None if grid is None else grid.dtype
         self.capacity = _FIRST_CAPACITY if record else 0
         self._build()
 
     def _build(self):
         from torch._higher_order_ops import while_loop
 
-        loop = AdaptiveLoop(self.solver, self.base, capacity=self.capacity, record_states=self.record_states)
         t0 = self.t0
+        if self.grid_steps is None:
+            loop = AdaptiveLoop(self.solver, self.base, capacity=self.capacity, record_states=self.record_states)
+            self.state_type = LoopState
 
-        def forward(y0, t_out):
-            return tuple(loop.solve(y0, t_out, t0, while_loop))
+            def forward(y0, t_out, grid):
+                return tuple(loop.solve(y0, t_out, t0, while_loop))
+        else:
+            loop = GridLoop(self.solver, self.base, self.grid_dtype, self.grid_steps,
+                            record_states=self.record_states)
+            self.state_type = GridState
+
+            def forward(y0, t_out, grid):
+                return tuple(loop.solve(y0, t_out, grid, while_loop))
 
         self.loop = loop
         self.forward = self.owner._compile(forward)
         self.backward = None
         if self.record_states:
             adj = AdjointLoop(loop, FuncModule(self.module, self.base), self.names, self.t_grad)
+            state_type = self.state_type
 
-            def backward(state, t_out, g_ys, *params):
-                return adj.run(LoopState(*state), t_out, g_ys, params, while_loop)
+            def backward(state, t_out, grid, g_ys, *params):
+                return adj.run(state_type(*state), grid, t_out, g_ys, params, while_loop)
 
             self.backward = self.owner._compile(backward)
 
-    def run(self, y0, t_out) -> LoopState:
-        """The forward solve (no autograd), re-run with a larger tape while the tape overflows."""
+    def run(self, y0, t_out, grid):
+        """The forward solve (no autograd), re-run with a larger tape while an adaptive loop's tape overflows."""
         while True:
             with torch.no_grad():
-                st = LoopState(*self.owner._call(self.forward, y0, t_out))
-            if int(st.status) != Status.TAPE_FULL:
+                st = self.state_type(*self.owner._call(self.forward, y0, t_out, grid))
+            if self.grid_steps is not None or int(st.status) != Status.TAPE_FULL:
                 return st
             self.capacity *= 4
             self._build()
@@ -94,20 +109,21 @@ class _Solve(torch.autograd.Function):
     """The compiled forward and its compiled discrete adjoint as one autograd node."""
 
     @staticmethod
-    def forward(ctx, program: _Program, box: list, y0, t_out, *params):
-        st = program.run(y0, t_out)
+    def forward(ctx, program: _Program, box: list, y0, t_out, grid, *params):
+        st = program.run(y0, t_out, grid)
         box.append(st)
         ctx.program, ctx.state = program, st
-        ctx.save_for_backward(t_out, *params)
+        ctx.save_for_backward(t_out, grid, *params)
         return st.ys
 
     @staticmethod
     def backward(ctx, g_ys):
         program = ctx.program
-        t_out, *params = ctx.saved_tensors
+        t_out, grid, *params = ctx.saved_tensors
         with torch.no_grad():
-            g_y0, g_t, g_p = program.owner._call(program.backward, tuple(ctx.state), t_out, g_ys.contiguous(), *params)
-        return (None, None, g_y0, g_t.to(t_out.dtype) if ctx.needs_input_grad[3] else None, *g_p)
+            g_y0, g_t, g_p = program.owner._call(program.backward, tuple(ctx.state), t_out, grid,
+                                                 g_ys.contiguous(), *params)
+        return (None, None, g_y0, g_t.to(t_out.dtype) if ctx.needs_input_grad[3] else None, None, *g_p)
 
 
 class CompiledOdeint:
@@ -145,6 +161,7 @@ class CompiledOdeint:
         self.reason: Optional[str] = None
         self.compiles = 0
         self._programs: Dict[tuple, _Program] = {}
+        self._failed: Dict[tuple, str] = {}     # keys whose program could not be compiled, and why
         self._device_type = "cpu"
 
     # ------------------------------------------------------------------------------------------ compiling
@@ -187,28 +204,45 @@ class CompiledOdeint:
             return self._eager(y0, t, reason, return_stats)
         self.reason = None
         self._device_type = norm.y0.device.type
-        t_out = norm.t.to(solver.time_dtype)
+        adaptive = isinstance(solver, RKAdaptiveSolver)
+        grid = g_host = None
+        if adaptive:
+            t_out = norm.t.to(solver.time_dtype)
+        else:   # the grid is built on the host, as the eager loop builds it; its length is part of the program
+            t_out = norm.t
+            ctx = solver.prepare(norm.t.detach())
+            grid, g_host = ctx.grid.detach(), ctx.g_host
         need_grad = names is not None
         t_grad = need_grad and t_out.requires_grad
-        t0 = float(t_out[0]) if (solver.step_t or solver.jump_t) else 0.0
+        t0 = float(t_out[0]) if adaptive and (solver.step_t or solver.jump_t) else 0.0
         key = (tuple(norm.y0.shape), norm.y0.dtype, str(norm.y0.device), None if norm.shapes is None else
                tuple(tuple(s) for s in norm.shapes), norm.t_is_reversed, tuple(t_out.shape), t_out.dtype,
-               return_stats, need_grad, t_grad, names, t0)
+               return_stats, need_grad, t_grad, names, t0, None if grid is None else (grid.shape[0], grid.dtype))
+        if key in self._failed:
+            return self._eager(y0, t, self._failed[key], return_stats)
         program = self._programs.get(key)
-        if program is None:
-            program = _Program(self, norm, solver, self._module(), names, record=return_stats or need_grad,
-                               record_states=need_grad, t_grad=t_grad, t0=t0)
-            self._programs[key] = program
-        box: list = []
-        if need_grad:
-            ys = _Solve.apply(program, box, norm.y0, t_out, *params)
-            st = box[0]
-        else:
-            st = program.run(norm.y0, t_out)
-            ys = st.ys
-        self._check(st, program, norm, solver)
+        try:
+            if program is None:
+                program = _Program(self, norm, solver, self._module(), names, record=return_stats or need_grad,
+                                   record_states=need_grad, t_grad=t_grad, t0=t0, grid=grid)
+                self._programs[key] = program
+            aux = grid if grid is not None else t_out.detach()
+            box: list = []
+            if need_grad:
+                ys = _Solve.apply(program, box, norm.y0, t_out, aux, *params)
+                st = box[0]
+            else:
+                st = program.run(norm.y0, t_out, aux)
+                ys = st.ys
+        except CompileError as e:
+            if not self.fallback:
+                raise
+            self._programs.pop(key, None)
+            self._failed[key] = str(e).splitlines()[0] + " " + " ".join(str(e).splitlines()[1:3])
+            return self._eager(y0, t, self._failed[key], return_stats)
+        self._check(st, program, norm, solver, g_host)
         if return_stats:
-            self._fill_stats(norm.stats, st, program)
+            self._fill_stats(norm.stats, st, program, g_host)
         return finish(norm, ys, return_stats=return_stats)
 
     def _module(self):
@@ -231,17 +265,20 @@ class CompiledOdeint:
         by_id = {id(p): name for name, p in module.named_parameters()}
         if any(id(p) not in by_id for p in params):
             return (), None, "adjoint_params holds tensors that are not parameters of func"
-        if norm.t.requires_grad and (solver.step_t or solver.jump_t or solver.land_on):
+        if not isinstance(solver, RKAdaptiveSolver):
+            if norm.t.requires_grad:
+                return (), None, "gradients w.r.t. t of a fixed-grid solve are not compiled"
+        elif norm.t.requires_grad and (solver.step_t or solver.jump_t or solver.land_on):
             return (), None, "gradients w.r.t. t with step_t, jump_t or land_on are not compiled"
-        if solver.jump_t:
+        elif solver.jump_t:
             return (), None, "gradients with jump_t are not compiled"
         return params, tuple("user." + by_id[id(p)] for p in params), None
 
     def _decline(self, norm, solver) -> Optional[str]:
         if self.gradient == "adjoint" and torch.is_grad_enabled():
             return "the continuous adjoint (gradient='adjoint') is not compiled: it runs eagerly"
-        if not isinstance(solver, RKAdaptiveSolver):
-            return f"method {norm.method!r} is not an adaptive Runge-Kutta method (the compiled loop's)"
+        if norm.method not in RK_SOLVERS or not isinstance(solver, (RKAdaptiveSolver, FixedGridSolver)):
+            return f"method {norm.method!r} is not an explicit Runge-Kutta method (the compiled loops')"
         if norm.y0.is_complex():
             return "complex states are not compiled"
         if any(n in (self.options or {}) for n in ("callback_step", "callback_accept_step", "callback_reject_step")):
@@ -267,12 +304,17 @@ class CompiledOdeint:
                       **({} if self.adjoint_params is None else {"adjoint_params": self.adjoint_params}))
 
     # ------------------------------------------------------------------------------------------ results
-    def _check(self, st: LoopState, program: _Program, norm, solver):
+    def _check(self, st, program: _Program, norm, solver, g_host):
         """The one host read: a bad status becomes the eager loop's error class, naming the time."""
+        if g_host is not None:
+            first = int(st.first_bad)
+            if first != len(g_host) - 1:
+                raise solver._first_bad_error(first, g_host)
+            return
         code = int(st.status)
         if code == 0:
             return
-        where = f"at t={float(norm.func.describe_time(float(st.t_fail))):.6g}"
+        where = f"at t={float(norm.func.describe_time(float(st.t_fail)))}"
         if code == INIT_FAILED:
             raise (NonFiniteError if not bool(torch.isfinite(st.f).all()) else StepSizeUnderflowError)(
                 f"could not select an initial step {where}; pass options={{'first_step': ...}} or check func "
@@ -280,9 +322,14 @@ class CompiledOdeint:
         raise Status(code).error(where + " (compiled solve)", solver.rtol, solver.atol, solver.max_num_steps)
 
     @staticmethod
-    def _fill_stats(stats: SolveStats, st: LoopState, program: _Program):
-        n = int(st.n_accepted)
+    def _fill_stats(stats: SolveStats, st, program: _Program, g_host):
         stats.num_fevals = int(program.loop.num_fevals(st))
+        if g_host is not None:
+            stats.num_steps = stats.num_accepted_steps = len(g_host) - 1
+            stats.step_ts = list(g_host[:-1])
+            stats.step_sizes = [b - a for a, b in zip(g_host[:-1], g_host[1:])]
+            return
+        n = int(st.n_accepted)
         stats.num_steps = int(st.n_attempts)
         stats.num_accepted_steps = n
         stats.num_rejected_steps = int(st.n_rejected)

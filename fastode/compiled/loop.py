@@ -282,6 +282,32 @@ class AdaptiveLoop:
         out = loop(self.cond(t_out), self.attempt(t_out, clip[0], clip[2]), tuple(x.clone() for x in state))
         return LoopState(*out)
 
+    # ------------------------------------------------------------------------------------------ for the adjoint
+    fsal = True   # the first stage is carried from step to step (its cotangent too)
+
+    def fraction(self, t_out, t0, t1) -> torch.Tensor:
+        """Where each output time lies in the step, ``(t - t0) / (t1 - t0)`` rounded as the clock (``_x``)."""
+        return self.rnd(self.rnd(t_out - t0) / self.rnd(t1 - t0)).to(self.rdtype)
+
+    def record(self, st: LoopState, aux, j: torch.Tensor):
+        """Accepted step ``j`` from the tape: ``(t0, t1, y0, f0, dt)`` (its end is the next step's start)."""
+        idx = j.reshape(1)
+        nxt = (j + 1).clamp(max=self.capacity).reshape(1)
+        t1 = torch.where(j == st.n_accepted - 1, st.t, st.tape_t.index_select(0, nxt)[0])
+        return (st.tape_t.index_select(0, idx)[0], t1, st.tape_y.index_select(0, idx)[0],
+                st.tape_f.index_select(0, idx)[0], st.tape_dt.index_select(0, idx)[0])
+
+    def steps_taken(self, st: LoopState) -> torch.Tensor:
+        return st.n_accepted
+
+    def replay(self, dt, t0, t1, y0, f0, t_out, covered, x, func):
+        """``(y1, k_last, outputs)`` of the accepted step: the map the adjoint differentiates."""
+        step, dt_arg = self.step(t0, dt, t1, y0, f0, func=func)
+        vals = self.interpolate(y0, step.y1, step.k, dt_arg, x)
+        if self.s.land_on is not None:
+            vals = torch.where((t_out == t1).reshape((-1,) + (1,) * y0.dim()), step.y1[None], vals)
+        return step.y1, step.k[-1], vals
+
     def num_fevals(self, st: LoopState) -> torch.Tensor:
         """Evaluations of ``func`` (the eager ``ODEFunc``'s count): ``f0``, the first-step trial, ``stages - 1``
         per attempt (the first stage is reused), the re-evaluations past ``jump_t`` points."""

@@ -114,7 +114,10 @@ def combine_stages_exact(y0: Optional[torch.Tensor], dt: Scalar, coeffs: Sequenc
     ref = k[0]
     rdtype = ref.real.dtype if ref.is_complex() else ref.dtype
     if all(isinstance(a, (float, int)) for a in coeffs):
-        w = _coef_tensor(tuple(float(a) for a in coeffs), rdtype, ref.device)
+        if torch.compiler.is_compiling():   # (a traced constant; dynamo does not trace through the cache)
+            w = torch.tensor([float(a) for a in coeffs], dtype=torch.float64).to(dtype=rdtype, device=ref.device)
+        else:
+            w = _coef_tensor(tuple(float(a) for a in coeffs), rdtype, ref.device)
     else:
         w = torch.stack([torch.as_tensor(a, dtype=rdtype, device=ref.device).reshape(()) for a in coeffs])
     if isinstance(dt, torch.Tensor):
