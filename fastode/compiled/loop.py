@@ -156,22 +156,51 @@ class AdaptiveLoop:
             tape_t=torch.zeros(cap, dtype=_F64, device=dev), tape_dt=torch.zeros(cap, dtype=_F64, device=dev),
             tape_y=y0.new_zeros((rows,) + tuple(y0.shape)), tape_f=y0.new_zeros((rows,) + tuple(y0.shape)))
 
+    # ------------------------------------------------------------------------------------------ carried values
+    # The loop carries few tensors: the float64 scalars stacked in one, the counters in another, then the
+    # state, its first stage, the outputs and (when recording) the tape. Each carried tensor is a buffer the
+    # compiled loop allocates per iteration, which on tiny problems costs more than the arithmetic.
+    _CLOCK = ("t", "dt", "t_fail")
+    _COUNTS = ("n_attempts", "n_accepted", "n_rejected", "n_interval", "n_jumps", "status", "nonfinite", "i_step",
+               "i_jump")
+
+    def pack(self, st: LoopState) -> tuple:
+        """The tensors the loop carries for the logical state ``st``."""
+        clock = torch.stack([getattr(st, n) for n in self._CLOCK])
+        counts = torch.stack([getattr(st, n).to(torch.int64) for n in self._COUNTS])
+        out = (clock, counts, st.y, st.f, st.ys)
+        if self.capacity:
+            out += (st.tape_t, st.tape_dt) + ((st.tape_y, st.tape_f) if self.record_states else ())
+        return out
+
+    def unpack(self, carried, scratch: LoopState) -> LoopState:
+        """The logical state from the carried tensors (``scratch``: the initial state, for what is not carried)."""
+        clock, counts, y, f, ys, *tape = carried
+        fields = {n: clock[i] for i, n in enumerate(self._CLOCK)}
+        fields.update({n: counts[i] for i, n in enumerate(self._COUNTS)})
+        fields["nonfinite"] = fields["nonfinite"] != 0
+        tape_t, tape_dt, tape_y, tape_f = scratch.tape_t, scratch.tape_dt, scratch.tape_y, scratch.tape_f
+        if self.capacity:
+            tape_t, tape_dt = tape[0], tape[1]
+            if self.record_states:
+                tape_y, tape_f = tape[2], tape[3]
+        return LoopState(y=y, f=f, ys=ys, tape_t=tape_t, tape_dt=tape_dt, tape_y=tape_y, tape_f=tape_f, **fields)
+
     def cond(self, t_out: torch.Tensor):
         # (indexes t_out inside: a view of it captured beside it would alias two of the loop's inputs)
-        def cond(*state):
-            st = LoopState(*state)
-            return (st.status == 0) & (st.t < t_out[-1])
+        def cond(clock, counts, *rest):
+            return (counts[5] == 0) & (clock[0] < t_out[-1])
         return cond
 
-    def attempt(self, t_out: torch.Tensor, step_pts, jump_pts):
+    def attempt(self, t_out: torch.Tensor, step_pts, jump_pts, scratch: LoopState):
         """The loop body: one attempt from the carried state (see the module docstring)."""
         s, ctl = self.s, self.s.controller
         n_out = t_out.shape[0]
         land = s.land_on
         i64 = torch.int64
 
-        def body(*state):
-            st = LoopState(*state)
+        def body(*carried):
+            st = self.unpack(carried, scratch)
             t, y, f = st.t, st.y, st.f
             dt = ctl.clamp(torch.where(torch.isfinite(st.dt), st.dt, torch.full_like(st.dt, s.min_step)))
             t_end = self.rnd(t + dt)
@@ -256,7 +285,7 @@ class AdaptiveLoop:
                 n_jumps=n_jumps, status=status, t_fail=torch.where(status != 0, t, st.t_fail),
                 nonfinite=~accept & (st.nonfinite | nonfinite), i_step=i_step, i_jump=i_jump,
                 tape_t=tape_t, tape_dt=tape_dt, tape_y=tape_y, tape_f=tape_f)
-            return unaliased(out, state)
+            return unaliased(self.pack(out), carried)
         return body
 
     def clipping(self, t0: float, dev):
@@ -278,9 +307,10 @@ class AdaptiveLoop:
         state = self.init(y0, t_out, clip)
         if t_out.shape[0] == 1:
             return state
-        # distinct tensors (t and t_fail both start at t[0]; y0 is the caller's): a loop's inputs may not alias
-        out = loop(self.cond(t_out), self.attempt(t_out, clip[0], clip[2]), tuple(x.clone() for x in state))
-        return LoopState(*out)
+        # distinct tensors (y0 is the caller's): a loop's inputs may not alias
+        out = loop(self.cond(t_out), self.attempt(t_out, clip[0], clip[2], state),
+                   tuple(x.clone() for x in self.pack(state)))
+        return self.unpack(out, state)
 
     # ------------------------------------------------------------------------------------------ for the adjoint
     fsal = True   # the first stage is carried from step to step (its cotangent too)
