@@ -162,6 +162,7 @@ class CompiledOdeint:
         self.compiles = 0
         self._programs: Dict[tuple, _Program] = {}
         self._failed: Dict[tuple, str] = {}     # keys whose program could not be compiled, and why
+        self._fast: Dict[tuple, tuple] = {}      # _prekey -> (program, solver, params) of a compiled adaptive solve
         self._device_type = "cpu"
 
     # ------------------------------------------------------------------------------------------ compiling
@@ -196,6 +197,11 @@ class CompiledOdeint:
     # ------------------------------------------------------------------------------------------ calls
     def __call__(self, y0, t, *, return_stats: bool = False):
         norm = check_inputs(self.func, y0, t, self.rtol, self.atol, self.method, self.options, None, SOLVERS)
+        pre = self._prekey(norm, return_stats)
+        hit = self._fast.get(pre)
+        if hit is not None:   # a training loop's later calls: the program, its solver and parameters are known
+            program, solver, params = hit
+            return self._run(norm, solver, program, params, None, return_stats)
         solver = build_solver(norm)
         params, names, reason = self._gradient_setup(norm, solver)
         if reason is None:
@@ -226,20 +232,36 @@ class CompiledOdeint:
                 program = _Program(self, norm, solver, self._module(), names, record=return_stats or need_grad,
                                    record_states=need_grad, t_grad=t_grad, t0=t0, grid=grid)
                 self._programs[key] = program
-            aux = grid if grid is not None else t_out.detach()
-            box: list = []
-            if need_grad:
-                ys = _Solve.apply(program, box, norm.y0, t_out, aux, *params)
-                st = box[0]
-            else:
-                st = program.run(norm.y0, t_out, aux)
-                ys = st.ys
+            out = self._run(norm, solver, program, params, grid, return_stats, g_host)
         except CompileError as e:
             if not self.fallback:
                 raise
             self._programs.pop(key, None)
             self._failed[key] = str(e).splitlines()[0] + " " + " ".join(str(e).splitlines()[1:3])
             return self._eager(y0, t, self._failed[key], return_stats)
+        if adaptive and not (solver.step_t or solver.jump_t):   # nothing in the key depends on t's values
+            self._fast[self._prekey(norm, return_stats)] = (program, solver, params)
+        return out
+
+    def _prekey(self, norm, return_stats: bool) -> tuple:
+        """What selects a program, read from the normalised inputs alone (without building a solver)."""
+        module = self._module()
+        grads = () if module is None else tuple(p.requires_grad for p in module.parameters())
+        return (tuple(norm.y0.shape), norm.y0.dtype, norm.y0.device, None if norm.shapes is None else
+                tuple(tuple(s) for s in norm.shapes), norm.t_is_reversed, tuple(norm.t.shape), norm.t.dtype,
+                return_stats, torch.is_grad_enabled(), norm.y0.requires_grad, norm.t.requires_grad, grads)
+
+    def _run(self, norm, solver, program: _Program, params, grid, return_stats, g_host=None):
+        """Run ``program`` on the normalised inputs; the one host read; the user's structure back."""
+        t_out = norm.t if grid is not None else norm.t.to(solver.time_dtype)
+        aux = grid if grid is not None else t_out.detach()
+        box: list = []
+        if program.record_states:
+            ys = _Solve.apply(program, box, norm.y0, t_out, aux, *params)
+            st = box[0]
+        else:
+            st = program.run(norm.y0, t_out, aux)
+            ys = st.ys
         self._check(st, program, norm, solver, g_host)
         if return_stats:
             self._fill_stats(norm.stats, st, program, g_host)
