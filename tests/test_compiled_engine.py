@@ -216,3 +216,22 @@ def test_fixed_grid_non_finite_step_is_named():
     solve = CompiledOdeint(lambda t, y: y ** 3, method="euler", options={"step_size": 0.5}, backend="eager")
     with pytest.raises(fastode.errors.NonFiniteError, match="step .* of the grid"):
         solve(torch.tensor([30.0], dtype=torch.float64), torch.tensor([0.0, 5.0], dtype=torch.float64))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_solve_and_gradient_equal_the_eager_loop():
+    """The same engine on CUDA tensors (inductor generates Triton kernels for the loop body). The loop's
+    condition is read on the host once per attempt there (inductor's while_loop); the result, the counts and
+    the gradient must equal the eager loop's."""
+    f = MLP(d=8, h=64).cuda()
+    y0 = torch.randn(37, 8, dtype=torch.float64, device="cuda", requires_grad=True)
+    t = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64, device="cuda")
+    solve = CompiledOdeint(f, rtol=1e-7, atol=1e-8)
+    ys, stats = solve(y0, t, return_stats=True)
+    ref, rstats = fastode.odeint(f, y0, t, rtol=1e-7, atol=1e-8, return_stats=True)
+    assert ys.device.type == "cuda" and stats.num_fevals == rstats.num_fevals
+    assert torch.allclose(ys, ref, rtol=1e-9, atol=1e-11)
+    g, = torch.autograd.grad(ys.sum(), y0)
+    r, = torch.autograd.grad(ref.sum(), y0)
+    assert torch.allclose(g, r, rtol=1e-8, atol=1e-11)
