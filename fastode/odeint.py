@@ -80,7 +80,8 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, even
             engine.decline_adjoint()
         elif event_fn is None and not torch.compiler.is_compiling():
             return engine.solve(func, y0, t, fallback=compile is None, return_stats=return_stats, rtol=rtol,
-                                atol=atol, method=method, options=options, gradient=gradient,
+                                atol=atol, method=method, options=options,
+                                gradient="direct" if gradient == "adjoint" else gradient,
                                 adjoint_params=kwargs.get("adjoint_params"))
         elif compile:
             raise engine.CompileError("fastode: odeint(compile=True) cannot compile a solve with event_fn (events "

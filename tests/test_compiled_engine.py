@@ -133,6 +133,16 @@ def test_a_training_loop_compiles_once():
     assert fastode.compiled_odeint(f, rtol=1e-4, atol=1e-6) is not h1
 
 
+def test_more_programs_than_dynamos_recompile_limit():
+    """Every program has its own code object: dynamo's per-code recompile limit (8) does not cap how many
+    shapes or handles a process may compile."""
+    t = torch.tensor([0.0, 0.5], dtype=torch.float64)
+    for n in range(1, 11):
+        y0 = torch.ones(n, dtype=torch.float64)
+        ys = CompiledOdeint(lambda t, y: -y, backend="eager")(y0, t)
+        assert torch.allclose(ys[-1], y0 * math.exp(-0.5), rtol=1e-6)
+
+
 def test_bad_status_raises_the_eager_error_class_naming_the_time():
     y0 = torch.tensor([2.0, 0.0], dtype=torch.float64)
     solve = CompiledOdeint(vdp, rtol=1e-9, atol=1e-9, options={"max_num_steps": 7}, backend="eager")

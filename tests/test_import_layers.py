@@ -103,13 +103,17 @@ LOWER = {
     "fastode.codes": _ABOVE_BOTTOM,
     "fastode.launch_count": _ABOVE_BOTTOM,
     "fastode.ops": ("fastode.solvers", "fastode.nn", "fastode.flows", "fastode.grad", "fastode.odeint",
-                    "fastode.driver") + _BACKENDS + _APPS,
-    "fastode.solvers": ("fastode.nn", "fastode.flows") + _BACKENDS + _APPS,
+                    "fastode.driver", "fastode.compiled") + _BACKENDS + _APPS,
+    "fastode.solvers": ("fastode.nn", "fastode.flows", "fastode.compiled") + _BACKENDS + _APPS,
     "fastode.grad": ("fastode.nn", "fastode.flows") + _BACKENDS + _APPS,
     "fastode.cpp": ("fastode.nn", "fastode.flows", "fastode.solvers", "fastode.grad", "fastode.triton",
                     "fastode.kernels") + _APPS,
     "fastode.triton": ("fastode.nn", "fastode.flows", "fastode.solvers", "fastode.grad", "fastode.cpp") + _APPS,
     "fastode.nn": ("fastode.flows", "fastode.solvers") + _APPS,
+    # the compiled engine restates the solver loops: it reads the solvers and the RK spec, never the public API
+    # above it (odeint, odeint_adjoint import it lazily), the models or the native backends
+    "fastode.compiled": ("fastode.odeint", "fastode.grad.adjoint", "fastode.nn", "fastode.flows") + _BACKENDS
+    + _APPS,
 }
 
 #: what the kernels may import: each other and the bottom modules (the tableaus and codes they take constants from,

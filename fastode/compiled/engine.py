@@ -16,7 +16,9 @@ This module imports ``torch._dynamo`` and inductor; :mod:`fastode.odeint` import
 """
 from __future__ import annotations
 
+import itertools
 import os
+import types
 import weakref
 from typing import Dict, Optional
 
@@ -25,6 +27,7 @@ import torch.nn as nn
 
 from ..codes import Status
 from ..driver import build_solver, finish, gradient_parameters
+from ..driver import solve as solve_eager
 from ..errors import FastodeError, NonFiniteError, StepSizeUnderflowError, warn_fallback_once
 from ..inputs import check_inputs
 from ..solvers import RK_SOLVERS, SOLVERS
@@ -134,8 +137,8 @@ class CompiledOdeint:
     Args:
         func, rtol, atol, method, options: as :func:`fastode.odeint` (explicit adaptive Runge-Kutta methods).
         gradient: ``"direct"`` or ``"checkpoint"`` (the same exact gradient of the discrete solve, from a
-            compiled reverse loop: two states stored per accepted step); ``"adjoint"`` runs the eager
-            continuous adjoint (recorded in :attr:`reason`).
+            compiled reverse loop: two states stored per accepted step). The continuous adjoint is not compiled
+            (``odeint_adjoint(..., compile=True)`` runs it eagerly, with one warning).
         adjoint_params: the tensors to differentiate (default: ``func``'s parameters; ``func`` must be an
             ``nn.Module`` for gradients to reach parameters).
         backend: ``torch.compile``'s backend (``"inductor"``; ``"eager"`` / ``"aot_eager"`` trace without
@@ -152,8 +155,9 @@ class CompiledOdeint:
 
     def __init__(self, func, *, rtol=1e-7, atol=1e-9, method=None, options=None, gradient="direct",
                  adjoint_params=None, backend="inductor", cpp_wrapper: Optional[bool] = None, fallback=False):
-        if gradient not in ("direct", "checkpoint", "adjoint"):
-            raise ValueError(f"gradient must be 'direct', 'checkpoint' or 'adjoint', got {gradient!r}")
+        if gradient not in ("direct", "checkpoint"):
+            raise ValueError(f"gradient must be 'direct' or 'checkpoint' (the compiled discrete adjoint), got "
+                             f"{gradient!r}; the continuous adjoint is not compiled: use fastode.odeint_adjoint")
         self.func, self.rtol, self.atol, self.method = func, rtol, atol, method
         self.options = None if options is None else dict(options)
         self.gradient, self.adjoint_params = gradient, adjoint_params
@@ -170,6 +174,7 @@ class CompiledOdeint:
         import torch._dynamo  # noqa: F401  (only a compiled solve pays for it)
 
         self.compiles += 1
+        fn = _own_code(fn)
         kwargs = dict(fullgraph=True, dynamic=False, backend=self.backend)
         if self.backend == "inductor":
             cpp = self._device_type == "cpu" if self.cpp_wrapper is None else self.cpp_wrapper
@@ -297,8 +302,6 @@ class CompiledOdeint:
         return params, tuple("user." + by_id[id(p)] for p in params), None
 
     def _decline(self, norm, solver) -> Optional[str]:
-        if self.gradient == "adjoint" and torch.is_grad_enabled():
-            return "the continuous adjoint (gradient='adjoint') is not compiled: it runs eagerly"
         if norm.method not in RK_SOLVERS or not isinstance(solver, (RKAdaptiveSolver, FixedGridSolver)):
             return f"method {norm.method!r} is not an explicit Runge-Kutta method (the compiled loops')"
         if norm.y0.is_complex():
@@ -314,16 +317,18 @@ class CompiledOdeint:
         return None
 
     def _eager(self, y0, t, reason: str, return_stats: bool):
-        from ..odeint import odeint
-
+        """The eager loop of the same gradient mode (the driver's solve or the checkpointed one)."""
         self.reason = reason
-        if not self.fallback and self.gradient != "adjoint":
+        if not self.fallback:
             raise CompileError(f"fastode: this solve cannot be compiled: {reason}. Call without compile=True, or "
                                f"pass fallback=True to run the eager loop.")
         warn_fallback_once("compile:" + reason, f"fastode: odeint(compile=True) runs the eager loop: {reason}")
-        return odeint(self.func, y0, t, rtol=self.rtol, atol=self.atol, method=self.method, options=self.options,
-                      gradient=self.gradient, return_stats=return_stats, compile=False,
-                      **({} if self.adjoint_params is None else {"adjoint_params": self.adjoint_params}))
+        kw = dict(rtol=self.rtol, atol=self.atol, method=self.method, options=self.options, return_stats=return_stats)
+        if self.gradient == "checkpoint":
+            from ..grad.checkpoint import odeint_checkpoint
+
+            return odeint_checkpoint(self.func, y0, t, adjoint_params=self.adjoint_params, **kw)
+        return solve_eager(self.func, y0, t, **kw)
 
     # ------------------------------------------------------------------------------------------ results
     def _check(self, st, program: _Program, norm, solver, g_host):
@@ -357,6 +362,17 @@ class CompiledOdeint:
         stats.num_rejected_steps = int(st.n_rejected)
         stats.step_ts = st.tape_t[:n].tolist()
         stats.step_sizes = [b - a for a, b in zip(stats.step_ts, stats.step_ts[1:] + [float(st.t)])]
+
+
+_PROGRAM_IDS = itertools.count()
+
+
+def _own_code(fn):
+    """``fn`` with a code object of its own. Dynamo caches compiled graphs per code object, with a limit on how
+    many (``torch._dynamo.config.recompile_limit``, 8) before ``fullgraph=True`` fails hard; every program
+    built from one ``def`` would share that budget across handles and shapes. Each program gets its own."""
+    code = fn.__code__.replace(co_name=f"{fn.__code__.co_name}_{next(_PROGRAM_IDS)}")
+    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
 
 
 _HANDLES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
