@@ -15,12 +15,11 @@ timing. The compile times are measured in fresh subprocesses: "cold" with an emp
 from __future__ import annotations
 
 import argparse
-import json
+import importlib.util
 import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -201,11 +200,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     common.pin_threads(1)
     repeats = args.repeats or (5 if args.quick else 21)
-    try:
-        import diffrax  # noqa: F401
-        with_diffrax = True
-    except ImportError:
-        with_diffrax = False
+    with_diffrax = importlib.util.find_spec("diffrax") is not None
     rows, raw = [], {}
     for name in SMALL:
         timing = common.time_alternating(small_peers(name, with_diffrax), repeats=repeats)

@@ -2,11 +2,10 @@
 signatures and defaults; fastode additions are keyword arguments with torchdiffeq-compatible defaults)."""
 from __future__ import annotations
 
-import os
-
 import torch
 from torch.autograd.functional import vjp
 
+from .compiled import compile_requested
 from .driver import build_solver, solve
 from .errors import InvalidOptionError
 from .grad.adjoint import odeint_adjoint
@@ -73,7 +72,7 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, even
     unknown = set(kwargs) - _ADJOINT_KWARGS
     if unknown:
         raise TypeError(f"odeint() got unexpected keyword arguments {sorted(unknown)}")
-    if _compiling_requested(compile):
+    if compile_requested(compile):
         from .compiled import engine
 
         if gradient == "adjoint" and torch.is_grad_enabled():
@@ -101,13 +100,6 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, even
         return odeint_adjoint(func, y0, t, rtol=rtol, atol=atol, method=method, options=options,
                               event_fn=event_fn, **kwargs)
     raise InvalidOptionError(f"gradient must be one of {GRADIENT_MODES}, got {gradient!r}")
-
-
-def _compiling_requested(compile) -> bool:
-    """``compile``, or with ``None`` the environment's ``FASTODE_COMPILE`` (read without importing the engine)."""
-    if compile is None:
-        return os.environ.get("FASTODE_COMPILE", "0") not in ("0", "")
-    return bool(compile)
 
 
 def odeint_dense(func, y0, t0, t1, *, rtol=1e-7, atol=1e-9, method=None, options=None):

@@ -17,7 +17,6 @@ This module imports ``torch._dynamo`` and inductor; :mod:`fastode.odeint` import
 from __future__ import annotations
 
 import itertools
-import os
 import types
 import weakref
 from typing import Dict, Optional
@@ -31,6 +30,7 @@ from ..driver import solve as solve_eager
 from ..errors import FastodeError, NonFiniteError, StepSizeUnderflowError, warn_fallback_once
 from ..inputs import check_inputs
 from ..solvers import RK_SOLVERS, SOLVERS
+from ..solvers.base import _null_callback
 from ..solvers.fixed_grid import FixedGridSolver
 from ..solvers.rk_adaptive import RKAdaptiveSolver
 from ..stats import SolveStats
@@ -38,19 +38,13 @@ from .adjoint import AdjointLoop, FuncModule
 from .grid_loop import GridLoop, GridState
 from .loop import INIT_FAILED, AdaptiveLoop, LoopState
 
-__all__ = ["CompiledOdeint", "CompileError", "compiled_odeint", "env_enabled", "ENV", "solve"]
+__all__ = ["CompiledOdeint", "CompileError", "compiled_odeint", "solve", "decline_adjoint"]
 
-ENV = "FASTODE_COMPILE"
 _FIRST_CAPACITY = 64
 
 
 class CompileError(FastodeError, RuntimeError):
     """A solve asked to be compiled cannot be (the message names the reason and what to change)."""
-
-
-def env_enabled() -> bool:
-    """``FASTODE_COMPILE=1``: every ``odeint`` call compiles (falling back to the eager loop with a warning)."""
-    return os.environ.get(ENV, "0") not in ("0", "")
 
 
 class _Program:
@@ -306,10 +300,6 @@ class CompiledOdeint:
             return f"method {norm.method!r} is not an explicit Runge-Kutta method (the compiled loops')"
         if norm.y0.is_complex():
             return "complex states are not compiled"
-        if any(n in (self.options or {}) for n in ("callback_step", "callback_accept_step", "callback_reject_step")):
-            return "step callbacks are host Python"
-        from ..solvers.base import _null_callback
-
         f = norm.func
         if any(getattr(f, n) is not _null_callback for n in ("callback_step", "callback_accept_step",
                                                              "callback_reject_step")):

@@ -49,12 +49,12 @@ fastode differences (documented in the README's migration note):
 """
 from __future__ import annotations
 
-import os
 
 import warnings
 
 import torch
 
+from ..compiled import compile_requested
 from ..driver import build_solver, find_parameters, finish, gradient_parameters, solve
 from ..inputs import check_inputs, flat_to_shape
 from ..norms import mixed_norm
@@ -311,7 +311,7 @@ def odeint_adjoint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=No
 
     Returns: like :func:`fastode.odeint`.
     """
-    if compile or (compile is None and os.environ.get("FASTODE_COMPILE", "0") not in ("0", "")):
+    if compile_requested(compile):
         from ..compiled import engine
 
         if event_fn is None and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
