@@ -11,6 +11,7 @@ timing. The compile times are measured in fresh subprocesses: "cold" with an emp
 
     python bench/bench_compiled.py            # -> bench/results/compiled.json, compiled.md
     python bench/bench_compiled.py --quick    # fewer repeats, no compile-time subprocesses
+    python bench/bench_compiled.py --device cuda   # the neural-ODE rows on the GPU (a lent H100/H200)
 """
 from __future__ import annotations
 
@@ -23,9 +24,10 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("MKL_NUM_THREADS", "1")
-os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+if __name__ == "__main__":   # one thread for every peer, set before torch and JAX start (not when imported)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
+    os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -137,11 +139,12 @@ def diffrax_solve(name, y0l, t1, mat):
     return lambda: solve(y0).block_until_ready()
 
 
-def neural_peers(size, train):
+def neural_peers(size, train, device="cpu"):
     B, d, w = NEURAL[size]
-    func = MLP(d, w)
-    y0 = torch.randn(B, d, generator=torch.Generator().manual_seed(1))
-    t = torch.tensor([0.0, 1.0])
+    func = MLP(d, w).to(device)
+    y0 = torch.randn(B, d, generator=torch.Generator().manual_seed(1)).to(device)
+    t = torch.tensor([0.0, 1.0], device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     compiled = CompiledOdeint(func, rtol=TOL_NEURAL, atol=TOL_NEURAL)
     import torchdiffeq
 
@@ -154,11 +157,13 @@ def neural_peers(size, train):
     def run(solve):
         if not train:
             with torch.no_grad():
-                return solve()
-        func.zero_grad()
-        loss = solve()[-1].pow(2).mean()
-        loss.backward()
-        return loss
+                out = solve()
+        else:
+            func.zero_grad()
+            out = solve()[-1].pow(2).mean()
+            out.backward()
+        sync()
+        return out
 
     run(solvers["fastode_compiled"])   # build the program(s)
     return {k: (lambda s=s: run(s)) for k, s in solvers.items()}
@@ -197,6 +202,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--device", default="cpu", help="device of the neural-ODE rows (cuda: the GPU tier; the small "
+                    "ODEs stay on the CPU, where scipy and diffrax run)")
     args = ap.parse_args(argv)
     common.pin_threads(1)
     repeats = args.repeats or (5 if args.quick else 21)
@@ -209,7 +216,7 @@ def main(argv=None):
         print(rows[-1], flush=True)
     for size in NEURAL:
         for train in (False, True):
-            timing = common.time_alternating(neural_peers(size, train), repeats=max(3, repeats // 3))
+            timing = common.time_alternating(neural_peers(size, train, args.device), repeats=max(3, repeats // 3))
             task = "train step" if train else "forward"
             raw[f"{size}/{task}"] = {k: v.samples for k, v in timing.items()}
             rows.append(_row(size, task, timing))
@@ -226,8 +233,9 @@ def main(argv=None):
         import jax
         extra = {"jax": jax.__version__, "diffrax": diffrax.__version__}
     meta = common.metadata(repeats=repeats, **extra)
-    common.write_json(RESULTS / "compiled.json", {"meta": meta, "rows": rows, "compile_s": compiles, "raw": raw})
-    common.write_text(RESULTS / "compiled.md", _report(meta, rows, compiles))
+    name = "compiled" if args.device == "cpu" else f"compiled_{args.device}"
+    common.write_json(RESULTS / f"{name}.json", {"meta": meta, "rows": rows, "compile_s": compiles, "raw": raw})
+    common.write_text(RESULTS / f"{name}.md", _report(meta, rows, compiles))
 
 
 def _row(case, task, timing):
