@@ -52,10 +52,11 @@ class MLP(torch.nn.Module):
         return self.net(y) * torch.cos(t) - 0.1 * y
 
 
-def test_values_steps_and_evaluations_equal_the_eager_loop():
+@pytest.mark.parametrize("chunk", [1, 3])   # 3: CUDA's chunks of attempts per host read, traced on the CPU
+def test_values_steps_and_evaluations_equal_the_eager_loop(chunk):
     y0 = torch.tensor([[2.0, 0.0], [0.5, 1.0]], dtype=torch.float64)
     t = torch.linspace(0, 6, 7, dtype=torch.float64)
-    solve = CompiledOdeint(vdp, rtol=1e-7, atol=1e-9, backend="eager")
+    solve = CompiledOdeint(vdp, rtol=1e-7, atol=1e-9, backend="eager", chunk=chunk)
     ys, stats = solve(y0, t, return_stats=True)
     ref, rstats = fastode.odeint(vdp, y0, t, rtol=1e-7, atol=1e-9, return_stats=True)
     assert torch.allclose(ys, ref, rtol=1e-10, atol=1e-12)
@@ -232,8 +233,8 @@ def test_fixed_grid_non_finite_step_is_named():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_solve_and_gradient_equal_the_eager_loop():
     """The same engine on CUDA tensors (inductor generates Triton kernels for the loop body). The loop's
-    condition is read on the host once per attempt there (inductor's while_loop); the result, the counts and
-    the gradient must equal the eager loop's."""
+    condition is read on the host once per iteration there (inductor's while_loop), an iteration being a chunk of
+    attempts; the result, the counts and the gradient must equal the eager loop's."""
     f = MLP(d=8, h=64).cuda()
     y0 = torch.randn(37, 8, dtype=torch.float64, device="cuda", requires_grad=True)
     t = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64, device="cuda")
@@ -245,3 +246,15 @@ def test_cuda_solve_and_gradient_equal_the_eager_loop():
     g, = torch.autograd.grad(ys.sum(), y0)
     r, = torch.autograd.grad(ref.sum(), y0)
     assert torch.allclose(g, r, rtol=1e-8, atol=1e-11)
+    # one host read per chunk of attempts (and the final status read), none inside a chunk
+    from fastode.compiled.engine import CUDA_CHUNK
+
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            solve(y0.detach(), t)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = sum("synchroniz" in str(w.message) for w in caught)
+    assert syncs <= math.ceil(rstats.num_steps / CUDA_CHUNK) + 8

@@ -29,11 +29,11 @@ def forced(t, y):   # time-dependent, so stage times matter
     return -0.5 * y + torch.sin(3 * t) * y.flip(-1)
 
 
-def loop_solve(func, y0, t, capacity=4096, **kw):
+def loop_solve(func, y0, t, capacity=4096, chunk=1, **kw):
     norm = check_inputs(func, y0, t, kw.pop("rtol", 1e-6), kw.pop("atol", 1e-6), kw.pop("method", None),
                         kw.pop("options", None), None, SOLVERS)
     solver = build_solver(norm)
-    lp = AdaptiveLoop(solver, norm.func.base, capacity=capacity)
+    lp = AdaptiveLoop(solver, norm.func.base, capacity=capacity, chunk=chunk)
     st = lp.solve(norm.y0, norm.t.to(solver.time_dtype), float(norm.t[0]), python_loop)
     return lp, st, norm
 
@@ -78,6 +78,23 @@ def test_options_that_move_step_ends(options):
     y0 = torch.tensor([1.0, -0.5], dtype=torch.float64)
     t = torch.tensor([0.0, 0.2, 1.0, 1.7, 3.0], dtype=torch.float64)
     assert_same_solve(forced, y0, t, options=options)
+
+
+@pytest.mark.parametrize("chunk", [2, 3])
+@pytest.mark.parametrize("options", [{}, {"land_on": "all", "step_t": [0.33, 1.7]}, {"max_num_steps": 4}], ids=str)
+def test_chunks_of_attempts_past_the_end_change_nothing(chunk, options):
+    """Several attempts per loop iteration (one host read per chunk on CUDA): those after the end or after a
+    failure must be no-ops, so the result is the one-attempt loop's."""
+    y0 = torch.tensor([1.0, -0.5], dtype=torch.float64)
+    t = torch.tensor([0.0, 0.2, 1.0, 1.7, 3.0], dtype=torch.float64)
+    _, one, _ = loop_solve(forced, y0, t, options=options)
+    _, many, _ = loop_solve(forced, y0, t, chunk=chunk, options=options)
+    n = int(one.n_accepted)
+    for name in one._fields:   # the tape's rows past n_accepted are scratch
+        a, b = getattr(one, name), getattr(many, name)
+        if name.startswith("tape"):
+            a, b = a[:n], b[:n]
+        assert torch.allclose(a.double(), b.double(), equal_nan=True, rtol=0, atol=0), name
 
 
 def test_reverse_time_tuple_states_float32_and_0dim():

@@ -41,6 +41,7 @@ from .loop import INIT_FAILED, AdaptiveLoop, LoopState
 __all__ = ["CompiledOdeint", "CompileError", "compiled_odeint", "solve", "decline_adjoint"]
 
 _FIRST_CAPACITY = 64
+CUDA_CHUNK = 4
 
 
 class CompileError(FastodeError, RuntimeError):
@@ -54,6 +55,7 @@ class _Program:
     def __init__(self, owner: "CompiledOdeint", norm, solver, module, names, record: bool, record_states: bool,
                  t_grad: bool, t0: float, grid: Optional[torch.Tensor]):
         self.owner, self.solver, self.base = owner, solver, norm.func.base
+        self.base_device = norm.y0.device.type
         self.module, self.names = module, names
         self.record, self.record_states, self.t_grad, self.t0 = record, record_states, t_grad, t0
         self.grid_steps = None if grid is None else grid.shape[0] - 1
@@ -66,7 +68,9 @@ class _Program:
 
         t0 = self.t0
         if self.grid_steps is None:
-            loop = AdaptiveLoop(self.solver, self.base, capacity=self.capacity, record_states=self.record_states)
+            chunk = self.owner.chunk or (CUDA_CHUNK if self.base_device == "cuda" else 1)
+            loop = AdaptiveLoop(self.solver, self.base, capacity=self.capacity, record_states=self.record_states,
+                                chunk=chunk)
             self.state_type = LoopState
 
             def forward(y0, t_out, grid):
@@ -141,6 +145,9 @@ class CompiledOdeint:
             tensors); the Python wrapper pays the interpreter once per attempt.
         fallback: if True, a solve that cannot be compiled runs the eager loop with one warning (the reason in
             :attr:`reason`) instead of raising :class:`CompileError`.
+        chunk: step attempts per iteration of the adaptive loop (default: 1 on the CPU, where the C++ wrapper runs
+            the loop natively; :data:`CUDA_CHUNK` on CUDA, where the loop's condition is read on the host once per
+            iteration: one read per chunk).
 
     Attributes:
         reason: why the last call ran the eager loop (None if it ran compiled).
@@ -148,14 +155,15 @@ class CompiledOdeint:
     """
 
     def __init__(self, func, *, rtol=1e-7, atol=1e-9, method=None, options=None, gradient="direct",
-                 adjoint_params=None, backend="inductor", cpp_wrapper: Optional[bool] = None, fallback=False):
+                 adjoint_params=None, backend="inductor", cpp_wrapper: Optional[bool] = None, fallback=False,
+                 chunk: Optional[int] = None):
         if gradient not in ("direct", "checkpoint"):
             raise ValueError(f"gradient must be 'direct' or 'checkpoint' (the compiled discrete adjoint), got "
                              f"{gradient!r}; the continuous adjoint is not compiled: use fastode.odeint_adjoint")
         self.func, self.rtol, self.atol, self.method = func, rtol, atol, method
         self.options = None if options is None else dict(options)
         self.gradient, self.adjoint_params = gradient, adjoint_params
-        self.backend, self.cpp_wrapper, self.fallback = backend, cpp_wrapper, fallback
+        self.backend, self.cpp_wrapper, self.fallback, self.chunk = backend, cpp_wrapper, fallback, chunk
         self.reason: Optional[str] = None
         self.compiles = 0
         self._programs: Dict[tuple, _Program] = {}

@@ -17,6 +17,10 @@ Outputs are filled for every requested time an accepted step covers, vectorised 
 costs ``O(len(t) * numel(y))`` extra for it). A bad :class:`~fastode.codes.Status` stops the loop; the caller
 reads it once, at the end.
 
+``chunk`` attempts run per iteration of the loop (attempts past the end change nothing): the loop's condition is
+read on the host once per iteration where inductor keeps the loop on the host (CUDA), so a chunk of attempts costs
+one read; on the CPU the C++ wrapper runs the loop natively and ``chunk=1``.
+
 With ``record=True`` each accepted step's start ``(t0, dt, y0, f0)`` is written to a tape of fixed capacity (the
 discrete adjoint's checkpoints, :mod:`fastode.compiled.adjoint`); a full tape stops the loop with
 ``Status.TAPE_FULL`` and the caller re-runs with a larger one.
@@ -70,7 +74,7 @@ class AdaptiveLoop:
     points are read from it, so options are validated once, by the solver) and the solver's ``func`` without its
     counting wrapper (``base(t, y)``): counts are tensors of the loop."""
 
-    def __init__(self, solver, base: Callable, *, capacity: int = 0, record_states: bool = False):
+    def __init__(self, solver, base: Callable, *, capacity: int = 0, record_states: bool = False, chunk: int = 1):
         self.s = solver
         self.base = base
         self.tab = solver.tableau
@@ -78,6 +82,7 @@ class AdaptiveLoop:
         self.tdtype = solver.time_dtype
         self.capacity = int(capacity)
         self.record_states = bool(record_states) and self.capacity > 0
+        self.chunk = max(1, int(chunk))
 
     # ------------------------------------------------------------------------------------------ rounding
     def rnd(self, v: torch.Tensor) -> torch.Tensor:
@@ -199,13 +204,15 @@ class AdaptiveLoop:
         land = s.land_on
         i64 = torch.int64
 
-        def body(*carried):
+        def one(*carried):
             st = self.unpack(carried, scratch)
             t, y, f = st.t, st.y, st.f
+            # an attempt of a chunk that starts after the loop's end (or a failure) changes nothing
+            active = (st.status == 0) & (t < t_out[-1]) if self.chunk > 1 else torch.ones_like(st.nonfinite)
             dt = ctl.clamp(torch.where(torch.isfinite(st.dt), st.dt, torch.full_like(st.dt, s.min_step)))
             t_end = self.rnd(t + dt)
-            underflow = ~(t_end > t)
-            maxed = st.n_interval >= s.max_num_steps
+            underflow = active & ~(t_end > t)
+            maxed = active & (st.n_interval >= s.max_num_steps)
             # ---- ClipController.propose, with where() for its ifs
             on_st = on_jt = landed = torch.zeros((), dtype=torch.bool, device=t.device)
             if step_pts is not None:
@@ -231,7 +238,8 @@ class AdaptiveLoop:
             step, dt_arg = self.step(t, dt, t_end, y, f)
             r = self.ratio(step.y_err, y, step.y1)
             accept, dt_next = ctl.adapt(dt, r, landed=landed)
-            nonfinite = ~torch.isfinite(r)
+            accept = accept & active
+            nonfinite = active & ~torch.isfinite(r)
             forced_nonfinite = nonfinite & (dt <= s.min_step)
             bad = maxed | underflow | forced_nonfinite
             code = lambda v: torch.full((), int(v), dtype=i64, device=t.device)  # noqa: E731
@@ -276,16 +284,24 @@ class AdaptiveLoop:
                 i_step = i_step + (accept & on_st & (i_step != step_pts.shape[0] - 1)).to(i64)
             if jump_pts is not None:
                 i_jump = i_jump + (accept & on_jt & (i_jump != jump_pts.shape[0] - 1)).to(i64)
-            attempted = ~(maxed | underflow)
+            attempted = active & ~(maxed | underflow)
             out = LoopState(
-                t=keep(t_end, t), dt=torch.where(bad, st.dt, dt_next), y=keep(step.y1, y), f=keep(f1, f), ys=ys,
+                t=keep(t_end, t), dt=torch.where(bad | ~active, st.dt, dt_next), y=keep(step.y1, y),
+                f=keep(f1, f), ys=ys,
                 n_attempts=st.n_attempts + attempted.to(i64), n_accepted=st.n_accepted + accept.to(i64),
                 n_rejected=st.n_rejected + (attempted & ~accept & ~full).to(i64),
-                n_interval=torch.where(covered.any(), torch.zeros_like(st.n_interval), st.n_interval + 1),
-                n_jumps=n_jumps, status=status, t_fail=torch.where(status != 0, t, st.t_fail),
-                nonfinite=~accept & (st.nonfinite | nonfinite), i_step=i_step, i_jump=i_jump,
-                tape_t=tape_t, tape_dt=tape_dt, tape_y=tape_y, tape_f=tape_f)
-            return unaliased(self.pack(out), carried)
+                n_interval=torch.where(covered.any(), torch.zeros_like(st.n_interval), st.n_interval + active.to(i64)),
+                n_jumps=n_jumps, status=torch.where(active, status, st.status),
+                t_fail=torch.where(active & (status != 0), t, st.t_fail),
+                nonfinite=torch.where(active, ~accept & (st.nonfinite | nonfinite), st.nonfinite),
+                i_step=i_step, i_jump=i_jump, tape_t=tape_t, tape_dt=tape_dt, tape_y=tape_y, tape_f=tape_f)
+            return self.pack(out)
+
+        def body(*carried):
+            out = carried
+            for _ in range(self.chunk):
+                out = one(*out)
+            return unaliased(out, carried)
         return body
 
     def clipping(self, t0: float, dev):
