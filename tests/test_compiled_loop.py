@@ -18,7 +18,7 @@ from fastode.driver import build_solver
 from fastode.inputs import check_inputs
 from fastode.solvers import SOLVERS
 
-from problems import ADAPTIVE_METHODS, TupleODE
+from problems import ADAPTIVE_METHODS, PROBLEMS, TupleODE, construct_problem
 
 
 def vdp(t, y):
@@ -67,6 +67,15 @@ def test_every_adaptive_method_takes_the_eager_steps(method):
     t = torch.linspace(0, 4, 6, dtype=torch.float64)
     rtol = 1e-3 if method in ("fehlberg2", "adaptive_heun") else 1e-6   # keep the low-order solves short
     assert_same_solve(vdp, y0, t, method=method, rtol=rtol, atol=rtol)
+
+
+@pytest.mark.parametrize("ode", sorted(PROBLEMS))
+@pytest.mark.parametrize("reverse", [False, True])
+def test_the_shared_problem_set(ode, reverse):
+    """torchdiffeq's problem helper (tests/problems.py): the eager solver's steps, and the analytic solution."""
+    f, y0, t, sol = construct_problem(ode=ode, reverse=reverse)
+    st = assert_same_solve(f, y0.detach(), t.detach(), rtol=1e-8, atol=1e-10)
+    assert torch.allclose(st.ys, sol.detach(), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("options", [
