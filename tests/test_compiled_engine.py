@@ -134,6 +134,25 @@ def test_a_training_loop_compiles_once():
     assert fastode.compiled_odeint(f, rtol=1e-4, atol=1e-6) is not h1
 
 
+def test_batch_sizes_share_one_program():
+    """The second batch size recompiles the program once with a symbolic batch dimension; later sizes reuse it
+    (values and gradients still the eager loop's)."""
+    backend = CountingBackend()
+    f = MLP()
+    solve = CompiledOdeint(f, rtol=1e-6, atol=1e-8, backend=backend)
+    t = torch.tensor([0.0, 0.7], dtype=torch.float64)
+    graphs = []
+    for batch in (3, 5, 8, 13):
+        y0 = torch.randn(batch, 3, dtype=torch.float64, requires_grad=True)
+        ys = solve(y0, t)
+        g, = torch.autograd.grad(ys.sum(), y0)
+        ref = fastode.odeint(f, y0, t, rtol=1e-6, atol=1e-8)
+        r, = torch.autograd.grad(ref.sum(), y0)
+        assert torch.allclose(ys, ref, rtol=1e-12, atol=1e-13) and torch.allclose(g, r, rtol=1e-9, atol=1e-12)
+        graphs.append(backend.graphs)
+    assert graphs[2] == graphs[3] == graphs[1] <= 4 and solve.compiles == 2
+
+
 def test_more_programs_than_dynamos_recompile_limit():
     """Every program has its own code object: dynamo's per-code recompile limit (8) does not cap how many
     shapes or handles a process may compile."""

@@ -145,6 +145,9 @@ class CompiledOdeint:
             tensors); the Python wrapper pays the interpreter once per attempt.
         fallback: if True, a solve that cannot be compiled runs the eager loop with one warning (the reason in
             :attr:`reason`) instead of raising :class:`CompileError`.
+        dynamic_batch: batched tensor states (2 dimensions or more) of every batch size share one program:
+            the first batch size compiles a static program, the second recompiles it once with a symbolic
+            batch dimension (False: one static program per batch size).
         chunk: step attempts per iteration of the adaptive loop (default: 1 on the CPU, where the C++ wrapper runs
             the loop natively; :data:`CUDA_CHUNK` on CUDA, where the loop's condition is read on the host once per
             iteration: one read per chunk).
@@ -156,7 +159,7 @@ class CompiledOdeint:
 
     def __init__(self, func, *, rtol=1e-7, atol=1e-9, method=None, options=None, gradient="direct",
                  adjoint_params=None, backend="inductor", cpp_wrapper: Optional[bool] = None, fallback=False,
-                 chunk: Optional[int] = None):
+                 chunk: Optional[int] = None, dynamic_batch: bool = True):
         if gradient not in ("direct", "checkpoint"):
             raise ValueError(f"gradient must be 'direct' or 'checkpoint' (the compiled discrete adjoint), got "
                              f"{gradient!r}; the continuous adjoint is not compiled: use fastode.odeint_adjoint")
@@ -164,6 +167,7 @@ class CompiledOdeint:
         self.options = None if options is None else dict(options)
         self.gradient, self.adjoint_params = gradient, adjoint_params
         self.backend, self.cpp_wrapper, self.fallback, self.chunk = backend, cpp_wrapper, fallback, chunk
+        self.dynamic_batch = bool(dynamic_batch)
         self.reason: Optional[str] = None
         self.compiles = 0
         self._programs: Dict[tuple, _Program] = {}
@@ -177,7 +181,9 @@ class CompiledOdeint:
 
         self.compiles += 1
         fn = _own_code(fn)
-        kwargs = dict(fullgraph=True, dynamic=False, backend=self.backend)
+        # dynamic=None: a program first compiles for the shapes it meets; when a batch size changes, dynamo
+        # recompiles it once with that dimension symbolic, and later batch sizes reuse it
+        kwargs = dict(fullgraph=True, dynamic=None if self.dynamic_batch else False, backend=self.backend)
         if self.backend == "inductor":
             cpp = self._device_type == "cpu" if self.cpp_wrapper is None else self.cpp_wrapper
             kwargs["options"] = {"cpp_wrapper": bool(cpp)}
@@ -228,7 +234,7 @@ class CompiledOdeint:
         need_grad = names is not None
         t_grad = need_grad and t_out.requires_grad
         t0 = float(t_out[0]) if adaptive and (solver.step_t or solver.jump_t) else 0.0
-        key = (tuple(norm.y0.shape), norm.y0.dtype, str(norm.y0.device), None if norm.shapes is None else
+        key = (self._shape_key(norm), norm.y0.dtype, str(norm.y0.device), None if norm.shapes is None else
                tuple(tuple(s) for s in norm.shapes), norm.t_is_reversed, tuple(t_out.shape), t_out.dtype,
                return_stats, need_grad, t_grad, names, t0, None if grid is None else (grid.shape[0], grid.dtype))
         if key in self._failed:
@@ -254,9 +260,17 @@ class CompiledOdeint:
         """What selects a program, read from the normalised inputs alone (without building a solver)."""
         module = self._module()
         grads = () if module is None else tuple(p.requires_grad for p in module.parameters())
-        return (tuple(norm.y0.shape), norm.y0.dtype, norm.y0.device, None if norm.shapes is None else
+        return (self._shape_key(norm), norm.y0.dtype, norm.y0.device, None if norm.shapes is None else
                 tuple(tuple(s) for s in norm.shapes), norm.t_is_reversed, tuple(norm.t.shape), norm.t.dtype,
                 return_stats, torch.is_grad_enabled(), norm.y0.requires_grad, norm.t.requires_grad, grads)
+
+    def _shape_key(self, norm) -> tuple:
+        """The state's shape as it selects a program: a batched tensor state's leading dimension left out when
+        batch sizes share programs (``dynamic_batch``)."""
+        shape = tuple(norm.y0.shape)
+        if self.dynamic_batch and norm.shapes is None and len(shape) >= 2:
+            return ("batch",) + shape[1:]
+        return shape
 
     def _run(self, norm, solver, program: _Program, params, grid, return_stats, g_host=None):
         """Run ``program`` on the normalised inputs; the one host read; the user's structure back."""
