@@ -49,7 +49,6 @@ fastode differences (documented in the README's migration note):
 """
 from __future__ import annotations
 
-
 import warnings
 
 import torch
