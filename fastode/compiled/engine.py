@@ -113,17 +113,17 @@ class _Solve(torch.autograd.Function):
     def forward(ctx, program: _Program, box: list, y0, t_out, grid, *params):
         st = program.run(y0, t_out, grid)
         box.append(st)
-        ctx.program, ctx.state = program, st
+        # the backward program of the tape this forward filled (a later call may grow the tape and rebuild)
+        ctx.owner, ctx.backward_fn, ctx.state = program.owner, program.backward, st
         ctx.save_for_backward(t_out, grid, *params)
         return st.ys
 
     @staticmethod
     def backward(ctx, g_ys):
-        program = ctx.program
         t_out, grid, *params = ctx.saved_tensors
         with torch.no_grad():
-            g_y0, g_t, g_p = program.owner._call(program.backward, tuple(ctx.state), t_out, grid,
-                                                 g_ys.contiguous(), *params)
+            g_y0, g_t, g_p = ctx.owner._call(ctx.backward_fn, tuple(ctx.state), t_out, grid, g_ys.contiguous(),
+                                             *params)
         return (None, None, g_y0, g_t.to(t_out.dtype) if ctx.needs_input_grad[3] else None, None, *g_p)
 
 
