@@ -193,8 +193,10 @@ class AdaptiveLoop:
 
     def cond(self, t_out: torch.Tensor):
         # (indexes t_out inside: a view of it captured beside it would alias two of the loop's inputs)
+        status, t = self._COUNTS.index("status"), self._CLOCK.index("t")
+
         def cond(clock, counts, *rest):
-            return (counts[5] == 0) & (clock[0] < t_out[-1])
+            return (counts[status] == 0) & (clock[t] < t_out[-1])
         return cond
 
     def attempt(self, t_out: torch.Tensor, step_pts, jump_pts, scratch: LoopState):
