@@ -4,8 +4,8 @@ References: the eager ``fastode.odeint`` (values, steps, evaluations; gradients 
 1e-9), torchdiffeq (float32 values to the tolerance), finite differences of the compiled solve itself. Most tests
 compile with ``backend="eager"`` (dynamo traces the whole solve into one graph with its ``while_loop`` and runs
 it without generating code): the tracing, the graph and the engine's logic are what is tested, in seconds.
-``test_inductor_program_matches_the_eager_loop`` generates and runs the native program once (tens of seconds);
-the speed is measured in bench/bench_compiled.py.
+``test_the_native_program_matches_the_eager_loop`` generates and runs inductor's program once (the smallest
+one: about 20 s); the speed is measured in bench/bench_compiled.py.
 """
 import math
 import warnings
@@ -50,6 +50,17 @@ class MLP(torch.nn.Module):
 
     def forward(self, t, y):
         return self.net(y) * torch.cos(t) - 0.1 * y
+
+
+def test_the_native_program_matches_the_eager_loop():
+    """inductor with its C++ wrapper (the loop itself native): the generated code may contract or reorder the
+    arithmetic, so this checks the eager loop's steps and values survive it."""
+    y0 = torch.tensor([2.0, 0.0], dtype=torch.float64)
+    t = torch.tensor([0.0, 1.5, 3.0], dtype=torch.float64)
+    ys, stats = CompiledOdeint(vdp, rtol=1e-6, atol=1e-6)(y0, t, return_stats=True)
+    ref, rstats = fastode.odeint(vdp, y0, t, rtol=1e-6, atol=1e-6, return_stats=True)
+    assert (stats.num_fevals, stats.num_accepted_steps) == (rstats.num_fevals, rstats.num_accepted_steps)
+    assert torch.allclose(ys, ref, rtol=1e-12, atol=1e-13)
 
 
 @pytest.mark.parametrize("chunk", [1, 3])   # 3: CUDA's chunks of attempts per host read, traced on the CPU
@@ -142,7 +153,7 @@ def test_batch_sizes_share_one_program():
     solve = CompiledOdeint(f, rtol=1e-6, atol=1e-8, backend=backend)
     t = torch.tensor([0.0, 0.7], dtype=torch.float64)
     graphs = []
-    for batch in (3, 5, 8, 13):
+    for batch in (3, 5, 8):
         y0 = torch.randn(batch, 3, dtype=torch.float64, requires_grad=True)
         ys = solve(y0, t)
         g, = torch.autograd.grad(ys.sum(), y0)
@@ -150,17 +161,20 @@ def test_batch_sizes_share_one_program():
         r, = torch.autograd.grad(ref.sum(), y0)
         assert torch.allclose(ys, ref, rtol=1e-12, atol=1e-13) and torch.allclose(g, r, rtol=1e-9, atol=1e-12)
         graphs.append(backend.graphs)
-    assert graphs[2] == graphs[3] == graphs[1] <= 4 and solve.compiles == 2
+    assert graphs[2] == graphs[1] <= 4 and solve.compiles == 2
 
 
 def test_more_programs_than_dynamos_recompile_limit():
-    """Every program has its own code object: dynamo's per-code recompile limit (8) does not cap how many
-    shapes or handles a process may compile."""
+    """Every program has its own code object: dynamo's per-code recompile limit does not cap how many funcs or
+    handles a process may compile (without it, live handles over different funcs failed hard past the limit)."""
     t = torch.tensor([0.0, 0.5], dtype=torch.float64)
-    for n in range(1, 11):
-        y0 = torch.ones(n, dtype=torch.float64)
-        ys = CompiledOdeint(lambda t, y: -y, backend="eager")(y0, t)
-        assert torch.allclose(ys[-1], y0 * math.exp(-0.5), rtol=1e-6)
+    y0 = torch.ones(3, dtype=torch.float64)
+    handles = []   # kept alive: their programs' cache entries stay
+    with torch._dynamo.config.patch(recompile_limit=2):   # the default 8, made small to keep the test short
+        for k in range(4):
+            handles.append(CompiledOdeint((lambda c: lambda t, y: -c * y)(1.0 + k), backend="eager"))
+            ys = handles[-1](y0, t)
+            assert torch.allclose(ys[-1], y0 * math.exp(-0.5 * (1.0 + k)), rtol=1e-6)
 
 
 def test_bad_status_raises_the_eager_error_class_naming_the_time():
