@@ -16,7 +16,7 @@ import torch
 
 from ..interp import hermite_cubic, linear
 from ..ops.rk import rk_step
-from .loop import unaliased
+from .loop import state_time, unaliased
 
 __all__ = ["GridLoop", "GridState"]
 
@@ -45,13 +45,6 @@ class GridLoop:
     def rnd(self, v: torch.Tensor) -> torch.Tensor:
         return v if self.gdtype == _F64 else v.to(self.gdtype).to(_F64)
 
-    def _time(self, v: torch.Tensor, perturb: int) -> torch.Tensor:
-        out = v.to(self.rdtype)
-        if perturb:
-            out = torch.nextafter(out, torch.full((), math.inf if perturb > 0 else -math.inf, dtype=self.rdtype,
-                                                  device=out.device))
-        return out
-
     def step(self, t0, t1, y0, *, func=None):
         """The grid step from ``(t0, y0)`` to ``t1`` (``FixedGridSolver.step_times`` + ``grid_step``)."""
         dt = self.rnd(t1 - t0)
@@ -61,7 +54,7 @@ class GridLoop:
             if self.s.perturb:
                 p = 1 if i == 0 else (-1 if c == 1.0 else 0)
             v = t0 if c == 0 else (t1 if c == 1.0 else self.rnd(t0 + self.rnd(c * dt)))
-            tc.append(self._time(v, p))
+            tc.append(state_time(v, self.rdtype, p))
         dt_arg = dt.to(self.rdtype)
         return rk_step(func or self.base, None, y0, None, dt_arg, self.tab, tc=tc), dt_arg
 

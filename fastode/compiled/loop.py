@@ -37,11 +37,21 @@ from ..interp import quartic_eval, quartic_fit, tableau_dense
 from ..ops.rk import combine_stages_exact, error_ratio, rk_step
 from ..solvers.controller import ClipController
 
-__all__ = ["AdaptiveLoop", "LoopState", "INIT_FAILED", "unaliased", "python_loop"]
+__all__ = ["AdaptiveLoop", "LoopState", "INIT_FAILED", "state_time", "unaliased", "python_loop"]
 
 INIT_FAILED = 16   # the first-step heuristic gave a non-finite or non-positive step (a status of this loop only)
 
 _F64 = torch.float64
+
+
+def state_time(v: torch.Tensor, dtype: torch.dtype, perturb: int = 0) -> torch.Tensor:
+    """The 0-dim time ``func`` sees for clock value ``v`` in the state's real ``dtype`` (the tensor form of
+    ``state_time_value``: rounded, and nudged one ulp towards +-inf for ``perturb``)."""
+    out = v.to(dtype)
+    if perturb:
+        out = torch.nextafter(out, torch.full((), math.inf if perturb > 0 else -math.inf, dtype=dtype,
+                                              device=out.device))
+    return out
 
 
 class LoopState(NamedTuple):
@@ -90,12 +100,7 @@ class AdaptiveLoop:
         return v if self.tdtype == _F64 else v.to(self.tdtype).to(_F64)
 
     def state_time(self, v: torch.Tensor, perturb: int = 0) -> torch.Tensor:
-        """The 0-dim time ``func`` sees for clock value ``v`` (``state_time_value``: rounded, nudged one ulp)."""
-        out = v.to(self.rdtype)
-        if perturb:
-            out = torch.nextafter(out, torch.full((), math.inf if perturb > 0 else -math.inf, dtype=self.rdtype,
-                                                  device=out.device))
-        return out
+        return state_time(v, self.rdtype, perturb)
 
     def stage_time(self, t0: torch.Tensor, dt: torch.Tensor, t1: torch.Tensor, c: float) -> torch.Tensor:
         """``t0 + c dt`` in the state's real dtype; ``nextafter(t1, -inf)`` at ``c == 1`` (the eager rules)."""
